@@ -1,0 +1,187 @@
+//! Configuration: a TOML file parsed into a raw serde mirror (`raw.rs`), then validated into the
+//! typed [`Config`] below (`validate.rs`). Every problem is collected with its key path; nothing is
+//! warned about and then ignored. Code receives a `Config` (usually `Arc<Config>`) as an argument;
+//! there is no global.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+mod error;
+mod raw;
+mod userlist;
+mod validate;
+
+pub use error::{ConfigError, ConfigProblem};
+pub use userlist::parse_userlist;
+
+/// Validated, typed configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: ListenConfig,
+    /// Defaults applied to every pool unless a database or user overrides them.
+    pub pool_defaults: PoolSettings,
+    /// Keyed by the database name clients put in their startup packet.
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// Keyed by user name. Merged from `[users.*]` and `auth_file` (config wins on conflict).
+    pub users: BTreeMap<String, UserConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenConfig {
+    /// Client-facing listener. Default 127.0.0.1:6432.
+    pub addr: SocketAddr,
+    /// Maximum connected clients; the excess get SQLSTATE 53300 at once. Default 1000.
+    pub max_client_conn: usize,
+    /// How clients authenticate to pgweir. Default ScramSha256.
+    pub auth_type: AuthType,
+    /// Largest single protocol message accepted from a client, in bytes. Default 64 MiB.
+    pub max_message_size: usize,
+    /// Time a client has to finish startup + auth. Default 15s.
+    pub client_login_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long transactions may run before connections are closed. Default 30s.
+    pub shutdown_timeout: Duration,
+    /// Tokio worker threads; 0 = one per core. Default 0.
+    pub workers: usize,
+    /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    /// Accept any password-less login for known users (and, with no users configured, anyone).
+    Trust,
+    Md5,
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A server connection is lent for one transaction (returned at ReadyForQuery 'I').
+    Transaction,
+    /// A server connection is held for the whole client session.
+    Session,
+}
+
+/// What to do, in transaction mode, with a statement that changes session state (see
+/// `client::hygiene`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionStatePolicy {
+    /// Let it through; the state leaks to later clients of that server (PgBouncer's behaviour).
+    Allow,
+    /// Let it through, then run `reset_query` on that server before anyone else gets it.
+    Reset,
+    /// Refuse the statement with an ErrorResponse that explains transaction mode.
+    Reject,
+}
+
+/// Per-pool settings. `None` durations mean "disabled".
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    /// Maximum server connections per (database, user). Default 20. Must be >= 1.
+    pub pool_size: usize,
+    /// Server connections kept open even when idle. Default 0. Must be <= pool_size.
+    pub min_pool_size: usize,
+    /// How long a client waits for a server connection before it gets an error. Default 5s.
+    pub acquire_timeout: Duration,
+    /// A client idle inside a transaction longer than this is disconnected. Default 5min.
+    pub idle_transaction_timeout: Option<Duration>,
+    /// Connecting + authenticating to PostgreSQL must finish within this. Default 5s.
+    pub server_connect_timeout: Duration,
+    /// Idle server connections above min_pool_size are closed after this. Default 10min.
+    pub server_idle_timeout: Option<Duration>,
+    /// Server connections are closed (when idle) after this age. Default 1h.
+    pub server_lifetime: Option<Duration>,
+    /// A server connection idle longer than this is health-checked before reuse. Default 30s.
+    pub server_check_delay: Duration,
+    /// Prepared statements kept per server connection (LRU beyond). Default 200.
+    pub max_prepared_statements: usize,
+    /// Transaction mode: statements that change session state. Default Reset.
+    pub session_state: SessionStatePolicy,
+    /// Run on a server after session state changed (Reset policy) and at the end of a session-mode
+    /// client. Default "DISCARD ALL".
+    pub reset_query: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabaseConfig {
+    /// Host name or IP address of PostgreSQL. Default "127.0.0.1".
+    pub host: String,
+    /// Default 5432.
+    pub port: u16,
+    /// Database name on the server. Defaults to the key of the `[databases.NAME]` table.
+    pub dbname: String,
+    /// Connect to the server as this user instead of the client's user (with `password`).
+    pub server_user: Option<String>,
+    /// Password for `server_user` (plain text).
+    pub server_password: Option<String>,
+    /// Pool settings for this database: pool defaults overlaid with this table's overrides.
+    pub pool: PoolSettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserConfig {
+    pub secret: Secret,
+    /// Overrides the database's pool_size for this user's pools.
+    pub pool_size: Option<usize>,
+}
+
+/// What pgweir knows about a user's password.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Secret {
+    /// Plain text: works for every client auth method and every server auth method.
+    Plain(String),
+    /// "md5" + hex(md5(password + username)): md5 client auth, md5 server auth.
+    Md5(String),
+    /// "SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>": SCRAM client auth; towards the
+    /// server only by pass-through.
+    Scram(String),
+    /// No password (only valid with auth_type = "trust").
+    None,
+}
+
+impl Secret {
+    /// Classifies a stored string the way PgBouncer's userlist.txt does.
+    pub fn parse(s: &str) -> Secret {
+        if s.is_empty() {
+            Secret::None
+        } else if s.starts_with("SCRAM-SHA-256$") {
+            Secret::Scram(s.to_owned())
+        } else if s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit()) {
+            Secret::Md5(s.to_owned())
+        } else {
+            Secret::Plain(s.to_owned())
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative `auth_file` paths are resolved against the
+    /// config file's directory.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path.parent().map(PathBuf::from))
+    }
+
+    /// Parses and validates TOML text. `base_dir` resolves relative file paths.
+    pub fn from_toml(text: &str, base_dir: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(ConfigError::Parse)?;
+        validate::validate(raw, base_dir.as_deref())
+    }
+
+    /// The effective pool settings for a (database, user) pair.
+    pub fn pool_settings(&self, database: &str, user: &str) -> Option<PoolSettings> {
+        let db = self.databases.get(database)?;
+        let mut settings = db.pool.clone();
+        if let Some(size) = self.users.get(user).and_then(|u| u.pool_size) {
+            settings.pool_size = size;
+            settings.min_pool_size = settings.min_pool_size.min(size);
+        }
+        Some(settings)
+    }
+}

@@ -1,0 +1,182 @@
+//! The untagged packets a connection starts with: SSLRequest, GSSENCRequest, CancelRequest and
+//! StartupMessage. Each is `length (4) | code (4) | payload`; callers read exactly the declared
+//! length (never more, so bytes stuffed behind an SSLRequest are not consumed as plaintext).
+
+use super::{ProtocolError, read_cstr, read_i32};
+
+pub const SSL_REQUEST_CODE: i32 = 80877103;
+pub const GSSENC_REQUEST_CODE: i32 = 80877104;
+pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+/// Protocol 3.0.
+pub const PROTOCOL_3_0: i32 = 196608;
+/// Startup packets larger than this are refused before they are read (PostgreSQL uses 10000).
+pub const MAX_STARTUP_LEN: usize = 10_000;
+
+/// A decoded first packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupPacket {
+    SslRequest,
+    GssEncRequest,
+    Cancel(CancelKey),
+    Startup(StartupParams),
+}
+
+/// The key a client presents in a CancelRequest, as carried in BackendKeyData.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CancelKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// Parameters of a StartupMessage, in the order sent. Values stay raw bytes: they are forwarded
+/// to PostgreSQL, which may interpret them in a non-UTF-8 client_encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StartupParams {
+    /// Minor protocol version requested (3.x); pgweir answers 3.0 via NegotiateProtocolVersion
+    /// when it is above 0.
+    pub minor_version: u16,
+    pub params: Vec<(String, Vec<u8>)>,
+}
+
+impl StartupParams {
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_slice())
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// `_pq_.*` protocol options the client asked for; pgweir supports none of them.
+    pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
+        self.params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+    }
+}
+
+/// Decodes a first packet. `packet` is the whole packet including its 4-byte length prefix, and
+/// its length has already been checked against [`MAX_STARTUP_LEN`] and to be at least 8.
+pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolError> {
+    const WHAT: &str = "startup";
+    let declared = read_i32(packet, 0).ok_or(ProtocolError::Malformed {
+        what: WHAT,
+        why: "shorter than 8 bytes",
+    })?;
+    if declared < 8 || declared as usize != packet.len() {
+        return Err(ProtocolError::Malformed {
+            what: WHAT,
+            why: "length does not match",
+        });
+    }
+    let code = read_i32(packet, 4).ok_or(ProtocolError::Malformed {
+        what: WHAT,
+        why: "no protocol code",
+    })?;
+    match code {
+        SSL_REQUEST_CODE if packet.len() == 8 => Ok(StartupPacket::SslRequest),
+        GSSENC_REQUEST_CODE if packet.len() == 8 => Ok(StartupPacket::GssEncRequest),
+        CANCEL_REQUEST_CODE if packet.len() == 16 => Ok(StartupPacket::Cancel(CancelKey {
+            pid: read_i32(packet, 8).unwrap_or_default(),
+            secret: read_i32(packet, 12).unwrap_or_default(),
+        })),
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => Err(ProtocolError::Malformed {
+            what: WHAT,
+            why: "request code with the wrong length",
+        }),
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != 3 {
+                return Err(ProtocolError::UnsupportedProtocol { major, minor });
+            }
+            let mut params = Vec::new();
+            let mut pos = 8;
+            loop {
+                let (key, next) = read_cstr(packet, pos).ok_or(ProtocolError::Malformed {
+                    what: WHAT,
+                    why: "unterminated parameter name",
+                })?;
+                if key.is_empty() {
+                    if next != packet.len() {
+                        return Err(ProtocolError::Malformed {
+                            what: WHAT,
+                            why: "bytes after the terminating NUL",
+                        });
+                    }
+                    break;
+                }
+                let (value, after) = read_cstr(packet, next).ok_or(ProtocolError::Malformed {
+                    what: WHAT,
+                    why: "unterminated parameter value",
+                })?;
+                let key = std::str::from_utf8(key)
+                    .map_err(|_| ProtocolError::Malformed {
+                        what: WHAT,
+                        why: "parameter name is not UTF-8",
+                    })?
+                    .to_owned();
+                params.push((key, value.to_vec()));
+                pos = after;
+            }
+            Ok(StartupPacket::Startup(StartupParams {
+                minor_version: minor,
+                params,
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: i32, body: &[u8]) -> Vec<u8> {
+        let mut v = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+        v.extend_from_slice(&code.to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn parses_each_kind() {
+        assert_eq!(
+            parse_startup_packet(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(StartupPacket::SslRequest)
+        );
+        assert_eq!(
+            parse_startup_packet(&packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(StartupPacket::GssEncRequest)
+        );
+        let mut key = 7i32.to_be_bytes().to_vec();
+        key.extend_from_slice(&(-9i32).to_be_bytes());
+        assert_eq!(
+            parse_startup_packet(&packet(CANCEL_REQUEST_CODE, &key)),
+            Ok(StartupPacket::Cancel(CancelKey { pid: 7, secret: -9 }))
+        );
+        let p = parse_startup_packet(&packet(PROTOCOL_3_0, b"user\0bob\0database\0db\0\0"));
+        let Ok(StartupPacket::Startup(params)) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(params.get_str("user"), Some("bob"));
+        assert_eq!(params.get_str("database"), Some("db"));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert!(parse_startup_packet(&packet(PROTOCOL_3_0, b"user\0bob")).is_err());
+        assert!(parse_startup_packet(&packet(PROTOCOL_3_0, b"user\0bob\0\0junk")).is_err());
+        assert!(parse_startup_packet(&packet(SSL_REQUEST_CODE, b"x")).is_err());
+        assert!(matches!(
+            parse_startup_packet(&packet(0x0002_0000, b"\0")),
+            Err(ProtocolError::UnsupportedProtocol { major: 2, .. })
+        ));
+        let mut p = packet(PROTOCOL_3_0, b"\0");
+        p[3] = 200;
+        assert!(parse_startup_packet(&p).is_err());
+        for cut in 0..8 {
+            assert!(parse_startup_packet(&p[..cut]).is_err());
+        }
+    }
+}
