@@ -1,0 +1,44 @@
+//! Why a client session ended.
+
+use thiserror::Error;
+
+use crate::pool::PoolError;
+use crate::proto::ProtocolError;
+use crate::server::ServerError;
+
+/// A session-ending error. Each knows its side, so logs can keep client churn quiet and server
+/// faults loud.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("client I/O error: {0}")]
+    ClientIo(#[source] std::io::Error),
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(#[from] ProtocolError),
+    #[error("client login failed: {0}")]
+    Login(String),
+    #[error("client login timed out (client_login_timeout)")]
+    LoginTimeout,
+    #[error("idle in transaction for longer than idle_transaction_timeout")]
+    IdleTransactionTimeout,
+    #[error("server connection failed: {0}")]
+    Server(#[from] ServerError),
+    #[error("server I/O error: {0}")]
+    ServerIo(#[source] std::io::Error),
+    #[error("pool error: {0}")]
+    Pool(#[from] PoolError),
+    #[error("pgweir is shutting down")]
+    Shutdown,
+}
+
+impl ClientError {
+    /// Errors caused by clients coming and going, logged at debug level.
+    pub fn is_client_churn(&self) -> bool {
+        matches!(
+            self,
+            ClientError::ClientIo(_)
+                | ClientError::ClientProtocol(_)
+                | ClientError::Login(_)
+                | ClientError::LoginTimeout
+        )
+    }
+}

@@ -1,0 +1,510 @@
+//! Client login: SSLRequest/GSSENCRequest refusal, CancelRequest, StartupMessage, password
+//! authentication, database lookup and the welcome (ParameterStatus, BackendKeyData,
+//! ReadyForQuery) — all without a server when the pool already knows its parameters.
+
+// `Failure` carries the reply to send; it is large, but login errors happen once per
+// connection at most, so boxing would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::cancel::CancelSlot;
+use super::{ClientContext, ClientError};
+use crate::auth::md5;
+use crate::auth::scram::{SCRAM_SHA_256, ScramKeys, ScramServer};
+use crate::config::{AuthType, Secret};
+use crate::pool::{Pool, PoolError, PoolKey};
+use crate::proto::messages::{self, PgError};
+use crate::proto::startup::{self, CancelKey, MAX_STARTUP_LEN, StartupPacket, StartupParams};
+use crate::proto::tag::{TransactionStatus, frontend};
+use crate::proto::{ProtocolError, frame_at};
+use crate::server::params::{self, ParamSet};
+use crate::server::{ServerSecret, ServerTarget};
+
+/// Password messages are tiny; anything bigger during login is hostile or broken.
+const MAX_LOGIN_MESSAGE: usize = 10_000;
+
+/// A logged-in client, ready for the transaction loop.
+pub(super) struct LoggedIn {
+    pub client: TcpStream,
+    pub pool: Pool,
+    /// Session parameters the client expects on whichever server serves it.
+    pub params: ParamSet,
+    pub key: CancelKey,
+    pub slot: Arc<CancelSlot>,
+}
+
+/// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
+pub(super) async fn run(mut client: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
+    let timeout = ctx.config.listen.client_login_timeout;
+    match tokio::time::timeout(timeout, login(&mut client, ctx)).await {
+        Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
+            client,
+            pool: done.pool,
+            params: done.params,
+            key: done.key,
+            slot: done.slot,
+        })),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Err(Failure { error, reply })) => {
+            if let Some(reply) = reply {
+                let _ = send_error(&mut client, &reply).await;
+            }
+            Err(error)
+        }
+        Err(_) => {
+            let e = PgError::fatal(
+                "08P01",
+                "pgweir: client login did not complete within client_login_timeout",
+            )
+            .with_hint(format!(
+                "The client must finish startup and authentication within {timeout:?}."
+            ));
+            let _ = send_error(&mut client, &e).await;
+            Err(ClientError::LoginTimeout)
+        }
+    }
+}
+
+struct Done {
+    pool: Pool,
+    params: ParamSet,
+    key: CancelKey,
+    slot: Arc<CancelSlot>,
+}
+
+/// A login failure: the error for logs and, when the client should hear about it, the reply.
+struct Failure {
+    error: ClientError,
+    reply: Option<PgError>,
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure {
+            error: ClientError::ClientIo(e),
+            reply: None,
+        }
+    }
+}
+
+impl From<ProtocolError> for Failure {
+    fn from(e: ProtocolError) -> Self {
+        let reply = PgError::fatal("08P01", format!("pgweir: {e}"));
+        Failure {
+            error: ClientError::ClientProtocol(e),
+            reply: Some(reply),
+        }
+    }
+}
+
+fn reject(reply: PgError) -> Failure {
+    Failure {
+        error: ClientError::Login(reply.message.clone()),
+        reply: Some(reply),
+    }
+}
+
+pub(super) async fn send_error(client: &mut TcpStream, e: &PgError) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    e.encode(&mut buf);
+    client.write_all(&buf).await
+}
+
+async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Done>, Failure> {
+    let startup = loop {
+        let packet = read_startup_packet(client).await?;
+        match startup::parse_startup_packet(&packet)? {
+            // TLS and GSS encryption are not offered (yet); 'N' lets libpq continue in plaintext
+            // or give up, per its sslmode.
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
+            StartupPacket::Cancel(key) => {
+                ctx.cancels.cancel(key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(params) => break params,
+        }
+    };
+
+    let user = match startup.get_str("user") {
+        Some(u) if !u.is_empty() => u.to_owned(),
+        _ => {
+            return Err(reject(PgError::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )));
+        }
+    };
+    let database = startup
+        .get_str("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_owned();
+    if startup
+        .get("replication")
+        .is_some_and(|v| v != b"false" && v != b"0" && v != b"off")
+    {
+        return Err(reject(
+            PgError::fatal("08P01", "pgweir does not support replication connections")
+                .with_hint("Connect replication clients directly to PostgreSQL."),
+        ));
+    }
+    let client_params = client_parameters(&startup)?;
+
+    let mut out = BytesMut::with_capacity(512);
+    let unsupported: Vec<&str> = startup.protocol_options().collect();
+    if startup.minor_version > 0 || !unsupported.is_empty() {
+        messages::negotiate_protocol_version(&mut out, &unsupported);
+        client.write_all(&out).await?;
+        out.clear();
+    }
+
+    let scram_keys = authenticate(client, ctx, &user).await?;
+
+    let Some(db) = ctx.config.databases.get(&database) else {
+        let known: Vec<&str> = ctx.config.databases.keys().map(String::as_str).collect();
+        return Err(reject(
+            PgError::fatal("3D000", format!("database \"{database}\" does not exist"))
+                .with_detail(format!("pgweir serves these databases: {}", known.join(", ")))
+                .with_hint(format!(
+                    "Add a [databases.{database}] table to the pgweir configuration, or connect to one of those."
+                )),
+        ));
+    };
+
+    let key = PoolKey {
+        database: database.clone(),
+        user: user.clone(),
+    };
+    let settings = ctx
+        .config
+        .pool_settings(&database, &user)
+        .unwrap_or_else(|| db.pool.clone());
+    let server_user = db.server_user.clone().unwrap_or_else(|| user.clone());
+    let secret = server_secret(ctx, db.server_password.as_deref(), db.server_user.is_some(), &user);
+    let pool = ctx.pools.get_or_create(&key, || {
+        Pool::new(
+            key.clone(),
+            ServerTarget {
+                host: db.host.clone(),
+                port: db.port,
+                dbname: db.dbname.clone(),
+                user: server_user,
+            },
+            secret,
+            settings,
+            ctx.config.listen.tcp_keepalive,
+            ctx.server_ids.clone(),
+        )
+    });
+    // SCRAM pass-through: only when the user's configured secret is a real SCRAM verifier (a
+    // verifier derived here from a plain password has a different salt than the server's) and
+    // no forced server user is configured.
+    if let (Some(keys), None) = (scram_keys, &db.server_user)
+        && ctx
+            .users
+            .get(&user)
+            .is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
+    {
+        pool.set_secret(ServerSecret::Scram(keys));
+    }
+
+    let welcome = match pool.welcome() {
+        Some(w) => w,
+        None => fetch_welcome(&pool).await?,
+    };
+
+    // Tracked parameters the client did not set take the server defaults, so that a value
+    // another client SET on a shared server is reset before this client uses that server.
+    let mut client_params = client_params;
+    for name in params::TRACKED {
+        if client_params.get(name).is_none()
+            && let Some(value) = welcome.get(name)
+        {
+            client_params.set(name, value);
+        }
+    }
+
+    let slot = Arc::new(CancelSlot::default());
+    let cancel_key = ctx.cancels.register(slot.clone());
+    out.clear();
+    for (name, value) in welcome.iter() {
+        let value = if params::TRACKED.contains(&name) {
+            client_params.get(name).unwrap_or(value)
+        } else {
+            value
+        };
+        messages::parameter_status(&mut out, name, value);
+    }
+    messages::backend_key_data(&mut out, cancel_key);
+    messages::ready_for_query(&mut out, TransactionStatus::Idle);
+    if let Err(e) = client.write_all(&out).await {
+        ctx.cancels.unregister(cancel_key);
+        return Err(e.into());
+    }
+    Ok(Some(Done {
+        pool,
+        params: client_params,
+        key: cancel_key,
+        slot,
+    }))
+}
+
+/// Opens (and returns) one server connection so the pool learns the server's parameters.
+async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
+    let deadline = Instant::now() + pool.settings().acquire_timeout;
+    match pool.checkout(deadline).await {
+        Ok(server) => {
+            server.release();
+            pool.welcome()
+                .ok_or_else(|| reject(PgError::fatal("08006", "pgweir: server parameters unavailable")))
+        }
+        Err(e) => {
+            let reply = super::session::pool_error_reply(&e, pool, true);
+            Err(Failure {
+                error: e.into(),
+                reply: Some(reply),
+            })
+        }
+    }
+}
+
+/// The session parameters a client asked for at startup, including `options=-c k=v`.
+fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
+    let mut set = ParamSet::default();
+    let mut add = |name: &str, value: &[u8]| -> Result<(), Failure> {
+        if !params::is_valid_name(name) {
+            return Err(reject(PgError::fatal(
+                "08P01",
+                format!("unsupported startup parameter: {name}"),
+            )));
+        }
+        set.set(&params::canonical_name(name), value);
+        Ok(())
+    };
+    for (name, value) in &startup.params {
+        match name.as_str() {
+            "user" | "database" | "replication" => {}
+            n if n.starts_with("_pq_.") => {}
+            "options" => {
+                for (k, v) in parse_options(value).map_err(|why| {
+                    reject(
+                        PgError::fatal("08P01", format!("unsupported options startup parameter: {why}"))
+                            .with_hint("Only '-c name=value' and '--name=value' are supported in options."),
+                    )
+                })? {
+                    add(&k, v.as_bytes())?;
+                }
+            }
+            n => add(n, value)?,
+        }
+    }
+    Ok(set)
+}
+
+/// Parses libpq's `options` (`-c a=b -c c=d`, `--a=b`, backslash escapes spaces).
+fn parse_options(raw: &[u8]) -> Result<Vec<(String, String)>, &'static str> {
+    let text = std::str::from_utf8(raw).map_err(|_| "not UTF-8")?;
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next().ok_or("-c without a setting")?
+        } else if let Some(s) = w.strip_prefix("-c") {
+            s.to_owned()
+        } else if let Some(s) = w.strip_prefix("--") {
+            s.to_owned()
+        } else {
+            return Err("only -c and -- settings are allowed");
+        };
+        let (k, v) = setting.split_once('=').ok_or("setting without '='")?;
+        out.push((k.replace('-', "_"), v.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Which credentials the pool uses towards PostgreSQL.
+fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bool, user: &str) -> ServerSecret {
+    if forced_user {
+        return db_password.map_or(ServerSecret::None, |p| ServerSecret::Plain(p.to_owned()));
+    }
+    match ctx.users.get(user).map(|u| &u.secret) {
+        Some(Secret::Plain(p)) => ServerSecret::Plain(p.clone()),
+        Some(Secret::Md5(m)) => ServerSecret::Md5Stored(m.clone()),
+        _ => ServerSecret::None,
+    }
+}
+
+/// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
+async fn authenticate(client: &mut TcpStream, ctx: &ClientContext, user: &str) -> Result<Option<ScramKeys>, Failure> {
+    let entry = ctx.users.get(user);
+    let failed = || {
+        reject(PgError::fatal(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        ))
+    };
+    let mut out = BytesMut::with_capacity(256);
+    match ctx.config.listen.auth_type {
+        AuthType::Trust => {
+            messages::auth_ok(&mut out);
+            client.write_all(&out).await?;
+            Ok(None)
+        }
+        AuthType::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            messages::auth_md5_request(&mut out, salt);
+            client.write_all(&out).await?;
+            let body = read_password_message(client).await?;
+            let response = messages::parse_password(&body)?;
+            let stored = match entry.map(|e| &e.secret) {
+                Some(Secret::Md5(m)) => Some(m.clone()),
+                Some(Secret::Plain(p)) => Some(md5::md5_stored(user, p)),
+                _ => None,
+            };
+            match stored {
+                Some(stored) if md5::md5_verify(&stored, salt, response) => {
+                    out.clear();
+                    messages::auth_ok(&mut out);
+                    client.write_all(&out).await?;
+                    Ok(None)
+                }
+                _ => Err(failed()),
+            }
+        }
+        AuthType::ScramSha256 => {
+            // Unknown users (or users without a usable verifier) run a mock exchange that fails
+            // at the end, so user names cannot be probed.
+            let mut server = match entry.and_then(|e| e.verifier.clone()) {
+                Some(v) => ScramServer::new(v),
+                None => ScramServer::mock(user),
+            };
+            messages::auth_sasl_request(&mut out, &[SCRAM_SHA_256]);
+            client.write_all(&out).await?;
+            let body = read_password_message(client).await?;
+            let (mechanism, data) = messages::parse_sasl_initial_response(&body)?;
+            if mechanism != SCRAM_SHA_256.as_bytes() {
+                return Err(reject(PgError::fatal(
+                    "28000",
+                    format!(
+                        "SASL mechanism {} is not supported; pgweir offers SCRAM-SHA-256",
+                        String::from_utf8_lossy(mechanism)
+                    ),
+                )));
+            }
+            let server_first = server.handle_client_first(data).map_err(|_| failed())?;
+            out.clear();
+            messages::auth_sasl_continue(&mut out, &server_first);
+            client.write_all(&out).await?;
+            let body = read_password_message(client).await?;
+            let (server_final, keys) = server.handle_client_final(&body).map_err(|_| failed())?;
+            out.clear();
+            messages::auth_sasl_final(&mut out, &server_final);
+            messages::auth_ok(&mut out);
+            client.write_all(&out).await?;
+            Ok(Some(keys))
+        }
+    }
+}
+
+/// Reads the 4-byte length and then exactly that many bytes: nothing beyond the packet is
+/// consumed, so bytes a client sends after an SSLRequest are never taken as plaintext.
+async fn read_startup_packet(client: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+    let mut len_bytes = [0u8; 4];
+    client.read_exact(&mut len_bytes).await?;
+    let len = i32::from_be_bytes(len_bytes);
+    if len < 8 || len as usize > MAX_STARTUP_LEN {
+        return Err(ProtocolError::Malformed {
+            what: "startup",
+            why: "invalid length",
+        }
+        .into());
+    }
+    let mut packet = vec![0u8; len as usize];
+    packet[..4].copy_from_slice(&len_bytes);
+    client.read_exact(&mut packet[4..]).await?;
+    Ok(packet)
+}
+
+/// Reads one PasswordMessage-family message and returns its body.
+async fn read_password_message(client: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+    let mut header = [0u8; 5];
+    client.read_exact(&mut header).await?;
+    let frame = match frame_at(&header, 0, MAX_LOGIN_MESSAGE) {
+        Ok(_) => {
+            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            len - 4
+        }
+        Err(e) => return Err(ProtocolError::from(e).into()),
+    };
+    if header[0] != frontend::PASSWORD {
+        if header[0] == frontend::TERMINATE {
+            return Err(Failure {
+                error: ClientError::Login("client gave up during authentication".into()),
+                reply: None,
+            });
+        }
+        return Err(ProtocolError::Unexpected {
+            tag: header[0] as char,
+            phase: "authentication",
+        }
+        .into());
+    }
+    let mut body = vec![0u8; frame];
+    client.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+impl From<PoolError> for Failure {
+    fn from(e: PoolError) -> Self {
+        Failure {
+            error: e.into(),
+            reply: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_options;
+
+    #[test]
+    fn options_parsing() {
+        assert_eq!(
+            parse_options(b"-c search_path=a,b --statement-timeout=5s -cTimeZone=UTC").unwrap(),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("TimeZone".into(), "UTC".into())
+            ]
+        );
+        assert_eq!(
+            parse_options(b"-c application_name=a\\ b").unwrap(),
+            vec![("application_name".into(), "a b".into())]
+        );
+        assert!(parse_options(b"-x").is_err());
+        assert!(parse_options(b"-c").is_err());
+    }
+}

@@ -1,0 +1,654 @@
+//! The protocol state of one client linked to one server: framing both directions, counting
+//! what the server still owes, rewriting prepared-statement names, and ordering the replies
+//! pgweir adds or removes. Sans-IO: the session moves bytes, this decides what they are.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::hygiene::{StateChange, session_state_change};
+use super::prepared::query_text;
+use super::prepared::{
+    Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, classify_query, split_cstr,
+};
+use crate::config::SessionStatePolicy;
+use crate::pool::PooledServer;
+use crate::proto::frame::{HEADER_LEN, needed_len};
+use crate::proto::messages::{self, PgError};
+use crate::proto::tag::{TransactionStatus, backend, frontend};
+use crate::proto::{ProtocolError, frame_at};
+use crate::server::params::{self, ParamSet};
+use crate::server::{ServerConn, ServerStatements};
+
+/// Server frames are bounded by PostgreSQL itself (1 GiB); pgweir only needs complete copies of
+/// the small ones it inspects.
+const MAX_SERVER_FRAME: usize = (1 << 30) + 1;
+
+/// A client's prepared statements: its own name → the shared statement.
+pub type ClientStatements = HashMap<Bytes, Arc<Statement>>;
+
+/// What the client side of the session hands the link for framing.
+pub struct ClientSide<'a> {
+    pub buf: &'a mut BytesMut,
+    pub statements: &'a mut ClientStatements,
+    pub registry: &'a StatementRegistry,
+    pub max_message: usize,
+    pub max_prepared: usize,
+}
+
+pub struct Link {
+    pub server: PooledServer,
+    /// ReadyForQuery messages still owed by the server (one per Query, Sync, FunctionCall).
+    pub pending_rfq: u32,
+    /// An extended-protocol message was sent after the last Sync.
+    pub unsynced: bool,
+    /// Syncs sent since the last Execute: an Execute that starts COPY FROM STDIN makes the
+    /// server swallow the Syncs that follow it until CopyDone, so they owe no ReadyForQuery.
+    syncs_after_execute: u32,
+    pub status: TransactionStatus,
+    pub copy_in: bool,
+    /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
+    c_skip: usize,
+    /// Server bytes (from the start of the server read buffer) framed and ready for the client.
+    pub s_ready: usize,
+    s_skip: usize,
+    /// Replies pgweir produces, to be sent to the client before `s_ready` bytes.
+    pub inject: BytesMut,
+    expect: VecDeque<Expect>,
+    /// The client sent Terminate; everything before it has been framed.
+    pub terminated: bool,
+    /// What to do with statements that change session state.
+    policy: SessionStatePolicy,
+    /// Session state was changed on this server (Reset policy: reset before reuse).
+    pub dirty: Option<StateChange>,
+}
+
+impl Link {
+    pub fn new(server: PooledServer, policy: SessionStatePolicy) -> Self {
+        Link {
+            policy,
+            dirty: None,
+            server,
+            pending_rfq: 0,
+            unsynced: false,
+            syncs_after_execute: 0,
+            status: TransactionStatus::Idle,
+            copy_in: false,
+            c_skip: 0,
+            s_ready: 0,
+            s_skip: 0,
+            inject: BytesMut::new(),
+            expect: VecDeque::new(),
+            terminated: false,
+        }
+    }
+
+    /// The server has answered everything and is outside a transaction, and every byte has
+    /// been passed on both ways.
+    pub fn server_idle(&self) -> bool {
+        self.pending_rfq == 0
+            && !self.unsynced
+            && self.status == TransactionStatus::Idle
+            && !self.copy_in
+            && self.c_skip == 0
+            && self.s_skip == 0
+            && self.s_ready == 0
+            && self.inject.is_empty()
+            && self.expect.is_empty()
+    }
+
+    /// The client is inside a transaction and not waiting for anything.
+    pub fn idle_in_transaction(&self) -> bool {
+        self.pending_rfq == 0 && !self.unsynced && self.status != TransactionStatus::Idle && !self.copy_in
+    }
+
+    /// Bytes waiting to go to the server.
+    pub fn has_bytes_for_server(&mut self) -> bool {
+        !self.server.conn().wbuf.is_empty()
+    }
+
+    /// Bytes waiting to go to the client.
+    pub fn has_bytes_for_client(&self) -> bool {
+        !self.inject.is_empty() || self.s_ready > 0
+    }
+
+    /// Moves every complete client message (and the available part of a streamed CopyData)
+    /// from the client buffer to the server's write buffer, rewriting statement names.
+    pub fn frame_client(&mut self, c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
+        if self.c_skip > 0 {
+            let take = self.c_skip.min(c.buf.len());
+            let chunk = c.buf.split_to(take);
+            self.server.conn().wbuf.put_slice(&chunk);
+            self.c_skip -= take;
+            if self.c_skip > 0 {
+                return Ok(());
+            }
+        }
+        while !self.terminated && !c.buf.is_empty() {
+            let Some(total) = needed_len(c.buf, 0, c.max_message) else {
+                if c.buf.len() >= HEADER_LEN {
+                    frame_at(c.buf, 0, c.max_message)?;
+                }
+                return Ok(());
+            };
+            let tag = c.buf[0];
+            if c.buf.len() < total {
+                if tag == frontend::COPY_DATA {
+                    let chunk = c.buf.split();
+                    self.c_skip = total - chunk.len();
+                    self.server.conn().wbuf.put_slice(&chunk);
+                }
+                return Ok(());
+            }
+            let msg = c.buf.split_to(total).freeze();
+            if tag == frontend::TERMINATE {
+                self.terminated = true;
+                return Ok(());
+            }
+            self.client_message(tag, msg, c)?;
+        }
+        Ok(())
+    }
+
+    fn client_message(&mut self, tag: u8, msg: Bytes, c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
+        let malformed = |what| ProtocolError::Malformed {
+            what,
+            why: "missing NUL terminator",
+        };
+        let body = &msg[HEADER_LEN..];
+        match tag {
+            frontend::PARSE => {
+                self.unsynced = true;
+                let (name, payload) = split_cstr(body).ok_or(malformed("Parse"))?;
+                let change = if name.is_empty() {
+                    session_state_change(query_text(payload))
+                } else {
+                    None
+                };
+                if let Some(kind) = change.filter(|_| self.policy == SessionStatePolicy::Reject) {
+                    put_message(&mut self.server.conn().wbuf, frontend::PARSE, |b| {
+                        b.put_slice(b"__pgweir_rejected\0\x01\0\0\0")
+                    });
+                    self.expect.push_back(Expect::FailingParse { error: rejection(kind) });
+                    return Ok(());
+                }
+                if name.is_empty() {
+                    self.dirty = self.dirty.or(change);
+                    self.server.conn().wbuf.put_slice(&msg);
+                    self.expect.push_back(Expect::Parse {
+                        client_name: None,
+                        stmt: None,
+                    });
+                    return Ok(());
+                }
+                let name = msg.slice_ref(name);
+                if c.statements.contains_key(&name) {
+                    // PostgreSQL reports 42P05 at this point of the pipeline and skips to Sync;
+                    // a Parse that is sure to fail makes the server do exactly that.
+                    let wbuf = &mut self.server.conn().wbuf;
+                    put_message(wbuf, frontend::PARSE, |b| b.put_slice(b"__pgweir_dup\0\x01\0\0\0"));
+                    self.expect.push_back(Expect::FailingParse {
+                        error: PgError::error(
+                            "42P05",
+                            format!(
+                                "prepared statement \"{}\" already exists",
+                                String::from_utf8_lossy(&name)
+                            ),
+                        ),
+                    });
+                    return Ok(());
+                }
+                let stmt = c.registry.intern(payload);
+                if let Some(kind) = stmt.state_change.filter(|_| self.policy == SessionStatePolicy::Reject) {
+                    put_message(&mut self.server.conn().wbuf, frontend::PARSE, |b| {
+                        b.put_slice(b"__pgweir_rejected\0\x01\0\0\0")
+                    });
+                    self.expect.push_back(Expect::FailingParse { error: rejection(kind) });
+                    return Ok(());
+                }
+                c.statements.insert(name.clone(), stmt.clone());
+                let conn = self.server.conn();
+                if conn.statements.contains(stmt.id) {
+                    conn.statements.touch(stmt.id);
+                    self.expect.push_back(Expect::Synthetic {
+                        bytes: Bytes::from_static(b"1\0\0\0\x04"),
+                        undo: Undo::Unmap(name),
+                    });
+                } else {
+                    make_room(conn, &mut self.expect, c.max_prepared);
+                    stmt.parse_message(&mut conn.wbuf);
+                    conn.statements.insert(stmt.id);
+                    self.expect.push_back(Expect::Parse {
+                        client_name: Some(name),
+                        stmt: Some(stmt),
+                    });
+                }
+            }
+            frontend::BIND => {
+                self.unsynced = true;
+                let (portal, rest) = split_cstr(body).ok_or(malformed("Bind"))?;
+                let (name, rest) = split_cstr(rest).ok_or(malformed("Bind"))?;
+                match self.resolve(name, c) {
+                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(&msg),
+                    Resolved::Renamed(server_name) => put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
+                        b.put_slice(portal);
+                        b.put_u8(0);
+                        b.put_slice(&server_name);
+                        b.put_slice(rest);
+                    }),
+                }
+                self.expect.push_back(Expect::Other);
+            }
+            frontend::DESCRIBE => {
+                self.unsynced = true;
+                let kind = *body.first().ok_or(malformed("Describe"))?;
+                let (name, _) = split_cstr(&body[1..]).ok_or(malformed("Describe"))?;
+                let resolved = if kind == b'S' {
+                    self.resolve(name, c)
+                } else {
+                    Resolved::Verbatim
+                };
+                match resolved {
+                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(&msg),
+                    Resolved::Renamed(server_name) => {
+                        put_message(&mut self.server.conn().wbuf, frontend::DESCRIBE, |b| {
+                            b.put_u8(b'S');
+                            b.put_slice(&server_name);
+                        })
+                    }
+                }
+                self.expect.push_back(Expect::Other);
+            }
+            frontend::CLOSE => {
+                self.unsynced = true;
+                let kind = *body.first().ok_or(malformed("Close"))?;
+                let (name, _) = split_cstr(&body[1..]).ok_or(malformed("Close"))?;
+                if kind == b'S' && !name.is_empty() {
+                    // Server statements are shared and cached; closing only forgets the client's
+                    // name. Closing an unknown name is not an error in PostgreSQL either.
+                    let undo = match c.statements.remove(name) {
+                        Some(stmt) => Undo::Remap(msg.slice_ref(name), stmt),
+                        None => Undo::None,
+                    };
+                    self.expect.push_back(Expect::Synthetic {
+                        bytes: Bytes::from_static(b"3\0\0\0\x04"),
+                        undo,
+                    });
+                } else {
+                    self.server.conn().wbuf.put_slice(&msg);
+                    self.expect.push_back(Expect::Other);
+                }
+            }
+            frontend::EXECUTE => {
+                self.unsynced = true;
+                self.syncs_after_execute = 0;
+                self.server.conn().wbuf.put_slice(&msg);
+                self.expect.push_back(Expect::Other);
+            }
+            frontend::SYNC => {
+                self.server.conn().wbuf.put_slice(&msg);
+                self.unsynced = false;
+                self.syncs_after_execute += 1;
+                if !self.copy_in {
+                    self.pending_rfq += 1;
+                    self.expect.push_back(Expect::Barrier);
+                }
+            }
+            frontend::QUERY => {
+                // A COPY started by a simple Query swallows no Syncs.
+                self.syncs_after_execute = 0;
+                match classify_query(body) {
+                    Some(StatementCommand::Deallocate(name)) if c.statements.remove(name.as_bytes()).is_some() => {
+                        self.expect.push_back(Expect::SyntheticQuery { tag: "DEALLOCATE" });
+                        return Ok(());
+                    }
+                    Some(StatementCommand::DeallocateAll) | Some(StatementCommand::DiscardAll) => {
+                        c.statements.clear();
+                        self.server.conn().statements.clear();
+                    }
+                    _ => {}
+                }
+                if let Some(kind) = session_state_change(body) {
+                    if self.policy == SessionStatePolicy::Reject {
+                        // The server itself raises the error, so it lands in order and aborts an
+                        // open transaction exactly as a failing statement would.
+                        let sql = rejection_sql(&rejection(kind));
+                        messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
+                        self.pending_rfq += 1;
+                        self.expect.push_back(Expect::Barrier);
+                        return Ok(());
+                    }
+                    self.dirty = self.dirty.or(Some(kind));
+                }
+                self.server.conn().wbuf.put_slice(&msg);
+                self.pending_rfq += 1;
+                self.expect.push_back(Expect::Barrier);
+            }
+            frontend::FUNCTION_CALL => {
+                self.server.conn().wbuf.put_slice(&msg);
+                self.pending_rfq += 1;
+                self.expect.push_back(Expect::Barrier);
+            }
+            frontend::COPY_DONE | frontend::COPY_FAIL => {
+                self.copy_in = false;
+                self.server.conn().wbuf.put_slice(&msg);
+            }
+            _ => self.server.conn().wbuf.put_slice(&msg),
+        }
+        Ok(())
+    }
+
+    /// Maps a client statement name for Bind/Describe, preparing it on this server first when
+    /// the server lacks it.
+    fn resolve(&mut self, name: &[u8], c: &mut ClientSide<'_>) -> Resolved {
+        if name.is_empty() {
+            return Resolved::Verbatim;
+        }
+        let Some(stmt) = c.statements.get(name) else {
+            // Unknown: PostgreSQL's own 26000 error names it, unless the name could alias one of
+            // pgweir's server-side statements.
+            if name.starts_with(SERVER_PREFIX.as_bytes()) {
+                return Resolved::Renamed(Bytes::from_static(b"__pgweir_unknown\0"));
+            }
+            return Resolved::Verbatim;
+        };
+        let stmt = stmt.clone();
+        self.dirty = self.dirty.or(stmt.state_change);
+        let conn = self.server.conn();
+        if conn.statements.contains(stmt.id) {
+            conn.statements.touch(stmt.id);
+        } else {
+            make_room(conn, &mut self.expect, c.max_prepared);
+            stmt.parse_message(&mut conn.wbuf);
+            conn.statements.insert(stmt.id);
+            c.registry.reprepares.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.expect.push_back(Expect::InjectedParse { stmt: stmt.clone() });
+        }
+        Resolved::Renamed(stmt.server_name.clone())
+    }
+
+    /// Frames newly read server bytes: counts ReadyForQuery, tracks COPY and parameter reports,
+    /// streams big rows through, and applies the reply edits the expect queue calls for. Edits
+    /// (dropping or replacing a reply, inserting pgweir's own) happen only at the front of the
+    /// buffer, once everything before them has been written, so replies stay in order.
+    pub fn frame_server(
+        &mut self,
+        client_params: &mut ParamSet,
+        statements: &mut ClientStatements,
+    ) -> Result<(), ProtocolError> {
+        let mut pos = self.s_ready;
+        if self.s_skip > 0 {
+            let available = self.server.conn().buf.len() - pos;
+            let take = self.s_skip.min(available);
+            pos += take;
+            self.s_skip -= take;
+            if self.s_skip > 0 {
+                self.s_ready = pos;
+                return Ok(());
+            }
+        }
+        loop {
+            if matches!(
+                self.expect.front(),
+                Some(Expect::Synthetic { .. } | Expect::SyntheticQuery { .. })
+            ) {
+                if pos > 0 {
+                    // pgweir's own replies go out after the bytes before them, and no server
+                    // reply may be matched against them.
+                    break;
+                }
+                emit_synthetic(&mut self.expect, &mut self.inject, self.status);
+            }
+            let conn = self.server.conn();
+            let available = conn.buf.len() - pos;
+            if available < HEADER_LEN {
+                break;
+            }
+            let tag = conn.buf[pos];
+            let inspect = matches!(
+                tag,
+                backend::READY_FOR_QUERY
+                    | backend::PARAMETER_STATUS
+                    | backend::ERROR_RESPONSE
+                    | backend::COMMAND_COMPLETE
+            );
+            let frame = match frame_at(&conn.buf, pos, MAX_SERVER_FRAME)? {
+                Some(f) => f,
+                None if inspect => break,
+                None => {
+                    // A big row or copy chunk: pass its start on now and stream the rest.
+                    let total = needed_len(&conn.buf, pos, MAX_SERVER_FRAME).unwrap_or(available);
+                    self.s_skip = total - available;
+                    pos = conn.buf.len();
+                    break;
+                }
+            };
+            if pos > 0 && needs_edit(tag, self.expect.front()) {
+                break;
+            }
+            let body = &conn.buf[pos + HEADER_LEN..pos + frame.total_len];
+            match tag {
+                backend::READY_FOR_QUERY => {
+                    self.status = body.first().and_then(|&b| TransactionStatus::from_byte(b)).ok_or(
+                        ProtocolError::Malformed {
+                            what: "ReadyForQuery",
+                            why: "unknown transaction status",
+                        },
+                    )?;
+                    self.pending_rfq = self.pending_rfq.saturating_sub(1);
+                }
+                backend::PARAMETER_STATUS => {
+                    let (name, value) = messages::parse_parameter_status(body)?;
+                    if let Ok(name) = std::str::from_utf8(name) {
+                        if params::TRACKED.contains(&name) {
+                            client_params.set(name, value);
+                        }
+                        conn.params.set(name, value);
+                    }
+                }
+                backend::COPY_IN_RESPONSE => {
+                    self.copy_in = true;
+                    self.pending_rfq = self.pending_rfq.saturating_sub(self.syncs_after_execute);
+                    for _ in 0..self.syncs_after_execute {
+                        if matches!(self.expect.back(), Some(Expect::Barrier)) {
+                            self.expect.pop_back();
+                        }
+                    }
+                    self.syncs_after_execute = 0;
+                }
+                backend::ERROR_RESPONSE | backend::COMMAND_COMPLETE => self.copy_in = false,
+                _ => {}
+            }
+            match reply_action(tag, &mut self.expect) {
+                Action::Forward => pos += frame.total_len,
+                Action::Swallow => conn.buf.advance(frame.total_len),
+                Action::Replace(e) => {
+                    conn.buf.advance(frame.total_len);
+                    e.encode(&mut self.inject);
+                }
+            }
+            if tag == backend::ERROR_RESPONSE {
+                fail_front(&mut self.expect, &mut conn.statements, statements);
+            }
+        }
+        self.s_ready = pos;
+        Ok(())
+    }
+
+    /// True when the queue still expects replies although the server says it is done: a
+    /// protocol pgweir does not model (it is then cleared rather than blocking release).
+    pub fn settle(&mut self) {
+        if self.pending_rfq == 0 && !self.unsynced && !self.expect.is_empty() && self.s_ready == 0 {
+            if matches!(
+                self.expect.front(),
+                Some(Expect::Synthetic { .. } | Expect::SyntheticQuery { .. })
+            ) {
+                return;
+            }
+            tracing::debug!(left = self.expect.len(), "reply queue out of step; cleared");
+            self.expect.clear();
+        }
+    }
+}
+
+/// Emits replies pgweir owes at the front of the queue.
+fn emit_synthetic(expect: &mut VecDeque<Expect>, inject: &mut BytesMut, status: TransactionStatus) {
+    loop {
+        match expect.front() {
+            Some(Expect::Synthetic { bytes, .. }) => inject.put_slice(bytes),
+            Some(Expect::SyntheticQuery { tag }) => {
+                put_message(inject, backend::COMMAND_COMPLETE, |b| {
+                    b.put_slice(tag.as_bytes());
+                    b.put_u8(0);
+                });
+                messages::ready_for_query(inject, status);
+            }
+            _ => return,
+        }
+        expect.pop_front();
+    }
+}
+
+/// An ErrorResponse arrived: the message at the front failed and PostgreSQL skips the rest up
+/// to the next Sync. Undo the optimistic bookkeeping done for each of them.
+fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, statements: &mut ClientStatements) {
+    while let Some(front) = expect.front() {
+        if matches!(front, Expect::Barrier | Expect::SyntheticQuery { .. }) {
+            return;
+        }
+        let Some(entry) = expect.pop_front() else {
+            return;
+        };
+        match entry {
+            Expect::Parse {
+                client_name: Some(name),
+                stmt: Some(stmt),
+            } => {
+                if statements.get(&name).is_some_and(|s| Arc::ptr_eq(s, &stmt)) {
+                    statements.remove(&name);
+                }
+                server.remove(stmt.id);
+            }
+            Expect::InjectedParse { stmt } => server.remove(stmt.id),
+            Expect::Synthetic { undo, .. } => match undo {
+                Undo::None => {}
+                Undo::Unmap(name) => {
+                    statements.remove(&name);
+                }
+                Undo::Remap(name, stmt) => {
+                    statements.insert(name, stmt);
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+/// Whether a reply must be dropped or replaced rather than forwarded.
+fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
+    matches!(
+        (tag, front),
+        (b'1', Some(Expect::InjectedParse { .. }))
+            | (b'3', Some(Expect::InjectedClose))
+            | (backend::ERROR_RESPONSE, Some(Expect::FailingParse { .. }))
+    )
+}
+
+/// The error for a statement refused under the Reject policy.
+fn rejection(kind: StateChange) -> PgError {
+    PgError::error(
+        "0A000",
+        format!("pgweir: {kind} changes session state, which transaction pooling would leak to other clients"),
+    )
+    .with_hint(
+        "Use SET LOCAL or transaction-scoped equivalents, pass settings in the connection's options, \
+         or set session_state = \"reset\" (or use session mode) for this pool.",
+    )
+}
+
+/// A statement that makes PostgreSQL raise `e` (dollar-quoted so no escaping of the text is
+/// needed beyond single quotes).
+fn rejection_sql(e: &PgError) -> String {
+    let q = |s: &str| s.replace('\'', "''");
+    format!(
+        "DO $pgweir$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{}', HINT = '{}'; END $pgweir$",
+        e.code,
+        q(&e.message),
+        q(e.hint.as_deref().unwrap_or(""))
+    )
+}
+
+enum Resolved {
+    Verbatim,
+    Renamed(Bytes),
+}
+
+enum Action {
+    Forward,
+    Swallow,
+    Replace(PgError),
+}
+
+/// Matches a server reply against the expect queue, popping completed entries.
+fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
+    let front_is_barrier = matches!(expect.front(), Some(Expect::Barrier) | None);
+    match tag {
+        b'1' => match expect.pop_front() {
+            Some(Expect::InjectedParse { .. }) => Action::Swallow,
+            _ => Action::Forward,
+        },
+        b'3' => match expect.pop_front() {
+            Some(Expect::InjectedClose) => Action::Swallow,
+            _ => Action::Forward,
+        },
+        b'2' | b'n' => {
+            expect.pop_front();
+            Action::Forward
+        }
+        // RowDescription completes a Describe; inside a simple query it is just data.
+        b'T' | b'C' | b'I' | b's' if !front_is_barrier => {
+            expect.pop_front();
+            Action::Forward
+        }
+        backend::ERROR_RESPONSE => match expect.front() {
+            Some(Expect::FailingParse { error }) => Action::Replace(error.clone()),
+            _ => Action::Forward,
+        },
+        backend::READY_FOR_QUERY => {
+            while let Some(e) = expect.pop_front() {
+                if matches!(e, Expect::Barrier) {
+                    break;
+                }
+            }
+            Action::Forward
+        }
+        _ => Action::Forward,
+    }
+}
+
+/// Evicts least-recently-used statements until one more fits, closing them on the server.
+fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
+    while conn.statements.len() >= max.max(1) {
+        let Some(id) = conn.statements.oldest() else {
+            return;
+        };
+        conn.statements.remove(id);
+        put_message(&mut conn.wbuf, frontend::CLOSE, |b| {
+            b.put_u8(b'S');
+            b.put_slice(SERVER_PREFIX.as_bytes());
+            b.put_slice(id.to_string().as_bytes());
+            b.put_u8(0);
+        });
+        expect.push_back(Expect::InjectedClose);
+    }
+}
+
+fn put_message(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let len_pos = buf.len();
+    buf.put_i32(0);
+    f(buf);
+    let len = (buf.len() - len_pos) as i32;
+    buf[len_pos..len_pos + 4].copy_from_slice(&len.to_be_bytes());
+}

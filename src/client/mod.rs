@@ -1,0 +1,95 @@
+//! One client session: handshake (startup, auth, welcome), then the transaction loop that lends
+//! it a server connection per transaction, and cancel routing.
+//!
+//! Key invariant: a session holds a server only inside [`session`]'s linked phase, and gives it
+//! back only when the server said ReadyForQuery 'I' with nothing outstanding; every other exit
+//! from that phase closes the server connection.
+
+pub mod cancel;
+mod error;
+mod handshake;
+pub mod hygiene;
+mod link;
+pub mod prepared;
+mod session;
+mod users;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+pub use cancel::CancelRegistry;
+pub use error::ClientError;
+pub use users::UserDirectory;
+
+use crate::config::Config;
+use crate::pool::PoolRegistry;
+use crate::server::ServerIds;
+
+/// Process-unique id of a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId(pub u64);
+
+/// Everything a session needs from the rest of the process, passed in (no globals).
+pub struct ClientContext {
+    pub config: Arc<Config>,
+    pub users: UserDirectory,
+    pub pools: Arc<PoolRegistry>,
+    pub cancels: CancelRegistry,
+    /// Prepared statements shared by all clients (see `prepared`).
+    pub statements: prepared::StatementRegistry,
+    pub server_ids: Arc<ServerIds>,
+    /// Fires when the process starts shutting down: idle clients are told and closed, clients
+    /// inside a transaction may finish it.
+    pub shutdown: CancellationToken,
+    next_client: AtomicU64,
+    /// Connected clients (any phase), for max_client_conn accounting and the admin API.
+    pub connected: AtomicUsize,
+}
+
+impl ClientContext {
+    pub fn new(
+        config: Arc<Config>,
+        pools: Arc<PoolRegistry>,
+        server_ids: Arc<ServerIds>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        ClientContext {
+            users: UserDirectory::from_config(&config),
+            config,
+            pools,
+            cancels: CancelRegistry::default(),
+            statements: prepared::StatementRegistry::default(),
+            server_ids,
+            shutdown,
+            next_client: AtomicU64::new(0),
+            connected: AtomicUsize::new(0),
+        }
+    }
+
+    fn next_client_id(&self) -> ClientId {
+        ClientId(self.next_client.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
+/// Serves one accepted client connection to its end. Never panics on peer input; every error
+/// ends this session only.
+pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>) {
+    let id = ctx.next_client_id();
+    crate::net::configure_socket(&stream, ctx.config.listen.tcp_keepalive);
+    let result = async {
+        let Some(login) = handshake::run(stream, &ctx).await? else {
+            return Ok(());
+        };
+        session::run(login, &ctx).await
+    }
+    .await;
+    match result {
+        Ok(()) => tracing::debug!(client = id.0, %addr, "client session ended"),
+        Err(e) if e.is_client_churn() => tracing::debug!(client = id.0, %addr, error = %e, "client session ended"),
+        Err(e) => tracing::info!(client = id.0, %addr, error = %e, "client session ended with an error"),
+    }
+}

@@ -1,0 +1,231 @@
+//! Protocol-level named prepared statements in transaction mode.
+//!
+//! Each transaction may run on a different server, so a client's statement names cannot be
+//! sent as they are. pgweir keeps, per client, `name → statement`; statements are identified by
+//! their full Parse payload (query text and parameter types, compared byte for byte — never a
+//! hash) in a process-wide registry that gives each distinct statement a counter-based server
+//! name `__pgweir_N`. Identical statements from different clients therefore share one
+//! server-side statement. Each server connection remembers which ones it has (bounded, LRU);
+//! when a client's Bind or Describe lands on a server that lacks the statement, pgweir sends the
+//! Parse first and swallows its ParseComplete.
+//!
+//! To keep replies in order, the session keeps a queue of what each forwarded message will be
+//! answered with ([`Expect`]), so it can drop replies to its own messages, insert replies to
+//! messages it answered itself, and undo name bookkeeping for messages PostgreSQL skipped after
+//! an error.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::proto::messages::PgError;
+
+/// Prefix of server-side statement names; client names with it are never passed through.
+pub const SERVER_PREFIX: &str = "__pgweir_";
+
+/// One distinct statement (query text + parameter types).
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    /// `__pgweir_N` followed by NUL, ready to splice into messages.
+    pub server_name: Bytes,
+    /// The Parse payload after the name: query, NUL, parameter count and type OIDs.
+    pub payload: Bytes,
+    /// Whether executing it changes session state (scanned once, when first seen).
+    pub state_change: Option<super::hygiene::StateChange>,
+}
+
+impl Statement {
+    /// A complete Parse message creating this statement under its server name.
+    pub fn parse_message(&self, out: &mut BytesMut) {
+        out.put_u8(b'P');
+        out.put_i32((4 + self.server_name.len() + self.payload.len()) as i32);
+        out.put_slice(&self.server_name);
+        out.put_slice(&self.payload);
+    }
+}
+
+/// Process-wide statement registry. Entries are held weakly: a statement lives as long as some
+/// client still has a name for it, so the registry cannot grow without bound.
+#[derive(Debug, Default)]
+pub struct StatementRegistry {
+    map: Mutex<HashMap<Bytes, Weak<Statement>>>,
+    next_id: AtomicU64,
+    /// Counters for metrics and the admin API.
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub reprepares: AtomicU64,
+}
+
+impl StatementRegistry {
+    /// Returns the shared statement for `payload`, creating it if needed.
+    pub fn intern(&self, payload: &[u8]) -> Arc<Statement> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(payload).and_then(Weak::upgrade) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return s;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        // Purge dead entries when the map has doubled since the last purge, so cleanup cost is
+        // amortised over insertions.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut name = BytesMut::with_capacity(32);
+        name.put_slice(SERVER_PREFIX.as_bytes());
+        name.put_slice(id.to_string().as_bytes());
+        name.put_u8(0);
+        let stmt = Arc::new(Statement {
+            id,
+            server_name: name.freeze(),
+            payload: Bytes::copy_from_slice(payload),
+            state_change: super::hygiene::session_state_change(query_text(payload)),
+        });
+        map.insert(stmt.payload.clone(), Arc::downgrade(&stmt));
+        stmt
+    }
+}
+
+/// What a forwarded (or self-answered) message will be answered with, in order.
+#[derive(Debug)]
+pub enum Expect {
+    /// The client's own Parse: ParseComplete forwarded. On failure or skip, the optimistic
+    /// bookkeeping is undone.
+    Parse {
+        client_name: Option<Bytes>,
+        stmt: Option<Arc<Statement>>,
+    },
+    /// A Parse pgweir sent to prepare a statement on this server: ParseComplete swallowed.
+    InjectedParse { stmt: Arc<Statement> },
+    /// A Close pgweir sent to evict a statement: CloseComplete swallowed.
+    InjectedClose,
+    /// A Parse sent only to fail (duplicate client name): its error is replaced by this one.
+    FailingParse { error: PgError },
+    /// Bind, Describe, Execute, or a forwarded Close: one completion message.
+    Other,
+    /// Replies pgweir produces itself at this point of the stream (ParseComplete for a
+    /// statement the server already has, CloseComplete for a client Close). `undo` restores
+    /// the client's name table if PostgreSQL would have skipped the message.
+    Synthetic { bytes: Bytes, undo: Undo },
+    /// Sync or a simple Query/FunctionCall: ends with ReadyForQuery.
+    Barrier,
+    /// A simple Query pgweir answers itself (DEALLOCATE of a client statement); emitted with
+    /// ReadyForQuery carrying the current transaction status.
+    SyntheticQuery { tag: &'static str },
+}
+
+/// Bookkeeping to revert when a self-answered message is skipped after an error.
+#[derive(Debug)]
+pub enum Undo {
+    None,
+    /// The client's Parse was answered by pgweir: forget the name again.
+    Unmap(Bytes),
+    /// The client's Close was answered by pgweir: restore the name.
+    Remap(Bytes, Arc<Statement>),
+}
+
+/// The query text of a Parse payload (up to its NUL).
+pub fn query_text(payload: &[u8]) -> &[u8] {
+    split_cstr(payload).map_or(payload, |(q, _)| q)
+}
+
+/// Splits a Parse/Bind/Describe/Close name field: returns (name without NUL, rest after NUL).
+pub fn split_cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = body.iter().position(|&b| b == 0)?;
+    Some((&body[..nul], &body[nul + 1..]))
+}
+
+/// Recognises the simple-query statements that act on prepared statements:
+/// `DEALLOCATE [PREPARE] ALL`, `DEALLOCATE [PREPARE] name` and `DISCARD ALL`, alone in the
+/// query (an optional trailing semicolon allowed).
+#[derive(Debug, PartialEq, Eq)]
+pub enum StatementCommand {
+    DeallocateAll,
+    Deallocate(String),
+    DiscardAll,
+}
+
+pub fn classify_query(sql: &[u8]) -> Option<StatementCommand> {
+    let text = std::str::from_utf8(sql).ok()?;
+    let text = text.trim_end_matches('\0').trim();
+    let text = text.strip_suffix(';').unwrap_or(text).trim();
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next()?;
+    if first.eq_ignore_ascii_case("discard") {
+        let second = words.next()?;
+        return (second.eq_ignore_ascii_case("all") && words.next().is_none()).then_some(StatementCommand::DiscardAll);
+    }
+    if !first.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut rest = text[first.len()..].trim_start();
+    if rest.len() >= 7
+        && rest[..7].eq_ignore_ascii_case("prepare")
+        && rest[7..].starts_with(|c: char| c.is_ascii_whitespace())
+    {
+        rest = rest[7..].trim_start();
+    }
+    if rest.eq_ignore_ascii_case("all") {
+        return Some(StatementCommand::DeallocateAll);
+    }
+    let name = if let Some(quoted) = rest.strip_prefix('"') {
+        let inner = quoted.strip_suffix('"')?;
+        if inner.replace("\"\"", "").contains('"') {
+            return None;
+        }
+        inner.replace("\"\"", "\"")
+    } else {
+        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return None;
+        }
+        rest.to_ascii_lowercase()
+    };
+    Some(StatementCommand::Deallocate(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_shares_identical_statements_and_forgets_unused_ones() {
+        let reg = StatementRegistry::default();
+        let a = reg.intern(b"select 1\0\0\0");
+        let b = reg.intern(b"select 1\0\0\0");
+        let c = reg.intern(b"select 2\0\0\0");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_ne!(a.id, c.id);
+        assert_eq!(&a.server_name[..], format!("{SERVER_PREFIX}{}\0", a.id).as_bytes());
+        let id = c.id;
+        drop(c);
+        let c2 = reg.intern(b"select 2\0\0\0");
+        assert_ne!(c2.id, id, "a statement nobody holds is not kept");
+    }
+
+    #[test]
+    fn classifies_deallocate_and_discard() {
+        assert_eq!(
+            classify_query(b"DEALLOCATE ALL\0"),
+            Some(StatementCommand::DeallocateAll)
+        );
+        assert_eq!(
+            classify_query(b"  deallocate prepare all ;\0"),
+            Some(StatementCommand::DeallocateAll)
+        );
+        assert_eq!(
+            classify_query(b"DEALLOCATE S_1\0"),
+            Some(StatementCommand::Deallocate("s_1".into()))
+        );
+        assert_eq!(
+            classify_query(b"DEALLOCATE \"S 1\"\0"),
+            Some(StatementCommand::Deallocate("S 1".into()))
+        );
+        assert_eq!(classify_query(b"discard all\0"), Some(StatementCommand::DiscardAll));
+        assert_eq!(classify_query(b"discard plans\0"), None);
+        assert_eq!(classify_query(b"select 1\0"), None);
+        assert_eq!(classify_query(b"deallocate a; select 1\0"), None);
+    }
+}

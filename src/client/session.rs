@@ -1,0 +1,663 @@
+//! The transaction loop. Unlinked, the session owns only its client socket and waits for the
+//! client's next message. On the first message of a transaction it checks out a server,
+//! brings the server's session parameters in line with the client's, and links: bytes then flow
+//! both ways, framed by header only and forwarded verbatim, while a few tags are counted to know
+//! when the server is idle again.
+//!
+//! Release rule (transaction mode): the server goes back to the pool only when
+//! - every Query/Sync/FunctionCall sent has been answered by its ReadyForQuery (pipelining),
+//! - no extended-protocol message is waiting for a Sync,
+//! - the last ReadyForQuery said 'I' and no COPY is in progress,
+//! - every byte has been forwarded both ways.
+//!
+//! Reads and writes of both sockets are multiplexed in one `select!`, each branch cancel-safe
+//! (`read_buf`/`write` on a TcpStream), and a direction is only read when its previous bytes are
+//! written: a peer that writes a lot while the other side is slow gets TCP backpressure instead
+//! of growing our buffers, and neither side can deadlock the other.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::handshake::{LoggedIn, send_error};
+use super::link::{ClientSide, ClientStatements, Link};
+use super::prepared::{StatementCommand, classify_query};
+use super::{ClientContext, ClientError};
+use crate::config::{PoolMode, SessionStatePolicy};
+use crate::pool::{Pool, PoolError, PooledServer};
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::messages::{self, PgError, Severity};
+use crate::proto::tag::{TransactionStatus, frontend};
+use crate::proto::{FrameError, ProtocolError, frame_at};
+use crate::server::params::{self, ParamSet};
+use crate::server::{ServerError, send_cancel};
+
+/// Read granularity. Small enough that an idle client costs little, large enough that a result
+/// set arrives in few syscalls.
+const READ_CHUNK: usize = 16 * 1024;
+
+struct Session<'a> {
+    ctx: &'a ClientContext,
+    client: TcpStream,
+    buf: BytesMut,
+    pool: Pool,
+    params: ParamSet,
+    mode: PoolMode,
+    max_message: usize,
+    idle_tx_timeout: Option<Duration>,
+    /// After an error pgweir generated for an extended-protocol message, the rest of the
+    /// client's messages up to Sync are dropped, as PostgreSQL itself does.
+    discard_until_sync: bool,
+    login: LoggedInKeys,
+    /// The client's named prepared statements (see `prepared`).
+    statements: ClientStatements,
+    /// When the client last sent anything, for idle_transaction_timeout.
+    last_activity: Instant,
+}
+
+struct LoggedInKeys {
+    key: crate::proto::startup::CancelKey,
+    slot: std::sync::Arc<super::cancel::CancelSlot>,
+}
+
+/// How a linked phase ended.
+enum Unlinked {
+    /// Server released; keep serving the client.
+    Continue,
+    /// The client left (Terminate or EOF); the server was handled.
+    ClientGone,
+}
+
+pub(super) async fn run(login: LoggedIn, ctx: &ClientContext) -> Result<(), ClientError> {
+    let LoggedIn {
+        client,
+        pool,
+        params,
+        key,
+        slot,
+        ..
+    } = login;
+    let settings = pool.settings().clone();
+    let mut session = Session {
+        ctx,
+        client,
+        buf: BytesMut::new(),
+        mode: settings.mode,
+        pool,
+        params,
+        max_message: ctx.config.listen.max_message_size,
+        idle_tx_timeout: settings.idle_transaction_timeout,
+        discard_until_sync: false,
+        login: LoggedInKeys { key, slot },
+        statements: ClientStatements::new(),
+        last_activity: Instant::now(),
+    };
+    let result = session.serve().await;
+    ctx.cancels.unregister(session.login.key);
+    result
+}
+
+impl Session<'_> {
+    async fn serve(&mut self) -> Result<(), ClientError> {
+        loop {
+            // Unlinked: wait for a complete first message of the next transaction.
+            let tag = match self.next_unlinked_message().await? {
+                Some(tag) => tag,
+                None => return Ok(()),
+            };
+            if self.discard_until_sync {
+                self.discard_first_message(tag).await?;
+                continue;
+            }
+            match tag {
+                frontend::TERMINATE => return Ok(()),
+                // Nothing to do for these outside a transaction; PostgreSQL ignores them too.
+                frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                    self.consume_first_message();
+                    continue;
+                }
+                frontend::QUERY if self.answer_statement_command().await? => continue,
+                _ => {}
+            }
+            let server = match self.acquire().await {
+                Ok(server) => server,
+                Err(reply) => {
+                    self.reply_error_for_first_message(tag, reply).await?;
+                    continue;
+                }
+            };
+            match self.linked(server).await? {
+                Unlinked::Continue => {}
+                Unlinked::ClientGone => return Ok(()),
+            }
+            if self.ctx.shutdown.is_cancelled() {
+                let e = PgError::fatal("57P01", "pgweir is shutting down; reconnect to continue");
+                let _ = send_error(&mut self.client, &e).await;
+                return Err(ClientError::Shutdown);
+            }
+        }
+    }
+
+    /// Waits until the client buffer starts with a complete message (or the header of a
+    /// CopyData, which is streamed). Returns its tag, or None on a clean EOF.
+    async fn next_unlinked_message(&mut self) -> Result<Option<u8>, ClientError> {
+        loop {
+            match frame_at(&self.buf, 0, self.max_message) {
+                Ok(Some(frame)) => return Ok(Some(frame.tag)),
+                Ok(None) => {}
+                Err(e) => return Err(self.client_protocol_error(e).await),
+            }
+            if self.buf.is_empty() {
+                // Idle clients hold no read buffer: wait for readability first, allocate after.
+                // A busy client's next message is often already here, so try once first.
+                self.reserve_for_client();
+                match self.client.try_read_buf(&mut self.buf) {
+                    Ok(0) => return Ok(None),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(ClientError::ClientIo(e)),
+                }
+                self.buf = BytesMut::new();
+                tokio::select! {
+                    r = self.client.readable() => r.map_err(ClientError::ClientIo)?,
+                    _ = self.ctx.shutdown.cancelled() => {
+                        let e = PgError::fatal("57P01", "pgweir is shutting down; reconnect to continue");
+                        let _ = send_error(&mut self.client, &e).await;
+                        return Err(ClientError::Shutdown);
+                    }
+                }
+            }
+            self.reserve_for_client();
+            match self.client.read_buf(&mut self.buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(ClientError::ClientIo(e)),
+            }
+        }
+    }
+
+    fn reserve_for_client(&mut self) {
+        let want = crate::proto::frame::needed_len(&self.buf, 0, self.max_message)
+            .map(|n| n.saturating_sub(self.buf.len()))
+            .unwrap_or(0)
+            .clamp(4096, READ_CHUNK * 64);
+        if self.buf.capacity() - self.buf.len() < want {
+            self.buf.reserve(want.max(READ_CHUNK));
+        }
+    }
+
+    async fn client_protocol_error(&mut self, e: FrameError) -> ClientError {
+        let reply = PgError::fatal("08P01", format!("pgweir: invalid message from client: {e}"))
+            .with_hint("The limit for one message is max_message_size in the [listen] configuration.");
+        let _ = send_error(&mut self.client, &reply).await;
+        ClientError::ClientProtocol(ProtocolError::Frame(e))
+    }
+
+    fn consume_first_message(&mut self) {
+        if let Ok(Some(frame)) = frame_at(&self.buf, 0, self.max_message) {
+            self.buf.advance(frame.total_len);
+        }
+    }
+
+    /// Drops one message while in discard-until-Sync mode; at the Sync, answers ReadyForQuery.
+    async fn discard_first_message(&mut self, tag: u8) -> Result<(), ClientError> {
+        self.consume_first_message();
+        match tag {
+            frontend::SYNC => {
+                self.discard_until_sync = false;
+                self.send_ready_for_query().await
+            }
+            frontend::TERMINATE => Err(ClientError::ClientIo(std::io::ErrorKind::ConnectionAborted.into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// `DEALLOCATE` of the client's own statements needs no server outside a transaction: the
+    /// statements live in pgweir's table. Returns true when the query was answered here.
+    async fn answer_statement_command(&mut self) -> Result<bool, ClientError> {
+        let Ok(Some(frame)) = frame_at(&self.buf, 0, self.max_message) else {
+            return Ok(false);
+        };
+        let tag = match classify_query(&self.buf[HEADER_LEN..frame.total_len]) {
+            Some(StatementCommand::DeallocateAll) => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            Some(StatementCommand::Deallocate(name)) if self.statements.remove(name.as_bytes()).is_some() => {
+                "DEALLOCATE"
+            }
+            _ => return Ok(false),
+        };
+        self.buf.advance(frame.total_len);
+        let mut out = BytesMut::with_capacity(32);
+        messages::command_complete(&mut out, tag);
+        messages::ready_for_query(&mut out, TransactionStatus::Idle);
+        self.client.write_all(&out).await.map_err(ClientError::ClientIo)?;
+        Ok(true)
+    }
+
+    async fn send_ready_for_query(&mut self) -> Result<(), ClientError> {
+        let mut out = BytesMut::with_capacity(6);
+        messages::ready_for_query(&mut out, TransactionStatus::Idle);
+        self.client.write_all(&out).await.map_err(ClientError::ClientIo)
+    }
+
+    /// Answers the first message of a transaction that could not get a server: simple Query
+    /// and FunctionCall get the error and ReadyForQuery; extended-protocol messages get the
+    /// error now and ReadyForQuery at their Sync, exactly like a PostgreSQL error would.
+    async fn reply_error_for_first_message(&mut self, tag: u8, reply: PgError) -> Result<(), ClientError> {
+        let mut out = BytesMut::new();
+        reply.encode(&mut out);
+        self.client.write_all(&out).await.map_err(ClientError::ClientIo)?;
+        if reply.severity == Severity::Fatal {
+            return Err(ClientError::Login(reply.message));
+        }
+        match tag {
+            frontend::QUERY | frontend::FUNCTION_CALL => {
+                self.consume_first_message();
+                self.send_ready_for_query().await
+            }
+            _ => {
+                self.discard_until_sync = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks out a server and applies the client's session parameters to it.
+    async fn acquire(&mut self) -> Result<PooledServer, PgError> {
+        let deadline = Instant::now() + self.pool.settings().acquire_timeout;
+        let mut server = match self.pool.checkout(deadline).await {
+            Ok(s) => s,
+            Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
+        };
+        let diffs: Vec<(String, Vec<u8>)> = server
+            .conn_ref()
+            .params
+            .differences(&self.params)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+            .collect();
+        if diffs.is_empty() {
+            return Ok(server);
+        }
+        let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let sql = params::set_statements(&pairs);
+        let conn = server.conn();
+        let result = tokio::time::timeout(
+            self.pool.settings().server_connect_timeout,
+            conn.run_raw_discarding(&sql),
+        )
+        .await;
+        match result {
+            Ok(Ok(None)) => {
+                for (name, value) in &diffs {
+                    if params::TRACKED.contains(&name.as_str()) {
+                        // PostgreSQL reports the canonical spelling ("iso" → "ISO, MDY");
+                        // adopting it means the next comparison matches and no SET is repeated.
+                        let canonical = conn.params.get(name).unwrap_or(value).to_vec();
+                        self.params.set(name, &canonical);
+                        conn.params.set(name, &canonical);
+                    } else {
+                        conn.params.set(name, value);
+                    }
+                }
+                Ok(server)
+            }
+            Ok(Ok(Some(fields))) => {
+                server.discard();
+                Err(PgError::fatal(
+                    "22023",
+                    format!(
+                        "pgweir could not apply this client's session parameters: {}",
+                        fields.message
+                    ),
+                )
+                .with_hint("Check the parameters set in the connection's startup packet or options."))
+            }
+            Ok(Err(e)) => {
+                server.discard();
+                Err(server_error_reply(&e, &self.pool))
+            }
+            Err(_) => {
+                server.discard();
+                Err(PgError::error(
+                    "08006",
+                    "pgweir: the server did not answer while applying session parameters",
+                ))
+            }
+        }
+    }
+
+    /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
+    async fn linked(&mut self, server: PooledServer) -> Result<Unlinked, ClientError> {
+        let mut link = Link::new(server, self.pool.settings().session_state);
+        self.last_activity = Instant::now();
+        {
+            let conn = link.server.conn_ref();
+            self.login.slot.set_target(conn.addr, conn.backend_key);
+        }
+        let result = self.pump(&mut link).await;
+        // Whatever happened, no cancel may reach this server once it is handed on.
+        while !self.login.slot.clear_target() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        match result {
+            Ok(Pumped::Idle) => {
+                match link.dirty {
+                    Some(kind) if self.pool.settings().session_state == SessionStatePolicy::Reset => {
+                        tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
+                        self.reset_and_release(link.server).await;
+                    }
+                    _ => link.server.release(),
+                }
+                Ok(Unlinked::Continue)
+            }
+            Ok(Pumped::ClientGone) => {
+                self.finish_server_after_client_left(link).await;
+                Ok(Unlinked::ClientGone)
+            }
+            Err(e) => {
+                // Dirty or broken: cancel anything still running, then close.
+                let conn = link.server.conn_ref();
+                if link.pending_rfq > 0 {
+                    let (addr, key) = (conn.addr, conn.backend_key);
+                    tokio::spawn(async move {
+                        let _ = send_cancel(addr, key).await;
+                    });
+                }
+                link.server.discard();
+                Err(e)
+            }
+        }
+    }
+
+    /// The client is gone. A server with nothing in flight and no open transaction can be
+    /// reused (after DISCARD ALL in session mode); anything else is cancelled and closed, which
+    /// rolls back its transaction and frees its locks.
+    async fn finish_server_after_client_left(&mut self, link: Link) {
+        let clean = link.server_idle() && link.server.conn_ref().buf.is_empty();
+        if clean {
+            match self.mode {
+                PoolMode::Transaction
+                    if link.dirty.is_some() && self.pool.settings().session_state == SessionStatePolicy::Reset =>
+                {
+                    self.reset_and_release(link.server).await
+                }
+                PoolMode::Transaction => link.server.release(),
+                PoolMode::Session => self.reset_and_release(link.server).await,
+            }
+            return;
+        }
+        if link.pending_rfq > 0 || link.unsynced {
+            let conn = link.server.conn_ref();
+            let (addr, key) = (conn.addr, conn.backend_key);
+            tokio::spawn(async move {
+                let _ = send_cancel(addr, key).await;
+            });
+        }
+        link.server.discard();
+    }
+
+    /// Runs the pool's reset query so no session state reaches the next client; a server that
+    /// cannot be reset is closed instead.
+    async fn reset_and_release(&self, mut server: PooledServer) {
+        self.pool
+            .stats()
+            .session_resets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let settings = self.pool.settings();
+        let conn = server.conn();
+        let reset = tokio::time::timeout(
+            settings.server_connect_timeout,
+            conn.run_discarding(&settings.reset_query),
+        )
+        .await;
+        if matches!(reset, Ok(Ok(None))) {
+            conn.forget_session_state();
+            server.release();
+        } else {
+            server.discard();
+        }
+    }
+
+    async fn pump(&mut self, link: &mut Link) -> Result<Pumped, ClientError> {
+        loop {
+            link.frame_client(&mut ClientSide {
+                buf: &mut self.buf,
+                statements: &mut self.statements,
+                registry: &self.ctx.statements,
+                max_message: self.max_message,
+                max_prepared: self.pool.settings().max_prepared_statements,
+            })
+            .map_err(ClientError::ClientProtocol)?;
+            link.frame_server(&mut self.params, &mut self.statements)
+                .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
+            link.settle();
+
+            let c_pending = link.has_bytes_for_server();
+            let s_pending = link.has_bytes_for_client();
+            if !c_pending && !s_pending {
+                let idle = link.server_idle() && link.server.conn_ref().buf.is_empty();
+                if link.terminated {
+                    // A client that pipelined work before its Terminate gets that work finished,
+                    // as PostgreSQL would; one that says goodbye inside a transaction has it
+                    // rolled back (the server is closed).
+                    if idle || link.pending_rfq == 0 {
+                        return Ok(Pumped::ClientGone);
+                    }
+                } else if idle && self.mode == PoolMode::Transaction {
+                    return Ok(Pumped::Idle);
+                }
+            }
+
+            let idle_deadline = match self.idle_tx_timeout {
+                Some(t) if link.idle_in_transaction() && !c_pending && !s_pending => Some(self.last_activity + t),
+                _ => None,
+            };
+            let read_client = !c_pending && !link.terminated;
+            if read_client {
+                self.reserve_for_client();
+            }
+            let inject_pending = !link.inject.is_empty();
+            let s_ready = link.s_ready;
+            let inject = &link.inject;
+            let conn = link.server.conn();
+            if !s_pending {
+                reserve_for_server(&mut conn.buf);
+            }
+            let (mut cr, mut cw) = self.client.split();
+            let (mut sr, mut sw) = conn.stream.split();
+            let cbuf = &mut self.buf;
+            let sbuf = &mut conn.buf;
+            let wbuf = &conn.wbuf;
+            // One branch per direction: a direction either writes what it has framed or, when
+            // that is all written, reads more. Both inner operations are cancel-safe.
+            let event = tokio::select! {
+                r = async {
+                    if c_pending {
+                        Io::Wrote(sw.write(wbuf).await)
+                    } else {
+                        Io::Read(cr.read_buf(cbuf).await)
+                    }
+                }, if c_pending || read_client => Event::Client(r),
+                r = async {
+                    if inject_pending {
+                        Io::Injected(cw.write(inject).await)
+                    } else if s_pending {
+                        Io::Wrote(cw.write(&sbuf[..s_ready]).await)
+                    } else {
+                        Io::Read(sr.read_buf(sbuf).await)
+                    }
+                } => Event::Server(r),
+                _ = sleep_until_opt(idle_deadline), if idle_deadline.is_some() => Event::IdleTimeout,
+            };
+            match event {
+                Event::Client(Io::Wrote(r)) => {
+                    let n = r.map_err(ClientError::ServerIo)?;
+                    link.server.conn().wbuf.advance(n);
+                }
+                Event::Client(Io::Read(r)) => match r {
+                    Ok(0) | Err(_) => return Ok(Pumped::ClientGone),
+                    Ok(_) => self.last_activity = Instant::now(),
+                },
+                Event::Client(Io::Injected(_)) => {}
+                Event::Server(Io::Injected(r)) => match r {
+                    Ok(n) => link.inject.advance(n),
+                    Err(_) => return Ok(Pumped::ClientGone),
+                },
+                Event::Server(Io::Wrote(r)) => match r {
+                    Ok(n) => {
+                        link.server.conn().buf.advance(n);
+                        link.s_ready -= n;
+                    }
+                    // The client vanished while results were flowing.
+                    Err(_) => return Ok(Pumped::ClientGone),
+                },
+                Event::Server(Io::Read(r)) => match r {
+                    Ok(0) => return Err(self.server_lost(link, None).await),
+                    Ok(_) => {}
+                    Err(e) => return Err(self.server_lost(link, Some(e)).await),
+                },
+                Event::IdleTimeout => return Err(self.idle_transaction_timeout(link).await),
+            }
+        }
+    }
+
+    async fn server_lost(&mut self, link: &Link, e: Option<std::io::Error>) -> ClientError {
+        let in_tx = link.status != TransactionStatus::Idle;
+        let reply = PgError::fatal(
+            "08006",
+            if in_tx {
+                "pgweir: the server connection was lost during the transaction; it was rolled back"
+            } else {
+                "pgweir: the server connection was lost while the query ran"
+            },
+        )
+        .with_hint("Reconnect and retry; check the PostgreSQL log for why the backend ended.");
+        let _ = send_error(&mut self.client, &reply).await;
+        match e {
+            Some(e) => ClientError::ServerIo(e),
+            None => ClientError::Server(ServerError::Closed),
+        }
+    }
+
+    async fn idle_transaction_timeout(&mut self, link: &Link) -> ClientError {
+        self.pool
+            .stats()
+            .idle_transaction_timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = self.idle_tx_timeout.unwrap_or_default();
+        let pid = link.server.conn_ref().backend_pid();
+        tracing::info!(pool = %self.pool.key(), backend_pid = pid, "closing a client idle in transaction");
+        let reply = PgError::fatal(
+            "25P03",
+            format!(
+                "pgweir: terminating connection because it was idle in transaction for longer than idle_transaction_timeout ({})",
+                humantime::format_duration(timeout)
+            ),
+        )
+        .with_detail("The transaction was rolled back and its server connection freed for other clients.")
+        .with_hint("Commit or roll back transactions promptly, or raise idle_transaction_timeout for this pool.");
+        let _ = send_error(&mut self.client, &reply).await;
+        ClientError::IdleTransactionTimeout
+    }
+}
+
+enum Pumped {
+    Idle,
+    ClientGone,
+}
+
+enum Io {
+    Wrote(std::io::Result<usize>),
+    Injected(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+enum Event {
+    Client(Io),
+    Server(Io),
+    IdleTimeout,
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn reserve_for_server(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// The reply for a failed checkout. Acquire timeouts are ERROR 53300 (the session survives: a
+/// client outside a transaction can simply retry) with everything an operator needs to act.
+pub(super) fn pool_error_reply(e: &PoolError, pool: &Pool, at_login: bool) -> PgError {
+    let severity = if at_login { Severity::Fatal } else { Severity::Error };
+    match e {
+        PoolError::Timeout { key, timeout, snapshot } => PgError::new(
+            severity,
+            "53300",
+            format!(
+                "pgweir: no server connection available for pool \"{key}\" within acquire_timeout ({}): pool_size {}, {} active, {} waiting",
+                humantime::format_duration(*timeout),
+                snapshot.size,
+                snapshot.active(),
+                snapshot.waiting,
+            ),
+        )
+        .with_hint(
+            "Long-running or idle-in-transaction clients hold the pool's connections. Raise pool_size (or acquire_timeout) \
+             for this database in the pgweir configuration, or shorten the transactions.",
+        ),
+        PoolError::Closed(key) => PgError::new(severity, "57P01", format!("pgweir: pool \"{key}\" is closed")),
+        PoolError::Server(se) => {
+            let mut reply = server_error_reply(se, pool);
+            reply.severity = severity;
+            reply
+        }
+    }
+}
+
+fn server_error_reply(e: &ServerError, pool: &Pool) -> PgError {
+    match e {
+        // The server's own verdict (wrong server password, database missing on the server, too
+        // many connections) is the most useful thing to show.
+        ServerError::Login(fields) => PgError {
+            severity: Severity::Error,
+            code: sqlstate_static(fields.code.as_deref()),
+            message: format!("pgweir: PostgreSQL refused the pool's login: {}", fields.message),
+            detail: Some(format!("pool \"{}\"", pool.key())),
+            hint: Some("Check the server credentials for this database/user in the pgweir configuration.".into()),
+        },
+        other => PgError::error(
+            "08006",
+            format!(
+                "pgweir: could not open a server connection for pool \"{}\": {other}",
+                pool.key()
+            ),
+        )
+        .with_hint("Check that PostgreSQL is running and reachable at the host and port configured for this database."),
+    }
+}
+
+/// Maps a server SQLSTATE to a `&'static str` for re-sending. Unknown codes become the generic
+/// connection-failure class rather than being echoed, so `PgError` can stay allocation-free.
+fn sqlstate_static(code: Option<&str>) -> &'static str {
+    match code {
+        Some("28P01") => "28P01",
+        Some("28000") => "28000",
+        Some("3D000") => "3D000",
+        Some("53300") => "53300",
+        Some("57P03") => "57P03",
+        Some("42501") => "42501",
+        _ => "08006",
+    }
+}

@@ -1,0 +1,139 @@
+//! The pgweir binary: argument parsing, logging and the runtime. Everything else is in the
+//! library so tests can run the proxy in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use pgweir::config::Config;
+
+/// pgweir: a transaction-mode PostgreSQL connection pooler.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). See config/example.toml.
+    #[arg(long, short, env = "PGWEIR_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a throwaway PostgreSQL (initdb in a temp dir) with pgweir in front of it.
+    Demo {
+        /// Where pgweir listens; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+    },
+    /// Validate a configuration file and print every problem found.
+    Check,
+}
+
+/// EX_USAGE / EX_CONFIG from sysexits.h, so scripts can tell a bad config from a crash.
+const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGWEIR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgweir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Some(Command::Demo { listen }) => demo(listen),
+        Some(Command::Check) => {
+            let path = cli.config.context("pgweir check needs --config FILE")?;
+            match Config::load(&path) {
+                Ok(_) => {
+                    println!("{}: OK", path.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    Ok(ExitCode::from(EXIT_CONFIG))
+                }
+            }
+        }
+        None => {
+            let path = cli
+                .config
+                .context("no configuration: run `pgweir --config FILE` (see config/example.toml) or `pgweir demo`")?;
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("pgweir: invalid configuration {}:\n{e}", path.display());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            runtime(config.listen.workers)?.block_on(pgweir::app::run_until_signal(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    builder.build().context("could not start the tokio runtime")
+}
+
+fn demo(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    eprintln!("pgweir demo: starting a throwaway PostgreSQL (initdb into a temp dir)…");
+    let pg = pgweir::embedded_pg::EmbeddedPostgres::start(Default::default())
+        .context("could not start the embedded PostgreSQL")?;
+    let rt = runtime(0)?;
+    rt.block_on(async {
+        let listener_addr = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l.local_addr()?,
+            Err(e) if listen.port() != 0 => {
+                eprintln!("pgweir demo: {listen} is busy ({e}); using a free port instead");
+                SocketAddr::new(listen.ip(), 0)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let config = pgweir::demo::demo_config(&pg, listener_addr);
+        let proxy = pgweir::app::Proxy::start(config).await?;
+        let addr = proxy.local_addr();
+        let (user, password) = pgweir::embedded_pg::roles::SCRAM;
+        println!();
+        println!("pgweir is pooling PostgreSQL {}:{} (data in {}).", pg.host(), pg.port(), pg.data_dir().display());
+        println!("Connect through pgweir with:");
+        println!();
+        println!("    psql \"postgresql://{user}:{password}@{}:{}/app\"", addr.ip(), addr.port());
+        println!();
+        println!("Try many clients at once (pool_size is 5):");
+        println!(
+            "    PGPASSWORD={password} pgbench -h {} -p {} -U {user} -i app && PGPASSWORD={password} pgbench -h {} -p {} -U {user} -c 50 -T 10 app",
+            addr.ip(),
+            addr.port(),
+            addr.ip(),
+            addr.port()
+        );
+        println!();
+        println!("Press Ctrl-C to stop; the throwaway cluster is deleted.");
+        pgweir::shutdown::wait_for_signal().await;
+        proxy.shutdown(std::time::Duration::from_secs(5)).await;
+        anyhow::Ok(())
+    })?;
+    drop(pg);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,95 @@
+//! Per-pool housekeeping: retire idle connections past server_idle_timeout (down to
+//! min_pool_size) or past server_lifetime, and keep min_pool_size connections warm.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Pool, lock};
+
+impl Pool {
+    /// Runs until `stop` fires. One tracked task per pool.
+    pub async fn maintain(self, stop: CancellationToken) {
+        let period = self.maintenance_period();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            self.retire_idle(Instant::now());
+            self.warm_up().await;
+        }
+    }
+
+    /// Often enough that a timeout is enforced within a fraction of itself, never busier than 10/s.
+    fn maintenance_period(&self) -> Duration {
+        let s = &self.shared.settings;
+        [s.server_idle_timeout, s.server_lifetime]
+            .into_iter()
+            .flatten()
+            .map(|d| d / 4)
+            .chain([Duration::from_secs(1)])
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(100))
+    }
+
+    /// Closes idle connections that are too old or idle too long. Public to the crate so tests
+    /// and the admin API can force a pass.
+    pub(crate) fn retire_idle(&self, now: Instant) -> usize {
+        let settings = &self.shared.settings;
+        let retired = {
+            let mut st = lock(&self.shared.state);
+            let keep_min = settings.min_pool_size;
+            let mut retired = Vec::new();
+            // Oldest-used first, so the idle timeout trims the cold end of the LIFO stack.
+            let idle = std::mem::take(&mut st.idle);
+            for conn in idle {
+                let too_old = settings
+                    .server_lifetime
+                    .is_some_and(|l| now.duration_since(conn.created) >= l);
+                let too_idle = settings
+                    .server_idle_timeout
+                    .is_some_and(|t| now.duration_since(conn.last_used) >= t);
+                let spare = st.open - retired.len() > keep_min;
+                if too_old || (too_idle && spare) {
+                    retired.push(conn);
+                } else {
+                    st.idle.push(conn);
+                }
+            }
+            st.open -= retired.len();
+            retired
+        };
+        let n = retired.len();
+        for conn in retired {
+            conn.close();
+        }
+        n
+    }
+
+    /// Opens connections until min_pool_size exist. Stops at the first failure; the next pass
+    /// tries again, so a down server costs one attempt per period, not a storm.
+    async fn warm_up(&self) {
+        if !self.has_usable_secret() {
+            return;
+        }
+        loop {
+            {
+                let mut st = lock(&self.shared.state);
+                if st.closed || st.open >= self.shared.settings.min_pool_size.min(st.size) {
+                    return;
+                }
+                st.open += 1;
+            }
+            match self.open_slot().await {
+                Ok(conn) => self.checkin(conn),
+                Err(e) => {
+                    tracing::warn!(pool = %self.shared.key, error = %e, "could not open a min_pool_size connection");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! Server-connection pools, one per (database, user).
+//!
+//! Invariants:
+//! - `open` counts every connection that exists or is being opened for this pool: idle ones,
+//!   lent ones and connects in flight. It never exceeds `size`, except transiently after a
+//!   shrink, when returned connections are closed instead of kept.
+//! - A waiter is served in arrival order. A returned connection goes straight to the oldest
+//!   waiter; a closed one passes its slot (the right to open a new connection) to the oldest
+//!   waiter. So no waiter can be overtaken by a client that arrived later.
+//! - A `PooledServer` owns its connection; dropping it without `release` closes the connection,
+//!   so an error path can never hand a dirty connection to another client.
+//!
+//! Locks are `std::sync::Mutex`es held only for a few pointer moves, never across `.await`.
+
+mod maintenance;
+mod registry;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use registry::PoolRegistry;
+
+use crate::config::{PoolMode, PoolSettings};
+use crate::server::{self, ParamSet, ServerConn, ServerError, ServerIds, ServerSecret, ServerTarget};
+
+/// Identifies a pool: the database name clients use and the client's user name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.database, self.user)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error("no server connection for pool {key} within {timeout:?}")]
+    Timeout {
+        key: PoolKey,
+        timeout: Duration,
+        snapshot: PoolSnapshot,
+    },
+    #[error("pool {0} is closed")]
+    Closed(PoolKey),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// Counters that only grow; read by the admin API and metrics.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub acquire_timeouts: AtomicU64,
+    pub idle_transaction_timeouts: AtomicU64,
+    pub server_connects: AtomicU64,
+    pub server_connect_failures: AtomicU64,
+    pub checkouts: AtomicU64,
+    /// Server resets because a client changed session state (session_state = "reset").
+    pub session_resets: AtomicU64,
+}
+
+/// A point-in-time view of a pool, for error messages and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    pub size: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+impl PoolSnapshot {
+    pub fn active(&self) -> usize {
+        self.open - self.idle
+    }
+}
+
+// A connection moves through a waiter's channel once per hand-over; boxing it would add an
+// allocation there for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Grant {
+    Conn(ServerConn),
+    /// Permission to open one new connection (the slot is already counted in `open`).
+    Slot,
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Grant>,
+}
+
+struct PoolState {
+    /// LIFO: the most recently used connection is the warmest (and keeps idle ones aging out).
+    idle: Vec<ServerConn>,
+    open: usize,
+    size: usize,
+    waiters: VecDeque<Waiter>,
+    next_waiter: u64,
+    closed: bool,
+}
+
+pub(crate) struct PoolShared {
+    key: PoolKey,
+    target: ServerTarget,
+    settings: PoolSettings,
+    keepalive: Option<Duration>,
+    secret: Mutex<ServerSecret>,
+    state: Mutex<PoolState>,
+    /// Parameters of the pool's first server login; replayed to clients at login so they need
+    /// no server (PgBouncer's "welcome message").
+    welcome: Mutex<Option<Arc<ParamSet>>>,
+    ids: Arc<ServerIds>,
+    pub(crate) stats: PoolStats,
+}
+
+/// A handle to one pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<PoolShared>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("key", &self.shared.key).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections cannot leave the state half
+    // updated in a way later users could not cope with, so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    pub fn new(
+        key: PoolKey,
+        target: ServerTarget,
+        secret: ServerSecret,
+        settings: PoolSettings,
+        keepalive: Option<Duration>,
+        ids: Arc<ServerIds>,
+    ) -> Pool {
+        let size = settings.pool_size;
+        Pool {
+            shared: Arc::new(PoolShared {
+                key,
+                target,
+                keepalive,
+                secret: Mutex::new(secret),
+                state: Mutex::new(PoolState {
+                    idle: Vec::with_capacity(size),
+                    open: 0,
+                    size,
+                    waiters: VecDeque::new(),
+                    next_waiter: 0,
+                    closed: false,
+                }),
+                settings,
+                welcome: Mutex::new(None),
+                ids,
+                stats: PoolStats::default(),
+            }),
+        }
+    }
+
+    pub fn key(&self) -> &PoolKey {
+        &self.shared.key
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.shared.settings
+    }
+
+    pub fn mode(&self) -> PoolMode {
+        self.shared.settings.mode
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.shared.stats
+    }
+
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let st = lock(&self.shared.state);
+        PoolSnapshot {
+            size: st.size,
+            open: st.open,
+            idle: st.idle.len(),
+            waiting: st.waiters.len(),
+        }
+    }
+
+    /// Replaces the credentials used for new server connections (SCRAM pass-through keys learnt
+    /// from a client login).
+    pub fn set_secret(&self, secret: ServerSecret) {
+        *lock(&self.shared.secret) = secret;
+    }
+
+    /// True when the pool can open server connections without keys learnt from a client.
+    pub fn has_usable_secret(&self) -> bool {
+        !matches!(*lock(&self.shared.secret), ServerSecret::None)
+    }
+
+    /// The welcome parameters, if a server has logged in already.
+    pub fn welcome(&self) -> Option<Arc<ParamSet>> {
+        lock(&self.shared.welcome).clone()
+    }
+
+    /// Takes a server connection, waiting up to `deadline`. Waiters are served first-in,
+    /// first-out.
+    pub async fn checkout(&self, deadline: Instant) -> Result<PooledServer, PoolError> {
+        let shared = &self.shared;
+        let immediate = {
+            let mut st = lock(&shared.state);
+            if st.closed {
+                return Err(PoolError::Closed(shared.key.clone()));
+            }
+            if !st.waiters.is_empty() {
+                // Others were here first: queue behind them even if a slot seems free.
+                None
+            } else if let Some(conn) = st.idle.pop() {
+                Some(Grant::Conn(conn))
+            } else if st.open < st.size {
+                st.open += 1;
+                Some(Grant::Slot)
+            } else {
+                None
+            }
+            .map(Ok)
+            .unwrap_or_else(|| {
+                let id = st.next_waiter;
+                st.next_waiter += 1;
+                let (tx, rx) = oneshot::channel();
+                st.waiters.push_back(Waiter { id, tx });
+                Err((id, rx))
+            })
+        };
+        let grant = match immediate {
+            Ok(g) => g,
+            Err((id, rx)) => match self.wait(id, rx, deadline).await {
+                Some(g) => g,
+                None => {
+                    shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(PoolError::Timeout {
+                        key: shared.key.clone(),
+                        timeout: shared.settings.acquire_timeout,
+                        snapshot: self.snapshot(),
+                    });
+                }
+            },
+        };
+        let conn = match grant {
+            Grant::Conn(conn) => match self.vet(conn).await {
+                Some(conn) => conn,
+                // The idle connection was dead; its slot is ours to reconnect with.
+                None => self.open_slot().await?,
+            },
+            Grant::Slot => self.open_slot().await?,
+        };
+        shared.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        Ok(self.guard(conn))
+    }
+
+    async fn wait(&self, id: u64, mut rx: oneshot::Receiver<Grant>, deadline: Instant) -> Option<Grant> {
+        match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(grant)) => Some(grant),
+            // The sender side is only dropped when the pool closes.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                let mut st = lock(&self.shared.state);
+                st.waiters.retain(|w| w.id != id);
+                drop(st);
+                // A grant may have been sent between the timeout firing and the removal above;
+                // taking it is better than leaking it (it would otherwise be closed unused).
+                rx.try_recv().ok()
+            }
+        }
+    }
+
+    /// Checks an idle connection before lending it. Returns None (having closed it and kept
+    /// its slot for the caller) when it must not be used.
+    async fn vet(&self, mut conn: ServerConn) -> Option<ServerConn> {
+        let settings = &self.shared.settings;
+        let now = Instant::now();
+        if settings
+            .server_lifetime
+            .is_some_and(|l| now.duration_since(conn.created) >= l)
+            || conn.has_pending_input()
+        {
+            conn.close();
+            return None;
+        }
+        if now.duration_since(conn.last_used) >= settings.server_check_delay {
+            // An empty query is the cheapest round trip that proves the backend is alive.
+            let check = tokio::time::timeout(settings.server_connect_timeout, conn.run_discarding("")).await;
+            if !matches!(check, Ok(Ok(None))) {
+                conn.close();
+                return None;
+            }
+        }
+        Some(conn)
+    }
+
+    /// Opens a connection for a slot already counted in `open`; on failure the slot is passed on.
+    async fn open_slot(&self) -> Result<ServerConn, ServerError> {
+        let shared = &self.shared;
+        let secret = lock(&shared.secret).clone();
+        let result = server::connect(
+            shared.ids.next(),
+            &shared.target,
+            &secret,
+            shared.settings.server_connect_timeout,
+            shared.keepalive,
+        )
+        .await;
+        match result {
+            Ok(conn) => {
+                shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
+                let mut welcome = lock(&shared.welcome);
+                if welcome.is_none() {
+                    *welcome = Some(Arc::new(conn.params.clone()));
+                }
+                Ok(conn)
+            }
+            Err(e) => {
+                shared.stats.server_connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.release_slot();
+                Err(e)
+            }
+        }
+    }
+
+    fn guard(&self, conn: ServerConn) -> PooledServer {
+        PooledServer {
+            conn: Some(conn),
+            pool: self.clone(),
+        }
+    }
+
+    /// A connection was closed: its slot goes to the oldest waiter, or is freed.
+    fn release_slot(&self) {
+        let mut st = lock(&self.shared.state);
+        while let Some(w) = st.waiters.pop_front() {
+            if w.tx.send(Grant::Slot).is_ok() {
+                return;
+            }
+        }
+        st.open = st.open.saturating_sub(1);
+    }
+
+    /// Returns a clean connection: to the oldest waiter, else to the idle list.
+    fn checkin(&self, mut conn: ServerConn) {
+        conn.last_used = Instant::now();
+        let mut st = lock(&self.shared.state);
+        if st.closed || st.open > st.size {
+            drop(st);
+            conn.close();
+            self.release_slot();
+            return;
+        }
+        while let Some(w) = st.waiters.pop_front() {
+            match w.tx.send(Grant::Conn(conn)) {
+                Ok(()) => return,
+                Err(Grant::Conn(back)) => conn = back,
+                Err(Grant::Slot) => unreachable!("sent a connection, got a slot back"),
+            }
+        }
+        st.idle.push(conn);
+    }
+
+    /// Closes idle connections and refuses new checkouts; lent connections close on return.
+    pub fn close(&self) {
+        let idle = {
+            let mut st = lock(&self.shared.state);
+            st.closed = true;
+            st.waiters.clear();
+            let idle = std::mem::take(&mut st.idle);
+            st.open -= idle.len();
+            idle
+        };
+        for conn in idle {
+            conn.close();
+        }
+    }
+}
+
+/// A server connection lent from a pool. Dropping it closes the connection; call
+/// [`PooledServer::release`] to return a clean one.
+pub struct PooledServer {
+    conn: Option<ServerConn>,
+    pool: Pool,
+}
+
+impl PooledServer {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        // `conn` is only None after release/discard, which consume self.
+        self.conn.as_mut().expect("PooledServer used after release")
+    }
+
+    pub fn conn_ref(&self) -> &ServerConn {
+        self.conn.as_ref().expect("PooledServer used after release")
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Returns the connection for reuse. Only call when it is idle: ReadyForQuery 'I' seen,
+    /// nothing outstanding.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn);
+        }
+    }
+
+    /// Closes the connection; its slot goes to the next waiter.
+    pub fn discard(mut self) {
+        self.discard_inner();
+    }
+
+    fn discard_inner(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close();
+            self.pool.release_slot();
+        }
+    }
+}
+
+impl Drop for PooledServer {
+    fn drop(&mut self) {
+        self.discard_inner();
+    }
+}

@@ -1,0 +1,148 @@
+//! One PostgreSQL backend connection: connecting and logging in (`connect`), the parameters the
+//! server reported, its cancel key, and the bookkeeping the pool needs (age, last use).
+//!
+//! A `ServerConn` is either idle in its pool or lent to exactly one client session; it is never
+//! shared. Whoever holds it decides whether it is clean enough to go back (see `pool::guard`).
+
+mod connect;
+pub mod params;
+pub mod statements;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+pub use connect::{ServerSecret, ServerTarget, connect};
+pub use params::ParamSet;
+pub use statements::ServerStatements;
+
+use crate::auth::AuthError;
+use crate::proto::ProtocolError;
+use crate::proto::messages::{self, ErrorFields};
+use crate::proto::startup::CancelKey;
+
+/// Process-unique id of a server connection, for logs and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerId(pub u64);
+
+/// Hands out [`ServerId`]s; one per application, passed in rather than global.
+#[derive(Debug, Default)]
+pub struct ServerIds(AtomicU64);
+
+impl ServerIds {
+    pub fn next(&self) -> ServerId {
+        ServerId(self.0.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("could not connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {addr} after {timeout:?} (server_connect_timeout)")]
+    ConnectTimeout { addr: String, timeout: std::time::Duration },
+    /// The server refused the login; its own error is kept so clients see the real reason.
+    #[error("server rejected login: {} ({})", .0.message, .0.code.as_deref().unwrap_or("no SQLSTATE"))]
+    Login(ErrorFields),
+    #[error("server requested {0}, which pgweir cannot answer with the configured credentials")]
+    AuthUnsupported(String),
+    #[error("authentication with the server failed: {0}")]
+    Auth(#[from] AuthError),
+    #[error("server broke the protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("server connection I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server closed the connection")]
+    Closed,
+}
+
+/// A logged-in backend connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub(crate) stream: TcpStream,
+    /// Read buffer reused for the connection's lifetime.
+    pub(crate) buf: BytesMut,
+    /// Bytes on their way to the server (client messages, possibly rewritten).
+    pub(crate) wbuf: BytesMut,
+    /// Prepared statements this backend holds.
+    pub statements: ServerStatements,
+    pub id: ServerId,
+    /// The server's own cancel key; clients never see it.
+    pub backend_key: CancelKey,
+    /// Where CancelRequests for this connection must go.
+    pub addr: SocketAddr,
+    /// What pgweir knows of the server's session parameters.
+    pub params: ParamSet,
+    pub created: Instant,
+    pub last_used: Instant,
+}
+
+impl ServerConn {
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_key.pid
+    }
+
+    /// True when the idle socket has data or EOF waiting: an idle backend says nothing unless it
+    /// is going away (FATAL on shutdown/terminate) or something is wrong, so such a connection
+    /// must not be handed out. One non-blocking syscall.
+    pub fn has_pending_input(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(_) => true,
+        }
+    }
+
+    /// After a reset query (DISCARD ALL): the backend holds no prepared statements, and the
+    /// parameters pgweir SET without PostgreSQL reporting them are back at their defaults, so
+    /// they are forgotten and set again when a client needs them.
+    pub fn forget_session_state(&mut self) {
+        self.statements.clear();
+        self.params.retain(|name| params::REPORTED.contains(&name));
+    }
+
+    /// Best-effort polite close: Terminate lets PostgreSQL log a clean disconnect instead of
+    /// "unexpected EOF". Never blocks; if the socket is not writable the close proceeds anyway.
+    pub fn close(self) {
+        let mut buf = BytesMut::with_capacity(5);
+        messages::terminate(&mut buf);
+        let _ = self.stream.try_write(&buf);
+    }
+
+    /// Runs one simple query and discards its results; used for health checks, resets and
+    /// parameter synchronisation. Returns the first error the server reported, if any.
+    pub async fn run_discarding(&mut self, sql: &str) -> Result<Option<ErrorFields>, ServerError> {
+        self.run_raw_discarding(sql.as_bytes()).await
+    }
+
+    /// [`Self::run_discarding`] for SQL that is not UTF-8 (values in the client's encoding).
+    pub async fn run_raw_discarding(&mut self, sql: &[u8]) -> Result<Option<ErrorFields>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 6);
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        connect::read_until_ready(self).await
+    }
+}
+
+/// Sends a CancelRequest for `key` to the server at `addr` on a fresh connection and waits for
+/// the server to close it, which happens after the postmaster has signalled the backend.
+pub async fn send_cancel(addr: SocketAddr, key: CancelKey) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut buf = BytesMut::with_capacity(16);
+    messages::cancel_request(&mut buf, key);
+    stream.write_all(&buf).await?;
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut sink)).await;
+    Ok(())
+}
