@@ -1,0 +1,101 @@
+//! Session parameters follow the client: reported at login without a server, and a client's
+//! SET of a tracked parameter applies on whichever server serves its next transaction.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use pgweir::embedded_pg::roles;
+use support::proxy::{TestProxyBuilder, direct};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_needs_no_server_once_parameters_are_known() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.acquire_timeout = Duration::from_millis(500))
+        .start()
+        .await;
+    let holder = proxy.connect(roles::SCRAM).await;
+    holder.batch_execute("begin").await.expect("hold the only server");
+    // The pool is exhausted, yet new clients log in at once with server parameters.
+    let newcomer = tokio::time::timeout(Duration::from_secs(2), proxy.connect(roles::SCRAM))
+        .await
+        .expect("login without waiting for a server");
+    drop(newcomer);
+    holder.batch_execute("commit").await.expect("commit");
+}
+
+async fn check(client: &tokio_postgres::Client, idx: usize, settings: &[(&str, &str, &str)]) {
+    for _ in 0..20 {
+        for (name, va, vb) in settings {
+            let want = if idx == 0 { va } else { vb };
+            let got: String = client
+                .query_one("select current_setting($1)", &[name])
+                .await
+                .expect("current_setting")
+                .get(0);
+            assert_eq!(got.to_lowercase(), want.to_lowercase(), "{name} for client {idx}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_parameters_follow_each_client() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(2).start().await;
+    let settings = [
+        ("TimeZone", "Europe/Paris", "America/New_York"),
+        ("DateStyle", "SQL, DMY", "German, DMY"),
+        ("IntervalStyle", "iso_8601", "sql_standard"),
+        ("application_name", "client-a", "client-b"),
+    ];
+    let a = proxy.connect(roles::SCRAM).await;
+    let b = proxy.connect(roles::SCRAM).await;
+    for (name, va, vb) in settings {
+        a.batch_execute(&format!("set {name} = '{va}'")).await.expect("set a");
+        b.batch_execute(&format!("set {name} = '{vb}'")).await.expect("set b");
+    }
+    // Interleave many transactions so each client lands on both servers.
+    join_all([check(&a, 0, &settings), check(&b, 1, &settings)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_parameters_are_applied() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let conn = format!(
+        "{} application_name=from-startup options='-c TimeZone=Asia/Tokyo -c statement_timeout=1234'",
+        proxy.conn_str(roles::SCRAM, "app")
+    );
+    let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(c);
+    let row = client
+        .query_one(
+            "select current_setting('application_name'), current_setting('TimeZone'), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .expect("settings");
+    assert_eq!(row.get::<_, String>(0), "from-startup");
+    assert_eq!(row.get::<_, String>(1), "Asia/Tokyo");
+    assert_eq!(row.get::<_, String>(2), "1234ms");
+    // pg_stat_activity shows the client's application_name on the backend serving it.
+    let observer = direct(&pg, "postgres").await;
+    client.batch_execute("begin").await.expect("begin");
+    let names: Vec<String> = observer
+        .query(
+            "select application_name from pg_stat_activity where usename = 'app_scram'",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(names.iter().any(|n| n == "from-startup"), "{names:?}");
+    client.batch_execute("commit").await.expect("commit");
+}

@@ -1,0 +1,59 @@
+//! pgbench through pgweir: 100 clients, simple and extended protocol, zero failed transactions.
+
+mod support;
+
+use std::process::Command;
+
+use pgweir::embedded_pg::roles;
+use support::proxy::TestProxyBuilder;
+
+fn pgbench(pg: &pgweir::embedded_pg::EmbeddedPostgres, port: u16, args: &[&str]) -> String {
+    let (user, password) = roles::SCRAM;
+    let out = Command::new(pg.bin_dir().join("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
+        .args(args)
+        .arg("app")
+        .env("PGPASSWORD", password)
+        .output()
+        .expect("pgbench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{stdout}\n{stderr}");
+    stdout + &stderr
+}
+
+fn assert_no_failures(output: &str, expected_tx: u64) {
+    let processed = output
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .unwrap_or_else(|| panic!("no transaction count in:\n{output}"));
+    let done: u64 = processed
+        .split('/')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("bad count {processed:?}"));
+    assert_eq!(done, expected_tx, "{output}");
+    if let Some(failed) = output
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+    {
+        assert!(failed.starts_with("0 "), "failed transactions: {failed}\n{output}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_simple_and_extended_with_100_clients() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(10).start().await;
+    let port = proxy.port();
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| {
+        pgbench(pg_ref, port, &["-i", "-q", "-s", "1"]);
+        for mode in ["simple", "extended"] {
+            let out = pgbench(pg_ref, port, &["-c", "100", "-j", "2", "-t", "20", "-M", mode]);
+            assert_no_failures(&out, 2000);
+            let out = pgbench(pg_ref, port, &["-S", "-c", "100", "-j", "2", "-t", "50", "-M", mode]);
+            assert_no_failures(&out, 5000);
+        }
+    });
+}

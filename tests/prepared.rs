@@ -1,0 +1,358 @@
+//! Protocol-level named prepared statements and session-state hygiene in transaction mode.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use pgweir::config::SessionStatePolicy;
+use pgweir::embedded_pg::roles;
+use support::proxy::{TestProxyBuilder, sqlstate};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_with_prepared_statements_over_a_pool_of_five() {
+    let pg = support::postgres();
+    let proxy = Arc::new(TestProxyBuilder::new(&pg).pool_size(5).start().await);
+    let tasks = (0..200).map(|i| {
+        let proxy = proxy.clone();
+        async move {
+            let client = proxy.connect(roles::SCRAM).await;
+            // Same text for everyone (shared server-side statement) and one per client.
+            let shared = client.prepare("select $1::int4 * 2").await.expect("prepare shared");
+            let own = client
+                .prepare(&format!("select $1::int4 + {i}"))
+                .await
+                .expect("prepare own");
+            for j in 0..5i32 {
+                let a: i32 = client.query_one(&shared, &[&j]).await.expect("shared").get(0);
+                assert_eq!(a, j * 2);
+                let b: i32 = client.query_one(&own, &[&j]).await.expect("own").get(0);
+                assert_eq!(b, j + i, "client {i} got another client's statement");
+            }
+        }
+    });
+    join_all(tasks).await;
+    let reg = &proxy.proxy().context().statements;
+    assert!(
+        reg.hits.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "identical statements were not shared"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_survive_moving_between_servers_and_eviction() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(3)
+        .with_pool(|p| p.max_prepared_statements = 4)
+        .start()
+        .await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let texts: Vec<String> = (0..10).map(|i| format!("select {i}::int4 + $1::int4")).collect();
+    let stmts: Vec<_> = join_all(texts.iter().map(|t| client.prepare(t))).await;
+    let stmts: Vec<_> = stmts.into_iter().map(|s| s.expect("prepare")).collect();
+    // Other clients keep the servers busy so this client's transactions land on different ones.
+    let others: Vec<_> = join_all((0..3).map(|_| proxy.connect(roles::SCRAM))).await;
+    for round in 0..5i32 {
+        let busy = join_all(others.iter().map(|o| o.simple_query("select pg_sleep(0.01)")));
+        let mine = join_all(stmts.iter().enumerate().map(|(i, s)| {
+            let client = &client;
+            async move {
+                let v: i32 = client.query_one(s, &[&round]).await.expect("execute").get(0);
+                assert_eq!(v, i as i32 + round);
+            }
+        }));
+        let (_, _) = tokio::join!(busy, mine);
+    }
+    let reprepares = proxy
+        .proxy()
+        .context()
+        .statements
+        .reprepares
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(reprepares > 0, "statements were never prepared on a second server");
+}
+
+/// Raw extended-protocol messages, to check exact SQLSTATEs and pipelines.
+mod raw {
+    use super::*;
+
+    pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        msg(b'P', &b)
+    }
+
+    pub fn bind(stmt: &str) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        msg(b'B', &b)
+    }
+
+    pub fn execute() -> Vec<u8> {
+        msg(b'E', &[0, 0, 0, 0, 0])
+    }
+
+    pub fn sync() -> Vec<u8> {
+        msg(b'S', &[])
+    }
+
+    pub fn close(stmt: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        msg(b'C', &b)
+    }
+
+    /// A logged-in raw connection (trust auth).
+    pub async fn connect(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut body = 196608i32.to_be_bytes().to_vec();
+        for (k, v) in [("user", roles::SCRAM.0), ("database", "app")] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        pkt.extend_from_slice(&body);
+        s.write_all(&pkt).await.expect("startup");
+        read_until_ready(&mut s, 1).await;
+        s
+    }
+
+    /// Reads messages until `n` ReadyForQuery; returns (tag, SQLSTATE if error) per message.
+    pub async fn read_until_ready(s: &mut tokio::net::TcpStream, mut n: usize) -> Vec<(char, Option<String>)> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        while n > 0 {
+            while buf.len() >= 5 {
+                let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() < len + 1 {
+                    break;
+                }
+                let tag = buf[0];
+                let code = (tag == b'E').then(|| {
+                    buf[5..len + 1]
+                        .split(|&b| b == 0)
+                        .find(|f| f.first() == Some(&b'C'))
+                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                        .unwrap_or_default()
+                });
+                out.push((tag as char, code));
+                buf.drain(..len + 1);
+                if tag == b'Z' {
+                    n -= 1;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                .await
+                .expect("reply in time")
+                .expect("read");
+            assert!(r > 0, "connection closed; got {out:?}");
+            buf.extend_from_slice(&chunk[..r]);
+        }
+        out.retain(|(t, _)| !matches!(t, 'S' | 'K' | 'R' | 'N'));
+        out
+    }
+}
+
+async fn trust_proxy(
+    pg: &pgweir::embedded_pg::EmbeddedPostgres,
+    policy: SessionStatePolicy,
+) -> support::proxy::TestProxy {
+    let mut b = TestProxyBuilder::new(pg)
+        .pool_size(2)
+        .with_pool(|p| p.session_state = policy);
+    b.auth_type = pgweir::config::AuthType::Trust;
+    b.start().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_reuse_and_unknown_names_give_postgres_sqlstates() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut s = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("s1", "select 1");
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut s, 1).await, vec![('1', None), ('Z', None)]);
+    // Reuse without Close: 42P05, and the rest up to Sync is skipped.
+    let mut batch = raw::parse("s1", "select 2");
+    batch.extend(raw::bind("s1"));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut s, 1).await,
+        vec![('E', Some("42P05".into())), ('Z', None)]
+    );
+    // The original statement still works.
+    let mut batch = raw::bind("s1");
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    let got = raw::read_until_ready(&mut s, 1).await;
+    assert_eq!(got, vec![('2', None), ('D', None), ('C', None), ('Z', None)]);
+    // Unknown name: 26000.
+    let mut batch = raw::bind("nope");
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut s, 1).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+    // Close, then the name is free again and unknown to Bind.
+    let mut batch = raw::close("s1");
+    batch.extend(raw::bind("s1"));
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut s, 1).await,
+        vec![('3', None), ('E', Some("26000".into())), ('Z', None)]
+    );
+    let mut batch = raw::parse("s1", "select 3");
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut s, 1).await, vec![('1', None), ('Z', None)]);
+    // SQL DEALLOCATE of a protocol-level statement, then DEALLOCATE ALL.
+    s.write_all(&raw::msg(b'Q', b"DEALLOCATE s1\0")).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut s, 1).await, vec![('C', None), ('Z', None)]);
+    let mut batch = raw::bind("s1");
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut s, 1).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+    s.write_all(&raw::msg(b'Q', b"DEALLOCATE ALL\0")).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut s, 1).await, vec![('C', None), ('Z', None)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_of_a_thousand_parse_bind_execute_with_one_sync() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut s = raw::connect(proxy.addr).await;
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        batch.extend(raw::parse("", &format!("select {i}")));
+        batch.extend(raw::bind(""));
+        batch.extend(raw::execute());
+    }
+    batch.extend(raw::sync());
+    s.write_all(&batch).await.expect("write");
+    let got = raw::read_until_ready(&mut s, 1).await;
+    assert_eq!(got.len(), 4001, "1000 × (1, 2, D, C) + Z");
+    assert!(got.iter().all(|(_, code)| code.is_none()), "errors in {got:?}");
+    // Named ones, many Syncs in flight.
+    let mut batch = Vec::new();
+    for i in 0..300 {
+        batch.extend(raw::parse(&format!("n{i}"), &format!("select {i}")));
+        batch.extend(raw::bind(&format!("n{i}")));
+        batch.extend(raw::execute());
+        batch.extend(raw::sync());
+    }
+    s.write_all(&batch).await.expect("write");
+    let got = raw::read_until_ready(&mut s, 300).await;
+    assert_eq!(got.len(), 300 * 5);
+    assert!(got.iter().all(|(_, code)| code.is_none()), "errors in {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_session_state_is_invisible_to_another() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let a = proxy.connect(roles::SCRAM).await;
+    let b = proxy.connect(roles::SCRAM).await;
+    a.batch_execute(
+        "set search_path = nowhere; create temp table secret (x int); prepare sqlprep as select 1; listen chan",
+    )
+    .await
+    .expect("a changes its session");
+    let row = b
+        .query_one(
+            "select current_setting('search_path'), (select count(*) from pg_class where relname = 'secret'), \
+             (select count(*) from pg_prepared_statements where name = 'sqlprep')",
+            &[],
+        )
+        .await
+        .expect("b looks");
+    assert_eq!(row.get::<_, String>(0), "\"$user\", public");
+    assert_eq!(row.get::<_, i64>(1), 0, "b sees a's temp table");
+    assert_eq!(row.get::<_, i64>(2), 0, "b sees a's prepared statement");
+    let resets = proxy.proxy().context().pools.all()[0]
+        .stats()
+        .session_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_policy_explains_transaction_mode() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reject).await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let e = client.batch_execute("set search_path = x").await.expect_err("rejected");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e:?}");
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    assert!(msg.contains("session state"), "{msg}");
+    // Transaction-scoped forms are fine.
+    client
+        .batch_execute("begin; set local search_path = x; commit")
+        .await
+        .expect("SET LOCAL allowed");
+    let e = client
+        .prepare("select pg_advisory_lock(1)")
+        .await
+        .expect_err("rejected at Parse");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"));
+    client
+        .query_one("select 1", &[])
+        .await
+        .expect("connection still usable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_policy_leaks_like_pgbouncer() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Allow).await;
+    let a = proxy.connect(roles::SCRAM).await;
+    a.batch_execute("set work_mem = '7MB'").await.expect("set");
+    let mut seen_leak = false;
+    for _ in 0..10 {
+        let b = proxy.connect(roles::SCRAM).await;
+        let v: String = b
+            .query_one("select current_setting('work_mem')", &[])
+            .await
+            .expect("read")
+            .get(0);
+        seen_leak |= v == "7MB";
+    }
+    assert!(
+        seen_leak,
+        "with allow, the SET is not reset (documented PgBouncer behaviour)"
+    );
+}

@@ -1,0 +1,33 @@
+//! Shared helpers for the integration tests. Each test binary uses a subset.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use pgweir::embedded_pg::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
+
+/// A fresh embedded PostgreSQL with default options (see [`postgres_with`]).
+pub fn postgres() -> EmbeddedPostgres {
+    postgres_with(EmbeddedOptions::default())
+}
+
+/// A fresh embedded PostgreSQL. Tests never skip: without PostgreSQL installed this panics and
+/// says what to install, both locally and under `CI=true` (where `.ci/run` should have
+/// installed it).
+pub fn postgres_with(opts: EmbeddedOptions) -> EmbeddedPostgres {
+    match EmbeddedPostgres::start(opts) {
+        Ok(pg) => pg,
+        Err(e @ EmbeddedError::NotFound(_)) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!(
+                "CI=true but PostgreSQL is not installed: {e}\n\
+             .ci/run installs it (apt-get install -y postgresql); check that step's output."
+            )
+        }
+        Err(e @ EmbeddedError::NotFound(_)) => panic!(
+            "the integration tests need a local PostgreSQL installation and never skip: {e}\n\
+             On Debian/Ubuntu run `sudo apt-get install -y postgresql` (the packaged cluster is not used; \
+             tests start their own on free ports), or set PG_BIN_DIR."
+        ),
+        Err(e) => panic!("could not start the embedded PostgreSQL: {e}"),
+    }
+}

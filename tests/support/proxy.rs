@@ -1,0 +1,229 @@
+//! `TestProxy`: the whole proxy in-process on 127.0.0.1:0 in front of an embedded PostgreSQL.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pgweir::app::Proxy;
+use pgweir::config::{AuthType, Config, DatabaseConfig, ListenConfig, PoolMode, PoolSettings, Secret, UserConfig};
+use pgweir::embedded_pg::{EmbeddedPostgres, roles};
+
+/// Builder for a proxy configuration pointing at `pg`. Defaults: transaction mode, pool_size 5,
+/// SCRAM client auth, every embedded role configured with its plain password.
+pub struct TestProxyBuilder<'a> {
+    pg: &'a EmbeddedPostgres,
+    pub pool: PoolSettings,
+    pub auth_type: AuthType,
+    pub max_client_conn: usize,
+    pub max_message_size: usize,
+    pub client_login_timeout: Duration,
+    pub users: BTreeMap<String, UserConfig>,
+    pub extra_databases: Vec<(String, DatabaseConfig)>,
+}
+
+pub fn default_pool() -> PoolSettings {
+    PoolSettings {
+        mode: PoolMode::Transaction,
+        pool_size: 5,
+        min_pool_size: 0,
+        acquire_timeout: Duration::from_secs(5),
+        idle_transaction_timeout: None,
+        server_connect_timeout: Duration::from_secs(5),
+        server_idle_timeout: Some(Duration::from_secs(600)),
+        server_lifetime: Some(Duration::from_secs(3600)),
+        server_check_delay: Duration::from_secs(30),
+        max_prepared_statements: 200,
+        session_state: pgweir::config::SessionStatePolicy::Reset,
+        reset_query: "DISCARD ALL".to_owned(),
+    }
+}
+
+impl<'a> TestProxyBuilder<'a> {
+    pub fn new(pg: &'a EmbeddedPostgres) -> Self {
+        let users = [roles::SCRAM, roles::MD5, roles::PLAIN, roles::SUPERUSER]
+            .into_iter()
+            .map(|(u, p)| {
+                (
+                    u.to_owned(),
+                    UserConfig {
+                        secret: Secret::Plain(p.to_owned()),
+                        pool_size: None,
+                    },
+                )
+            })
+            .chain(std::iter::once((
+                roles::TRUST.to_owned(),
+                UserConfig {
+                    secret: Secret::Plain("trust_pw".to_owned()),
+                    pool_size: None,
+                },
+            )))
+            .collect();
+        TestProxyBuilder {
+            pg,
+            pool: default_pool(),
+            auth_type: AuthType::ScramSha256,
+            max_client_conn: 10_000,
+            max_message_size: 64 << 20,
+            client_login_timeout: Duration::from_secs(15),
+            users,
+            extra_databases: Vec::new(),
+        }
+    }
+
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool.pool_size = n;
+        self
+    }
+
+    pub fn mode(mut self, mode: PoolMode) -> Self {
+        self.pool.mode = mode;
+        self
+    }
+
+    pub fn with_pool(mut self, f: impl FnOnce(&mut PoolSettings)) -> Self {
+        f(&mut self.pool);
+        self
+    }
+
+    pub fn user(mut self, name: &str, secret: Secret) -> Self {
+        self.users.insert(
+            name.to_owned(),
+            UserConfig {
+                secret,
+                pool_size: None,
+            },
+        );
+        self
+    }
+
+    pub fn config(&self) -> Config {
+        let db = |name: &str| DatabaseConfig {
+            host: self.pg.host().to_owned(),
+            port: self.pg.port(),
+            dbname: name.to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: self.pool.clone(),
+        };
+        let mut databases: BTreeMap<String, DatabaseConfig> =
+            ["app", "postgres"].into_iter().map(|n| (n.to_owned(), db(n))).collect();
+        for (name, d) in &self.extra_databases {
+            databases.insert(name.clone(), d.clone());
+        }
+        Config {
+            listen: ListenConfig {
+                addr: "127.0.0.1:0".parse().expect("literal address"),
+                max_client_conn: self.max_client_conn,
+                auth_type: self.auth_type,
+                max_message_size: self.max_message_size,
+                client_login_timeout: self.client_login_timeout,
+                shutdown_timeout: Duration::from_secs(5),
+                workers: 0,
+                tcp_keepalive: Some(Duration::from_secs(60)),
+            },
+            pool_defaults: self.pool.clone(),
+            databases,
+            users: self.users.clone(),
+        }
+    }
+
+    pub async fn start(self) -> TestProxy {
+        let config = self.config();
+        let proxy = Proxy::start(config).await.expect("proxy starts");
+        TestProxy {
+            addr: proxy.local_addr(),
+            proxy: Some(proxy),
+        }
+    }
+}
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    proxy: Option<Proxy>,
+}
+
+impl TestProxy {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    /// A libpq-style connection string for tokio-postgres.
+    pub fn conn_str(&self, (user, password): (&str, &str), dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={dbname} connect_timeout=10",
+            self.addr.port()
+        )
+    }
+
+    /// Connects as `role` to database `app` and spawns the connection task.
+    pub async fn connect(&self, role: (&str, &str)) -> tokio_postgres::Client {
+        self.try_connect(role, "app")
+            .await
+            .expect("client connects through pgweir")
+    }
+
+    pub async fn try_connect(
+        &self,
+        role: (&str, &str),
+        dbname: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&self.conn_str(role, dbname), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown(grace).await;
+        }
+    }
+}
+
+/// Connects straight to PostgreSQL as the superuser (for assertions on pg_stat_activity etc.).
+pub async fn direct(pg: &EmbeddedPostgres, dbname: &str) -> tokio_postgres::Client {
+    let (user, password) = roles::SUPERUSER;
+    let s = format!(
+        "host={} port={} user={user} password={password} dbname={dbname}",
+        pg.host(),
+        pg.port()
+    );
+    let (client, conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls)
+        .await
+        .expect("direct connection to PostgreSQL");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Extracts the SQLSTATE code of a tokio-postgres error, if it carries one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

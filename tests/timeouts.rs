@@ -1,0 +1,162 @@
+//! acquire_timeout, idle_transaction_timeout and max_client_conn against a real PostgreSQL.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pgweir::embedded_pg::roles;
+use support::proxy::{TestProxyBuilder, direct, eventually, sqlstate};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_timeout_fails_fast_with_a_useful_error_and_the_client_stays_usable() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.acquire_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    let holder = proxy.connect(roles::SCRAM).await;
+    holder.batch_execute("begin; select 1").await.expect("holder begins");
+    let waiter = proxy.connect(roles::SCRAM).await;
+    let started = Instant::now();
+    let e = waiter.query_one("select 1", &[]).await.expect_err("pool exhausted");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
+        "took {elapsed:?}"
+    );
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    for needle in ["app/app_scram", "acquire_timeout", "pool_size 1", "1 active", "waiting"] {
+        assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+    }
+    // Simple protocol too.
+    let e = waiter.simple_query("select 1").await.expect_err("still exhausted");
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"));
+    // Once the holder commits, the same client connection works.
+    holder.batch_execute("commit").await.expect("commit");
+    let row = waiter
+        .query_one("select 7::int4", &[])
+        .await
+        .expect("usable after the timeout");
+    assert_eq!(row.get::<_, i32>(0), 7);
+    let stats = proxy.proxy().context().pools.all();
+    assert_eq!(
+        stats[0]
+            .stats()
+            .acquire_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_kills_the_leaker_and_frees_its_locks() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(2)
+        .with_pool(|p| p.idle_transaction_timeout = Some(Duration::from_millis(500)))
+        .start()
+        .await;
+    let setup = proxy.connect(roles::SCRAM).await;
+    setup
+        .batch_execute("create table itt (id int primary key, v int); insert into itt values (1, 0)")
+        .await
+        .expect("setup");
+    let leaker = proxy.connect(roles::SCRAM).await;
+    leaker
+        .batch_execute("begin; update itt set v = 1 where id = 1")
+        .await
+        .expect("leaker takes a row lock");
+    // Meanwhile another client wants the same row: it must get it once the leaker is killed.
+    let started = Instant::now();
+    let other = proxy.connect(roles::SCRAM).await;
+    other
+        .batch_execute("update itt set v = 2 where id = 1")
+        .await
+        .expect("lock freed after the timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let e = leaker
+        .batch_execute("commit")
+        .await
+        .expect_err("leaker was disconnected");
+    if let Some(code) = sqlstate(&e) {
+        assert_eq!(code, "25P03", "{e:?}");
+    }
+    let v: i32 = other
+        .query_one("select v from itt where id = 1", &[])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(v, 2, "the leaker's update must have been rolled back");
+    let observer = direct(&pg, "app").await;
+    let idle_in_tx: i64 = observer
+        .query_one(
+            "select count(*) from pg_stat_activity where state like 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(idle_in_tx, 0);
+    let pools = proxy.proxy().context().pools.all();
+    assert_eq!(
+        pools[0]
+            .stats()
+            .idle_transaction_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_error_reaches_a_waiting_reader() {
+    // The FATAL is sent as soon as the timeout fires: a client blocked reading sees it.
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .with_pool(|p| p.idle_transaction_timeout = Some(Duration::from_millis(200)))
+        .start()
+        .await;
+    let (client, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let conn_task = tokio::spawn(conn);
+    client.batch_execute("begin").await.expect("begin");
+    let result = tokio::time::timeout(Duration::from_secs(5), conn_task)
+        .await
+        .expect("connection ends after the timeout")
+        .expect("task");
+    let e = result.expect_err("connection closed with an error");
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P03"), "{e:?}");
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    assert!(msg.contains("idle_transaction_timeout"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_client_conn_refuses_the_excess_at_once() {
+    let pg = support::postgres();
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.max_client_conn = 3;
+    let proxy = builder.start().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(proxy.connect(roles::SCRAM).await);
+    }
+    let started = Instant::now();
+    let e = proxy
+        .try_connect(roles::SCRAM, "app")
+        .await
+        .expect_err("fourth client refused");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    assert!(msg.contains("max_client_conn"), "{msg}");
+    drop(held.pop());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy.try_connect(roles::SCRAM, "app").await.is_ok()
+        })
+        .await,
+        "a slot frees up when a client leaves"
+    );
+}
