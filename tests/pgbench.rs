@@ -1,4 +1,5 @@
-//! pgbench through pgweir: 100 clients, simple and extended protocol, zero failed transactions.
+//! pgbench through pgweir: 100 clients, simple, extended and prepared protocol, zero failed
+//! transactions.
 
 mod support;
 
@@ -42,18 +43,57 @@ fn assert_no_failures(output: &str, expected_tx: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_simple_and_extended_with_100_clients() {
+async fn pgbench_simple_extended_and_prepared_with_100_clients() {
     let pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg).pool_size(10).start().await;
     let port = proxy.port();
     let pg_ref = &pg;
     tokio::task::block_in_place(|| {
         pgbench(pg_ref, port, &["-i", "-q", "-s", "1"]);
-        for mode in ["simple", "extended"] {
+        for mode in ["simple", "extended", "prepared"] {
             let out = pgbench(pg_ref, port, &["-c", "100", "-j", "2", "-t", "20", "-M", mode]);
             assert_no_failures(&out, 2000);
             let out = pgbench(pg_ref, port, &["-S", "-c", "100", "-j", "2", "-t", "50", "-M", mode]);
             assert_no_failures(&out, 5000);
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_works_through_pgweir() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(2).start().await;
+    let (user, password) = roles::SCRAM;
+    let port = proxy.port();
+    let out = tokio::task::block_in_place(|| {
+        Command::new(pg.bin_dir().join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!("host=127.0.0.1 port={port} user={user} dbname=app"))
+            .args([
+                "-c",
+                "create table psql_t (id int, s text)",
+                "-c",
+                "\\copy psql_t from stdin",
+                "-c",
+                "select count(*), string_agg(s, ',' order by id) from psql_t",
+            ])
+            .env("PGPASSWORD", password)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(b"1\tone\n2\ttwo\n\\.\n")?;
+                child.wait_with_output()
+            })
+            .expect("psql runs")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("2|one,two"), "{stdout}");
 }

@@ -595,7 +595,14 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
     let front_is_barrier = matches!(expect.front(), Some(Expect::Barrier) | None);
     match tag {
         b'1' => match expect.pop_front() {
-            Some(Expect::InjectedParse { .. }) => Action::Swallow,
+            Some(Expect::InjectedParse { stmt }) => {
+                stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
+                Action::Swallow
+            }
+            Some(Expect::Parse { stmt: Some(stmt), .. }) => {
+                stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
+                Action::Forward
+            }
             _ => Action::Forward,
         },
         b'3' => match expect.pop_front() {

@@ -35,6 +35,9 @@ pub struct Statement {
     pub payload: Bytes,
     /// Whether executing it changes session state (scanned once, when first seen).
     pub state_change: Option<super::hygiene::StateChange>,
+    /// Some server has accepted this Parse, so the text is valid SQL: a client's Parse of it
+    /// outside a transaction can be answered without a server.
+    pub validated: std::sync::atomic::AtomicBool,
 }
 
 impl Statement {
@@ -60,6 +63,12 @@ pub struct StatementRegistry {
 }
 
 impl StatementRegistry {
+    /// The shared statement for `payload`, if some client holds it.
+    pub fn lookup(&self, payload: &[u8]) -> Option<Arc<Statement>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(payload).and_then(Weak::upgrade)
+    }
+
     /// Returns the shared statement for `payload`, creating it if needed.
     pub fn intern(&self, payload: &[u8]) -> Arc<Statement> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -83,6 +92,7 @@ impl StatementRegistry {
             server_name: name.freeze(),
             payload: Bytes::copy_from_slice(payload),
             state_change: super::hygiene::session_state_change(query_text(payload)),
+            validated: std::sync::atomic::AtomicBool::new(false),
         });
         map.insert(stmt.payload.clone(), Arc::downgrade(&stmt));
         stmt

@@ -120,6 +120,7 @@ impl Session<'_> {
                     continue;
                 }
                 frontend::QUERY if self.answer_statement_command().await? => continue,
+                frontend::PARSE | frontend::CLOSE if self.answer_statement_batch().await? => continue,
                 _ => {}
             }
             let server = match self.acquire().await {
@@ -236,6 +237,75 @@ impl Session<'_> {
         messages::command_complete(&mut out, tag);
         messages::ready_for_query(&mut out, TransactionStatus::Idle);
         self.client.write_all(&out).await.map_err(ClientError::ClientIo)?;
+        Ok(true)
+    }
+
+    /// Outside a transaction, a batch made only of Parse (of statements some server already
+    /// accepted), Close of statements, and a final Sync touches nothing but pgweir's statement
+    /// table, so it is answered without a server. Besides saving a round trip, this keeps a
+    /// single-threaded client that prepares synchronously (libpq's PQprepare, as pgbench
+    /// -M prepared does) from waiting for a server that its own other connections hold.
+    /// Returns true when the batch was answered here.
+    async fn answer_statement_batch(&mut self) -> Result<bool, ClientError> {
+        let mut pos = 0;
+        let mut replies = BytesMut::new();
+        let mut adds: Vec<(bytes::Bytes, std::sync::Arc<super::prepared::Statement>)> = Vec::new();
+        let mut removes: Vec<bytes::Bytes> = Vec::new();
+        loop {
+            let Ok(Some(frame)) = frame_at(&self.buf, pos, self.max_message) else {
+                return Ok(false);
+            };
+            let body = &self.buf[pos + HEADER_LEN..pos + frame.total_len];
+            match frame.tag {
+                frontend::PARSE => {
+                    let Some((name, payload)) = super::prepared::split_cstr(body) else {
+                        return Ok(false);
+                    };
+                    if name.is_empty()
+                        || (self.statements.contains_key(name) && !removes.iter().any(|r| r == name))
+                        || adds.iter().any(|(n, _)| n == name)
+                    {
+                        return Ok(false);
+                    }
+                    let Some(stmt) = self.ctx.statements.lookup(payload) else {
+                        return Ok(false);
+                    };
+                    if !stmt.validated.load(std::sync::atomic::Ordering::Relaxed)
+                        || (stmt.state_change.is_some()
+                            && self.pool.settings().session_state == SessionStatePolicy::Reject)
+                    {
+                        return Ok(false);
+                    }
+                    adds.push((bytes::Bytes::copy_from_slice(name), stmt));
+                    replies.extend_from_slice(b"1\0\0\0\x04");
+                }
+                frontend::CLOSE if body.first() == Some(&b'S') => {
+                    let Some((name, _)) = super::prepared::split_cstr(&body[1..]) else {
+                        return Ok(false);
+                    };
+                    if name.is_empty() || adds.iter().any(|(n, _)| n == name) {
+                        return Ok(false);
+                    }
+                    removes.push(bytes::Bytes::copy_from_slice(name));
+                    replies.extend_from_slice(b"3\0\0\0\x04");
+                }
+                frontend::SYNC => {
+                    pos += frame.total_len;
+                    break;
+                }
+                _ => return Ok(false),
+            }
+            pos += frame.total_len;
+        }
+        for name in removes {
+            self.statements.remove(&name);
+        }
+        for (name, stmt) in adds {
+            self.statements.insert(name, stmt);
+        }
+        self.buf.advance(pos);
+        messages::ready_for_query(&mut replies, TransactionStatus::Idle);
+        self.client.write_all(&replies).await.map_err(ClientError::ClientIo)?;
         Ok(true)
     }
 
