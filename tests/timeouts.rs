@@ -160,3 +160,105 @@ async fn max_client_conn_refuses_the_excess_at_once() {
         "a slot frees up when a client leaves"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_first_in_first_out() {
+    let pg = support::postgres();
+    let proxy = std::sync::Arc::new(
+        TestProxyBuilder::new(&pg)
+            .pool_size(1)
+            .with_pool(|p| p.acquire_timeout = Duration::from_secs(20))
+            .start()
+            .await,
+    );
+    let holder = proxy.connect(roles::SCRAM).await;
+    holder.batch_execute("begin").await.expect("hold the only server");
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let client = proxy.connect(roles::SCRAM).await;
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            client.simple_query("select 1").await.expect("eventually served");
+            order.lock().expect("lock").push(i);
+        }));
+        // Make the arrival order unambiguous.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    holder.batch_execute("commit").await.expect("release");
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(*order.lock().expect("lock"), vec![0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connect_timeout_bounds_a_silent_server() {
+    let pg = support::postgres();
+    // A "server" that accepts connections and never says anything.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| p.server_connect_timeout = Duration::from_millis(300));
+    builder.extra_databases.push((
+        "silent".to_owned(),
+        pgweir::config::DatabaseConfig {
+            host: "127.0.0.1".to_owned(),
+            port: silent_port,
+            dbname: "silent".to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: builder.pool.clone(),
+        },
+    ));
+    let proxy = builder.start().await;
+    let started = Instant::now();
+    let e = proxy.try_connect(roles::SCRAM, "silent").await.expect_err("no server");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    assert!(msg.contains("server_connect_timeout"), "{msg}");
+    // Other databases are unaffected.
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("app works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_replaces_a_terminated_backend() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.server_check_delay = Duration::ZERO)
+        .start()
+        .await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let admin = direct(&pg, "postgres").await;
+    admin
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let new_pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("a fresh backend serves the client")
+        .get(0);
+    assert_ne!(new_pid, pid);
+}
