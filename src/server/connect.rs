@@ -116,6 +116,13 @@ async fn connect_inner(
             backend::AUTHENTICATION => {
                 out.clear();
                 match messages::parse_auth_request(&body)? {
+                    // A server (or a man in the middle) that skips SASLFinal would otherwise log
+                    // us in without proving it knows the verifier.
+                    AuthRequest::Ok if scram.as_ref().is_some_and(|c| !c.is_verified()) => {
+                        return Err(ServerError::AuthUnsupported(
+                            "AuthenticationOk before the SCRAM exchange completed".into(),
+                        ));
+                    }
                     AuthRequest::Ok => {}
                     AuthRequest::Cleartext => match secret {
                         ServerSecret::Plain(pw) => messages::password_message(&mut out, pw.as_bytes()),
