@@ -20,6 +20,7 @@ pub use userlist::parse_userlist;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: ListenConfig,
+    pub admin: AdminConfig,
     /// Defaults applied to every pool unless a database or user overrides them.
     pub pool_defaults: PoolSettings,
     /// Keyed by the database name clients put in their startup packet.
@@ -46,6 +47,16 @@ pub struct ListenConfig {
     pub workers: usize,
     /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.
     pub tcp_keepalive: Option<Duration>,
+}
+
+/// The HTTP admin API and Prometheus metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Admin listener; None disables it. Default 127.0.0.1:6433.
+    pub addr: Option<SocketAddr>,
+    /// Bearer token required by mutating endpoints. Without one they are only served when the
+    /// admin listener is on a loopback address.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,19 +1,37 @@
 //! Raw → typed config: defaults, ranges and cross-field rules. Every problem is collected with its
 //! key path; nothing is warned about and then ignored.
+//!
+//! When a value is wrong, the default stands in for it so that checks depending on it (e.g.
+//! min_pool_size against pool_size) still run and report their own problems; the result is
+//! thrown away whenever any problem was found.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawDuration, RawPool};
+use super::raw::{RawConfig, RawDuration, RawListen, RawPool, RawUser};
 use super::{
-    AuthType, Config, ConfigError, ConfigProblem, DatabaseConfig, ListenConfig, PoolMode, PoolSettings, Secret,
-    SessionStatePolicy, UserConfig, parse_userlist,
+    AdminConfig, AuthType, Config, ConfigError, ConfigProblem, DatabaseConfig, ListenConfig, PoolMode, PoolSettings,
+    Secret, SessionStatePolicy, UserConfig, parse_userlist,
 };
+use crate::auth::AuthError;
+use crate::auth::scram::ScramVerifier;
 
 const ONE_DAY: Duration = Duration::from_secs(86_400);
+/// No duration may exceed this: beyond it a value is surely a typo, and far-future deadlines
+/// (`Instant + d`) could overflow elsewhere.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+/// Linux caps TCP_KEEPIDLE at 32767 seconds; larger values fail `setsockopt` at run time, where
+/// the error could only be logged.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(32_767);
+const MAX_POOL_SIZE: usize = 10_000;
+const MIN_MESSAGE_SIZE: usize = 1 << 10;
+const MAX_MESSAGE_SIZE: usize = 1 << 30;
+const DEFAULT_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 6432);
 
+/// Collected problems plus the parsing helpers that report into it.
 struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
@@ -24,68 +42,147 @@ impl Problems {
         });
     }
 
-    /// Parses a duration; `allow_zero` decides whether 0 means "disabled" (Ok(None)) or is an error.
-    fn duration(
-        &mut self,
-        key: &str,
-        raw: &Option<RawDuration>,
-        default: Option<Duration>,
-        allow_zero: bool,
-    ) -> Option<Duration> {
+    /// Parses a written duration (0 and "0" give zero); `None` after recording a problem.
+    fn duration(&mut self, key: &str, raw: &RawDuration) -> Option<Duration> {
         let parsed = match raw {
-            None => return default,
-            Some(RawDuration::Number(0)) => Duration::ZERO,
-            Some(RawDuration::Number(n)) => {
+            RawDuration::Number(0) => Duration::ZERO,
+            RawDuration::Number(n) if *n < 0 => {
+                self.add(key, format!("must not be negative, got {n}"));
+                return None;
+            }
+            RawDuration::Number(n) => {
+                // A bare number is ambiguous (seconds? milliseconds?), so a unit is required.
                 self.add(
                     key,
-                    format!("durations need a unit, e.g. \"{n}s\" or \"{n}ms\" (got {n})"),
+                    format!("a duration needs a unit: write \"{n}s\" or \"{n}ms\", not {n}"),
                 );
-                return default;
+                return None;
             }
-            Some(RawDuration::Text(t)) if t.trim() == "0" => Duration::ZERO,
-            Some(RawDuration::Text(t)) => match humantime::parse_duration(t.trim()) {
+            RawDuration::Text(t) if t.trim() == "0" => Duration::ZERO,
+            RawDuration::Text(t) if t.trim_start().starts_with('-') => {
+                self.add(key, format!("must not be negative, got {t:?}"));
+                return None;
+            }
+            RawDuration::Text(t) => match humantime::parse_duration(t.trim()) {
                 Ok(d) => d,
                 Err(e) => {
                     self.add(
                         key,
                         format!("invalid duration {t:?}: {e} (examples: \"5s\", \"250ms\", \"10min\")"),
                     );
-                    return default;
+                    return None;
                 }
             },
         };
-        if parsed.is_zero() {
-            if allow_zero {
-                return None;
-            }
-            self.add(key, "must be greater than 0");
-            return default;
+        if parsed > MAX_DURATION {
+            self.add(
+                key,
+                format!("must be at most {}, got {}", human(MAX_DURATION), human(parsed)),
+            );
+            return None;
         }
         Some(parsed)
     }
 
-    fn count(&mut self, key: &str, raw: Option<i64>, default: usize, min: usize, max: usize) -> usize {
-        match raw {
+    /// A duration that must be greater than zero (and at most `max`, if given).
+    fn positive_duration(
+        &mut self,
+        key: &str,
+        raw: &Option<RawDuration>,
+        default: Duration,
+        max: Option<Duration>,
+    ) -> Duration {
+        let Some(raw) = raw else { return default };
+        match self.duration(key, raw) {
             None => default,
-            Some(n) if n < min as i64 || n > max as i64 => {
-                self.add(key, format!("must be between {min} and {max}, got {n}"));
+            Some(d) if d.is_zero() => {
+                self.add(key, "must be greater than 0 (it cannot be disabled)");
                 default
             }
-            Some(n) => n as usize,
+            Some(d) => match max {
+                Some(max) if d > max => {
+                    self.add(key, format!("must be at most {}, got {}", human(max), human(d)));
+                    default
+                }
+                _ => d,
+            },
+        }
+    }
+
+    /// A duration where 0 means "disabled" (`None`).
+    fn optional_duration(
+        &mut self,
+        key: &str,
+        raw: &Option<RawDuration>,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(raw) = raw else { return default };
+        match self.duration(key, raw) {
+            None => default,
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+        }
+    }
+
+    /// A duration where 0 is an ordinary value (e.g. "check every time", "close at once").
+    fn duration_or_zero(&mut self, key: &str, raw: &Option<RawDuration>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        self.duration(key, raw).unwrap_or(default)
+    }
+
+    /// An integer in `min..=max`.
+    fn count(&mut self, key: &str, raw: Option<i64>, default: usize, min: usize, max: usize) -> usize {
+        let Some(n) = raw else { return default };
+        match usize::try_from(n) {
+            Ok(v) if (min..=max).contains(&v) => v,
+            Ok(v) if v > max => {
+                self.add(key, format!("must be at most {max}, got {n}"));
+                default
+            }
+            _ => {
+                self.add(key, format!("must be at least {min}, got {n}"));
+                default
+            }
         }
     }
 }
 
+/// A duration for messages: whole days as "N days" (humantime would say "1day"), the rest as
+/// humantime writes them.
+fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    match (secs / 86_400, secs % 86_400, d.subsec_nanos()) {
+        (1, 0, 0) => "1 day".to_owned(),
+        (days, 0, 0) if days > 1 => format!("{days} days"),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
+/// A table name as it would be written in a key path: bare when TOML allows it, quoted
+/// otherwise, so `users."a.b".password` cannot be mistaken for `users.a.b.password`.
+fn key_part(name: &str) -> Cow<'_, str> {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\"")))
+    }
+}
+
+/// The defaults documented on [`PoolSettings`].
 fn default_pool() -> PoolSettings {
     PoolSettings {
         mode: PoolMode::Transaction,
         pool_size: 20,
         min_pool_size: 0,
         acquire_timeout: Duration::from_secs(5),
-        idle_transaction_timeout: Some(Duration::from_secs(300)),
+        idle_transaction_timeout: Some(Duration::from_secs(5 * 60)),
         server_connect_timeout: Duration::from_secs(5),
-        server_idle_timeout: Some(Duration::from_secs(600)),
-        server_lifetime: Some(Duration::from_secs(3600)),
+        server_idle_timeout: Some(Duration::from_secs(10 * 60)),
+        server_lifetime: Some(Duration::from_secs(60 * 60)),
         server_check_delay: Duration::from_secs(30),
         max_prepared_statements: 200,
         session_state: SessionStatePolicy::Reset,
@@ -93,7 +190,7 @@ fn default_pool() -> PoolSettings {
     }
 }
 
-/// Overlays `raw` on `base`, reporting problems under `prefix`.
+/// Overlays `raw` on `base`, reporting problems under `prefix` (`pool` or `databases.NAME`).
 fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSettings) -> PoolSettings {
     let key = |k: &str| format!("{prefix}.{k}");
     let mode = match raw.mode.as_deref() {
@@ -121,46 +218,21 @@ fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSetti
             base.session_state
         }
     };
-    let pool_size = p.count(&key("pool_size"), raw.pool_size, base.pool_size, 1, 10_000);
+    let pool_size = p.count(&key("pool_size"), raw.pool_size, base.pool_size, 1, MAX_POOL_SIZE);
+    // An inherited min_pool_size is clamped to a smaller pool_size set here, as a user's
+    // pool_size clamps it in `Config::pool_settings`; one written here must fit.
     let min_pool_size = p.count(
         &key("min_pool_size"),
         raw.min_pool_size,
         base.min_pool_size.min(pool_size),
         0,
-        10_000,
+        MAX_POOL_SIZE,
     );
     if min_pool_size > pool_size {
         p.add(
             key("min_pool_size"),
             format!("must not exceed pool_size ({pool_size}), got {min_pool_size}"),
         );
-    }
-    let acquire_timeout = p
-        .duration(
-            &key("acquire_timeout"),
-            &raw.acquire_timeout,
-            Some(base.acquire_timeout),
-            false,
-        )
-        .unwrap_or(base.acquire_timeout);
-    let server_connect_timeout = p
-        .duration(
-            &key("server_connect_timeout"),
-            &raw.server_connect_timeout,
-            Some(base.server_connect_timeout),
-            false,
-        )
-        .unwrap_or(base.server_connect_timeout);
-    for (k, d) in [
-        ("acquire_timeout", acquire_timeout),
-        ("server_connect_timeout", server_connect_timeout),
-    ] {
-        if d > ONE_DAY {
-            p.add(
-                key(k),
-                format!("must be at most one day, got {}", humantime::format_duration(d)),
-            );
-        }
     }
     let reset_query = match &raw.reset_query {
         Some(q) if q.trim().is_empty() => {
@@ -177,34 +249,34 @@ fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSetti
         mode,
         pool_size,
         min_pool_size,
-        acquire_timeout,
-        idle_transaction_timeout: p.duration(
+        acquire_timeout: p.positive_duration(
+            &key("acquire_timeout"),
+            &raw.acquire_timeout,
+            base.acquire_timeout,
+            Some(ONE_DAY),
+        ),
+        idle_transaction_timeout: p.optional_duration(
             &key("idle_transaction_timeout"),
             &raw.idle_transaction_timeout,
             base.idle_transaction_timeout,
-            true,
         ),
-        server_connect_timeout,
-        server_idle_timeout: p.duration(
+        server_connect_timeout: p.positive_duration(
+            &key("server_connect_timeout"),
+            &raw.server_connect_timeout,
+            base.server_connect_timeout,
+            Some(ONE_DAY),
+        ),
+        server_idle_timeout: p.optional_duration(
             &key("server_idle_timeout"),
             &raw.server_idle_timeout,
             base.server_idle_timeout,
-            true,
         ),
-        server_lifetime: p.duration(
-            &key("server_lifetime"),
-            &raw.server_lifetime,
-            base.server_lifetime,
-            true,
+        server_lifetime: p.optional_duration(&key("server_lifetime"), &raw.server_lifetime, base.server_lifetime),
+        server_check_delay: p.duration_or_zero(
+            &key("server_check_delay"),
+            &raw.server_check_delay,
+            base.server_check_delay,
         ),
-        server_check_delay: p
-            .duration(
-                &key("server_check_delay"),
-                &raw.server_check_delay,
-                Some(base.server_check_delay),
-                true,
-            )
-            .unwrap_or(Duration::ZERO),
         max_prepared_statements: p.count(
             &key("max_prepared_statements"),
             raw.max_prepared_statements,
@@ -217,19 +289,21 @@ fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSetti
     }
 }
 
-pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
-    let mut p = Problems(Vec::new());
-    let l = &raw.listen;
+fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
     let addr = match l.addr.as_deref() {
-        None => SocketAddr::from(([127, 0, 0, 1], 6432)),
+        None => SocketAddr::from(DEFAULT_ADDR),
         Some(a) => a.parse().unwrap_or_else(|e| {
             p.add(
                 "listen.addr",
-                format!("invalid address {a:?}: {e} (expected IP:port, e.g. \"127.0.0.1:6432\")"),
+                format!("invalid address {a:?}: {e} (expected IP:port, e.g. \"127.0.0.1:6432\" or \"[::1]:6432\")"),
             );
-            SocketAddr::from(([127, 0, 0, 1], 6432))
+            SocketAddr::from(DEFAULT_ADDR)
         }),
     };
+    if addr.port() == 0 {
+        // Port 0 would bind a random port nobody knows to connect to.
+        p.add("listen.addr", format!("port must not be 0, got {addr}"));
+    }
     let auth_type = match l.auth_type.as_deref() {
         None | Some("scram-sha-256") => AuthType::ScramSha256,
         Some("md5") => AuthType::Md5,
@@ -242,132 +316,285 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             AuthType::ScramSha256
         }
     };
-    let listen = ListenConfig {
+    let max_client_conn = p.count("listen.max_client_conn", l.max_client_conn, 1000, 1, 1_000_000);
+    let max_message_size = match l.max_message_size {
+        None => 64 << 20,
+        Some(n) => match usize::try_from(n) {
+            Ok(v) if (MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&v) => v,
+            _ => {
+                p.add(
+                    "listen.max_message_size",
+                    format!("must be between {MIN_MESSAGE_SIZE} (1 KiB) and {MAX_MESSAGE_SIZE} (1 GiB) bytes, got {n}"),
+                );
+                64 << 20
+            }
+        },
+    };
+    let client_login_timeout = p.positive_duration(
+        "listen.client_login_timeout",
+        &l.client_login_timeout,
+        Duration::from_secs(15),
+        None,
+    );
+    let shutdown_timeout = p.duration_or_zero("listen.shutdown_timeout", &l.shutdown_timeout, Duration::from_secs(30));
+    let workers = p.count("listen.workers", l.workers, 0, 0, 1024);
+    let tcp_keepalive = p.optional_duration("listen.tcp_keepalive", &l.tcp_keepalive, Some(Duration::from_secs(60)));
+    if let Some(d) = tcp_keepalive {
+        if d < Duration::from_secs(1) {
+            p.add(
+                "listen.tcp_keepalive",
+                format!(
+                    "must be at least 1s (the OS counts it in whole seconds), or 0 to keep the OS default; got {}",
+                    human(d)
+                ),
+            );
+        } else if d > MAX_KEEPALIVE {
+            p.add(
+                "listen.tcp_keepalive",
+                format!(
+                    "must be at most {} (the Linux limit), got {}",
+                    human(MAX_KEEPALIVE),
+                    human(d)
+                ),
+            );
+        }
+    }
+    ListenConfig {
         addr,
-        max_client_conn: p.count("listen.max_client_conn", l.max_client_conn, 1000, 1, 1_000_000),
+        max_client_conn,
         auth_type,
-        max_message_size: p.count("listen.max_message_size", l.max_message_size, 64 << 20, 1024, 1 << 30),
-        client_login_timeout: p
-            .duration(
-                "listen.client_login_timeout",
-                &l.client_login_timeout,
-                Some(Duration::from_secs(15)),
-                false,
+        max_message_size,
+        client_login_timeout,
+        shutdown_timeout,
+        workers,
+        tcp_keepalive,
+    }
+}
+
+/// Where a user's secret came from, so a problem with it points at the place to fix.
+enum Origin {
+    /// `[users.NAME].password` (or its absence there, with no auth_file entry either).
+    Table,
+    /// An `auth_file` entry; the path as resolved.
+    AuthFile(String),
+}
+
+/// Reads `listen.auth_file`, if any, relative to `base_dir`. `None` after recording a problem.
+fn read_auth_file(p: &mut Problems, file: &str, base_dir: Option<&Path>) -> Option<(String, Vec<(String, String)>)> {
+    let path = match base_dir {
+        Some(dir) if Path::new(file).is_relative() => dir.join(file),
+        _ => Path::new(file).to_owned(),
+    };
+    let shown = path.display().to_string();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            p.add("listen.auth_file", format!("cannot read {shown}: {e}"));
+            return None;
+        }
+    };
+    match parse_userlist(&text) {
+        Ok(list) => Some((shown, list)),
+        Err(e) => {
+            p.add("listen.auth_file", format!("{shown}: {e}"));
+            None
+        }
+    }
+}
+
+/// Merges auth_file entries and `[users.*]` tables (the table wins where both give a password)
+/// and checks every secret against `auth_type`.
+fn users(
+    p: &mut Problems,
+    raw: &BTreeMap<String, RawUser>,
+    auth_file: Option<(String, Vec<(String, String)>)>,
+    auth_file_failed: bool,
+    auth_type: AuthType,
+) -> BTreeMap<String, UserConfig> {
+    let mut merged: BTreeMap<String, (UserConfig, Origin)> = BTreeMap::new();
+    if let Some((path, list)) = auth_file {
+        for (name, password) in list {
+            let user = UserConfig {
+                secret: Secret::parse(&password),
+                pool_size: None,
+            };
+            merged.insert(name, (user, Origin::AuthFile(path.clone())));
+        }
+    }
+    for (name, u) in raw {
+        let key = format!("users.{}", key_part(name));
+        if name.is_empty() {
+            p.add(&key, "user name must not be empty");
+        }
+        let pool_size = u
+            .pool_size
+            .map(|n| p.count(&format!("{key}.pool_size"), Some(n), 1, 1, MAX_POOL_SIZE));
+        let entry = merged.entry(name.clone()).or_insert_with(|| {
+            (
+                UserConfig {
+                    secret: Secret::None,
+                    pool_size: None,
+                },
+                Origin::Table,
             )
-            .unwrap_or(Duration::from_secs(15)),
-        shutdown_timeout: p
-            .duration(
-                "listen.shutdown_timeout",
-                &l.shutdown_timeout,
-                Some(Duration::from_secs(30)),
-                true,
-            )
-            .unwrap_or(Duration::ZERO),
-        workers: p.count("listen.workers", l.workers, 0, 0, 1024),
-        tcp_keepalive: p.duration(
-            "listen.tcp_keepalive",
-            &l.tcp_keepalive,
-            Some(Duration::from_secs(60)),
-            true,
-        ),
+        });
+        entry.0.pool_size = pool_size;
+        // A table without a password keeps the auth_file's, so secrets can live in the
+        // auth_file while per-user settings live here.
+        if let Some(password) = &u.password {
+            entry.0.secret = Secret::parse(password);
+            entry.1 = Origin::Table;
+        }
+    }
+
+    for (name, (user, origin)) in &merged {
+        let (key, context) = match origin {
+            Origin::Table => (format!("users.{}.password", key_part(name)), String::new()),
+            Origin::AuthFile(path) => ("listen.auth_file".to_owned(), format!("{path}: user {name:?}: ")),
+        };
+        let problem = match (&user.secret, auth_type) {
+            (Secret::None, AuthType::Md5 | AuthType::ScramSha256) => {
+                Some("a password is required unless listen.auth_type is \"trust\"".to_owned())
+            }
+            (Secret::Scram(s), _) => match ScramVerifier::parse(s) {
+                Err(AuthError::InvalidVerifier(why)) => Some(format!("is not a valid SCRAM-SHA-256 verifier: {why}")),
+                Err(e) => Some(format!("is not a valid SCRAM-SHA-256 verifier: {e}")),
+                Ok(_) if auth_type == AuthType::Md5 => Some(
+                    "md5 client authentication cannot be checked against a SCRAM verifier; use a plain or md5 \
+                     password, or auth_type = \"scram-sha-256\""
+                        .to_owned(),
+                ),
+                Ok(_) => None,
+            },
+            (Secret::Md5(_), AuthType::ScramSha256) => Some(
+                "SCRAM client authentication cannot be checked against an md5 hash; use a plain password or a \
+                 SCRAM-SHA-256 verifier, or auth_type = \"md5\""
+                    .to_owned(),
+            ),
+            _ => None,
+        };
+        if let Some(message) = problem {
+            p.add(key, format!("{context}{message}"));
+        }
+    }
+
+    // Without users nobody can log in (except under trust); say so now rather than at the first
+    // refused login. Skipped when the auth_file failed, which is already reported.
+    if merged.is_empty() && auth_type != AuthType::Trust && !auth_file_failed {
+        p.add(
+            "users",
+            "no users are configured ([users.NAME] or listen.auth_file), so no client could log in; add users \
+             or set listen.auth_type = \"trust\"",
+        );
+    }
+
+    merged.into_iter().map(|(name, (user, _))| (name, user)).collect()
+}
+
+/// Validates a parsed file. `base_dir` resolves a relative `listen.auth_file`; without it the
+/// path is relative to the current directory.
+pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut p = Problems(Vec::new());
+    let listen = listen_config(&mut p, &raw.listen);
+    let admin = AdminConfig {
+        addr: match raw.admin.addr.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 6433))),
+            Some("") => None,
+            Some(a) => match a.parse() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    p.add(
+                        "admin.addr",
+                        format!("invalid address {a:?}: {e} (expected IP:port, or \"\" to disable)"),
+                    );
+                    None
+                }
+            },
+        },
+        token: match raw.admin.token.as_deref() {
+            Some(t) if t.len() < 16 => {
+                p.add("admin.token", "must be at least 16 characters");
+                None
+            }
+            t => t.map(str::to_owned),
+        },
     };
 
     let pool_defaults = pool_settings(&mut p, "pool", &raw.pool, &default_pool());
-
-    let mut users: BTreeMap<String, UserConfig> = BTreeMap::new();
-    if let Some(file) = &l.auth_file {
-        let path = match base_dir {
-            Some(dir) if Path::new(file).is_relative() => dir.join(file),
-            _ => Path::new(file).to_owned(),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => match parse_userlist(&text) {
-                Ok(list) => {
-                    for (name, password) in list {
-                        users.insert(
-                            name,
-                            UserConfig {
-                                secret: Secret::parse(&password),
-                                pool_size: None,
-                            },
-                        );
-                    }
-                }
-                Err(e) => p.add("listen.auth_file", format!("{}: {e}", path.display())),
-            },
-            Err(e) => p.add("listen.auth_file", format!("cannot read {}: {e}", path.display())),
-        }
-    }
-    for (name, u) in &raw.users {
-        let key = format!("users.{name}");
-        let pool_size = u
-            .pool_size
-            .map(|n| p.count(&format!("{key}.pool_size"), Some(n), 1, 1, 10_000));
-        users.insert(
-            name.clone(),
-            UserConfig {
-                secret: Secret::parse(u.password.as_deref().unwrap_or("")),
-                pool_size,
-            },
-        );
-    }
-    for (name, u) in &users {
-        let key = format!("users.{name}.password");
-        match (&u.secret, auth_type) {
-            (Secret::None, AuthType::Md5 | AuthType::ScramSha256) => {
-                p.add(key, "a password is required unless listen.auth_type is \"trust\"")
-            }
-            (Secret::Scram(s), _) if crate::auth::scram::ScramVerifier::parse(s).is_err() => {
-                p.add(key, "is not a valid SCRAM-SHA-256 verifier")
-            }
-            (Secret::Scram(_), AuthType::Md5) => p.add(
-                key,
-                "md5 client authentication cannot be checked against a SCRAM verifier; use a plain or md5 password, or auth_type = \"scram-sha-256\"",
-            ),
-            _ => {}
-        }
-    }
 
     if raw.databases.is_empty() {
         p.add("databases", "at least one [databases.NAME] table is required");
     }
     let mut databases = BTreeMap::new();
     for (name, d) in &raw.databases {
-        let key = format!("databases.{name}");
+        let key = format!("databases.{}", key_part(name));
+        if name.is_empty() {
+            p.add(&key, "database name must not be empty");
+        }
         let port = match d.port {
             None => 5432,
-            Some(n) if (1..=65535).contains(&n) => n as u16,
-            Some(n) => {
+            Some(n) => u16::try_from(n).ok().filter(|&port| port != 0).unwrap_or_else(|| {
                 p.add(format!("{key}.port"), format!("must be between 1 and 65535, got {n}"));
                 5432
-            }
+            }),
         };
+        let host = d.host.clone().unwrap_or_else(|| "127.0.0.1".to_owned());
+        if host.trim().is_empty() {
+            p.add(format!("{key}.host"), "must not be empty");
+        }
+        let dbname = d.dbname.clone().unwrap_or_else(|| name.clone());
+        if d.dbname.as_deref().is_some_and(str::is_empty) {
+            p.add(
+                format!("{key}.dbname"),
+                "must not be empty (omit it to use the table name)",
+            );
+        }
+        if d.user.as_deref().is_some_and(str::is_empty) {
+            p.add(
+                format!("{key}.user"),
+                "must not be empty (omit it to use the client's user)",
+            );
+        }
         if d.password.is_some() && d.user.is_none() {
             p.add(
                 format!("{key}.password"),
                 "requires user (the forced server user it belongs to)",
             );
         }
-        let host = d.host.clone().unwrap_or_else(|| "127.0.0.1".to_owned());
-        if host.is_empty() {
-            p.add(format!("{key}.host"), "must not be empty");
-        }
+        let pool = pool_settings(&mut p, &key, &d.pool_overrides(), &pool_defaults);
         databases.insert(
             name.clone(),
             DatabaseConfig {
                 host,
                 port,
-                dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
+                dbname,
                 server_user: d.user.clone(),
                 server_password: d.password.clone(),
-                pool: pool_settings(&mut p, &key, &d.pool_overrides(), &pool_defaults),
+                pool,
             },
         );
     }
 
+    // Users last: in most files [users.*] follow [databases.*], and problems are listed in
+    // roughly file order.
+    let auth_file = raw
+        .listen
+        .auth_file
+        .as_deref()
+        .map(|file| read_auth_file(&mut p, file, base_dir));
+    let auth_file_failed = matches!(auth_file, Some(None));
+    let users = users(
+        &mut p,
+        &raw.users,
+        auth_file.flatten(),
+        auth_file_failed,
+        listen.auth_type,
+    );
+
     if p.0.is_empty() {
         Ok(Config {
             listen,
+            admin,
             pool_defaults,
             databases,
             users,
