@@ -33,6 +33,7 @@ pub enum AppError {
 /// A running proxy.
 pub struct Proxy {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     ctx: Arc<ClientContext>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -62,10 +63,33 @@ impl Proxy {
             Arc::new(ServerIds::default()),
             shutdown.clone(),
         ));
+        let admin_addr = match config.admin.addr {
+            Some(admin) => {
+                let admin_listener = TcpListener::bind(admin)
+                    .await
+                    .map_err(|source| AppError::Bind { addr: admin, source })?;
+                let local = admin_listener
+                    .local_addr()
+                    .map_err(|source| AppError::Bind { addr: admin, source })?;
+                let router = crate::admin::router(ctx.clone(), local);
+                let stop = shutdown.clone();
+                tracker.spawn(async move {
+                    let serve = axum::serve(admin_listener, router)
+                        .with_graceful_shutdown(async move { stop.cancelled().await });
+                    if let Err(e) = serve.await {
+                        tracing::warn!(error = %e, "admin listener failed");
+                    }
+                });
+                tracing::info!(addr = %local, "admin API is listening");
+                Some(local)
+            }
+            None => None,
+        };
         let accept_task = tokio::spawn(accept_loop(listener, ctx.clone(), tracker.clone()));
         tracing::info!(%addr, "pgweir is listening");
         Ok(Proxy {
             addr,
+            admin_addr,
             ctx,
             shutdown,
             tracker,
@@ -75,6 +99,11 @@ impl Proxy {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the admin API listens, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn context(&self) -> &Arc<ClientContext> {

@@ -63,6 +63,10 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             workers: 0,
             tcp_keepalive: Some(std::time::Duration::from_secs(60)),
         },
+        admin: crate::config::AdminConfig {
+            addr: Some(SocketAddr::new(listen.ip(), 0)),
+            token: None,
+        },
         pool_defaults: pool,
         databases,
         users,

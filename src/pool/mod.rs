@@ -67,6 +67,8 @@ pub struct PoolStats {
     pub checkouts: AtomicU64,
     /// Server resets because a client changed session state (session_state = "reset").
     pub session_resets: AtomicU64,
+    /// The most recent attempt to open a server connection failed (for /ready).
+    pub last_connect_failed: std::sync::atomic::AtomicBool,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.
@@ -76,6 +78,7 @@ pub struct PoolSnapshot {
     pub open: usize,
     pub idle: usize,
     pub waiting: usize,
+    pub paused: bool,
 }
 
 impl PoolSnapshot {
@@ -106,6 +109,8 @@ struct PoolState {
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
     closed: bool,
+    /// Paused pools lend nothing: new checkouts queue until resume.
+    paused: bool,
 }
 
 pub(crate) struct PoolShared {
@@ -163,6 +168,7 @@ impl Pool {
                     waiters: VecDeque::new(),
                     next_waiter: 0,
                     closed: false,
+                    paused: false,
                 }),
                 settings,
                 welcome: Mutex::new(None),
@@ -195,6 +201,7 @@ impl Pool {
             open: st.open,
             idle: st.idle.len(),
             waiting: st.waiters.len(),
+            paused: st.paused,
         }
     }
 
@@ -223,8 +230,9 @@ impl Pool {
             if st.closed {
                 return Err(PoolError::Closed(shared.key.clone()));
             }
-            if !st.waiters.is_empty() {
-                // Others were here first: queue behind them even if a slot seems free.
+            if !st.waiters.is_empty() || st.paused {
+                // Others were here first (queue behind them even if a slot seems free), or the
+                // pool is paused.
                 None
             } else if let Some(conn) = st.idle.pop() {
                 Some(Grant::Conn(conn))
@@ -324,6 +332,7 @@ impl Pool {
         match result {
             Ok(conn) => {
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
+                shared.stats.last_connect_failed.store(false, Ordering::Relaxed);
                 let mut welcome = lock(&shared.welcome);
                 if welcome.is_none() {
                     *welcome = Some(Arc::new(conn.params.clone()));
@@ -332,6 +341,7 @@ impl Pool {
             }
             Err(e) => {
                 shared.stats.server_connect_failures.fetch_add(1, Ordering::Relaxed);
+                shared.stats.last_connect_failed.store(true, Ordering::Relaxed);
                 self.release_slot();
                 Err(e)
             }
@@ -348,6 +358,10 @@ impl Pool {
     /// A connection was closed: its slot goes to the oldest waiter, or is freed.
     fn release_slot(&self) {
         let mut st = lock(&self.shared.state);
+        if st.open > st.size || st.paused {
+            st.open = st.open.saturating_sub(1);
+            return;
+        }
         while let Some(w) = st.waiters.pop_front() {
             if w.tx.send(Grant::Slot).is_ok() {
                 return;
@@ -366,7 +380,7 @@ impl Pool {
             self.release_slot();
             return;
         }
-        while let Some(w) = st.waiters.pop_front() {
+        while let Some(w) = if st.paused { None } else { st.waiters.pop_front() } {
             match w.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
                 Err(Grant::Conn(back)) => conn = back,
@@ -374,6 +388,73 @@ impl Pool {
             }
         }
         st.idle.push(conn);
+    }
+
+    /// Stops lending connections: new transactions queue (and time out after acquire_timeout)
+    /// until [`Pool::resume`]. Transactions in progress finish normally.
+    pub fn pause(&self) {
+        lock(&self.shared.state).paused = true;
+    }
+
+    /// Serves the queued waiters, oldest first, from idle connections and free slots.
+    pub fn resume(&self) {
+        let mut st = lock(&self.shared.state);
+        st.paused = false;
+        Self::serve_waiters(&mut st);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        lock(&self.shared.state).paused
+    }
+
+    /// Changes pool_size at run time. Growing serves waiters at once; shrinking closes idle
+    /// connections now and lent ones as they come back.
+    pub fn resize(&self, size: usize) {
+        let retired = {
+            let mut st = lock(&self.shared.state);
+            st.size = size.max(1);
+            let mut retired = Vec::new();
+            while st.open > st.size {
+                let Some(conn) = st.idle.pop() else { break };
+                st.open -= 1;
+                retired.push(conn);
+            }
+            if !st.paused {
+                Self::serve_waiters(&mut st);
+            }
+            retired
+        };
+        for conn in retired {
+            conn.close();
+        }
+    }
+
+    /// Hands idle connections, then new-connection slots, to waiters in arrival order.
+    fn serve_waiters(st: &mut PoolState) {
+        while !st.waiters.is_empty() {
+            let grant = if let Some(conn) = st.idle.pop() {
+                Grant::Conn(conn)
+            } else if st.open < st.size {
+                st.open += 1;
+                Grant::Slot
+            } else {
+                return;
+            };
+            let mut unsent = Some(grant);
+            while let Some(w) = st.waiters.pop_front() {
+                let Some(g) = unsent.take() else { break };
+                match w.tx.send(g) {
+                    Ok(()) => break,
+                    // That waiter gave up; try the next one with the same grant.
+                    Err(back) => unsent = Some(back),
+                }
+            }
+            match unsent {
+                Some(Grant::Conn(conn)) => st.idle.push(conn),
+                Some(Grant::Slot) => st.open -= 1,
+                None => {}
+            }
+        }
     }
 
     /// Closes idle connections and refuses new checkouts; lent connections close on return.

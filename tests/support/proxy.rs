@@ -21,6 +21,7 @@ pub struct TestProxyBuilder<'a> {
     pub client_login_timeout: Duration,
     pub users: BTreeMap<String, UserConfig>,
     pub extra_databases: Vec<(String, DatabaseConfig)>,
+    pub admin_token: Option<String>,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -70,6 +71,7 @@ impl<'a> TestProxyBuilder<'a> {
             client_login_timeout: Duration::from_secs(15),
             users,
             extra_databases: Vec::new(),
+            admin_token: None,
         }
     }
 
@@ -124,6 +126,10 @@ impl<'a> TestProxyBuilder<'a> {
                 workers: 0,
                 tcp_keepalive: Some(Duration::from_secs(60)),
             },
+            admin: pgweir::config::AdminConfig {
+                addr: Some("127.0.0.1:0".parse().expect("literal address")),
+                token: self.admin_token.clone(),
+            },
             pool_defaults: self.pool.clone(),
             databases,
             users: self.users.clone(),
@@ -148,6 +154,40 @@ pub struct TestProxy {
 impl TestProxy {
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Sends one HTTP/1.1 request to the admin API; returns (status, body).
+    pub async fn admin(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.proxy().admin_addr().expect("admin API enabled");
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to admin API");
+        let body = body.unwrap_or("");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: pgweir\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("send request");
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+            .await
+            .expect("admin response in time")
+            .expect("read response");
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     pub fn proxy(&self) -> &Proxy {

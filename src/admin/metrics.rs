@@ -1,0 +1,133 @@
+//! `/metrics`: Prometheus/OpenMetrics text built at scrape time from pool snapshots and the
+//! counters the pools and sessions already keep as plain atomics, so the hot path pays nothing
+//! for metrics. Labels are bounded: database and user, never client ids.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::AdminState;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pool: &crate::pool::Pool, extra: Option<(&str, &str)>) -> Labels {
+    let mut l = vec![
+        ("database".to_owned(), pool.key().database.clone()),
+        ("user".to_owned(), pool.key().user.clone()),
+    ];
+    if let Some((k, v)) = extra {
+        l.push((k.to_owned(), v.to_owned()));
+    }
+    l
+}
+
+pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
+    let mut registry = Registry::with_prefix("pgweir");
+    let pool_size = Family::<Labels, Gauge>::default();
+    let servers = Family::<Labels, Gauge>::default();
+    let waiting = Family::<Labels, Gauge>::default();
+    let paused = Family::<Labels, Gauge>::default();
+    let acquire_timeouts = Family::<Labels, Counter>::default();
+    let idle_tx = Family::<Labels, Counter>::default();
+    let connects = Family::<Labels, Counter>::default();
+    let connect_failures = Family::<Labels, Counter>::default();
+    let checkouts = Family::<Labels, Counter>::default();
+    let resets = Family::<Labels, Counter>::default();
+    for pool in s.ctx.pools.all() {
+        let snap = pool.snapshot();
+        let stats = pool.stats();
+        pool_size.get_or_create(&labels(&pool, None)).set(snap.size as i64);
+        servers
+            .get_or_create(&labels(&pool, Some(("state", "active"))))
+            .set(snap.active() as i64);
+        servers
+            .get_or_create(&labels(&pool, Some(("state", "idle"))))
+            .set(snap.idle as i64);
+        waiting.get_or_create(&labels(&pool, None)).set(snap.waiting as i64);
+        paused.get_or_create(&labels(&pool, None)).set(i64::from(snap.paused));
+        for (family, value) in [
+            (&acquire_timeouts, &stats.acquire_timeouts),
+            (&idle_tx, &stats.idle_transaction_timeouts),
+            (&connects, &stats.server_connects),
+            (&connect_failures, &stats.server_connect_failures),
+            (&checkouts, &stats.checkouts),
+            (&resets, &stats.session_resets),
+        ] {
+            family
+                .get_or_create(&labels(&pool, None))
+                .inc_by(value.load(Ordering::Relaxed));
+        }
+    }
+    registry.register("pool_size", "Configured pool_size per (database, user)", pool_size);
+    registry.register("server_connections", "Server connections by state", servers);
+    registry.register("clients_waiting", "Clients waiting for a server connection", waiting);
+    registry.register("pool_paused", "1 when the pool is paused", paused);
+    registry.register("acquire_timeouts", "Clients that hit acquire_timeout", acquire_timeouts);
+    registry.register(
+        "idle_transaction_timeouts",
+        "Clients closed by idle_transaction_timeout",
+        idle_tx,
+    );
+    registry.register("server_connects", "Server connections opened", connects);
+    registry.register(
+        "server_connect_failures",
+        "Failed attempts to open a server connection",
+        connect_failures,
+    );
+    registry.register(
+        "server_checkouts",
+        "Server connections lent to clients (transactions in transaction mode)",
+        checkouts,
+    );
+    registry.register(
+        "session_resets",
+        "Server resets after a client changed session state",
+        resets,
+    );
+
+    let clients = Gauge::<i64>::default();
+    clients.set(s.ctx.connected.load(Ordering::Relaxed) as i64);
+    registry.register("client_connections", "Connected clients", clients);
+    let st = &s.ctx.statements;
+    for (name, help, value) in [
+        (
+            "prepared_statement_hits",
+            "Client Parse of a statement pgweir already knew",
+            &st.hits,
+        ),
+        (
+            "prepared_statement_misses",
+            "Client Parse of a new statement",
+            &st.misses,
+        ),
+        (
+            "prepared_statement_reprepares",
+            "Statements prepared on another server before use",
+            &st.reprepares,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(value.load(Ordering::Relaxed));
+        registry.register(name, help, c);
+    }
+
+    let mut body = String::new();
+    if encode(&mut body, &registry).is_err() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed").into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}

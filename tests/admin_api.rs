@@ -1,0 +1,165 @@
+//! The admin HTTP API and /metrics against a live proxy and a real PostgreSQL.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pgweir::embedded_pg::roles;
+use support::proxy::{TestProxyBuilder, eventually};
+
+fn json(body: &str) -> serde_json::Value {
+    // Responses may be chunked; the JSON document is the line that starts with { or [.
+    let doc = body
+        .lines()
+        .find(|l| l.starts_with('{') || l.starts_with('['))
+        .unwrap_or(body);
+    serde_json::from_str(doc).unwrap_or_else(|e| panic!("bad JSON {body:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_ready_pools_and_metrics() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.acquire_timeout = Duration::from_millis(200))
+        .start()
+        .await;
+    let (status, body) = proxy.admin("GET", "/health", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let client = proxy.connect(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("query");
+    let (status, body) = proxy.admin("GET", "/ready", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    // Exhaust the pool: a waiter times out, and that shows in the pool list and metrics.
+    client.batch_execute("begin").await.expect("hold");
+    let other = proxy.connect(roles::SCRAM).await;
+    other.query_one("select 1", &[]).await.expect_err("acquire timeout");
+    let (status, body) = proxy.admin("GET", "/api/pools", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let pools = json(&body);
+    let pool = &pools[0];
+    assert_eq!(pool["database"], "app");
+    assert_eq!(pool["user"], roles::SCRAM.0);
+    assert_eq!(pool["size"], 1);
+    assert_eq!(pool["servers"]["active"], 1);
+    assert_eq!(pool["acquire_timeouts"], 1);
+    assert_eq!(pool["utilisation_percent"], 100.0);
+    let (_, body) = proxy.admin("GET", "/ready", None, None).await;
+    assert_eq!(json(&body)["checks"][0]["level"], "critical", "{body}");
+    let (status, metrics) = proxy.admin("GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    for needle in [
+        "pgweir_pool_size{database=\"app\",user=\"app_scram\"} 1",
+        "pgweir_server_connections{database=\"app\",user=\"app_scram\",state=\"active\"} 1",
+        "pgweir_acquire_timeouts_total{database=\"app\",user=\"app_scram\"} 1",
+        "pgweir_client_connections 2",
+        "# EOF",
+    ] {
+        assert!(metrics.contains(needle), "{needle:?} missing from\n{metrics}");
+    }
+    client.batch_execute("commit").await.expect("commit");
+    let (status, _) = proxy.admin("GET", "/nope", None, None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_under_load_serves_waiters_at_once() {
+    let pg = support::postgres();
+    let proxy = std::sync::Arc::new(
+        TestProxyBuilder::new(&pg)
+            .pool_size(1)
+            .with_pool(|p| p.acquire_timeout = Duration::from_secs(20))
+            .start()
+            .await,
+    );
+    let holder = proxy.connect(roles::SCRAM).await;
+    holder.batch_execute("begin").await.expect("hold the only server");
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let client = proxy.connect(roles::SCRAM).await;
+        waiters.push(tokio::spawn(async move {
+            client.simple_query("select 1").await.map(|_| ())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let path = format!("/api/pools/app/{}/size", roles::SCRAM.0);
+    let (status, body) = proxy.admin("PUT", &path, None, Some("{\"size\": 4}")).await;
+    assert_eq!(status, 200, "{body}");
+    for w in waiters {
+        w.await.expect("task").expect("waiter served after the resize");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (status, _) = proxy.admin("PUT", &path, None, Some("{\"size\": 0}")).await;
+    assert_eq!(status, 400);
+    // Shrinking retires idle connections.
+    holder.batch_execute("commit").await.expect("commit");
+    let (status, _) = proxy.admin("PUT", &path, None, Some("{\"size\": 1}")).await;
+    assert_eq!(status, 200);
+    let p = proxy.clone();
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let p = p.clone();
+            async move {
+                let (_, body) = p.admin("GET", "/api/pools", None, None).await;
+                json(&body)[0]["servers"]["open"] == 1
+            }
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_queues_new_transactions_until_resume() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(2)
+        .with_pool(|p| p.acquire_timeout = Duration::from_secs(20))
+        .start()
+        .await;
+    let client = proxy.connect(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("pool exists");
+    let base = format!("/api/pools/app/{}", roles::SCRAM.0);
+    let (status, body) = proxy.admin("POST", &format!("{base}/pause"), None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["paused"], true);
+    let (status, _) = proxy.admin("GET", "/ready", None, None).await;
+    assert_eq!(status, 503, "a paused pool is not ready");
+    let q = tokio::spawn(async move {
+        client
+            .query_one("select 5::int4", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!q.is_finished(), "a query ran while the pool was paused");
+    let (status, _) = proxy.admin("POST", &format!("{base}/resume"), None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(q.await.expect("task").expect("runs after resume"), 5);
+    let (status, _) = proxy.admin("POST", "/api/pools/nope/nobody/pause", None, None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_need_the_token_when_one_is_configured() {
+    let pg = support::postgres();
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.admin_token = Some("a-very-long-admin-token".to_owned());
+    let proxy = builder.start().await;
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("pool exists");
+    let path = format!("/api/pools/app/{}/pause", roles::SCRAM.0);
+    let (status, _) = proxy.admin("POST", &path, None, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = proxy.admin("POST", &path, Some("wrong-token-wrong-token"), None).await;
+    assert_eq!(status, 401);
+    let (status, _) = proxy.admin("POST", &path, Some("a-very-long-admin-token"), None).await;
+    assert_eq!(status, 200);
+    // Reads stay open.
+    let (status, _) = proxy.admin("GET", "/api/pools", None, None).await;
+    assert_eq!(status, 200);
+}
