@@ -170,34 +170,27 @@ fn find_pool(s: &AdminState, database: String, user: String) -> Result<Pool, Res
     })
 }
 
-async fn pause(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-    Path((database, user)): Path<(String, String)>,
-) -> Response {
-    if let Err(r) = authorise(&s, &headers) {
-        return r;
-    }
-    match find_pool(&s, database, user) {
-        Ok(pool) => {
-            pool.pause();
-            Json(pool_json(&pool)).into_response()
-        }
-        Err(r) => r,
-    }
+async fn pause(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {
+    mutate_pool(&s, &headers, key, Pool::pause)
 }
 
-async fn resume(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-    Path((database, user)): Path<(String, String)>,
+async fn resume(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {
+    mutate_pool(&s, &headers, key, Pool::resume)
+}
+
+/// Authorises, finds the pool, applies `f`, and answers with the pool's new state.
+fn mutate_pool(
+    s: &AdminState,
+    headers: &HeaderMap,
+    (database, user): (String, String),
+    f: impl FnOnce(&Pool),
 ) -> Response {
-    if let Err(r) = authorise(&s, &headers) {
+    if let Err(r) = authorise(s, headers) {
         return r;
     }
-    match find_pool(&s, database, user) {
+    match find_pool(s, database, user) {
         Ok(pool) => {
-            pool.resume();
+            f(&pool);
             Json(pool_json(&pool)).into_response()
         }
         Err(r) => r,
@@ -210,6 +203,7 @@ async fn resize(
     Path((database, user)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
+    // Unauthorised callers learn nothing about the body's validity.
     if let Err(r) = authorise(&s, &headers) {
         return r;
     }
@@ -225,11 +219,5 @@ async fn resize(
             );
         }
     };
-    match find_pool(&s, database, user) {
-        Ok(pool) => {
-            pool.resize(size);
-            Json(pool_json(&pool)).into_response()
-        }
-        Err(r) => r,
-    }
+    mutate_pool(&s, &headers, (database, user), |pool| pool.resize(size))
 }

@@ -15,7 +15,7 @@ use super::prepared::{
 use crate::config::SessionStatePolicy;
 use crate::pool::PooledServer;
 use crate::proto::frame::{HEADER_LEN, needed_len};
-use crate::proto::messages::{self, PgError};
+use crate::proto::messages::{self, PgError, put_message};
 use crate::proto::tag::{TransactionStatus, backend, frontend};
 use crate::proto::{ProtocolError, frame_at};
 use crate::server::params::{self, ParamSet};
@@ -649,13 +649,4 @@ fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
         });
         expect.push_back(Expect::InjectedClose);
     }
-}
-
-fn put_message(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let len_pos = buf.len();
-    buf.put_i32(0);
-    f(buf);
-    let len = (buf.len() - len_pos) as i32;
-    buf[len_pos..len_pos + 4].copy_from_slice(&len.to_be_bytes());
 }

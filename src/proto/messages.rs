@@ -9,7 +9,7 @@ use super::{ProtocolError, read_cstr, read_i32};
 
 /// Writes `tag | len | body`, with `body` produced by `f`; the length is patched afterwards so
 /// builders never compute sizes by hand.
-fn put_message(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
+pub(crate) fn put_message(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
     let len_pos = buf.len();
     buf.put_i32(0);
