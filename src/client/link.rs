@@ -476,8 +476,9 @@ impl Link {
         Ok(())
     }
 
-    /// True when the queue still expects replies although the server says it is done: a
-    /// protocol pgweir does not model (it is then cleared rather than blocking release).
+    /// Clears the reply queue when it still expects replies although the server has answered
+    /// every Sync and Query: a message flow pgweir does not model must not block the release
+    /// of the server forever (pgweir's own pending replies are kept).
     pub fn settle(&mut self) {
         if self.pending_rfq == 0 && !self.unsynced && !self.expect.is_empty() && self.s_ready == 0 {
             if matches!(
