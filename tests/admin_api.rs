@@ -163,3 +163,70 @@ async fn mutations_need_the_token_when_one_is_configured() {
     let (status, _) = proxy.admin("GET", "/api/pools", None, None).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_servers_clients_and_kill() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(2).start().await;
+    let conn = format!("{} application_name=leaker", proxy.conn_str(roles::SCRAM, "app"));
+    let (leaker, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let leaker_task = tokio::spawn(c);
+    leaker
+        .batch_execute("begin; select 1")
+        .await
+        .expect("leaker holds a server");
+    let idle = proxy.connect(roles::SCRAM).await;
+    idle.query_one("select 1", &[]).await.expect("idle client ran a query");
+    let pid: i32 = {
+        let direct = support::proxy::direct(&pg, "postgres").await;
+        direct
+            .query_one(
+                "select pid from pg_stat_activity where usename = 'app_scram' and state = 'idle in transaction'",
+                &[],
+            )
+            .await
+            .expect("the leaker's backend")
+            .get(0)
+    };
+    let (status, body) = proxy
+        .admin("GET", &format!("/api/holders?pool=app/{}", roles::SCRAM.0), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let holders = json(&body);
+    assert_eq!(holders.as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(holders[0]["application_name"], "leaker");
+    assert_eq!(
+        holders[0]["server_pid"], pid,
+        "the pid pg_stat_activity shows links to the client"
+    );
+    let client_id = holders[0]["id"].as_u64().expect("id");
+    let (_, body) = proxy.admin("GET", "/api/servers", None, None).await;
+    let servers = json(&body);
+    let held = servers
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|s| s["pid"] == pid)
+        .expect("held server listed");
+    assert_eq!(held["client"]["id"], client_id);
+    let (_, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    assert_eq!(json(&body).as_array().map(Vec::len), Some(2), "{body}");
+    // Kill the leaker through the pid a DBA sees: its transaction is rolled back.
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/servers/{pid}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), leaker_task)
+        .await
+        .expect("leaker disconnected")
+        .expect("task");
+    let e = ended.expect_err("killed");
+    assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    let (status, _) = proxy.admin("POST", "/api/clients/999999/kill", None, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = proxy.admin("GET", "/api/holders?pool=nonsense", None, None).await;
+    assert_eq!(status, 400);
+    idle.query_one("select 1", &[]).await.expect("other clients unaffected");
+}

@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::client::ClientContext;
+use crate::client::registry::{ClientInfo, ClientState, now_ms};
 use crate::pool::{Pool, PoolKey};
 
 /// Utilisation (active / pool_size) at which /ready reports a warning, and a critical state.
@@ -46,6 +47,11 @@ pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
         .route("/api/pools/{database}/{user}/pause", post(pause))
         .route("/api/pools/{database}/{user}/resume", post(resume))
         .route("/api/pools/{database}/{user}/size", put(resize))
+        .route("/api/clients", get(clients))
+        .route("/api/servers", get(servers))
+        .route("/api/holders", get(holders))
+        .route("/api/clients/{id}/kill", post(kill_client))
+        .route("/api/servers/{pid}/kill", post(kill_server))
         .fallback(not_found)
         .with_state(state)
 }
@@ -90,6 +96,133 @@ fn pool_json(pool: &Pool) -> Value {
 
 async fn pools(State(s): State<AdminState>) -> Json<Value> {
     Json(Value::Array(s.ctx.pools.all().iter().map(pool_json).collect()))
+}
+
+fn client_json(c: &ClientInfo, now: u64) -> Value {
+    let state = match c.state() {
+        ClientState::Idle => "idle",
+        ClientState::Waiting => "waiting",
+        ClientState::Active => "active",
+    };
+    json!({
+        "id": c.id.0,
+        "addr": c.addr.to_string(),
+        "application_name": c.application_name,
+        "database": c.pool.database,
+        "user": c.pool.user,
+        "state": state,
+        "connected_at_ms": c.connected_at,
+        "server_pid": c.server_pid(),
+        "transaction_start_ms": c.linked_at(),
+        "transaction_age_seconds": c.linked_at().map(|t| now.saturating_sub(t) as f64 / 1000.0),
+    })
+}
+
+async fn clients(State(s): State<AdminState>) -> Json<Value> {
+    let now = now_ms();
+    Json(Value::Array(
+        s.ctx.clients.all().iter().map(|c| client_json(c, now)).collect(),
+    ))
+}
+
+/// Every server connection: the ones lent (with the client holding each, the link a DBA needs
+/// when pg_stat_activity shows a pid "idle in transaction") and the idle ones.
+async fn servers(State(s): State<AdminState>) -> Json<Value> {
+    let now = now_ms();
+    let mut rows: Vec<Value> = s
+        .ctx
+        .clients
+        .all()
+        .iter()
+        .filter_map(|c| {
+            c.server_pid().map(|pid| {
+                json!({
+                    "pid": pid,
+                    "database": c.pool.database,
+                    "user": c.pool.user,
+                    "state": "active",
+                    "client": client_json(c, now),
+                })
+            })
+        })
+        .collect();
+    for pool in s.ctx.pools.all() {
+        for (pid, age, idle) in pool.idle_servers() {
+            rows.push(json!({
+                "pid": pid,
+                "database": pool.key().database,
+                "user": pool.key().user,
+                "state": "idle",
+                "age_seconds": age.as_secs_f64(),
+                "idle_seconds": idle.as_secs_f64(),
+            }));
+        }
+    }
+    Json(Value::Array(rows))
+}
+
+#[derive(serde::Deserialize)]
+struct HoldersQuery {
+    /// "database/user"; all pools when absent.
+    pool: Option<String>,
+}
+
+/// Who is holding the pool: clients with a server, longest-held first.
+async fn holders(State(s): State<AdminState>, axum::extract::Query(q): axum::extract::Query<HoldersQuery>) -> Response {
+    let filter = match q.pool.as_deref() {
+        None => None,
+        Some(p) => match p.split_once('/') {
+            Some((d, u)) => Some((d.to_owned(), u.to_owned())),
+            None => return error(StatusCode::BAD_REQUEST, "pool must be \"database/user\""),
+        },
+    };
+    let now = now_ms();
+    let mut held: Vec<_> = s
+        .ctx
+        .clients
+        .all()
+        .into_iter()
+        .filter(|c| c.server_pid().is_some())
+        .filter(|c| {
+            filter
+                .as_ref()
+                .is_none_or(|(d, u)| &c.pool.database == d && &c.pool.user == u)
+        })
+        .collect();
+    held.sort_by_key(|c| c.linked_at().unwrap_or(u64::MAX));
+    Json(Value::Array(held.iter().map(|c| client_json(c, now)).collect())).into_response()
+}
+
+async fn kill_client(State(s): State<AdminState>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    match s.ctx.clients.get(id) {
+        Some(c) => {
+            c.kill.cancel();
+            Json(json!({ "killed": id })).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, format!("no client {id}")),
+    }
+}
+
+/// Kills a server connection by backend pid: the client holding it is disconnected (its
+/// transaction rolled back), or an idle one is closed.
+async fn kill_server(State(s): State<AdminState>, headers: HeaderMap, Path(pid): Path<i32>) -> Response {
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    if let Some(c) = s.ctx.clients.by_server_pid(pid) {
+        c.kill.cancel();
+        return Json(json!({ "killed": pid, "client": c.id.0 })).into_response();
+    }
+    if s.ctx.pools.all().iter().any(|p| p.close_idle_server(pid)) {
+        return Json(json!({ "killed": pid })).into_response();
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no server connection with backend pid {pid}"),
+    )
 }
 
 /// 200 when every pool is reachable and not paused, 503 with the reasons otherwise; per-pool

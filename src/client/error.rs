@@ -28,6 +28,8 @@ pub enum ClientError {
     Pool(#[from] PoolError),
     #[error("pgweir is shutting down")]
     Shutdown,
+    #[error("terminated by an administrator")]
+    Killed,
 }
 
 impl ClientError {

@@ -11,6 +11,7 @@ mod handshake;
 pub mod hygiene;
 mod link;
 pub mod prepared;
+pub mod registry;
 mod session;
 mod users;
 
@@ -48,6 +49,8 @@ pub struct ClientContext {
     next_client: AtomicU64,
     /// Connected clients (any phase), for max_client_conn accounting and the admin API.
     pub connected: AtomicUsize,
+    /// Logged-in clients, for the admin API.
+    pub clients: registry::ClientRegistry,
 }
 
 impl ClientContext {
@@ -67,6 +70,7 @@ impl ClientContext {
             shutdown,
             next_client: AtomicU64::new(0),
             connected: AtomicUsize::new(0),
+            clients: registry::ClientRegistry::default(),
         }
     }
 
@@ -84,7 +88,15 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>)
         let Some(login) = handshake::run(stream, &ctx).await? else {
             return Ok(());
         };
-        session::run(login, &ctx).await
+        let app_name = login
+            .params
+            .get("application_name")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let info = ctx.clients.register(id, addr, login.pool.key().clone(), app_name);
+        let result = session::run(login, &ctx, info).await;
+        ctx.clients.unregister(id);
+        result
     }
     .await;
     match result {

@@ -22,9 +22,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use super::handshake::{LoggedIn, send_error};
 use super::link::{ClientSide, ClientStatements, Link};
 use super::prepared::{StatementCommand, classify_query};
+use super::registry::ClientInfo;
 use super::{ClientContext, ClientError};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::pool::{Pool, PoolError, PooledServer};
@@ -56,6 +59,8 @@ struct Session<'a> {
     statements: ClientStatements,
     /// When the client last sent anything, for idle_transaction_timeout.
     last_activity: Instant,
+    /// This client's entry in the admin registry.
+    info: Arc<ClientInfo>,
 }
 
 struct LoggedInKeys {
@@ -71,7 +76,7 @@ enum Unlinked {
     ClientGone,
 }
 
-pub(super) async fn run(login: LoggedIn, ctx: &ClientContext) -> Result<(), ClientError> {
+pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientInfo>) -> Result<(), ClientError> {
     let LoggedIn {
         client,
         pool,
@@ -94,6 +99,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext) -> Result<(), Clie
         login: LoggedInKeys { key, slot },
         statements: ClientStatements::new(),
         last_activity: Instant::now(),
+        info,
     };
     let result = session.serve().await;
     ctx.cancels.unregister(session.login.key);
@@ -169,6 +175,7 @@ impl Session<'_> {
                         let _ = send_error(&mut self.client, &e).await;
                         return Err(ClientError::Shutdown);
                     }
+                    _ = self.info.kill.cancelled() => return Err(self.killed().await),
                 }
             }
             self.reserve_for_client();
@@ -339,6 +346,16 @@ impl Session<'_> {
 
     /// Checks out a server and applies the client's session parameters to it.
     async fn acquire(&mut self) -> Result<PooledServer, PgError> {
+        self.info.set_waiting();
+        let result = self.acquire_inner().await;
+        match &result {
+            Ok(server) => self.info.set_linked(server.conn_ref().backend_pid()),
+            Err(_) => self.info.set_idle(),
+        }
+        result
+    }
+
+    async fn acquire_inner(&mut self) -> Result<PooledServer, PgError> {
         let deadline = Instant::now() + self.pool.settings().acquire_timeout;
         let mut server = match self.pool.checkout(deadline).await {
             Ok(s) => s,
@@ -411,6 +428,7 @@ impl Session<'_> {
             self.login.slot.set_target(conn.addr, conn.backend_key);
         }
         let result = self.pump(&mut link).await;
+        self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -564,6 +582,7 @@ impl Session<'_> {
                     }
                 } => Event::Server(r),
                 _ = sleep_until_opt(idle_deadline), if idle_deadline.is_some() => Event::IdleTimeout,
+                _ = self.info.kill.cancelled() => Event::Killed,
             };
             match event {
                 Event::Client(Io::Wrote(r)) => {
@@ -593,6 +612,7 @@ impl Session<'_> {
                     Err(e) => return Err(self.server_lost(link, Some(e)).await),
                 },
                 Event::IdleTimeout => return Err(self.idle_transaction_timeout(link).await),
+                Event::Killed => return Err(self.killed().await),
             }
         }
     }
@@ -613,6 +633,17 @@ impl Session<'_> {
             Some(e) => ClientError::ServerIo(e),
             None => ClientError::Server(ServerError::Closed),
         }
+    }
+
+    /// An operator killed this client through the admin API: tell it, and end the session (a
+    /// server it held is cancelled and closed by the caller).
+    async fn killed(&mut self) -> ClientError {
+        let reply = PgError::fatal(
+            "57P01",
+            "pgweir: connection terminated by an administrator (admin API kill)",
+        );
+        let _ = send_error(&mut self.client, &reply).await;
+        ClientError::Killed
     }
 
     async fn idle_transaction_timeout(&mut self, link: &Link) -> ClientError {
@@ -652,6 +683,7 @@ enum Event {
     Client(Io),
     Server(Io),
     IdleTimeout,
+    Killed,
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -457,6 +457,36 @@ impl Pool {
         }
     }
 
+    /// Idle server connections: (backend pid, age, time idle).
+    pub fn idle_servers(&self) -> Vec<(i32, Duration, Duration)> {
+        let now = Instant::now();
+        lock(&self.shared.state)
+            .idle
+            .iter()
+            .map(|c| {
+                (
+                    c.backend_pid(),
+                    now.duration_since(c.created),
+                    now.duration_since(c.last_used),
+                )
+            })
+            .collect()
+    }
+
+    /// Closes the idle server connection with this backend pid; false if none is idle here.
+    pub fn close_idle_server(&self, pid: i32) -> bool {
+        let conn = {
+            let mut st = lock(&self.shared.state);
+            let Some(i) = st.idle.iter().position(|c| c.backend_pid() == pid) else {
+                return false;
+            };
+            st.idle.remove(i)
+        };
+        conn.close();
+        self.release_slot();
+        true
+    }
+
     /// Closes idle connections and refuses new checkouts; lent connections close on return.
     pub fn close(&self) {
         let idle = {

@@ -1,0 +1,132 @@
+//! Logged-in clients, for the admin API ("who holds the pool") and admin kills. Sessions update
+//! their entry once per transaction with relaxed atomics, never per message; the admin side
+//! only reads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use super::ClientId;
+use crate::pool::PoolKey;
+
+/// What a client is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Logged in, no server.
+    Idle = 0,
+    /// Waiting for a server connection.
+    Waiting = 1,
+    /// Holding a server connection.
+    Active = 2,
+}
+
+/// One client's public facts.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: ClientId,
+    pub addr: SocketAddr,
+    pub pool: PoolKey,
+    pub application_name: String,
+    /// Unix milliseconds.
+    pub connected_at: u64,
+    state: AtomicU8,
+    /// When the current server link started (Unix ms), 0 when none.
+    linked_at: AtomicU64,
+    /// PostgreSQL backend pid of the server held, 0 when none.
+    server_pid: AtomicI32,
+    /// Fired by an admin kill.
+    pub kill: CancellationToken,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ClientInfo {
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
+    }
+
+    pub fn set_waiting(&self) {
+        self.state.store(ClientState::Waiting as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_linked(&self, server_pid: i32) {
+        self.server_pid.store(server_pid, Ordering::Relaxed);
+        self.linked_at.store(now_ms(), Ordering::Relaxed);
+        self.state.store(ClientState::Active as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_idle(&self) {
+        self.server_pid.store(0, Ordering::Relaxed);
+        self.linked_at.store(0, Ordering::Relaxed);
+        self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
+    }
+
+    /// The backend pid of the server held, if any.
+    pub fn server_pid(&self) -> Option<i32> {
+        Some(self.server_pid.load(Ordering::Relaxed)).filter(|&p| p != 0)
+    }
+
+    /// When the current server link (in transaction mode: the transaction) started.
+    pub fn linked_at(&self) -> Option<u64> {
+        Some(self.linked_at.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+}
+
+/// Every logged-in client by id.
+#[derive(Debug, Default)]
+pub struct ClientRegistry {
+    clients: DashMap<u64, Arc<ClientInfo>>,
+}
+
+impl ClientRegistry {
+    pub fn register(&self, id: ClientId, addr: SocketAddr, pool: PoolKey, application_name: String) -> Arc<ClientInfo> {
+        let info = Arc::new(ClientInfo {
+            id,
+            addr,
+            pool,
+            application_name,
+            connected_at: now_ms(),
+            state: AtomicU8::new(ClientState::Idle as u8),
+            linked_at: AtomicU64::new(0),
+            server_pid: AtomicI32::new(0),
+            kill: CancellationToken::new(),
+        });
+        self.clients.insert(id.0, info.clone());
+        info
+    }
+
+    pub fn unregister(&self, id: ClientId) {
+        self.clients.remove(&id.0);
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
+        self.clients.get(&id).map(|e| e.value().clone())
+    }
+
+    /// A snapshot, ordered by id.
+    pub fn all(&self) -> Vec<Arc<ClientInfo>> {
+        let mut v: Vec<Arc<ClientInfo>> = self.clients.iter().map(|e| e.value().clone()).collect();
+        v.sort_by_key(|c| c.id.0);
+        v
+    }
+
+    /// The client holding the server with this backend pid.
+    pub fn by_server_pid(&self, pid: i32) -> Option<Arc<ClientInfo>> {
+        self.clients
+            .iter()
+            .find(|e| e.value().server_pid() == Some(pid))
+            .map(|e| e.value().clone())
+    }
+}
