@@ -230,3 +230,58 @@ async fn holders_servers_clients_and_kill() {
     assert_eq!(status, 400);
     idle.query_one("select 1", &[]).await.expect("other clients unaffected");
 }
+
+/// Every metric the shipped alert rules and dashboard use is one pgweir serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_and_dashboard_use_real_metric_names() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).start().await;
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("pool exists");
+    let (_, metrics) = proxy.admin("GET", "/metrics", None, None).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let alerts = std::fs::read_to_string(dir.join("alerts.yml")).expect("alerts.yml");
+    let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).expect("dashboard");
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let mut checked = 0;
+    for text in [&alerts, &dashboard] {
+        for (i, _) in text.match_indices("pgweir_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+                "{name} is used in config/ but not served by /metrics"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_lists_every_route() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).start().await;
+    let (status, body) = proxy.admin("GET", "/api/openapi.json", None, None).await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("OpenAPI document is JSON");
+    for path in [
+        "/health",
+        "/ready",
+        "/metrics",
+        "/api/pools",
+        "/api/clients",
+        "/api/servers",
+        "/api/holders",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+}

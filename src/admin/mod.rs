@@ -44,6 +44,7 @@ pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics::scrape))
         .route("/api/pools", get(pools))
+        .route("/api/openapi.json", get(openapi))
         .route("/api/pools/{database}/{user}/pause", post(pause))
         .route("/api/pools/{database}/{user}/resume", post(resume))
         .route("/api/pools/{database}/{user}/size", put(resize))
@@ -62,6 +63,15 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint; see README for the admin API")
+}
+
+/// The OpenAPI description of this API, kept next to the code it describes.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 async fn health() -> Json<Value> {
