@@ -31,6 +31,12 @@ enum Command {
     },
     /// Validate a configuration file and print every problem found.
     Check,
+    /// Print the pools table (like PgBouncer's SHOW POOLS) from a running pgweir's admin API.
+    Status {
+        /// Admin API address; default: [admin] addr from --config, else 127.0.0.1:6433.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
 }
 
 /// EX_USAGE / EX_CONFIG from sysexits.h, so scripts can tell a bad config from a crash.
@@ -57,6 +63,19 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Demo { listen }) => demo(listen),
+        Some(Command::Status { admin }) => {
+            let addr = match (admin, &cli.config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => Config::load(path)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .admin
+                    .addr
+                    .context("the admin API is disabled in that config ([admin] addr = \"\")")?,
+                (None, None) => SocketAddr::from(([127, 0, 0, 1], 6433)),
+            };
+            print!("{}", status(addr)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Check) => {
             let path = cli.config.context("pgweir check needs --config FILE")?;
             match Config::load(&path) {
@@ -85,6 +104,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Fetches /api/pools and renders it as a table.
+fn status(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /api/pools HTTP/1.1\r\nHost: pgweir\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("admin API answered: {}", head.lines().next().unwrap_or(""));
+    }
+    // axum answers with a Content-Length body (no chunking) for JSON.
+    let pools: serde_json::Value = serde_json::from_str(body).context("admin API returned invalid JSON")?;
+    let mut out = format!(
+        "{:<20} {:<16} {:<11} {:>5} {:>7} {:>5} {:>8} {:>7} {:>9} {:>7}\n",
+        "database", "user", "mode", "size", "active", "idle", "waiting", "util%", "timeouts", "paused"
+    );
+    for p in pools.as_array().map(Vec::as_slice).unwrap_or_default() {
+        out.push_str(&format!(
+            "{:<20} {:<16} {:<11} {:>5} {:>7} {:>5} {:>8} {:>7} {:>9} {:>7}\n",
+            p["database"].as_str().unwrap_or(""),
+            p["user"].as_str().unwrap_or(""),
+            p["mode"].as_str().unwrap_or(""),
+            p["size"],
+            p["servers"]["active"],
+            p["servers"]["idle"],
+            p["clients"]["waiting"],
+            p["utilisation_percent"],
+            p["acquire_timeouts"],
+            p["paused"],
+        ));
+    }
+    Ok(out)
 }
 
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {

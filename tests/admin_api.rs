@@ -285,3 +285,30 @@ async fn openapi_document_lists_every_route() {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_subcommand_prints_the_pools_table() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(3).start().await;
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("pool exists");
+    let admin = proxy.proxy().admin_addr().expect("admin enabled").to_string();
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgweir"))
+            .args(["status", "--admin", &admin])
+            .output()
+            .expect("pgweir status runs")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("database"), "{stdout}");
+    let row = stdout.lines().nth(1).expect("one pool row");
+    assert!(
+        row.starts_with("app") && row.contains("app_scram") && row.contains("transaction"),
+        "{row}"
+    );
+}
