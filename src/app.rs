@@ -43,6 +43,12 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the client listener and starts accepting. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Proxy, AppError> {
+        Self::start_with_path(config, None).await
+    }
+
+    /// Like [`Proxy::start`], remembering the file `config` came from so SIGHUP and
+    /// POST /api/reload can re-read it.
+    pub async fn start_with_path(config: Config, path: Option<std::path::PathBuf>) -> Result<Proxy, AppError> {
         let config = Arc::new(config);
         let listener = TcpListener::bind(config.listen.addr)
             .await
@@ -57,12 +63,9 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let pools = PoolRegistry::new(shutdown.child_token(), tracker.clone());
-        let ctx = Arc::new(ClientContext::new(
-            config.clone(),
-            pools,
-            Arc::new(ServerIds::default()),
-            shutdown.clone(),
-        ));
+        let mut ctx = ClientContext::new(config.clone(), pools, Arc::new(ServerIds::default()), shutdown.clone());
+        ctx.config_path = path;
+        let ctx = Arc::new(ctx);
         let admin_addr = match config.admin.addr {
             Some(admin) => {
                 let admin_listener = TcpListener::bind(admin)
@@ -125,7 +128,7 @@ impl Proxy {
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<ClientContext>, tracker: TaskTracker) {
-    let limit = Arc::new(Semaphore::new(ctx.config.listen.max_client_conn));
+    let limit = Arc::new(Semaphore::new(ctx.config.load().listen.max_client_conn));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(s) => s,
@@ -143,7 +146,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ClientContext>, tracker: Ta
                 tracker.spawn(serve_with_permit(stream, addr, ctx, permit));
             }
             Err(_) => {
-                let max = ctx.config.listen.max_client_conn;
+                let max = ctx.config.load().listen.max_client_conn;
                 tracker.spawn(refuse(stream, max));
             }
         }
@@ -205,11 +208,24 @@ async fn refuse(mut stream: TcpStream, max: usize) {
     .await;
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
+/// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP re-reads the
+/// configuration file (a broken file is rejected and the running configuration kept).
+pub async fn run_until_signal(config: Config, path: Option<std::path::PathBuf>) -> Result<(), AppError> {
     let grace = config.listen.shutdown_timeout;
-    let proxy = Proxy::start(config).await?;
+    let proxy = Proxy::start_with_path(config, path).await?;
+    let ctx = proxy.context().clone();
+    let reloader = tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            if let Err(e) = ctx.reload_from_file() {
+                tracing::error!(error = %e, "configuration reload rejected; the running configuration is kept");
+            }
+        }
+    });
     crate::shutdown::wait_for_signal().await;
+    reloader.abort();
     tracing::info!(
         ?grace,
         "shutting down: no new connections; open transactions may finish"

@@ -100,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            runtime(config.listen.workers)?.block_on(pgweir::app::run_until_signal(config))?;
+            runtime(config.listen.workers)?.block_on(pgweir::app::run_until_signal(config, Some(path)))?;
             Ok(ExitCode::SUCCESS)
         }
     }

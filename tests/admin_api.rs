@@ -312,3 +312,55 @@ async fn status_subcommand_prints_the_pools_table() {
         "{row}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_good_file_and_keeps_running_on_a_broken_one() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgweir.toml");
+    let write = |pool_size: u32, extra: &str| {
+        let (user, password) = roles::SCRAM;
+        std::fs::write(
+            &path,
+            format!(
+                "[listen]\naddr = \"127.0.0.1:0\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n[databases.app]\nport = {}\npool_size = {pool_size}\n{extra}\n\n[users.{user}]\npassword = \"{password}\"\n",
+                pg.port()
+            ),
+        )
+        .expect("write config");
+    };
+    write(2, "");
+    let config = pgweir::config::Config::load(&path).expect("valid config");
+    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
+        .await
+        .expect("start");
+    let harness = support::proxy::TestProxy::wrap(proxy);
+    harness
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("works");
+    let pool_size = |body: &str| json(body)[0]["size"].as_u64();
+    let (_, body) = harness.admin("GET", "/api/pools", None, None).await;
+    assert_eq!(pool_size(&body), Some(2));
+
+    write(7, "");
+    let (status, body) = harness.admin("POST", "/api/reload", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = harness.admin("GET", "/api/pools", None, None).await;
+    assert_eq!(pool_size(&body), Some(7), "pool_size follows the reloaded file");
+
+    write(3, "bogus_key = 1");
+    let (status, body) = harness.admin("POST", "/api/reload", None, None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bogus_key"), "{body}");
+    let (_, body) = harness.admin("GET", "/api/pools", None, None).await;
+    assert_eq!(pool_size(&body), Some(7), "a broken file changes nothing");
+    harness
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("still serving");
+}

@@ -175,15 +175,23 @@ async fn waiters_are_served_first_in_first_out() {
     holder.batch_execute("begin").await.expect("hold the only server");
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
-    for i in 0..5 {
+    for i in 0..5usize {
         let client = proxy.connect(roles::SCRAM).await;
         let order = order.clone();
         tasks.push(tokio::spawn(async move {
             client.simple_query("select 1").await.expect("eventually served");
             order.lock().expect("lock").push(i);
         }));
-        // Make the arrival order unambiguous.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Make the arrival order unambiguous: the next waiter starts only once this one is
+        // queued in the pool (a fixed sleep is not enough on a loaded machine).
+        let pools = &proxy.proxy().context().pools;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                pools.all()[0].snapshot().waiting == i + 1
+            })
+            .await,
+            "waiter {i} never queued"
+        );
     }
     holder.batch_execute("commit").await.expect("release");
     for t in tasks {

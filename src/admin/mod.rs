@@ -35,7 +35,7 @@ pub struct AdminState {
 /// The admin router; `local` is the address the admin listener is bound to.
 pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
     let state = AdminState {
-        token: ctx.config.admin.token.clone(),
+        token: ctx.config.load().admin.token.clone(),
         loopback: local.ip().is_loopback(),
         ctx,
     };
@@ -48,6 +48,7 @@ pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
         .route("/api/pools/{database}/{user}/pause", post(pause))
         .route("/api/pools/{database}/{user}/resume", post(resume))
         .route("/api/pools/{database}/{user}/size", put(resize))
+        .route("/api/reload", post(reload))
         .route("/api/clients", get(clients))
         .route("/api/servers", get(servers))
         .route("/api/holders", get(holders))
@@ -201,6 +202,21 @@ async fn holders(State(s): State<AdminState>, axum::extract::Query(q): axum::ext
         .collect();
     held.sort_by_key(|c| c.linked_at().unwrap_or(u64::MAX));
     Json(Value::Array(held.iter().map(|c| client_json(c, now)).collect())).into_response()
+}
+
+/// Re-reads the configuration file, like SIGHUP. A broken file is rejected (400, with every
+/// problem) and the running configuration kept.
+async fn reload(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    match s.ctx.reload_from_file() {
+        Ok(needs_restart) => Json(json!({ "reloaded": true, "needs_restart": needs_restart })).into_response(),
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("configuration rejected, running configuration kept: {e}"),
+        ),
+    }
 }
 
 async fn kill_client(State(s): State<AdminState>, headers: HeaderMap, Path(id): Path<u64>) -> Response {

@@ -41,7 +41,7 @@ pub(super) struct LoggedIn {
 
 /// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
 pub(super) async fn run(mut client: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
-    let timeout = ctx.config.listen.client_login_timeout;
+    let timeout = ctx.config.load().listen.client_login_timeout;
     match tokio::time::timeout(timeout, login(&mut client, ctx)).await {
         Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
             client,
@@ -117,6 +117,9 @@ pub(super) async fn send_error(client: &mut TcpStream, e: &PgError) -> std::io::
 }
 
 async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Done>, Failure> {
+    // One consistent configuration for the whole login, even if a reload happens meanwhile.
+    let config = ctx.config.load_full();
+    let users = ctx.users.load_full();
     let startup = loop {
         let packet = read_startup_packet(client).await?;
         match startup::parse_startup_packet(&packet)? {
@@ -166,8 +169,8 @@ async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Don
 
     let scram_keys = authenticate(client, ctx, &user).await?;
 
-    let Some(db) = ctx.config.databases.get(&database) else {
-        let known: Vec<&str> = ctx.config.databases.keys().map(String::as_str).collect();
+    let Some(db) = config.databases.get(&database) else {
+        let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
         return Err(reject(
             PgError::fatal("3D000", format!("database \"{database}\" does not exist"))
                 .with_detail(format!("pgweir serves these databases: {}", known.join(", ")))
@@ -181,8 +184,7 @@ async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Don
         database: database.clone(),
         user: user.clone(),
     };
-    let settings = ctx
-        .config
+    let settings = config
         .pool_settings(&database, &user)
         .unwrap_or_else(|| db.pool.clone());
     let server_user = db.server_user.clone().unwrap_or_else(|| user.clone());
@@ -198,7 +200,7 @@ async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Don
             },
             secret,
             settings,
-            ctx.config.listen.tcp_keepalive,
+            config.listen.tcp_keepalive,
             ctx.server_ids.clone(),
         )
     });
@@ -206,10 +208,7 @@ async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Don
     // verifier derived here from a plain password has a different salt than the server's) and
     // no forced server user is configured.
     if let (Some(keys), None) = (scram_keys, &db.server_user)
-        && ctx
-            .users
-            .get(&user)
-            .is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
+        && users.get(&user).is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
     {
         pool.set_secret(ServerSecret::Scram(keys));
     }
@@ -350,16 +349,17 @@ fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bo
     if forced_user {
         return db_password.map_or(ServerSecret::None, |p| ServerSecret::Plain(p.to_owned()));
     }
-    match ctx.users.get(user).map(|u| &u.secret) {
-        Some(Secret::Plain(p)) => ServerSecret::Plain(p.clone()),
-        Some(Secret::Md5(m)) => ServerSecret::Md5Stored(m.clone()),
+    match ctx.users.load().get(user).map(|u| u.secret.clone()) {
+        Some(Secret::Plain(p)) => ServerSecret::Plain(p),
+        Some(Secret::Md5(m)) => ServerSecret::Md5Stored(m),
         _ => ServerSecret::None,
     }
 }
 
 /// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
 async fn authenticate(client: &mut TcpStream, ctx: &ClientContext, user: &str) -> Result<Option<ScramKeys>, Failure> {
-    let entry = ctx.users.get(user);
+    let users = ctx.users.load_full();
+    let entry = users.get(user);
     let failed = || {
         reject(PgError::fatal(
             "28P01",
@@ -367,7 +367,7 @@ async fn authenticate(client: &mut TcpStream, ctx: &ClientContext, user: &str) -
         ))
     };
     let mut out = BytesMut::with_capacity(256);
-    match ctx.config.listen.auth_type {
+    match ctx.config.load().listen.auth_type {
         AuthType::Trust => {
             messages::auth_ok(&mut out);
             client.write_all(&out).await?;

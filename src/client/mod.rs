@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +37,10 @@ pub struct ClientId(pub u64);
 
 /// Everything a session needs from the rest of the process, passed in (no globals).
 pub struct ClientContext {
-    pub config: Arc<Config>,
-    pub users: UserDirectory,
+    /// The running configuration; swapped whole on reload (new logins see the new one).
+    pub config: ArcSwap<Config>,
+    /// Client credentials prepared from `config`; swapped together with it.
+    pub users: ArcSwap<UserDirectory>,
     pub pools: Arc<PoolRegistry>,
     pub cancels: CancelRegistry,
     /// Prepared statements shared by all clients (see `prepared`).
@@ -51,6 +54,8 @@ pub struct ClientContext {
     pub connected: AtomicUsize,
     /// Logged-in clients, for the admin API.
     pub clients: registry::ClientRegistry,
+    /// The file the configuration came from, re-read on SIGHUP and POST /api/reload.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl ClientContext {
@@ -61,8 +66,8 @@ impl ClientContext {
         shutdown: CancellationToken,
     ) -> Self {
         ClientContext {
-            users: UserDirectory::from_config(&config),
-            config,
+            users: ArcSwap::from_pointee(UserDirectory::from_config(&config)),
+            config: ArcSwap::new(config),
             pools,
             cancels: CancelRegistry::default(),
             statements: prepared::StatementRegistry::default(),
@@ -71,7 +76,49 @@ impl ClientContext {
             next_client: AtomicU64::new(0),
             connected: AtomicUsize::new(0),
             clients: registry::ClientRegistry::default(),
+            config_path: None,
         }
+    }
+
+    /// Re-reads the configuration file. A file with any problem is rejected whole and the running
+    /// configuration kept; the error lists every problem.
+    pub fn reload_from_file(&self) -> Result<Vec<String>, String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or_else(|| "pgweir was started without a configuration file".to_owned())?;
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let needs_restart = self.reload(config);
+        tracing::info!(path = %path.display(), ?needs_restart, "configuration reloaded");
+        Ok(needs_restart)
+    }
+
+    /// Applies a new, already validated configuration: new logins use it at once, existing pools
+    /// take the new pool_size (other pool settings apply to pools created from now on). Returns
+    /// what could not change without a restart.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        let old = self.config.load_full();
+        let mut needs_restart = Vec::new();
+        if old.listen.addr != config.listen.addr {
+            needs_restart.push("listen.addr".to_owned());
+        }
+        if old.listen.max_client_conn != config.listen.max_client_conn {
+            needs_restart.push("listen.max_client_conn".to_owned());
+        }
+        if old.admin.addr != config.admin.addr {
+            needs_restart.push("admin.addr".to_owned());
+        }
+        for pool in self.pools.all() {
+            let key = pool.key();
+            if let Some(settings) = config.pool_settings(&key.database, &key.user)
+                && settings.pool_size != pool.snapshot().size
+            {
+                pool.resize(settings.pool_size);
+            }
+        }
+        self.users.store(Arc::new(UserDirectory::from_config(&config)));
+        self.config.store(Arc::new(config));
+        needs_restart
     }
 
     fn next_client_id(&self) -> ClientId {
@@ -83,7 +130,7 @@ impl ClientContext {
 /// ends this session only.
 pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>) {
     let id = ctx.next_client_id();
-    crate::net::configure_socket(&stream, ctx.config.listen.tcp_keepalive);
+    crate::net::configure_socket(&stream, ctx.config.load().listen.tcp_keepalive);
     let result = async {
         let Some(login) = handshake::run(stream, &ctx).await? else {
             return Ok(());

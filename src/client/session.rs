@@ -93,7 +93,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         mode: settings.mode,
         pool,
         params,
-        max_message: ctx.config.listen.max_message_size,
+        max_message: ctx.config.load().listen.max_message_size,
         idle_tx_timeout: settings.idle_transaction_timeout,
         discard_until_sync: false,
         login: LoggedInKeys { key, slot },

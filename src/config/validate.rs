@@ -300,10 +300,6 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
             SocketAddr::from(DEFAULT_ADDR)
         }),
     };
-    if addr.port() == 0 {
-        // Port 0 would bind a random port nobody knows to connect to.
-        p.add("listen.addr", format!("port must not be 0, got {addr}"));
-    }
     let auth_type = match l.auth_type.as_deref() {
         None | Some("scram-sha-256") => AuthType::ScramSha256,
         Some("md5") => AuthType::Md5,

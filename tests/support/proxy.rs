@@ -152,6 +152,14 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// Wraps a proxy started some other way (e.g. from a config file).
+    pub fn wrap(proxy: Proxy) -> TestProxy {
+        TestProxy {
+            addr: proxy.local_addr(),
+            proxy: Some(proxy),
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
