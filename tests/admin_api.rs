@@ -57,6 +57,27 @@ async fn health_ready_pools_and_metrics() {
     ] {
         assert!(metrics.contains(needle), "{needle:?} missing from\n{metrics}");
     }
+    // Histograms: every acquisition (including the timed-out one) and every held server.
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+    };
+    let acquires = sample("pgweir_acquire_wait_seconds_count{");
+    assert!(acquires >= 3.0, "{acquires}");
+    assert_eq!(
+        sample("pgweir_acquire_wait_seconds_bucket{le=\"+Inf\""),
+        acquires,
+        "+Inf bucket = count"
+    );
+    assert!(
+        sample("pgweir_acquire_wait_seconds_sum{") >= 0.2,
+        "the 200 ms timeout is in the sum"
+    );
+    assert!(sample("pgweir_transaction_duration_seconds_count{") >= 2.0);
     client.batch_execute("commit").await.expect("commit");
     let (status, _) = proxy.admin("GET", "/nope", None, None).await;
     assert_eq!(status, 404);

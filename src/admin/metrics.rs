@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::AdminState;
+use crate::metrics::HistogramSnapshot;
 
 type Labels = Vec<(String, String)>;
 
@@ -40,6 +41,8 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     let connect_failures = Family::<Labels, Counter>::default();
     let checkouts = Family::<Labels, Counter>::default();
     let resets = Family::<Labels, Counter>::default();
+    let acquire_wait = Family::<Labels, HistogramSnapshot>::default();
+    let transaction_duration = Family::<Labels, HistogramSnapshot>::default();
     for pool in s.ctx.pools.all() {
         let snap = pool.snapshot();
         let stats = pool.stats();
@@ -52,6 +55,12 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             .set(snap.idle as i64);
         waiting.get_or_create(&labels(&pool, None)).set(snap.waiting as i64);
         paused.get_or_create(&labels(&pool, None)).set(i64::from(snap.paused));
+        acquire_wait
+            .get_or_create(&labels(&pool, None))
+            .set_from(&stats.acquire_wait.snapshot());
+        transaction_duration
+            .get_or_create(&labels(&pool, None))
+            .set_from(&stats.transaction_duration.snapshot());
         for (family, value) in [
             (&acquire_timeouts, &stats.acquire_timeouts),
             (&idle_tx, &stats.idle_transaction_timeouts),
@@ -90,6 +99,19 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         "session_resets",
         "Server resets after a client changed session state",
         resets,
+    );
+
+    registry.register_with_unit(
+        "acquire_wait",
+        "Time from a client's first message to holding a server connection",
+        prometheus_client::registry::Unit::Seconds,
+        acquire_wait,
+    );
+    registry.register_with_unit(
+        "transaction_duration",
+        "Time a client held a server connection (one transaction in transaction mode)",
+        prometheus_client::registry::Unit::Seconds,
+        transaction_duration,
     );
 
     let clients = Gauge::<i64>::default();

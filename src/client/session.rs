@@ -347,7 +347,9 @@ impl Session<'_> {
     /// Checks out a server and applies the client's session parameters to it.
     async fn acquire(&mut self) -> Result<PooledServer, PgError> {
         self.info.set_waiting();
+        let started = Instant::now();
         let result = self.acquire_inner().await;
+        self.pool.stats().acquire_wait.observe(started.elapsed());
         match &result {
             Ok(server) => self.info.set_linked(server.conn_ref().backend_pid()),
             Err(_) => self.info.set_idle(),
@@ -427,7 +429,9 @@ impl Session<'_> {
             let conn = link.server.conn_ref();
             self.login.slot.set_target(conn.addr, conn.backend_key);
         }
+        let linked_at = Instant::now();
         let result = self.pump(&mut link).await;
+        self.pool.stats().transaction_duration.observe(linked_at.elapsed());
         self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {

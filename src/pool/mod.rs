@@ -69,6 +69,10 @@ pub struct PoolStats {
     pub session_resets: AtomicU64,
     /// The most recent attempt to open a server connection failed (for /ready).
     pub last_connect_failed: std::sync::atomic::AtomicBool,
+    /// Time from a client's first message to holding a server.
+    pub acquire_wait: crate::metrics::LatencyHistogram,
+    /// Time a client held a server (in transaction mode: one transaction).
+    pub transaction_duration: crate::metrics::LatencyHistogram,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.

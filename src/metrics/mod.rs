@@ -1,0 +1,112 @@
+//! Lock-free latency histograms recorded on the hot path once per transaction (never per
+//! message), encoded by the admin API at scrape time.
+//!
+//! prometheus-client's own `Histogram` takes a write lock per observation; with every worker
+//! thread ending transactions on the same pool that lock would be contended, so the counts
+//! here are plain atomics and only the encoder touches prometheus-client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+
+/// Upper bounds in seconds, from half a millisecond (a pooled SELECT) to half a minute.
+pub const BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A fixed-bucket histogram of durations.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per-bucket (not cumulative) counts; the last slot is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough copy for encoding (counters only grow; a scrape racing an
+    /// observation may see the count before the sum, which Prometheus tolerates).
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        // prometheus-client's encoder makes the bucket counts cumulative itself.
+        let mut count = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            count += n;
+            buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n));
+        }
+        HistogramSnapshot(Arc::new(Mutex::new(SnapshotInner {
+            sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            count,
+            buckets,
+        })))
+    }
+}
+
+#[derive(Debug, Default)]
+struct SnapshotInner {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+/// An encodable copy of a [`LatencyHistogram`]. `Default` + shared interior so it can live in
+/// a prometheus-client `Family` built at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct HistogramSnapshot(Arc<Mutex<SnapshotInner>>);
+
+impl HistogramSnapshot {
+    /// Copies `other`'s values into this (family-owned) instance.
+    pub fn set_from(&self, other: &HistogramSnapshot) {
+        let src = other.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dst = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        dst.sum = src.sum;
+        dst.count = src.count;
+        dst.buckets = src.buckets.clone();
+    }
+}
+
+impl TypedMetric for HistogramSnapshot {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for HistogramSnapshot {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        encoder.encode_histogram::<NoLabelSet>(inner.sum, inner.count, &inner.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_count_each_observation_once() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let s = h.snapshot();
+        let inner = s.0.lock().unwrap();
+        assert_eq!(inner.count, 3);
+        assert_eq!(inner.buckets[0], (0.0005, 1));
+        assert_eq!(inner.buckets[3], (0.005, 1));
+        assert_eq!(inner.buckets.last().unwrap().1, 1, "+Inf holds the 60 s observation");
+        assert_eq!(inner.buckets.iter().map(|b| b.1).sum::<u64>(), 3);
+        assert!((inner.sum - 60.0033).abs() < 1e-6);
+    }
+}
