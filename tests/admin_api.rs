@@ -44,6 +44,8 @@ async fn health_ready_pools_and_metrics() {
     assert_eq!(pool["servers"]["active"], 1);
     assert_eq!(pool["acquire_timeouts"], 1);
     assert_eq!(pool["utilisation_percent"], 100.0);
+    assert_eq!(pool["clients"]["active"], 1, "{pool}");
+    assert_eq!(pool["clients"]["idle"], 1, "{pool}");
     let (_, body) = proxy.admin("GET", "/ready", None, None).await;
     assert_eq!(json(&body)["checks"][0]["level"], "critical", "{body}");
     let (status, metrics) = proxy.admin("GET", "/metrics", None, None).await;
@@ -78,6 +80,16 @@ async fn health_ready_pools_and_metrics() {
         "the 200 ms timeout is in the sum"
     );
     assert!(sample("pgweir_transaction_duration_seconds_count{") >= 2.0);
+    assert!(
+        sample("pgweir_queries_total{") >= 1.0,
+        "folded when each transaction ends"
+    );
+    assert!(sample("pgweir_client_bytes_total{database=\"app\",user=\"app_scram\",direction=\"in\"}") > 0.0);
+    assert!(sample("pgweir_client_bytes_total{database=\"app\",user=\"app_scram\",direction=\"out\"}") > 0.0);
+    assert!(
+        metrics.contains("pgweir_client_disconnects_total{reason=\"normal\"}"),
+        "{metrics}"
+    );
     client.batch_execute("commit").await.expect("commit");
     let (status, _) = proxy.admin("GET", "/nope", None, None).await;
     assert_eq!(status, 404);
@@ -141,9 +153,23 @@ async fn pause_queues_new_transactions_until_resume() {
     let client = proxy.connect(roles::SCRAM).await;
     client.query_one("select 1", &[]).await.expect("pool exists");
     let base = format!("/api/pools/app/{}", roles::SCRAM.0);
-    let (status, body) = proxy.admin("POST", &format!("{base}/pause"), None, None).await;
+    // Pause waits for a transaction in progress to finish.
+    let in_tx = proxy.connect(roles::SCRAM).await;
+    in_tx.batch_execute("begin").await.expect("begin");
+    let proxy = std::sync::Arc::new(proxy);
+    let p = proxy.clone();
+    let pause_path = format!("{base}/pause");
+    let pausing = tokio::spawn(async move { p.admin("POST", &pause_path, None, None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pausing.is_finished(), "pause answered while a transaction was running");
+    in_tx
+        .batch_execute("commit")
+        .await
+        .expect("the running transaction may finish");
+    let (status, body) = pausing.await.expect("task");
     assert_eq!(status, 200, "{body}");
     assert_eq!(json(&body)["paused"], true);
+    assert_eq!(json(&body)["drained"], true);
     let (status, _) = proxy.admin("GET", "/ready", None, None).await;
     assert_eq!(status, 503, "a paused pool is not ready");
     let q = tokio::spawn(async move {

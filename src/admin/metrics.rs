@@ -41,6 +41,8 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     let connect_failures = Family::<Labels, Counter>::default();
     let checkouts = Family::<Labels, Counter>::default();
     let resets = Family::<Labels, Counter>::default();
+    let queries = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
     let acquire_wait = Family::<Labels, HistogramSnapshot>::default();
     let transaction_duration = Family::<Labels, HistogramSnapshot>::default();
     for pool in s.ctx.pools.all() {
@@ -55,6 +57,12 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             .set(snap.idle as i64);
         waiting.get_or_create(&labels(&pool, None)).set(snap.waiting as i64);
         paused.get_or_create(&labels(&pool, None)).set(i64::from(snap.paused));
+        bytes
+            .get_or_create(&labels(&pool, Some(("direction", "in"))))
+            .inc_by(stats.bytes_from_clients.load(Ordering::Relaxed));
+        bytes
+            .get_or_create(&labels(&pool, Some(("direction", "out"))))
+            .inc_by(stats.bytes_to_clients.load(Ordering::Relaxed));
         acquire_wait
             .get_or_create(&labels(&pool, None))
             .set_from(&stats.acquire_wait.snapshot());
@@ -68,6 +76,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             (&connect_failures, &stats.server_connect_failures),
             (&checkouts, &stats.checkouts),
             (&resets, &stats.session_resets),
+            (&queries, &stats.queries),
         ] {
             family
                 .get_or_create(&labels(&pool, None))
@@ -101,6 +110,17 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         resets,
     );
 
+    registry.register(
+        "queries",
+        "Simple queries and Execute messages sent to servers",
+        queries,
+    );
+    registry.register_with_unit(
+        "client",
+        "Bytes relayed for clients (in: client to server, out: server to client)",
+        prometheus_client::registry::Unit::Bytes,
+        bytes,
+    );
     registry.register_with_unit(
         "acquire_wait",
         "Time from a client's first message to holding a server connection",
@@ -117,6 +137,13 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     let clients = Gauge::<i64>::default();
     clients.set(s.ctx.connected.load(Ordering::Relaxed) as i64);
     registry.register("client_connections", "Connected clients", clients);
+    let disconnects = Family::<Labels, Counter>::default();
+    for (reason, count) in crate::client::DISCONNECT_REASONS.iter().zip(&s.ctx.disconnects) {
+        disconnects
+            .get_or_create(&vec![("reason".to_owned(), (*reason).to_owned())])
+            .inc_by(count.load(Ordering::Relaxed));
+    }
+    registry.register("client_disconnects", "Ended client sessions by reason", disconnects);
     let st = &s.ctx.statements;
     for (name, help, value) in [
         (

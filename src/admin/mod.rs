@@ -79,7 +79,7 @@ async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-fn pool_json(pool: &Pool) -> Value {
+fn pool_json(pool: &Pool, clients: &[Arc<ClientInfo>]) -> Value {
     let snap = pool.snapshot();
     let stats = pool.stats();
     let settings = pool.settings();
@@ -88,6 +88,14 @@ fn pool_json(pool: &Pool) -> Value {
     } else {
         snap.active() as f64 / snap.size as f64
     };
+    let mine: Vec<&Arc<ClientInfo>> = clients.iter().filter(|c| &c.pool == pool.key()).collect();
+    let count = |state| mine.iter().filter(|c| c.state() == state).count();
+    let now = now_ms();
+    let oldest_wait = mine
+        .iter()
+        .filter_map(|c| c.waiting_since())
+        .min()
+        .map(|t| now.saturating_sub(t) as f64 / 1000.0);
     json!({
         "database": pool.key().database,
         "user": pool.key().user,
@@ -95,7 +103,12 @@ fn pool_json(pool: &Pool) -> Value {
         "size": snap.size,
         "min_pool_size": settings.min_pool_size,
         "servers": { "active": snap.active(), "idle": snap.idle, "open": snap.open },
-        "clients": { "waiting": snap.waiting },
+        "clients": {
+            "active": count(ClientState::Active),
+            "waiting": snap.waiting,
+            "idle": count(ClientState::Idle),
+        },
+        "oldest_wait_seconds": oldest_wait,
         "utilisation_percent": (utilisation * 1000.0).round() / 10.0,
         "acquire_timeouts": stats.acquire_timeouts.load(Ordering::Relaxed),
         "idle_transaction_timeouts": stats.idle_transaction_timeouts.load(Ordering::Relaxed),
@@ -106,7 +119,10 @@ fn pool_json(pool: &Pool) -> Value {
 }
 
 async fn pools(State(s): State<AdminState>) -> Json<Value> {
-    Json(Value::Array(s.ctx.pools.all().iter().map(pool_json).collect()))
+    let clients = s.ctx.clients.all();
+    Json(Value::Array(
+        s.ctx.pools.all().iter().map(|p| pool_json(p, &clients)).collect(),
+    ))
 }
 
 fn client_json(c: &ClientInfo, now: u64) -> Value {
@@ -329,8 +345,27 @@ fn find_pool(s: &AdminState, database: String, user: String) -> Result<Pool, Res
     })
 }
 
+/// Longest a pause request waits for running transactions before answering.
+const PAUSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Pauses the pool, then waits (up to 30 s) for transactions in progress to finish, so that on
+/// a 200 with `"drained": true` no server connection is lent out any more.
 async fn pause(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {
-    mutate_pool(&s, &headers, key, Pool::pause)
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    let pool = match find_pool(&s, key.0, key.1) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    pool.pause();
+    let deadline = tokio::time::Instant::now() + PAUSE_DRAIN;
+    while pool.snapshot().active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut body = pool_json(&pool, &s.ctx.clients.all());
+    body["drained"] = json!(pool.snapshot().active() == 0);
+    Json(body).into_response()
 }
 
 async fn resume(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {
@@ -350,7 +385,7 @@ fn mutate_pool(
     match find_pool(s, database, user) {
         Ok(pool) => {
             f(&pool);
-            Json(pool_json(&pool)).into_response()
+            Json(pool_json(&pool, &s.ctx.clients.all())).into_response()
         }
         Err(r) => r,
     }

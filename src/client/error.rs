@@ -32,7 +32,34 @@ pub enum ClientError {
     Killed,
 }
 
+/// Why client sessions ended, as bounded metric labels.
+pub const DISCONNECT_REASONS: [&str; 9] = [
+    "normal",
+    "client_io",
+    "client_protocol",
+    "login_failed",
+    "idle_transaction_timeout",
+    "server_error",
+    "pool_error",
+    "shutdown",
+    "killed",
+];
+
 impl ClientError {
+    /// Index into [`DISCONNECT_REASONS`].
+    pub fn reason_index(&self) -> usize {
+        match self {
+            ClientError::ClientIo(_) => 1,
+            ClientError::ClientProtocol(_) => 2,
+            ClientError::Login(_) | ClientError::LoginTimeout => 3,
+            ClientError::IdleTransactionTimeout => 4,
+            ClientError::Server(_) | ClientError::ServerIo(_) => 5,
+            ClientError::Pool(_) => 6,
+            ClientError::Shutdown => 7,
+            ClientError::Killed => 8,
+        }
+    }
+
     /// Errors caused by clients coming and going, logged at debug level.
     pub fn is_client_churn(&self) -> bool {
         matches!(

@@ -62,6 +62,10 @@ pub struct Link {
     policy: SessionStatePolicy,
     /// Session state was changed on this server (Reset policy: reset before reuse).
     pub dirty: Option<StateChange>,
+    /// Traffic and statements of this link, folded into pool counters when it ends.
+    pub bytes_to_server: u64,
+    pub bytes_to_client: u64,
+    pub queries: u64,
 }
 
 impl Link {
@@ -69,6 +73,9 @@ impl Link {
         Link {
             policy,
             dirty: None,
+            bytes_to_server: 0,
+            bytes_to_client: 0,
+            queries: 0,
             server,
             pending_rfq: 0,
             unsynced: false,
@@ -281,6 +288,7 @@ impl Link {
                 }
             }
             frontend::EXECUTE => {
+                self.queries += 1;
                 self.unsynced = true;
                 self.syncs_after_execute = 0;
                 self.server.conn().wbuf.put_slice(&msg);
@@ -296,6 +304,7 @@ impl Link {
                 }
             }
             frontend::QUERY => {
+                self.queries += 1;
                 // A COPY started by a simple Query swallows no Syncs.
                 self.syncs_after_execute = 0;
                 match classify_query(body) {

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use cancel::CancelRegistry;
-pub use error::ClientError;
+pub use error::{ClientError, DISCONNECT_REASONS};
 pub use users::UserDirectory;
 
 use crate::config::Config;
@@ -56,6 +56,8 @@ pub struct ClientContext {
     pub clients: registry::ClientRegistry,
     /// The file the configuration came from, re-read on SIGHUP and POST /api/reload.
     pub config_path: Option<std::path::PathBuf>,
+    /// Ended client sessions by reason (indexes of [`DISCONNECT_REASONS`]).
+    pub disconnects: [AtomicU64; DISCONNECT_REASONS.len()],
 }
 
 impl ClientContext {
@@ -77,6 +79,7 @@ impl ClientContext {
             connected: AtomicUsize::new(0),
             clients: registry::ClientRegistry::default(),
             config_path: None,
+            disconnects: Default::default(),
         }
     }
 
@@ -146,6 +149,8 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>)
         result
     }
     .await;
+    let reason = result.as_ref().map_or_else(ClientError::reason_index, |_| 0);
+    ctx.disconnects[reason].fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(()) => tracing::debug!(client = id.0, %addr, "client session ended"),
         Err(e) if e.is_client_churn() => tracing::debug!(client = id.0, %addr, error = %e, "client session ended"),

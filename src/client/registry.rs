@@ -38,6 +38,8 @@ pub struct ClientInfo {
     linked_at: AtomicU64,
     /// PostgreSQL backend pid of the server held, 0 when none.
     server_pid: AtomicI32,
+    /// When the current wait for a server started (Unix ms), 0 when not waiting.
+    waiting_since: AtomicU64,
     /// Fired by an admin kill.
     pub kill: CancellationToken,
 }
@@ -58,7 +60,15 @@ impl ClientInfo {
     }
 
     pub fn set_waiting(&self) {
+        self.waiting_since.store(now_ms(), Ordering::Relaxed);
         self.state.store(ClientState::Waiting as u8, Ordering::Relaxed);
+    }
+
+    /// When the current wait for a server started, if waiting.
+    pub fn waiting_since(&self) -> Option<u64> {
+        (self.state() == ClientState::Waiting)
+            .then(|| self.waiting_since.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
     }
 
     pub fn set_linked(&self, server_pid: i32) {
@@ -101,6 +111,7 @@ impl ClientRegistry {
             state: AtomicU8::new(ClientState::Idle as u8),
             linked_at: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
+            waiting_since: AtomicU64::new(0),
             kill: CancellationToken::new(),
         });
         self.clients.insert(id.0, info.clone());

@@ -431,7 +431,18 @@ impl Session<'_> {
         }
         let linked_at = Instant::now();
         let result = self.pump(&mut link).await;
-        self.pool.stats().transaction_duration.observe(linked_at.elapsed());
+        // Folded once per link: no per-message metric cost.
+        let stats = self.pool.stats();
+        stats.transaction_duration.observe(linked_at.elapsed());
+        stats
+            .bytes_from_clients
+            .fetch_add(link.bytes_to_server, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .bytes_to_clients
+            .fetch_add(link.bytes_to_client, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .queries
+            .fetch_add(link.queries, std::sync::atomic::Ordering::Relaxed);
         self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {
@@ -592,6 +603,7 @@ impl Session<'_> {
                 Event::Client(Io::Wrote(r)) => {
                     let n = r.map_err(ClientError::ServerIo)?;
                     link.server.conn().wbuf.advance(n);
+                    link.bytes_to_server += n as u64;
                 }
                 Event::Client(Io::Read(r)) => match r {
                     Ok(0) | Err(_) => return Ok(Pumped::ClientGone),
@@ -599,13 +611,17 @@ impl Session<'_> {
                 },
                 Event::Client(Io::Injected(_)) => {}
                 Event::Server(Io::Injected(r)) => match r {
-                    Ok(n) => link.inject.advance(n),
+                    Ok(n) => {
+                        link.inject.advance(n);
+                        link.bytes_to_client += n as u64;
+                    }
                     Err(_) => return Ok(Pumped::ClientGone),
                 },
                 Event::Server(Io::Wrote(r)) => match r {
                     Ok(n) => {
                         link.server.conn().buf.advance(n);
                         link.s_ready -= n;
+                        link.bytes_to_client += n as u64;
                     }
                     // The client vanished while results were flowing.
                     Err(_) => return Ok(Pumped::ClientGone),

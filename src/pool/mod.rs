@@ -73,6 +73,10 @@ pub struct PoolStats {
     pub acquire_wait: crate::metrics::LatencyHistogram,
     /// Time a client held a server (in transaction mode: one transaction).
     pub transaction_duration: crate::metrics::LatencyHistogram,
+    /// Simple Query and Execute messages sent to servers.
+    pub queries: AtomicU64,
+    pub bytes_from_clients: AtomicU64,
+    pub bytes_to_clients: AtomicU64,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.
