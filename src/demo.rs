@@ -66,6 +66,8 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
         admin: crate::config::AdminConfig {
             addr: Some(SocketAddr::new(listen.ip(), 0)),
             token: None,
+            ready_warn_percent: 80,
+            ready_critical_percent: 90,
         },
         pool_defaults: pool,
         databases,

@@ -582,6 +582,14 @@ fn admin_section_defaults_disable_and_errors() {
     for (toml, needle) in [
         (format!("{base}\n[admin]\naddr = \"nope\"\n"), "admin.addr"),
         (format!("{base}\n[admin]\ntoken = \"short\"\n"), "admin.token"),
+        (
+            format!("{base}\n[admin]\nready_warn_percent = 0\n"),
+            "admin.ready_warn_percent",
+        ),
+        (
+            format!("{base}\n[admin]\nready_warn_percent = 90\nready_critical_percent = 50\n"),
+            "admin.ready_critical_percent",
+        ),
     ] {
         let e = Config::from_toml(&toml, None)
             .expect_err("invalid admin section")

@@ -21,10 +21,6 @@ use crate::client::ClientContext;
 use crate::client::registry::{ClientInfo, ClientState, now_ms};
 use crate::pool::{Pool, PoolKey};
 
-/// Utilisation (active / pool_size) at which /ready reports a warning, and a critical state.
-const UTILISATION_WARN: f64 = 0.8;
-const UTILISATION_CRITICAL: f64 = 0.9;
-
 #[derive(Clone)]
 pub struct AdminState {
     ctx: Arc<ClientContext>,
@@ -272,6 +268,13 @@ async fn kill_server(State(s): State<AdminState>, headers: HeaderMap, Path(pid):
 async fn ready(State(s): State<AdminState>) -> Response {
     let mut reasons = Vec::new();
     let mut checks = Vec::new();
+    let (warn, critical) = {
+        let c = s.ctx.config.load();
+        (
+            f64::from(c.admin.ready_warn_percent) / 100.0,
+            f64::from(c.admin.ready_critical_percent) / 100.0,
+        )
+    };
     for pool in s.ctx.pools.all() {
         let snap = pool.snapshot();
         let key = pool.key().to_string();
@@ -282,9 +285,9 @@ async fn ready(State(s): State<AdminState>) -> Response {
             reasons.push(format!("pool {key} cannot reach PostgreSQL"));
         }
         let utilisation = snap.active() as f64 / snap.size.max(1) as f64;
-        let level = if utilisation >= UTILISATION_CRITICAL {
+        let level = if utilisation >= critical {
             "critical"
-        } else if utilisation >= UTILISATION_WARN {
+        } else if utilisation >= warn {
             "warning"
         } else {
             "ok"

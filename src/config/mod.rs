@@ -57,6 +57,11 @@ pub struct AdminConfig {
     /// Bearer token required by mutating endpoints. Without one they are only served when the
     /// admin listener is on a loopback address.
     pub token: Option<String>,
+    /// Pool utilisation (active / pool_size, percent) at which /ready reports "warning".
+    /// Default 80.
+    pub ready_warn_percent: u8,
+    /// Utilisation at which /ready reports "critical". Default 90; at least ready_warn_percent.
+    pub ready_critical_percent: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -98,6 +98,8 @@ pub struct RawAdmin {
     /// "" disables the admin listener.
     pub addr: Option<String>,
     pub token: Option<String>,
+    pub ready_warn_percent: Option<i64>,
+    pub ready_critical_percent: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -489,6 +489,17 @@ fn users(
 
 /// Validates a parsed file. `base_dir` resolves a relative `listen.auth_file`; without it the
 /// path is relative to the current directory.
+fn percent(p: &mut Problems, key: &str, raw: Option<i64>, default: u8) -> u8 {
+    match raw {
+        None => default,
+        Some(n) if (1..=100).contains(&n) => n as u8,
+        Some(n) => {
+            p.add(key, format!("must be a percentage between 1 and 100, got {n}"));
+            default
+        }
+    }
+}
+
 pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
     let mut p = Problems(Vec::new());
     let listen = listen_config(&mut p, &raw.listen);
@@ -514,7 +525,23 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             }
             t => t.map(str::to_owned),
         },
+        ready_warn_percent: percent(&mut p, "admin.ready_warn_percent", raw.admin.ready_warn_percent, 80),
+        ready_critical_percent: percent(
+            &mut p,
+            "admin.ready_critical_percent",
+            raw.admin.ready_critical_percent,
+            90,
+        ),
     };
+    if admin.ready_critical_percent < admin.ready_warn_percent {
+        p.add(
+            "admin.ready_critical_percent",
+            format!(
+                "must be at least ready_warn_percent ({}), got {}",
+                admin.ready_warn_percent, admin.ready_critical_percent
+            ),
+        );
+    }
 
     let pool_defaults = pool_settings(&mut p, "pool", &raw.pool, &default_pool());
 

@@ -129,6 +129,8 @@ impl<'a> TestProxyBuilder<'a> {
             admin: pgweir::config::AdminConfig {
                 addr: Some("127.0.0.1:0".parse().expect("literal address")),
                 token: self.admin_token.clone(),
+                ready_warn_percent: 80,
+                ready_critical_percent: 90,
             },
             pool_defaults: self.pool.clone(),
             databases,
