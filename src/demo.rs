@@ -68,6 +68,7 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             token: None,
             ready_warn_percent: 80,
             ready_critical_percent: 90,
+            query_text_bytes: 0,
         },
         pool_defaults: pool,
         databases,

@@ -411,3 +411,35 @@ async fn reload_applies_a_good_file_and_keeps_running_on_a_broken_one() {
         .await
         .expect("still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_show_idle_in_transaction_age_and_last_query_when_enabled() {
+    let pg = support::postgres();
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.query_text_bytes = 16;
+    let proxy = builder.start().await;
+    let client = proxy.connect(roles::SCRAM).await;
+    client
+        .batch_execute("begin; select 'a long query text that gets cut'")
+        .await
+        .expect("open a transaction");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    let c = &json(&body)[0];
+    let idle = c["idle_in_transaction_seconds"].as_f64().expect("idle in transaction");
+    assert!(idle >= 0.2, "{c}");
+    assert_eq!(
+        c["last_query"], "begin; select 'a",
+        "truncated to query_text_bytes: {c}"
+    );
+    client.batch_execute("commit").await.expect("commit");
+    let (_, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    assert!(json(&body)[0]["idle_in_transaction_seconds"].is_null(), "{body}");
+
+    // Off by default: no query text.
+    let proxy2 = TestProxyBuilder::new(&pg).start().await;
+    let other = proxy2.connect(roles::SCRAM).await;
+    other.batch_execute("select 1").await.expect("query");
+    let (_, body) = proxy2.admin("GET", "/api/clients", None, None).await;
+    assert!(json(&body)[0]["last_query"].is_null(), "{body}");
+}

@@ -138,6 +138,8 @@ fn client_json(c: &ClientInfo, now: u64) -> Value {
         "server_pid": c.server_pid(),
         "transaction_start_ms": c.linked_at(),
         "transaction_age_seconds": c.linked_at().map(|t| now.saturating_sub(t) as f64 / 1000.0),
+        "idle_in_transaction_seconds": c.idle_in_transaction_since().map(|t| now.saturating_sub(t) as f64 / 1000.0),
+        "last_query": Some(c.last_query()).filter(|q| !q.is_empty()),
     })
 }
 

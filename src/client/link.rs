@@ -66,6 +66,9 @@ pub struct Link {
     pub bytes_to_server: u64,
     pub bytes_to_client: u64,
     pub queries: u64,
+    /// Keep the text of the last query for the admin API (admin.query_text_bytes > 0).
+    pub capture_queries: bool,
+    pub last_query: Option<Bytes>,
 }
 
 impl Link {
@@ -76,6 +79,8 @@ impl Link {
             bytes_to_server: 0,
             bytes_to_client: 0,
             queries: 0,
+            capture_queries: false,
+            last_query: None,
             server,
             pending_rfq: 0,
             unsynced: false,
@@ -168,6 +173,9 @@ impl Link {
             frontend::PARSE => {
                 self.unsynced = true;
                 let (name, payload) = split_cstr(body).ok_or(malformed("Parse"))?;
+                if self.capture_queries {
+                    self.last_query = Some(msg.slice_ref(query_text(payload)));
+                }
                 let change = if name.is_empty() {
                     session_state_change(query_text(payload))
                 } else {
@@ -305,6 +313,9 @@ impl Link {
             }
             frontend::QUERY => {
                 self.queries += 1;
+                if self.capture_queries {
+                    self.last_query = Some(msg.slice_ref(body.strip_suffix(b"\0").unwrap_or(body)));
+                }
                 // A COPY started by a simple Query swallows no Syncs.
                 self.syncs_after_execute = 0;
                 match classify_query(body) {

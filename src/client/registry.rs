@@ -40,6 +40,10 @@ pub struct ClientInfo {
     server_pid: AtomicI32,
     /// When the current wait for a server started (Unix ms), 0 when not waiting.
     waiting_since: AtomicU64,
+    /// Since when the client has been idle inside a transaction (Unix ms), 0 when not.
+    idle_tx_since: AtomicU64,
+    /// The last query text, truncated; only kept when admin.query_text_bytes > 0.
+    last_query: std::sync::Mutex<String>,
     /// Fired by an admin kill.
     pub kill: CancellationToken,
 }
@@ -77,7 +81,29 @@ impl ClientInfo {
         self.state.store(ClientState::Active as u8, Ordering::Relaxed);
     }
 
+    /// Marks the start (true) or end (false) of being idle inside a transaction.
+    pub fn set_idle_in_transaction(&self, idle: bool) {
+        self.idle_tx_since
+            .store(if idle { now_ms() } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// Since when the client has been idle inside a transaction.
+    pub fn idle_in_transaction_since(&self) -> Option<u64> {
+        Some(self.idle_tx_since.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// Records the last query text, cut to `max` bytes (on a character boundary).
+    pub fn set_last_query(&self, text: &[u8], max: usize) {
+        let text = String::from_utf8_lossy(&text[..text.len().min(max)]).into_owned();
+        *self.last_query.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    }
+
+    pub fn last_query(&self) -> String {
+        self.last_query.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn set_idle(&self) {
+        self.idle_tx_since.store(0, Ordering::Relaxed);
         self.server_pid.store(0, Ordering::Relaxed);
         self.linked_at.store(0, Ordering::Relaxed);
         self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
@@ -112,6 +138,8 @@ impl ClientRegistry {
             linked_at: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
             waiting_since: AtomicU64::new(0),
+            idle_tx_since: AtomicU64::new(0),
+            last_query: std::sync::Mutex::new(String::new()),
             kill: CancellationToken::new(),
         });
         self.clients.insert(id.0, info.clone());

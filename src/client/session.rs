@@ -61,6 +61,8 @@ struct Session<'a> {
     last_activity: Instant,
     /// This client's entry in the admin registry.
     info: Arc<ClientInfo>,
+    /// How much query text to keep for the admin API; 0 keeps none.
+    query_text_bytes: usize,
 }
 
 struct LoggedInKeys {
@@ -100,6 +102,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         statements: ClientStatements::new(),
         last_activity: Instant::now(),
         info,
+        query_text_bytes: ctx.config.load().admin.query_text_bytes,
     };
     let result = session.serve().await;
     ctx.cancels.unregister(session.login.key);
@@ -528,6 +531,8 @@ impl Session<'_> {
     }
 
     async fn pump(&mut self, link: &mut Link) -> Result<Pumped, ClientError> {
+        let mut was_idle_in_tx = false;
+        link.capture_queries = self.query_text_bytes > 0;
         loop {
             link.frame_client(&mut ClientSide {
                 buf: &mut self.buf,
@@ -540,6 +545,9 @@ impl Session<'_> {
             link.frame_server(&mut self.params, &mut self.statements)
                 .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
             link.settle();
+            if let Some(q) = link.last_query.take() {
+                self.info.set_last_query(&q, self.query_text_bytes);
+            }
 
             let c_pending = link.has_bytes_for_server();
             let s_pending = link.has_bytes_for_client();
@@ -557,8 +565,14 @@ impl Session<'_> {
                 }
             }
 
+            let idle_in_tx = link.idle_in_transaction() && !c_pending && !s_pending;
+            if idle_in_tx != was_idle_in_tx {
+                // Only on transitions: a relaxed store per state change, not per message.
+                self.info.set_idle_in_transaction(idle_in_tx);
+                was_idle_in_tx = idle_in_tx;
+            }
             let idle_deadline = match self.idle_tx_timeout {
-                Some(t) if link.idle_in_transaction() && !c_pending && !s_pending => Some(self.last_activity + t),
+                Some(t) if idle_in_tx => Some(self.last_activity + t),
                 _ => None,
             };
             let read_client = !c_pending && !link.terminated;

@@ -62,6 +62,9 @@ pub struct AdminConfig {
     pub ready_warn_percent: u8,
     /// Utilisation at which /ready reports "critical". Default 90; at least ready_warn_percent.
     pub ready_critical_percent: u8,
+    /// Bytes of each client's last query text shown by /api/clients; 0 (the default) keeps
+    /// none, because query text can contain personal data.
+    pub query_text_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

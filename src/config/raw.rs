@@ -99,6 +99,7 @@ pub struct RawAdmin {
     pub addr: Option<String>,
     pub token: Option<String>,
     pub ready_warn_percent: Option<i64>,
+    pub query_text_bytes: Option<i64>,
     pub ready_critical_percent: Option<i64>,
 }
 

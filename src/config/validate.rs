@@ -532,6 +532,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             raw.admin.ready_critical_percent,
             90,
         ),
+        query_text_bytes: p.count("admin.query_text_bytes", raw.admin.query_text_bytes, 0, 0, 65_536),
     };
     if admin.ready_critical_percent < admin.ready_warn_percent {
         p.add(

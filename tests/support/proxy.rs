@@ -22,6 +22,7 @@ pub struct TestProxyBuilder<'a> {
     pub users: BTreeMap<String, UserConfig>,
     pub extra_databases: Vec<(String, DatabaseConfig)>,
     pub admin_token: Option<String>,
+    pub query_text_bytes: usize,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -72,6 +73,7 @@ impl<'a> TestProxyBuilder<'a> {
             users,
             extra_databases: Vec::new(),
             admin_token: None,
+            query_text_bytes: 0,
         }
     }
 
@@ -131,6 +133,7 @@ impl<'a> TestProxyBuilder<'a> {
                 token: self.admin_token.clone(),
                 ready_warn_percent: 80,
                 ready_critical_percent: 90,
+                query_text_bytes: self.query_text_bytes,
             },
             pool_defaults: self.pool.clone(),
             databases,
