@@ -45,6 +45,8 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     let bytes = Family::<Labels, Counter>::default();
     let acquire_wait = Family::<Labels, HistogramSnapshot>::default();
     let transaction_duration = Family::<Labels, HistogramSnapshot>::default();
+    let query_duration = Family::<Labels, HistogramSnapshot>::default();
+    let closed = Family::<Labels, Counter>::default();
     for pool in s.ctx.pools.all() {
         let snap = pool.snapshot();
         let stats = pool.stats();
@@ -120,6 +122,17 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         "Bytes relayed for clients (in: client to server, out: server to client)",
         prometheus_client::registry::Unit::Bytes,
         bytes,
+    );
+    registry.register(
+        "server_connections_closed",
+        "Server connections closed, by reason",
+        closed,
+    );
+    registry.register_with_unit(
+        "query_duration",
+        "Round trip of a simple query or an extended-protocol batch up to its Sync, as clients see it",
+        prometheus_client::registry::Unit::Seconds,
+        query_duration,
     );
     registry.register_with_unit(
         "acquire_wait",

@@ -98,7 +98,13 @@ fn pool_json(pool: &Pool, clients: &[Arc<ClientInfo>]) -> Value {
         "mode": format!("{:?}", settings.mode).to_lowercase(),
         "size": snap.size,
         "min_pool_size": settings.min_pool_size,
-        "servers": { "active": snap.active(), "idle": snap.idle, "open": snap.open },
+        "servers": {
+            "active": snap.active(),
+            "idle": snap.idle,
+            "open": snap.open,
+            "connecting": stats.connecting.load(Ordering::Relaxed),
+            "testing": stats.testing.load(Ordering::Relaxed),
+        },
         "clients": {
             "active": count(ClientState::Active),
             "waiting": snap.waiting,

@@ -66,6 +66,10 @@ pub struct Link {
     pub bytes_to_server: u64,
     pub bytes_to_client: u64,
     pub queries: u64,
+    /// When each ReadyForQuery still owed was asked for (Query or Sync sent), oldest first.
+    rfq_sent: VecDeque<std::time::Instant>,
+    /// Round-trip times of this link, merged into the pool's histogram when it ends.
+    pub query_times: crate::metrics::LocalHistogram,
     /// Keep the text of the last query for the admin API (admin.query_text_bytes > 0).
     pub capture_queries: bool,
     pub last_query: Option<Bytes>,
@@ -81,6 +85,8 @@ impl Link {
             queries: 0,
             capture_queries: false,
             last_query: None,
+            rfq_sent: VecDeque::new(),
+            query_times: Default::default(),
             server,
             pending_rfq: 0,
             unsynced: false,
@@ -308,6 +314,7 @@ impl Link {
                 self.syncs_after_execute += 1;
                 if !self.copy_in {
                     self.pending_rfq += 1;
+                    self.rfq_sent.push_back(std::time::Instant::now());
                     self.expect.push_back(Expect::Barrier);
                 }
             }
@@ -336,6 +343,7 @@ impl Link {
                         let sql = rejection_sql(&rejection(kind));
                         messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
                         self.pending_rfq += 1;
+                        self.rfq_sent.push_back(std::time::Instant::now());
                         self.expect.push_back(Expect::Barrier);
                         return Ok(());
                     }
@@ -343,11 +351,13 @@ impl Link {
                 }
                 self.server.conn().wbuf.put_slice(&msg);
                 self.pending_rfq += 1;
+                self.rfq_sent.push_back(std::time::Instant::now());
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::FUNCTION_CALL => {
                 self.server.conn().wbuf.put_slice(&msg);
                 self.pending_rfq += 1;
+                self.rfq_sent.push_back(std::time::Instant::now());
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::COPY_DONE | frontend::COPY_FAIL => {
@@ -457,6 +467,9 @@ impl Link {
                         },
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
+                    if let Some(sent) = self.rfq_sent.pop_front() {
+                        self.query_times.observe(sent.elapsed());
+                    }
                 }
                 backend::PARAMETER_STATUS => {
                     let (name, value) = messages::parse_parameter_status(body)?;
@@ -470,6 +483,9 @@ impl Link {
                 backend::COPY_IN_RESPONSE => {
                     self.copy_in = true;
                     self.pending_rfq = self.pending_rfq.saturating_sub(self.syncs_after_execute);
+                    for _ in 0..self.syncs_after_execute {
+                        self.rfq_sent.pop_back();
+                    }
                     for _ in 0..self.syncs_after_execute {
                         if matches!(self.expect.back(), Some(Expect::Barrier)) {
                             self.expect.pop_back();

@@ -33,6 +33,16 @@ impl LatencyHistogram {
         self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Adds a session-local histogram (folded once per transaction).
+    pub fn merge(&self, local: &LocalHistogram) {
+        for (dst, &n) in self.counts.iter().zip(&local.counts) {
+            if n > 0 {
+                dst.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add(local.sum_micros, Ordering::Relaxed);
+    }
+
     /// A consistent-enough copy for encoding (counters only grow; a scrape racing an
     /// observation may see the count before the sum, which Prometheus tolerates).
     pub fn snapshot(&self) -> HistogramSnapshot {
@@ -49,6 +59,27 @@ impl LatencyHistogram {
             count,
             buckets,
         })))
+    }
+}
+
+/// A plain (non-atomic) histogram a session fills during a transaction and merges at its end,
+/// so per-query observations cost no shared-memory traffic.
+#[derive(Debug, Default, Clone)]
+pub struct LocalHistogram {
+    counts: [u64; BUCKETS.len() + 1],
+    sum_micros: u64,
+}
+
+impl LocalHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum_micros += d.as_micros() as u64;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().all(|&c| c == 0)
     }
 }
 
@@ -93,6 +124,21 @@ impl EncodeMetric for HistogramSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_histograms_merge() {
+        let h = LatencyHistogram::default();
+        let mut l = LocalHistogram::default();
+        assert!(l.is_empty());
+        l.observe(Duration::from_millis(2));
+        l.observe(Duration::from_millis(2));
+        h.merge(&l);
+        h.merge(&l);
+        let s = h.snapshot();
+        let inner = s.0.lock().unwrap();
+        assert_eq!(inner.count, 4);
+        assert!((inner.sum - 0.008).abs() < 1e-9);
+    }
 
     #[test]
     fn buckets_count_each_observation_once() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pool, lock};
+use super::{CloseReason, Pool, lock};
 
 impl Pool {
     /// Runs until `stop` fires. One tracked task per pool.
@@ -54,6 +54,11 @@ impl Pool {
                     .is_some_and(|t| now.duration_since(conn.last_used) >= t);
                 let spare = st.open - retired.len() > keep_min;
                 if too_old || (too_idle && spare) {
+                    self.count_close(if too_old {
+                        CloseReason::Lifetime
+                    } else {
+                        CloseReason::IdleTimeout
+                    });
                     retired.push(conn);
                 } else {
                     st.idle.push(conn);

@@ -73,10 +73,35 @@ pub struct PoolStats {
     pub acquire_wait: crate::metrics::LatencyHistogram,
     /// Time a client held a server (in transaction mode: one transaction).
     pub transaction_duration: crate::metrics::LatencyHistogram,
+    /// Server connections being opened right now.
+    pub connecting: AtomicU64,
+    /// Idle server connections being health-checked right now.
+    pub testing: AtomicU64,
+    /// Server connections closed, by reason (see [`CLOSE_REASONS`]).
+    pub closed: [AtomicU64; CLOSE_REASONS.len()],
+    /// Round trips (Query or Sync to ReadyForQuery) as seen by clients.
+    pub query_duration: crate::metrics::LatencyHistogram,
     /// Simple Query and Execute messages sent to servers.
     pub queries: AtomicU64,
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
+}
+
+/// Why server connections are closed, as bounded metric labels.
+pub const CLOSE_REASONS: [&str; 6] = ["idle_timeout", "lifetime", "dead", "dirty", "resize", "pool_closed"];
+
+/// Index into [`CLOSE_REASONS`].
+#[derive(Debug, Clone, Copy)]
+pub enum CloseReason {
+    IdleTimeout = 0,
+    Lifetime = 1,
+    /// Failed the health check or had unexpected input while idle.
+    Dead = 2,
+    /// Returned by a session that could not vouch for it (error, client gone mid-transaction,
+    /// failed reset).
+    Dirty = 3,
+    Resize = 4,
+    PoolClosed = 5,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.
@@ -305,19 +330,28 @@ impl Pool {
     /// its slot for the caller) when it must not be used.
     async fn vet(&self, mut conn: ServerConn) -> Option<ServerConn> {
         let settings = &self.shared.settings;
+        let stats = &self.shared.stats;
         let now = Instant::now();
         if settings
             .server_lifetime
             .is_some_and(|l| now.duration_since(conn.created) >= l)
-            || conn.has_pending_input()
         {
+            self.count_close(CloseReason::Lifetime);
+            conn.close();
+            return None;
+        }
+        if conn.has_pending_input() {
+            self.count_close(CloseReason::Dead);
             conn.close();
             return None;
         }
         if now.duration_since(conn.last_used) >= settings.server_check_delay {
             // An empty query is the cheapest round trip that proves the backend is alive.
+            stats.testing.fetch_add(1, Ordering::Relaxed);
             let check = tokio::time::timeout(settings.server_connect_timeout, conn.run_discarding("")).await;
+            stats.testing.fetch_sub(1, Ordering::Relaxed);
             if !matches!(check, Ok(Ok(None))) {
+                self.count_close(CloseReason::Dead);
                 conn.close();
                 return None;
             }
@@ -329,6 +363,7 @@ impl Pool {
     async fn open_slot(&self) -> Result<ServerConn, ServerError> {
         let shared = &self.shared;
         let secret = lock(&shared.secret).clone();
+        shared.stats.connecting.fetch_add(1, Ordering::Relaxed);
         let result = server::connect(
             shared.ids.next(),
             &shared.target,
@@ -337,6 +372,7 @@ impl Pool {
             shared.keepalive,
         )
         .await;
+        shared.stats.connecting.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(conn) => {
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
@@ -383,7 +419,13 @@ impl Pool {
         conn.last_used = Instant::now();
         let mut st = lock(&self.shared.state);
         if st.closed || st.open > st.size {
+            let reason = if st.closed {
+                CloseReason::PoolClosed
+            } else {
+                CloseReason::Resize
+            };
             drop(st);
+            self.count_close(reason);
             conn.close();
             self.release_slot();
             return;
@@ -433,6 +475,7 @@ impl Pool {
             retired
         };
         for conn in retired {
+            self.count_close(CloseReason::Resize);
             conn.close();
         }
     }
@@ -495,6 +538,10 @@ impl Pool {
         true
     }
 
+    pub(crate) fn count_close(&self, reason: CloseReason) {
+        self.shared.stats.closed[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Closes idle connections and refuses new checkouts; lent connections close on return.
     pub fn close(&self) {
         let idle = {
@@ -506,6 +553,7 @@ impl Pool {
             idle
         };
         for conn in idle {
+            self.count_close(CloseReason::PoolClosed);
             conn.close();
         }
     }
@@ -547,6 +595,7 @@ impl PooledServer {
 
     fn discard_inner(&mut self) {
         if let Some(conn) = self.conn.take() {
+            self.pool.count_close(CloseReason::Dirty);
             conn.close();
             self.pool.release_slot();
         }
