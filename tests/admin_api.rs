@@ -392,11 +392,17 @@ async fn reload_applies_a_good_file_and_keeps_running_on_a_broken_one() {
     let (_, body) = harness.admin("GET", "/api/pools", None, None).await;
     assert_eq!(pool_size(&body), Some(2));
 
-    write(7, "");
+    write(7, "acquire_timeout = \"2s\"");
     let (status, body) = harness.admin("POST", "/api/reload", None, None).await;
     assert_eq!(status, 200, "{body}");
     let (_, body) = harness.admin("GET", "/api/pools", None, None).await;
     assert_eq!(pool_size(&body), Some(7), "pool_size follows the reloaded file");
+    let pools = harness.proxy().context().pools.all();
+    assert_eq!(
+        pools[0].settings().acquire_timeout,
+        Duration::from_secs(2),
+        "other pool settings too"
+    );
 
     write(3, "bogus_key = 1");
     let (status, body) = harness.admin("POST", "/api/reload", None, None).await;

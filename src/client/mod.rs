@@ -96,8 +96,9 @@ impl ClientContext {
         Ok(needs_restart)
     }
 
-    /// Applies a new, already validated configuration: new logins use it at once, existing pools
-    /// take the new pool_size (other pool settings apply to pools created from now on). Returns
+    /// Applies a new, already validated configuration: new logins use it at once, and existing
+    /// pools take their new settings (size at once, timeouts from the next use). Sessions
+    /// already running keep the idle_transaction_timeout and mode they started with. Returns
     /// what could not change without a restart.
     pub fn reload(&self, config: Config) -> Vec<String> {
         let old = self.config.load_full();
@@ -114,9 +115,9 @@ impl ClientContext {
         for pool in self.pools.all() {
             let key = pool.key();
             if let Some(settings) = config.pool_settings(&key.database, &key.user)
-                && settings.pool_size != pool.snapshot().size
+                && *pool.settings() != settings
             {
-                pool.resize(settings.pool_size);
+                pool.update_settings(settings);
             }
         }
         self.users.store(Arc::new(UserDirectory::from_config(&config)));

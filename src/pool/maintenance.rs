@@ -24,7 +24,7 @@ impl Pool {
 
     /// Often enough that a timeout is enforced within a fraction of itself, never busier than 10/s.
     fn maintenance_period(&self) -> Duration {
-        let s = &self.shared.settings;
+        let s = self.shared.settings.load_full();
         [s.server_idle_timeout, s.server_lifetime]
             .into_iter()
             .flatten()
@@ -38,7 +38,7 @@ impl Pool {
     /// Closes idle connections that are too old or idle too long. Public to the crate so tests
     /// and the admin API can force a pass.
     pub(crate) fn retire_idle(&self, now: Instant) -> usize {
-        let settings = &self.shared.settings;
+        let settings = self.shared.settings.load_full();
         let retired = {
             let mut st = lock(&self.shared.state);
             let keep_min = settings.min_pool_size;
@@ -83,7 +83,7 @@ impl Pool {
         loop {
             {
                 let mut st = lock(&self.shared.state);
-                if st.closed || st.open >= self.shared.settings.min_pool_size.min(st.size) {
+                if st.closed || st.open >= self.shared.settings.load().min_pool_size.min(st.size) {
                     return;
                 }
                 st.open += 1;

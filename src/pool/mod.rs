@@ -149,7 +149,8 @@ struct PoolState {
 pub(crate) struct PoolShared {
     key: PoolKey,
     target: ServerTarget,
-    settings: PoolSettings,
+    /// Swapped whole on reload; readers take a cheap snapshot.
+    settings: arc_swap::ArcSwap<PoolSettings>,
     keepalive: Option<Duration>,
     secret: Mutex<ServerSecret>,
     state: Mutex<PoolState>,
@@ -203,7 +204,7 @@ impl Pool {
                     closed: false,
                     paused: false,
                 }),
-                settings,
+                settings: arc_swap::ArcSwap::from_pointee(settings),
                 welcome: Mutex::new(None),
                 ids,
                 stats: PoolStats::default(),
@@ -215,12 +216,23 @@ impl Pool {
         &self.shared.key
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.shared.settings
+    /// The pool's current settings (a snapshot; a reload may replace them).
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.shared.settings.load_full()
+    }
+
+    /// Applies reloaded settings: the size at once (see [`Pool::resize`]), everything else to
+    /// the next checkout, connect and maintenance pass.
+    pub fn update_settings(&self, settings: PoolSettings) {
+        let size = settings.pool_size;
+        self.shared.settings.store(Arc::new(settings));
+        if size != self.snapshot().size {
+            self.resize(size);
+        }
     }
 
     pub fn mode(&self) -> PoolMode {
-        self.shared.settings.mode
+        self.shared.settings.load().mode
     }
 
     pub fn stats(&self) -> &PoolStats {
@@ -292,7 +304,7 @@ impl Pool {
                     shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
                     return Err(PoolError::Timeout {
                         key: shared.key.clone(),
-                        timeout: shared.settings.acquire_timeout,
+                        timeout: shared.settings.load().acquire_timeout,
                         snapshot: self.snapshot(),
                     });
                 }
@@ -329,7 +341,7 @@ impl Pool {
     /// Checks an idle connection before lending it. Returns None (having closed it and kept
     /// its slot for the caller) when it must not be used.
     async fn vet(&self, mut conn: ServerConn) -> Option<ServerConn> {
-        let settings = &self.shared.settings;
+        let settings = self.shared.settings.load_full();
         let stats = &self.shared.stats;
         let now = Instant::now();
         if settings
@@ -368,7 +380,7 @@ impl Pool {
             shared.ids.next(),
             &shared.target,
             &secret,
-            shared.settings.server_connect_timeout,
+            shared.settings.load().server_connect_timeout,
             shared.keepalive,
         )
         .await;
