@@ -30,10 +30,26 @@ async fn health_ready_pools_and_metrics() {
     client.query_one("select 1", &[]).await.expect("query");
     let (status, body) = proxy.admin("GET", "/ready", None, None).await;
     assert_eq!(status, 200, "{body}");
-    // Exhaust the pool: a waiter times out, and that shows in the pool list and metrics.
+    // Exhaust the pool: a waiter shows in the gauges while it waits, then times out, and that
+    // shows in the pool list and metrics.
     client.batch_execute("begin").await.expect("hold");
     let other = proxy.connect(roles::SCRAM).await;
-    other.query_one("select 1", &[]).await.expect_err("acquire timeout");
+    let waiting = tokio::spawn(async move {
+        let r = other.query_one("select 1", &[]).await;
+        (other, r)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, during) = proxy.admin("GET", "/metrics", None, None).await;
+    assert!(
+        during.contains("pgweir_clients_waiting{database=\"app\",user=\"app_scram\"} 1"),
+        "{during}"
+    );
+    assert!(
+        during.contains("pgweir_pool_clients{database=\"app\",user=\"app_scram\",state=\"waiting\"} 1"),
+        "{during}"
+    );
+    let (_other, r) = waiting.await.expect("task");
+    r.expect_err("acquire timeout");
     let (status, body) = proxy.admin("GET", "/api/pools", None, None).await;
     assert_eq!(status, 200, "{body}");
     let pools = json(&body);
@@ -90,6 +106,15 @@ async fn health_ready_pools_and_metrics() {
         metrics.contains("pgweir_client_disconnects_total{reason=\"normal\"}"),
         "{metrics}"
     );
+    assert!(sample("pgweir_transactions_total{") >= 1.0);
+    assert_eq!(sample("pgweir_pool_utilization_ratio{"), 1.0);
+    assert!(sample("pgweir_query_duration_seconds_count{") >= 1.0);
+    for needle in [
+        "pgweir_server_connections{database=\"app\",user=\"app_scram\",state=\"connecting\"} 0",
+        "pgweir_server_connections_closed_total{database=\"app\",user=\"app_scram\",reason=\"dirty\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
     client.batch_execute("commit").await.expect("commit");
     let (status, _) = proxy.admin("GET", "/nope", None, None).await;
     assert_eq!(status, 404);

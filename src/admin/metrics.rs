@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::AdminState;
+use crate::client::registry::ClientState;
 use crate::metrics::HistogramSnapshot;
 
 type Labels = Vec<(String, String)>;
@@ -42,13 +43,33 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     let checkouts = Family::<Labels, Counter>::default();
     let resets = Family::<Labels, Counter>::default();
     let queries = Family::<Labels, Counter>::default();
+    let transactions = Family::<Labels, Counter>::default();
+    let pool_clients = Family::<Labels, Gauge>::default();
+    let utilisation = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let bytes = Family::<Labels, Counter>::default();
     let acquire_wait = Family::<Labels, HistogramSnapshot>::default();
     let transaction_duration = Family::<Labels, HistogramSnapshot>::default();
     let query_duration = Family::<Labels, HistogramSnapshot>::default();
     let closed = Family::<Labels, Counter>::default();
+    let clients_now = s.ctx.clients.all();
     for pool in s.ctx.pools.all() {
         let snap = pool.snapshot();
+        for (state, name) in [
+            (ClientState::Active, "active"),
+            (ClientState::Idle, "idle"),
+            (ClientState::Waiting, "waiting"),
+        ] {
+            let n = clients_now
+                .iter()
+                .filter(|c| &c.pool == pool.key() && c.state() == state)
+                .count();
+            pool_clients
+                .get_or_create(&labels(&pool, Some(("state", name))))
+                .set(n as i64);
+        }
+        utilisation
+            .get_or_create(&labels(&pool, None))
+            .set(snap.active() as f64 / snap.size.max(1) as f64);
         let stats = pool.stats();
         pool_size.get_or_create(&labels(&pool, None)).set(snap.size as i64);
         servers
@@ -59,6 +80,20 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             .set(snap.idle as i64);
         waiting.get_or_create(&labels(&pool, None)).set(snap.waiting as i64);
         paused.get_or_create(&labels(&pool, None)).set(i64::from(snap.paused));
+        servers
+            .get_or_create(&labels(&pool, Some(("state", "connecting"))))
+            .set(stats.connecting.load(Ordering::Relaxed) as i64);
+        servers
+            .get_or_create(&labels(&pool, Some(("state", "testing"))))
+            .set(stats.testing.load(Ordering::Relaxed) as i64);
+        for (reason, count) in crate::pool::CLOSE_REASONS.iter().zip(&stats.closed) {
+            closed
+                .get_or_create(&labels(&pool, Some(("reason", reason))))
+                .inc_by(count.load(Ordering::Relaxed));
+        }
+        query_duration
+            .get_or_create(&labels(&pool, None))
+            .set_from(&stats.query_duration.snapshot());
         bytes
             .get_or_create(&labels(&pool, Some(("direction", "in"))))
             .inc_by(stats.bytes_from_clients.load(Ordering::Relaxed));
@@ -79,6 +114,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             (&checkouts, &stats.checkouts),
             (&resets, &stats.session_resets),
             (&queries, &stats.queries),
+            (&transactions, &stats.transactions),
         ] {
             family
                 .get_or_create(&labels(&pool, None))
@@ -147,6 +183,17 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         transaction_duration,
     );
 
+    registry.register(
+        "transactions",
+        "Server links completed (transactions in transaction mode)",
+        transactions,
+    );
+    registry.register("pool_clients", "Logged-in clients of the pool by state", pool_clients);
+    registry.register(
+        "pool_utilization_ratio",
+        "Active server connections / pool_size",
+        utilisation,
+    );
     let clients = Gauge::<i64>::default();
     clients.set(s.ctx.connected.load(Ordering::Relaxed) as i64);
     registry.register("client_connections", "Connected clients", clients);

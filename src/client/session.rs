@@ -446,6 +446,10 @@ impl Session<'_> {
         stats
             .queries
             .fetch_add(link.queries, std::sync::atomic::Ordering::Relaxed);
+        stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !link.query_times.is_empty() {
+            stats.query_duration.merge(&link.query_times);
+        }
         self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {

@@ -81,6 +81,8 @@ pub struct PoolStats {
     pub closed: [AtomicU64; CLOSE_REASONS.len()],
     /// Round trips (Query or Sync to ReadyForQuery) as seen by clients.
     pub query_duration: crate::metrics::LatencyHistogram,
+    /// Server links completed: transactions in transaction mode, sessions in session mode.
+    pub transactions: AtomicU64,
     /// Simple Query and Execute messages sent to servers.
     pub queries: AtomicU64,
     pub bytes_from_clients: AtomicU64,
