@@ -474,3 +474,33 @@ async fn clients_show_idle_in_transaction_age_and_last_query_when_enabled() {
     let (_, body) = proxy2.admin("GET", "/api/clients", None, None).await;
     assert!(json(&body)[0]["last_query"].is_null(), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_probes_databases_no_client_has_used_yet() {
+    let pg = support::postgres();
+    // Fresh proxy, no client yet, PostgreSQL up: ready.
+    let proxy = TestProxyBuilder::new(&pg).start().await;
+    let (status, body) = proxy.admin("GET", "/ready", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    // A configured database whose server is down makes it not ready, before any client tries.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.extra_databases.push((
+        "down".to_owned(),
+        pgweir::config::DatabaseConfig {
+            host: "127.0.0.1".to_owned(),
+            port: dead_port,
+            dbname: "down".to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: builder.pool.clone(),
+        },
+    ));
+    let proxy = builder.start().await;
+    let (status, body) = proxy.admin("GET", "/ready", None, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database down") && body.contains("unreachable"), "{body}");
+}

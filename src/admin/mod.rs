@@ -303,6 +303,32 @@ async fn ready(State(s): State<AdminState>) -> Response {
         checks
             .push(json!({ "pool": key, "utilisation_percent": (utilisation * 1000.0).round() / 10.0, "level": level }));
     }
+    // Databases whose pools hold no open connection (none created yet, or all idle ones
+    // retired) get a TCP probe, so a fresh pgweir in front of a PostgreSQL that is down is not
+    // reported ready. PostgreSQL logs nothing for a connection closed before any byte is sent.
+    let pools = s.ctx.pools.all();
+    let config = s.ctx.config.load_full();
+    let probes = config.databases.iter().filter_map(|(name, db)| {
+        let has_open = pools.iter().any(|p| &p.key().database == name && p.snapshot().open > 0);
+        (!has_open).then(|| {
+            let (name, host, port) = (name.clone(), db.host.clone(), db.port);
+            async move {
+                let probe = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    tokio::net::TcpStream::connect((host.as_str(), port)),
+                )
+                .await;
+                match probe {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(format!("database {name} ({host}:{port}) is unreachable: {e}")),
+                    Err(_) => Some(format!(
+                        "database {name} ({host}:{port}) did not accept a connection within 1s"
+                    )),
+                }
+            }
+        })
+    });
+    reasons.extend(futures_util::future::join_all(probes).await.into_iter().flatten());
     let status = if reasons.is_empty() {
         StatusCode::OK
     } else {
