@@ -67,9 +67,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
                 .get_or_create(&labels(&pool, Some(("state", name))))
                 .set(n as i64);
         }
-        utilisation
-            .get_or_create(&labels(&pool, None))
-            .set(snap.active() as f64 / snap.size.max(1) as f64);
+        utilisation.get_or_create(&labels(&pool, None)).set(snap.utilisation());
         let stats = pool.stats();
         pool_size.get_or_create(&labels(&pool, None)).set(snap.size as i64);
         servers

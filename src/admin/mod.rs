@@ -79,11 +79,7 @@ fn pool_json(pool: &Pool, clients: &[Arc<ClientInfo>]) -> Value {
     let snap = pool.snapshot();
     let stats = pool.stats();
     let settings = pool.settings();
-    let utilisation = if snap.size == 0 {
-        0.0
-    } else {
-        snap.active() as f64 / snap.size as f64
-    };
+    let utilisation = snap.utilisation();
     let mine: Vec<&Arc<ClientInfo>> = clients.iter().filter(|c| &c.pool == pool.key()).collect();
     let count = |state| mine.iter().filter(|c| c.state() == state).count();
     let now = now_ms();
@@ -292,7 +288,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
         if pool.stats().last_connect_failed.load(Ordering::Relaxed) {
             reasons.push(format!("pool {key} cannot reach PostgreSQL"));
         }
-        let utilisation = snap.active() as f64 / snap.size.max(1) as f64;
+        let utilisation = snap.utilisation();
         let level = if utilisation >= critical {
             "critical"
         } else if utilisation >= warn {

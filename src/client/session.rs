@@ -457,13 +457,7 @@ impl Session<'_> {
         }
         match result {
             Ok(Pumped::Idle) => {
-                match link.dirty {
-                    Some(kind) if self.pool.settings().session_state == SessionStatePolicy::Reset => {
-                        tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
-                        self.reset_and_release(link.server).await;
-                    }
-                    _ => link.server.release(),
-                }
+                self.return_idle_server(link).await;
                 Ok(Unlinked::Continue)
             }
             Ok(Pumped::ClientGone) => {
@@ -472,12 +466,8 @@ impl Session<'_> {
             }
             Err(e) => {
                 // Dirty or broken: cancel anything still running, then close.
-                let conn = link.server.conn_ref();
                 if link.pending_rfq > 0 {
-                    let (addr, key) = (conn.addr, conn.backend_key);
-                    tokio::spawn(async move {
-                        let _ = send_cancel(addr, key).await;
-                    });
+                    spawn_cancel(link.server.conn_ref());
                 }
                 link.server.discard();
                 Err(e)
@@ -491,25 +481,28 @@ impl Session<'_> {
     async fn finish_server_after_client_left(&mut self, link: Link) {
         let clean = link.server_idle() && link.server.conn_ref().buf.is_empty();
         if clean {
-            match self.mode {
-                PoolMode::Transaction
-                    if link.dirty.is_some() && self.pool.settings().session_state == SessionStatePolicy::Reset =>
-                {
-                    self.reset_and_release(link.server).await
-                }
-                PoolMode::Transaction => link.server.release(),
-                PoolMode::Session => self.reset_and_release(link.server).await,
-            }
+            self.return_idle_server(link).await;
             return;
         }
         if link.pending_rfq > 0 || link.unsynced {
-            let conn = link.server.conn_ref();
-            let (addr, key) = (conn.addr, conn.backend_key);
-            tokio::spawn(async move {
-                let _ = send_cancel(addr, key).await;
-            });
+            spawn_cancel(link.server.conn_ref());
         }
         link.server.discard();
+    }
+
+    /// Returns a server that is idle (nothing in flight, no open transaction) to the pool, after
+    /// the reset query when session state may have changed on it: always in session mode, and in
+    /// transaction mode when a client changed session state under the `reset` policy.
+    async fn return_idle_server(&self, link: Link) {
+        let reset_policy = self.pool.settings().session_state == SessionStatePolicy::Reset;
+        match (self.mode, link.dirty) {
+            (PoolMode::Session, _) => self.reset_and_release(link.server).await,
+            (PoolMode::Transaction, Some(kind)) if reset_policy => {
+                tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
+                self.reset_and_release(link.server).await;
+            }
+            (PoolMode::Transaction, _) => link.server.release(),
+        }
     }
 
     /// Runs the pool's reset query so no session state reaches the next client; a server that
@@ -722,6 +715,14 @@ enum Event {
     Server(Io),
     IdleTimeout,
     Killed,
+}
+
+/// Cancels whatever the server is running, in the background (the session does not wait).
+fn spawn_cancel(conn: &crate::server::ServerConn) {
+    let (addr, key) = (conn.addr, conn.backend_key);
+    tokio::spawn(async move {
+        let _ = send_cancel(addr, key).await;
+    });
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

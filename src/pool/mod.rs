@@ -120,6 +120,11 @@ impl PoolSnapshot {
     pub fn active(&self) -> usize {
         self.open - self.idle
     }
+
+    /// Active server connections as a fraction of pool_size.
+    pub fn utilisation(&self) -> f64 {
+        self.active() as f64 / self.size.max(1) as f64
+    }
 }
 
 // A connection moves through a waiter's channel once per hand-over; boxing it would add an
@@ -416,16 +421,10 @@ impl Pool {
     /// A connection was closed: its slot goes to the oldest waiter, or is freed.
     fn release_slot(&self) {
         let mut st = lock(&self.shared.state);
-        if st.open > st.size || st.paused {
-            st.open = st.open.saturating_sub(1);
-            return;
-        }
-        while let Some(w) = st.waiters.pop_front() {
-            if w.tx.send(Grant::Slot).is_ok() {
-                return;
-            }
-        }
         st.open = st.open.saturating_sub(1);
+        if !st.paused {
+            Self::serve_waiters(&mut st);
+        }
     }
 
     /// Returns a clean connection: to the oldest waiter, else to the idle list.
@@ -444,14 +443,11 @@ impl Pool {
             self.release_slot();
             return;
         }
-        while let Some(w) = if st.paused { None } else { st.waiters.pop_front() } {
-            match w.tx.send(Grant::Conn(conn)) {
-                Ok(()) => return,
-                Err(Grant::Conn(back)) => conn = back,
-                Err(Grant::Slot) => unreachable!("sent a connection, got a slot back"),
-            }
-        }
+        // LIFO: the waiter served first gets this very connection.
         st.idle.push(conn);
+        if !st.paused {
+            Self::serve_waiters(&mut st);
+        }
     }
 
     /// Stops lending connections: new transactions queue (and time out after acquire_timeout)
