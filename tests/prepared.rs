@@ -120,17 +120,9 @@ mod raw {
     /// A logged-in raw connection (trust auth).
     pub async fn connect(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let mut body = 196608i32.to_be_bytes().to_vec();
-        for (k, v) in [("user", roles::SCRAM.0), ("database", "app")] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-        pkt.extend_from_slice(&body);
-        s.write_all(&pkt).await.expect("startup");
+        s.write_all(&support::startup_packet(roles::SCRAM.0, "app"))
+            .await
+            .expect("startup");
         read_until_ready(&mut s, 1).await;
         s
     }

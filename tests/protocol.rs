@@ -11,21 +11,6 @@ use support::proxy::{TestProxyBuilder, sqlstate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn startup_packet(user: &str, db: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608i32.to_be_bytes());
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    pkt.extend_from_slice(&body);
-    pkt
-}
-
 async fn read_error(s: &mut TcpStream) -> (String, String) {
     let mut all = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
@@ -143,7 +128,7 @@ async fn malformed_and_oversized_messages_close_only_that_client() {
         m
     }] {
         let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-        s.write_all(&startup_packet(roles::SCRAM.0, "app"))
+        s.write_all(&support::startup_packet(roles::SCRAM.0, "app"))
             .await
             .expect("startup");
         let mut buf = vec![0u8; 4096];

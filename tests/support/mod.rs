@@ -31,3 +31,18 @@ pub fn postgres_with(opts: EmbeddedOptions) -> EmbeddedPostgres {
         Err(e) => panic!("could not start the embedded PostgreSQL: {e}"),
     }
 }
+
+/// A protocol 3.0 StartupMessage for `user` and `db`, for raw-socket tests.
+pub fn startup_packet(user: &str, db: &str) -> Vec<u8> {
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", db)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    pkt
+}
