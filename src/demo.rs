@@ -4,25 +4,16 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use crate::config::{AuthType, Config, DatabaseConfig, ListenConfig, PoolMode, PoolSettings, Secret, UserConfig};
+use crate::config::{AuthType, Config, DatabaseConfig, ListenConfig, PoolSettings, Secret, UserConfig};
 use crate::embedded_pg::{EmbeddedPostgres, roles};
 
 /// A config serving database `app` (and `postgres`) of the embedded server through `listen`,
 /// with the embedded cluster's roles as users. Small pools make pooling visible.
 pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
     let pool = PoolSettings {
-        mode: PoolMode::Transaction,
         pool_size: 5,
-        min_pool_size: 0,
-        acquire_timeout: std::time::Duration::from_secs(5),
         idle_transaction_timeout: Some(std::time::Duration::from_secs(60)),
-        server_connect_timeout: std::time::Duration::from_secs(5),
-        server_idle_timeout: Some(std::time::Duration::from_secs(600)),
-        server_lifetime: Some(std::time::Duration::from_secs(3600)),
-        server_check_delay: std::time::Duration::from_secs(30),
-        max_prepared_statements: 200,
-        session_state: crate::config::SessionStatePolicy::Reset,
-        reset_query: "DISCARD ALL".to_owned(),
+        ..crate::config::default_pool_settings()
     };
     let databases: BTreeMap<String, DatabaseConfig> = ["app", "postgres"]
         .into_iter()
@@ -73,5 +64,6 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
         pool_defaults: pool,
         databases,
         users,
+        tls: Default::default(),
     }
 }

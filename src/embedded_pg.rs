@@ -109,8 +109,8 @@ const DIR_PREFIX: &str = "pgweir-pg-";
 pub struct EmbeddedOptions {
     /// `max_connections` of the server (default 200).
     pub max_connections: u32,
-    /// Reserved for TLS tests; not implemented yet, so `true` makes `start` fail.
-    pub ssl: bool,
+    /// Serve TLS (`ssl = on`) with this certificate chain and key (PEM).
+    pub tls: Option<EmbeddedTls>,
     /// Extra postgresql.conf lines, appended last so they override our defaults.
     pub extra_conf: Vec<String>,
 }
@@ -119,10 +119,17 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             max_connections: 200,
-            ssl: false,
+            tls: None,
             extra_conf: Vec::new(),
         }
     }
+}
+
+/// Certificate and key the embedded server presents to TLS clients.
+#[derive(Debug, Clone)]
+pub struct EmbeddedTls {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 /// Why an embedded cluster could not be started or used.
@@ -145,9 +152,6 @@ pub enum EmbeddedError {
     /// Running as root but there is no unprivileged user to run PostgreSQL as.
     #[error("running as root and neither `postgres` nor `nobody` is in /etc/passwd; PostgreSQL refuses to run as root")]
     NoUnprivilegedUser,
-    /// An option that is not implemented yet.
-    #[error("embedded PostgreSQL: {0} is not implemented yet")]
-    Unsupported(&'static str),
     /// File-system or process error with the path involved.
     #[error("{what} {}: {source}", path.display())]
     File {
@@ -205,9 +209,6 @@ impl EmbeddedPostgres {
     /// Starts a fresh cluster (copy of the process's template, which is built on first use) on a
     /// free loopback port. Fails with [`EmbeddedError::NotFound`] when PostgreSQL is not installed.
     pub fn start(opts: EmbeddedOptions) -> Result<Self, EmbeddedError> {
-        if opts.ssl {
-            return Err(EmbeddedError::Unsupported("ssl"));
-        }
         let template = template()?;
         let began = Instant::now();
         let root = create_cluster_dir(&cluster_base(), template.run_as.as_ref())?;
@@ -450,6 +451,19 @@ impl EmbeddedPostgres {
         conf.push_str("shared_buffers = 32MB\n");
         conf.push_str("logging_collector = off\nlog_destination = 'stderr'\n");
         conf.push_str("log_line_prefix = '%m [%p] %q%u@%d '\n");
+        if let Some(tls) = &self.opts.tls {
+            // PostgreSQL refuses a key file others can read.
+            for (name, pem, mode) in [
+                ("server.crt", &tls.cert_pem, 0o644),
+                ("server.key", &tls.key_pem, 0o600),
+            ] {
+                let path = self.data.join(name);
+                fs::write(&path, pem).map_err(at("write", &path))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(at("chmod", &path))?;
+                chown_to(&path, self.run_as.as_ref())?;
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         for line in &self.opts.extra_conf {
             conf.push_str(line);
             conf.push('\n');
@@ -1035,17 +1049,5 @@ mod tests {
             mem_total_bytes("MemTotal:       16318480 kB\nMemFree: 1 kB\n"),
             Some(16318480 * 1024)
         );
-    }
-
-    #[test]
-    fn ssl_is_refused() {
-        let opts = EmbeddedOptions {
-            ssl: true,
-            ..Default::default()
-        };
-        assert!(matches!(
-            EmbeddedPostgres::start(opts),
-            Err(EmbeddedError::Unsupported(_))
-        ));
     }
 }

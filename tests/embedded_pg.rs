@@ -146,11 +146,6 @@ fn options_reach_postgresql_conf() {
     assert_eq!(sql(&pg, "postgres", "show work_mem"), "7MB");
     assert_eq!(sql(&pg, "postgres", "show fsync"), "off");
     assert_eq!(sql(&pg, "postgres", "show listen_addresses"), "127.0.0.1");
-    let ssl = EmbeddedPostgres::start(EmbeddedOptions {
-        ssl: true,
-        ..Default::default()
-    });
-    assert!(matches!(ssl, Err(EmbeddedError::Unsupported(_))));
 }
 
 #[test]

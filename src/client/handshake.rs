@@ -17,7 +17,9 @@ use super::cancel::CancelSlot;
 use super::{ClientContext, ClientError};
 use crate::auth::md5;
 use crate::auth::scram::{SCRAM_SHA_256, ScramKeys, ScramServer};
-use crate::config::{AuthType, Secret};
+use crate::config::{AuthType, ClientTlsMode, Config, Secret};
+use crate::net::stream::TlsConn;
+use crate::net::{Stream, tls};
 use crate::pool::{Pool, PoolError, PoolKey};
 use crate::proto::messages::{self, PgError};
 use crate::proto::startup::{self, CancelKey, MAX_STARTUP_LEN, StartupPacket, StartupParams};
@@ -31,7 +33,7 @@ const MAX_LOGIN_MESSAGE: usize = 10_000;
 
 /// A logged-in client, ready for the transaction loop.
 pub(super) struct LoggedIn {
-    pub client: TcpStream,
+    pub client: Stream,
     pub pool: Pool,
     /// Session parameters the client expects on whichever server serves it.
     pub params: ParamSet,
@@ -40,9 +42,55 @@ pub(super) struct LoggedIn {
 }
 
 /// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
-pub(super) async fn run(mut client: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
-    let timeout = ctx.config.load().listen.client_login_timeout;
-    match tokio::time::timeout(timeout, login(&mut client, ctx)).await {
+pub(super) async fn run(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
+    // One consistent configuration for the whole login, even if a reload happens meanwhile.
+    let config = ctx.config.load_full();
+    let timeout = config.listen.client_login_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut client = Stream::Plain(tcp);
+    let mut may_start_tls = config.tls.acceptor.is_some();
+    let startup = loop {
+        let step = match tokio::time::timeout_at(deadline, negotiate(&mut client, &config, may_start_tls, ctx)).await {
+            Ok(Ok(step)) => step,
+            Ok(Err(Failure { error, reply })) => {
+                if let Some(reply) = reply {
+                    let _ = send_error(&mut client, &reply).await;
+                }
+                return Err(error);
+            }
+            Err(_) => return Err(login_timed_out(&mut client, timeout).await),
+        };
+        match step {
+            Negotiated::Startup(params) => break params,
+            Negotiated::Done => return Ok(None),
+            Negotiated::StartTls { direct } => {
+                may_start_tls = false;
+                let Stream::Plain(tcp) = client else {
+                    return Err(ClientError::Login("TLS requested twice".into()));
+                };
+                let Some(acceptor) = config.tls.acceptor.as_ref() else {
+                    return Err(ClientError::Login("TLS is not configured".into()));
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.config.clone());
+                // Failures here are the client's business (wrong CA, stuffed bytes, no common
+                // cipher): it gets a TLS alert from rustls, and the connection ends.
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => TlsConn::from(tls),
+                    Ok(Err(e)) => return Err(ClientError::Login(format!("TLS handshake failed: {e}"))),
+                    Err(_) => return Err(ClientError::LoginTimeout),
+                };
+                if direct && tls.alpn_protocol() != Some(tls::ALPN_POSTGRESQL) {
+                    // PostgreSQL 17 requires ALPN on direct TLS so that a TLS connection meant
+                    // for another protocol cannot be replayed against the database.
+                    return Err(ClientError::Login(
+                        "direct TLS connection without ALPN \"postgresql\"".into(),
+                    ));
+                }
+                client = Stream::Tls(Box::new(tls));
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, login(&mut client, ctx, &config, startup)).await {
         Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
             client,
             pool: done.pool,
@@ -57,16 +105,88 @@ pub(super) async fn run(mut client: TcpStream, ctx: &ClientContext) -> Result<Op
             }
             Err(error)
         }
-        Err(_) => {
-            let e = PgError::fatal(
-                "08P01",
-                "pgweir: client login did not complete within client_login_timeout",
-            )
-            .with_hint(format!(
-                "The client must finish startup and authentication within {timeout:?}."
-            ));
-            let _ = send_error(&mut client, &e).await;
-            Err(ClientError::LoginTimeout)
+        Err(_) => Err(login_timed_out(&mut client, timeout).await),
+    }
+}
+
+async fn login_timed_out(client: &mut Stream, timeout: std::time::Duration) -> ClientError {
+    let e = PgError::fatal(
+        "08P01",
+        "pgweir: client login did not complete within client_login_timeout",
+    )
+    .with_hint(format!(
+        "The client must finish startup and authentication within {timeout:?}."
+    ));
+    let _ = send_error(client, &e).await;
+    ClientError::LoginTimeout
+}
+
+/// What the pre-startup exchange ended with.
+enum Negotiated {
+    /// A StartupMessage: go on with authentication.
+    Startup(StartupParams),
+    /// The client wants TLS (after SSLRequest + 'S', or directly, PostgreSQL 17 style).
+    StartTls { direct: bool },
+    /// A CancelRequest was handled; the connection ends.
+    Done,
+}
+
+/// First byte of a TLS handshake record: a PostgreSQL 17 client with sslnegotiation=direct.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Reads packets until a StartupMessage, answering SSLRequest/GSSENCRequest and handling
+/// CancelRequest. Reads exactly one packet at a time (never beyond it), so bytes a client or
+/// a man in the middle sent after an SSLRequest can never be taken as plaintext.
+async fn negotiate(
+    client: &mut Stream,
+    config: &Config,
+    may_start_tls: bool,
+    ctx: &ClientContext,
+) -> Result<Negotiated, Failure> {
+    if may_start_tls {
+        let mut first = [0u8; 1];
+        client.tcp().peek(&mut first).await?;
+        if first[0] == TLS_HANDSHAKE_RECORD {
+            return Ok(Negotiated::StartTls { direct: true });
+        }
+    }
+    loop {
+        let packet = read_startup_packet(client).await?;
+        match startup::parse_startup_packet(&packet)? {
+            StartupPacket::SslRequest if client.is_tls() => {
+                return Err(reject(PgError::fatal(
+                    "08P01",
+                    "SSLRequest received inside a TLS session",
+                )));
+            }
+            StartupPacket::SslRequest if may_start_tls => {
+                if client.has_pending_input() {
+                    // CVE-2021-23214: anything sent before our answer was written without
+                    // knowing whether TLS would be used, and may have been injected.
+                    return Err(reject(
+                        PgError::fatal("08P01", "received unencrypted data after SSL request").with_detail(
+                            "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.",
+                        ),
+                    ));
+                }
+                client.write_all(b"S").await?;
+                return Ok(Negotiated::StartTls { direct: false });
+            }
+            // GSS encryption is not offered; 'N' lets libpq continue per its gssencmode.
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
+            StartupPacket::Cancel(key) => {
+                ctx.cancels.cancel(key).await;
+                return Ok(Negotiated::Done);
+            }
+            StartupPacket::Startup(params) => {
+                if config.tls.mode == ClientTlsMode::Require && !client.is_tls() {
+                    return Err(reject(
+                        PgError::fatal("28000", "pgweir requires TLS (SSL) for all client connections")
+                            .with_hint("Connect with sslmode=require (or verify-ca/verify-full)."),
+                    ));
+                }
+                return Ok(Negotiated::Startup(params));
+            }
         }
     }
 }
@@ -110,29 +230,21 @@ fn reject(reply: PgError) -> Failure {
     }
 }
 
-pub(super) async fn send_error(client: &mut TcpStream, e: &PgError) -> std::io::Result<()> {
+/// Sends an error and flushes it: over TLS the record must leave before the connection closes.
+pub(super) async fn send_error(client: &mut Stream, e: &PgError) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     e.encode(&mut buf);
-    client.write_all(&buf).await
+    client.write_all(&buf).await?;
+    client.flush().await
 }
 
-async fn login(client: &mut TcpStream, ctx: &ClientContext) -> Result<Option<Done>, Failure> {
-    // One consistent configuration for the whole login, even if a reload happens meanwhile.
-    let config = ctx.config.load_full();
+async fn login(
+    client: &mut Stream,
+    ctx: &ClientContext,
+    config: &Arc<Config>,
+    startup: StartupParams,
+) -> Result<Option<Done>, Failure> {
     let users = ctx.users.load_full();
-    let startup = loop {
-        let packet = read_startup_packet(client).await?;
-        match startup::parse_startup_packet(&packet)? {
-            // TLS and GSS encryption are not offered (yet); 'N' lets libpq continue in plaintext
-            // or give up, per its sslmode.
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
-            StartupPacket::Cancel(key) => {
-                ctx.cancels.cancel(key).await;
-                return Ok(None);
-            }
-            StartupPacket::Startup(params) => break params,
-        }
-    };
 
     let user = match startup.get_str("user") {
         Some(u) if !u.is_empty() => u.to_owned(),
@@ -357,7 +469,7 @@ fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bo
 }
 
 /// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
-async fn authenticate(client: &mut TcpStream, ctx: &ClientContext, user: &str) -> Result<Option<ScramKeys>, Failure> {
+async fn authenticate(client: &mut Stream, ctx: &ClientContext, user: &str) -> Result<Option<ScramKeys>, Failure> {
     let users = ctx.users.load_full();
     let entry = users.get(user);
     let failed = || {
@@ -431,7 +543,7 @@ async fn authenticate(client: &mut TcpStream, ctx: &ClientContext, user: &str) -
 
 /// Reads the 4-byte length and then exactly that many bytes: nothing beyond the packet is
 /// consumed, so bytes a client sends after an SSLRequest are never taken as plaintext.
-async fn read_startup_packet(client: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+async fn read_startup_packet(client: &mut Stream) -> Result<Vec<u8>, Failure> {
     let mut len_bytes = [0u8; 4];
     client.read_exact(&mut len_bytes).await?;
     let len = i32::from_be_bytes(len_bytes);
@@ -449,7 +561,7 @@ async fn read_startup_packet(client: &mut TcpStream) -> Result<Vec<u8>, Failure>
 }
 
 /// Reads one PasswordMessage-family message and returns its body.
-async fn read_password_message(client: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+async fn read_password_message(client: &mut Stream) -> Result<Vec<u8>, Failure> {
     let mut header = [0u8; 5];
     client.read_exact(&mut header).await?;
     let frame = match frame_at(&header, 0, MAX_LOGIN_MESSAGE) {

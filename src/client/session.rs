@@ -17,9 +17,9 @@
 
 use std::time::Duration;
 
+use crate::net::Stream;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use std::sync::Arc;
@@ -44,7 +44,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 struct Session<'a> {
     ctx: &'a ClientContext,
-    client: TcpStream,
+    client: Stream,
     buf: BytesMut,
     pool: Pool,
     params: ParamSet,
@@ -144,9 +144,7 @@ impl Session<'_> {
                 Unlinked::ClientGone => return Ok(()),
             }
             if self.ctx.shutdown.is_cancelled() {
-                let e = PgError::fatal("57P01", "pgweir is shutting down; reconnect to continue");
-                let _ = send_error(&mut self.client, &e).await;
-                return Err(ClientError::Shutdown);
+                return Err(self.shutting_down().await);
             }
         }
     }
@@ -160,9 +158,10 @@ impl Session<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(self.client_protocol_error(e).await),
             }
-            if self.buf.is_empty() {
+            if self.buf.is_empty() && !self.client.is_tls() {
                 // Idle clients hold no read buffer: wait for readability first, allocate after.
                 // A busy client's next message is often already here, so try once first.
+                // (Not over TLS: socket readiness says nothing about bytes rustls holds.)
                 self.reserve_for_client();
                 match self.client.try_read_buf(&mut self.buf) {
                     Ok(0) => return Ok(None),
@@ -172,22 +171,39 @@ impl Session<'_> {
                 }
                 self.buf = BytesMut::new();
                 tokio::select! {
-                    r = self.client.readable() => r.map_err(ClientError::ClientIo)?,
+                    r = self.client.tcp().readable() => r.map_err(ClientError::ClientIo)?,
                     _ = self.ctx.shutdown.cancelled() => {
-                        let e = PgError::fatal("57P01", "pgweir is shutting down; reconnect to continue");
-                        let _ = send_error(&mut self.client, &e).await;
-                        return Err(ClientError::Shutdown);
+                        return Err(self.shutting_down().await);
                     }
                     _ = self.info.kill.cancelled() => return Err(self.killed().await),
                 }
             }
             self.reserve_for_client();
-            match self.client.read_buf(&mut self.buf).await {
+            let read = if self.client.is_tls() && self.buf.is_empty() {
+                // A TLS client waits here between transactions: shutdown and kill must still
+                // reach it. rustls keeps partial records itself, so dropping the read is safe.
+                tokio::select! {
+                    r = self.client.read_buf(&mut self.buf) => r,
+                    _ = self.ctx.shutdown.cancelled() => {
+                        return Err(self.shutting_down().await);
+                    }
+                    _ = self.info.kill.cancelled() => return Err(self.killed().await),
+                }
+            } else {
+                self.client.read_buf(&mut self.buf).await
+            };
+            match read {
                 Ok(0) => return Ok(None),
                 Ok(_) => {}
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }
         }
+    }
+
+    async fn shutting_down(&mut self) -> ClientError {
+        let e = PgError::fatal("57P01", "pgweir is shutting down; reconnect to continue");
+        let _ = send_error(&mut self.client, &e).await;
+        ClientError::Shutdown
     }
 
     fn reserve_for_client(&mut self) {

@@ -15,6 +15,7 @@ mod validate;
 
 pub use error::{ConfigError, ConfigProblem};
 pub use userlist::parse_userlist;
+pub use validate::default_pool_settings;
 
 /// Validated, typed configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +28,73 @@ pub struct Config {
     pub databases: BTreeMap<String, DatabaseConfig>,
     /// Keyed by user name. Merged from `[users.*]` and `auth_file` (config wins on conflict).
     pub users: BTreeMap<String, UserConfig>,
+    /// TLS towards clients (`[tls]`). Server-side TLS is a pool setting (`server_tls`).
+    pub tls: ClientTlsConfig,
+}
+
+/// How pgweir answers clients about TLS (`[tls]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientTlsConfig {
+    pub mode: ClientTlsMode,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Built from the files when the configuration was loaded; None when mode is Disable.
+    pub acceptor: Option<crate::net::tls::Material<rustls::ServerConfig>>,
+}
+
+/// Client-facing TLS modes (PgBouncer's client_tls_sslmode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered 'N'; direct TLS is refused. The default.
+    #[default]
+    Disable,
+    /// TLS when the client asks for it (same as Prefer: the server side cannot prefer).
+    Allow,
+    /// TLS when the client asks for it.
+    Prefer,
+    /// Only TLS clients may log in; plaintext ones get FATAL 28000. CancelRequests are still
+    /// accepted in plaintext, as PostgreSQL does, since libpq sends them that way.
+    Require,
+}
+
+/// Server-facing TLS (`[server_tls]`), applied to every pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTlsConfig {
+    pub mode: ServerTlsMode,
+    /// CA certificates for verify-ca / verify-full.
+    pub ca_file: Option<PathBuf>,
+    /// Name to send as SNI and to check the certificate against; defaults to the database host.
+    pub server_name: Option<String>,
+    /// Built when the configuration was loaded; None when mode is Disable.
+    pub connector: Option<crate::net::tls::Material<rustls::ClientConfig>>,
+}
+
+/// libpq's sslmode values, for pgweir's connections to PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServerTlsMode {
+    /// Never ask for TLS.
+    Disable,
+    /// Ask; fall back to plaintext if the server has TLS off. The default (as PgBouncer ≥ 1.20).
+    #[default]
+    Prefer,
+    /// TLS or no connection; any certificate is accepted (handshake signatures are checked).
+    Require,
+    /// TLS with a certificate chain leading to ca_file; the host name is not checked.
+    VerifyCa,
+    /// TLS with a chain leading to ca_file and a certificate naming the host.
+    VerifyFull,
+}
+
+impl ServerTlsConfig {
+    /// `prefer` with no files: works against any server.
+    pub fn prefer() -> ServerTlsConfig {
+        ServerTlsConfig {
+            mode: ServerTlsMode::Prefer,
+            ca_file: None,
+            server_name: None,
+            connector: crate::net::tls::connector(crate::net::tls::ServerVerify::None, None).ok(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +190,8 @@ pub struct PoolSettings {
     /// Run on a server after session state changed (Reset policy) and at the end of a session-mode
     /// client. Default "DISCARD ALL".
     pub reset_query: String,
+    /// TLS towards PostgreSQL; from `[server_tls]`, the same for every pool.
+    pub server_tls: ServerTlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]

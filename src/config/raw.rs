@@ -29,6 +29,32 @@ pub struct RawConfig {
     /// `[users.NAME]`, keyed by user name.
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
+    /// `[tls]`: TLS towards clients.
+    #[serde(default)]
+    pub tls: RawTls,
+    /// `[server_tls]`: TLS towards PostgreSQL.
+    #[serde(default)]
+    pub server_tls: RawServerTls,
+}
+
+/// `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// disable | allow | prefer | require.
+    pub mode: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+/// `[server_tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    /// disable | prefer | require | verify-ca | verify-full.
+    pub mode: Option<String>,
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
 }
 
 /// A duration as written: "5s", "250ms", "10min", or 0 / "0" (meaning disabled where allowed).

@@ -11,13 +11,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawDuration, RawListen, RawPool, RawUser};
+use super::raw::{RawConfig, RawDuration, RawListen, RawPool, RawServerTls, RawTls, RawUser};
 use super::{
-    AdminConfig, AuthType, Config, ConfigError, ConfigProblem, DatabaseConfig, ListenConfig, PoolMode, PoolSettings,
-    Secret, SessionStatePolicy, UserConfig, parse_userlist,
+    AdminConfig, AuthType, ClientTlsConfig, ClientTlsMode, Config, ConfigError, ConfigProblem, DatabaseConfig,
+    ListenConfig, PoolMode, PoolSettings, Secret, ServerTlsConfig, ServerTlsMode, SessionStatePolicy, UserConfig,
+    parse_userlist,
 };
 use crate::auth::AuthError;
 use crate::auth::scram::ScramVerifier;
+use crate::net::tls::{self, ServerVerify};
 
 const ONE_DAY: Duration = Duration::from_secs(86_400);
 /// No duration may exceed this: beyond it a value is surely a typo, and far-future deadlines
@@ -172,6 +174,11 @@ fn key_part(name: &str) -> Cow<'_, str> {
     }
 }
 
+/// The defaults documented on [`PoolSettings`] (for code that builds a configuration by hand).
+pub fn default_pool_settings() -> PoolSettings {
+    default_pool()
+}
+
 /// The defaults documented on [`PoolSettings`].
 fn default_pool() -> PoolSettings {
     PoolSettings {
@@ -187,6 +194,7 @@ fn default_pool() -> PoolSettings {
         max_prepared_statements: 200,
         session_state: SessionStatePolicy::Reset,
         reset_query: "DISCARD ALL".to_owned(),
+        server_tls: ServerTlsConfig::prefer(),
     }
 }
 
@@ -286,6 +294,107 @@ fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSetti
         ),
         session_state,
         reset_query,
+        server_tls: base.server_tls.clone(),
+    }
+}
+
+fn resolve(base_dir: Option<&Path>, file: &str) -> std::path::PathBuf {
+    match base_dir {
+        Some(dir) if Path::new(file).is_relative() => dir.join(file),
+        _ => std::path::PathBuf::from(file),
+    }
+}
+
+fn client_tls(p: &mut Problems, raw: &RawTls, base_dir: Option<&Path>) -> ClientTlsConfig {
+    let mode = match raw.mode.as_deref() {
+        None | Some("disable") => ClientTlsMode::Disable,
+        Some("allow") => ClientTlsMode::Allow,
+        Some("prefer") => ClientTlsMode::Prefer,
+        Some("require") => ClientTlsMode::Require,
+        Some(other) => {
+            p.add(
+                "tls.mode",
+                format!("must be \"disable\", \"allow\", \"prefer\" or \"require\", got {other:?}"),
+            );
+            ClientTlsMode::Disable
+        }
+    };
+    let cert_file = raw.cert_file.as_deref().map(|f| resolve(base_dir, f));
+    let key_file = raw.key_file.as_deref().map(|f| resolve(base_dir, f));
+    let mut acceptor = None;
+    if mode != ClientTlsMode::Disable {
+        match (&cert_file, &key_file) {
+            (Some(cert), Some(key)) => match tls::acceptor(cert, key) {
+                Ok(a) => acceptor = Some(a),
+                Err(e) => p.add("tls.cert_file", e),
+            },
+            _ => p.add(
+                "tls",
+                "mode other than \"disable\" needs cert_file and key_file (PEM certificate chain and private key)",
+            ),
+        }
+    }
+    ClientTlsConfig {
+        mode,
+        cert_file,
+        key_file,
+        acceptor,
+    }
+}
+
+fn server_tls(p: &mut Problems, raw: &RawServerTls, base_dir: Option<&Path>) -> ServerTlsConfig {
+    let mode = match raw.mode.as_deref() {
+        None | Some("prefer") => ServerTlsMode::Prefer,
+        Some("disable") => ServerTlsMode::Disable,
+        Some("require") => ServerTlsMode::Require,
+        Some("verify-ca") => ServerTlsMode::VerifyCa,
+        Some("verify-full") => ServerTlsMode::VerifyFull,
+        Some(other) => {
+            p.add(
+                "server_tls.mode",
+                format!(
+                    "must be \"disable\", \"prefer\", \"require\", \"verify-ca\" or \"verify-full\", got {other:?}"
+                ),
+            );
+            ServerTlsMode::Prefer
+        }
+    };
+    let ca_file = raw.ca_file.as_deref().map(|f| resolve(base_dir, f));
+    if raw
+        .server_name
+        .as_deref()
+        .is_some_and(|n| rustls::pki_types::ServerName::try_from(n).is_err())
+    {
+        p.add("server_tls.server_name", "must be a DNS name or an IP address");
+    }
+    let verify = match mode {
+        ServerTlsMode::Disable => None,
+        ServerTlsMode::Prefer | ServerTlsMode::Require => Some(ServerVerify::None),
+        ServerTlsMode::VerifyCa => Some(ServerVerify::Ca),
+        ServerTlsMode::VerifyFull => Some(ServerVerify::Full),
+    };
+    let connector = match verify {
+        Some(ServerVerify::Ca | ServerVerify::Full) if ca_file.is_none() => {
+            p.add(
+                "server_tls.ca_file",
+                "verify-ca and verify-full need ca_file (the CA that signed PostgreSQL's certificate)",
+            );
+            None
+        }
+        Some(v) => match tls::connector(v, ca_file.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                p.add("server_tls.ca_file", e);
+                None
+            }
+        },
+        None => None,
+    };
+    ServerTlsConfig {
+        mode,
+        ca_file,
+        server_name: raw.server_name.clone(),
+        connector,
     }
 }
 
@@ -544,7 +653,10 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
         );
     }
 
-    let pool_defaults = pool_settings(&mut p, "pool", &raw.pool, &default_pool());
+    let tls = client_tls(&mut p, &raw.tls, base_dir);
+    let mut base_pool = default_pool();
+    base_pool.server_tls = server_tls(&mut p, &raw.server_tls, base_dir);
+    let pool_defaults = pool_settings(&mut p, "pool", &raw.pool, &base_pool);
 
     if raw.databases.is_empty() {
         p.add("databases", "at least one [databases.NAME] table is required");
@@ -622,6 +734,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             pool_defaults,
             databases,
             users,
+            tls,
         })
     } else {
         Err(ConfigError::Invalid(p.0))

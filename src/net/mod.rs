@@ -18,3 +18,8 @@ pub fn configure_socket(stream: &TcpStream, keepalive: Option<Duration>) {
         let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
     }
 }
+
+pub mod stream;
+pub mod tls;
+
+pub use stream::Stream;

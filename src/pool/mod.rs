@@ -383,12 +383,14 @@ impl Pool {
         let shared = &self.shared;
         let secret = lock(&shared.secret).clone();
         shared.stats.connecting.fetch_add(1, Ordering::Relaxed);
+        let settings = shared.settings.load_full();
         let result = server::connect(
             shared.ids.next(),
             &shared.target,
             &secret,
-            shared.settings.load().server_connect_timeout,
+            settings.server_connect_timeout,
             shared.keepalive,
+            &settings.server_tls,
         )
         .await;
         shared.stats.connecting.fetch_sub(1, Ordering::Relaxed);

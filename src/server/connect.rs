@@ -9,13 +9,59 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use rustls::pki_types::ServerName;
+
 use super::{ParamSet, ServerConn, ServerError, ServerId};
 use crate::auth::md5;
 use crate::auth::scram::{ClientSecret, SCRAM_SHA_256, ScramClient, ScramKeys};
+use crate::config::{ServerTlsConfig, ServerTlsMode};
+use crate::net::Stream;
 use crate::proto::messages::{self, AuthRequest, ErrorFields};
 use crate::proto::startup::CancelKey;
 use crate::proto::tag::backend;
 use crate::proto::{ProtocolError, frame_at};
+
+/// SSLRequest: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Asks the server for TLS per sslmode. Exactly one byte of answer is read, so nothing a man in
+/// the middle sends after it can be taken as part of the TLS session (CVE-2021-23222).
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    target: &ServerTarget,
+    tls: &ServerTlsConfig,
+) -> Result<Stream, ServerError> {
+    let (
+        ServerTlsMode::Prefer | ServerTlsMode::Require | ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull,
+        Some(connector),
+    ) = (tls.mode, &tls.connector)
+    else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let fail = |why: String| ServerError::Tls {
+        addr: target.addr_string(),
+        why,
+    };
+    tcp.write_all(&SSL_REQUEST).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == ServerTlsMode::Prefer => return Ok(Stream::Plain(tcp)),
+        b'N' => {
+            return Err(fail(format!(
+                "the server does not offer TLS, which server_tls.mode = {:?} requires (set ssl = on in postgresql.conf, or lower the mode)",
+                tls.mode
+            )));
+        }
+        other => return Err(fail(format!("unexpected answer {:?} to SSLRequest", other as char))),
+    }
+    let name = tls.server_name.clone().unwrap_or_else(|| target.host.clone());
+    let name = ServerName::try_from(name).map_err(|e| fail(format!("invalid server name for TLS: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(connector.config.clone());
+    let tls_stream = connector.connect(name, tcp).await.map_err(|e| fail(e.to_string()))?;
+    Ok(Stream::Tls(Box::new(tls_stream.into())))
+}
 
 /// Backend messages during login are small; a bigger one means something is wrong.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
@@ -65,8 +111,9 @@ pub async fn connect(
     secret: &ServerSecret,
     timeout: Duration,
     keepalive: Option<Duration>,
+    tls: &ServerTlsConfig,
 ) -> Result<ServerConn, ServerError> {
-    match tokio::time::timeout(timeout, connect_inner(id, target, secret, keepalive)).await {
+    match tokio::time::timeout(timeout, connect_inner(id, target, secret, keepalive, tls)).await {
         Ok(r) => r,
         Err(_) => Err(ServerError::ConnectTimeout {
             addr: target.addr_string(),
@@ -80,15 +127,17 @@ async fn connect_inner(
     target: &ServerTarget,
     secret: &ServerSecret,
     keepalive: Option<Duration>,
+    tls: &ServerTlsConfig,
 ) -> Result<ServerConn, ServerError> {
-    let stream = TcpStream::connect((target.host.as_str(), target.port))
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|source| ServerError::Connect {
             addr: target.addr_string(),
             source,
         })?;
-    crate::net::configure_socket(&stream, keepalive);
-    let addr: SocketAddr = stream.peer_addr()?;
+    crate::net::configure_socket(&tcp, keepalive);
+    let addr: SocketAddr = tcp.peer_addr()?;
+    let stream = negotiate_tls(tcp, target, tls).await?;
     let now = Instant::now();
     let mut conn = ServerConn {
         stream,

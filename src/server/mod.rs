@@ -63,12 +63,15 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("server closed the connection")]
     Closed,
+    /// TLS negotiation with the server failed, or the server lacks TLS that sslmode requires.
+    #[error("TLS with {addr} failed: {why}")]
+    Tls { addr: String, why: String },
 }
 
 /// A logged-in backend connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: crate::net::Stream,
     /// Read buffer reused for the connection's lifetime.
     pub(crate) buf: BytesMut,
     /// Bytes on their way to the server (client messages, possibly rewritten).
@@ -95,12 +98,7 @@ impl ServerConn {
     /// is going away (FATAL on shutdown/terminate) or something is wrong, so such a connection
     /// must not be handed out. One non-blocking syscall.
     pub fn has_pending_input(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            Err(_) => true,
-        }
+        !self.buf.is_empty() || self.stream.has_pending_input()
     }
 
     /// After a reset query (DISCARD ALL): the backend holds no prepared statements, and the
@@ -113,6 +111,7 @@ impl ServerConn {
 
     /// Best-effort polite close: Terminate lets PostgreSQL log a clean disconnect instead of
     /// "unexpected EOF". Never blocks; if the socket is not writable the close proceeds anyway.
+    /// Over TLS the Terminate is skipped: a record cannot be written without possibly waiting.
     pub fn close(self) {
         let mut buf = BytesMut::with_capacity(5);
         messages::terminate(&mut buf);

@@ -23,22 +23,15 @@ pub struct TestProxyBuilder<'a> {
     pub extra_databases: Vec<(String, DatabaseConfig)>,
     pub admin_token: Option<String>,
     pub query_text_bytes: usize,
+    /// Client-facing TLS (`[tls]`); disabled unless a test sets it.
+    pub tls: pgweir::config::ClientTlsConfig,
 }
 
 pub fn default_pool() -> PoolSettings {
     PoolSettings {
-        mode: PoolMode::Transaction,
         pool_size: 5,
-        min_pool_size: 0,
-        acquire_timeout: Duration::from_secs(5),
         idle_transaction_timeout: None,
-        server_connect_timeout: Duration::from_secs(5),
-        server_idle_timeout: Some(Duration::from_secs(600)),
-        server_lifetime: Some(Duration::from_secs(3600)),
-        server_check_delay: Duration::from_secs(30),
-        max_prepared_statements: 200,
-        session_state: pgweir::config::SessionStatePolicy::Reset,
-        reset_query: "DISCARD ALL".to_owned(),
+        ..pgweir::config::default_pool_settings()
     }
 }
 
@@ -74,6 +67,7 @@ impl<'a> TestProxyBuilder<'a> {
             extra_databases: Vec::new(),
             admin_token: None,
             query_text_bytes: 0,
+            tls: Default::default(),
         }
     }
 
@@ -138,6 +132,7 @@ impl<'a> TestProxyBuilder<'a> {
             pool_defaults: self.pool.clone(),
             databases,
             users: self.users.clone(),
+            tls: self.tls.clone(),
         }
     }
 
