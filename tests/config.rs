@@ -605,10 +605,21 @@ fn tls_sections_default_and_validate() {
     assert!(c.tls.acceptor.is_none());
     // Server TLS defaults to prefer, as PgBouncer ≥ 1.20, and reaches every pool.
     assert_eq!(c.pool_defaults.server_tls.mode, pgweir::config::ServerTlsMode::Prefer);
-    assert_eq!(c.databases["app"].pool.server_tls.mode, pgweir::config::ServerTlsMode::Prefer);
+    assert_eq!(
+        c.databases["app"].pool.server_tls.mode,
+        pgweir::config::ServerTlsMode::Prefer
+    );
 
-    one_problem(&format!("[tls]\nmode = \"sometimes\"\n{}", with_db("")), "tls.mode", "must be");
-    one_problem(&format!("[tls]\nmode = \"require\"\n{}", with_db("")), "tls", "cert_file and key_file");
+    one_problem(
+        &format!("[tls]\nmode = \"sometimes\"\n{}", with_db("")),
+        "tls.mode",
+        "must be",
+    );
+    one_problem(
+        &format!("[tls]\nmode = \"require\"\n{}", with_db("")),
+        "tls",
+        "cert_file and key_file",
+    );
     let msg = one_problem(
         &format!(
             "[tls]\nmode = \"prefer\"\ncert_file = \"missing.crt\"\nkey_file = \"missing.key\"\n{}",
@@ -637,7 +648,10 @@ fn tls_sections_default_and_validate() {
     // Files are resolved against the config file's directory and must hold PEM.
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("ca.pem"), "no PEM here").expect("write");
-    let text = format!("[server_tls]\nmode = \"verify-ca\"\nca_file = \"ca.pem\"\n{}", with_db(""));
+    let text = format!(
+        "[server_tls]\nmode = \"verify-ca\"\nca_file = \"ca.pem\"\n{}",
+        with_db("")
+    );
     let e = Config::from_toml(&text, Some(dir.path().to_owned())).expect_err("not PEM");
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 }

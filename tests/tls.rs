@@ -178,6 +178,17 @@ async fn prefer_mode_serves_both_and_disable_answers_n() {
     let plain = proxy.connect(roles::SCRAM).await;
     assert_eq!(select_one(&tls_client).await, 1);
     assert_eq!(select_one(&plain).await, 1);
+    // The admin API says which clients use TLS, and with what.
+    let (status, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let clients: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let tls: Vec<&serde_json::Value> = clients.as_array().expect("array").iter().map(|c| &c["tls"]).collect();
+    assert_eq!(tls.len(), 2, "{body}");
+    assert_eq!(tls.iter().filter(|t| t.is_null()).count(), 1, "{body}");
+    assert!(
+        tls.iter().any(|t| t.as_str().is_some_and(|s| s.starts_with("TLSv1_"))),
+        "{body}"
+    );
 
     // With TLS disabled, sslmode=require fails cleanly (the server said 'N').
     let plain_proxy = TestProxyBuilder::new(&pg).start().await;

@@ -133,6 +133,7 @@ fn client_json(c: &ClientInfo, now: u64) -> Value {
         "id": c.id.0,
         "addr": c.addr.to_string(),
         "application_name": c.application_name,
+        "tls": c.tls,
         "database": c.pool.database,
         "user": c.pool.user,
         "state": state,

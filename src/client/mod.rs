@@ -144,7 +144,8 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>)
             .get("application_name")
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default();
-        let info = ctx.clients.register(id, addr, login.pool.key().clone(), app_name);
+        let tls = login.client.tls_description();
+        let info = ctx.clients.register(id, addr, login.pool.key().clone(), app_name, tls);
         let result = session::run(login, &ctx, info).await;
         ctx.clients.unregister(id);
         result

@@ -31,6 +31,8 @@ pub struct ClientInfo {
     pub addr: SocketAddr,
     pub pool: PoolKey,
     pub application_name: String,
+    /// TLS version and cipher suite, None for a plaintext connection.
+    pub tls: Option<String>,
     /// Unix milliseconds.
     pub connected_at: u64,
     state: AtomicU8,
@@ -127,12 +129,20 @@ pub struct ClientRegistry {
 }
 
 impl ClientRegistry {
-    pub fn register(&self, id: ClientId, addr: SocketAddr, pool: PoolKey, application_name: String) -> Arc<ClientInfo> {
+    pub fn register(
+        &self,
+        id: ClientId,
+        addr: SocketAddr,
+        pool: PoolKey,
+        application_name: String,
+        tls: Option<String>,
+    ) -> Arc<ClientInfo> {
         let info = Arc::new(ClientInfo {
             id,
             addr,
             pool,
             application_name,
+            tls,
             connected_at: now_ms(),
             state: AtomicU8::new(ClientState::Idle as u8),
             linked_at: AtomicU64::new(0),
