@@ -545,3 +545,67 @@ async fn server_require_against_plaintext_postgres_fails_clearly() {
     let client = proxy.connect(roles::SCRAM).await;
     assert!(!server_side_ssl(&client).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_sha_256_plus_channel_binding_over_tls() {
+    let pg = support::postgres();
+    let pki = Pki::new("pgweir test CA");
+    let leaf = pki.leaf("proxy", &["127.0.0.1"]);
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.tls = client_tls(ClientTlsMode::Prefer, &leaf);
+    let proxy = builder.start().await;
+
+    // tokio-postgres computes tls-server-end-point from the certificate it received; a man in
+    // the middle with another certificate could not produce the same binding.
+    let (user, password) = roles::SCRAM;
+    let conn_str = format!(
+        "host=127.0.0.1 port={} user={user} password={password} dbname=app sslmode=require channel_binding=require",
+        proxy.port()
+    );
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_client(&pki.ca_file(), None));
+    let (client, conn) = tokio_postgres::connect(&conn_str, tls)
+        .await
+        .expect("SCRAM-SHA-256-PLUS login");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    assert_eq!(select_one(&client).await, 1);
+
+    // libpq too, over TLS; and without TLS it cannot get channel binding, so it refuses.
+    let base = format!("host=127.0.0.1 port={} user={user} dbname=app", proxy.port());
+    let out = tokio::task::block_in_place(|| psql(&pg, &format!("{base} sslmode=require channel_binding=require")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let out = tokio::task::block_in_place(|| psql(&pg, &format!("{base} sslmode=disable channel_binding=require")));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("channel binding"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tls_server_end_point_follows_the_signature_hash() {
+    let key = KeyPair::generate().expect("P-256 key");
+    let cert = CertificateParams::new(vec!["a".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let der = cert.der();
+    use sha2::Digest;
+    assert_eq!(
+        tls::server_end_point(der).expect("ECDSA-SHA256 has a hash"),
+        sha2::Sha256::digest(der).to_vec()
+    );
+    let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let cert = CertificateParams::new(vec!["a".to_owned()])
+        .expect("params")
+        .self_signed(&ed)
+        .expect("cert");
+    assert_eq!(tls::server_end_point(cert.der()), None, "Ed25519 names no hash");
+    // Truncated or garbage input is refused, never trusted.
+    assert_eq!(tls::server_end_point(&der[..der.len() / 2]), None);
+    assert_eq!(tls::server_end_point(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    assert_eq!(tls::server_end_point(&[]), None);
+}

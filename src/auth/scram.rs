@@ -9,8 +9,10 @@
 //! PostgreSQL's dialect: the SASL user name (`n=`) is empty or ignored, because the startup
 //! packet's user is authoritative; authorization identities and mandatory extensions are
 //! refused; passwords go through SASLprep, falling back to the raw bytes when SASLprep
-//! rejects them. Channel binding (SCRAM-SHA-256-PLUS) is not offered, so a client's `p=`
-//! flag is refused while `y,,` ("I could bind, but you did not offer it") is accepted.
+//! rejects them. Channel binding (SCRAM-SHA-256-PLUS, `tls-server-end-point`) is offered on TLS
+//! connections whose certificate names a hash ([`ChannelBinding`]); then a client's `y,,` ("I
+//! could bind, but you did not offer it") means someone stripped the offer and is refused.
+//! Elsewhere `p=` is refused and `y,,` accepted.
 //!
 //! Each side is a small state machine that takes one peer message and returns the next
 //! message to send. Any error ends the exchange: later calls return
@@ -29,6 +31,22 @@ use super::AuthError;
 
 /// The SASL mechanism name, as sent in AuthenticationSASL and SASLInitialResponse.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// The channel-binding variant, offered on TLS connections.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// What the server offered and the client chose, for channel binding.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ChannelBinding {
+    /// Not offered (plaintext connection, or a certificate without a usable hash).
+    #[default]
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS was offered, and the client chose plain SCRAM-SHA-256.
+    Declined,
+    /// The client chose SCRAM-SHA-256-PLUS; this is the `tls-server-end-point` data (the hash
+    /// of our certificate, RFC 5929) it must echo.
+    TlsServerEndPoint(Vec<u8>),
+}
 
 /// Iteration count for verifiers made by [`ScramVerifier::generate`] (PostgreSQL's default).
 pub const DEFAULT_ITERATIONS: u32 = 4096;
@@ -282,6 +300,7 @@ pub struct ScramServer {
     server_nonce: String,
     /// Unknown user: run the whole exchange, then fail.
     mock: bool,
+    binding: ChannelBinding,
     state: ServerState,
 }
 
@@ -306,8 +325,14 @@ impl ScramServer {
             verifier,
             server_nonce: random_nonce(),
             mock: false,
+            binding: ChannelBinding::NotOffered,
             state: ServerState::Initial,
         }
+    }
+
+    /// Sets what was offered and chosen for channel binding; call before the first message.
+    pub fn set_channel_binding(&mut self, binding: ChannelBinding) {
+        self.binding = binding;
     }
 
     /// A server that will run a full-looking exchange but always fail at the end (for
@@ -352,8 +377,18 @@ impl ScramServer {
         let (flag, rest) = msg
             .split_once(',')
             .ok_or(AuthError::MalformedMessage("missing gs2 header"))?;
-        match flag {
-            "n" | "y" => {}
+        match (flag, &self.binding) {
+            ("n", ChannelBinding::NotOffered | ChannelBinding::Declined) => {}
+            ("y", ChannelBinding::NotOffered) => {}
+            // We offered -PLUS over TLS; a client able to bind says it did not see the offer,
+            // so the mechanism list was tampered with (RFC 5802 §6).
+            ("y", _) => return Err(AuthError::MalformedMessage("channel binding downgrade detected")),
+            ("p=tls-server-end-point", ChannelBinding::TlsServerEndPoint(_)) => {}
+            (_, ChannelBinding::TlsServerEndPoint(_)) => {
+                return Err(AuthError::MalformedMessage(
+                    "SCRAM-SHA-256-PLUS needs channel binding type tls-server-end-point",
+                ));
+            }
             _ if flag.starts_with("p=") => return Err(AuthError::ChannelBindingUnsupported),
             _ => return Err(AuthError::MalformedMessage("invalid channel binding flag")),
         }
@@ -424,8 +459,12 @@ impl ScramServer {
         let client_nonce = next_attr(&mut parts, 'r', "missing nonce")?;
         skip_extensions(parts)?;
         // Without this check a man in the middle could strip a client's "y" flag (or
-        // swap headers) unnoticed.
-        if B64.decode(binding).ok().as_deref() != Some(gs2_header.as_bytes()) {
+        // swap headers) unnoticed; with -PLUS it proves both ends saw the same certificate.
+        let mut expected = gs2_header.into_bytes();
+        if let ChannelBinding::TlsServerEndPoint(data) = &self.binding {
+            expected.extend_from_slice(data);
+        }
+        if B64.decode(binding).ok().as_deref() != Some(&expected[..]) {
             return Err(AuthError::MalformedMessage(
                 "channel binding does not match the gs2 header",
             ));

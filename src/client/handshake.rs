@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::cancel::CancelSlot;
 use super::{ClientContext, ClientError};
 use crate::auth::md5;
-use crate::auth::scram::{SCRAM_SHA_256, ScramKeys, ScramServer};
+use crate::auth::scram::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramKeys, ScramServer};
 use crate::config::{AuthType, ClientTlsMode, Config, Secret};
 use crate::net::stream::TlsConn;
 use crate::net::{Stream, tls};
@@ -279,7 +279,12 @@ async fn login(
         out.clear();
     }
 
-    let scram_keys = authenticate(client, ctx, &user).await?;
+    // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
+    let end_point = match client.is_tls() {
+        true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
+        false => None,
+    };
+    let scram_keys = authenticate(client, ctx, &user, end_point).await?;
 
     let Some(db) = config.databases.get(&database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
@@ -469,7 +474,12 @@ fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bo
 }
 
 /// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
-async fn authenticate(client: &mut Stream, ctx: &ClientContext, user: &str) -> Result<Option<ScramKeys>, Failure> {
+async fn authenticate(
+    client: &mut Stream,
+    ctx: &ClientContext,
+    user: &str,
+    end_point: Option<&[u8]>,
+) -> Result<Option<ScramKeys>, Failure> {
     let users = ctx.users.load_full();
     let entry = users.get(user);
     let failed = || {
@@ -513,19 +523,32 @@ async fn authenticate(client: &mut Stream, ctx: &ClientContext, user: &str) -> R
                 Some(v) => ScramServer::new(v),
                 None => ScramServer::mock(user),
             };
-            messages::auth_sasl_request(&mut out, &[SCRAM_SHA_256]);
+            let offered: &[&str] = match end_point {
+                Some(_) => &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256],
+                None => &[SCRAM_SHA_256],
+            };
+            messages::auth_sasl_request(&mut out, offered);
             client.write_all(&out).await?;
             let body = read_password_message(client).await?;
             let (mechanism, data) = messages::parse_sasl_initial_response(&body)?;
-            if mechanism != SCRAM_SHA_256.as_bytes() {
-                return Err(reject(PgError::fatal(
-                    "28000",
-                    format!(
-                        "SASL mechanism {} is not supported; pgweir offers SCRAM-SHA-256",
-                        String::from_utf8_lossy(mechanism)
-                    ),
-                )));
-            }
+            let binding = match (mechanism, end_point) {
+                (m, None) if m == SCRAM_SHA_256.as_bytes() => ChannelBinding::NotOffered,
+                (m, Some(_)) if m == SCRAM_SHA_256.as_bytes() => ChannelBinding::Declined,
+                (m, Some(data)) if m == SCRAM_SHA_256_PLUS.as_bytes() => {
+                    ChannelBinding::TlsServerEndPoint(data.to_vec())
+                }
+                _ => {
+                    return Err(reject(PgError::fatal(
+                        "28000",
+                        format!(
+                            "SASL mechanism {} is not supported; pgweir offers {}",
+                            String::from_utf8_lossy(mechanism),
+                            offered.join(", ")
+                        ),
+                    )));
+                }
+            };
+            server.set_channel_binding(binding);
             let server_first = server.handle_client_first(data).map_err(|_| failed())?;
             out.clear();
             messages::auth_sasl_continue(&mut out, &server_first);

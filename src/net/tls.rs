@@ -27,6 +27,9 @@ fn provider() -> Arc<CryptoProvider> {
 #[derive(Clone)]
 pub struct Material<T> {
     pub config: Arc<T>,
+    /// For the acceptor: `tls-server-end-point` channel-binding data (RFC 5929) of our
+    /// certificate, when its signature algorithm names a hash; None disables SCRAM-SHA-256-PLUS.
+    pub end_point: Option<Arc<[u8]>>,
     digest: [u8; 32],
 }
 
@@ -70,6 +73,7 @@ pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<Material<rustls::Se
     let cert_pem = read(cert_file, "tls.cert_file")?;
     let key_pem = read(key_file, "tls.key_file")?;
     let certs = certs_from_pem(&cert_pem, cert_file)?;
+    let leaf_der = certs.first().map(|c| c.as_ref().to_vec());
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         format!(
             "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
@@ -94,8 +98,64 @@ pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<Material<rustls::Se
     digest.update(&key_pem);
     Ok(Material {
         config: Arc::new(config),
+        end_point: leaf_der.as_deref().and_then(server_end_point).map(Arc::from),
         digest: digest.finalize().into(),
     })
+}
+
+/// RFC 5929 `tls-server-end-point`: the certificate hashed with its signature's hash function,
+/// SHA-256 when that is MD5 or SHA-1. None for algorithms without one (Ed25519, RSA-PSS with
+/// parameters), in which case channel binding is simply not offered, as PostgreSQL does.
+pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    let (0x30, cert, _) = der_tlv(cert_der)? else {
+        return None;
+    };
+    let (0x30, _tbs, rest) = der_tlv(cert)? else {
+        return None;
+    };
+    let (0x30, algorithm, _) = der_tlv(rest)? else {
+        return None;
+    };
+    let (0x06, oid, _) = der_tlv(algorithm)? else {
+        return None;
+    };
+    let bits = match oid {
+        [prefix @ .., 4 | 5] if prefix == RSA => 256,
+        [prefix @ .., 11] if prefix == RSA => 256,
+        [prefix @ .., 12] if prefix == RSA => 384,
+        [prefix @ .., 13] if prefix == RSA => 512,
+        _ if oid == ECDSA_SHA1 => 256,
+        [prefix @ .., 2] if prefix == ECDSA_SHA2 => 256,
+        [prefix @ .., 3] if prefix == ECDSA_SHA2 => 384,
+        [prefix @ .., 4] if prefix == ECDSA_SHA2 => 512,
+        _ => return None,
+    };
+    Some(match bits {
+        256 => Sha256::digest(cert_der).to_vec(),
+        384 => sha2::Sha384::digest(cert_der).to_vec(),
+        _ => sha2::Sha512::digest(cert_der).to_vec(),
+    })
+}
+
+/// One DER tag-length-value: (tag, contents, what follows). None when truncated or when the
+/// length is not in definite form; lengths are checked against the input, never trusted.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 /// How a server's certificate is checked, mirroring libpq's sslmode.
@@ -149,6 +209,7 @@ pub fn connector(verify: ServerVerify, ca_file: Option<&Path>) -> Result<Materia
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Material {
         config: Arc::new(config),
+        end_point: None,
         digest: digest.finalize().into(),
     })
 }

@@ -1082,3 +1082,51 @@ fn debug_output_redacts_secrets() {
         );
     }
 }
+
+/// postgres-protocol's client with channel binding, against our server: the binding data must
+/// match what the server saw, and a "y" flag after an offer is a downgrade.
+#[test]
+fn channel_binding_tls_server_end_point() {
+    let data = vec![7u8; 32];
+    let run = |client_binding: ChannelBinding, server_binding: super::ChannelBinding| {
+        let mut client = ScramSha256::new(b"pw", client_binding);
+        let mut server = ScramServer::new(cheap_verifier("pw"));
+        server.set_channel_binding(server_binding);
+        let server_first = server.handle_client_first(client.message())?;
+        client.update(&server_first).expect("server-first");
+        let (server_final, _) = server.handle_client_final(client.message())?;
+        client.finish(&server_final).expect("server signature");
+        Ok::<(), AuthError>(())
+    };
+    use super::ChannelBinding as Offer;
+    assert_eq!(
+        run(
+            ChannelBinding::tls_server_end_point(data.clone()),
+            Offer::TlsServerEndPoint(data.clone())
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        run(
+            ChannelBinding::tls_server_end_point(vec![8u8; 32]),
+            Offer::TlsServerEndPoint(data.clone())
+        ),
+        Err(AuthError::MalformedMessage(
+            "channel binding does not match the gs2 header"
+        ))
+    );
+    // "I could bind but you did not offer": fine when we did not, a downgrade when we did.
+    assert_eq!(run(ChannelBinding::unrequested(), Offer::NotOffered), Ok(()));
+    assert_eq!(
+        run(ChannelBinding::unrequested(), Offer::Declined),
+        Err(AuthError::MalformedMessage("channel binding downgrade detected"))
+    );
+    assert_eq!(run(ChannelBinding::unsupported(), Offer::Declined), Ok(()));
+    // Chose -PLUS but sent no binding.
+    assert_eq!(
+        run(ChannelBinding::unsupported(), Offer::TlsServerEndPoint(data)),
+        Err(AuthError::MalformedMessage(
+            "SCRAM-SHA-256-PLUS needs channel binding type tls-server-end-point"
+        ))
+    );
+}
