@@ -68,6 +68,13 @@ impl Pki {
     }
 }
 
+/// A proxy in front of `pg` serving TLS to clients with `leaf`.
+async fn tls_proxy(pg: &EmbeddedPostgres, mode: ClientTlsMode, leaf: &Leaf) -> TestProxy {
+    let mut builder = TestProxyBuilder::new(pg);
+    builder.tls = client_tls(mode, leaf);
+    builder.start().await
+}
+
 fn client_tls(mode: ClientTlsMode, leaf: &Leaf) -> ClientTlsConfig {
     ClientTlsConfig {
         mode,
@@ -127,9 +134,7 @@ async fn tokio_postgres_over_tls_and_plaintext_refused_in_require_mode() {
     let pg = support::postgres();
     let pki = Pki::new("pgweir test CA");
     let leaf = pki.leaf("proxy", &["localhost", "127.0.0.1"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Require, &leaf);
-    let proxy = builder.start().await;
+    let proxy = tls_proxy(&pg, ClientTlsMode::Require, &leaf).await;
 
     // The rustls config checks the chain and the name (127.0.0.1 is in the certificate):
     // verify-full semantics.
@@ -171,9 +176,7 @@ async fn prefer_mode_serves_both_and_disable_answers_n() {
     let pg = support::postgres();
     let pki = Pki::new("pgweir test CA");
     let leaf = pki.leaf("proxy", &["127.0.0.1"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Prefer, &leaf);
-    let proxy = builder.start().await;
+    let proxy = tls_proxy(&pg, ClientTlsMode::Prefer, &leaf).await;
     let tls_client = connect_tls(&proxy, &pki.ca_file(), "require").await.expect("TLS login");
     let plain = proxy.connect(roles::SCRAM).await;
     assert_eq!(select_one(&tls_client).await, 1);
@@ -211,9 +214,7 @@ async fn psql_with_sslmode_require_and_verify_full() {
     let pg = support::postgres();
     let pki = Pki::new("pgweir test CA");
     let leaf = pki.leaf("proxy", &["localhost", "127.0.0.1"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Require, &leaf);
-    let proxy = builder.start().await;
+    let proxy = tls_proxy(&pg, ClientTlsMode::Require, &leaf).await;
     let port = proxy.port();
     let ca = pki.ca_file();
     for mode in ["require", "verify-ca", "verify-full"] {
@@ -232,9 +233,7 @@ async fn psql_with_sslmode_require_and_verify_full() {
     }
     // verify-full against a certificate for another name fails on the client side.
     let wrong = pki.leaf("wrong", &["db.example.com"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Require, &wrong);
-    let wrong_proxy = builder.start().await;
+    let wrong_proxy = tls_proxy(&pg, ClientTlsMode::Require, &wrong).await;
     let conninfo = format!(
         "host=127.0.0.1 port={} user={} dbname=app sslmode=verify-full sslrootcert={}",
         wrong_proxy.port(),
@@ -259,9 +258,7 @@ async fn bytes_stuffed_after_ssl_request_are_rejected() {
     let pg = support::postgres();
     let pki = Pki::new("pgweir test CA");
     let leaf = pki.leaf("proxy", &["127.0.0.1"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Prefer, &leaf);
-    let proxy = builder.start().await;
+    let proxy = tls_proxy(&pg, ClientTlsMode::Prefer, &leaf).await;
 
     // SSLRequest and a plaintext StartupMessage in one write: pgweir must not answer 'S' and
     // then treat the stuffed bytes as if they came through TLS.
@@ -304,9 +301,7 @@ async fn direct_tls_with_alpn_is_accepted_and_without_alpn_refused() {
     let pg = support::postgres();
     let pki = Pki::new("pgweir test CA");
     let leaf = pki.leaf("proxy", &["127.0.0.1"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Require, &leaf);
-    let proxy = builder.start().await;
+    let proxy = tls_proxy(&pg, ClientTlsMode::Require, &leaf).await;
     let name = ServerName::try_from("127.0.0.1").expect("name");
 
     let connector = tokio_rustls::TlsConnector::from(Arc::new(rustls_client(&pki.ca_file(), Some(b"postgresql"))));
@@ -551,9 +546,7 @@ async fn scram_sha_256_plus_channel_binding_over_tls() {
     let pg = support::postgres();
     let pki = Pki::new("pgweir test CA");
     let leaf = pki.leaf("proxy", &["127.0.0.1"]);
-    let mut builder = TestProxyBuilder::new(&pg);
-    builder.tls = client_tls(ClientTlsMode::Prefer, &leaf);
-    let proxy = builder.start().await;
+    let proxy = tls_proxy(&pg, ClientTlsMode::Prefer, &leaf).await;
 
     // tokio-postgres computes tls-server-end-point from the certificate it received; a man in
     // the middle with another certificate could not produce the same binding.
