@@ -117,6 +117,7 @@ impl Proxy {
     /// `grace`, then close everything that is left.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();
+        self.ctx.clients.stop_all(crate::client::registry::SHUTDOWN);
         self.accept_task.abort();
         let _ = self.accept_task.await;
         self.tracker.close();

@@ -602,3 +602,30 @@ fn tls_server_end_point_follows_the_signature_hash() {
     assert_eq!(tls::server_end_point(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
     assert_eq!(tls::server_end_point(&[]), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_client_is_killed_and_told() {
+    let pg = support::postgres();
+    let pki = Pki::new("pgweir test CA");
+    let leaf = pki.leaf("proxy", &["127.0.0.1"]);
+    let proxy = tls_proxy(&pg, ClientTlsMode::Require, &leaf).await;
+    let client = connect_tls(&proxy, &pki.ca_file(), "require").await.expect("TLS login");
+    assert_eq!(select_one(&client).await, 1);
+    let (_, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    let clients: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let id = clients[0]["id"].as_u64().expect("client id");
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The session was waiting for the client's next query inside rustls; the kill reaches it
+    // there and the FATAL goes out encrypted before the close.
+    let e = client.query_one("SELECT 1", &[]).await.expect_err("killed");
+    assert!(client.is_closed() || sqlstate(&e).as_deref() == Some("57P01"), "{e:?}");
+    assert!(
+        support::proxy::eventually(Duration::from_secs(5), || async {
+            proxy.admin("GET", "/api/clients", None, None).await.1 == "[]"
+        })
+        .await
+    );
+}

@@ -242,7 +242,7 @@ async fn kill_client(State(s): State<AdminState>, headers: HeaderMap, Path(id): 
     }
     match s.ctx.clients.get(id) {
         Some(c) => {
-            c.kill.cancel();
+            c.stop.raise(crate::client::registry::KILL);
             Json(json!({ "killed": id })).into_response()
         }
         None => error(StatusCode::NOT_FOUND, format!("no client {id}")),
@@ -256,7 +256,7 @@ async fn kill_server(State(s): State<AdminState>, headers: HeaderMap, Path(pid):
         return r;
     }
     if let Some(c) = s.ctx.clients.by_server_pid(pid) {
-        c.kill.cancel();
+        c.stop.raise(crate::client::registry::KILL);
         return Json(json!({ "killed": pid, "client": c.id.0 })).into_response();
     }
     if s.ctx.pools.all().iter().any(|p| p.close_idle_server(pid)) {

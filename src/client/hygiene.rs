@@ -79,18 +79,20 @@ pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
 }
 
 fn contains_trigger(sql: &[u8]) -> bool {
-    const TRIGGERS: [&[u8]; 7] = [
-        b"set",
-        b"listen",
-        b"prepare",
-        b"temp",
-        b"advisory",
-        b"hold",
-        b"set_config",
-    ];
-    TRIGGERS
-        .iter()
-        .any(|t| sql.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t)))
+    // One pass, keyed on the first letter: this runs on every query, and most queries hold
+    // none of these words ("set" also covers "set_config").
+    sql.iter().enumerate().any(|(i, b)| {
+        let word: &[u8] = match b.to_ascii_lowercase() {
+            b's' => b"set",
+            b'l' => b"listen",
+            b'p' => b"prepare",
+            b't' => b"temp",
+            b'a' => b"advisory",
+            b'h' => b"hold",
+            _ => return false,
+        };
+        sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word))
+    })
 }
 
 /// Lower-cases the SQL and blanks out comments and quoted strings/identifiers, so keywords are
@@ -156,6 +158,32 @@ fn normalise(sql: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::session_state_change as scan;
+
+    #[test]
+    fn trigger_prefilter_finds_every_word_anywhere_in_any_case() {
+        for word in ["set", "listen", "prepare", "temp", "advisory", "hold", "set_config"] {
+            for sql in [
+                word.to_owned(),
+                word.to_uppercase(),
+                format!("select 1; {}", word.to_uppercase()),
+                format!("x{word}"),
+            ] {
+                assert!(super::contains_trigger(sql.as_bytes()), "{sql}");
+            }
+            // Truncated at the end of the text: no match, no out-of-bounds read ("set_confi"
+            // still holds "set").
+            let cut = &word.as_bytes()[..word.len() - 1];
+            assert_eq!(super::contains_trigger(cut), word == "set_config", "{word}");
+        }
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "",
+            "s",
+            "UPDATE t SET",
+        ] {
+            assert_eq!(super::contains_trigger(sql.as_bytes()), sql.ends_with("SET"), "{sql}");
+        }
+    }
 
     #[test]
     fn detects_session_state_changes() {

@@ -146,6 +146,11 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>)
             .unwrap_or_default();
         let tls = login.client.tls_description();
         let info = ctx.clients.register(id, addr, login.pool.key().clone(), app_name, tls);
+        // Shutdown raises the signal on registered clients; one that registered meanwhile
+        // sees the token instead.
+        if ctx.shutdown.is_cancelled() {
+            info.stop.raise(registry::SHUTDOWN);
+        }
         let result = session::run(login, &ctx, info).await;
         ctx.clients.unregister(id);
         result

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
 
 use super::ClientId;
 use crate::pool::PoolKey;
@@ -22,6 +22,62 @@ pub enum ClientState {
     Waiting = 1,
     /// Holding a server connection.
     Active = 2,
+}
+
+/// [`StopSignal`] bit: an operator killed the client.
+pub const KILL: u8 = 1;
+/// [`StopSignal`] bit: pgweir is shutting down (idle clients leave, transactions may finish).
+pub const SHUTDOWN: u8 = 2;
+
+/// Why a session must stop, for the one task serving it. Sessions wait on it around every
+/// transaction, so it is an atomic and an [`AtomicWaker`]: no mutex and no shared waiter list
+/// (a `CancellationToken` takes a mutex on every poll, and one shared shutdown token would make
+/// every idle client register in the same list).
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    bits: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl StopSignal {
+    pub fn raise(&self, bit: u8) {
+        self.bits.fetch_or(bit, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// The raised bits among `mask`, 0 when none.
+    pub fn raised_now(&self, mask: u8) -> u8 {
+        self.bits.load(Ordering::SeqCst) & mask
+    }
+
+    /// Completes with the raised bits among `mask`. Only the session's own task may wait.
+    pub fn raised(&self, mask: u8) -> Raised<'_> {
+        Raised { signal: self, mask }
+    }
+}
+
+/// Future of [`StopSignal::raised`].
+pub struct Raised<'a> {
+    signal: &'a StopSignal,
+    mask: u8,
+}
+
+impl std::future::Future for Raised<'_> {
+    type Output = u8;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<u8> {
+        // Check, register, check again: a raise between the first check and the registration
+        // is seen by the second.
+        let bits = self.signal.raised_now(self.mask);
+        if bits != 0 {
+            return std::task::Poll::Ready(bits);
+        }
+        self.signal.waker.register(cx.waker());
+        match self.signal.raised_now(self.mask) {
+            0 => std::task::Poll::Pending,
+            bits => std::task::Poll::Ready(bits),
+        }
+    }
 }
 
 /// One client's public facts.
@@ -46,8 +102,8 @@ pub struct ClientInfo {
     idle_tx_since: AtomicU64,
     /// The last query text, truncated; only kept when admin.query_text_bytes > 0.
     last_query: std::sync::Mutex<String>,
-    /// Fired by an admin kill.
-    pub kill: CancellationToken,
+    /// Raised by an admin kill or by shutdown.
+    pub stop: StopSignal,
 }
 
 pub fn now_ms() -> u64 {
@@ -150,7 +206,7 @@ impl ClientRegistry {
             waiting_since: AtomicU64::new(0),
             idle_tx_since: AtomicU64::new(0),
             last_query: std::sync::Mutex::new(String::new()),
-            kill: CancellationToken::new(),
+            stop: StopSignal::default(),
         });
         self.clients.insert(id.0, info.clone());
         info
@@ -165,6 +221,13 @@ impl ClientRegistry {
     }
 
     /// A snapshot, ordered by id.
+    /// Raises `bit` on every registered client.
+    pub fn stop_all(&self, bit: u8) {
+        for entry in self.clients.iter() {
+            entry.value().stop.raise(bit);
+        }
+    }
+
     pub fn all(&self) -> Vec<Arc<ClientInfo>> {
         let mut v: Vec<Arc<ClientInfo>> = self.clients.iter().map(|e| e.value().clone()).collect();
         v.sort_by_key(|c| c.id.0);

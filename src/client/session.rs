@@ -27,7 +27,7 @@ use std::sync::Arc;
 use super::handshake::{LoggedIn, send_error};
 use super::link::{ClientSide, ClientStatements, Link};
 use super::prepared::{StatementCommand, classify_query};
-use super::registry::ClientInfo;
+use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::pool::{Pool, PoolError, PooledServer};
@@ -143,7 +143,7 @@ impl Session<'_> {
                 Unlinked::Continue => {}
                 Unlinked::ClientGone => return Ok(()),
             }
-            if self.ctx.shutdown.is_cancelled() {
+            if self.info.stop.raised_now(SHUTDOWN) != 0 {
                 return Err(self.shutting_down().await);
             }
         }
@@ -172,10 +172,7 @@ impl Session<'_> {
                 self.buf = BytesMut::new();
                 tokio::select! {
                     r = self.client.tcp().readable() => r.map_err(ClientError::ClientIo)?,
-                    _ = self.ctx.shutdown.cancelled() => {
-                        return Err(self.shutting_down().await);
-                    }
-                    _ = self.info.kill.cancelled() => return Err(self.killed().await),
+                    bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
                 }
             }
             self.reserve_for_client();
@@ -184,10 +181,7 @@ impl Session<'_> {
                 // reach it. rustls keeps partial records itself, so dropping the read is safe.
                 tokio::select! {
                     r = self.client.read_buf(&mut self.buf) => r,
-                    _ = self.ctx.shutdown.cancelled() => {
-                        return Err(self.shutting_down().await);
-                    }
-                    _ = self.info.kill.cancelled() => return Err(self.killed().await),
+                    bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
                 }
             } else {
                 self.client.read_buf(&mut self.buf).await
@@ -197,6 +191,14 @@ impl Session<'_> {
                 Ok(_) => {}
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }
+        }
+    }
+
+    async fn stopped(&mut self, bits: u8) -> ClientError {
+        if bits & KILL != 0 {
+            self.killed().await
+        } else {
+            self.shutting_down().await
         }
     }
 
@@ -624,7 +626,7 @@ impl Session<'_> {
                     }
                 } => Event::Server(r),
                 _ = sleep_until_opt(idle_deadline), if idle_deadline.is_some() => Event::IdleTimeout,
-                _ = self.info.kill.cancelled() => Event::Killed,
+                _ = self.info.stop.raised(KILL) => Event::Killed,
             };
             match event {
                 Event::Client(Io::Wrote(r)) => {
