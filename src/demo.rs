@@ -65,5 +65,6 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
         databases,
         users,
         tls: Default::default(),
+        hba: Vec::new(),
     }
 }

@@ -655,3 +655,50 @@ fn tls_sections_default_and_validate() {
     let e = Config::from_toml(&text, Some(dir.path().to_owned())).expect_err("not PEM");
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 }
+
+#[test]
+fn hba_rules_parse_and_validate() {
+    let c = parse(&format!(
+        "[[hba]]\naction = \"deny\"\naddress = \"10.9.0.0/16\"\n\
+         [[hba]]\naction = \"allow\"\naddress = \"all\"\nusers = [\"app\"]\ndatabases = [\"app\"]\ntls = true\n{}",
+        with_db("")
+    ))
+    .expect("valid");
+    assert_eq!(c.hba.len(), 2);
+    assert_eq!(c.hba[0].action, pgweir::config::hba::HbaAction::Deny);
+    assert_eq!(c.hba[1].address, None, "all");
+    assert_eq!(c.hba[1].tls, Some(true));
+    assert!(parse(&with_db("")).expect("valid").hba.is_empty());
+
+    one_problem(
+        &format!("[[hba]]\naction = \"permit\"\naddress = \"all\"\n{}", with_db("")),
+        "hba[1].action",
+        "\"allow\" or \"deny\"",
+    );
+    one_problem(
+        &format!("[[hba]]\naction = \"allow\"\n{}", with_db("")),
+        "hba[1].address",
+        "is required",
+    );
+    one_problem(
+        &format!(
+            "[[hba]]\naction = \"allow\"\naddress = \"all\"\n[[hba]]\naction = \"deny\"\naddress = \"10.0.0.0/40\"\n{}",
+            with_db("")
+        ),
+        "hba[2].address",
+        "prefix length",
+    );
+    one_problem(
+        &format!(
+            "[[hba]]\naction = \"allow\"\naddress = \"all\"\nusers = []\n{}",
+            with_db("")
+        ),
+        "hba[1].users",
+        "must list names",
+    );
+    let e = err(&format!(
+        "[[hba]]\naction = \"allow\"\naddress = \"all\"\nport = 1\n{}",
+        with_db("")
+    ));
+    assert!(e.contains("port"), "{e}");
+}

@@ -202,6 +202,17 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             .inc_by(count.load(Ordering::Relaxed));
     }
     registry.register("client_disconnects", "Ended client sessions by reason", disconnects);
+    let login_failures = Family::<Labels, Counter>::default();
+    for (reason, count) in crate::client::LOGIN_FAILURE_REASONS.iter().zip(&s.ctx.login_failures) {
+        login_failures
+            .get_or_create(&vec![("reason".to_owned(), (*reason).to_owned())])
+            .inc_by(count.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "client_login_failures",
+        "Failed client logins by reason (bad_password, unknown_user, hba_denied, timeout, …)",
+        login_failures,
+    );
     let st = &s.ctx.statements;
     for (name, help, value) in [
         (

@@ -32,6 +32,37 @@ pub enum ClientError {
     Killed,
 }
 
+/// Why logins failed, as bounded metric labels (indexes of [`LoginFailure`]).
+pub const LOGIN_FAILURE_REASONS: [&str; 11] = [
+    "bad_password",
+    "unknown_user",
+    "hba_denied",
+    "timeout",
+    "tls_handshake",
+    "tls_required",
+    "protocol",
+    "unknown_database",
+    "server_unavailable",
+    "client_gone",
+    "other",
+];
+
+/// Why one login failed; the discriminant indexes [`LOGIN_FAILURE_REASONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    BadPassword,
+    UnknownUser,
+    HbaDenied,
+    Timeout,
+    TlsHandshake,
+    TlsRequired,
+    Protocol,
+    UnknownDatabase,
+    ServerUnavailable,
+    ClientGone,
+    Other,
+}
+
 /// Why client sessions ended, as bounded metric labels.
 pub const DISCONNECT_REASONS: [&str; 9] = [
     "normal",

@@ -7,6 +7,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,9 +15,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::cancel::CancelSlot;
-use super::{ClientContext, ClientError};
-use crate::auth::md5;
+use super::{ClientContext, ClientError, LoginFailure};
 use crate::auth::scram::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramKeys, ScramServer};
+use crate::auth::{AuthError, md5};
+use crate::config::hba::{self, HbaVerdict};
 use crate::config::{AuthType, ClientTlsMode, Config, Secret};
 use crate::net::stream::TlsConn;
 use crate::net::{Stream, tls};
@@ -42,7 +44,15 @@ pub(super) struct LoggedIn {
 }
 
 /// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
+/// Failures are counted by reason for the login-failures metric.
 pub(super) async fn run(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
+    attempt(tcp, ctx).await.map_err(|(reason, error)| {
+        ctx.login_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
+        error
+    })
+}
+
+async fn attempt(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, (LoginFailure, ClientError)> {
     // One consistent configuration for the whole login, even if a reload happens meanwhile.
     let config = ctx.config.load_full();
     let timeout = config.listen.client_login_timeout;
@@ -52,11 +62,11 @@ pub(super) async fn run(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<Lo
     let startup = loop {
         let step = match tokio::time::timeout_at(deadline, negotiate(&mut client, &config, may_start_tls, ctx)).await {
             Ok(Ok(step)) => step,
-            Ok(Err(Failure { error, reply })) => {
+            Ok(Err(Failure { reason, error, reply })) => {
                 if let Some(reply) = reply {
                     let _ = send_error(&mut client, &reply).await;
                 }
-                return Err(error);
+                return Err((reason, error));
             }
             Err(_) => return Err(login_timed_out(&mut client, timeout).await),
         };
@@ -65,26 +75,25 @@ pub(super) async fn run(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<Lo
             Negotiated::Done => return Ok(None),
             Negotiated::StartTls { direct } => {
                 may_start_tls = false;
+                let tls_failure = |why: String| (LoginFailure::TlsHandshake, ClientError::Login(why));
                 let Stream::Plain(tcp) = client else {
-                    return Err(ClientError::Login("TLS requested twice".into()));
+                    return Err(tls_failure("TLS requested twice".into()));
                 };
                 let Some(acceptor) = config.tls.acceptor.as_ref() else {
-                    return Err(ClientError::Login("TLS is not configured".into()));
+                    return Err(tls_failure("TLS is not configured".into()));
                 };
                 let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.config.clone());
                 // Failures here are the client's business (wrong CA, stuffed bytes, no common
                 // cipher): it gets a TLS alert from rustls, and the connection ends.
                 let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => TlsConn::from(tls),
-                    Ok(Err(e)) => return Err(ClientError::Login(format!("TLS handshake failed: {e}"))),
-                    Err(_) => return Err(ClientError::LoginTimeout),
+                    Ok(Err(e)) => return Err(tls_failure(format!("TLS handshake failed: {e}"))),
+                    Err(_) => return Err((LoginFailure::Timeout, ClientError::LoginTimeout)),
                 };
                 if direct && tls.alpn_protocol() != Some(tls::ALPN_POSTGRESQL) {
                     // PostgreSQL 17 requires ALPN on direct TLS so that a TLS connection meant
                     // for another protocol cannot be replayed against the database.
-                    return Err(ClientError::Login(
-                        "direct TLS connection without ALPN \"postgresql\"".into(),
-                    ));
+                    return Err(tls_failure("direct TLS connection without ALPN \"postgresql\"".into()));
                 }
                 client = Stream::Tls(Box::new(tls));
             }
@@ -99,17 +108,17 @@ pub(super) async fn run(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<Lo
             slot: done.slot,
         })),
         Ok(Ok(None)) => Ok(None),
-        Ok(Err(Failure { error, reply })) => {
+        Ok(Err(Failure { reason, error, reply })) => {
             if let Some(reply) = reply {
                 let _ = send_error(&mut client, &reply).await;
             }
-            Err(error)
+            Err((reason, error))
         }
         Err(_) => Err(login_timed_out(&mut client, timeout).await),
     }
 }
 
-async fn login_timed_out(client: &mut Stream, timeout: std::time::Duration) -> ClientError {
+async fn login_timed_out(client: &mut Stream, timeout: std::time::Duration) -> (LoginFailure, ClientError) {
     let e = PgError::fatal(
         "08P01",
         "pgweir: client login did not complete within client_login_timeout",
@@ -118,7 +127,7 @@ async fn login_timed_out(client: &mut Stream, timeout: std::time::Duration) -> C
         "The client must finish startup and authentication within {timeout:?}."
     ));
     let _ = send_error(client, &e).await;
-    ClientError::LoginTimeout
+    (LoginFailure::Timeout, ClientError::LoginTimeout)
 }
 
 /// What the pre-startup exchange ended with.
@@ -154,16 +163,17 @@ async fn negotiate(
         let packet = read_startup_packet(client).await?;
         match startup::parse_startup_packet(&packet)? {
             StartupPacket::SslRequest if client.is_tls() => {
-                return Err(reject(PgError::fatal(
-                    "08P01",
-                    "SSLRequest received inside a TLS session",
-                )));
+                return Err(reject(
+                    LoginFailure::Protocol,
+                    PgError::fatal("08P01", "SSLRequest received inside a TLS session"),
+                ));
             }
             StartupPacket::SslRequest if may_start_tls => {
                 if client.has_pending_input() {
                     // CVE-2021-23214: anything sent before our answer was written without
                     // knowing whether TLS would be used, and may have been injected.
                     return Err(reject(
+                        LoginFailure::Protocol,
                         PgError::fatal("08P01", "received unencrypted data after SSL request").with_detail(
                             "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.",
                         ),
@@ -181,6 +191,7 @@ async fn negotiate(
             StartupPacket::Startup(params) => {
                 if config.tls.mode == ClientTlsMode::Require && !client.is_tls() {
                     return Err(reject(
+                        LoginFailure::TlsRequired,
                         PgError::fatal("28000", "pgweir requires TLS (SSL) for all client connections")
                             .with_hint("Connect with sslmode=require (or verify-ca/verify-full)."),
                     ));
@@ -200,6 +211,7 @@ struct Done {
 
 /// A login failure: the error for logs and, when the client should hear about it, the reply.
 struct Failure {
+    reason: LoginFailure,
     error: ClientError,
     reply: Option<PgError>,
 }
@@ -207,6 +219,7 @@ struct Failure {
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
         Failure {
+            reason: LoginFailure::ClientGone,
             error: ClientError::ClientIo(e),
             reply: None,
         }
@@ -217,16 +230,45 @@ impl From<ProtocolError> for Failure {
     fn from(e: ProtocolError) -> Self {
         let reply = PgError::fatal("08P01", format!("pgweir: {e}"));
         Failure {
+            reason: LoginFailure::Protocol,
             error: ClientError::ClientProtocol(e),
             reply: Some(reply),
         }
     }
 }
 
-fn reject(reply: PgError) -> Failure {
+fn reject(reason: LoginFailure, reply: PgError) -> Failure {
     Failure {
+        reason,
         error: ClientError::Login(reply.message.clone()),
         reply: Some(reply),
+    }
+}
+
+/// Applies the `[[hba]]` rules before any password is asked for, as PostgreSQL does.
+fn check_hba(client: &Stream, config: &Config, user: &str, database: &str) -> Result<(), Failure> {
+    if config.hba.is_empty() {
+        return Ok(());
+    }
+    let ip = client.peer_addr()?.ip();
+    let tls = client.is_tls();
+    let encryption = if tls { "TLS" } else { "no encryption" };
+    let refused = |why: String| {
+        reject(
+            LoginFailure::HbaDenied,
+            PgError::fatal("28000", why).with_hint(
+                "pgweir's [[hba]] rules decide who may connect from where; ask its operator to add an allow rule.",
+            ),
+        )
+    };
+    match hba::check(&config.hba, ip, database, user, tls) {
+        HbaVerdict::Allowed => Ok(()),
+        HbaVerdict::DeniedBy(n) => Err(refused(format!(
+            "pgweir [[hba]] rule {n} rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
+        ))),
+        HbaVerdict::NoMatch => Err(refused(format!(
+            "no pgweir [[hba]] rule allows host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
+        ))),
     }
 }
 
@@ -249,10 +291,10 @@ async fn login(
     let user = match startup.get_str("user") {
         Some(u) if !u.is_empty() => u.to_owned(),
         _ => {
-            return Err(reject(PgError::fatal(
-                "28000",
-                "no PostgreSQL user name specified in startup packet",
-            )));
+            return Err(reject(
+                LoginFailure::Protocol,
+                PgError::fatal("28000", "no PostgreSQL user name specified in startup packet"),
+            ));
         }
     };
     let database = startup
@@ -265,6 +307,7 @@ async fn login(
         .is_some_and(|v| v != b"false" && v != b"0" && v != b"off")
     {
         return Err(reject(
+            LoginFailure::Other,
             PgError::fatal("08P01", "pgweir does not support replication connections")
                 .with_hint("Connect replication clients directly to PostgreSQL."),
         ));
@@ -279,6 +322,8 @@ async fn login(
         out.clear();
     }
 
+    check_hba(client, config, &user, &database)?;
+
     // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
     let end_point = match client.is_tls() {
         true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
@@ -289,6 +334,7 @@ async fn login(
     let Some(db) = config.databases.get(&database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
         return Err(reject(
+            LoginFailure::UnknownDatabase,
             PgError::fatal("3D000", format!("database \"{database}\" does not exist"))
                 .with_detail(format!("pgweir serves these databases: {}", known.join(", ")))
                 .with_hint(format!(
@@ -377,12 +423,17 @@ async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
     match pool.checkout(deadline).await {
         Ok(server) => {
             server.release();
-            pool.welcome()
-                .ok_or_else(|| reject(PgError::fatal("08006", "pgweir: server parameters unavailable")))
+            pool.welcome().ok_or_else(|| {
+                reject(
+                    LoginFailure::ServerUnavailable,
+                    PgError::fatal("08006", "pgweir: server parameters unavailable"),
+                )
+            })
         }
         Err(e) => {
             let reply = super::session::pool_error_reply(&e, pool, true);
             Err(Failure {
+                reason: LoginFailure::ServerUnavailable,
                 error: e.into(),
                 reply: Some(reply),
             })
@@ -395,10 +446,10 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
     let mut set = ParamSet::default();
     let mut add = |name: &str, value: &[u8]| -> Result<(), Failure> {
         if !params::is_valid_name(name) {
-            return Err(reject(PgError::fatal(
-                "08P01",
-                format!("unsupported startup parameter: {name}"),
-            )));
+            return Err(reject(
+                LoginFailure::Protocol,
+                PgError::fatal("08P01", format!("unsupported startup parameter: {name}")),
+            ));
         }
         set.set(&params::canonical_name(name), value);
         Ok(())
@@ -410,6 +461,7 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
             "options" => {
                 for (k, v) in parse_options(value).map_err(|why| {
                     reject(
+                        LoginFailure::Protocol,
                         PgError::fatal("08P01", format!("unsupported options startup parameter: {why}"))
                             .with_hint("Only '-c name=value' and '--name=value' are supported in options."),
                     )
@@ -482,11 +534,11 @@ async fn authenticate(
 ) -> Result<Option<ScramKeys>, Failure> {
     let users = ctx.users.load_full();
     let entry = users.get(user);
-    let failed = || {
-        reject(PgError::fatal(
-            "28P01",
-            format!("password authentication failed for user \"{user}\""),
-        ))
+    let failed = |reason| {
+        reject(
+            reason,
+            PgError::fatal("28P01", format!("password authentication failed for user \"{user}\"")),
+        )
     };
     let mut out = BytesMut::with_capacity(256);
     match ctx.config.load().listen.auth_type {
@@ -513,15 +565,16 @@ async fn authenticate(
                     client.write_all(&out).await?;
                     Ok(None)
                 }
-                _ => Err(failed()),
+                Some(_) => Err(failed(LoginFailure::BadPassword)),
+                None => Err(failed(LoginFailure::UnknownUser)),
             }
         }
         AuthType::ScramSha256 => {
             // Unknown users (or users without a usable verifier) run a mock exchange that fails
             // at the end, so user names cannot be probed.
-            let mut server = match entry.and_then(|e| e.verifier.clone()) {
-                Some(v) => ScramServer::new(v),
-                None => ScramServer::mock(user),
+            let (mut server, wrong) = match entry.and_then(|e| e.verifier.clone()) {
+                Some(v) => (ScramServer::new(v), LoginFailure::BadPassword),
+                None => (ScramServer::mock(user), LoginFailure::UnknownUser),
             };
             let offered: &[&str] = match end_point {
                 Some(_) => &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256],
@@ -538,23 +591,33 @@ async fn authenticate(
                     ChannelBinding::TlsServerEndPoint(data.to_vec())
                 }
                 _ => {
-                    return Err(reject(PgError::fatal(
-                        "28000",
-                        format!(
-                            "SASL mechanism {} is not supported; pgweir offers {}",
-                            String::from_utf8_lossy(mechanism),
-                            offered.join(", ")
+                    return Err(reject(
+                        LoginFailure::Protocol,
+                        PgError::fatal(
+                            "28000",
+                            format!(
+                                "SASL mechanism {} is not supported; pgweir offers {}",
+                                String::from_utf8_lossy(mechanism),
+                                offered.join(", ")
+                            ),
                         ),
-                    )));
+                    ));
                 }
             };
             server.set_channel_binding(binding);
-            let server_first = server.handle_client_first(data).map_err(|_| failed())?;
+            let server_first = server
+                .handle_client_first(data)
+                .map_err(|_| failed(LoginFailure::Protocol))?;
             out.clear();
             messages::auth_sasl_continue(&mut out, &server_first);
             client.write_all(&out).await?;
             let body = read_password_message(client).await?;
-            let (server_final, keys) = server.handle_client_final(&body).map_err(|_| failed())?;
+            let (server_final, keys) = server.handle_client_final(&body).map_err(|e| {
+                failed(match e {
+                    AuthError::WrongPassword => wrong,
+                    _ => LoginFailure::Protocol,
+                })
+            })?;
             out.clear();
             messages::auth_sasl_final(&mut out, &server_final);
             messages::auth_ok(&mut out);
@@ -597,6 +660,7 @@ async fn read_password_message(client: &mut Stream) -> Result<Vec<u8>, Failure> 
     if header[0] != frontend::PASSWORD {
         if header[0] == frontend::TERMINATE {
             return Err(Failure {
+                reason: LoginFailure::ClientGone,
                 error: ClientError::Login("client gave up during authentication".into()),
                 reply: None,
             });
@@ -615,6 +679,7 @@ async fn read_password_message(client: &mut Stream) -> Result<Vec<u8>, Failure> 
 impl From<PoolError> for Failure {
     fn from(e: PoolError) -> Self {
         Failure {
+            reason: LoginFailure::ServerUnavailable,
             error: e.into(),
             reply: None,
         }

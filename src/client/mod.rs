@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use cancel::CancelRegistry;
-pub use error::{ClientError, DISCONNECT_REASONS};
+pub use error::{ClientError, DISCONNECT_REASONS, LOGIN_FAILURE_REASONS, LoginFailure};
 pub use users::UserDirectory;
 
 use crate::config::Config;
@@ -58,6 +58,8 @@ pub struct ClientContext {
     pub config_path: Option<std::path::PathBuf>,
     /// Ended client sessions by reason (indexes of [`DISCONNECT_REASONS`]).
     pub disconnects: [AtomicU64; DISCONNECT_REASONS.len()],
+    /// Failed logins by reason (indexes of [`LOGIN_FAILURE_REASONS`]).
+    pub login_failures: [AtomicU64; LOGIN_FAILURE_REASONS.len()],
 }
 
 impl ClientContext {
@@ -80,6 +82,7 @@ impl ClientContext {
             clients: registry::ClientRegistry::default(),
             config_path: None,
             disconnects: Default::default(),
+            login_failures: Default::default(),
         }
     }
 

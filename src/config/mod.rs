@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod error;
+pub mod hba;
 mod raw;
 mod userlist;
 mod validate;
@@ -30,6 +31,8 @@ pub struct Config {
     pub users: BTreeMap<String, UserConfig>,
     /// TLS towards clients (`[tls]`). Server-side TLS is a pool setting (`server_tls`).
     pub tls: ClientTlsConfig,
+    /// `[[hba]]` rules, in file order; empty = every client may try to log in.
+    pub hba: Vec<hba::HbaRule>,
 }
 
 /// How pgweir answers clients about TLS (`[tls]`).

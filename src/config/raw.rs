@@ -35,6 +35,22 @@ pub struct RawConfig {
     /// `[server_tls]`: TLS towards PostgreSQL.
     #[serde(default)]
     pub server_tls: RawServerTls,
+    /// `[[hba]]`: who may connect from where.
+    #[serde(default)]
+    pub hba: Vec<RawHba>,
+}
+
+/// One `[[hba]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHba {
+    /// allow | deny.
+    pub action: Option<String>,
+    /// "all", an IP address or a CIDR range.
+    pub address: Option<String>,
+    pub databases: Option<Vec<String>>,
+    pub users: Option<Vec<String>>,
+    pub tls: Option<bool>,
 }
 
 /// `[tls]`.

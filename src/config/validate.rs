@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawDuration, RawListen, RawPool, RawServerTls, RawTls, RawUser};
+use super::hba::{Cidr, HbaAction, HbaRule};
+use super::raw::{RawConfig, RawDuration, RawHba, RawListen, RawPool, RawServerTls, RawTls, RawUser};
 use super::{
     AdminConfig, AuthType, ClientTlsConfig, ClientTlsMode, Config, ConfigError, ConfigProblem, DatabaseConfig,
     ListenConfig, PoolMode, PoolSettings, Secret, ServerTlsConfig, ServerTlsMode, SessionStatePolicy, UserConfig,
@@ -303,6 +304,56 @@ fn resolve(base_dir: Option<&Path>, file: &str) -> std::path::PathBuf {
         Some(dir) if Path::new(file).is_relative() => dir.join(file),
         _ => std::path::PathBuf::from(file),
     }
+}
+
+fn hba_rules(p: &mut Problems, raw: &[RawHba]) -> Vec<HbaRule> {
+    let mut rules = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        // 1-based, as the rule numbers in login error messages.
+        let key = |k: &str| format!("hba[{}].{k}", i + 1);
+        let action = match r.action.as_deref() {
+            Some("allow") => HbaAction::Allow,
+            Some("deny") => HbaAction::Deny,
+            Some(other) => {
+                p.add(key("action"), format!("must be \"allow\" or \"deny\", got {other:?}"));
+                HbaAction::Deny
+            }
+            None => {
+                p.add(key("action"), "is required (\"allow\" or \"deny\")");
+                HbaAction::Deny
+            }
+        };
+        let address = match r.address.as_deref() {
+            Some("all") => None,
+            Some(a) => match Cidr::parse(a) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    p.add(key("address"), e);
+                    None
+                }
+            },
+            None => {
+                p.add(key("address"), "is required (\"all\", an IP address or a CIDR range)");
+                None
+            }
+        };
+        for (name, list) in [("databases", &r.databases), ("users", &r.users)] {
+            if list
+                .as_ref()
+                .is_some_and(|l| l.is_empty() || l.iter().any(String::is_empty))
+            {
+                p.add(key(name), "must list names (omit the key to match any)");
+            }
+        }
+        rules.push(HbaRule {
+            action,
+            address,
+            databases: r.databases.clone(),
+            users: r.users.clone(),
+            tls: r.tls,
+        });
+    }
+    rules
 }
 
 fn client_tls(p: &mut Problems, raw: &RawTls, base_dir: Option<&Path>) -> ClientTlsConfig {
@@ -654,6 +705,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
     }
 
     let tls = client_tls(&mut p, &raw.tls, base_dir);
+    let hba = hba_rules(&mut p, &raw.hba);
     let mut base_pool = default_pool();
     base_pool.server_tls = server_tls(&mut p, &raw.server_tls, base_dir);
     let pool_defaults = pool_settings(&mut p, "pool", &raw.pool, &base_pool);
@@ -735,6 +787,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             databases,
             users,
             tls,
+            hba,
         })
     } else {
         Err(ConfigError::Invalid(p.0))

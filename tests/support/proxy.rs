@@ -25,6 +25,8 @@ pub struct TestProxyBuilder<'a> {
     pub query_text_bytes: usize,
     /// Client-facing TLS (`[tls]`); disabled unless a test sets it.
     pub tls: pgweir::config::ClientTlsConfig,
+    /// `[[hba]]` rules; none unless a test sets them.
+    pub hba: Vec<pgweir::config::hba::HbaRule>,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -68,6 +70,7 @@ impl<'a> TestProxyBuilder<'a> {
             admin_token: None,
             query_text_bytes: 0,
             tls: Default::default(),
+            hba: Vec::new(),
         }
     }
 
@@ -133,6 +136,7 @@ impl<'a> TestProxyBuilder<'a> {
             databases,
             users: self.users.clone(),
             tls: self.tls.clone(),
+            hba: self.hba.clone(),
         }
     }
 

@@ -1,0 +1,171 @@
+//! `[[hba]]` rules: which users and databases may connect from where (PostgreSQL's pg_hba.conf
+//! idea, for pgweir's own listener). The first rule that matches decides; with rules present,
+//! a connection no rule matches is refused. With no rules, everyone may try to log in.
+
+use std::net::IpAddr;
+
+/// Allow or refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HbaAction {
+    Allow,
+    Deny,
+}
+
+/// An address range: `10.0.0.0/8`, `::1/128`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR` or `ADDR/PREFIX`. Host bits beyond the prefix are ignored, as PostgreSQL
+    /// does.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR range (e.g. \"10.0.0.0/8\", \"::1\", \"all\")"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{s:?}: the prefix length must be 0 to {max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // IPv4 clients of a dual-stack listener arrive as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One `[[hba]]` entry. `None` lists mean "any".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HbaRule {
+    pub action: HbaAction,
+    /// None = any address.
+    pub address: Option<Cidr>,
+    pub databases: Option<Vec<String>>,
+    pub users: Option<Vec<String>>,
+    /// Some(true): TLS connections only (hostssl); Some(false): plaintext only (hostnossl).
+    pub tls: Option<bool>,
+}
+
+/// What the rules decided for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HbaVerdict {
+    /// No rules configured, or the matching rule allows.
+    Allowed,
+    /// Rule number (1-based, file order) denied the connection.
+    DeniedBy(usize),
+    /// Rules exist and none matched.
+    NoMatch,
+}
+
+impl HbaRule {
+    fn matches(&self, ip: IpAddr, database: &str, user: &str, tls: bool) -> bool {
+        let listed = |list: &Option<Vec<String>>, name: &str| list.as_ref().is_none_or(|l| l.iter().any(|n| n == name));
+        self.address.is_none_or(|c| c.contains(ip))
+            && listed(&self.databases, database)
+            && listed(&self.users, user)
+            && self.tls.is_none_or(|t| t == tls)
+    }
+}
+
+/// Applies `rules` in order to a connection.
+pub fn check(rules: &[HbaRule], ip: IpAddr, database: &str, user: &str, tls: bool) -> HbaVerdict {
+    if rules.is_empty() {
+        return HbaVerdict::Allowed;
+    }
+    match rules.iter().position(|r| r.matches(ip, database, user, tls)) {
+        Some(i) if rules[i].action == HbaAction::Allow => HbaVerdict::Allowed,
+        Some(i) => HbaVerdict::DeniedBy(i + 1),
+        None => HbaVerdict::NoMatch,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(action: HbaAction, address: &str) -> HbaRule {
+        HbaRule {
+            action,
+            address: (address != "all").then(|| Cidr::parse(address).expect("cidr")),
+            databases: None,
+            users: None,
+            tls: None,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let net = Cidr::parse("10.1.0.0/16").expect("v4");
+        assert!(net.contains(ip("10.1.255.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.0.9")), "v4-mapped");
+        assert!(Cidr::parse("0.0.0.0/0").expect("any").contains(ip("192.0.2.1")));
+        assert!(Cidr::parse("127.0.0.1").expect("host").contains(ip("127.0.0.1")));
+        assert!(!Cidr::parse("127.0.0.1").expect("host").contains(ip("127.0.0.2")));
+        assert!(Cidr::parse("10.1.2.3/8").expect("host bits").contains(ip("10.200.0.0")));
+        let v6 = Cidr::parse("2001:db8::/32").expect("v6");
+        assert!(v6.contains(ip("2001:db8:1::5")));
+        assert!(!v6.contains(ip("2001:db9::")));
+        assert!(!v6.contains(ip("10.0.0.1")));
+        assert!(Cidr::parse("::/0").expect("all v6").contains(ip("::1")));
+        for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "banana", "10.0.0.0/x", ""] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_no_match_denies() {
+        let mut admin_only = rule(HbaAction::Allow, "10.0.0.0/8");
+        admin_only.users = Some(vec!["admin".into()]);
+        let mut tls_only = rule(HbaAction::Allow, "all");
+        tls_only.tls = Some(true);
+        tls_only.databases = Some(vec!["app".into()]);
+        let rules = vec![rule(HbaAction::Deny, "10.9.0.0/16"), admin_only, tls_only];
+        assert_eq!(
+            check(&rules, ip("10.9.1.1"), "app", "admin", true),
+            HbaVerdict::DeniedBy(1)
+        );
+        assert_eq!(
+            check(&rules, ip("10.8.1.1"), "app", "admin", false),
+            HbaVerdict::Allowed
+        );
+        assert_eq!(check(&rules, ip("10.8.1.1"), "app", "bob", false), HbaVerdict::NoMatch);
+        assert_eq!(check(&rules, ip("10.8.1.1"), "app", "bob", true), HbaVerdict::Allowed);
+        assert_eq!(
+            check(&rules, ip("192.0.2.1"), "other", "bob", true),
+            HbaVerdict::NoMatch
+        );
+        assert_eq!(check(&[], ip("192.0.2.1"), "x", "y", false), HbaVerdict::Allowed);
+    }
+}
