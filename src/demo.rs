@@ -66,5 +66,6 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
         users,
         tls: Default::default(),
         hba: Vec::new(),
+        auth_query: None,
     }
 }

@@ -702,3 +702,34 @@ fn hba_rules_parse_and_validate() {
     ));
     assert!(e.contains("port"), "{e}");
 }
+
+#[test]
+fn auth_query_section_validates_its_user_and_query() {
+    let c = parse(&format!("[auth_query]\nuser = \"app\"\n{}", with_db(""))).expect("valid");
+    let aq = c.auth_query.expect("auth_query");
+    assert_eq!(aq.user, "app");
+    assert!(aq.query.contains("pg_shadow") && aq.query.contains("$1"));
+    assert_eq!(aq.cache_ttl, Duration::from_secs(60));
+    assert!(parse(&with_db("")).expect("valid").auth_query.is_none());
+
+    one_problem(
+        &format!("[auth_query]\n{}", with_db("")),
+        "auth_query.user",
+        "is required",
+    );
+    one_problem(
+        &format!("[auth_query]\nuser = \"nobody\"\n{}", with_db("")),
+        "auth_query.user",
+        "must also be listed in [users]",
+    );
+    one_problem(
+        &format!("[auth_query]\nuser = \"app\"\nquery = \"SELECT 1\"\n{}", with_db("")),
+        "auth_query.query",
+        "$1",
+    );
+    one_problem(
+        &format!("[auth_query]\nuser = \"app\"\ncache_ttl = 5\n{}", with_db("")),
+        "auth_query.cache_ttl",
+        "needs a unit",
+    );
+}

@@ -14,7 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::auth_query::{LookupTarget, Stored};
 use super::cancel::CancelSlot;
+use super::users::{UserDirectory, UserEntry};
 use super::{ClientContext, ClientError, LoginFailure};
 use crate::auth::scram::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramKeys, ScramServer};
 use crate::auth::{AuthError, md5};
@@ -329,7 +331,8 @@ async fn login(
         true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
         false => None,
     };
-    let scram_keys = authenticate(client, ctx, &user, end_point).await?;
+    let looked_up = look_up_user(ctx, config, &users, &user, &database).await?;
+    let scram_keys = authenticate(client, ctx, &user, end_point, looked_up.as_ref()).await?;
 
     let Some(db) = config.databases.get(&database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
@@ -370,10 +373,18 @@ async fn login(
     // SCRAM pass-through: only when the user's configured secret is a real SCRAM verifier (a
     // verifier derived here from a plain password has a different salt than the server's) and
     // no forced server user is configured.
+    // A verifier from auth_query is the server's own, so pass-through always fits it.
+    let known = users.get(&user).or(looked_up.as_ref());
     if let (Some(keys), None) = (scram_keys, &db.server_user)
-        && users.get(&user).is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
+        && known.is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
     {
         pool.set_secret(ServerSecret::Scram(keys));
+    } else if let (Some(entry), None) = (&looked_up, &db.server_user) {
+        match &entry.secret {
+            Secret::Md5(m) => pool.set_secret(ServerSecret::Md5Stored(m.clone())),
+            Secret::Plain(p) => pool.set_secret(ServerSecret::Plain(p.clone())),
+            Secret::Scram(_) | Secret::None => {}
+        }
     }
 
     let welcome = match pool.welcome() {
@@ -525,15 +536,63 @@ fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bo
     }
 }
 
+/// For a user missing from the configuration, asks PostgreSQL (auth_query). None when there is
+/// nothing to look up, or PostgreSQL knows no password for the user (the login then fails as
+/// for any unknown user, without saying which).
+async fn look_up_user(
+    ctx: &ClientContext,
+    config: &Config,
+    users: &UserDirectory,
+    user: &str,
+    database: &str,
+) -> Result<Option<UserEntry>, Failure> {
+    let (Some(aq), None, Some(db)) = (&config.auth_query, users.get(user), config.databases.get(database)) else {
+        return Ok(None);
+    };
+    if config.listen.auth_type == AuthType::Trust {
+        return Ok(None);
+    }
+    let secret = match users.get(&aq.user).map(|u| &u.secret) {
+        Some(Secret::Plain(p)) => ServerSecret::Plain(p.clone()),
+        Some(Secret::Md5(m)) => ServerSecret::Md5Stored(m.clone()),
+        _ => ServerSecret::None,
+    };
+    let target = LookupTarget {
+        config: aq,
+        database: db,
+        secret,
+        ids: &ctx.server_ids,
+        keepalive: config.listen.tcp_keepalive,
+    };
+    match ctx.auth_query.lookup(database, user, &target).await {
+        Ok(Stored::Found(entry)) => Ok(Some(entry)),
+        Ok(Stored::Missing) => Ok(None),
+        Err(why) => {
+            // The details name the auth user and the server's error: for the log, not for an
+            // unauthenticated client.
+            tracing::warn!(user, database, auth_user = %aq.user, error = %why, "auth_query look-up failed");
+            Err(reject(
+                LoginFailure::ServerUnavailable,
+                PgError::fatal(
+                    "08006",
+                    "pgweir could not verify the password: the auth_query look-up failed",
+                )
+                .with_hint("The pgweir log has the reason; the operator should check [auth_query]."),
+            ))
+        }
+    }
+}
+
 /// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
 async fn authenticate(
     client: &mut Stream,
     ctx: &ClientContext,
     user: &str,
     end_point: Option<&[u8]>,
+    looked_up: Option<&UserEntry>,
 ) -> Result<Option<ScramKeys>, Failure> {
     let users = ctx.users.load_full();
-    let entry = users.get(user);
+    let entry = users.get(user).or(looked_up);
     let failed = |reason| {
         reject(
             reason,

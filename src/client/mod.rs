@@ -5,6 +5,7 @@
 //! back only when the server said ReadyForQuery 'I' with nothing outstanding; every other exit
 //! from that phase closes the server connection.
 
+pub mod auth_query;
 pub mod cancel;
 mod error;
 mod handshake;
@@ -60,6 +61,8 @@ pub struct ClientContext {
     pub disconnects: [AtomicU64; DISCONNECT_REASONS.len()],
     /// Failed logins by reason (indexes of [`LOGIN_FAILURE_REASONS`]).
     pub login_failures: [AtomicU64; LOGIN_FAILURE_REASONS.len()],
+    /// Users looked up with `[auth_query]`.
+    pub auth_query: auth_query::AuthQueryCache,
 }
 
 impl ClientContext {
@@ -83,6 +86,7 @@ impl ClientContext {
             config_path: None,
             disconnects: Default::default(),
             login_failures: Default::default(),
+            auth_query: Default::default(),
         }
     }
 
@@ -124,6 +128,7 @@ impl ClientContext {
             }
         }
         self.users.store(Arc::new(UserDirectory::from_config(&config)));
+        self.auth_query.clear();
         self.config.store(Arc::new(config));
         needs_restart
     }

@@ -33,6 +33,20 @@ pub struct Config {
     pub tls: ClientTlsConfig,
     /// `[[hba]]` rules, in file order; empty = every client may try to log in.
     pub hba: Vec<hba::HbaRule>,
+    /// `[auth_query]`: look up users missing from `users` in PostgreSQL itself.
+    pub auth_query: Option<AuthQueryConfig>,
+}
+
+/// Users not listed in the configuration are looked up in PostgreSQL (PgBouncer's auth_user
+/// and auth_query), so only one credential lives in pgweir's files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthQueryConfig {
+    /// The user pgweir logs in as to run the query; must be in `users` with a password.
+    pub user: String,
+    /// Returns (name, stored password) for `$1`. Default reads pg_shadow.
+    pub query: String,
+    /// How long a looked-up verifier (or "no such user") is reused. Default 60s; 0 = no cache.
+    pub cache_ttl: Duration,
 }
 
 /// How pgweir answers clients about TLS (`[tls]`).

@@ -38,6 +38,17 @@ pub struct RawConfig {
     /// `[[hba]]`: who may connect from where.
     #[serde(default)]
     pub hba: Vec<RawHba>,
+    /// `[auth_query]`: users looked up in PostgreSQL.
+    pub auth_query: Option<RawAuthQuery>,
+}
+
+/// `[auth_query]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthQuery {
+    pub user: Option<String>,
+    pub query: Option<String>,
+    pub cache_ttl: Option<RawDuration>,
 }
 
 /// One `[[hba]]` entry.

@@ -12,11 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::hba::{Cidr, HbaAction, HbaRule};
-use super::raw::{RawConfig, RawDuration, RawHba, RawListen, RawPool, RawServerTls, RawTls, RawUser};
+use super::raw::{RawAuthQuery, RawConfig, RawDuration, RawHba, RawListen, RawPool, RawServerTls, RawTls, RawUser};
 use super::{
-    AdminConfig, AuthType, ClientTlsConfig, ClientTlsMode, Config, ConfigError, ConfigProblem, DatabaseConfig,
-    ListenConfig, PoolMode, PoolSettings, Secret, ServerTlsConfig, ServerTlsMode, SessionStatePolicy, UserConfig,
-    parse_userlist,
+    AdminConfig, AuthQueryConfig, AuthType, ClientTlsConfig, ClientTlsMode, Config, ConfigError, ConfigProblem,
+    DatabaseConfig, ListenConfig, PoolMode, PoolSettings, Secret, ServerTlsConfig, ServerTlsMode, SessionStatePolicy,
+    UserConfig, parse_userlist,
 };
 use crate::auth::AuthError;
 use crate::auth::scram::ScramVerifier;
@@ -304,6 +304,46 @@ fn resolve(base_dir: Option<&Path>, file: &str) -> std::path::PathBuf {
         Some(dir) if Path::new(file).is_relative() => dir.join(file),
         _ => std::path::PathBuf::from(file),
     }
+}
+
+/// PgBouncer's default auth_query.
+const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
+fn auth_query(
+    p: &mut Problems,
+    raw: Option<&RawAuthQuery>,
+    users: &BTreeMap<String, UserConfig>,
+) -> Option<AuthQueryConfig> {
+    let raw = raw?;
+    let user = match raw.user.as_deref() {
+        Some(u) if !u.is_empty() => u.to_owned(),
+        _ => {
+            p.add(
+                "auth_query.user",
+                "is required: the user pgweir logs in as to look up passwords",
+            );
+            String::new()
+        }
+    };
+    if !user.is_empty() {
+        match users.get(&user).map(|u| &u.secret) {
+            Some(Secret::Plain(_) | Secret::Md5(_)) => {}
+            Some(_) => p.add(
+                "auth_query.user",
+                format!("[users.{user}] needs a plain or md5 password: pgweir logs in with it to run the query"),
+            ),
+            None => p.add(
+                "auth_query.user",
+                format!("{user:?} must also be listed in [users] (or auth_file) with its password"),
+            ),
+        }
+    }
+    let query = raw.query.clone().unwrap_or_else(|| DEFAULT_AUTH_QUERY.to_owned());
+    if !query.contains("$1") {
+        p.add("auth_query.query", "must take the user name as parameter $1");
+    }
+    let cache_ttl = p.duration_or_zero("auth_query.cache_ttl", &raw.cache_ttl, Duration::from_secs(60));
+    Some(AuthQueryConfig { user, query, cache_ttl })
 }
 
 fn hba_rules(p: &mut Problems, raw: &[RawHba]) -> Vec<HbaRule> {
@@ -778,6 +818,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
         auth_file_failed,
         listen.auth_type,
     );
+    let auth_query = auth_query(&mut p, raw.auth_query.as_ref(), &users);
 
     if p.0.is_empty() {
         Ok(Config {
@@ -788,6 +829,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             users,
             tls,
             hba,
+            auth_query,
         })
     } else {
         Err(ConfigError::Invalid(p.0))

@@ -223,6 +223,57 @@ pub fn query(buf: &mut BytesMut, sql: &[u8]) {
     put_message(buf, frontend::QUERY, |b| put_cstr(b, sql));
 }
 
+/// Parse (unnamed statement, parameter types inferred) + Bind (text parameters, text results) +
+/// Execute (all rows) + Sync: one extended-protocol query with parameters kept out of the SQL.
+pub fn extended_query(buf: &mut BytesMut, sql: &[u8], params: &[&[u8]]) {
+    put_message(buf, frontend::PARSE, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, sql);
+        b.put_i16(0);
+    });
+    put_message(buf, frontend::BIND, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, b"");
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p);
+        }
+        b.put_i16(0);
+    });
+    put_message(buf, frontend::EXECUTE, |b| {
+        put_cstr(b, b"");
+        b.put_i32(0);
+    });
+    sync(buf);
+}
+
+/// The columns of a DataRow; None for SQL NULL. Every length is checked against the body.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, ProtocolError> {
+    let bad = || ProtocolError::Malformed {
+        what: "DataRow",
+        why: "column lengths do not fit the message",
+    };
+    let count = body.get(..2).ok_or_else(bad)?;
+    let count = u16::from_be_bytes([count[0], count[1]]) as usize;
+    let mut rest = &body[2..];
+    let mut columns = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let len = rest.get(..4).ok_or_else(bad)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        rest = &rest[4..];
+        if len < 0 {
+            columns.push(None);
+        } else {
+            let len = len as usize;
+            columns.push(Some(rest.get(..len).ok_or_else(bad)?));
+            rest = &rest[len..];
+        }
+    }
+    Ok(columns)
+}
+
 pub fn terminate(buf: &mut BytesMut) {
     put_message(buf, frontend::TERMINATE, |_| {});
 }

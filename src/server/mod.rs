@@ -68,6 +68,27 @@ pub enum ServerError {
     Tls { addr: String, why: String },
 }
 
+/// Why [`ServerConn::query_first_row`] failed.
+#[derive(Debug, Error)]
+pub enum QueryError {
+    #[error("{}", .0.message)]
+    Sql(ErrorFields),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+impl From<std::io::Error> for QueryError {
+    fn from(e: std::io::Error) -> Self {
+        QueryError::Server(ServerError::Io(e))
+    }
+}
+
+impl From<ProtocolError> for QueryError {
+    fn from(e: ProtocolError) -> Self {
+        QueryError::Server(ServerError::Protocol(e))
+    }
+}
+
 /// A logged-in backend connection.
 #[derive(Debug)]
 pub struct ServerConn {
@@ -122,6 +143,40 @@ impl ServerConn {
     /// parameter synchronisation. Returns the first error the server reported, if any.
     pub async fn run_discarding(&mut self, sql: &str) -> Result<Option<ErrorFields>, ServerError> {
         self.run_raw_discarding(sql.as_bytes()).await
+    }
+
+    /// Runs one parameterised query (extended protocol, text format) and returns the columns of
+    /// its first row, None when it returned no row. For small look-ups outside the hot path.
+    pub async fn query_first_row(
+        &mut self,
+        sql: &str,
+        params: &[&[u8]],
+    ) -> Result<Option<Vec<Option<Vec<u8>>>>, QueryError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 64);
+        messages::extended_query(&mut out, sql.as_bytes(), params);
+        self.stream.write_all(&out).await?;
+        let mut row = None;
+        let mut error = None;
+        loop {
+            let (tag, body) = connect::read_message(self).await?;
+            match tag {
+                crate::proto::tag::backend::DATA_ROW if row.is_none() => {
+                    let columns = messages::parse_data_row(&body)?;
+                    row = Some(columns.into_iter().map(|c| c.map(<[u8]>::to_vec)).collect());
+                }
+                crate::proto::tag::backend::ERROR_RESPONSE if error.is_none() => {
+                    error = Some(messages::parse_error_fields(&body));
+                }
+                crate::proto::tag::backend::PARAMETER_STATUS => connect::record_parameter(&mut self.params, &body)?,
+                crate::proto::tag::backend::READY_FOR_QUERY => {
+                    return match error {
+                        Some(e) => Err(QueryError::Sql(e)),
+                        None => Ok(row),
+                    };
+                }
+                _ => {}
+            }
+        }
     }
 
     /// [`Self::run_discarding`] for SQL that is not UTF-8 (values in the client's encoding).

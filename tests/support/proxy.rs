@@ -27,6 +27,8 @@ pub struct TestProxyBuilder<'a> {
     pub tls: pgweir::config::ClientTlsConfig,
     /// `[[hba]]` rules; none unless a test sets them.
     pub hba: Vec<pgweir::config::hba::HbaRule>,
+    /// `[auth_query]`; none unless a test sets it.
+    pub auth_query: Option<pgweir::config::AuthQueryConfig>,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -71,6 +73,7 @@ impl<'a> TestProxyBuilder<'a> {
             query_text_bytes: 0,
             tls: Default::default(),
             hba: Vec::new(),
+            auth_query: None,
         }
     }
 
@@ -137,6 +140,7 @@ impl<'a> TestProxyBuilder<'a> {
             users: self.users.clone(),
             tls: self.tls.clone(),
             hba: self.hba.clone(),
+            auth_query: self.auth_query.clone(),
         }
     }
 
