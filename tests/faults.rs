@@ -284,7 +284,9 @@ async fn postgres_at_max_connections_gives_a_clear_error_and_no_retry_storm() {
     let results = futures_util::future::join_all((0..10).map(|_| proxy.try_connect(roles::SCRAM, "app"))).await;
     let elapsed = started.elapsed();
     for r in &results {
-        let e = r.as_ref().err().expect("no server slot");
+        let Err(e) = r else {
+            panic!("a login succeeded although the server had no slot");
+        };
         assert_eq!(support::proxy::sqlstate(e).as_deref(), Some("53300"), "{e:?}");
         let db = e.as_db_error().expect("db error");
         assert!(
