@@ -61,11 +61,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            if let Ok(s) = std::str::from_utf8(rest) {
-                if let Ok(v) = ScramVerifier::parse(s) {
-                    // What we parse, we can print back and parse to the same value.
-                    assert_eq!(ScramVerifier::parse(&v.to_pg_string()).ok(), Some(v));
-                }
+            if let Ok(s) = std::str::from_utf8(rest)
+                && let Ok(v) = ScramVerifier::parse(s)
+            {
+                // What we parse, we can print back and parse to the same value.
+                assert_eq!(ScramVerifier::parse(&v.to_pg_string()).ok(), Some(v));
             }
         }
     }

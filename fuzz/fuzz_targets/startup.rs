@@ -9,14 +9,12 @@ fuzz_target!(|data: &[u8]| {
     // The handshake reads at most MAX_STARTUP_LEN bytes before parsing; parse anything anyway,
     // since the parser must not rely on that check for memory safety or termination.
     let data = &data[..data.len().min(MAX_STARTUP_LEN + 16)];
-    if let Ok(packet) = parse_startup_packet(data) {
-        if let StartupPacket::Startup(params) = packet {
-            // Everything we hand out must lie inside the input.
-            let _ = params.get("user");
-            let _ = params.get_str("database");
-            let total: usize = params.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-            assert!(total <= data.len());
-            for _ in params.protocol_options() {}
-        }
+    if let Ok(StartupPacket::Startup(params)) = parse_startup_packet(data) {
+        // Everything we hand out must lie inside the input.
+        let _ = params.get("user");
+        let _ = params.get_str("database");
+        let total: usize = params.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        assert!(total <= data.len());
+        for _ in params.protocol_options() {}
     }
 });
