@@ -187,11 +187,23 @@ fn app_pool_servers(proxy: &support::proxy::TestProxy) -> (usize, usize) {
     (s.active(), s.idle)
 }
 
+/// The error a client sees when PostgreSQL dies under it: either the backend's own last words
+/// (57P01 "unexpected postmaster exit" when the postmaster was killed, 57P02 when another
+/// backend crashed), forwarded, or pgweir's 08006 when the socket just closed.
+fn assert_crash_error(e: &tokio_postgres::Error) {
+    let code = support::proxy::sqlstate(e);
+    assert!(matches!(code.as_deref(), Some("08006" | "57P01" | "57P02")), "{e:?}");
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    if code.as_deref() == Some("08006") {
+        assert!(msg.contains("rolled back") || msg.contains("lost"), "{msg}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_sigkilled_mid_transaction_gives_08006_and_the_pool_recovers_by_itself() {
+async fn postgres_sigkilled_mid_transaction_gives_clients_an_error_and_the_pool_recovers_by_itself() {
     let mut pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg)
-        .pool_size(3)
+        .pool_size(4)
         .with_pool(|p| p.server_connect_timeout = Duration::from_secs(2))
         .start()
         .await;
@@ -199,28 +211,52 @@ async fn postgres_sigkilled_mid_transaction_gives_08006_and_the_pool_recovers_by
     setup.batch_execute("create table crash (id int)").await.expect("setup");
     let mut in_tx = Vec::new();
     for i in 0..3 {
-        let c = proxy.connect(roles::SCRAM).await;
+        let (c, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(conn);
         c.batch_execute(&format!("begin; insert into crash values ({i})"))
             .await
             .expect("transaction open");
-        in_tx.push(c);
+        in_tx.push((c, conn));
     }
+    // And one client in the middle of a query.
+    let busy_client = proxy.connect(roles::SCRAM).await;
+    busy_client.batch_execute("begin").await.expect("begin");
+    let busy = tokio::spawn(async move { busy_client.simple_query("select pg_sleep(30)").await.map(|_| ()) });
+    let observer = direct(&pg, "postgres").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            observer
+                .query_one(
+                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        })
+        .await,
+        "the sleeping query never started"
+    );
+    drop(observer);
     tokio::task::block_in_place(|| pg.kill()).expect("SIGKILL the postmaster");
-    for c in &in_tx {
-        let e = tokio::time::timeout(Duration::from_secs(5), c.batch_execute("commit"))
+    for (c, conn) in in_tx {
+        // The client is idle in its transaction: pgweir tells it at once (an asynchronous FATAL,
+        // which tokio-postgres reports as the connection's result) and closes it.
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn)
             .await
-            .expect("the error arrives promptly")
-            .expect_err("the server is gone");
-        // Either the proxy's 08006 reached us first, or the socket closed right after it.
-        let code = support::proxy::sqlstate(&e);
-        assert!(
-            code.as_deref().is_some_and(|c| c.starts_with("08")) || c.is_closed(),
-            "{e:?}"
-        );
-        if let Some(db) = e.as_db_error() {
-            assert!(db.message().contains("rolled back"), "{}", db.message());
-        }
+            .expect("the client is told promptly")
+            .expect("task");
+        let e = ended.expect_err("the connection ends with an error");
+        assert_crash_error(&e);
+        assert!(c.batch_execute("commit").await.is_err(), "commit after the crash");
     }
+    let e = tokio::time::timeout(Duration::from_secs(5), busy)
+        .await
+        .expect("the running query ends promptly")
+        .expect("task")
+        .expect_err("the query cannot complete");
+    assert_crash_error(&e);
     tokio::task::block_in_place(|| pg.start_again()).expect("crash recovery and restart");
     // No operator action: new clients get fresh server connections.
     let recovered = eventually(Duration::from_secs(5), || async {
@@ -446,4 +482,57 @@ async fn a_stalled_backend_trips_acquire_timeout_and_is_closed_when_its_client_g
         .query_one("select 1", &[])
         .await
         .expect("app unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_backend_crash_restart_is_survived_without_operator_action() {
+    // SIGKILL of one backend makes the postmaster reset every backend and run crash recovery
+    // on its own: the pool must notice and recover with no help.
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(4).start().await;
+    let victim = proxy.connect(roles::SCRAM).await;
+    victim.batch_execute("begin").await.expect("begin");
+    let pid: i32 = victim
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let (bystander, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let bystander_conn = tokio::spawn(conn);
+    bystander.batch_execute("begin").await.expect("bystander begins");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -KILL {pid} failed");
+    let e = tokio::time::timeout(Duration::from_secs(5), victim.query_one("select 1", &[]))
+        .await
+        .expect("the victim's next query fails promptly")
+        .expect_err("its backend is gone");
+    if support::proxy::sqlstate(&e).is_some() {
+        assert_crash_error(&e);
+    } else {
+        assert!(victim.is_closed(), "{e:?}");
+    }
+    // The bystander's backend was reset by the postmaster: it is told.
+    let ended = tokio::time::timeout(Duration::from_secs(5), bystander_conn)
+        .await
+        .expect("the bystander is told promptly")
+        .expect("task");
+    assert_crash_error(&ended.expect_err("the bystander's transaction is gone"));
+    let recovered = eventually(Duration::from_secs(10), || async {
+        match proxy.try_connect(roles::SCRAM, "app").await {
+            Ok(c) => c.query_one("select 1", &[]).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(recovered, "no recovery after the crash restart");
+    assert!(
+        eventually(Duration::from_secs(3), || async { app_pool_servers(&proxy).0 == 0 }).await,
+        "servers still active: {:?}",
+        app_pool_servers(&proxy)
+    );
 }
