@@ -175,3 +175,365 @@ async fn idle_and_old_server_connections_are_retired_and_min_pool_size_kept_warm
     .await;
     assert!(replaced, "server_lifetime did not replace the warm connections");
 }
+
+/// Reads pgweir's stats for the only `app` pool: (active, idle) server connections.
+fn app_pool_servers(proxy: &support::proxy::TestProxy) -> (usize, usize) {
+    let pools = proxy.proxy().context().pools.all();
+    let pool = pools
+        .iter()
+        .find(|p| p.key().database == "app")
+        .expect("app pool exists");
+    let s = pool.snapshot();
+    (s.active(), s.idle)
+}
+
+/// The error a client sees when PostgreSQL dies under it: either the backend's own last words
+/// (57P01 "unexpected postmaster exit" when the postmaster was killed, 57P02 when another
+/// backend crashed), forwarded, or pgweir's 08006 when the socket just closed.
+fn assert_crash_error(e: &tokio_postgres::Error) {
+    let code = support::proxy::sqlstate(e);
+    assert!(matches!(code.as_deref(), Some("08006" | "57P01" | "57P02")), "{e:?}");
+    let msg = e.as_db_error().expect("db error").message().to_owned();
+    if code.as_deref() == Some("08006") {
+        assert!(msg.contains("rolled back") || msg.contains("lost"), "{msg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sigkilled_mid_transaction_gives_clients_an_error_and_the_pool_recovers_by_itself() {
+    let mut pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(4)
+        .with_pool(|p| p.server_connect_timeout = Duration::from_secs(2))
+        .start()
+        .await;
+    let setup = proxy.connect(roles::SCRAM).await;
+    setup.batch_execute("create table crash (id int)").await.expect("setup");
+    let mut in_tx = Vec::new();
+    for i in 0..3 {
+        let (c, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(conn);
+        c.batch_execute(&format!("begin; insert into crash values ({i})"))
+            .await
+            .expect("transaction open");
+        in_tx.push((c, conn));
+    }
+    // And one client in the middle of a query.
+    let busy_client = proxy.connect(roles::SCRAM).await;
+    busy_client.batch_execute("begin").await.expect("begin");
+    let busy = tokio::spawn(async move { busy_client.simple_query("select pg_sleep(30)").await.map(|_| ()) });
+    let observer = direct(&pg, "postgres").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            observer
+                .query_one(
+                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        })
+        .await,
+        "the sleeping query never started"
+    );
+    drop(observer);
+    tokio::task::block_in_place(|| pg.kill()).expect("SIGKILL the postmaster");
+    for (c, conn) in in_tx {
+        // The client is idle in its transaction: pgweir tells it at once (an asynchronous FATAL,
+        // which tokio-postgres reports as the connection's result) and closes it.
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("the client is told promptly")
+            .expect("task");
+        let e = ended.expect_err("the connection ends with an error");
+        assert_crash_error(&e);
+        assert!(c.batch_execute("commit").await.is_err(), "commit after the crash");
+    }
+    let e = tokio::time::timeout(Duration::from_secs(5), busy)
+        .await
+        .expect("the running query ends promptly")
+        .expect("task")
+        .expect_err("the query cannot complete");
+    assert_crash_error(&e);
+    tokio::task::block_in_place(|| pg.start_again()).expect("crash recovery and restart");
+    // No operator action: new clients get fresh server connections.
+    let recovered = eventually(Duration::from_secs(5), || async {
+        match proxy.try_connect(roles::SCRAM, "app").await {
+            Ok(c) => c.query_one("select count(*) from crash", &[]).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(recovered, "the pool did not recover within 5s of the restart");
+    let fresh = proxy.connect(roles::SCRAM).await;
+    let n: i64 = fresh
+        .query_one("select count(*) from crash", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 0, "uncommitted inserts survived the crash");
+    // The dead servers were dropped, not parked as idle, and nothing is left checked out.
+    assert!(
+        eventually(Duration::from_secs(3), || async { app_pool_servers(&proxy).0 == 0 }).await,
+        "servers still active: {:?}",
+        app_pool_servers(&proxy)
+    );
+    let observer = direct(&pg, "postgres").await;
+    let (_, idle) = app_pool_servers(&proxy);
+    let on_server: i64 = observer
+        .query_one("select count(*) from pg_stat_activity where usename = 'app_scram'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        idle as i64, on_server,
+        "pool's idle servers and PostgreSQL's backends disagree"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_at_max_connections_gives_a_clear_error_and_no_retry_storm() {
+    let pg = support::postgres_with(pgweir::embedded_pg::EmbeddedOptions {
+        max_connections: 4,
+        extra_conf: vec![
+            "superuser_reserved_connections = 0".to_owned(),
+            "log_connections = on".to_owned(),
+        ],
+        ..Default::default()
+    });
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(4)
+        .with_pool(|p| p.acquire_timeout = Duration::from_secs(2))
+        .start()
+        .await;
+    // Every slot of the server taken by direct connections.
+    let mut hogs = Vec::new();
+    for _ in 0..4 {
+        hogs.push(direct(&pg, "postgres").await);
+    }
+    let received_before = pg.log_contents().matches("connection received").count();
+    let started = Instant::now();
+    // pgweir needs a server connection to log a client in (server parameters), so the refusal
+    // reaches the client at login.
+    let results = futures_util::future::join_all((0..10).map(|_| proxy.try_connect(roles::SCRAM, "app"))).await;
+    let elapsed = started.elapsed();
+    for r in &results {
+        let Err(e) = r else {
+            panic!("a login succeeded although the server had no slot");
+        };
+        assert_eq!(support::proxy::sqlstate(e).as_deref(), Some("53300"), "{e:?}");
+        let db = e.as_db_error().expect("db error");
+        assert!(
+            db.message().contains("too many clients"),
+            "the server's reason is shown: {}",
+            db.message()
+        );
+        assert!(
+            db.hint().is_some_and(|h| h.contains("max_connections")),
+            "the hint says what to do: {:?}",
+            db.hint()
+        );
+    }
+    assert!(elapsed < Duration::from_secs(4), "errors took {elapsed:?}");
+    // Ten refused logins must not turn into a flood of server connection attempts.
+    let attempts = pg.log_contents().matches("connection received").count() - received_before;
+    eprintln!("10 refused logins in {elapsed:?} caused {attempts} server connection attempts");
+    assert!(
+        (1..=20).contains(&attempts),
+        "{attempts} server connection attempts for 10 client logins"
+    );
+    // Once slots free up, the same clients work again.
+    hogs.clear();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            match proxy.try_connect(roles::SCRAM, "app").await {
+                Ok(c) => c.simple_query("select 1").await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await,
+        "no recovery after the server had slots again"
+    );
+}
+
+/// A fake PostgreSQL that completes a trust login and then reads queries without ever
+/// answering. Returns its port and a receiver of "a connection to me closed" events.
+async fn stalling_backend() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut len = [0u8; 4];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut startup = vec![0u8; (i32::from_be_bytes(len) as usize).saturating_sub(4)];
+                if s.read_exact(&mut startup).await.is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                let mut msg = |tag: u8, body: &[u8]| {
+                    out.push(tag);
+                    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+                    out.extend_from_slice(body);
+                };
+                msg(b'R', &0i32.to_be_bytes());
+                for (k, v) in [
+                    ("server_version", "17.0"),
+                    ("server_encoding", "UTF8"),
+                    ("client_encoding", "UTF8"),
+                    ("DateStyle", "ISO, MDY"),
+                    ("integer_datetimes", "on"),
+                    ("standard_conforming_strings", "on"),
+                    ("TimeZone", "UTC"),
+                ] {
+                    msg(b'S', format!("{k}\0{v}\0").as_bytes());
+                }
+                msg(b'K', &[0, 0, 0, 42, 0, 0, 0, 7]);
+                msg(b'Z', b"I");
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+                // Swallow whatever comes, answer nothing, report when the peer hangs up.
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    (port, closed_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_backend_trips_acquire_timeout_and_is_closed_when_its_client_gives_up() {
+    let pg = support::postgres();
+    let (stall_port, mut closed) = stalling_backend().await;
+    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| {
+        p.pool_size = 1;
+        p.acquire_timeout = Duration::from_millis(500);
+    });
+    builder.extra_databases.push((
+        "stall".to_owned(),
+        pgweir::config::DatabaseConfig {
+            host: "127.0.0.1".to_owned(),
+            port: stall_port,
+            dbname: "stall".to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: builder.pool.clone(),
+        },
+    ));
+    let proxy = builder.start().await;
+    let (stuck, stuck_conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "stall"), tokio_postgres::NoTls)
+        .await
+        .expect("login via the fake");
+    let stuck_conn = tokio::spawn(stuck_conn);
+    let waiter = proxy
+        .try_connect(roles::SCRAM, "stall")
+        .await
+        .expect("login via the fake");
+    // The client's own statement timeout: pgweir has no query timeout, the query just hangs.
+    let hung = tokio::time::timeout(Duration::from_millis(700), stuck.simple_query("select 1")).await;
+    assert!(hung.is_err(), "the fake backend answered");
+    // The only server is stuck: the next client gets a prompt 53300, not a hang.
+    let started = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(5), waiter.simple_query("select 1"))
+        .await
+        .expect("acquire_timeout bounds the wait")
+        .expect_err("no server available");
+    assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stuck client gives up (its socket closes): the half-answered server cannot be reused,
+    // so pgweir closes it rather than returning it to the pool.
+    stuck_conn.abort();
+    drop(stuck);
+    tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the stalled server connection is closed once its client left")
+        .expect("channel open");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let pools = proxy.proxy().context().pools.all();
+            pools
+                .iter()
+                .filter(|p| p.key().database == "stall")
+                .all(|p| p.snapshot().active() == 0)
+        })
+        .await,
+        "the stalled server is still counted as active"
+    );
+    // Other databases never noticed.
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("app unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_backend_crash_restart_is_survived_without_operator_action() {
+    // SIGKILL of one backend makes the postmaster reset every backend and run crash recovery
+    // on its own: the pool must notice and recover with no help.
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(4).start().await;
+    let victim = proxy.connect(roles::SCRAM).await;
+    victim.batch_execute("begin").await.expect("begin");
+    let pid: i32 = victim
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let (bystander, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let bystander_conn = tokio::spawn(conn);
+    bystander.batch_execute("begin").await.expect("bystander begins");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -KILL {pid} failed");
+    let e = tokio::time::timeout(Duration::from_secs(5), victim.query_one("select 1", &[]))
+        .await
+        .expect("the victim's next query fails promptly")
+        .expect_err("its backend is gone");
+    if support::proxy::sqlstate(&e).is_some() {
+        assert_crash_error(&e);
+    } else {
+        assert!(victim.is_closed(), "{e:?}");
+    }
+    // The bystander's backend was reset by the postmaster: it is told.
+    let ended = tokio::time::timeout(Duration::from_secs(5), bystander_conn)
+        .await
+        .expect("the bystander is told promptly")
+        .expect("task");
+    assert_crash_error(&ended.expect_err("the bystander's transaction is gone"));
+    let recovered = eventually(Duration::from_secs(10), || async {
+        match proxy.try_connect(roles::SCRAM, "app").await {
+            Ok(c) => c.query_one("select 1", &[]).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(recovered, "no recovery after the crash restart");
+    assert!(
+        eventually(Duration::from_secs(3), || async { app_pool_servers(&proxy).0 == 0 }).await,
+        "servers still active: {:?}",
+        app_pool_servers(&proxy)
+    );
+}

@@ -270,3 +270,99 @@ async fn health_check_replaces_a_terminated_backend() {
         .get(0);
     assert_ne!(new_pid, pid);
 }
+
+/// How a slowloris client stalls its login.
+#[derive(Debug, Clone, Copy)]
+enum Stall {
+    /// Connects and sends nothing.
+    Silent,
+    /// Sends two of the four length bytes.
+    HalfLength,
+    /// Declares a 100-byte startup packet and sends only part of it.
+    ShortBody,
+    /// A complete StartupMessage, then never answers the SASL challenge.
+    NoPassword,
+    /// Drips one byte of a startup packet every 100 ms: always "making progress".
+    Drip,
+}
+
+/// Runs one slowloris connection; returns how long the proxy took to close it.
+async fn slowloris(addr: std::net::SocketAddr, stall: Stall) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let startup = support::startup_packet("app_scram", "app");
+    let first: &[u8] = match stall {
+        Stall::Silent | Stall::Drip => &[],
+        Stall::HalfLength => &[0, 0],
+        Stall::ShortBody => &[0, 0, 0, 100, 0, 3, 0, 0, b'u'],
+        Stall::NoPassword => &startup,
+    };
+    s.write_all(first).await.expect("write");
+    let mut drip = startup.iter().copied().cycle();
+    let mut buf = [0u8; 1024];
+    loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {} // the SASL challenge, or the final ErrorResponse
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)), if matches!(stall, Stall::Drip) => {
+                let byte = drip.next().unwrap_or_default();
+                if s.write_all(&[byte]).await.is_err() {
+                    return started.elapsed();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_are_all_dropped_at_client_login_timeout_and_others_still_log_in() {
+    let pg = support::postgres();
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.client_login_timeout = Duration::from_millis(700);
+    builder.max_client_conn = 1000;
+    let proxy = builder.start().await;
+    let addr = proxy.addr;
+    let stalls = [
+        Stall::Silent,
+        Stall::HalfLength,
+        Stall::ShortBody,
+        Stall::NoPassword,
+        Stall::Drip,
+    ];
+    let tasks: Vec<_> = (0..250)
+        .map(|i| {
+            let stall = stalls[i % stalls.len()];
+            (stall, tokio::spawn(slowloris(addr, stall)))
+        })
+        .collect();
+    // While 250 logins hang, a real client gets in.
+    let ok = tokio::time::timeout(Duration::from_secs(5), async {
+        proxy.connect(roles::SCRAM).await.query_one("select 1", &[]).await
+    })
+    .await
+    .expect("a real login is not starved by slowloris clients");
+    ok.expect("query");
+    for (stall, t) in tasks {
+        let took = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .unwrap_or_else(|_| panic!("{stall:?} connection never dropped"))
+            .expect("task");
+        assert!(
+            took >= Duration::from_millis(600) && took < Duration::from_secs(4),
+            "{stall:?} dropped after {took:?}"
+        );
+    }
+    // None of them is still counted as a connected client (any phase, login included).
+    let ctx = proxy.proxy().context();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ctx.connected.load(std::sync::atomic::Ordering::Relaxed) == 0
+        })
+        .await,
+        "{} clients still counted",
+        ctx.connected.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}

@@ -789,13 +789,25 @@ fn server_error_reply(e: &ServerError, pool: &Pool) -> PgError {
     match e {
         // The server's own verdict (wrong server password, database missing on the server, too
         // many connections) is the most useful thing to show.
-        ServerError::Login(fields) => PgError {
-            severity: Severity::Error,
-            code: sqlstate_static(fields.code.as_deref()),
-            message: format!("pgweir: PostgreSQL refused the pool's login: {}", fields.message),
-            detail: Some(format!("pool \"{}\"", pool.key())),
-            hint: Some("Check the server credentials for this database/user in the pgweir configuration.".into()),
-        },
+        ServerError::Login(fields) => {
+            let code = sqlstate_static(fields.code.as_deref());
+            let hint = match code {
+                // Credentials are not the problem here; telling the operator to check them
+                // would send them the wrong way.
+                "53300" => {
+                    "PostgreSQL is at max_connections: lower the pool sizes of pgweir (and of other clients) or raise max_connections on the server."
+                }
+                "57P03" => "PostgreSQL is starting up or shutting down; retry shortly.",
+                _ => "Check the server credentials for this database/user in the pgweir configuration.",
+            };
+            PgError {
+                severity: Severity::Error,
+                code,
+                message: format!("pgweir: PostgreSQL refused the pool's login: {}", fields.message),
+                detail: Some(format!("pool \"{}\"", pool.key())),
+                hint: Some(hint.into()),
+            }
+        }
         other => PgError::error(
             "08006",
             format!(
