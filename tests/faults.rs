@@ -369,13 +369,24 @@ async fn stalling_backend() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
         while let Ok((mut s, _)) = listener.accept().await {
             let closed_tx = closed_tx.clone();
             tokio::spawn(async move {
-                let mut len = [0u8; 4];
-                if s.read_exact(&mut len).await.is_err() {
-                    return;
-                }
-                let mut startup = vec![0u8; (i32::from_be_bytes(len) as usize).saturating_sub(4)];
-                if s.read_exact(&mut startup).await.is_err() {
-                    return;
+                // Like a PostgreSQL with ssl = off: answer an SSLRequest 'N', then read the
+                // StartupMessage.
+                loop {
+                    let mut len = [0u8; 4];
+                    if s.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut body = vec![0u8; (i32::from_be_bytes(len) as usize).saturating_sub(4)];
+                    if s.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if body == [0x04, 0xd2, 0x16, 0x2f] {
+                        if s.write_all(b"N").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    break;
                 }
                 let mut out = Vec::new();
                 let mut msg = |tag: u8, body: &[u8]| {
