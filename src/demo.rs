@@ -53,6 +53,7 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             shutdown_timeout: std::time::Duration::from_secs(5),
             workers: 0,
             tcp_keepalive: Some(std::time::Duration::from_secs(60)),
+            peer_id: 0,
         },
         admin: crate::config::AdminConfig {
             addr: Some(SocketAddr::new(listen.ip(), 0)),
@@ -67,5 +68,6 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
         tls: Default::default(),
         hba: Vec::new(),
         auth_query: None,
+        peers: Default::default(),
     }
 }

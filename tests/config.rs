@@ -733,3 +733,43 @@ fn auth_query_section_validates_its_user_and_query() {
         "needs a unit",
     );
 }
+
+#[test]
+fn peers_need_an_own_peer_id_and_distinct_ids() {
+    let c = parse(&format!(
+        "[listen]\npeer_id = 1\n[[peers]]\nid = 1\nhost = \"10.0.0.1\"\nport = 6432\n\
+         [[peers]]\nid = 2\nhost = \"10.0.0.2\"\nport = 6432\n{}",
+        with_db("")
+    ))
+    .expect("valid");
+    assert_eq!(c.listen.peer_id, 1);
+    assert_eq!(c.peers.len(), 2);
+    assert_eq!(c.peers[&2].host, "10.0.0.2");
+
+    one_problem(
+        &format!("[[peers]]\nid = 2\nhost = \"h\"\nport = 1\n{}", with_db("")),
+        "listen.peer_id",
+        "give this instance its own id",
+    );
+    one_problem(
+        &format!("[listen]\npeer_id = 16384\n{}", with_db("")),
+        "listen.peer_id",
+        "16383",
+    );
+    one_problem(
+        &format!(
+            "[listen]\npeer_id = 1\n[[peers]]\nid = 2\nhost = \"h\"\nport = 1\n[[peers]]\nid = 2\nhost = \"i\"\nport = 2\n{}",
+            with_db("")
+        ),
+        "peers[2].id",
+        "listed twice",
+    );
+    one_problem(
+        &format!(
+            "[listen]\npeer_id = 1\n[[peers]]\nid = 2\nhost = \"h\"\n{}",
+            with_db("")
+        ),
+        "peers[1].port",
+        "is required",
+    );
+}

@@ -208,6 +208,17 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             .get_or_create(&vec![("reason".to_owned(), (*reason).to_owned())])
             .inc_by(count.load(Ordering::Relaxed));
     }
+    let cancels = Family::<Labels, Counter>::default();
+    for (result, count) in s.ctx.cancels.stats.by_result() {
+        cancels
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc_by(count);
+    }
+    registry.register(
+        "cancel_requests",
+        "CancelRequests by outcome (delivered, idle_client, unknown_key, forwarded to a peer, unroutable, ttl_exhausted)",
+        cancels,
+    );
     registry.register(
         "client_login_failures",
         "Failed client logins by reason (bad_password, unknown_user, hba_denied, timeout, …)",

@@ -6,15 +6,30 @@
 //! clears its target and waits for in-flight cancels under the same lock the cancel path uses
 //! to read the target, so a server is only returned to the pool once no cancel aimed at it can
 //! still be sent.
+//!
+//! Peering (several instances behind one load balancer, PgBouncer's `peer_id`): a client's
+//! CancelRequest arrives on a new connection that may land on another instance. With
+//! `listen.peer_id` set, keys carry the issuing instance's id in pid bits 17..31 and a hop
+//! budget (TTL 3) in the secret's low 2 bits; an instance that receives a key of another id
+//! forwards the 16 bytes to that peer with the TTL decremented, so a misconfigured ring of peers
+//! cannot forward a request forever. 17 bits of pid and 30 of secret stay random.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use subtle::ConstantTimeEq;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
+use crate::config::PeerConfig;
 use crate::proto::startup::CancelKey;
+
+/// Connecting to a peer and handing it a cancel must not take longer than this.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct SlotInner {
@@ -63,23 +78,87 @@ struct Entry {
     slot: Arc<CancelSlot>,
 }
 
+/// Where the peer id sits in a pid.
+const PEER_SHIFT: u32 = 17;
+const PEER_MASK: u32 = 0x3fff;
+/// Hop budget of a forwarded cancel, in the secret's low bits.
+const TTL_MASK: i32 = 0b11;
+
+/// The peer id a key was issued by (0 when the issuer does not peer).
+pub fn peer_of(key: CancelKey) -> u16 {
+    ((key.pid as u32 >> PEER_SHIFT) & PEER_MASK) as u16
+}
+
+/// What happened to CancelRequests, for metrics.
+#[derive(Debug, Default)]
+pub struct CancelStats {
+    /// Sent to the server of one of this instance's clients.
+    pub delivered: AtomicU64,
+    /// The client held no server (its query had finished).
+    pub idle_client: AtomicU64,
+    /// No client of this instance has the key (stale or forged).
+    pub unknown_key: AtomicU64,
+    /// Passed on to the peer that issued the key.
+    pub forwarded: AtomicU64,
+    /// Issued by a peer id not in `[[peers]]`, or the peer could not be reached.
+    pub unroutable: AtomicU64,
+    /// Dropped after three hops between peers.
+    pub ttl_exhausted: AtomicU64,
+}
+
+impl CancelStats {
+    /// (label, count) pairs for the metrics endpoint.
+    pub fn by_result(&self) -> [(&'static str, u64); 6] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("delivered", get(&self.delivered)),
+            ("idle_client", get(&self.idle_client)),
+            ("unknown_key", get(&self.unknown_key)),
+            ("forwarded", get(&self.forwarded)),
+            ("unroutable", get(&self.unroutable)),
+            ("ttl_exhausted", get(&self.ttl_exhausted)),
+        ]
+    }
+}
+
 /// Every logged-in client's key, by pid.
 #[derive(Default)]
 pub struct CancelRegistry {
     entries: DashMap<i32, Entry>,
+    /// This instance's `listen.peer_id`; 0 = no peering. Fixed for the process's life, since
+    /// keys already issued carry it.
+    peer_id: u16,
+    pub stats: CancelStats,
 }
 
 impl CancelRegistry {
+    pub fn new(peer_id: u16) -> Self {
+        CancelRegistry {
+            peer_id,
+            ..Default::default()
+        }
+    }
+
+    pub fn peer_id(&self) -> u16 {
+        self.peer_id
+    }
+
     /// Issues a fresh random key for a client and registers its slot. Pids are random too (not
     /// sequential), so keys cannot be enumerated; the sign bit is cleared because some drivers
     /// print or parse pids as positive numbers.
     pub fn register(&self, slot: Arc<CancelSlot>) -> CancelKey {
         loop {
-            let pid = (rand::random::<u32>() & 0x7fff_ffff) as i32;
+            let random = rand::random::<u32>() & 0x7fff_ffff;
+            let (pid, secret) = match self.peer_id {
+                0 => (random as i32, rand::random::<i32>()),
+                id => (
+                    ((u32::from(id) << PEER_SHIFT) | (random & ((1 << PEER_SHIFT) - 1))) as i32,
+                    (rand::random::<i32>() & !TTL_MASK) | TTL_MASK,
+                ),
+            };
             if pid == 0 {
                 continue;
             }
-            let secret = rand::random::<i32>();
             if let dashmap::Entry::Vacant(v) = self.entries.entry(pid) {
                 v.insert(Entry { secret, slot });
                 return CancelKey { pid, secret };
@@ -91,23 +170,103 @@ impl CancelRegistry {
         self.entries.remove(&key.pid);
     }
 
-    /// Handles a CancelRequest: returns once the cancel has been delivered, or at once if the key
-    /// is unknown or its client holds no server.
-    pub async fn cancel(&self, key: CancelKey) {
+    /// Handles a CancelRequest: returns once the cancel has been delivered (or forwarded to the
+    /// peer that issued the key), or at once if the key is unknown or its client holds no server.
+    pub async fn cancel(&self, key: CancelKey, peers: &BTreeMap<u16, PeerConfig>) {
+        if self.peer_id != 0 && peer_of(key) != self.peer_id {
+            return self.forward(key, peers).await;
+        }
+        // With peering, the TTL bits may have been decremented on the way: they are not part
+        // of the secret.
+        let mask = if self.peer_id == 0 { !0 } else { !TTL_MASK };
         let slot = match self.entries.get(&key.pid) {
-            Some(e) if bool::from(e.secret.to_be_bytes().ct_eq(&key.secret.to_be_bytes())) => e.slot.clone(),
+            Some(e)
+                if bool::from(
+                    (e.secret & mask)
+                        .to_be_bytes()
+                        .ct_eq(&(key.secret & mask).to_be_bytes()),
+                ) =>
+            {
+                e.slot.clone()
+            }
             _ => {
+                self.stats.unknown_key.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(pid = key.pid, "cancel request with an unknown key ignored");
                 return;
             }
         };
         let Some((addr, server_key)) = slot.begin_cancel() else {
+            self.stats.idle_client.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("cancel request for an idle client ignored");
             return;
         };
+        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = crate::server::send_cancel(addr, server_key).await {
             tracing::warn!(%addr, error = %e, "could not forward a cancel request");
         }
         slot.end_cancel();
+    }
+
+    async fn forward(&self, key: CancelKey, peers: &BTreeMap<u16, PeerConfig>) {
+        let owner = peer_of(key);
+        let ttl = key.secret & TTL_MASK;
+        if ttl == 0 {
+            self.stats.ttl_exhausted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                peer = owner,
+                "failed to forward cancel request because its TTL was exhausted"
+            );
+            return;
+        }
+        let Some(peer) = peers.get(&owner) else {
+            self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = owner, "cancel request for a peer not in [[peers]] ignored");
+            return;
+        };
+        let key = CancelKey {
+            pid: key.pid,
+            secret: (key.secret & !TTL_MASK) | (ttl - 1),
+        };
+        let mut packet = bytes::BytesMut::with_capacity(16);
+        crate::proto::messages::cancel_request(&mut packet, key);
+        let send = async {
+            let mut stream = TcpStream::connect((peer.host.as_str(), peer.port)).await?;
+            stream.write_all(&packet).await?;
+            stream.shutdown().await
+        };
+        match tokio::time::timeout(FORWARD_TIMEOUT, send).await {
+            Ok(Ok(())) => {
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = owner, host = %peer.host, port = peer.port, error = %e, "could not forward a cancel request to its peer");
+            }
+            Err(_) => {
+                self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = owner, host = %peer.host, port = peer.port, "forwarding a cancel request to its peer timed out");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peering_keys_carry_the_peer_id_and_a_ttl_of_three() {
+        for id in [1u16, 2, 777, 16_383] {
+            let registry = CancelRegistry::new(id);
+            for _ in 0..200 {
+                let key = registry.register(Arc::new(CancelSlot::default()));
+                assert_eq!(peer_of(key), id);
+                assert!(key.pid > 0, "positive pid");
+                assert_eq!(key.secret & TTL_MASK, 3);
+            }
+        }
+        let plain = CancelRegistry::new(0);
+        let key = plain.register(Arc::new(CancelSlot::default()));
+        assert!(key.pid > 0);
     }
 }

@@ -187,7 +187,7 @@ async fn negotiate(
             // GSS encryption is not offered; 'N' lets libpq continue per its gssencmode.
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
             StartupPacket::Cancel(key) => {
-                ctx.cancels.cancel(key).await;
+                ctx.cancels.cancel(key, &config.peers).await;
                 return Ok(Negotiated::Done);
             }
             StartupPacket::Startup(params) => {

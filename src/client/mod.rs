@@ -72,11 +72,12 @@ impl ClientContext {
         server_ids: Arc<ServerIds>,
         shutdown: CancellationToken,
     ) -> Self {
+        let peer_id = config.listen.peer_id;
         ClientContext {
             users: ArcSwap::from_pointee(UserDirectory::from_config(&config)),
             config: ArcSwap::new(config),
             pools,
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(peer_id),
             statements: prepared::StatementRegistry::default(),
             server_ids,
             shutdown,
@@ -115,6 +116,10 @@ impl ClientContext {
         }
         if old.listen.max_client_conn != config.listen.max_client_conn {
             needs_restart.push("listen.max_client_conn".to_owned());
+        }
+        if old.listen.peer_id != config.listen.peer_id {
+            // Keys already handed out carry the old id.
+            needs_restart.push("listen.peer_id".to_owned());
         }
         if old.admin.addr != config.admin.addr {
             needs_restart.push("admin.addr".to_owned());

@@ -35,6 +35,16 @@ pub struct Config {
     pub hba: Vec<hba::HbaRule>,
     /// `[auth_query]`: look up users missing from `users` in PostgreSQL itself.
     pub auth_query: Option<AuthQueryConfig>,
+    /// `[[peers]]`: other pgweir instances, by peer id, to forward their CancelRequests to.
+    pub peers: BTreeMap<u16, PeerConfig>,
+}
+
+/// Another pgweir instance behind the same load balancer (PgBouncer's `[peers]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Where that instance's client listener is reachable from this one.
+    pub host: String,
+    pub port: u16,
 }
 
 /// Users not listed in the configuration are looked up in PostgreSQL (PgBouncer's auth_user
@@ -132,6 +142,9 @@ pub struct ListenConfig {
     pub workers: usize,
     /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.
     pub tcp_keepalive: Option<Duration>,
+    /// This instance's id (1..=16383) in the cancel keys it issues, for cancel forwarding
+    /// between instances (`[[peers]]`); 0 (the default) disables peering.
+    pub peer_id: u16,
 }
 
 /// The HTTP admin API and Prometheus metrics.

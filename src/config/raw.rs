@@ -40,6 +40,18 @@ pub struct RawConfig {
     pub hba: Vec<RawHba>,
     /// `[auth_query]`: users looked up in PostgreSQL.
     pub auth_query: Option<RawAuthQuery>,
+    /// `[[peers]]`: other instances for cancel forwarding.
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+}
+
+/// One `[[peers]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub id: Option<i64>,
+    pub host: Option<String>,
+    pub port: Option<i64>,
 }
 
 /// `[auth_query]`.
@@ -142,6 +154,7 @@ pub struct RawListen {
     pub workers: Option<i64>,
     /// `tcp_keepalive`; 0 leaves the OS default.
     pub tcp_keepalive: Option<RawDuration>,
+    pub peer_id: Option<i64>,
 }
 
 /// `[pool]`, and (via [`RawDatabase::pool_overrides`]) the pool keys of a database table.

@@ -12,11 +12,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::hba::{Cidr, HbaAction, HbaRule};
-use super::raw::{RawAuthQuery, RawConfig, RawDuration, RawHba, RawListen, RawPool, RawServerTls, RawTls, RawUser};
+use super::raw::{
+    RawAuthQuery, RawConfig, RawDuration, RawHba, RawListen, RawPeer, RawPool, RawServerTls, RawTls, RawUser,
+};
 use super::{
     AdminConfig, AuthQueryConfig, AuthType, ClientTlsConfig, ClientTlsMode, Config, ConfigError, ConfigProblem,
-    DatabaseConfig, ListenConfig, PoolMode, PoolSettings, Secret, ServerTlsConfig, ServerTlsMode, SessionStatePolicy,
-    UserConfig, parse_userlist,
+    DatabaseConfig, ListenConfig, PeerConfig, PoolMode, PoolSettings, Secret, ServerTlsConfig, ServerTlsMode,
+    SessionStatePolicy, UserConfig, parse_userlist,
 };
 use crate::auth::AuthError;
 use crate::auth::scram::ScramVerifier;
@@ -306,6 +308,52 @@ fn resolve(base_dir: Option<&Path>, file: &str) -> std::path::PathBuf {
     }
 }
 
+/// Peer ids live in 14 bits of the cancel keys pgweir issues (as in PgBouncer).
+pub const MAX_PEER_ID: u16 = 16_383;
+
+fn peers(p: &mut Problems, raw: &[RawPeer], own_id: u16) -> BTreeMap<u16, PeerConfig> {
+    let mut peers = BTreeMap::new();
+    for (i, r) in raw.iter().enumerate() {
+        let key = |k: &str| format!("peers[{}].{k}", i + 1);
+        let id = match r.id {
+            Some(n) if (1..=i64::from(MAX_PEER_ID)).contains(&n) => n as u16,
+            Some(n) => {
+                p.add(key("id"), format!("must be between 1 and {MAX_PEER_ID}, got {n}"));
+                continue;
+            }
+            None => {
+                p.add(key("id"), "is required (the other instance's listen.peer_id)");
+                continue;
+            }
+        };
+        let host = match r.host.as_deref() {
+            Some(h) if !h.trim().is_empty() => h.to_owned(),
+            _ => {
+                p.add(key("host"), "is required");
+                continue;
+            }
+        };
+        let port = match r.port.map(u16::try_from) {
+            Some(Ok(port)) if port != 0 => port,
+            _ => {
+                p.add(key("port"), "is required, between 1 and 65535");
+                continue;
+            }
+        };
+        if peers.insert(id, PeerConfig { host, port }).is_some() {
+            p.add(key("id"), format!("peer id {id} is listed twice"));
+        }
+    }
+    if !peers.is_empty() && own_id == 0 {
+        p.add(
+            "listen.peer_id",
+            "[[peers]] are listed but listen.peer_id is 0: give this instance its own id to enable cancel forwarding",
+        );
+    }
+    // An entry for this instance's own id is allowed (one file for every instance) and unused.
+    peers
+}
+
 /// PgBouncer's default auth_query.
 const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
 
@@ -563,6 +611,7 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
         client_login_timeout,
         shutdown_timeout,
         workers,
+        peer_id: p.count("listen.peer_id", l.peer_id, 0, 0, MAX_PEER_ID as usize) as u16,
         tcp_keepalive,
     }
 }
@@ -819,6 +868,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
         listen.auth_type,
     );
     let auth_query = auth_query(&mut p, raw.auth_query.as_ref(), &users);
+    let peers = peers(&mut p, &raw.peers, listen.peer_id);
 
     if p.0.is_empty() {
         Ok(Config {
@@ -830,6 +880,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
             tls,
             hba,
             auth_query,
+            peers,
         })
     } else {
         Err(ConfigError::Invalid(p.0))

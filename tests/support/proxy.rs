@@ -29,6 +29,8 @@ pub struct TestProxyBuilder<'a> {
     pub hba: Vec<pgweir::config::hba::HbaRule>,
     /// `[auth_query]`; none unless a test sets it.
     pub auth_query: Option<pgweir::config::AuthQueryConfig>,
+    /// listen.peer_id; 0 = no peering.
+    pub peer_id: u16,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -74,6 +76,7 @@ impl<'a> TestProxyBuilder<'a> {
             tls: Default::default(),
             hba: Vec::new(),
             auth_query: None,
+            peer_id: 0,
         }
     }
 
@@ -127,6 +130,7 @@ impl<'a> TestProxyBuilder<'a> {
                 shutdown_timeout: Duration::from_secs(5),
                 workers: 0,
                 tcp_keepalive: Some(Duration::from_secs(60)),
+                peer_id: self.peer_id,
             },
             admin: pgweir::config::AdminConfig {
                 addr: Some("127.0.0.1:0".parse().expect("literal address")),
@@ -141,6 +145,7 @@ impl<'a> TestProxyBuilder<'a> {
             tls: self.tls.clone(),
             hba: self.hba.clone(),
             auth_query: self.auth_query.clone(),
+            peers: Default::default(),
         }
     }
 
