@@ -105,18 +105,16 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
             .get_or_create(&labels(&pool, None))
             .set_from(&stats.transaction_duration.snapshot());
         for (family, value) in [
-            (&acquire_timeouts, &stats.acquire_timeouts),
-            (&idle_tx, &stats.idle_transaction_timeouts),
-            (&connects, &stats.server_connects),
-            (&connect_failures, &stats.server_connect_failures),
-            (&checkouts, &stats.checkouts),
-            (&resets, &stats.session_resets),
-            (&queries, &stats.queries),
-            (&transactions, &stats.transactions),
+            (&acquire_timeouts, stats.acquire_timeouts.load(Ordering::Relaxed)),
+            (&idle_tx, stats.idle_transaction_timeouts.load(Ordering::Relaxed)),
+            (&connects, stats.server_connects.load(Ordering::Relaxed)),
+            (&connect_failures, stats.server_connect_failures.load(Ordering::Relaxed)),
+            (&checkouts, stats.checkouts.load(Ordering::Relaxed)),
+            (&resets, stats.session_resets.load(Ordering::Relaxed)),
+            (&queries, stats.queries.load(Ordering::Relaxed)),
+            (&transactions, stats.transactions.load(Ordering::Relaxed)),
         ] {
-            family
-                .get_or_create(&labels(&pool, None))
-                .inc_by(value.load(Ordering::Relaxed));
+            family.get_or_create(&labels(&pool, None)).inc_by(value);
         }
     }
     registry.register("pool_size", "Configured pool_size per (database, user)", pool_size);

@@ -64,7 +64,7 @@ pub struct PoolStats {
     pub idle_transaction_timeouts: AtomicU64,
     pub server_connects: AtomicU64,
     pub server_connect_failures: AtomicU64,
-    pub checkouts: AtomicU64,
+    pub checkouts: crate::metrics::StripedCounter,
     /// Server resets because a client changed session state (session_state = "reset").
     pub session_resets: AtomicU64,
     /// The most recent attempt to open a server connection failed (for /ready).
@@ -82,11 +82,11 @@ pub struct PoolStats {
     /// Round trips (Query or Sync to ReadyForQuery) as seen by clients.
     pub query_duration: crate::metrics::LatencyHistogram,
     /// Server links completed: transactions in transaction mode, sessions in session mode.
-    pub transactions: AtomicU64,
+    pub transactions: crate::metrics::StripedCounter,
     /// Simple Query and Execute messages sent to servers.
-    pub queries: AtomicU64,
-    pub bytes_from_clients: AtomicU64,
-    pub bytes_to_clients: AtomicU64,
+    pub queries: crate::metrics::StripedCounter,
+    pub bytes_from_clients: crate::metrics::StripedCounter,
+    pub bytes_to_clients: crate::metrics::StripedCounter,
 }
 
 /// Why server connections are closed, as bounded metric labels.
