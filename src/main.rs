@@ -37,6 +37,29 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// Exit 0 when a running pgweir answers GET /health (or /ready with --ready): for container
+    /// HEALTHCHECKs on images without curl.
+    Health {
+        /// Admin API address; default: [admin] addr from --config, else 127.0.0.1:6433.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Ask /ready (pools reachable, not paused, not draining) instead of /health.
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Make a running pgweir report not-ready (POST /api/drain) so a load balancer stops sending
+    /// it new clients, then wait; for a Kubernetes preStop hook. SIGTERM then drains the rest.
+    Drain {
+        /// Admin API address; default: [admin] addr from --config, else 127.0.0.1:6433.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// File holding the admin bearer token (e.g. a mounted Secret).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// How long to wait after the drain request, e.g. "10s".
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
 }
 
 /// EX_USAGE / EX_CONFIG from sysexits.h, so scripts can tell a bad config from a crash.
@@ -64,16 +87,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Demo { listen }) => demo(listen),
         Some(Command::Status { admin }) => {
-            let addr = match (admin, &cli.config) {
-                (Some(a), _) => a,
-                (None, Some(path)) => Config::load(path)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?
-                    .admin
-                    .addr
-                    .context("the admin API is disabled in that config ([admin] addr = \"\")")?,
-                (None, None) => SocketAddr::from(([127, 0, 0, 1], 6433)),
+            print!("{}", status(admin_addr(admin, cli.config.as_deref())?)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Health { admin, ready }) => {
+            let addr = admin_addr(admin, cli.config.as_deref())?;
+            let path = if ready { "/ready" } else { "/health" };
+            match http(addr, "GET", path, None) {
+                Ok((200, _)) => Ok(ExitCode::SUCCESS),
+                Ok((code, body)) => {
+                    eprintln!("pgweir at {addr}: {path} answered {code}: {body}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("pgweir at {addr}: {e:#}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Some(Command::Drain {
+            admin,
+            token_file,
+            wait,
+        }) => {
+            let addr = admin_addr(admin, cli.config.as_deref())?;
+            let token = match token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
             };
-            print!("{}", status(addr)?);
+            match http(addr, "POST", "/api/drain", token.as_deref())? {
+                (200, _) => eprintln!("pgweir at {addr} is draining; waiting {wait:?}"),
+                (code, body) => anyhow::bail!("POST /api/drain answered {code}: {body}"),
+            }
+            std::thread::sleep(wait);
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Check) => {
@@ -106,24 +157,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Fetches /api/pools and renders it as a table.
-fn status(addr: SocketAddr) -> anyhow::Result<String> {
+/// The admin API address: given, else from --config, else the default.
+fn admin_addr(admin: Option<SocketAddr>, config: Option<&std::path::Path>) -> anyhow::Result<SocketAddr> {
+    Ok(match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => Config::load(path)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .admin
+            .addr
+            .context("the admin API is disabled in that config ([admin] addr = \"\")")?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 6433)),
+    })
+}
+
+/// One HTTP/1.1 request to the admin API; returns (status code, body). axum answers with a
+/// Content-Length body (no chunking), so reading to the end is enough.
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .with_context(|| format!("cannot reach the admin API at {addr}"))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET /api/pools HTTP/1.1\r\nHost: pgweir\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: pgweir\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("admin API answered: {}", head.lines().next().unwrap_or(""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP status line")?;
+    Ok((code, body.to_owned()))
+}
+
+/// Fetches /api/pools and renders it as a table.
+fn status(addr: SocketAddr) -> anyhow::Result<String> {
+    let (code, body) = http(addr, "GET", "/api/pools", None)?;
+    if code != 200 {
+        anyhow::bail!("admin API answered {code}: {body}");
     }
-    // axum answers with a Content-Length body (no chunking) for JSON.
-    let pools: serde_json::Value = serde_json::from_str(body).context("admin API returned invalid JSON")?;
+    let pools: serde_json::Value = serde_json::from_str(&body).context("admin API returned invalid JSON")?;
     let mut out = format!(
         "{:<20} {:<16} {:<11} {:>5} {:>7} {:>5} {:>8} {:>7} {:>9} {:>7}\n",
         "database", "user", "mode", "size", "active", "idle", "waiting", "util%", "timeouts", "paused"

@@ -773,3 +773,25 @@ fn peers_need_an_own_peer_id_and_distinct_ids() {
         "is required",
     );
 }
+
+#[test]
+fn admin_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("token"), "  a-token-of-enough-length-123 \n").expect("write");
+    let text = format!("[admin]\ntoken_file = \"token\"\n{}", with_db(""));
+    let c = Config::from_toml(&text, Some(dir.path().to_owned())).expect("valid");
+    assert_eq!(c.admin.token.as_deref(), Some("a-token-of-enough-length-123"));
+    one_problem(
+        &format!("[admin]\ntoken_file = \"/nonexistent/token\"\n{}", with_db("")),
+        "admin.token_file",
+        "cannot read",
+    );
+    one_problem(
+        &format!(
+            "[admin]\ntoken = \"0123456789abcdef0\"\ntoken_file = \"t\"\n{}",
+            with_db("")
+        ),
+        "admin.token_file",
+        "not both",
+    );
+}

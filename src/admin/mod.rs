@@ -45,6 +45,7 @@ pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
         .route("/api/pools/{database}/{user}/resume", post(resume))
         .route("/api/pools/{database}/{user}/size", put(resize))
         .route("/api/reload", post(reload))
+        .route("/api/drain", post(drain))
         .route("/api/clients", get(clients))
         .route("/api/servers", get(servers))
         .route("/api/holders", get(holders))
@@ -270,8 +271,20 @@ async fn kill_server(State(s): State<AdminState>, headers: HeaderMap, Path(pid):
 
 /// 200 when every pool is reachable and not paused, 503 with the reasons otherwise; per-pool
 /// utilisation checks are reported either way.
+async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    s.ctx.draining.store(true, Ordering::SeqCst);
+    tracing::info!("draining: /ready now answers 503; connected clients are still served");
+    Json(json!({ "draining": true })).into_response()
+}
+
 async fn ready(State(s): State<AdminState>) -> Response {
     let mut reasons = Vec::new();
+    if s.ctx.draining.load(Ordering::SeqCst) {
+        reasons.push("draining (POST /api/drain): about to shut down".to_owned());
+    }
     let mut checks = Vec::new();
     let (warn, critical) = {
         let c = s.ctx.config.load();

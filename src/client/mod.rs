@@ -63,6 +63,9 @@ pub struct ClientContext {
     pub login_failures: [AtomicU64; LOGIN_FAILURE_REASONS.len()],
     /// Users looked up with `[auth_query]`.
     pub auth_query: auth_query::AuthQueryCache,
+    /// Set by POST /api/drain: /ready answers 503 so load balancers stop sending new clients,
+    /// while connected clients are served as usual (the shutdown that follows drains them).
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl ClientContext {
@@ -88,6 +91,7 @@ impl ClientContext {
             disconnects: Default::default(),
             login_failures: Default::default(),
             auth_query: Default::default(),
+            draining: Default::default(),
         }
     }
 

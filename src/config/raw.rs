@@ -164,6 +164,7 @@ pub struct RawAdmin {
     /// "" disables the admin listener.
     pub addr: Option<String>,
     pub token: Option<String>,
+    pub token_file: Option<String>,
     pub ready_warn_percent: Option<i64>,
     pub query_text_bytes: Option<i64>,
     pub ready_critical_percent: Option<i64>,

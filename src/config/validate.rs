@@ -394,6 +394,29 @@ fn auth_query(
     Some(AuthQueryConfig { user, query, cache_ttl })
 }
 
+/// The admin token, written inline or (for Kubernetes Secrets and the like) read from a file;
+/// surrounding whitespace of the file is ignored.
+fn admin_token(p: &mut Problems, inline: Option<&str>, file: Option<&str>, base_dir: Option<&Path>) -> Option<String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            p.add("admin.token_file", "set either token or token_file, not both");
+            None
+        }
+        (Some(t), None) => Some(t.to_owned()),
+        (None, Some(f)) => {
+            let path = resolve(base_dir, f);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => Some(t.trim().to_owned()),
+                Err(e) => {
+                    p.add("admin.token_file", format!("cannot read {}: {e}", path.display()));
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+    }
+}
+
 fn hba_rules(p: &mut Problems, raw: &[RawHba]) -> Vec<HbaRule> {
     let mut rules = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
@@ -767,7 +790,14 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
                 }
             },
         },
-        token: match raw.admin.token.as_deref() {
+        token: match admin_token(
+            &mut p,
+            raw.admin.token.as_deref(),
+            raw.admin.token_file.as_deref(),
+            base_dir,
+        )
+        .as_deref()
+        {
             Some(t) if t.len() < 16 => {
                 p.add("admin.token", "must be at least 16 characters");
                 None

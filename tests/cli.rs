@@ -1,0 +1,218 @@
+//! The `pgweir` binary: `check`, `health`, `drain`, and a real SIGHUP reload of a running
+//! process that must not drop its clients.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgweir::embedded_pg::{EmbeddedPostgres, roles};
+use support::proxy::TestProxyBuilder;
+
+fn pgweir() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pgweir"))
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("run pgweir");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[databases.app]\n[users.app]\npassword = \"pw\"\n").expect("write");
+    let (ok, text) = run(pgweir().args(["check", "--config"]).arg(&good));
+    assert!(ok, "{text}");
+    assert!(text.contains("OK"), "{text}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[listen]\naddr = \"nowhere\"\nmax_client_conn = 0\n\
+         [pool]\npool_size = 0\nacquire_timeout = 5\n\
+         [tls]\nmode = \"require\"\n\
+         [[hba]]\naction = \"permit\"\naddress = \"all\"\n\
+         [databases.app]\nport = 70000\n",
+    )
+    .expect("write");
+    let (ok, text) = run(pgweir().args(["check", "--config"]).arg(&bad));
+    assert!(!ok, "{text}");
+    for key in [
+        "listen.addr",
+        "listen.max_client_conn",
+        "pool.pool_size",
+        "pool.acquire_timeout",
+        "tls",
+        "hba[1].action",
+        "databases.app.port",
+    ] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_ready_and_drain_against_a_running_proxy() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).start().await;
+    let admin = proxy.proxy().admin_addr().expect("admin").to_string();
+    let client = proxy.connect(roles::SCRAM).await;
+    client.batch_execute("SELECT 1").await.expect("query");
+
+    let cli = |args: Vec<String>| tokio::task::spawn_blocking(move || run(pgweir().args(args)));
+    let (ok, text) = cli(vec!["health".into(), "--admin".into(), admin.clone()])
+        .await
+        .expect("task");
+    assert!(ok, "{text}");
+    let (ok, text) = cli(vec!["health".into(), "--ready".into(), "--admin".into(), admin.clone()])
+        .await
+        .expect("task");
+    assert!(ok, "{text}");
+
+    // The admin listener is on loopback, so drain needs no token here.
+    let (ok, text) = cli(vec!["drain".into(), "--admin".into(), admin.clone()])
+        .await
+        .expect("task");
+    assert!(ok, "{text}");
+    let (ok, text) = cli(vec!["health".into(), "--ready".into(), "--admin".into(), admin.clone()])
+        .await
+        .expect("task");
+    assert!(!ok, "draining must not be ready: {text}");
+    assert!(text.contains("draining"), "{text}");
+    // Liveness is unaffected, and connected clients are still served.
+    let (ok, _) = cli(vec!["health".into(), "--admin".into(), admin.clone()])
+        .await
+        .expect("task");
+    assert!(ok);
+    client
+        .batch_execute("SELECT 1")
+        .await
+        .expect("still served while draining");
+
+    // Nothing listening: failure, with the reason.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let (ok, text) = cli(vec!["health".into(), "--admin".into(), format!("127.0.0.1:{port}")])
+        .await
+        .expect("task");
+    assert!(!ok);
+    assert!(text.contains("cannot reach"), "{text}");
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn write_config(path: &Path, pg: &EmbeddedPostgres, port: u16, admin: u16, pool_size: usize) {
+    let (user, password) = roles::SCRAM;
+    std::fs::write(
+        path,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\n[admin]\naddr = \"127.0.0.1:{admin}\"\n\
+             [pool]\npool_size = {pool_size}\n\
+             [databases.app]\nhost = \"{}\"\nport = {}\n[users.{user}]\npassword = \"{password}\"\n",
+            pg.host(),
+            pg.port()
+        ),
+    )
+    .expect("write config");
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_running_process_without_dropping_clients() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("pgweir.toml");
+    let (port, admin) = (free_port(), free_port());
+    write_config(&path, &pg, port, admin, 3);
+    let child = KillOnDrop(
+        pgweir()
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgweir"),
+    );
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "pgweir did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let conn = |user: (&str, &str)| {
+        format!(
+            "host=127.0.0.1 port={port} user={} password={} dbname=app",
+            user.0, user.1
+        )
+    };
+    let (idle, c1) = tokio_postgres::connect(&conn(roles::SCRAM), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(c1);
+    let (in_tx, c2) = tokio_postgres::connect(&conn(roles::SCRAM), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(c2);
+    in_tx.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+
+    write_config(&path, &pg, port, admin, 7);
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let pools_size = || async {
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            let out = pgweir()
+                .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+                .output()
+                .expect("status");
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .await
+        .expect("task");
+        code && body.lines().skip(1).any(|l| l.split_whitespace().nth(3) == Some("7"))
+    };
+    assert!(
+        support::proxy::eventually(Duration::from_secs(10), pools_size).await,
+        "pool_size 7 after SIGHUP"
+    );
+
+    // Nobody was dropped: the open transaction commits, the idle client queries, and the
+    // process is still the same one.
+    in_tx
+        .batch_execute("SELECT 2; COMMIT")
+        .await
+        .expect("transaction survives the reload");
+    idle.batch_execute("SELECT 3")
+        .await
+        .expect("idle client survives the reload");
+    assert!(!in_tx.is_closed() && !idle.is_closed());
+    let (fresh, c3) = tokio_postgres::connect(&conn(roles::SCRAM), tokio_postgres::NoTls)
+        .await
+        .expect("new client after reload");
+    tokio::spawn(c3);
+    fresh.batch_execute("SELECT 4").await.expect("query");
+    drop(child);
+}
