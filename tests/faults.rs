@@ -453,7 +453,8 @@ async fn a_stalled_backend_trips_acquire_timeout_and_is_closed_when_its_client_g
         .try_connect(roles::SCRAM, "stall")
         .await
         .expect("login via the fake");
-    // The client's own statement timeout: pgweir has no query timeout, the query just hangs.
+    // Without query_timeout (this pool has none) the query just hangs; the client's own
+    // timeout gives up here. a_stalled_backend_trips_query_timeout covers pgweir's.
     let hung = tokio::time::timeout(Duration::from_millis(700), stuck.simple_query("select 1")).await;
     assert!(hung.is_err(), "the fake backend answered");
     // The only server is stuck: the next client gets a prompt 53300, not a hang.
@@ -546,5 +547,60 @@ async fn a_sigkilled_backend_crash_restart_is_survived_without_operator_action()
         eventually(Duration::from_secs(3), || async { app_pool_servers(&proxy).0 == 0 }).await,
         "servers still active: {:?}",
         app_pool_servers(&proxy)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_backend_trips_query_timeout() {
+    let pg = support::postgres();
+    let (stall_port, mut closed) = stalling_backend().await;
+    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| {
+        p.pool_size = 1;
+        p.query_timeout = Some(Duration::from_millis(500));
+    });
+    builder.extra_databases.push((
+        "stall".to_owned(),
+        pgweir::config::DatabaseConfig {
+            host: "127.0.0.1".to_owned(),
+            port: stall_port,
+            dbname: "stall".to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: builder.pool.clone(),
+        },
+    ));
+    let proxy = builder.start().await;
+    let stuck = proxy
+        .try_connect(roles::SCRAM, "stall")
+        .await
+        .expect("login via the fake");
+    let started = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(5), stuck.simple_query("select 1"))
+        .await
+        .expect("query_timeout bounds the wait")
+        .expect_err("timed out");
+    assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stalled server connection is closed, not returned to the pool.
+    tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the stalled server connection is closed")
+        .expect("channel open");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            proxy
+                .proxy()
+                .context()
+                .pools
+                .all()
+                .iter()
+                .filter(|p| p.key().database == "stall")
+                .all(|p| p.snapshot().open == 0)
+        })
+        .await
     );
 }

@@ -366,3 +366,64 @@ async fn slowloris_clients_are_all_dropped_at_client_login_timeout_and_others_st
         ctx.connected.load(std::sync::atomic::Ordering::Relaxed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_the_query_and_frees_the_server() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.query_timeout = Some(Duration::from_millis(400)))
+        .start()
+        .await;
+    let slow = proxy.connect(roles::SCRAM).await;
+    let started = Instant::now();
+    let e = slow
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .expect_err("query_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+    assert!(
+        e.as_db_error().is_some_and(|d| d.message().contains("query_timeout")),
+        "{e:?}"
+    );
+    // The backend stopped running it (cancelled, connection closed), and the one-connection
+    // pool serves the next client at once.
+    let admin = direct(&pg, "app").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .expect("count")
+                .get(0);
+            n == 0
+        })
+        .await
+    );
+    let next = proxy.connect(roles::SCRAM).await;
+    let v: i32 = next.query_one("SELECT 7", &[]).await.expect("next client").get(0);
+    assert_eq!(v, 7);
+    // Quick queries in a long transaction are not affected: the clock is per query.
+    next.batch_execute("BEGIN").await.expect("begin");
+    for _ in 0..3 {
+        next.batch_execute("SELECT pg_sleep(0.2)")
+            .await
+            .expect("under the timeout");
+    }
+    next.batch_execute("COMMIT").await.expect("commit");
+    let (_, metrics) = proxy.admin("GET", "/metrics", None, None).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pgweir_query_timeouts_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

@@ -38,6 +38,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     let paused = Family::<Labels, Gauge>::default();
     let acquire_timeouts = Family::<Labels, Counter>::default();
     let idle_tx = Family::<Labels, Counter>::default();
+    let query_timeouts = Family::<Labels, Counter>::default();
     let connects = Family::<Labels, Counter>::default();
     let connect_failures = Family::<Labels, Counter>::default();
     let checkouts = Family::<Labels, Counter>::default();
@@ -107,6 +108,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         for (family, value) in [
             (&acquire_timeouts, stats.acquire_timeouts.load(Ordering::Relaxed)),
             (&idle_tx, stats.idle_transaction_timeouts.load(Ordering::Relaxed)),
+            (&query_timeouts, stats.query_timeouts.load(Ordering::Relaxed)),
             (&connects, stats.server_connects.load(Ordering::Relaxed)),
             (&connect_failures, stats.server_connect_failures.load(Ordering::Relaxed)),
             (&checkouts, stats.checkouts.load(Ordering::Relaxed)),
@@ -126,6 +128,11 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         "idle_transaction_timeouts",
         "Clients closed by idle_transaction_timeout",
         idle_tx,
+    );
+    registry.register(
+        "query_timeouts",
+        "Queries cancelled and clients closed by query_timeout",
+        query_timeouts,
     );
     registry.register("server_connects", "Server connections opened", connects);
     registry.register(

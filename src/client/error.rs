@@ -20,6 +20,8 @@ pub enum ClientError {
     LoginTimeout,
     #[error("idle in transaction for longer than idle_transaction_timeout")]
     IdleTransactionTimeout,
+    #[error("a query ran longer than query_timeout")]
+    QueryTimeout,
     #[error("server connection failed: {0}")]
     Server(#[from] ServerError),
     #[error("server I/O error: {0}")]
@@ -64,7 +66,7 @@ pub enum LoginFailure {
 }
 
 /// Why client sessions ended, as bounded metric labels.
-pub const DISCONNECT_REASONS: [&str; 9] = [
+pub const DISCONNECT_REASONS: [&str; 10] = [
     "normal",
     "client_io",
     "client_protocol",
@@ -74,6 +76,7 @@ pub const DISCONNECT_REASONS: [&str; 9] = [
     "pool_error",
     "shutdown",
     "killed",
+    "query_timeout",
 ];
 
 impl ClientError {
@@ -88,6 +91,7 @@ impl ClientError {
             ClientError::Pool(_) => 6,
             ClientError::Shutdown => 7,
             ClientError::Killed => 8,
+            ClientError::QueryTimeout => 9,
         }
     }
 

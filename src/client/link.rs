@@ -102,6 +102,11 @@ impl Link {
         }
     }
 
+    /// When the oldest reply still owed by the server was asked for (for query_timeout).
+    pub fn oldest_outstanding(&self) -> Option<std::time::Instant> {
+        self.rfq_sent.front().copied()
+    }
+
     /// The server has answered everything and is outside a transaction, and every byte has
     /// been passed on both ways.
     pub fn server_idle(&self) -> bool {

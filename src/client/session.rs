@@ -51,6 +51,7 @@ struct Session<'a> {
     mode: PoolMode,
     max_message: usize,
     idle_tx_timeout: Option<Duration>,
+    query_timeout: Option<Duration>,
     /// After an error pgweir generated for an extended-protocol message, the rest of the
     /// client's messages up to Sync are dropped, as PostgreSQL itself does.
     discard_until_sync: bool,
@@ -97,6 +98,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         params,
         max_message: ctx.config.load().listen.max_message_size,
         idle_tx_timeout: settings.idle_transaction_timeout,
+        query_timeout: settings.query_timeout,
         discard_until_sync: false,
         login: LoggedInKeys { key, slot },
         statements: ClientStatements::new(),
@@ -587,9 +589,22 @@ impl Session<'_> {
                 was_idle_in_tx = idle_in_tx;
             }
             let idle_deadline = match self.idle_tx_timeout {
-                Some(t) if idle_in_tx => Some(self.last_activity + t),
+                Some(t) if idle_in_tx => Some((self.last_activity + t, Event::IdleTimeout)),
                 _ => None,
             };
+            // A query is overdue when the oldest reply the server owes was asked for longer ago
+            // than query_timeout; that clock runs whatever the client does meanwhile.
+            let query_deadline = match (self.query_timeout, link.oldest_outstanding()) {
+                (Some(t), Some(sent)) if link.pending_rfq > 0 => {
+                    Some((Instant::from_std(sent) + t, Event::QueryTimeout))
+                }
+                _ => None,
+            };
+            let (deadline, on_deadline) = match (idle_deadline, query_deadline) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            }
+            .map_or((None, Event::IdleTimeout), |(at, event)| (Some(at), event));
             let read_client = !c_pending && !link.terminated;
             if read_client {
                 self.reserve_for_client();
@@ -625,7 +640,7 @@ impl Session<'_> {
                         Io::Read(sr.read_buf(sbuf).await)
                     }
                 } => Event::Server(r),
-                _ = sleep_until_opt(idle_deadline), if idle_deadline.is_some() => Event::IdleTimeout,
+                _ = sleep_until_opt(deadline), if deadline.is_some() => on_deadline,
                 _ = self.info.stop.raised(KILL) => Event::Killed,
             };
             match event {
@@ -661,6 +676,7 @@ impl Session<'_> {
                     Err(e) => return Err(self.server_lost(link, Some(e)).await),
                 },
                 Event::IdleTimeout => return Err(self.idle_transaction_timeout(link).await),
+                Event::QueryTimeout => return Err(self.query_timed_out(link).await),
                 Event::Killed => return Err(self.killed().await),
             }
         }
@@ -693,6 +709,29 @@ impl Session<'_> {
         );
         let _ = send_error(&mut self.client, &reply).await;
         ClientError::Killed
+    }
+
+    /// query_timeout: the caller closes the server after cancelling what it runs (its state is
+    /// unknown mid-query), so the client cannot go on either.
+    async fn query_timed_out(&mut self, link: &Link) -> ClientError {
+        self.pool
+            .stats()
+            .query_timeouts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = self.query_timeout.unwrap_or_default();
+        let pid = link.server.conn_ref().backend_pid();
+        tracing::info!(pool = %self.pool.key(), backend_pid = pid, "query_timeout: cancelling the query and closing the client");
+        let reply = PgError::fatal(
+            "57014",
+            format!(
+                "pgweir: canceling query because it ran longer than query_timeout ({})",
+                humantime::format_duration(timeout)
+            ),
+        )
+        .with_detail("The query was cancelled, its transaction rolled back and the connection closed.")
+        .with_hint("Make the query faster, or raise query_timeout for this pool.");
+        let _ = send_error(&mut self.client, &reply).await;
+        ClientError::QueryTimeout
     }
 
     async fn idle_transaction_timeout(&mut self, link: &Link) -> ClientError {
@@ -732,6 +771,7 @@ enum Event {
     Client(Io),
     Server(Io),
     IdleTimeout,
+    QueryTimeout,
     Killed,
 }
 

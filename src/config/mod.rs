@@ -205,6 +205,10 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// A client idle inside a transaction longer than this is disconnected. Default 5min.
     pub idle_transaction_timeout: Option<Duration>,
+    /// A query (Query or Sync to ReadyForQuery) running longer than this is cancelled, its
+    /// server connection closed and the client disconnected with 57014, as PgBouncer's
+    /// query_timeout. Default disabled.
+    pub query_timeout: Option<Duration>,
     /// Connecting + authenticating to PostgreSQL must finish within this. Default 5s.
     pub server_connect_timeout: Duration,
     /// Idle server connections above min_pool_size are closed after this. Default 10min.

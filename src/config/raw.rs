@@ -183,6 +183,8 @@ pub struct RawPool {
     pub acquire_timeout: Option<RawDuration>,
     /// `idle_transaction_timeout`; 0 disables.
     pub idle_transaction_timeout: Option<RawDuration>,
+    /// `query_timeout`; 0 disables.
+    pub query_timeout: Option<RawDuration>,
     /// `server_connect_timeout`; must be > 0.
     pub server_connect_timeout: Option<RawDuration>,
     /// `server_idle_timeout`; 0 disables.
@@ -225,6 +227,8 @@ pub struct RawDatabase {
     pub acquire_timeout: Option<RawDuration>,
     /// Overrides `pool.idle_transaction_timeout`.
     pub idle_transaction_timeout: Option<RawDuration>,
+    /// Overrides `pool.query_timeout`.
+    pub query_timeout: Option<RawDuration>,
     /// Overrides `pool.server_connect_timeout`.
     pub server_connect_timeout: Option<RawDuration>,
     /// Overrides `pool.server_idle_timeout`.
@@ -250,6 +254,7 @@ impl RawDatabase {
             min_pool_size: self.min_pool_size,
             acquire_timeout: self.acquire_timeout.clone(),
             idle_transaction_timeout: self.idle_transaction_timeout.clone(),
+            query_timeout: self.query_timeout.clone(),
             server_connect_timeout: self.server_connect_timeout.clone(),
             server_idle_timeout: self.server_idle_timeout.clone(),
             server_lifetime: self.server_lifetime.clone(),

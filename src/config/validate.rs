@@ -190,6 +190,7 @@ fn default_pool() -> PoolSettings {
         min_pool_size: 0,
         acquire_timeout: Duration::from_secs(5),
         idle_transaction_timeout: Some(Duration::from_secs(5 * 60)),
+        query_timeout: None,
         server_connect_timeout: Duration::from_secs(5),
         server_idle_timeout: Some(Duration::from_secs(10 * 60)),
         server_lifetime: Some(Duration::from_secs(60 * 60)),
@@ -271,6 +272,7 @@ fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSetti
             &raw.idle_transaction_timeout,
             base.idle_transaction_timeout,
         ),
+        query_timeout: p.optional_duration(&key("query_timeout"), &raw.query_timeout, base.query_timeout),
         server_connect_timeout: p.positive_duration(
             &key("server_connect_timeout"),
             &raw.server_connect_timeout,

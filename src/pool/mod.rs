@@ -62,6 +62,8 @@ pub enum PoolError {
 pub struct PoolStats {
     pub acquire_timeouts: AtomicU64,
     pub idle_transaction_timeouts: AtomicU64,
+    /// Queries cancelled (and their clients disconnected) at query_timeout.
+    pub query_timeouts: AtomicU64,
     pub server_connects: AtomicU64,
     pub server_connect_failures: AtomicU64,
     pub checkouts: crate::metrics::StripedCounter,
