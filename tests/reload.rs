@@ -1,0 +1,117 @@
+//! Reloading the configuration (SIGHUP, POST /api/reload) never drops a connected client:
+//! clients inside a transaction keep their server, idle clients keep working, and queries in
+//! flight finish. (A real SIGHUP to the binary: tests/cli.rs.)
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use pgweir::embedded_pg::{EmbeddedPostgres, roles};
+use support::proxy::{TestProxy, eventually};
+
+fn write_config(path: &Path, pg: &EmbeddedPostgres, listen: &str, admin: &str, pool: &str) {
+    let (user, password) = roles::SCRAM;
+    std::fs::write(
+        path,
+        format!(
+            "[listen]\naddr = \"{listen}\"\n\n[admin]\naddr = \"{admin}\"\n\n[databases.app]\nport = {}\n{pool}\n\n[users.{user}]\npassword = \"{password}\"\n",
+            pg.port()
+        ),
+    )
+    .expect("write config");
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("select pg_backend_pid()", &[]).await.expect("query").get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_every_client_connected_and_working() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgweir.toml");
+    write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "pool_size = 4");
+    let config = pgweir::config::Config::load(&path).expect("valid config");
+    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
+        .await
+        .expect("start");
+    let proxy = TestProxy::wrap(proxy);
+
+    let in_tx_a = proxy.connect(roles::SCRAM).await;
+    let in_tx_b = proxy.connect(roles::SCRAM).await;
+    let idle = proxy.connect(roles::SCRAM).await;
+    let busy = proxy.connect(roles::SCRAM).await;
+    for c in [&in_tx_a, &in_tx_b] {
+        c.batch_execute("begin; create temp table t (x int) on commit drop; insert into t values (1)")
+            .await
+            .expect("transaction started");
+    }
+    let pid_a = backend_pid(&in_tx_a).await;
+    let pid_b = backend_pid(&in_tx_b).await;
+    idle.query_one("select 1", &[]).await.expect("idle client worked");
+    let in_flight = tokio::spawn(async move {
+        let row = busy.query_one("select 7::int4 from pg_sleep(1)", &[]).await;
+        (busy, row)
+    });
+    let connected = proxy
+        .proxy()
+        .context()
+        .connected
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(connected, 4);
+
+    // A smaller pool than the servers now lent out, and other changed settings: the same code
+    // path SIGHUP takes.
+    write_config(
+        &path,
+        &pg,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "pool_size = 2\nacquire_timeout = \"3s\"\nserver_check_delay = \"1s\"",
+    );
+    let needs_restart = proxy.proxy().context().reload_from_file().expect("reload accepted");
+    // Port 0 in the file is the same value as before, so nothing needs a restart.
+    assert!(needs_restart.is_empty(), "{needs_restart:?}");
+    assert_eq!(proxy.proxy().context().pools.all()[0].settings().pool_size, 2);
+
+    // Transactions go on on the same server connection, with their state intact.
+    for (c, pid) in [(&in_tx_a, pid_a), (&in_tx_b, pid_b)] {
+        assert_eq!(backend_pid(c).await, pid, "the transaction kept its server");
+        let n: i64 = c
+            .query_one("select count(*) from t", &[])
+            .await
+            .expect("temp table still there")
+            .get(0);
+        assert_eq!(n, 1);
+        c.batch_execute("commit").await.expect("commit after reload");
+    }
+    let (busy, row) = in_flight.await.expect("task");
+    assert_eq!(row.expect("in-flight query finished").get::<_, i32>(0), 7);
+    busy.query_one("select 1", &[]).await.expect("busy client still works");
+    idle.query_one("select 1", &[]).await.expect("idle client still works");
+    for c in [&in_tx_a, &in_tx_b] {
+        c.query_one("select 1", &[]).await.expect("still works after commit");
+    }
+    assert_eq!(
+        proxy
+            .proxy()
+            .context()
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4,
+        "nobody was disconnected"
+    );
+    // The surplus servers are closed as they come back, so the pool settles at its new size.
+    let pools = proxy.proxy().context().pools.all();
+    assert!(
+        eventually(Duration::from_secs(5), || async { pools[0].snapshot().open <= 2 }).await,
+        "pool shrinks to the reloaded size"
+    );
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("new logins work");
+}
