@@ -7,12 +7,7 @@ use std::time::Duration;
 
 use pgweir::config::{AuthQueryConfig, AuthType, Secret};
 use pgweir::embedded_pg::{EmbeddedPostgres, roles};
-use support::proxy::{TestProxy, TestProxyBuilder, direct, eventually, sqlstate};
-
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
-}
+use support::proxy::{TestProxy, TestProxyBuilder, direct, eventually, message, sqlstate};
 
 /// A proxy that knows only the auth user; everyone else comes from PostgreSQL.
 fn builder<'a>(

@@ -425,14 +425,13 @@ async fn stalling_backend() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
     (port, closed_rx)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_backend_trips_acquire_timeout_and_is_closed_when_its_client_gives_up() {
-    let pg = support::postgres();
-    let (stall_port, mut closed) = stalling_backend().await;
-    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| {
-        p.pool_size = 1;
-        p.acquire_timeout = Duration::from_millis(500);
-    });
+/// A proxy whose database "stall" is the stalling fake backend (pool settings from `pool`).
+async fn stall_proxy(
+    pg: &pgweir::embedded_pg::EmbeddedPostgres,
+    pool: impl FnOnce(&mut pgweir::config::PoolSettings),
+) -> (support::proxy::TestProxy, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (stall_port, closed) = stalling_backend().await;
+    let mut builder = TestProxyBuilder::new(pg).with_pool(pool);
     builder.extra_databases.push((
         "stall".to_owned(),
         pgweir::config::DatabaseConfig {
@@ -444,7 +443,17 @@ async fn a_stalled_backend_trips_acquire_timeout_and_is_closed_when_its_client_g
             pool: builder.pool.clone(),
         },
     ));
-    let proxy = builder.start().await;
+    (builder.start().await, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_backend_trips_acquire_timeout_and_is_closed_when_its_client_gives_up() {
+    let pg = support::postgres();
+    let (proxy, mut closed) = stall_proxy(&pg, |p| {
+        p.pool_size = 1;
+        p.acquire_timeout = Duration::from_millis(500);
+    })
+    .await;
     let (stuck, stuck_conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "stall"), tokio_postgres::NoTls)
         .await
         .expect("login via the fake");
@@ -553,23 +562,11 @@ async fn a_sigkilled_backend_crash_restart_is_survived_without_operator_action()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_backend_trips_query_timeout() {
     let pg = support::postgres();
-    let (stall_port, mut closed) = stalling_backend().await;
-    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| {
+    let (proxy, mut closed) = stall_proxy(&pg, |p| {
         p.pool_size = 1;
         p.query_timeout = Some(Duration::from_millis(500));
-    });
-    builder.extra_databases.push((
-        "stall".to_owned(),
-        pgweir::config::DatabaseConfig {
-            host: "127.0.0.1".to_owned(),
-            port: stall_port,
-            dbname: "stall".to_owned(),
-            server_user: None,
-            server_password: None,
-            pool: builder.pool.clone(),
-        },
-    ));
-    let proxy = builder.start().await;
+    })
+    .await;
     let stuck = proxy
         .try_connect(roles::SCRAM, "stall")
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 use pgweir::app::Proxy;
 use pgweir::config::hba::{Cidr, HbaAction, HbaRule};
 use pgweir::embedded_pg::roles;
-use support::proxy::{TestProxy, TestProxyBuilder, sqlstate};
+use support::proxy::{TestProxy, TestProxyBuilder, message, sqlstate};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -40,11 +40,6 @@ async fn connect_from(
         let _ = conn.await;
     });
     Ok(client)
-}
-
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,13 +142,9 @@ async fn rules_reload_with_the_configuration() {
 
 /// The value of `pgweir_client_login_failures_total{reason=…}` on /metrics.
 async fn login_failures(proxy: &TestProxy, reason: &str) -> u64 {
-    let (status, body) = proxy.admin("GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    let prefix = format!("pgweir_client_login_failures_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in metrics"))
+    proxy
+        .metric(&format!("pgweir_client_login_failures_total{{reason=\"{reason}\"}}"))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,12 +30,9 @@ fn set_peers(proxy: &TestProxy, peers: BTreeMap<u16, PeerConfig>) {
 }
 
 async fn cancels(proxy: &TestProxy, result: &str) -> u64 {
-    let (_, body) = proxy.admin("GET", "/metrics", None, None).await;
-    let prefix = format!("pgweir_cancel_requests_total{{result=\"{result}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in metrics"))
+    proxy
+        .metric(&format!("pgweir_cancel_requests_total{{result=\"{result}\"}}"))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

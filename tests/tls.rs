@@ -14,7 +14,7 @@ use pgweir::net::tls::{self, ServerVerify};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::proxy::{TestProxy, TestProxyBuilder, sqlstate};
+use support::proxy::{TestProxy, TestProxyBuilder, message, sqlstate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -117,12 +117,6 @@ async fn connect_tls(
         let _ = conn.await;
     });
     Ok(client)
-}
-
-/// The server's message for a database error, else the error's own text.
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
 }
 
 async fn select_one(client: &tokio_postgres::Client) -> i32 {

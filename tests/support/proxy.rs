@@ -266,6 +266,25 @@ pub async fn direct(pg: &EmbeddedPostgres, dbname: &str) -> tokio_postgres::Clie
     client
 }
 
+/// The server's message for a database error, else the error's own text.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+}
+
+impl TestProxy {
+    /// The value of one metric line on /metrics, e.g. `pgweir_x_total{reason="y"}`.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let (status, body) = self.admin("GET", "/metrics", None, None).await;
+        assert_eq!(status, 200);
+        let prefix = format!("{series} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in metrics"))
+    }
+}
+
 /// Extracts the SQLSTATE code of a tokio-postgres error, if it carries one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
