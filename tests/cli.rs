@@ -216,3 +216,12 @@ async fn sighup_reloads_a_running_process_without_dropping_clients() {
     fresh.batch_execute("SELECT 4").await.expect("query");
     drop(child);
 }
+
+#[test]
+fn check_accepts_the_shipped_example_configs() {
+    for file in ["config/example.toml", "config/minimal.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let (ok, text) = run(pgweir().args(["check", "--config"]).arg(&path));
+        assert!(ok, "{file}: {text}");
+    }
+}

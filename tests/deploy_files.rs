@@ -136,3 +136,18 @@ fn kubernetes_manifests_probe_drain_and_protect_availability() {
     let secret = yaml("deploy/k8s/secret.yaml");
     assert!(get(&secret, "stringData.admin-token").is_string());
 }
+
+#[test]
+fn alert_rules_parse_and_every_rule_has_an_expression_and_a_summary() {
+    let alerts = yaml("config/alerts.yml");
+    let rules = get(&alerts, "groups.0.rules").as_sequence().expect("rules");
+    assert!(rules.len() >= 8);
+    for rule in rules {
+        let name = get(rule, "alert").as_str().expect("alert name");
+        assert!(
+            get(rule, "expr").as_str().is_some_and(|e| e.contains("pgweir_")),
+            "{name}"
+        );
+        assert!(get(rule, "annotations.summary").is_string(), "{name}");
+    }
+}
