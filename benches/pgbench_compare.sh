@@ -63,8 +63,9 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null
     done
+    sleep 0.5
     for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null
+        kill -9 "$pid" 2>/dev/null
     done
     if [[ $PG_STARTED == 1 ]]; then
         as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -m immediate stop >/dev/null 2>&1
@@ -145,6 +146,16 @@ if [[ $(id -u) == 0 ]]; then
 fi
 as_pg "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
+if [[ $(id -u) == 0 ]]; then
+    # runuser stays as the parent: measure (and stop) PgBouncer itself.
+    RUNUSER_PID=$BOUNCER_PID
+    for _ in $(seq 1 100); do
+        BOUNCER_PID=$(pgrep -P "$RUNUSER_PID" || true)
+        [[ -n $BOUNCER_PID ]] && break
+        sleep 0.05
+    done
+    PIDS+=("$RUNUSER_PID")
+fi
 PIDS+=("$BOUNCER_PID")
 
 cat >"$WORK/pgweir.toml" <<EOF
