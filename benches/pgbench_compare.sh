@@ -136,7 +136,7 @@ default_pool_size = 20
 max_client_conn = 5000
 server_tls_sslmode = disable
 logfile = $WORK/pgbouncer.log
-pidfile =
+pidfile = $WORK/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
 EOF
@@ -146,16 +146,14 @@ if [[ $(id -u) == 0 ]]; then
 fi
 as_pg "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
-if [[ $(id -u) == 0 ]]; then
-    # runuser stays as the parent: measure (and stop) PgBouncer itself.
-    RUNUSER_PID=$BOUNCER_PID
-    for _ in $(seq 1 100); do
-        BOUNCER_PID=$(pgrep -P "$RUNUSER_PID" || true)
-        [[ -n $BOUNCER_PID ]] && break
-        sleep 0.05
-    done
-    PIDS+=("$RUNUSER_PID")
-fi
+# `as_pg … &` forks a subshell, then runuser, then PgBouncer: take PgBouncer's own pid from
+# its pidfile so its CPU time is measured and it is stopped on exit.
+PIDS+=("$BOUNCER_PID")
+for _ in $(seq 1 100); do
+    [[ -s $WORK/pgbouncer.pid ]] && break
+    sleep 0.05
+done
+BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 PIDS+=("$BOUNCER_PID")
 
 cat >"$WORK/pgweir.toml" <<EOF
