@@ -75,11 +75,7 @@ async fn fake_backend() -> u16 {
                         return;
                     }
                     match hdr[0] {
-                        b'Q' => {
-                            if s.write_all(&reply).await.is_err() {
-                                return;
-                            }
-                        }
+                        b'Q' if s.write_all(&reply).await.is_err() => return,
                         b'X' => return,
                         _ => {}
                     }
