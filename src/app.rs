@@ -213,6 +213,7 @@ async fn refuse(mut stream: TcpStream, max: usize) {
 /// configuration file (a broken file is rejected and the running configuration kept).
 pub async fn run_until_signal(config: Config, path: Option<std::path::PathBuf>) -> Result<(), AppError> {
     let grace = config.listen.shutdown_timeout;
+    crate::fdlimit::raise_and_check(&config);
     let proxy = Proxy::start_with_path(config, path).await?;
     let ctx = proxy.context().clone();
     let reloader = tokio::spawn(async move {

@@ -20,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod embedded_pg;
+pub mod fdlimit;
 pub mod metrics;
 pub mod net;
 pub mod pool;

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Memory per idle client: opens N logged-in, idle client connections to a running pgweir
+(trust auth) over the raw protocol and reports the growth of pgweir's resident set size.
+
+    ulimit -n 100000
+    python3 benches/idle_clients.py --port 6432 --pid $(pidof pgweir) [-n 10000] [--user u --db d]
+
+Each client sends a StartupMessage and reads until ReadyForQuery, then stays idle. RSS is read
+from /proc/PID/status (VmRSS) before connecting and after every client is logged in and a
+settle pause, so it includes every per-client buffer, task and registry entry the proxy keeps
+for an idle client (and no server connection: pgweir only checks one out per transaction).
+"""
+
+import argparse
+import asyncio
+import struct
+import sys
+import time
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def startup(user: str, db: str) -> bytes:
+    body = struct.pack("!i", 196608)
+    for k, v in (("user", user), ("database", db), ("application_name", "idle_clients")):
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+async def login(host: str, port: int, packet: bytes):
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(packet)
+    await writer.drain()
+    while True:
+        hdr = await reader.readexactly(5)
+        tag, length = hdr[0:1], struct.unpack("!i", hdr[1:5])[0]
+        body = await reader.readexactly(length - 4)
+        if tag == b"E":
+            raise RuntimeError(f"login refused: {body!r}")
+        if tag == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+            raise RuntimeError("server asked for a password: configure auth_type = \"trust\"")
+        if tag == b"Z":
+            return reader, writer
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--pid", type=int, required=True, help="pgweir's process id")
+    ap.add_argument("-n", "--clients", type=int, default=10_000)
+    ap.add_argument("--user", default="postgres")
+    ap.add_argument("--db", default="bench")
+    ap.add_argument("--concurrency", type=int, default=200, help="logins in flight at once")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait before the second reading")
+    args = ap.parse_args()
+
+    packet = startup(args.user, args.db)
+    # One warm-up client so lazily created state (pool, server connection) is not counted.
+    warm = await login(args.host, args.port, packet)
+    await asyncio.sleep(args.settle)
+    before = rss_kib(args.pid)
+
+    conns = []
+    sem = asyncio.Semaphore(args.concurrency)
+
+    async def one():
+        async with sem:
+            conns.append(await login(args.host, args.port, packet))
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(args.clients)))
+    took = time.monotonic() - t0
+    await asyncio.sleep(args.settle)
+    after = rss_kib(args.pid)
+
+    per = (after - before) / args.clients
+    print(f"{args.clients} idle clients logged in in {took:.1f} s")
+    print(f"pgweir VmRSS before {before} KiB, after {after} KiB, growth {after - before} KiB")
+    print(f"{per:.2f} KiB per idle client")
+    for _, w in conns + [warm]:
+        w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# pgweir vs PgBouncer under pgbench, on one machine. Run by hand (not in CI):
+#
+#   benches/pgbench_compare.sh                 # full matrix, 10 s per cell
+#   QUICK=1 benches/pgbench_compare.sh         # 3 s per cell, 100 clients only
+#   DURATION=20 MODES="select" PROTOCOLS="simple extended" CLIENTS="10 100 500 2000" benches/pgbench_compare.sh
+#
+# Starts a throwaway PostgreSQL 15 (fsync off) in a temp dir, `pgbench -i -s 10`, then PgBouncer
+# (transaction mode) and pgweir in front of it, both with pools of 20 and no server TLS, and runs
+# every (script, protocol, clients) cell against each proxy in turn, PgBouncer first. For every
+# run it records TPS, mean and p99 latency (from pgbench's per-transaction log) and the proxy's
+# CPU time per transaction (utime+stime from /proc/PID/stat). Writes a markdown table to
+# benches/results/<UTC date-time>.md and prints it. Everything it started is stopped on exit.
+#
+# Environment: DURATION (s, default 10; QUICK=1 → 3), CLIENTS (default "10 100 500 2000";
+# QUICK=1 → "100"), MODES ("select tpcb"), PROTOCOLS ("simple extended prepared"),
+# WORKERS (pgweir listen.workers, default 0 = one per core), PGBIN (/usr/lib/postgresql/15/bin),
+# PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    DURATION=${DURATION:-3}
+    CLIENTS=${CLIENTS:-100}
+else
+    DURATION=${DURATION:-10}
+    CLIENTS=${CLIENTS:-10 100 500 2000}
+fi
+MODES=${MODES:-select tpcb}
+PROTOCOLS=${PROTOCOLS:-simple extended prepared}
+WORKERS=${WORKERS:-0}
+SCALE=${SCALE:-10}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
+PGWEIR=${PGWEIR:-$ROOT/target/release/pgweir}
+PGBENCH=${PGBENCH:-$(command -v pgbench || echo "$PGBIN/pgbench")}
+CLK_TCK=$(getconf CLK_TCK)
+
+ulimit -n 100000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+if [[ ! -x $PGWEIR ]]; then
+    echo "building $PGWEIR" >&2
+    cargo build --release
+fi
+
+WORK=$(mktemp -d /tmp/pgweir-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+PG_STARTED=0
+
+as_pg() {
+    if [[ $(id -u) == 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+cleanup() {
+    set +e
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do
+        kill -9 "$pid" 2>/dev/null
+    done
+    if [[ $PG_STARTED == 1 ]]; then
+        as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -m immediate stop >/dev/null 2>&1
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    local port=$1
+    for _ in $(seq 1 200); do
+        if "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d bench 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "nothing answered on port $port" >&2
+    return 1
+}
+
+# utime + stime of a process (all threads), in clock ticks. The command name may contain
+# spaces, so fields are counted after the closing parenthesis (field 3 = state).
+cpu_ticks() {
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+PG_PORT=$(free_port)
+BOUNCER_PORT=$(free_port)
+WEIR_PORT=$(free_port)
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+echo "PostgreSQL on $PG_PORT, PgBouncer on $BOUNCER_PORT, pgweir on $WEIR_PORT; work dir $WORK" >&2
+if [[ $(id -u) == 0 ]]; then
+    chown postgres "$WORK"
+fi
+as_pg "$PGBIN/initdb" -D "$WORK/pgdata" -U postgres -A trust --no-sync >/dev/null
+cat >>"$WORK/pgdata/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 200
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 256MB
+EOF
+as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pg.log" -w start >/dev/null
+PG_STARTED=1
+as_pg "$PGBIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >"$WORK/init.log" 2>&1
+
+cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 5000
+server_tls_sslmode = disable
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+echo '"postgres" ""' >"$WORK/userlist.txt"
+if [[ $(id -u) == 0 ]]; then
+    chown postgres "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+fi
+as_pg "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
+BOUNCER_PID=$!
+# `as_pg … &` forks a subshell, then runuser, then PgBouncer: take PgBouncer's own pid from
+# its pidfile so its CPU time is measured and it is stopped on exit.
+PIDS+=("$BOUNCER_PID")
+for _ in $(seq 1 100); do
+    [[ -s $WORK/pgbouncer.pid ]] && break
+    sleep 0.05
+done
+BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+PIDS+=("$BOUNCER_PID")
+
+cat >"$WORK/pgweir.toml" <<EOF
+[listen]
+addr = "127.0.0.1:$WEIR_PORT"
+auth_type = "trust"
+max_client_conn = 5000
+workers = $WORKERS
+[admin]
+addr = ""
+[pool]
+pool_size = 20
+[server_tls]
+mode = "disable"
+[databases.bench]
+host = "127.0.0.1"
+port = $PG_PORT
+max_prepared_statements = 100
+EOF
+PGWEIR_LOG=warn "$PGWEIR" --config "$WORK/pgweir.toml" 2>"$WORK/pgweir.log" &
+WEIR_PID=$!
+PIDS+=("$WEIR_PID")
+
+wait_port "$BOUNCER_PORT"
+wait_port "$WEIR_PORT"
+
+# One pgbench run. Prints: tps avg_ms p99_ms cpu_us_per_tx (or "failed" fields).
+run_cell() {
+    local port=$1 pid=$2 mode=$3 proto=$4 clients=$5
+    local dir="$WORK/run.$RANDOM$RANDOM"
+    mkdir "$dir"
+    local script_args=()
+    [[ $mode == select ]] && script_args=(-S) || script_args=(-b tpcb-like)
+    local before after
+    before=$(cpu_ticks "$pid")
+    # Own process group: a Ctrl-C or a hung client never takes the script's shell with it.
+    if ! (cd "$dir" && setsid "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n \
+        "${script_args[@]}" -M "$proto" -c "$clients" -j 2 -T "$DURATION" \
+        -l --log-prefix=tx bench >"$dir/out" 2>"$dir/err"); then
+        echo "failed - - -"
+        tail -n 3 "$dir/err" >&2
+        return
+    fi
+    after=$(cpu_ticks "$pid")
+    local tps txs
+    tps=$(awk '/^tps = / {printf "%.0f", $3}' "$dir/out")
+    txs=$(awk '/number of transactions actually processed/ {split($NF, a, "/"); print a[1]}' "$dir/out")
+    # pgbench log line: client_id tx_no latency_us script_no epoch_s epoch_us
+    cat "$dir"/tx.* | awk '{print $3}' | sort -n >"$dir/lat"
+    local stats
+    stats=$(awk '{ a[NR] = $1; s += $1 } END {
+        if (NR == 0) { print "- -"; exit }
+        i = int(NR * 0.99); if (i < 1) i = 1;
+        printf "%.2f %.2f", s / NR / 1000, a[i] / 1000 }' "$dir/lat")
+    local cpu
+    cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$txs" \
+        'BEGIN { if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
+    echo "$tps $stats $cpu"
+    rm -rf "$dir"
+}
+
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'
+}
+
+mkdir -p benches/results
+OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
+{
+    echo "# pgbench: pgweir vs PgBouncer ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo
+    echo "- machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)," \
+        "$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+    echo "- load average at start: $LOAD_AT_START (1/5/15 min); at end: LOAD_AT_END"
+    echo "- PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), pgbench -s $SCALE," \
+        "$("$PGBOUNCER" --version | head -1), pgweir $(git describe --always --dirty 2>/dev/null || echo '?')" \
+        "(workers = $WORKERS)"
+    echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2, $DURATION s per cell;" \
+        "pgbench, both proxies and PostgreSQL share the machine"
+    echo "- latency in ms (pgbench per-transaction log); CPU = proxy utime+stime per transaction, µs"
+    echo
+    echo "| script | protocol | clients | PgBouncer TPS | pgweir TPS | TPS ratio | PgBouncer avg / p99 ms | pgweir avg / p99 ms | PgBouncer CPU µs/tx | pgweir CPU µs/tx | CPU ratio |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+} >"$OUT.tmp"
+
+for mode in $MODES; do
+    for proto in $PROTOCOLS; do
+        for clients in $CLIENTS; do
+            echo "== $mode $proto $clients clients" >&2
+            if [[ $proto == prepared ]] && "$PGBOUNCER" --version | head -1 | grep -qE ' 1\.(1[0-9]|20)\.'; then
+                # PgBouncer < 1.21 does not track protocol-level prepared statements in
+                # transaction mode: pgbench -M prepared fails there by design.
+                read -r b_tps b_avg b_p99 b_cpu <<<"n/a n/a n/a n/a"
+            else
+                read -r b_tps b_avg b_p99 b_cpu <<<"$(run_cell "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients")"
+            fi
+            read -r w_tps w_avg w_p99 w_cpu <<<"$(run_cell "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients")"
+            echo "   PgBouncer $b_tps tps $b_avg/$b_p99 ms $b_cpu µs; pgweir $w_tps tps $w_avg/$w_p99 ms $w_cpu µs" >&2
+            echo "| $mode | $proto | $clients | $b_tps | $w_tps | $(ratio "$w_tps" "$b_tps") | $b_avg / $b_p99 | $w_avg / $w_p99 | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |" >>"$OUT.tmp"
+        done
+    done
+done
+
+sed "s|LOAD_AT_END|$(cut -d' ' -f1-3 /proc/loadavg)|" "$OUT.tmp" >"$OUT"
+rm -f "$OUT.tmp"
+echo >&2
+cat "$OUT"
+echo >&2
+echo "written to $OUT" >&2
