@@ -208,7 +208,13 @@ async fn postgres_sigkilled_mid_transaction_gives_clients_an_error_and_the_pool_
         .start()
         .await;
     let setup = proxy.connect(roles::SCRAM).await;
-    setup.batch_execute("create table crash (id int)").await.expect("setup");
+    // The embedded cluster runs with synchronous_commit = off: without this, a SIGKILL within
+    // the WAL writer's delay can lose the CREATE TABLE itself, and the check below would wait
+    // for a table that crash recovery rightly never brings back.
+    setup
+        .batch_execute("set synchronous_commit = on; create table crash (id int)")
+        .await
+        .expect("setup");
     let mut in_tx = Vec::new();
     for i in 0..3 {
         let (c, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
