@@ -380,10 +380,9 @@ async fn login(
     {
         pool.set_secret(ServerSecret::Scram(keys));
     } else if let (Some(entry), None) = (&looked_up, &db.server_user) {
-        match &entry.secret {
-            Secret::Md5(m) => pool.set_secret(ServerSecret::Md5Stored(m.clone())),
-            Secret::Plain(p) => pool.set_secret(ServerSecret::Plain(p.clone())),
-            Secret::Scram(_) | Secret::None => {}
+        let secret = ServerSecret::from(&entry.secret);
+        if !matches!(secret, ServerSecret::None) {
+            pool.set_secret(secret);
         }
     }
 
@@ -529,11 +528,10 @@ fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bo
     if forced_user {
         return db_password.map_or(ServerSecret::None, |p| ServerSecret::Plain(p.to_owned()));
     }
-    match ctx.users.load().get(user).map(|u| u.secret.clone()) {
-        Some(Secret::Plain(p)) => ServerSecret::Plain(p),
-        Some(Secret::Md5(m)) => ServerSecret::Md5Stored(m),
-        _ => ServerSecret::None,
-    }
+    ctx.users
+        .load()
+        .get(user)
+        .map_or(ServerSecret::None, |u| ServerSecret::from(&u.secret))
 }
 
 /// For a user missing from the configuration, asks PostgreSQL (auth_query). None when there is
@@ -552,11 +550,9 @@ async fn look_up_user(
     if config.listen.auth_type == AuthType::Trust {
         return Ok(None);
     }
-    let secret = match users.get(&aq.user).map(|u| &u.secret) {
-        Some(Secret::Plain(p)) => ServerSecret::Plain(p.clone()),
-        Some(Secret::Md5(m)) => ServerSecret::Md5Stored(m.clone()),
-        _ => ServerSecret::None,
-    };
+    let secret = users
+        .get(&aq.user)
+        .map_or(ServerSecret::None, |u| ServerSecret::from(&u.secret));
     let target = LookupTarget {
         config: aq,
         database: db,

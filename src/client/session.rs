@@ -17,7 +17,6 @@
 
 use std::time::Duration;
 
-use crate::net::Stream;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -30,6 +29,7 @@ use super::prepared::{StatementCommand, classify_query};
 use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
 use crate::config::{PoolMode, SessionStatePolicy};
+use crate::net::Stream;
 use crate::pool::{Pool, PoolError, PooledServer};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::messages::{self, PgError, Severity};

@@ -92,6 +92,19 @@ pub enum ServerSecret {
     None,
 }
 
+impl From<&crate::config::Secret> for ServerSecret {
+    /// What a stored secret proves to PostgreSQL by itself: a plain password anything, an md5
+    /// hash md5 challenges; a SCRAM verifier nothing (pass-through needs a client's keys).
+    fn from(secret: &crate::config::Secret) -> Self {
+        use crate::config::Secret;
+        match secret {
+            Secret::Plain(p) => ServerSecret::Plain(p.clone()),
+            Secret::Md5(m) => ServerSecret::Md5Stored(m.clone()),
+            Secret::Scram(_) | Secret::None => ServerSecret::None,
+        }
+    }
+}
+
 impl std::fmt::Debug for ServerSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Secrets never reach logs.
