@@ -55,6 +55,8 @@ pub struct ClientContext {
     pub connected: AtomicUsize,
     /// Logged-in clients, for the admin API.
     pub clients: registry::ClientRegistry,
+    /// Spare read buffers for sessions waking from idle.
+    pub buffers: crate::net::buffers::BufferPool,
     /// The file the configuration came from, re-read on SIGHUP and POST /api/reload.
     pub config_path: Option<std::path::PathBuf>,
     /// Ended client sessions by reason (indexes of [`DISCONNECT_REASONS`]).
@@ -87,6 +89,7 @@ impl ClientContext {
             next_client: AtomicU64::new(0),
             connected: AtomicUsize::new(0),
             clients: registry::ClientRegistry::default(),
+            buffers: crate::net::buffers::BufferPool::new(session::READ_CHUNK),
             config_path: None,
             disconnects: Default::default(),
             login_failures: Default::default(),
@@ -131,7 +134,7 @@ impl ClientContext {
         for pool in self.pools.all() {
             let key = pool.key();
             if let Some(settings) = config.pool_settings(&key.database, &key.user)
-                && *pool.settings() != settings
+                && **pool.settings() != settings
             {
                 pool.update_settings(settings);
             }

@@ -40,7 +40,7 @@ use crate::server::{ServerError, send_cancel};
 
 /// Read granularity. Small enough that an idle client costs little, large enough that a result
 /// set arrives in few syscalls.
-const READ_CHUNK: usize = 16 * 1024;
+pub(super) const READ_CHUNK: usize = 16 * 1024;
 
 struct Session<'a> {
     ctx: &'a ClientContext,
@@ -48,6 +48,8 @@ struct Session<'a> {
     buf: BytesMut,
     pool: Pool,
     params: ParamSet,
+    /// `params.form()` and the generation it was computed at.
+    params_form: (u64, std::sync::Arc<[u8]>),
     mode: PoolMode,
     max_message: usize,
     idle_tx_timeout: Option<Duration>,
@@ -95,6 +97,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         buf: BytesMut::new(),
         mode: settings.mode,
         pool,
+        params_form: (params.generation(), params.form()),
         params,
         max_message: ctx.config.load().listen.max_message_size,
         idle_tx_timeout: settings.idle_transaction_timeout,
@@ -171,7 +174,7 @@ impl Session<'_> {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(ClientError::ClientIo(e)),
                 }
-                self.buf = BytesMut::new();
+                self.ctx.buffers.give(std::mem::take(&mut self.buf));
                 tokio::select! {
                     r = self.client.tcp().readable() => r.map_err(ClientError::ClientIo)?,
                     bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
@@ -215,6 +218,9 @@ impl Session<'_> {
             .map(|n| n.saturating_sub(self.buf.len()))
             .unwrap_or(0)
             .clamp(4096, READ_CHUNK * 64);
+        if self.buf.capacity() == 0 {
+            self.buf = self.ctx.buffers.take();
+        }
         if self.buf.capacity() - self.buf.len() < want {
             self.buf.reserve(want.max(READ_CHUNK));
         }
@@ -386,6 +392,14 @@ impl Session<'_> {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
         };
+        // Most checkouts hand a server to a client whose parameters it already has (clients of
+        // one application start alike): one generation and one byte-slice compare.
+        if let Some((form, generation)) = &server.conn_ref().satisfies
+            && *generation == server.conn_ref().params.generation()
+            && **form == **self.current_params_form()
+        {
+            return Ok(server);
+        }
         let diffs: Vec<(String, Vec<u8>)> = server
             .conn_ref()
             .params
@@ -394,6 +408,7 @@ impl Session<'_> {
             .map(|(k, v)| (k.to_owned(), v.to_vec()))
             .collect();
         if diffs.is_empty() {
+            self.mark_satisfied(server.conn());
             return Ok(server);
         }
         let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
@@ -417,6 +432,7 @@ impl Session<'_> {
                         conn.params.set(name, value);
                     }
                 }
+                self.mark_satisfied(server.conn());
                 Ok(server)
             }
             Ok(Ok(Some(fields))) => {
@@ -442,6 +458,19 @@ impl Session<'_> {
                 ))
             }
         }
+    }
+
+    fn current_params_form(&mut self) -> &std::sync::Arc<[u8]> {
+        if self.params_form.0 != self.params.generation() {
+            self.params_form = (self.params.generation(), self.params.form());
+        }
+        &self.params_form.1
+    }
+
+    /// Records that `conn` now has every value this client's parameters ask for.
+    fn mark_satisfied(&mut self, conn: &mut crate::server::ServerConn) {
+        let form = self.current_params_form().clone();
+        conn.satisfies = Some((form, conn.params.generation()));
     }
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
@@ -550,13 +579,14 @@ impl Session<'_> {
     async fn pump(&mut self, link: &mut Link) -> Result<Pumped, ClientError> {
         let mut was_idle_in_tx = false;
         link.capture_queries = self.query_text_bytes > 0;
+        let max_prepared = self.pool.settings().max_prepared_statements;
         loop {
             link.frame_client(&mut ClientSide {
                 buf: &mut self.buf,
                 statements: &mut self.statements,
                 registry: &self.ctx.statements,
                 max_message: self.max_message,
-                max_prepared: self.pool.settings().max_prepared_statements,
+                max_prepared,
             })
             .map_err(ClientError::ClientProtocol)?;
             link.frame_server(&mut self.params, &mut self.statements)

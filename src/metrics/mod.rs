@@ -19,16 +19,16 @@ pub const BUCKETS: [f64; 15] = [
 
 /// Counters and histograms written on every transaction are split into per-thread shards, so
 /// the workers do not bounce one cache line between cores on each update; a scrape sums them.
-const SHARDS: usize = 8;
+pub(crate) const SHARDS: usize = 8;
 
 /// Keeps each shard on its own cache lines (128 bytes: adjacent-line prefetch pairs lines).
 #[repr(align(128))]
 #[derive(Debug, Default)]
-struct Padded<T>(T);
+pub(crate) struct Padded<T>(pub(crate) T);
 
 /// This thread's shard. Threads are numbered as they first touch a metric; the counter only
 /// spreads threads over shards and holds no state anyone reads.
-fn shard() -> usize {
+pub(crate) fn shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local!(static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
     SHARD.with(|s| *s)

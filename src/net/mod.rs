@@ -19,6 +19,7 @@ pub fn configure_socket(stream: &TcpStream, keepalive: Option<Duration>) {
     }
 }
 
+pub mod buffers;
 pub mod stream;
 pub mod tls;
 

@@ -226,8 +226,10 @@ impl Pool {
     }
 
     /// The pool's current settings (a snapshot; a reload may replace them).
-    pub fn settings(&self) -> Arc<PoolSettings> {
-        self.shared.settings.load_full()
+    /// The current settings. A guard rather than an `Arc` clone: read on every transaction, it
+    /// should not bounce a reference count between cores.
+    pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
+        self.shared.settings.load()
     }
 
     /// Applies reloaded settings: the size at once (see [`Pool::resize`]), everything else to

@@ -161,6 +161,7 @@ async fn connect_inner(
         backend_key: CancelKey { pid: 0, secret: 0 },
         addr,
         params: ParamSet::default(),
+        satisfies: None,
         created: now,
         last_used: now,
     };

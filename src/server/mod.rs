@@ -106,6 +106,10 @@ pub struct ServerConn {
     pub addr: SocketAddr,
     /// What pgweir knows of the server's session parameters.
     pub params: ParamSet,
+    /// The parameter form (see [`ParamSet::form`]) of the last client this connection was
+    /// brought in line with, and `params.generation()` then: while both still match, the next
+    /// client with that form needs no comparison at checkout.
+    pub satisfies: Option<(std::sync::Arc<[u8]>, u64)>,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -117,9 +121,20 @@ impl ServerConn {
 
     /// True when the idle socket has data or EOF waiting: an idle backend says nothing unless it
     /// is going away (FATAL on shutdown/terminate) or something is wrong, so such a connection
-    /// must not be handed out. One non-blocking syscall.
+    /// must not be handed out. At most one non-blocking syscall: while the reactor has seen
+    /// nothing arrive since the last read came up short (tokio clears read readiness then), the
+    /// peek is skipped, the common case for a connection coming back from the idle list. The
+    /// noop waker only asks; whoever reads this socket next registers its own. (Client sockets
+    /// at login always peek: there a packet racing the reactor matters.)
     pub fn has_pending_input(&mut self) -> bool {
-        !self.buf.is_empty() || self.stream.has_pending_input()
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.stream.tcp().poll_read_ready(&mut cx).is_pending() {
+            return false;
+        }
+        self.stream.has_pending_input()
     }
 
     /// After a reset query (DISCARD ALL): the backend holds no prepared statements, and the

@@ -3,6 +3,8 @@
 //! round trip, so a client's client_encoding, DateStyle, TimeZone… follow it from server to
 //! server in transaction mode.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, BytesMut};
 
 /// Parameters PostgreSQL reports with ParameterStatus whose client value must follow the client.
@@ -55,12 +57,43 @@ pub fn is_valid_name(name: &str) -> bool {
 }
 
 /// A small ordered map of parameter name → raw value. A handful of entries, so a Vec beats a map.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ParamSet {
     entries: Vec<(String, Vec<u8>)>,
+    /// Bumped by every change, so "nothing changed since" is one integer compare.
+    generation: u64,
 }
 
+impl PartialEq for ParamSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for ParamSet {}
+
 impl ParamSet {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// An exact, order-independent serialisation of the set (names sorted, values folded to
+    /// ASCII lower case as `differences` compares them). Two sets with equal forms want the same
+    /// values, so a server known to satisfy one form satisfies every set with that form.
+    pub fn form(&self) -> Arc<[u8]> {
+        let mut entries: Vec<&(String, Vec<u8>)> = self.entries.iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::new();
+        for (k, v) in entries {
+            // Lengths first: names and values are arbitrary bytes, so no separator is safe.
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend(v.iter().map(u8::to_ascii_lowercase));
+        }
+        out.into()
+    }
+
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.entries.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
@@ -72,14 +105,19 @@ impl ParamSet {
                 if v.as_slice() != value {
                     v.clear();
                     v.extend_from_slice(value);
+                    self.generation += 1;
                 }
             }
-            None => self.entries.push((name.to_owned(), value.to_vec())),
+            None => {
+                self.entries.push((name.to_owned(), value.to_vec()));
+                self.generation += 1;
+            }
         }
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.entries.retain(|(k, _)| keep(k));
+        self.generation += 1;
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
@@ -146,6 +184,26 @@ mod tests {
             d,
             vec![("TimeZone", &b"Europe/Paris"[..]), ("application_name", &b"x"[..])]
         );
+        // Forms ignore order and value case, and track every change.
+        let mut a = ParamSet::default();
+        a.set("TimeZone", b"UTC");
+        a.set("DateStyle", b"ISO, MDY");
+        let mut b = ParamSet::default();
+        b.set("DateStyle", b"iso, mdy");
+        b.set("TimeZone", b"utc");
+        assert_eq!(a.form(), b.form());
+        let before = b.generation();
+        b.set("TimeZone", b"utc");
+        assert_eq!(b.generation(), before, "an unchanged value is no change");
+        b.set("TimeZone", b"Europe/Paris");
+        assert_ne!(b.generation(), before);
+        assert_ne!(a.form(), b.form());
+        // Length prefixes keep names and values from running into each other.
+        let mut c = ParamSet::default();
+        c.set("ab", b"c");
+        let mut d = ParamSet::default();
+        d.set("a", b"bc");
+        assert_ne!(c.form(), d.form());
         let sql = set_statements(&[("application_name", b"it's")]);
         assert_eq!(&sql[..], b"SET application_name = 'it''s';");
         assert!(is_valid_name("myapp.tenant_id"));
