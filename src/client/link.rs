@@ -75,8 +75,18 @@ pub struct Link {
     pub last_query: Option<Bytes>,
 }
 
+/// The growable parts of a [`Link`], kept by the session between transactions so a link
+/// allocates nothing in the common case.
+#[derive(Default)]
+pub struct LinkSpares {
+    rfq_sent: VecDeque<std::time::Instant>,
+    expect: VecDeque<Expect>,
+}
+
 impl Link {
-    pub fn new(server: PooledServer, policy: SessionStatePolicy) -> Self {
+    pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
+        let LinkSpares { rfq_sent, expect } = spares;
+        debug_assert!(rfq_sent.is_empty() && expect.is_empty());
         Link {
             policy,
             dirty: None,
@@ -85,7 +95,7 @@ impl Link {
             queries: 0,
             capture_queries: false,
             last_query: None,
-            rfq_sent: VecDeque::new(),
+            rfq_sent,
             query_times: Default::default(),
             server,
             pending_rfq: 0,
@@ -97,9 +107,18 @@ impl Link {
             s_ready: 0,
             s_skip: 0,
             inject: BytesMut::new(),
-            expect: VecDeque::new(),
+            expect,
             terminated: false,
         }
+    }
+
+    /// Takes back the growable parts, emptied, for the session's next link.
+    pub fn take_spares(&mut self) -> LinkSpares {
+        let mut rfq_sent = std::mem::take(&mut self.rfq_sent);
+        let mut expect = std::mem::take(&mut self.expect);
+        rfq_sent.clear();
+        expect.clear();
+        LinkSpares { rfq_sent, expect }
     }
 
     /// When the oldest reply still owed by the server was asked for (for query_timeout).

@@ -159,6 +159,11 @@ pub enum StatementCommand {
 }
 
 pub fn classify_query(sql: &[u8]) -> Option<StatementCommand> {
+    // Both commands start with a 'd': every other query is out after one byte.
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !first.eq_ignore_ascii_case(&b'd') {
+        return None;
+    }
     let text = std::str::from_utf8(sql).ok()?;
     let text = text.trim_end_matches('\0').trim();
     let text = text.strip_suffix(';').unwrap_or(text).trim();

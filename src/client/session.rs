@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use super::handshake::{LoggedIn, send_error};
-use super::link::{ClientSide, ClientStatements, Link};
+use super::link::{ClientSide, ClientStatements, Link, LinkSpares};
 use super::prepared::{StatementCommand, classify_query};
 use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
@@ -66,6 +66,8 @@ struct Session<'a> {
     info: Arc<ClientInfo>,
     /// How much query text to keep for the admin API; 0 keeps none.
     query_text_bytes: usize,
+    /// Buffers of the last link, reused by the next.
+    spares: LinkSpares,
 }
 
 struct LoggedInKeys {
@@ -108,6 +110,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         last_activity: Instant::now(),
         info,
         query_text_bytes: ctx.config.load().admin.query_text_bytes,
+        spares: LinkSpares::default(),
     };
     let result = session.serve().await;
     ctx.cancels.unregister(session.login.key);
@@ -475,13 +478,14 @@ impl Session<'_> {
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer) -> Result<Unlinked, ClientError> {
-        let mut link = Link::new(server, self.pool.settings().session_state);
-        self.last_activity = Instant::now();
+        let spares = std::mem::take(&mut self.spares);
+        let mut link = Link::new(server, self.pool.settings().session_state, spares);
+        let linked_at = Instant::now();
+        self.last_activity = linked_at;
         {
             let conn = link.server.conn_ref();
             self.login.slot.set_target(conn.addr, conn.backend_key);
         }
-        let linked_at = Instant::now();
         let result = self.pump(&mut link).await;
         // Folded once per link: no per-message metric cost.
         let stats = self.pool.stats();
@@ -506,6 +510,8 @@ impl Session<'_> {
         }
         match result {
             Ok(Pumped::Idle) => {
+                // Idle means nothing is owed or expected: the queues are empty already.
+                self.spares = link.take_spares();
                 self.return_idle_server(link).await;
                 Ok(Unlinked::Continue)
             }

@@ -139,7 +139,9 @@ enum Grant {
 }
 
 struct Waiter {
-    id: u64,
+    /// When acquire_timeout ends this wait: the sweeper drops `tx`, which the waiter reads as
+    /// a timeout.
+    deadline: Instant,
     tx: oneshot::Sender<Grant>,
 }
 
@@ -149,7 +151,11 @@ struct PoolState {
     open: usize,
     size: usize,
     waiters: VecDeque<Waiter>,
-    next_waiter: u64,
+    /// A sweeper task is running (it ends when no one waits).
+    sweeping: bool,
+    /// When the sweeper will next look, to wake it early for a waiter due sooner (after a
+    /// reload shortened acquire_timeout).
+    sweep_at: Option<Instant>,
     closed: bool,
     /// Paused pools lend nothing: new checkouts queue until resume.
     paused: bool,
@@ -166,6 +172,8 @@ pub(crate) struct PoolShared {
     /// Parameters of the pool's first server login; replayed to clients at login so they need
     /// no server (PgBouncer's "welcome message").
     welcome: Mutex<Option<Arc<ParamSet>>>,
+    /// Wakes the waiter sweeper before its planned time.
+    sweep_now: tokio::sync::Notify,
     ids: Arc<ServerIds>,
     pub(crate) stats: PoolStats,
 }
@@ -209,12 +217,14 @@ impl Pool {
                     open: 0,
                     size,
                     waiters: VecDeque::new(),
-                    next_waiter: 0,
+                    sweeping: false,
+                    sweep_at: None,
                     closed: false,
                     paused: false,
                 }),
                 settings: arc_swap::ArcSwap::from_pointee(settings),
                 welcome: Mutex::new(None),
+                sweep_now: tokio::sync::Notify::new(),
                 ids,
                 stats: PoolStats::default(),
             }),
@@ -225,7 +235,6 @@ impl Pool {
         &self.shared.key
     }
 
-    /// The pool's current settings (a snapshot; a reload may replace them).
     /// The current settings. A guard rather than an `Arc` clone: read on every transaction, it
     /// should not bounce a reference count between cores.
     pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
@@ -300,16 +309,22 @@ impl Pool {
             }
             .map(Ok)
             .unwrap_or_else(|| {
-                let id = st.next_waiter;
-                st.next_waiter += 1;
                 let (tx, rx) = oneshot::channel();
-                st.waiters.push_back(Waiter { id, tx });
-                Err((id, rx))
+                st.waiters.push_back(Waiter { deadline, tx });
+                if !st.sweeping {
+                    st.sweeping = true;
+                    st.sweep_at = Some(deadline);
+                    tokio::spawn(self.clone().sweep_waiters());
+                } else if st.sweep_at.is_some_and(|at| deadline < at) {
+                    self.shared.sweep_now.notify_one();
+                }
+                Err(rx)
             })
         };
         let grant = match immediate {
             Ok(g) => g,
-            Err((id, rx)) => match self.wait(id, rx, deadline).await {
+            // No timer per wait: the sweeper ends overdue waits by dropping their sender.
+            Err(rx) => match rx.await.ok() {
                 Some(g) => g,
                 None => {
                     shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -333,18 +348,32 @@ impl Pool {
         Ok(self.guard(conn))
     }
 
-    async fn wait(&self, id: u64, mut rx: oneshot::Receiver<Grant>, deadline: Instant) -> Option<Grant> {
-        match tokio::time::timeout_at(deadline, &mut rx).await {
-            Ok(Ok(grant)) => Some(grant),
-            // The sender side is only dropped when the pool closes.
-            Ok(Err(_)) => None,
-            Err(_) => {
+    /// Ends waits that reached their deadline, in one task per pool that runs only while
+    /// someone waits, instead of a timer registered and cancelled on every wait. Under lock, so
+    /// a waiter is either served or timed out, never both.
+    async fn sweep_waiters(self) {
+        loop {
+            let next = {
                 let mut st = lock(&self.shared.state);
-                st.waiters.retain(|w| w.id != id);
-                drop(st);
-                // A grant may have been sent between the timeout firing and the removal above;
-                // taking it is better than leaking it (it would otherwise be closed unused).
-                rx.try_recv().ok()
+                let now = Instant::now();
+                // Deadlines are mostly in arrival order, but a reload can change
+                // acquire_timeout, so every waiter is looked at.
+                st.waiters.retain(|w| w.deadline > now && !w.tx.is_closed());
+                match st.waiters.iter().map(|w| w.deadline).min() {
+                    Some(at) => {
+                        st.sweep_at = Some(at);
+                        at
+                    }
+                    None => {
+                        st.sweeping = false;
+                        st.sweep_at = None;
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.shared.sweep_now.notified() => {}
             }
         }
     }
