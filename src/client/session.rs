@@ -618,6 +618,43 @@ impl Session<'_> {
                 }
             }
 
+            // Fast path: a socket usually has room for what was just framed, so write it
+            // without a round through select! (plain TCP only; TLS goes the long way).
+            if c_pending {
+                let conn = link.server.conn();
+                match conn.stream.try_write(&conn.wbuf) {
+                    Ok(n) if n > 0 => {
+                        conn.wbuf.advance(n);
+                        link.bytes_to_server += n as u64;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(ClientError::ServerIo(e)),
+                }
+            }
+            if s_pending {
+                let written = if link.inject.is_empty() {
+                    let conn = link.server.conn();
+                    self.client.try_write(&conn.buf[..link.s_ready]).inspect(|&n| {
+                        conn.buf.advance(n);
+                        link.s_ready -= n;
+                    })
+                } else {
+                    self.client.try_write(&link.inject).inspect(|&n| link.inject.advance(n))
+                };
+                match written {
+                    Ok(n) if n > 0 => {
+                        link.bytes_to_client += n as u64;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // The client vanished while results were flowing.
+                    Err(_) => return Ok(Pumped::ClientGone),
+                }
+            }
+
             let idle_in_tx = link.idle_in_transaction() && !c_pending && !s_pending;
             if idle_in_tx != was_idle_in_tx {
                 // Only on transitions: a relaxed store per state change, not per message.
