@@ -121,8 +121,9 @@ impl ClientInfo {
         }
     }
 
-    pub fn set_waiting(&self) {
-        self.waiting_since.store(now_ms(), Ordering::Relaxed);
+    /// `now_ms` is the caller's [`now_ms`] reading (sessions share one per transaction).
+    pub fn set_waiting(&self, now_ms: u64) {
+        self.waiting_since.store(now_ms, Ordering::Relaxed);
         self.state.store(ClientState::Waiting as u8, Ordering::Relaxed);
     }
 
@@ -133,9 +134,9 @@ impl ClientInfo {
             .filter(|&t| t != 0)
     }
 
-    pub fn set_linked(&self, server_pid: i32) {
+    pub fn set_linked(&self, server_pid: i32, at_ms: u64) {
         self.server_pid.store(server_pid, Ordering::Relaxed);
-        self.linked_at.store(now_ms(), Ordering::Relaxed);
+        self.linked_at.store(at_ms, Ordering::Relaxed);
         self.state.store(ClientState::Active as u8, Ordering::Relaxed);
     }
 

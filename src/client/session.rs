@@ -140,14 +140,14 @@ impl Session<'_> {
                 frontend::PARSE | frontend::CLOSE if self.answer_statement_batch().await? => continue,
                 _ => {}
             }
-            let server = match self.acquire().await {
-                Ok(server) => server,
+            let (server, linked_at) = match self.acquire().await {
+                Ok(acquired) => acquired,
                 Err(reply) => {
                     self.reply_error_for_first_message(tag, reply).await?;
                     continue;
                 }
             };
-            match self.linked(server).await? {
+            match self.linked(server, linked_at).await? {
                 Unlinked::Continue => {}
                 Unlinked::ClientGone => return Ok(()),
             }
@@ -377,20 +377,31 @@ impl Session<'_> {
     }
 
     /// Checks out a server and applies the client's session parameters to it.
-    async fn acquire(&mut self) -> Result<PooledServer, PgError> {
-        self.info.set_waiting();
+    /// Returns the server and when it was linked (reused as the link's start: clock reads are
+    /// a visible share of a proxied transaction's CPU).
+    async fn acquire(&mut self) -> Result<(PooledServer, Instant), PgError> {
+        let wall_ms = super::registry::now_ms();
+        self.info.set_waiting(wall_ms);
         let started = Instant::now();
-        let result = self.acquire_inner().await;
-        self.pool.stats().acquire_wait.observe(started.elapsed());
-        match &result {
-            Ok(server) => self.info.set_linked(server.conn_ref().backend_pid()),
-            Err(_) => self.info.set_idle(),
+        let result = self.acquire_inner(started).await;
+        let now = Instant::now();
+        let waited = now - started;
+        self.pool.stats().acquire_wait.observe(waited);
+        match result {
+            Ok(server) => {
+                self.info
+                    .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
+                Ok((server, now))
+            }
+            Err(e) => {
+                self.info.set_idle();
+                Err(e)
+            }
         }
-        result
     }
 
-    async fn acquire_inner(&mut self) -> Result<PooledServer, PgError> {
-        let deadline = Instant::now() + self.pool.settings().acquire_timeout;
+    async fn acquire_inner(&mut self, started: Instant) -> Result<PooledServer, PgError> {
+        let deadline = started + self.pool.settings().acquire_timeout;
         let mut server = match self.pool.checkout(deadline).await {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
@@ -477,10 +488,9 @@ impl Session<'_> {
     }
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
-    async fn linked(&mut self, server: PooledServer) -> Result<Unlinked, ClientError> {
+    async fn linked(&mut self, server: PooledServer, linked_at: Instant) -> Result<Unlinked, ClientError> {
         let spares = std::mem::take(&mut self.spares);
         let mut link = Link::new(server, self.pool.settings().session_state, spares);
-        let linked_at = Instant::now();
         self.last_activity = linked_at;
         {
             let conn = link.server.conn_ref();
