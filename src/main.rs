@@ -224,10 +224,18 @@ fn status(addr: SocketAddr) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `workers = 1` gets tokio's current-thread scheduler: one event loop like PgBouncer's, with
+/// no work stealing, no cross-thread wake-ups and no scheduler atomics. On a small machine
+/// shared with PostgreSQL that costs about a fifth less CPU per transaction than a
+/// multi-threaded runtime (docs/performance.md); more workers are for more cores.
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all();
-    if workers > 0 {
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     builder.build().context("could not start the tokio runtime")

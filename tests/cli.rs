@@ -217,6 +217,97 @@ async fn sighup_reloads_a_running_process_without_dropping_clients() {
     drop(child);
 }
 
+/// `workers = 1` runs a single-threaded (current-thread) runtime, PgBouncer-style: the whole
+/// proxy, admin API, pool sweeper and signal handling included, must work on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_runs_everything_on_one_thread() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("pgweir.toml");
+    let (port, admin) = (free_port(), free_port());
+    write_config(&path, &pg, port, admin, 2);
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replacen("[listen]\n", "[listen]\nworkers = 1\n", 1);
+    let text = text.replacen("[pool]\n", "[pool]\nacquire_timeout = \"300ms\"\n", 1);
+    std::fs::write(&path, text).expect("write");
+    let mut child = KillOnDrop(
+        pgweir()
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgweir"),
+    );
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "pgweir did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let conn = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname=app",
+        roles::SCRAM.0,
+        roles::SCRAM.1
+    );
+    // 20 clients share 2 servers: most transactions wait for one.
+    let mut tasks = Vec::new();
+    for i in 0..20i32 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(c);
+            for j in 0..25i32 {
+                let row = client.query_one("SELECT $1::int + $2::int", &[&i, &j]).await.expect("query");
+                assert_eq!(row.get::<_, i32>(0), i + j);
+            }
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.expect("client task"));
+    }
+    // The acquire timeout still ends a wait on this runtime (the sweeper task does it).
+    let holder = &clients[0];
+    let other = &clients[1];
+    let third = &clients[2];
+    holder.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+    other.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+    let waited = Instant::now();
+    let err = third.batch_execute("SELECT 1").await.expect_err("no server within 300 ms");
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+    assert!(waited.elapsed() < Duration::from_secs(5), "{:?}", waited.elapsed());
+    holder.batch_execute("COMMIT").await.expect("commit");
+    other.batch_execute("COMMIT").await.expect("commit");
+
+    let status = tokio::task::spawn_blocking(move || {
+        pgweir()
+            .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+            .output()
+            .expect("status")
+    })
+    .await
+    .expect("task");
+    assert!(status.status.success(), "admin API answers on the single thread");
+
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let stopped = Instant::now();
+    loop {
+        if let Some(code) = child.0.try_wait().expect("wait") {
+            assert!(code.success(), "clean exit after SIGTERM: {code:?}");
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(20), "pgweir did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn check_accepts_the_shipped_example_configs() {
     for file in ["config/example.toml", "config/minimal.toml"] {

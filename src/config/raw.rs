@@ -150,7 +150,8 @@ pub struct RawListen {
     pub client_login_timeout: Option<RawDuration>,
     /// `shutdown_timeout`; 0 closes at once.
     pub shutdown_timeout: Option<RawDuration>,
-    /// `workers`: 0 = one per core.
+    /// `workers`: 0 = one per core; 1 = a single-threaded event loop (cheapest per transaction
+    /// when one core is enough).
     pub workers: Option<i64>,
     /// `tcp_keepalive`; 0 leaves the OS default.
     pub tcp_keepalive: Option<RawDuration>,
