@@ -14,7 +14,8 @@
 #
 # Environment: DURATION (s, default 10; QUICK=1 → 3), CLIENTS (default "10 100 500 2000";
 # QUICK=1 → "100"), MODES ("select tpcb"), PROTOCOLS ("simple extended prepared"),
-# WORKERS (pgweir listen.workers, default 0 = one per core), PGBIN (/usr/lib/postgresql/15/bin),
+# WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
+# worker per core), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10).
 set -euo pipefail
 
@@ -30,7 +31,7 @@ else
 fi
 MODES=${MODES:-select tpcb}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
-WORKERS=${WORKERS:-0}
+WORKERS=${WORKERS:-1}
 SCALE=${SCALE:-10}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
@@ -144,7 +145,9 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 if [[ $(id -u) == 0 ]]; then
     chown postgres "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 fi
-as_pg "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
+# runuser starts with the default soft limit of 1024 descriptors: raise it to the hard limit, or
+# PgBouncer refuses connections ("accept() failed: Too many open files") at 2,000 clients.
+as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" -q "$1"' "$PGBOUNCER" "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
 # `as_pg … &` forks a subshell, then runuser, then PgBouncer: take PgBouncer's own pid from
 # its pidfile so its CPU time is measured and it is stopped on exit.
@@ -190,7 +193,8 @@ run_cell() {
     local before after
     before=$(cpu_ticks "$pid")
     # Own process group: a Ctrl-C or a hung client never takes the script's shell with it.
-    if ! (cd "$dir" && setsid "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n \
+    # Bounded: a proxy that stops answering must not hang the whole matrix.
+    if ! (cd "$dir" && setsid timeout $((DURATION * 3 + 120)) "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n \
         "${script_args[@]}" -M "$proto" -c "$clients" -j 2 -T "$DURATION" \
         -l --log-prefix=tx bench >"$dir/out" 2>"$dir/err"); then
         echo "failed - - -"
