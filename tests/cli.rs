@@ -262,7 +262,10 @@ async fn one_worker_runs_everything_on_one_thread() {
                 .expect("connect");
             tokio::spawn(c);
             for j in 0..25i32 {
-                let row = client.query_one("SELECT $1::int + $2::int", &[&i, &j]).await.expect("query");
+                let row = client
+                    .query_one("SELECT $1::int + $2::int", &[&i, &j])
+                    .await
+                    .expect("query");
                 assert_eq!(row.get::<_, i32>(0), i + j);
             }
             client
@@ -279,7 +282,10 @@ async fn one_worker_runs_everything_on_one_thread() {
     holder.batch_execute("BEGIN; SELECT 1").await.expect("begin");
     other.batch_execute("BEGIN; SELECT 1").await.expect("begin");
     let waited = Instant::now();
-    let err = third.batch_execute("SELECT 1").await.expect_err("no server within 300 ms");
+    let err = third
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("no server within 300 ms");
     assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
     assert!(waited.elapsed() < Duration::from_secs(5), "{:?}", waited.elapsed());
     holder.batch_execute("COMMIT").await.expect("commit");
@@ -296,7 +302,13 @@ async fn one_worker_runs_everything_on_one_thread() {
     assert!(status.status.success(), "admin API answers on the single thread");
 
     let pid = child.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
     let stopped = Instant::now();
     loop {
         if let Some(code) = child.0.try_wait().expect("wait") {

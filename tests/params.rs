@@ -99,3 +99,57 @@ async fn startup_parameters_are_applied() {
     assert!(names.iter().any(|n| n == "from-startup"), "{names:?}");
     client.batch_execute("commit").await.expect("commit");
 }
+
+/// Clients that start alike share the checkout fast path (a server remembers the parameter form
+/// it satisfies). A SET by one of them changes what its server has: the next client with the
+/// original form must get the server brought back, not the marker's stale promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_changed_by_one_client_is_brought_back_for_the_next() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let conn = format!(
+        "{} application_name=same-app options='-c TimeZone=UTC'",
+        proxy.conn_str(roles::SCRAM, "app")
+    );
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(c);
+        clients.push(client);
+    }
+    // All three start alike: the one server serves them in turn on the fast path.
+    for client in &clients {
+        assert_eq!(zone(client).await, "UTC");
+    }
+    clients[0]
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .expect("set");
+    for round in 0..3 {
+        assert_eq!(zone(&clients[1]).await, "UTC", "round {round}: client 1 keeps UTC");
+        assert_eq!(
+            zone(&clients[0]).await,
+            "Asia/Tokyo",
+            "round {round}: client 0 keeps its SET"
+        );
+        assert_eq!(zone(&clients[2]).await, "UTC", "round {round}: client 2 keeps UTC");
+    }
+    // Back to the common form: the fast path applies again and nobody sees Tokyo.
+    clients[0]
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("set back");
+    for client in &clients {
+        assert_eq!(zone(client).await, "UTC");
+    }
+}
+
+async fn zone(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("select current_setting('TimeZone')", &[])
+        .await
+        .expect("TimeZone")
+        .get(0)
+}

@@ -32,11 +32,7 @@ impl BufferPool {
 
     /// An empty buffer with at least `size` bytes of capacity.
     pub fn take(&self) -> BytesMut {
-        let spare = self.shards[shard()]
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        let spare = self.shards[shard()].0.lock().unwrap_or_else(|e| e.into_inner()).pop();
         spare.unwrap_or_else(|| BytesMut::with_capacity(self.size))
     }
 
