@@ -79,16 +79,18 @@ pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
 }
 
 fn contains_trigger(sql: &[u8]) -> bool {
-    // One pass, keyed on the first letter: this runs on every query, and most queries hold
-    // none of these words ("set" also covers "set_config").
-    sql.iter().enumerate().any(|(i, b)| {
-        let word: &[u8] = match b.to_ascii_lowercase() {
-            b's' => b"set",
-            b'l' => b"listen",
-            b'p' => b"prepare",
-            b't' => b"temp",
-            b'a' => b"advisory",
-            b'h' => b"hold",
+    // One pass, keyed on the first two letters: this runs on every query, and most queries
+    // hold none of these words ("set" also covers "set_config"). `| 0x20` lower-cases ASCII
+    // letters and maps no other byte onto a lower-case letter, so the two-letter key is exact;
+    // only a key hit pays for the whole-word compare.
+    sql.windows(2).enumerate().any(|(i, pair)| {
+        let word: &[u8] = match (pair[0] | 0x20, pair[1] | 0x20) {
+            (b's', b'e') => b"set",
+            (b'l', b'i') => b"listen",
+            (b'p', b'r') => b"prepare",
+            (b't', b'e') => b"temp",
+            (b'a', b'd') => b"advisory",
+            (b'h', b'o') => b"hold",
             _ => return false,
         };
         sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word))
