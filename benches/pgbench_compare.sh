@@ -15,7 +15,8 @@
 # Environment: DURATION (s, default 10; QUICK=1 → 3), CLIENTS (default "10 100 500 2000";
 # QUICK=1 → "100"), MODES ("select tpcb"), PROTOCOLS ("simple extended prepared"),
 # WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
-# worker per core), PGBIN (/usr/lib/postgresql/15/bin),
+# worker per core), REPEAT (runs per cell and proxy, alternating; the table shows medians;
+# default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10).
 set -euo pipefail
 
@@ -32,6 +33,7 @@ fi
 MODES=${MODES:-select tpcb}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 WORKERS=${WORKERS:-1}
+REPEAT=${REPEAT:-1}
 SCALE=${SCALE:-10}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
@@ -219,6 +221,23 @@ run_cell() {
     rm -rf "$dir"
 }
 
+# Column-wise medians of "tps avg p99 cpu" lines (one per repeat); "n/a"/"failed" pass through
+# when no run of that column produced a number.
+medians() {
+    printf '%s\n' "$@" | awk '
+        { for (i = 1; i <= 4; i++) if ($i ~ /^[0-9.]+$/) v[i, ++n[i]] = $i; else bad[i] = $i }
+        END {
+            for (i = 1; i <= 4; i++) {
+                if (n[i] == 0) { out = out (i > 1 ? " " : "") (bad[i] == "" ? "-" : bad[i]); continue }
+                for (a = 1; a <= n[i]; a++) for (b = a + 1; b <= n[i]; b++)
+                    if (v[i, b] + 0 < v[i, a] + 0) { t = v[i, a]; v[i, a] = v[i, b]; v[i, b] = t }
+                m = v[i, int((n[i] + 1) / 2)]
+                out = out (i > 1 ? " " : "") m
+            }
+            print out
+        }'
+}
+
 ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'
 }
@@ -234,7 +253,8 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
     echo "- PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), pgbench -s $SCALE," \
         "$("$PGBOUNCER" --version | head -1), pgweir $(git describe --always --dirty 2>/dev/null || echo '?')" \
         "(workers = $WORKERS)"
-    echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2, $DURATION s per cell;" \
+    echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2, $DURATION s per run," \
+        "$REPEAT run(s) per cell and proxy alternating (medians shown);" \
         "pgbench, both proxies and PostgreSQL share the machine"
     echo "- latency in ms (pgbench per-transaction log); CPU = proxy utime+stime per transaction, µs"
     echo
@@ -246,14 +266,19 @@ for mode in $MODES; do
     for proto in $PROTOCOLS; do
         for clients in $CLIENTS; do
             echo "== $mode $proto $clients clients" >&2
-            if [[ $proto == prepared ]] && "$PGBOUNCER" --version | head -1 | grep -qE ' 1\.(1[0-9]|20)\.'; then
-                # PgBouncer < 1.21 does not track protocol-level prepared statements in
-                # transaction mode: pgbench -M prepared fails there by design.
-                read -r b_tps b_avg b_p99 b_cpu <<<"n/a n/a n/a n/a"
-            else
-                read -r b_tps b_avg b_p99 b_cpu <<<"$(run_cell "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients")"
-            fi
-            read -r w_tps w_avg w_p99 w_cpu <<<"$(run_cell "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients")"
+            b_runs=() w_runs=()
+            for _ in $(seq 1 "$REPEAT"); do
+                if [[ $proto == prepared ]] && "$PGBOUNCER" --version | head -1 | grep -qE ' 1\.(1[0-9]|20)\.'; then
+                    # PgBouncer < 1.21 does not track protocol-level prepared statements in
+                    # transaction mode: pgbench -M prepared fails there by design.
+                    b_runs+=("n/a n/a n/a n/a")
+                else
+                    b_runs+=("$(run_cell "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients")")
+                fi
+                w_runs+=("$(run_cell "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients")")
+            done
+            read -r b_tps b_avg b_p99 b_cpu <<<"$(medians "${b_runs[@]}")"
+            read -r w_tps w_avg w_p99 w_cpu <<<"$(medians "${w_runs[@]}")"
             echo "   PgBouncer $b_tps tps $b_avg/$b_p99 ms $b_cpu µs; pgweir $w_tps tps $w_avg/$w_p99 ms $w_cpu µs" >&2
             echo "| $mode | $proto | $clients | $b_tps | $w_tps | $(ratio "$w_tps" "$b_tps") | $b_avg / $b_p99 | $w_avg / $w_p99 | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |" >>"$OUT.tmp"
         done

@@ -127,6 +127,28 @@ fn write_config(path: &Path, pg: &EmbeddedPostgres, port: u16, admin: u16, pool_
     .expect("write config");
 }
 
+/// Starts the binary on `path` and waits until it accepts connections on `port`.
+async fn start(path: &Path, port: u16) -> KillOnDrop {
+    let child = KillOnDrop(
+        pgweir()
+            .arg("--config")
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgweir"),
+    );
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "pgweir did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -143,23 +165,7 @@ async fn sighup_reloads_a_running_process_without_dropping_clients() {
     let path = dir.path().join("pgweir.toml");
     let (port, admin) = (free_port(), free_port());
     write_config(&path, &pg, port, admin, 3);
-    let child = KillOnDrop(
-        pgweir()
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgweir"),
-    );
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "pgweir did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let child = start(&path, port).await;
     let conn = |user: (&str, &str)| {
         format!(
             "host=127.0.0.1 port={port} user={} password={} dbname=app",
@@ -230,23 +236,7 @@ async fn one_worker_runs_everything_on_one_thread() {
     let text = text.replacen("[listen]\n", "[listen]\nworkers = 1\n", 1);
     let text = text.replacen("[pool]\n", "[pool]\nacquire_timeout = \"300ms\"\n", 1);
     std::fs::write(&path, text).expect("write");
-    let mut child = KillOnDrop(
-        pgweir()
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgweir"),
-    );
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "pgweir did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut child = start(&path, port).await;
     let conn = format!(
         "host=127.0.0.1 port={port} user={} password={} dbname=app",
         roles::SCRAM.0,
