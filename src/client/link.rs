@@ -155,6 +155,32 @@ impl Link {
         !self.inject.is_empty() || self.s_ready > 0
     }
 
+    /// The next bytes for the client: replies pgweir produced go before framed server bytes.
+    pub fn bytes_for_client(&self) -> &[u8] {
+        if self.inject.is_empty() {
+            &self.server.conn_ref().buf[..self.s_ready]
+        } else {
+            &self.inject
+        }
+    }
+
+    /// Records that the first `n` bytes of [`Link::bytes_for_client`] were sent.
+    pub fn sent_to_client(&mut self, n: usize) {
+        if self.inject.is_empty() {
+            self.server.conn().buf.advance(n);
+            self.s_ready -= n;
+        } else {
+            self.inject.advance(n);
+        }
+        self.bytes_to_client += n as u64;
+    }
+
+    /// Records that the first `n` bytes of the server's write buffer were sent.
+    pub fn sent_to_server(&mut self, n: usize) {
+        self.server.conn().wbuf.advance(n);
+        self.bytes_to_server += n as u64;
+    }
+
     /// Moves every complete client message (and the available part of a streamed CopyData)
     /// from the client buffer to the server's write buffer, rewriting statement names.
     pub fn frame_client(&mut self, c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {

@@ -631,11 +631,10 @@ impl Session<'_> {
             // Fast path: a socket usually has room for what was just framed, so write it
             // without a round through select! (plain TCP only; TLS goes the long way).
             if c_pending {
-                let conn = link.server.conn();
+                let conn = link.server.conn_ref();
                 match conn.stream.try_write(&conn.wbuf) {
                     Ok(n) if n > 0 => {
-                        conn.wbuf.advance(n);
-                        link.bytes_to_server += n as u64;
+                        link.sent_to_server(n);
                         continue;
                     }
                     Ok(_) => {}
@@ -644,18 +643,9 @@ impl Session<'_> {
                 }
             }
             if s_pending {
-                let written = if link.inject.is_empty() {
-                    let conn = link.server.conn();
-                    self.client.try_write(&conn.buf[..link.s_ready]).inspect(|&n| {
-                        conn.buf.advance(n);
-                        link.s_ready -= n;
-                    })
-                } else {
-                    self.client.try_write(&link.inject).inspect(|&n| link.inject.advance(n))
-                };
-                match written {
+                match self.client.try_write(link.bytes_for_client()) {
                     Ok(n) if n > 0 => {
-                        link.bytes_to_client += n as u64;
+                        link.sent_to_client(n);
                         continue;
                     }
                     Ok(_) => {}
@@ -716,7 +706,7 @@ impl Session<'_> {
                 }, if c_pending || read_client => Event::Client(r),
                 r = async {
                     if inject_pending {
-                        Io::Injected(cw.write(inject).await)
+                        Io::Wrote(cw.write(inject).await)
                     } else if s_pending {
                         Io::Wrote(cw.write(&sbuf[..s_ready]).await)
                     } else {
@@ -727,29 +717,13 @@ impl Session<'_> {
                 _ = self.info.stop.raised(KILL) => Event::Killed,
             };
             match event {
-                Event::Client(Io::Wrote(r)) => {
-                    let n = r.map_err(ClientError::ServerIo)?;
-                    link.server.conn().wbuf.advance(n);
-                    link.bytes_to_server += n as u64;
-                }
+                Event::Client(Io::Wrote(r)) => link.sent_to_server(r.map_err(ClientError::ServerIo)?),
                 Event::Client(Io::Read(r)) => match r {
                     Ok(0) | Err(_) => return Ok(Pumped::ClientGone),
                     Ok(_) => self.last_activity = Instant::now(),
                 },
-                Event::Client(Io::Injected(_)) => {}
-                Event::Server(Io::Injected(r)) => match r {
-                    Ok(n) => {
-                        link.inject.advance(n);
-                        link.bytes_to_client += n as u64;
-                    }
-                    Err(_) => return Ok(Pumped::ClientGone),
-                },
                 Event::Server(Io::Wrote(r)) => match r {
-                    Ok(n) => {
-                        link.server.conn().buf.advance(n);
-                        link.s_ready -= n;
-                        link.bytes_to_client += n as u64;
-                    }
+                    Ok(n) => link.sent_to_client(n),
                     // The client vanished while results were flowing.
                     Err(_) => return Ok(Pumped::ClientGone),
                 },
@@ -846,7 +820,6 @@ enum Pumped {
 
 enum Io {
     Wrote(std::io::Result<usize>),
-    Injected(std::io::Result<usize>),
     Read(std::io::Result<usize>),
 }
 
