@@ -383,7 +383,7 @@ impl Pool {
     /// Checks an idle connection before lending it. Returns None (having closed it and kept
     /// its slot for the caller) when it must not be used.
     async fn vet(&self, mut conn: Conn) -> Option<Conn> {
-        let settings = self.shared.settings.load_full();
+        let settings = self.settings();
         let stats = &self.shared.stats;
         let now = Instant::now();
         if settings
