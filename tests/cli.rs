@@ -66,30 +66,29 @@ async fn health_ready_and_drain_against_a_running_proxy() {
     let client = proxy.connect(roles::SCRAM).await;
     client.batch_execute("SELECT 1").await.expect("query");
 
-    let cli = |args: Vec<String>| tokio::task::spawn_blocking(move || run(pgweir().args(args)));
-    let (ok, text) = cli(vec!["health".into(), "--admin".into(), admin.clone()])
-        .await
-        .expect("task");
+    // Runs `pgweir <args> --admin <at>` off the async runtime.
+    let cli = |args: &[&str], at: &str| {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--admin".to_owned(), at.to_owned()]);
+        async move {
+            tokio::task::spawn_blocking(move || run(pgweir().args(args)))
+                .await
+                .expect("task")
+        }
+    };
+    let (ok, text) = cli(&["health"], &admin).await;
     assert!(ok, "{text}");
-    let (ok, text) = cli(vec!["health".into(), "--ready".into(), "--admin".into(), admin.clone()])
-        .await
-        .expect("task");
+    let (ok, text) = cli(&["health", "--ready"], &admin).await;
     assert!(ok, "{text}");
 
     // The admin listener is on loopback, so drain needs no token here.
-    let (ok, text) = cli(vec!["drain".into(), "--admin".into(), admin.clone()])
-        .await
-        .expect("task");
+    let (ok, text) = cli(&["drain"], &admin).await;
     assert!(ok, "{text}");
-    let (ok, text) = cli(vec!["health".into(), "--ready".into(), "--admin".into(), admin.clone()])
-        .await
-        .expect("task");
+    let (ok, text) = cli(&["health", "--ready"], &admin).await;
     assert!(!ok, "draining must not be ready: {text}");
     assert!(text.contains("draining"), "{text}");
     // Liveness is unaffected, and connected clients are still served.
-    let (ok, _) = cli(vec!["health".into(), "--admin".into(), admin.clone()])
-        .await
-        .expect("task");
+    let (ok, _) = cli(&["health"], &admin).await;
     assert!(ok);
     client
         .batch_execute("SELECT 1")
@@ -100,9 +99,7 @@ async fn health_ready_and_drain_against_a_running_proxy() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
-    let (ok, text) = cli(vec!["health".into(), "--admin".into(), format!("127.0.0.1:{port}")])
-        .await
-        .expect("task");
+    let (ok, text) = cli(&["health"], &format!("127.0.0.1:{port}")).await;
     assert!(!ok);
     assert!(text.contains("cannot reach"), "{text}");
 }
