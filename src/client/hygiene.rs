@@ -79,22 +79,63 @@ pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
 }
 
 fn contains_trigger(sql: &[u8]) -> bool {
-    // One pass, keyed on the first two letters: this runs on every query, and most queries
-    // hold none of these words ("set" also covers "set_config"). `| 0x20` lower-cases ASCII
-    // letters and maps no other byte onto a lower-case letter, so the two-letter key is exact;
-    // only a key hit pays for the whole-word compare.
-    sql.windows(2).enumerate().any(|(i, pair)| {
-        let word: &[u8] = match (pair[0] | 0x20, pair[1] | 0x20) {
-            (b's', b'e') => b"set",
-            (b'l', b'i') => b"listen",
-            (b'p', b'r') => b"prepare",
-            (b't', b'e') => b"temp",
-            (b'a', b'd') => b"advisory",
-            (b'h', b'o') => b"hold",
-            _ => return false,
+    // This runs on every query, and most queries hold none of these words ("set" also covers
+    // "set_config"). Each 16-byte block is tested for all two-letter keys at once; only the
+    // positions of key hits ("SE" of every SELECT) pay for a whole-word compare.
+    let mut at = 0;
+    while at < sql.len() {
+        let mut padded = [0u8; 17];
+        let block = match sql.get(at..at + 17).and_then(|b| <&[u8; 17]>::try_from(b).ok()) {
+            Some(block) => block,
+            None => {
+                // The last block, NUL-padded: `0 | 0x20` is a space, which starts no key.
+                padded[..sql.len() - at].copy_from_slice(&sql[at..]);
+                &padded
+            }
         };
-        sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word))
-    })
+        let mut hits = key_hits(block);
+        while hits != 0 {
+            let byte = hits.trailing_zeros() / 8;
+            hits &= !(0xff << (byte * 8));
+            if trigger_at(sql, at + byte as usize) {
+                return true;
+            }
+        }
+        at += 16;
+    }
+    false
+}
+
+/// Byte j of the result is non-zero when a two-letter trigger key starts at `block[j]`,
+/// ignoring ASCII case. `| 0x20` lower-cases ASCII letters and maps no other byte onto a
+/// lower-case letter, so a key hit is exact. Fixed-length and branch-free so the compiler turns
+/// it into vector compares (SSE2 on x86-64) without any unsafe code here.
+fn key_hits(block: &[u8; 17]) -> u128 {
+    let mut hits = [0u8; 16];
+    for (j, hit) in hits.iter_mut().enumerate() {
+        let (a, b) = (block[j] | 0x20, block[j + 1] | 0x20);
+        *hit = ((a == b's') & (b == b'e')
+            | (a == b'l') & (b == b'i')
+            | (a == b'p') & (b == b'r')
+            | (a == b't') & (b == b'e')
+            | (a == b'a') & (b == b'd')
+            | (a == b'h') & (b == b'o')) as u8;
+    }
+    u128::from_le_bytes(hits)
+}
+
+/// Whether a trigger word starts at `sql[i]` (whose two-letter key is known to match).
+fn trigger_at(sql: &[u8], i: usize) -> bool {
+    let word: &[u8] = match (sql[i] | 0x20, sql.get(i + 1).map_or(0, |b| b | 0x20)) {
+        (b's', b'e') => b"set",
+        (b'l', b'i') => b"listen",
+        (b'p', b'r') => b"prepare",
+        (b't', b'e') => b"temp",
+        (b'a', b'd') => b"advisory",
+        (b'h', b'o') => b"hold",
+        _ => return false,
+    };
+    sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word))
 }
 
 /// Lower-cases the SQL and blanks out comments and quoted strings/identifiers, so keywords are
@@ -184,6 +225,39 @@ mod tests {
             "UPDATE t SET",
         ] {
             assert_eq!(super::contains_trigger(sql.as_bytes()), sql.ends_with("SET"), "{sql}");
+        }
+    }
+
+    #[test]
+    fn block_scan_agrees_with_a_plain_search_at_every_offset() {
+        let words = ["set", "listen", "prepare", "temp", "advisory", "hold"];
+        let reference = |sql: &[u8]| {
+            let lower = sql.to_ascii_lowercase();
+            words.iter().any(|w| lower.windows(w.len()).any(|x| x == w.as_bytes()))
+        };
+        let filler = b"SELECT abalance FROM pgbench_accounts WHERE aid = 12345 AND x IN (1, 2, 3)";
+        for word in words {
+            for case in [word.to_owned(), word.to_uppercase()] {
+                // Every start offset across several 16-byte blocks, including words that
+                // straddle a block boundary and words cut off by the end of the text.
+                for at in 0..48 {
+                    let mut sql = filler[..at.min(filler.len())].to_vec();
+                    sql.extend_from_slice(case.as_bytes());
+                    sql.extend_from_slice(&filler[..(40 - at % 40)]);
+                    assert!(super::contains_trigger(&sql), "{}", String::from_utf8_lossy(&sql));
+                    for cut in 0..sql.len() {
+                        assert_eq!(
+                            super::contains_trigger(&sql[..cut]),
+                            reference(&sql[..cut]),
+                            "{}",
+                            String::from_utf8_lossy(&sql[..cut])
+                        );
+                    }
+                }
+            }
+        }
+        for len in 0..filler.len() {
+            assert_eq!(super::contains_trigger(&filler[..len]), reference(&filler[..len]));
         }
     }
 

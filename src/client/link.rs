@@ -193,33 +193,48 @@ impl Link {
                 return Ok(());
             }
         }
-        while !self.terminated && !c.buf.is_empty() {
-            let Some(total) = needed_len(c.buf, 0, c.max_message) else {
-                if c.buf.len() >= HEADER_LEN {
-                    frame_at(c.buf, 0, c.max_message)?;
-                }
-                return Ok(());
-            };
-            let tag = c.buf[0];
-            if c.buf.len() < total {
-                if tag == frontend::COPY_DATA {
-                    let chunk = c.buf.split();
-                    self.c_skip = total - chunk.len();
-                    self.server.conn().wbuf.put_slice(&chunk);
-                }
-                return Ok(());
+        // Messages are framed in place and copied once, into the server's write buffer; the
+        // read buffer is taken out of `c` meanwhile so a message can be borrowed from it while
+        // `c`'s statement tables change, and is consumed in one step at the end.
+        let buf = std::mem::take(&mut *c.buf);
+        let mut pos = 0;
+        let result = loop {
+            if self.terminated || pos == buf.len() {
+                break Ok(());
             }
-            let msg = c.buf.split_to(total).freeze();
+            let rest = &buf[pos..];
+            let Some(total) = needed_len(rest, 0, c.max_message) else {
+                if rest.len() >= HEADER_LEN
+                    && let Err(e) = frame_at(rest, 0, c.max_message)
+                {
+                    break Err(e.into());
+                }
+                break Ok(());
+            };
+            let tag = rest[0];
+            if rest.len() < total {
+                if tag == frontend::COPY_DATA {
+                    self.server.conn().wbuf.put_slice(rest);
+                    self.c_skip = total - rest.len();
+                    pos = buf.len();
+                }
+                break Ok(());
+            }
+            pos += total;
             if tag == frontend::TERMINATE {
                 self.terminated = true;
-                return Ok(());
+                break Ok(());
             }
-            self.client_message(tag, msg, c)?;
-        }
-        Ok(())
+            if let Err(e) = self.client_message(tag, &rest[..total], c) {
+                break Err(e);
+            }
+        };
+        *c.buf = buf;
+        c.buf.advance(pos);
+        result
     }
 
-    fn client_message(&mut self, tag: u8, msg: Bytes, c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
+    fn client_message(&mut self, tag: u8, msg: &[u8], c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
         let malformed = |what| ProtocolError::Malformed {
             what,
             why: "missing NUL terminator",
@@ -230,7 +245,7 @@ impl Link {
                 self.unsynced = true;
                 let (name, payload) = split_cstr(body).ok_or(malformed("Parse"))?;
                 if self.capture_queries {
-                    self.last_query = Some(msg.slice_ref(query_text(payload)));
+                    self.last_query = Some(Bytes::copy_from_slice(query_text(payload)));
                 }
                 let change = if name.is_empty() {
                     session_state_change(query_text(payload))
@@ -246,15 +261,14 @@ impl Link {
                 }
                 if name.is_empty() {
                     self.dirty = self.dirty.or(change);
-                    self.server.conn().wbuf.put_slice(&msg);
+                    self.server.conn().wbuf.put_slice(msg);
                     self.expect.push_back(Expect::Parse {
                         client_name: None,
                         stmt: None,
                     });
                     return Ok(());
                 }
-                let name = msg.slice_ref(name);
-                if c.statements.contains_key(&name) {
+                if c.statements.contains_key(name) {
                     // PostgreSQL reports 42P05 at this point of the pipeline and skips to Sync;
                     // a Parse that is sure to fail makes the server do exactly that.
                     let wbuf = &mut self.server.conn().wbuf;
@@ -264,7 +278,7 @@ impl Link {
                             "42P05",
                             format!(
                                 "prepared statement \"{}\" already exists",
-                                String::from_utf8_lossy(&name)
+                                String::from_utf8_lossy(name)
                             ),
                         ),
                     });
@@ -278,6 +292,7 @@ impl Link {
                     self.expect.push_back(Expect::FailingParse { error: rejection(kind) });
                     return Ok(());
                 }
+                let name = Bytes::copy_from_slice(name);
                 c.statements.insert(name.clone(), stmt.clone());
                 let conn = self.server.conn();
                 if conn.statements.contains(stmt.id) {
@@ -301,7 +316,7 @@ impl Link {
                 let (portal, rest) = split_cstr(body).ok_or(malformed("Bind"))?;
                 let (name, rest) = split_cstr(rest).ok_or(malformed("Bind"))?;
                 match self.resolve(name, c) {
-                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(&msg),
+                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(msg),
                     Resolved::Renamed(server_name) => put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
                         b.put_slice(portal);
                         b.put_u8(0);
@@ -321,7 +336,7 @@ impl Link {
                     Resolved::Verbatim
                 };
                 match resolved {
-                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(&msg),
+                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(msg),
                     Resolved::Renamed(server_name) => {
                         put_message(&mut self.server.conn().wbuf, frontend::DESCRIBE, |b| {
                             b.put_u8(b'S');
@@ -339,7 +354,7 @@ impl Link {
                     // Server statements are shared and cached; closing only forgets the client's
                     // name. Closing an unknown name is not an error in PostgreSQL either.
                     let undo = match c.statements.remove(name) {
-                        Some(stmt) => Undo::Remap(msg.slice_ref(name), stmt),
+                        Some(stmt) => Undo::Remap(Bytes::copy_from_slice(name), stmt),
                         None => Undo::None,
                     };
                     self.expect.push_back(Expect::Synthetic {
@@ -347,7 +362,7 @@ impl Link {
                         undo,
                     });
                 } else {
-                    self.server.conn().wbuf.put_slice(&msg);
+                    self.server.conn().wbuf.put_slice(msg);
                     self.expect.push_back(Expect::Other);
                 }
             }
@@ -355,11 +370,11 @@ impl Link {
                 self.queries += 1;
                 self.unsynced = true;
                 self.syncs_after_execute = 0;
-                self.server.conn().wbuf.put_slice(&msg);
+                self.server.conn().wbuf.put_slice(msg);
                 self.expect.push_back(Expect::Other);
             }
             frontend::SYNC => {
-                self.server.conn().wbuf.put_slice(&msg);
+                self.server.conn().wbuf.put_slice(msg);
                 self.unsynced = false;
                 self.syncs_after_execute += 1;
                 if !self.copy_in {
@@ -371,7 +386,7 @@ impl Link {
             frontend::QUERY => {
                 self.queries += 1;
                 if self.capture_queries {
-                    self.last_query = Some(msg.slice_ref(body.strip_suffix(b"\0").unwrap_or(body)));
+                    self.last_query = Some(Bytes::copy_from_slice(body.strip_suffix(b"\0").unwrap_or(body)));
                 }
                 // A COPY started by a simple Query swallows no Syncs.
                 self.syncs_after_execute = 0;
@@ -399,22 +414,22 @@ impl Link {
                     }
                     self.dirty = self.dirty.or(Some(kind));
                 }
-                self.server.conn().wbuf.put_slice(&msg);
+                self.server.conn().wbuf.put_slice(msg);
                 self.pending_rfq += 1;
                 self.rfq_sent.push_back(std::time::Instant::now());
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::FUNCTION_CALL => {
-                self.server.conn().wbuf.put_slice(&msg);
+                self.server.conn().wbuf.put_slice(msg);
                 self.pending_rfq += 1;
                 self.rfq_sent.push_back(std::time::Instant::now());
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::COPY_DONE | frontend::COPY_FAIL => {
                 self.copy_in = false;
-                self.server.conn().wbuf.put_slice(&msg);
+                self.server.conn().wbuf.put_slice(msg);
             }
-            _ => self.server.conn().wbuf.put_slice(&msg),
+            _ => self.server.conn().wbuf.put_slice(msg),
         }
         Ok(())
     }
