@@ -115,7 +115,11 @@ fn deadline() -> Instant {
 async fn warm(pool: &Pool, size: usize) {
     let mut held = Vec::new();
     for _ in 0..size {
-        held.push(pool.checkout(deadline()).await.expect("checkout from fake backend"));
+        held.push(
+            pool.checkout(deadline(), &pool.settings())
+                .await
+                .expect("checkout from fake backend"),
+        );
     }
     for s in held {
         s.release();
@@ -132,9 +136,11 @@ fn checkout_checkin(c: &mut Criterion) {
 
     let one = pool(port, 1);
     rt.block_on(warm(&one, 1));
+    // Sessions read settings through a cache; so do the measured loops.
+    let one_settings = one.settings().clone();
     c.bench_function("pool checkout+checkin, uncontended", |b| {
         b.to_async(&rt).iter(|| async {
-            let s = one.checkout(deadline()).await.expect("checkout");
+            let s = one.checkout(deadline(), &one_settings).await.expect("checkout");
             s.release();
         })
     });
@@ -152,8 +158,9 @@ fn checkout_checkin(c: &mut Criterion) {
                 for _ in 0..TASKS {
                     let p = shared.clone();
                     tasks.push(tokio::spawn(async move {
+                        let mut settings = p.settings_cache();
                         for _ in 0..PER_TASK {
-                            let s = p.checkout(deadline()).await.expect("checkout");
+                            let s = p.checkout(deadline(), settings.load()).await.expect("checkout");
                             tokio::task::yield_now().await;
                             s.release();
                         }

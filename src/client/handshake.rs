@@ -429,8 +429,9 @@ async fn login(
 
 /// Opens (and returns) one server connection so the pool learns the server's parameters.
 async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
-    let deadline = Instant::now() + pool.settings().acquire_timeout;
-    match pool.checkout(deadline).await {
+    let settings = pool.settings();
+    let deadline = Instant::now() + settings.acquire_timeout;
+    match pool.checkout(deadline, &settings).await {
         Ok(server) => {
             server.release();
             pool.welcome().ok_or_else(|| {

@@ -30,7 +30,7 @@ use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::net::Stream;
-use crate::pool::{Pool, PoolError, PooledServer};
+use crate::pool::{Pool, PoolError, PooledServer, SettingsCache};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::messages::{self, PgError, Severity};
 use crate::proto::tag::{TransactionStatus, frontend};
@@ -47,6 +47,8 @@ struct Session<'a> {
     client: Stream,
     buf: BytesMut,
     pool: Pool,
+    /// `pool`'s settings, following reloads.
+    settings: SettingsCache,
     params: ParamSet,
     /// `params.form()` and the generation it was computed at.
     params_form: (u64, std::sync::Arc<[u8]>),
@@ -98,6 +100,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         client,
         buf: BytesMut::new(),
         mode: settings.mode,
+        settings: pool.settings_cache(),
         pool,
         params_form: (params.generation(), params.form()),
         params,
@@ -311,7 +314,7 @@ impl Session<'_> {
                     };
                     if !stmt.validated.load(std::sync::atomic::Ordering::Relaxed)
                         || (stmt.state_change.is_some()
-                            && self.pool.settings().session_state == SessionStatePolicy::Reject)
+                            && self.settings.load().session_state == SessionStatePolicy::Reject)
                     {
                         return Ok(false);
                     }
@@ -401,8 +404,8 @@ impl Session<'_> {
     }
 
     async fn acquire_inner(&mut self, started: Instant) -> Result<PooledServer, PgError> {
-        let deadline = started + self.pool.settings().acquire_timeout;
-        let mut server = match self.pool.checkout(deadline).await {
+        let deadline = started + self.settings.load().acquire_timeout;
+        let mut server = match self.pool.checkout(deadline, self.settings.load()).await {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
         };
@@ -429,7 +432,7 @@ impl Session<'_> {
         let sql = params::set_statements(&pairs);
         let conn = server.conn();
         let result = tokio::time::timeout(
-            self.pool.settings().server_connect_timeout,
+            self.settings.load().server_connect_timeout,
             conn.run_raw_discarding(&sql),
         )
         .await;
@@ -490,7 +493,7 @@ impl Session<'_> {
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer, linked_at: Instant) -> Result<Unlinked, ClientError> {
         let spares = std::mem::take(&mut self.spares);
-        let mut link = Link::new(server, self.pool.settings().session_state, spares);
+        let mut link = Link::new(server, self.settings.load().session_state, spares);
         self.last_activity = linked_at;
         {
             let conn = link.server.conn_ref();
@@ -558,8 +561,8 @@ impl Session<'_> {
     /// Returns a server that is idle (nothing in flight, no open transaction) to the pool, after
     /// the reset query when session state may have changed on it: always in session mode, and in
     /// transaction mode when a client changed session state under the `reset` policy.
-    async fn return_idle_server(&self, link: Link) {
-        let reset_policy = self.pool.settings().session_state == SessionStatePolicy::Reset;
+    async fn return_idle_server(&mut self, link: Link) {
+        let reset_policy = self.settings.load().session_state == SessionStatePolicy::Reset;
         match (self.mode, link.dirty) {
             (PoolMode::Session, _) => self.reset_and_release(link.server).await,
             (PoolMode::Transaction, Some(kind)) if reset_policy => {
@@ -595,7 +598,7 @@ impl Session<'_> {
     async fn pump(&mut self, link: &mut Link) -> Result<Pumped, ClientError> {
         let mut was_idle_in_tx = false;
         link.capture_queries = self.query_text_bytes > 0;
-        let max_prepared = self.pool.settings().max_prepared_statements;
+        let max_prepared = self.settings.load().max_prepared_statements;
         loop {
             link.frame_client(&mut ClientSide {
                 buf: &mut self.buf,
