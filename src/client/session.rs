@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use std::sync::Arc;
 
 use super::handshake::{LoggedIn, send_error};
+use super::hygiene::StateChange;
 use super::link::{ClientSide, ClientStatements, Link, LinkSpares};
 use super::prepared::{StatementCommand, classify_query};
 use super::registry::{ClientInfo, KILL, SHUTDOWN};
@@ -525,7 +526,7 @@ impl Session<'_> {
             Ok(Pumped::Idle) => {
                 // Idle means nothing is owed or expected: the queues are empty already.
                 self.spares = link.take_spares();
-                self.return_idle_server(link).await;
+                self.return_idle_server(link.server, link.dirty).await;
                 Ok(Unlinked::Continue)
             }
             Ok(Pumped::ClientGone) => {
@@ -549,7 +550,7 @@ impl Session<'_> {
     async fn finish_server_after_client_left(&mut self, link: Link) {
         let clean = link.server_idle() && link.server.conn_ref().buf.is_empty();
         if clean {
-            self.return_idle_server(link).await;
+            self.return_idle_server(link.server, link.dirty).await;
             return;
         }
         if link.pending_rfq > 0 || link.unsynced {
@@ -561,15 +562,17 @@ impl Session<'_> {
     /// Returns a server that is idle (nothing in flight, no open transaction) to the pool, after
     /// the reset query when session state may have changed on it: always in session mode, and in
     /// transaction mode when a client changed session state under the `reset` policy.
-    async fn return_idle_server(&mut self, link: Link) {
+    /// Takes the server and the link's verdict only: the link itself is dropped in place
+    /// rather than moved into this future (a memcpy of it on every transaction).
+    async fn return_idle_server(&mut self, server: PooledServer, dirty: Option<StateChange>) {
         let reset_policy = self.settings.load().session_state == SessionStatePolicy::Reset;
-        match (self.mode, link.dirty) {
-            (PoolMode::Session, _) => self.reset_and_release(link.server).await,
+        match (self.mode, dirty) {
+            (PoolMode::Session, _) => self.reset_and_release(server).await,
             (PoolMode::Transaction, Some(kind)) if reset_policy => {
                 tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
-                self.reset_and_release(link.server).await;
+                self.reset_and_release(server).await;
             }
-            (PoolMode::Transaction, _) => link.server.release(),
+            (PoolMode::Transaction, _) => server.release(),
         }
     }
 
