@@ -4,6 +4,14 @@
 #   benches/pgbench_compare.sh                 # full matrix, 10 s per cell
 #   QUICK=1 benches/pgbench_compare.sh         # 3 s per cell, 100 clients only
 #   DURATION=20 MODES="select" PROTOCOLS="simple extended" CLIENTS="10 100 500 2000" benches/pgbench_compare.sh
+#   CALLGRIND=1 MODES=select PROTOCOLS="simple extended" CLIENTS=100 benches/pgbench_compare.sh
+#
+# CALLGRIND=1 runs both proxies under valgrind's callgrind and reports user-space instructions
+# per transaction instead of CPU time: a count that does not move with the machine's load
+# (CPU µs per transaction on a shared 2-core VM vary by ±10 % run to run), for tracking the
+# hot path between commits. Each cell is TXS transactions (default 40000) with counters zeroed
+# just before pgbench starts, so the clients' logins are included; TPS and latency under
+# valgrind mean nothing and are not reported.
 #
 # Starts a throwaway PostgreSQL 15 (fsync off) in a temp dir, `pgbench -i -s 10`, then PgBouncer
 # (transaction mode) and pgweir in front of it, both with pools of 20 and no server TLS, and runs
@@ -17,7 +25,8 @@
 # WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
 # worker per core), REPEAT (runs per cell and proxy, alternating; the table shows medians;
 # default 1), PGBIN (/usr/lib/postgresql/15/bin),
-# PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10).
+# PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
+# TXS (40000; CALLGRIND=1 only).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -35,6 +44,8 @@ PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 WORKERS=${WORKERS:-1}
 REPEAT=${REPEAT:-1}
 SCALE=${SCALE:-10}
+CALLGRIND=${CALLGRIND:-0}
+TXS=${TXS:-40000}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 PGWEIR=${PGWEIR:-$ROOT/target/release/pgweir}
@@ -149,12 +160,18 @@ if [[ $(id -u) == 0 ]]; then
 fi
 # runuser starts with the default soft limit of 1024 descriptors: raise it to the hard limit, or
 # PgBouncer refuses connections ("accept() failed: Too many open files") at 2,000 clients.
-as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" -q "$1"' "$PGBOUNCER" "$WORK/pgbouncer.ini" &
+# Under CALLGRIND=1 both proxies run inside valgrind (same pid, so pidfiles and /proc still
+# name the proxy).
+VALGRIND=()
+if [[ $CALLGRIND == 1 ]]; then
+    VALGRIND=(valgrind -q --tool=callgrind "--callgrind-out-file=$WORK/callgrind.%p")
+fi
+as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh "${VALGRIND[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
 # `as_pg … &` forks a subshell, then runuser, then PgBouncer: take PgBouncer's own pid from
 # its pidfile so its CPU time is measured and it is stopped on exit.
 PIDS+=("$BOUNCER_PID")
-for _ in $(seq 1 100); do
+for _ in $(seq 1 400); do
     [[ -s $WORK/pgbouncer.pid ]] && break
     sleep 0.05
 done
@@ -178,7 +195,7 @@ host = "127.0.0.1"
 port = $PG_PORT
 max_prepared_statements = 100
 EOF
-PGWEIR_LOG=warn "$PGWEIR" --config "$WORK/pgweir.toml" 2>"$WORK/pgweir.log" &
+PGWEIR_LOG=warn "${VALGRIND[@]}" "$PGWEIR" --config "$WORK/pgweir.toml" 2>"$WORK/pgweir.log" &
 WEIR_PID=$!
 PIDS+=("$WEIR_PID")
 
@@ -221,6 +238,34 @@ run_cell() {
     rm -rf "$dir"
 }
 
+# CALLGRIND=1: one pgbench run of TXS transactions. Prints "- - - instructions_per_tx" (the
+# proxy's user-space instructions, counted from zero just before pgbench starts).
+run_cell_callgrind() {
+    local port=$1 pid=$2 mode=$3 proto=$4 clients=$5 as=$6
+    local script_args=()
+    [[ $mode == select ]] && script_args=(-S) || script_args=(-b tpcb-like)
+    local per_client=$(((TXS + clients - 1) / clients))
+    # callgrind_control talks to the process through files only its owner may use.
+    (cd "$WORK" && $as callgrind_control -z "$pid" >/dev/null)
+    local out
+    if ! out=$(setsid timeout 1800 "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n "${script_args[@]}" \
+        -M "$proto" -c "$clients" -j 2 -t "$per_client" bench 2>&1); then
+        echo "failed - - -"
+        echo "$out" | tail -n 3 >&2
+        return
+    fi
+    (cd "$WORK" && $as callgrind_control -d "$pid" >/dev/null)
+    local txs dump ir
+    txs=$(echo "$out" | awk '/number of transactions actually processed/ {split($NF, a, "/"); print a[1]}')
+    dump=$(ls -t "$WORK/callgrind.$pid".* 2>/dev/null | head -n 1)
+    ir=$(awk '/^totals:/ {print $2}' "$dump" 2>/dev/null)
+    if [[ -z $ir || -z $txs || $txs == 0 ]]; then
+        echo "failed - - -"
+        return
+    fi
+    echo "- - - $((ir / txs))"
+}
+
 # Column-wise medians of "tps avg p99 cpu" lines (one per repeat); "n/a"/"failed" pass through
 # when no run of that column produced a number.
 medians() {
@@ -256,11 +301,25 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
     echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2, $DURATION s per run," \
         "$REPEAT run(s) per cell and proxy alternating (medians shown);" \
         "pgbench, both proxies and PostgreSQL share the machine"
-    echo "- latency in ms (pgbench per-transaction log); CPU = proxy utime+stime per transaction, µs"
-    echo
-    echo "| script | protocol | clients | PgBouncer TPS | pgweir TPS | TPS ratio | PgBouncer avg / p99 ms | pgweir avg / p99 ms | PgBouncer CPU µs/tx | pgweir CPU µs/tx | CPU ratio |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if [[ $CALLGRIND == 1 ]]; then
+        echo "- CALLGRIND=1: both proxies under valgrind --tool=callgrind; instructions = the proxy's" \
+            "user-space instructions per transaction over $TXS transactions (logins included)"
+        echo
+        echo "| script | protocol | clients | PgBouncer instructions/tx | pgweir instructions/tx | ratio |"
+        echo "|---|---|---:|---:|---:|---:|"
+    else
+        echo "- latency in ms (pgbench per-transaction log); CPU = proxy utime+stime per transaction, µs"
+        echo
+        echo "| script | protocol | clients | PgBouncer TPS | pgweir TPS | TPS ratio | PgBouncer avg / p99 ms | pgweir avg / p99 ms | PgBouncer CPU µs/tx | pgweir CPU µs/tx | CPU ratio |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    fi
 } >"$OUT.tmp"
+
+CELL=(run_cell)
+[[ $CALLGRIND == 1 ]] && CELL=(run_cell_callgrind)
+# Who may send callgrind_control requests to PgBouncer (it runs as postgres under root).
+BOUNCER_AS=""
+[[ $(id -u) == 0 ]] && BOUNCER_AS="runuser -u postgres --"
 
 for mode in $MODES; do
     for proto in $PROTOCOLS; do
@@ -273,12 +332,17 @@ for mode in $MODES; do
                     # transaction mode: pgbench -M prepared fails there by design.
                     b_runs+=("n/a n/a n/a n/a")
                 else
-                    b_runs+=("$(run_cell "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients")")
+                    b_runs+=("$("${CELL[@]}" "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients" "$BOUNCER_AS")")
                 fi
-                w_runs+=("$(run_cell "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients")")
+                w_runs+=("$("${CELL[@]}" "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients" "")")
             done
             read -r b_tps b_avg b_p99 b_cpu <<<"$(medians "${b_runs[@]}")"
             read -r w_tps w_avg w_p99 w_cpu <<<"$(medians "${w_runs[@]}")"
+            if [[ $CALLGRIND == 1 ]]; then
+                echo "   PgBouncer $b_cpu instructions/tx; pgweir $w_cpu" >&2
+                echo "| $mode | $proto | $clients | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |" >>"$OUT.tmp"
+                continue
+            fi
             echo "   PgBouncer $b_tps tps $b_avg/$b_p99 ms $b_cpu µs; pgweir $w_tps tps $w_avg/$w_p99 ms $w_cpu µs" >&2
             echo "| $mode | $proto | $clients | $b_tps | $w_tps | $(ratio "$w_tps" "$b_tps") | $b_avg / $b_p99 | $w_avg / $w_p99 | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |" >>"$OUT.tmp"
         done

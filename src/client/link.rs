@@ -183,7 +183,17 @@ impl Link {
 
     /// Moves every complete client message (and the available part of a streamed CopyData)
     /// from the client buffer to the server's write buffer, rewriting statement names.
+    /// The session frames after every read and write, and most of those calls find nothing
+    /// new: they return here, inlined, without the full framing function's set-up.
+    #[inline]
     pub fn frame_client(&mut self, c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
+        if c.buf.is_empty() && self.c_skip == 0 {
+            return Ok(());
+        }
+        self.frame_client_input(c)
+    }
+
+    fn frame_client_input(&mut self, c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
         if self.c_skip > 0 {
             let take = self.c_skip.min(c.buf.len());
             let chunk = c.buf.split_to(take);
@@ -467,7 +477,27 @@ impl Link {
     /// streams big rows through, and applies the reply edits the expect queue calls for. Edits
     /// (dropping or replacing a reply, inserting pgweir's own) happen only at the front of the
     /// buffer, once everything before them has been written, so replies stay in order.
+    #[inline]
     pub fn frame_server(
+        &mut self,
+        client_params: &mut ParamSet,
+        statements: &mut ClientStatements,
+    ) -> Result<(), ProtocolError> {
+        // Nothing new to frame and no reply of pgweir's own due: what the full loop below would
+        // conclude at its first step, without its set-up (most calls end here).
+        if self.s_skip == 0
+            && self.server.conn_ref().buf.len() - self.s_ready < HEADER_LEN
+            && !matches!(
+                self.expect.front(),
+                Some(Expect::Synthetic { .. } | Expect::SyntheticQuery { .. })
+            )
+        {
+            return Ok(());
+        }
+        self.frame_server_input(client_params, statements)
+    }
+
+    fn frame_server_input(
         &mut self,
         client_params: &mut ParamSet,
         statements: &mut ClientStatements,
