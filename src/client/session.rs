@@ -702,14 +702,14 @@ impl Session<'_> {
             let wbuf = &conn.wbuf;
             // One branch per direction: a direction either writes what it has framed or, when
             // that is all written, reads more. Both inner operations are cancel-safe.
+            // Polled in a fixed order: a kill or a deadline is never starved by a direction that
+            // is always ready (a long result streaming through), and the server side, which
+            // wakes the session in almost every transaction, is polled before the client side,
+            // so a wake-up for the server does not re-register interest in the client socket.
             let event = tokio::select! {
-                r = async {
-                    if c_pending {
-                        Io::Wrote(sw.write(wbuf).await)
-                    } else {
-                        Io::Read(cr.read_buf(cbuf).await)
-                    }
-                }, if c_pending || read_client => Event::Client(r),
+                biased;
+                _ = self.info.stop.raised(KILL) => Event::Killed,
+                _ = sleep_until_opt(deadline), if deadline.is_some() => on_deadline,
                 r = async {
                     if inject_pending {
                         Io::Wrote(cw.write(inject).await)
@@ -719,8 +719,13 @@ impl Session<'_> {
                         Io::Read(sr.read_buf(sbuf).await)
                     }
                 } => Event::Server(r),
-                _ = sleep_until_opt(deadline), if deadline.is_some() => on_deadline,
-                _ = self.info.stop.raised(KILL) => Event::Killed,
+                r = async {
+                    if c_pending {
+                        Io::Wrote(sw.write(wbuf).await)
+                    } else {
+                        Io::Read(cr.read_buf(cbuf).await)
+                    }
+                }, if c_pending || read_client => Event::Client(r),
             };
             match event {
                 Event::Client(Io::Wrote(r)) => link.sent_to_server(r.map_err(ClientError::ServerIo)?),
