@@ -298,7 +298,8 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
     echo "- PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), pgbench -s $SCALE," \
         "$("$PGBOUNCER" --version | head -1), pgweir $(git describe --always --dirty 2>/dev/null || echo '?')" \
         "(workers = $WORKERS)"
-    echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2, $DURATION s per run," \
+    echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2," \
+        "$([[ $CALLGRIND == 1 ]] && echo "$TXS transactions" || echo "$DURATION s") per run," \
         "$REPEAT run(s) per cell and proxy alternating (medians shown);" \
         "pgbench, both proxies and PostgreSQL share the machine"
     if [[ $CALLGRIND == 1 ]]; then
