@@ -296,7 +296,14 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
         "$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
     echo "- load average at start: $LOAD_AT_START (1/5/15 min); at end: LOAD_AT_END"
     echo "- PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), pgbench -s $SCALE," \
-        "$("$PGBOUNCER" --version | head -1), pgweir $(git describe --always --dirty 2>/dev/null || echo '?')" \
+        "$("$PGBOUNCER" --version | head -1), pgweir $(
+            # The checkout describes the binary only when the binary is the checkout's build.
+            if [[ $PGWEIR == "$ROOT/target/release/pgweir" ]]; then
+                git describe --always --dirty 2>/dev/null || echo '?'
+            else
+                echo "binary $PGWEIR"
+            fi
+        )" \
         "(workers = $WORKERS)"
     echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2," \
         "$([[ $CALLGRIND == 1 ]] && echo "$TXS transactions" || echo "$DURATION s") per run," \
