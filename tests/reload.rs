@@ -115,3 +115,36 @@ async fn reload_keeps_every_client_connected_and_working() {
         .await
         .expect("new logins work");
 }
+
+/// A connected session reads its pool's settings through a cache: a reload must still reach
+/// it on its next transaction, without reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_client_follows_reloaded_pool_settings() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgweir.toml");
+    write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "session_state = \"allow\"");
+    let config = pgweir::config::Config::load(&path).expect("valid config");
+    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
+        .await
+        .expect("start");
+    let proxy = TestProxy::wrap(proxy);
+    let client = proxy.connect(roles::SCRAM).await;
+    client
+        .batch_execute("set search_path = public")
+        .await
+        .expect("allowed before the reload");
+
+    write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "session_state = \"reject\"");
+    proxy.proxy().context().reload_from_file().expect("reload accepted");
+
+    let e = client
+        .batch_execute("set search_path = public")
+        .await
+        .expect_err("rejected after the reload, on the same connection");
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
+    client
+        .query_one("select 1", &[])
+        .await
+        .expect("connection still usable");
+}
