@@ -271,6 +271,39 @@ async fn health_check_replaces_a_terminated_backend() {
     assert_ne!(new_pid, pid);
 }
 
+/// Without a health check (server_check_delay far away), a backend that ended while idle in the
+/// pool is still never handed out: its goodbye (FATAL, then EOF) makes the socket readable and
+/// the checkout's peek sees it, so the client's very next query gets a fresh backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_ended_while_idle_is_never_handed_out() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.server_check_delay = Duration::from_secs(3600))
+        .start()
+        .await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let admin = direct(&pg, "postgres").await;
+    for round in 0..3 {
+        let pid: i32 = client
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        admin
+            .execute("select pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("terminate");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let new_pid: i32 = client
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the dead backend was handed out: {e}"))
+            .get(0);
+        assert_ne!(new_pid, pid);
+    }
+}
+
 /// How a slowloris client stalls its login.
 #[derive(Debug, Clone, Copy)]
 enum Stall {

@@ -134,12 +134,20 @@ impl Stream {
     /// True when the peer has sent something (or closed) that nobody has read yet, without
     /// consuming it. Used on idle server connections, which must be silent.
     pub fn has_pending_input(&self) -> bool {
+        pending(self.peek_one())
+    }
+
+    /// [`Stream::has_pending_input`] for a socket whose reads go through the reactor: the peek
+    /// runs only when the reactor has seen the socket readable since a read last came up short
+    /// (a `WouldBlock` from the peek clears that again), and no waker is registered, so the
+    /// common answer, "nothing arrived", costs no syscall.
+    pub fn has_pending_input_if_readable(&self) -> bool {
+        pending(self.tcp().try_io(tokio::io::Interest::READABLE, || self.peek_one()))
+    }
+
+    fn peek_one(&self) -> io::Result<usize> {
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(self.tcp()).peek(&mut probe) {
-            Ok(_) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(_) => true,
-        }
+        socket2::SockRef::from(self.tcp()).peek(&mut probe)
     }
 
     /// Best-effort write that never waits; plain TCP only (a TLS record cannot be half-sent).
@@ -239,4 +247,9 @@ impl AsyncWrite for WriteHalf<'_> {
             WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
+}
+
+/// A peek's verdict: bytes or EOF or an error all mean the peer did not stay silent.
+fn pending(peek: io::Result<usize>) -> bool {
+    !matches!(peek, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }

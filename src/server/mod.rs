@@ -123,18 +123,13 @@ impl ServerConn {
     /// is going away (FATAL on shutdown/terminate) or something is wrong, so such a connection
     /// must not be handed out. At most one non-blocking syscall: while the reactor has seen
     /// nothing arrive since the last read came up short (tokio clears read readiness then), the
-    /// peek is skipped, the common case for a connection coming back from the idle list. The
-    /// noop waker only asks; whoever reads this socket next registers its own. (Client sockets
-    /// at login always peek: there a packet racing the reactor matters.)
+    /// peek is skipped, the common case for a connection coming back from the idle list.
+    /// (Client sockets at login always peek: there a packet racing the reactor matters.)
     pub fn has_pending_input(&mut self) -> bool {
         if !self.buf.is_empty() {
             return true;
         }
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if self.stream.tcp().poll_read_ready(&mut cx).is_pending() {
-            return false;
-        }
-        self.stream.has_pending_input()
+        self.stream.has_pending_input_if_readable()
     }
 
     /// After a reset query (DISCARD ALL): the backend holds no prepared statements, and the
