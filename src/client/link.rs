@@ -167,7 +167,7 @@ impl Link {
     /// Records that the first `n` bytes of [`Link::bytes_for_client`] were sent.
     pub fn sent_to_client(&mut self, n: usize) {
         if self.inject.is_empty() {
-            self.server.conn().buf.advance(n);
+            consume(&mut self.server.conn().buf, n);
             self.s_ready -= n;
         } else {
             self.inject.advance(n);
@@ -177,7 +177,7 @@ impl Link {
 
     /// Records that the first `n` bytes of the server's write buffer were sent.
     pub fn sent_to_server(&mut self, n: usize) {
-        self.server.conn().wbuf.advance(n);
+        consume(&mut self.server.conn().wbuf, n);
         self.bytes_to_server += n as u64;
     }
 
@@ -240,7 +240,7 @@ impl Link {
             }
         };
         *c.buf = buf;
-        c.buf.advance(pos);
+        consume(c.buf, pos);
         result
     }
 
@@ -621,6 +621,17 @@ impl Link {
             tracing::debug!(left = self.expect.len(), "reply queue out of step; cleared");
             self.expect.clear();
         }
+    }
+}
+
+/// Drops the first `n` bytes of `buf`. When that is all of it, clearing keeps the whole
+/// allocation in front of the next read or write, where advancing would shrink the buffer and
+/// cost a reclaim before it is filled again (once per transaction and direction).
+fn consume(buf: &mut BytesMut, n: usize) {
+    if n == buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
     }
 }
 
