@@ -22,6 +22,18 @@ fn write_config(path: &Path, pg: &EmbeddedPostgres, listen: &str, admin: &str, p
     .expect("write config");
 }
 
+/// Starts pgweir from a configuration file written by [`write_config`] with `pool` in the
+/// database's section; returns the proxy and the file's path for rewriting.
+async fn start_from_file(pg: &EmbeddedPostgres, dir: &Path, pool: &str) -> (TestProxy, std::path::PathBuf) {
+    let path = dir.join("pgweir.toml");
+    write_config(&path, pg, "127.0.0.1:0", "127.0.0.1:0", pool);
+    let config = pgweir::config::Config::load(&path).expect("valid config");
+    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
+        .await
+        .expect("start");
+    (TestProxy::wrap(proxy), path)
+}
+
 async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
     c.query_one("select pg_backend_pid()", &[]).await.expect("query").get(0)
 }
@@ -30,13 +42,7 @@ async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
 async fn reload_keeps_every_client_connected_and_working() {
     let pg = support::postgres();
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pgweir.toml");
-    write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "pool_size = 4");
-    let config = pgweir::config::Config::load(&path).expect("valid config");
-    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
-        .await
-        .expect("start");
-    let proxy = TestProxy::wrap(proxy);
+    let (proxy, path) = start_from_file(&pg, dir.path(), "pool_size = 4").await;
 
     let in_tx_a = proxy.connect(roles::SCRAM).await;
     let in_tx_b = proxy.connect(roles::SCRAM).await;
@@ -122,13 +128,7 @@ async fn reload_keeps_every_client_connected_and_working() {
 async fn a_connected_client_follows_reloaded_pool_settings() {
     let pg = support::postgres();
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pgweir.toml");
-    write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "session_state = \"allow\"");
-    let config = pgweir::config::Config::load(&path).expect("valid config");
-    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
-        .await
-        .expect("start");
-    let proxy = TestProxy::wrap(proxy);
+    let (proxy, path) = start_from_file(&pg, dir.path(), "session_state = \"allow\"").await;
     let client = proxy.connect(roles::SCRAM).await;
     client
         .batch_execute("set search_path = public")

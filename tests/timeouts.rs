@@ -252,12 +252,18 @@ async fn health_check_replaces_a_terminated_backend() {
         .start()
         .await;
     let client = proxy.connect(roles::SCRAM).await;
+    let admin = direct(&pg, "postgres").await;
+    terminate_backend_then_query(&client, &admin, "after a health check").await;
+}
+
+/// Terminates the backend serving `client` (through `admin`, straight to PostgreSQL) while it
+/// sits idle in the pool, then checks that the client's next query runs on a new backend.
+async fn terminate_backend_then_query(client: &tokio_postgres::Client, admin: &tokio_postgres::Client, what: &str) {
     let pid: i32 = client
         .query_one("select pg_backend_pid()", &[])
         .await
         .expect("pid")
         .get(0);
-    let admin = direct(&pg, "postgres").await;
     admin
         .execute("select pg_terminate_backend($1)", &[&pid])
         .await
@@ -266,7 +272,7 @@ async fn health_check_replaces_a_terminated_backend() {
     let new_pid: i32 = client
         .query_one("select pg_backend_pid()", &[])
         .await
-        .expect("a fresh backend serves the client")
+        .unwrap_or_else(|e| panic!("{what}: the dead backend was handed out: {e}"))
         .get(0);
     assert_ne!(new_pid, pid);
 }
@@ -285,22 +291,7 @@ async fn a_backend_that_ended_while_idle_is_never_handed_out() {
     let client = proxy.connect(roles::SCRAM).await;
     let admin = direct(&pg, "postgres").await;
     for round in 0..3 {
-        let pid: i32 = client
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .expect("pid")
-            .get(0);
-        admin
-            .execute("select pg_terminate_backend($1)", &[&pid])
-            .await
-            .expect("terminate");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let new_pid: i32 = client
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: the dead backend was handed out: {e}"))
-            .get(0);
-        assert_ne!(new_pid, pid);
+        terminate_backend_then_query(&client, &admin, &format!("round {round}")).await;
     }
 }
 
