@@ -148,3 +148,37 @@ async fn a_connected_client_follows_reloaded_pool_settings() {
         .await
         .expect("connection still usable");
 }
+
+/// Timeouts are read at the start of every transaction: a client connected before a reload
+/// that adds idle_transaction_timeout is still freed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_idle_transaction_timeout_reaches_a_connected_client() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (proxy, path) = start_from_file(&pg, dir.path(), "").await;
+    let (client, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let conn_task = tokio::spawn(conn);
+    client
+        .query_one("select 1", &[])
+        .await
+        .expect("served before the reload");
+
+    write_config(
+        &path,
+        &pg,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "idle_transaction_timeout = \"300ms\"",
+    );
+    proxy.proxy().context().reload_from_file().expect("reload accepted");
+
+    client.batch_execute("begin").await.expect("begin");
+    let result = tokio::time::timeout(Duration::from_secs(10), conn_task)
+        .await
+        .expect("the connection is ended by the reloaded timeout")
+        .expect("task");
+    let e = result.expect_err("connection closed with an error");
+    assert_eq!(e.code().map(|c| c.code()), Some("25P03"), "{e:?}");
+}

@@ -53,8 +53,12 @@ struct Session<'a> {
     params: ParamSet,
     /// `params.form()` and the generation it was computed at.
     params_form: (u64, std::sync::Arc<[u8]>),
+    /// Fixed for the connection: a session-mode client may rely on session state that a
+    /// switch to transaction mode after a reload would silently drop.
     mode: PoolMode,
     max_message: usize,
+    /// Refreshed from `settings` at the start of every link and, in session mode, whenever the
+    /// server is idle, so a reload reaches connected clients.
     idle_tx_timeout: Option<Duration>,
     query_timeout: Option<Duration>,
     /// After an error pgweir generated for an extended-protocol message, the rest of the
@@ -494,7 +498,8 @@ impl Session<'_> {
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer, linked_at: Instant) -> Result<Unlinked, ClientError> {
         let spares = std::mem::take(&mut self.spares);
-        let mut link = Link::new(server, self.settings.load().session_state, spares);
+        let policy = self.refresh_timeouts();
+        let mut link = Link::new(server, policy, spares);
         self.last_activity = linked_at;
         {
             let conn = link.server.conn_ref();
@@ -542,6 +547,20 @@ impl Session<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// Takes the timeouts of the pool's current settings; returns its session-state policy
+    /// (read in the same step).
+    fn refresh_timeouts(&mut self) -> SessionStatePolicy {
+        let settings = self.settings.load();
+        let (idle, query, policy) = (
+            settings.idle_transaction_timeout,
+            settings.query_timeout,
+            settings.session_state,
+        );
+        self.idle_tx_timeout = idle;
+        self.query_timeout = query;
+        policy
     }
 
     /// The client is gone. A server with nothing in flight and no open transaction can be
@@ -631,6 +650,9 @@ impl Session<'_> {
                     }
                 } else if idle && self.mode == PoolMode::Transaction {
                     return Ok(Pumped::Idle);
+                } else if idle {
+                    // Session mode keeps one link for the whole session.
+                    self.refresh_timeouts();
                 }
             }
 

@@ -237,8 +237,9 @@ impl Pool {
         &self.shared.key
     }
 
-    /// The current settings. A guard rather than an `Arc` clone: read on every transaction, it
-    /// should not bounce a reference count between cores.
+    /// The current settings, for the admin API, logins and rare paths (sessions read them
+    /// through [`Pool::settings_cache`]). A guard rather than an `Arc` clone: no reference
+    /// count bounces between cores.
     pub fn settings(&self) -> arc_swap::Guard<Arc<PoolSettings>> {
         self.shared.settings.load()
     }
