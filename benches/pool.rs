@@ -14,11 +14,10 @@ use pgweir::pool::{Pool, PoolKey};
 use pgweir::server::{ServerIds, ServerSecret, ServerTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn msg(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
-    out.push(tag);
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(body);
-}
+#[path = "../tests/support/fake_pg.rs"]
+mod fake_pg;
+
+use fake_pg::msg;
 
 async fn fake_backend() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -26,39 +25,7 @@ async fn fake_backend() -> u16 {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                loop {
-                    let mut len = [0u8; 4];
-                    if s.read_exact(&mut len).await.is_err() {
-                        return;
-                    }
-                    let mut body = vec![0u8; (i32::from_be_bytes(len) as usize).saturating_sub(4)];
-                    if s.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    if body == [0x04, 0xd2, 0x16, 0x2f] {
-                        if s.write_all(b"N").await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    break;
-                }
-                let mut out = Vec::new();
-                msg(&mut out, b'R', &0i32.to_be_bytes());
-                for (k, v) in [
-                    ("server_version", "15.0"),
-                    ("server_encoding", "UTF8"),
-                    ("client_encoding", "UTF8"),
-                    ("DateStyle", "ISO, MDY"),
-                    ("integer_datetimes", "on"),
-                    ("standard_conforming_strings", "on"),
-                    ("TimeZone", "UTC"),
-                ] {
-                    msg(&mut out, b'S', format!("{k}\0{v}\0").as_bytes());
-                }
-                msg(&mut out, b'K', &[0, 0, 0, 42, 0, 0, 0, 7]);
-                msg(&mut out, b'Z', b"I");
-                if s.write_all(&out).await.is_err() {
+                if fake_pg::trust_login(&mut s, "15.0").await.is_err() {
                     return;
                 }
                 let mut reply = Vec::new();

@@ -367,7 +367,7 @@ async fn postgres_at_max_connections_gives_a_clear_error_and_no_retry_storm() {
 /// A fake PostgreSQL that completes a trust login and then reads queries without ever
 /// answering. Returns its port and a receiver of "a connection to me closed" events.
 async fn stalling_backend() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -375,46 +375,7 @@ async fn stalling_backend() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
         while let Ok((mut s, _)) = listener.accept().await {
             let closed_tx = closed_tx.clone();
             tokio::spawn(async move {
-                // Like a PostgreSQL with ssl = off: answer an SSLRequest 'N', then read the
-                // StartupMessage.
-                loop {
-                    let mut len = [0u8; 4];
-                    if s.read_exact(&mut len).await.is_err() {
-                        return;
-                    }
-                    let mut body = vec![0u8; (i32::from_be_bytes(len) as usize).saturating_sub(4)];
-                    if s.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    if body == [0x04, 0xd2, 0x16, 0x2f] {
-                        if s.write_all(b"N").await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    break;
-                }
-                let mut out = Vec::new();
-                let mut msg = |tag: u8, body: &[u8]| {
-                    out.push(tag);
-                    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-                    out.extend_from_slice(body);
-                };
-                msg(b'R', &0i32.to_be_bytes());
-                for (k, v) in [
-                    ("server_version", "17.0"),
-                    ("server_encoding", "UTF8"),
-                    ("client_encoding", "UTF8"),
-                    ("DateStyle", "ISO, MDY"),
-                    ("integer_datetimes", "on"),
-                    ("standard_conforming_strings", "on"),
-                    ("TimeZone", "UTC"),
-                ] {
-                    msg(b'S', format!("{k}\0{v}\0").as_bytes());
-                }
-                msg(b'K', &[0, 0, 0, 42, 0, 0, 0, 7]);
-                msg(b'Z', b"I");
-                if s.write_all(&out).await.is_err() {
+                if support::fake_pg::trust_login(&mut s, "17.0").await.is_err() {
                     return;
                 }
                 // Swallow whatever comes, answer nothing, report when the peer hangs up.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake_pg;
 pub mod proxy;
 
 use pgweir::embedded_pg::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
