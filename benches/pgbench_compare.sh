@@ -6,6 +6,11 @@
 #   DURATION=20 MODES="select" PROTOCOLS="simple extended" CLIENTS="10 100 500 2000" benches/pgbench_compare.sh
 #   CALLGRIND=1 MODES=select PROTOCOLS="simple extended" CLIENTS=100 benches/pgbench_compare.sh
 #
+# FLOOR=1 adds a third target, examples/floor.rs: a bare single-threaded epoll loop with
+# PgBouncer's hand-off and none of a real pooler's work (no auth, TLS, statement tracking,
+# timeouts or metrics), as the yardstick of what the event loop and syscalls alone cost on this
+# machine. Not for -M prepared (it tracks no statements).
+#
 # CALLGRIND=1 runs both proxies under valgrind's callgrind and reports user-space instructions
 # per transaction instead of CPU time: a count that does not move with the machine's load
 # (CPU µs per transaction on a shared 2-core VM vary by ±10 % run to run), for tracking the
@@ -26,7 +31,7 @@
 # worker per core), REPEAT (runs per cell and proxy, alternating; the table shows medians;
 # default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
-# TXS (40000; CALLGRIND=1 only).
+# TXS (40000; CALLGRIND=1 only), FLOOR (0).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -45,6 +50,8 @@ WORKERS=${WORKERS:-1}
 REPEAT=${REPEAT:-1}
 SCALE=${SCALE:-10}
 CALLGRIND=${CALLGRIND:-0}
+FLOOR=${FLOOR:-0}
+FLOOR_BIN=$ROOT/target/release/examples/floor
 TXS=${TXS:-40000}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
@@ -57,6 +64,9 @@ ulimit -n 100000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 if [[ ! -x $PGWEIR ]]; then
     echo "building $PGWEIR" >&2
     cargo build --release
+fi
+if [[ $FLOOR == 1 ]]; then
+    cargo build --release --example floor
 fi
 
 WORK=$(mktemp -d /tmp/pgweir-bench.XXXXXX)
@@ -199,8 +209,17 @@ PGWEIR_LOG=warn "${VALGRIND[@]}" "$PGWEIR" --config "$WORK/pgweir.toml" 2>"$WORK
 WEIR_PID=$!
 PIDS+=("$WEIR_PID")
 
+FLOOR_PORT="" FLOOR_PID=""
+if [[ $FLOOR == 1 ]]; then
+    FLOOR_PORT=$(free_port)
+    "${VALGRIND[@]}" "$FLOOR_BIN" "$FLOOR_PORT" "$PG_PORT" 20 bench postgres 2>"$WORK/floor.log" &
+    FLOOR_PID=$!
+    PIDS+=("$FLOOR_PID")
+fi
+
 wait_port "$BOUNCER_PORT"
 wait_port "$WEIR_PORT"
+[[ $FLOOR == 1 ]] && wait_port "$FLOOR_PORT"
 
 # One pgbench run. Prints: tps avg_ms p99_ms cpu_us_per_tx (or "failed" fields).
 run_cell() {
@@ -309,17 +328,31 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
         "$([[ $CALLGRIND == 1 ]] && echo "$TXS transactions" || echo "$DURATION s") per run," \
         "$REPEAT run(s) per cell and proxy alternating (medians shown);" \
         "pgbench, both proxies and PostgreSQL share the machine"
+    if [[ $FLOOR == 1 ]]; then
+        echo "- floor: examples/floor.rs, a bare one-thread epoll loop with PgBouncer's hand-off and none of a" \
+            "pooler's work (no auth, TLS, statement tracking, timeouts, metrics), pool 20, run after the other two"
+    fi
     if [[ $CALLGRIND == 1 ]]; then
         echo "- CALLGRIND=1: both proxies under valgrind --tool=callgrind; instructions = the proxy's" \
             "user-space instructions per transaction over $TXS transactions (logins included)"
         echo
-        echo "| script | protocol | clients | PgBouncer instructions/tx | pgweir instructions/tx | ratio |"
-        echo "|---|---|---:|---:|---:|---:|"
+        if [[ $FLOOR == 1 ]]; then
+            echo "| script | protocol | clients | PgBouncer instructions/tx | pgweir instructions/tx | ratio | floor instructions/tx |"
+            echo "|---|---|---:|---:|---:|---:|---:|"
+        else
+            echo "| script | protocol | clients | PgBouncer instructions/tx | pgweir instructions/tx | ratio |"
+            echo "|---|---|---:|---:|---:|---:|"
+        fi
     else
         echo "- latency in ms (pgbench per-transaction log); CPU = proxy utime+stime per transaction, µs"
         echo
-        echo "| script | protocol | clients | PgBouncer TPS | pgweir TPS | TPS ratio | PgBouncer avg / p99 ms | pgweir avg / p99 ms | PgBouncer CPU µs/tx | pgweir CPU µs/tx | CPU ratio |"
-        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        if [[ $FLOOR == 1 ]]; then
+            echo "| script | protocol | clients | PgBouncer TPS | pgweir TPS | TPS ratio | PgBouncer avg / p99 ms | pgweir avg / p99 ms | PgBouncer CPU µs/tx | pgweir CPU µs/tx | CPU ratio | floor TPS | floor CPU µs/tx | floor CPU ratio |"
+            echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        else
+            echo "| script | protocol | clients | PgBouncer TPS | pgweir TPS | TPS ratio | PgBouncer avg / p99 ms | pgweir avg / p99 ms | PgBouncer CPU µs/tx | pgweir CPU µs/tx | CPU ratio |"
+            echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        fi
     fi
 } >"$OUT.tmp"
 
@@ -333,7 +366,7 @@ for mode in $MODES; do
     for proto in $PROTOCOLS; do
         for clients in $CLIENTS; do
             echo "== $mode $proto $clients clients" >&2
-            b_runs=() w_runs=()
+            b_runs=() w_runs=() f_runs=()
             for _ in $(seq 1 "$REPEAT"); do
                 if [[ $proto == prepared ]] && "$PGBOUNCER" --version | head -1 | grep -qE ' 1\.(1[0-9]|20)\.'; then
                     # PgBouncer < 1.21 does not track protocol-level prepared statements in
@@ -343,16 +376,25 @@ for mode in $MODES; do
                     b_runs+=("$("${CELL[@]}" "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients" "$BOUNCER_AS")")
                 fi
                 w_runs+=("$("${CELL[@]}" "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients" "")")
+                if [[ $FLOOR == 1 && $proto != prepared ]]; then
+                    f_runs+=("$("${CELL[@]}" "$FLOOR_PORT" "$FLOOR_PID" "$mode" "$proto" "$clients" "")")
+                else
+                    f_runs+=("n/a n/a n/a n/a")
+                fi
             done
             read -r b_tps b_avg b_p99 b_cpu <<<"$(medians "${b_runs[@]}")"
             read -r w_tps w_avg w_p99 w_cpu <<<"$(medians "${w_runs[@]}")"
+            read -r f_tps _ _ f_cpu <<<"$(medians "${f_runs[@]}")"
+            floor_cols=""
             if [[ $CALLGRIND == 1 ]]; then
-                echo "   PgBouncer $b_cpu instructions/tx; pgweir $w_cpu" >&2
-                echo "| $mode | $proto | $clients | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |" >>"$OUT.tmp"
+                [[ $FLOOR == 1 ]] && floor_cols=" $f_cpu |"
+                echo "   PgBouncer $b_cpu instructions/tx; pgweir $w_cpu; floor $f_cpu" >&2
+                echo "| $mode | $proto | $clients | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |$floor_cols" >>"$OUT.tmp"
                 continue
             fi
-            echo "   PgBouncer $b_tps tps $b_avg/$b_p99 ms $b_cpu µs; pgweir $w_tps tps $w_avg/$w_p99 ms $w_cpu µs" >&2
-            echo "| $mode | $proto | $clients | $b_tps | $w_tps | $(ratio "$w_tps" "$b_tps") | $b_avg / $b_p99 | $w_avg / $w_p99 | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |" >>"$OUT.tmp"
+            [[ $FLOOR == 1 ]] && floor_cols=" $f_tps | $f_cpu | $(ratio "$f_cpu" "$b_cpu") |"
+            echo "   PgBouncer $b_tps tps $b_avg/$b_p99 ms $b_cpu µs; pgweir $w_tps tps $w_avg/$w_p99 ms $w_cpu µs; floor $f_tps tps $f_cpu µs" >&2
+            echo "| $mode | $proto | $clients | $b_tps | $w_tps | $(ratio "$w_tps" "$b_tps") | $b_avg / $b_p99 | $w_avg / $w_p99 | $b_cpu | $w_cpu | $(ratio "$w_cpu" "$b_cpu") |$floor_cols" >>"$OUT.tmp"
         done
     done
 done
