@@ -1,7 +1,8 @@
-//! Real client drivers through pgweir in transaction mode: 50 clients on a pool of 4, so a
-//! client's consecutive transactions land on different servers and every named statement is
-//! re-prepared wherever it goes. Each script (tests/drivers/) checks every result against
-//! values unique to its connection and exits non-zero on a wrong row or any error:
+//! Real client drivers through pgweir in transaction mode: 50 clients on a pool of 4 keeping at
+//! most 8 statements per server, so a client's consecutive transactions land on different
+//! servers and named statements are evicted and re-prepared wherever they go. Each script
+//! (tests/drivers/) checks every result against values unique to its connection and exits
+//! non-zero on a wrong row or any error:
 //! - asyncpg: named prepared statements and its statement cache, explicit prepare, cursors
 //!   (portals) in transactions, executemany, asyncpg.Pool;
 //! - psycopg 3: automatic server-side prepare, pipeline mode, COPY in and out, named cursors;
@@ -49,8 +50,14 @@ fn setup() {
     }
 }
 
+/// A pool of 4 keeping at most 8 statements per server: the drivers' statements (some unique
+/// per connection) are evicted and re-prepared all the time.
 async fn proxy(pg: &pgweir::embedded_pg::EmbeddedPostgres) -> TestProxy {
-    TestProxyBuilder::new(pg).pool_size(4).start().await
+    TestProxyBuilder::new(pg)
+        .pool_size(4)
+        .with_pool(|p| p.max_prepared_statements = 8)
+        .start()
+        .await
 }
 
 /// Runs one driver script against `proxy` and fails the test with its output unless it exits 0.
