@@ -9,6 +9,9 @@
 //! - node-postgres: named statements prepared once per connection, then only bound; pg.Pool;
 //! - pgJDBC: server-side statements after prepareThreshold, batches, fetch-size portals.
 //!
+//! Each driver also runs over TLS (sslmode verify-full against a throwaway CA), with fewer
+//! clients.
+//!
 //! The drivers are installed into target/drivers by tests/drivers/setup.sh, which these tests
 //! run first (it only checks when they are there). A driver that cannot be installed fails its
 //! test with the reason: none is skipped.
@@ -20,7 +23,9 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use pgweir::config::ClientTlsMode;
 use pgweir::embedded_pg::roles;
+use support::pki::{Pki, client_tls};
 use support::proxy::{TestProxy, TestProxyBuilder};
 
 fn root() -> &'static Path {
@@ -50,31 +55,57 @@ fn setup() {
     }
 }
 
-/// A pool of 4 keeping at most 8 statements per server: the drivers' statements (some unique
-/// per connection) are evicted and re-prepared all the time.
-async fn proxy(pg: &pgweir::embedded_pg::EmbeddedPostgres) -> TestProxy {
-    TestProxyBuilder::new(pg)
-        .pool_size(4)
-        .with_pool(|p| p.max_prepared_statements = 8)
-        .start()
-        .await
+/// How a driver connects.
+enum Transport {
+    Plain,
+    /// TLS required by pgweir, verified by the driver against this CA.
+    Tls(Box<Pki>),
 }
 
-/// Runs one driver script against `proxy` and fails the test with its output unless it exits 0.
-async fn run(proxy: &TestProxy, program: PathBuf, args: &[PathBuf]) {
+/// A pool of 4 keeping at most 8 statements per server: the drivers' statements (some unique
+/// per connection) are evicted and re-prepared all the time.
+async fn proxy(pg: &pgweir::embedded_pg::EmbeddedPostgres, transport: &Transport) -> TestProxy {
+    let mut builder = TestProxyBuilder::new(pg)
+        .pool_size(4)
+        .with_pool(|p| p.max_prepared_statements = 8);
+    if let Transport::Tls(pki) = transport {
+        builder.tls = client_tls(ClientTlsMode::Require, &pki.leaf("proxy", &["127.0.0.1"]));
+    }
+    builder.start().await
+}
+
+/// Runs one driver script through a fresh proxy and fails the test with its output unless it
+/// exits 0.
+async fn run(transport: Transport, program: PathBuf, args: &[PathBuf]) {
     setup();
+    let pg = support::postgres();
+    let proxy = proxy(&pg, &transport).await;
     let (user, password) = roles::SCRAM;
-    let child = tokio::process::Command::new(&program)
+    let mut command = tokio::process::Command::new(&program);
+    match &transport {
+        Transport::Plain => {
+            command
+                .env("PGSSLMODE", "disable")
+                .env("DRIVER_CLIENTS", "50")
+                .env("DRIVER_ROUNDS", "10");
+        }
+        Transport::Tls(pki) => {
+            command
+                .env("PGSSLMODE", "verify-full")
+                .env("PGSSLROOTCERT", pki.ca_file())
+                .env("NODE_EXTRA_CA_CERTS", pki.ca_file())
+                .env("DRIVER_CLIENTS", "20")
+                .env("DRIVER_ROUNDS", "5");
+        }
+    }
+    let child = command
         .args(args)
         .env("PGHOST", "127.0.0.1")
         .env("PGPORT", proxy.port().to_string())
         .env("PGUSER", user)
         .env("PGPASSWORD", password)
         .env("PGDATABASE", roles::DATABASE)
-        .env("PGSSLMODE", "disable")
         .env("NODE_PATH", root().join("target/drivers/node/node_modules"))
-        .env("DRIVER_CLIENTS", "50")
-        .env("DRIVER_ROUNDS", "10")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -103,39 +134,54 @@ fn python() -> PathBuf {
     root().join("target/drivers/venv/bin/python")
 }
 
+fn tls() -> Transport {
+    Transport::Tls(Box::new(Pki::new("pgweir driver-test CA")))
+}
+
+fn java_args() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("-cp"),
+        PathBuf::from("/usr/share/java/postgresql.jar"),
+        script("JdbcStress.java"),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_gets_every_row_right() {
-    let pg = support::postgres();
-    let proxy = proxy(&pg).await;
-    run(&proxy, python(), &[script("asyncpg_stress.py")]).await;
+    run(Transport::Plain, python(), &[script("asyncpg_stress.py")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_over_tls_gets_every_row_right() {
+    run(tls(), python(), &[script("asyncpg_stress.py")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg3_gets_every_row_right() {
-    let pg = support::postgres();
-    let proxy = proxy(&pg).await;
-    run(&proxy, python(), &[script("psycopg_stress.py")]).await;
+    run(Transport::Plain, python(), &[script("psycopg_stress.py")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_over_tls_gets_every_row_right() {
+    run(tls(), python(), &[script("psycopg_stress.py")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_gets_every_row_right() {
-    let pg = support::postgres();
-    let proxy = proxy(&pg).await;
-    run(&proxy, PathBuf::from("node"), &[script("node_pg_stress.js")]).await;
+    run(Transport::Plain, PathBuf::from("node"), &[script("node_pg_stress.js")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_over_tls_gets_every_row_right() {
+    run(tls(), PathBuf::from("node"), &[script("node_pg_stress.js")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_gets_every_row_right() {
-    let pg = support::postgres();
-    let proxy = proxy(&pg).await;
-    run(
-        &proxy,
-        PathBuf::from("java"),
-        &[
-            PathBuf::from("-cp"),
-            PathBuf::from("/usr/share/java/postgresql.jar"),
-            script("JdbcStress.java"),
-        ],
-    )
-    .await;
+    run(Transport::Plain, PathBuf::from("java"), &java_args()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_over_tls_gets_every_row_right() {
+    run(tls(), PathBuf::from("java"), &java_args()).await;
 }

@@ -3,85 +3,29 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pgweir::app::Proxy;
-use pgweir::config::{ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode};
+use pgweir::config::{ClientTlsMode, ServerTlsConfig, ServerTlsMode};
 use pgweir::embedded_pg::{EmbeddedOptions, EmbeddedPostgres, EmbeddedTls, roles};
 use pgweir::net::tls::{self, ServerVerify};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use support::pki::{Leaf, Pki, client_tls};
 use support::proxy::{TestProxy, TestProxyBuilder, message, sqlstate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// A CA and leaf certificates it signs, written to a temp dir as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-struct Leaf {
-    cert: PathBuf,
-    key: PathBuf,
-    cert_pem: String,
-    key_pem: String,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA cert");
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
-        Pki { dir, ca }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A leaf for `names` (DNS names or IP addresses), signed by this CA.
-    fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = CertificateParams::new(names)
-            .expect("leaf params")
-            .signed_by(&key, &self.ca)
-            .expect("sign leaf");
-        let leaf = Leaf {
-            cert: self.dir.path().join(format!("{file}.crt")),
-            key: self.dir.path().join(format!("{file}.key")),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        };
-        std::fs::write(&leaf.cert, &leaf.cert_pem).expect("write cert");
-        std::fs::write(&leaf.key, &leaf.key_pem).expect("write key");
-        leaf
-    }
-}
-
 /// A proxy in front of `pg` serving TLS to clients with `leaf`.
 async fn tls_proxy(pg: &EmbeddedPostgres, mode: ClientTlsMode, leaf: &Leaf) -> TestProxy {
     let mut builder = TestProxyBuilder::new(pg);
     builder.tls = client_tls(mode, leaf);
     builder.start().await
-}
-
-fn client_tls(mode: ClientTlsMode, leaf: &Leaf) -> ClientTlsConfig {
-    ClientTlsConfig {
-        mode,
-        cert_file: Some(leaf.cert.clone()),
-        key_file: Some(leaf.key.clone()),
-        acceptor: Some(tls::acceptor(&leaf.cert, &leaf.key).expect("acceptor")),
-    }
 }
 
 /// A rustls client config trusting only `ca_file`, offering `alpn`.

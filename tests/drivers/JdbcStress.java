@@ -19,7 +19,8 @@ public class JdbcStress {
         int n = Integer.parseInt(env("DRIVER_CLIENTS", "50"));
         int rounds = Integer.parseInt(env("DRIVER_ROUNDS", "10"));
         String url = "jdbc:postgresql://" + env("PGHOST", "127.0.0.1") + ":" + env("PGPORT", "6432") + "/"
-            + env("PGDATABASE", "postgres") + "?prepareThreshold=2";
+            + env("PGDATABASE", "postgres") + "?prepareThreshold=2&sslmode=" + env("PGSSLMODE", "prefer")
+            + (env("PGSSLROOTCERT", "").isEmpty() ? "" : "&sslrootcert=" + env("PGSSLROOTCERT", ""));
         Properties props = new Properties();
         props.setProperty("user", env("PGUSER", "postgres"));
         props.setProperty("password", env("PGPASSWORD", ""));

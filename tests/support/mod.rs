@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_pg;
+pub mod pki;
 pub mod proxy;
 
 use pgweir::embedded_pg::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
