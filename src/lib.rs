@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! client socket ─▶ app (accept, max_client_conn) ─▶ client::handshake (startup, auth, welcome)
-//!    ─▶ client::session ─▶ pool.checkout(deadline) ─▶ server conn (bytes forwarded both ways)
+//!    ─▶ client::session ─▶ pool.checkout(started) ─▶ server conn (bytes forwarded both ways)
 //!    ─▶ ReadyForQuery 'I' ─▶ server released to the pool (or closed if not clean)
 //! ```
 //!

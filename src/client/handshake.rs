@@ -430,8 +430,7 @@ async fn login(
 /// Opens (and returns) one server connection so the pool learns the server's parameters.
 async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
     let settings = pool.settings();
-    let deadline = Instant::now() + settings.acquire_timeout;
-    match pool.checkout(deadline, &settings).await {
+    match pool.checkout(Instant::now(), &settings).await {
         Ok(server) => {
             server.release();
             pool.welcome().ok_or_else(|| {

@@ -409,8 +409,7 @@ impl Session<'_> {
     }
 
     async fn acquire_inner(&mut self, started: Instant) -> Result<PooledServer, PgError> {
-        let deadline = started + self.settings.load().acquire_timeout;
-        let mut server = match self.pool.checkout(deadline, self.settings.load()).await {
+        let mut server = match self.pool.checkout(started, self.settings.load()).await {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
         };

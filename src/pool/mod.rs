@@ -296,11 +296,13 @@ impl Pool {
         lock(&self.shared.welcome).clone()
     }
 
-    /// Takes a server connection, waiting up to `deadline`. Waiters are served first-in,
-    /// first-out.
-    /// `settings` are the caller's view of this pool's settings (for vetting idle servers).
-    pub async fn checkout(&self, deadline: Instant, settings: &PoolSettings) -> Result<PooledServer, PoolError> {
+    /// Takes a server connection, waiting until `acquire_timeout` after `started` (when the
+    /// caller began asking). Waiters are served first-in, first-out.
+    /// `settings` are the caller's view of this pool's settings (the timeout, and vetting of
+    /// idle servers).
+    pub async fn checkout(&self, started: Instant, settings: &PoolSettings) -> Result<PooledServer, PoolError> {
         let shared = &self.shared;
+        let deadline = started + settings.acquire_timeout;
         let immediate = {
             let mut st = lock(&shared.state);
             if st.closed {
@@ -341,7 +343,7 @@ impl Pool {
                     shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
                     return Err(PoolError::Timeout {
                         key: shared.key.clone(),
-                        timeout: shared.settings.load().acquire_timeout,
+                        timeout: settings.acquire_timeout,
                         snapshot: self.snapshot(),
                     });
                 }
