@@ -18,10 +18,7 @@ async fn client_killed_while_holding_a_row_lock_frees_it_within_a_second() {
         .await
         .expect("setup");
     // A raw client that takes a lock and then vanishes (socket closed, no Terminate).
-    let (victim, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let conn_task = tokio::spawn(conn);
+    let (victim, conn_task) = proxy.connect_watched(roles::SCRAM).await;
     victim
         .batch_execute("begin; update locks set v = 1 where id = 1")
         .await
@@ -46,10 +43,7 @@ async fn client_killed_while_holding_a_row_lock_frees_it_within_a_second() {
 async fn client_killed_mid_query_cancels_the_query() {
     let pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg).pool_size(2).start().await;
-    let (victim, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let conn_task = tokio::spawn(conn);
+    let (victim, conn_task) = proxy.connect_watched(roles::SCRAM).await;
     let q = tokio::spawn(async move { victim.simple_query("select pg_sleep(60)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     conn_task.abort();
@@ -217,10 +211,7 @@ async fn postgres_sigkilled_mid_transaction_gives_clients_an_error_and_the_pool_
         .expect("setup");
     let mut in_tx = Vec::new();
     for i in 0..3 {
-        let (c, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        let conn = tokio::spawn(conn);
+        let (c, conn) = proxy.connect_watched(roles::SCRAM).await;
         c.batch_execute(&format!("begin; insert into crash values ({i})"))
             .await
             .expect("transaction open");
@@ -486,10 +477,7 @@ async fn a_sigkilled_backend_crash_restart_is_survived_without_operator_action()
         .await
         .expect("pid")
         .get(0);
-    let (bystander, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let bystander_conn = tokio::spawn(conn);
+    let (bystander, bystander_conn) = proxy.connect_watched(roles::SCRAM).await;
     bystander.batch_execute("begin").await.expect("bystander begins");
     let status = std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])

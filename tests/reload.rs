@@ -156,10 +156,7 @@ async fn a_reloaded_idle_transaction_timeout_reaches_a_connected_client() {
     let pg = support::postgres();
     let dir = tempfile::tempdir().expect("tempdir");
     let (proxy, path) = start_from_file(&pg, dir.path(), "").await;
-    let (client, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let conn_task = tokio::spawn(conn);
+    let (client, conn_task) = proxy.connect_watched(roles::SCRAM).await;
     client
         .query_one("select 1", &[])
         .await

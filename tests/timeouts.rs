@@ -117,10 +117,7 @@ async fn idle_transaction_timeout_error_reaches_a_waiting_reader() {
         .with_pool(|p| p.idle_transaction_timeout = Some(Duration::from_millis(200)))
         .start()
         .await;
-    let (client, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "app"), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let conn_task = tokio::spawn(conn);
+    let (client, conn_task) = proxy.connect_watched(roles::SCRAM).await;
     client.batch_execute("begin").await.expect("begin");
     let result = tokio::time::timeout(Duration::from_secs(5), conn_task)
         .await

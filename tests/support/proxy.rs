@@ -230,6 +230,21 @@ impl TestProxy {
             .expect("client connects through pgweir")
     }
 
+    /// A client whose connection task is returned rather than detached, to see when and how
+    /// pgweir ends the connection.
+    pub async fn connect_watched(
+        &self,
+        role: (&str, &str),
+    ) -> (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ) {
+        let (client, conn) = tokio_postgres::connect(&self.conn_str(role, "app"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        (client, tokio::spawn(conn))
+    }
+
     pub async fn try_connect(
         &self,
         role: (&str, &str),
