@@ -135,6 +135,7 @@ fn client_json(c: &ClientInfo, now: u64) -> Value {
         "addr": c.addr.to_string(),
         "application_name": c.application_name,
         "tls": c.tls,
+        "event_loop": c.in_event_loop(),
         "database": c.pool.database,
         "user": c.pool.user,
         "state": state,

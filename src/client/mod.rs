@@ -28,6 +28,8 @@ pub use cancel::CancelRegistry;
 pub use error::{ClientError, DISCONNECT_REASONS, LOGIN_FAILURE_REASONS, LoginFailure};
 pub use users::UserDirectory;
 
+pub(crate) use session::Hub;
+
 use crate::config::Config;
 use crate::pool::PoolRegistry;
 use crate::server::ServerIds;
@@ -68,6 +70,9 @@ pub struct ClientContext {
     /// Set by POST /api/drain: /ready answers 503 so load balancers stop sending new clients,
     /// while connected clients are served as usual (the shutdown that follows drains them).
     pub draining: std::sync::atomic::AtomicBool,
+    /// The event loop serving plain-TCP transaction-mode clients between and during
+    /// transactions (`listen.event_loop`); None serves every client from its own task.
+    pub(crate) hub: Option<session::Hub>,
 }
 
 impl ClientContext {
@@ -95,6 +100,7 @@ impl ClientContext {
             login_failures: Default::default(),
             auth_query: Default::default(),
             draining: Default::default(),
+            hub: None,
         }
     }
 
@@ -127,6 +133,9 @@ impl ClientContext {
         if old.listen.peer_id != config.listen.peer_id {
             // Keys already handed out carry the old id.
             needs_restart.push("listen.peer_id".to_owned());
+        }
+        if old.listen.event_loop != config.listen.event_loop {
+            needs_restart.push("listen.event_loop".to_owned());
         }
         if old.admin.addr != config.admin.addr {
             needs_restart.push("admin.addr".to_owned());
@@ -171,7 +180,7 @@ pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>)
         if ctx.shutdown.is_cancelled() {
             info.stop.raise(registry::SHUTDOWN);
         }
-        let result = session::run(login, &ctx, info).await;
+        let result = session::run(login, ctx.clone(), info).await;
         ctx.clients.unregister(id);
         result
     }

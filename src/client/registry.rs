@@ -45,6 +45,12 @@ impl StopSignal {
         self.waker.wake();
     }
 
+    /// Makes the next raise wake `waker` instead of the session's task (the event loop holds
+    /// the session meanwhile).
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
     /// The raised bits among `mask`, 0 when none.
     pub fn raised_now(&self, mask: u8) -> u8 {
         self.bits.load(Ordering::SeqCst) & mask
@@ -104,6 +110,8 @@ pub struct ClientInfo {
     last_query: std::sync::Mutex<String>,
     /// Raised by an admin kill or by shutdown.
     pub stop: StopSignal,
+    /// Served by an event loop right now rather than by the client's own task.
+    in_event_loop: std::sync::atomic::AtomicBool,
 }
 
 pub fn now_ms() -> u64 {
@@ -119,6 +127,15 @@ impl ClientInfo {
             2 => ClientState::Active,
             _ => ClientState::Idle,
         }
+    }
+
+    /// Records whether an event loop or the client's own task serves the client.
+    pub fn set_in_event_loop(&self, yes: bool) {
+        self.in_event_loop.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn in_event_loop(&self) -> bool {
+        self.in_event_loop.load(Ordering::Relaxed)
     }
 
     /// `now_ms` is the caller's [`now_ms`] reading (sessions share one per transaction).
@@ -208,6 +225,7 @@ impl ClientRegistry {
             idle_tx_since: AtomicU64::new(0),
             last_query: std::sync::Mutex::new(String::new()),
             stop: StopSignal::default(),
+            in_event_loop: Default::default(),
         });
         self.clients.insert(id.0, info.clone());
         info

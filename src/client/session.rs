@@ -31,7 +31,7 @@ use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::net::Stream;
-use crate::pool::{Pool, PoolError, PooledServer, SettingsCache};
+use crate::pool::{Grant, Pool, PoolError, PooledServer, SettingsCache};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::messages::{self, PgError, Severity};
 use crate::proto::tag::{TransactionStatus, frontend};
@@ -41,10 +41,14 @@ use crate::server::{ServerError, send_cancel};
 
 /// Read granularity. Small enough that an idle client costs little, large enough that a result
 /// set arrives in few syscalls.
+mod hub;
+
+pub(crate) use hub::Hub;
+
 pub(super) const READ_CHUNK: usize = 16 * 1024;
 
-struct Session<'a> {
-    ctx: &'a ClientContext,
+struct Session {
+    ctx: Arc<ClientContext>,
     client: Stream,
     buf: BytesMut,
     pool: Pool,
@@ -75,11 +79,43 @@ struct Session<'a> {
     query_text_bytes: usize,
     /// Buffers of the last link, reused by the next.
     spares: LinkSpares,
+    /// Between transactions the session is handed to the event loop (`hub`).
+    hub_eligible: bool,
+    /// Which of the event loops.
+    hub_index: usize,
 }
 
 struct LoggedInKeys {
     key: crate::proto::startup::CancelKey,
     slot: std::sync::Arc<super::cancel::CancelSlot>,
+}
+
+/// Where a session continues after the event loop (`hub`) handed it back to its task.
+enum Resume {
+    /// Wait for (or handle) the client's next message.
+    Unlinked,
+    /// Check out a server for the first message in the buffer (tag `tag`), as if asked at
+    /// `started`.
+    Acquire { tag: u8, started: Instant },
+    /// The pool granted something that needs a task (a connect, a health check, session
+    /// parameters to apply).
+    Granted { tag: u8, started: Instant, grant: Grant },
+    /// pgweir is shutting down: tell the client and end the session.
+    ShuttingDown,
+    /// Carry on with a link: pump it (`outcome` None) or end it with `outcome`.
+    Link {
+        link: Box<Link>,
+        linked_at: Instant,
+        outcome: Option<Result<Pumped, ClientError>>,
+    },
+}
+
+/// How [`Session::serve`] stopped.
+enum Served {
+    /// The session is over.
+    Done,
+    /// The client is idle between transactions and the event loop can serve it.
+    ToHub,
 }
 
 /// How a linked phase ended.
@@ -90,7 +126,7 @@ enum Unlinked {
     ClientGone,
 }
 
-pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientInfo>) -> Result<(), ClientError> {
+pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<ClientInfo>) -> Result<(), ClientError> {
     let LoggedIn {
         client,
         pool,
@@ -100,8 +136,14 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         ..
     } = login;
     let settings = pool.settings().clone();
-    let mut session = Session {
-        ctx,
+    let max_message = ctx.config.load().listen.max_message_size;
+    let query_text_bytes = ctx.config.load().admin.query_text_bytes;
+    let hub = ctx
+        .hub
+        .clone()
+        .filter(|_| settings.mode == PoolMode::Transaction && !client.is_tls());
+    let mut session = Box::new(Session {
+        ctx: ctx.clone(),
         client,
         buf: BytesMut::new(),
         mode: settings.mode,
@@ -109,7 +151,7 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         pool,
         params_form: (params.generation(), params.form()),
         params,
-        max_message: ctx.config.load().listen.max_message_size,
+        max_message,
         idle_tx_timeout: settings.idle_transaction_timeout,
         query_timeout: settings.query_timeout,
         discard_until_sync: false,
@@ -117,28 +159,83 @@ pub(super) async fn run(login: LoggedIn, ctx: &ClientContext, info: Arc<ClientIn
         statements: ClientStatements::new(),
         last_activity: Instant::now(),
         info,
-        query_text_bytes: ctx.config.load().admin.query_text_bytes,
+        query_text_bytes,
         spares: LinkSpares::default(),
+        hub_eligible: hub.is_some(),
+        hub_index: hub.as_ref().map_or(0, Hub::assign),
+    });
+    let key = session.login.key;
+    let mut resume = Resume::Unlinked;
+    let result = loop {
+        match session.serve(resume).await {
+            Ok(Served::Done) => break Ok(()),
+            Ok(Served::ToHub) => {
+                let Some(hub) = &hub else {
+                    unreachable!("only hub-eligible sessions are handed over")
+                };
+                match hub.enter(session).await {
+                    Some((back, next)) => {
+                        session = back;
+                        resume = next;
+                    }
+                    // The event loop ended (the runtime is shutting down) and took the session.
+                    None => break Err(ClientError::Shutdown),
+                }
+            }
+            Err(e) => break Err(e),
+        }
     };
-    let result = session.serve().await;
-    ctx.cancels.unregister(session.login.key);
+    ctx.cancels.unregister(key);
     result
 }
 
-impl Session<'_> {
-    async fn serve(&mut self) -> Result<(), ClientError> {
+impl Session {
+    async fn serve(&mut self, resume: Resume) -> Result<Served, ClientError> {
+        let mut resume = Some(resume);
         loop {
+            let acquired = match resume.take() {
+                None | Some(Resume::Unlinked) => None,
+                Some(Resume::ShuttingDown) => return Err(self.shutting_down().await),
+                Some(Resume::Acquire { tag, started }) => Some((tag, started, None)),
+                Some(Resume::Granted { tag, started, grant }) => Some((tag, started, Some(grant))),
+                Some(Resume::Link {
+                    link,
+                    linked_at,
+                    outcome,
+                }) => {
+                    let mut link = *link;
+                    let outcome = match outcome {
+                        Some(o) => o,
+                        None => self.pump(&mut link).await,
+                    };
+                    match self.end_link(link, linked_at, outcome).await? {
+                        Unlinked::Continue => {}
+                        Unlinked::ClientGone => return Ok(Served::Done),
+                    }
+                    if self.info.stop.raised_now(SHUTDOWN) != 0 {
+                        return Err(self.shutting_down().await);
+                    }
+                    continue;
+                }
+            };
+            if let Some((tag, started, grant)) = acquired {
+                if let Unlinked::ClientGone = self.acquire_and_link(tag, Some(started), grant).await? {
+                    return Ok(Served::Done);
+                }
+                continue;
+            }
             // Unlinked: wait for a complete first message of the next transaction.
             let tag = match self.next_unlinked_message().await? {
-                Some(tag) => tag,
-                None => return Ok(()),
+                Next::Message(tag) => tag,
+                Next::Eof => return Ok(Served::Done),
+                Next::ToHub => return Ok(Served::ToHub),
             };
             if self.discard_until_sync {
                 self.discard_first_message(tag).await?;
                 continue;
             }
             match tag {
-                frontend::TERMINATE => return Ok(()),
+                frontend::TERMINATE => return Ok(Served::Done),
                 // Nothing to do for these outside a transaction; PostgreSQL ignores them too.
                 frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
                     self.consume_first_message();
@@ -148,29 +245,43 @@ impl Session<'_> {
                 frontend::PARSE | frontend::CLOSE if self.answer_statement_batch().await? => continue,
                 _ => {}
             }
-            let (server, linked_at) = match self.acquire().await {
-                Ok(acquired) => acquired,
-                Err(reply) => {
-                    self.reply_error_for_first_message(tag, reply).await?;
-                    continue;
-                }
-            };
-            match self.linked(server, linked_at).await? {
-                Unlinked::Continue => {}
-                Unlinked::ClientGone => return Ok(()),
-            }
-            if self.info.stop.raised_now(SHUTDOWN) != 0 {
-                return Err(self.shutting_down().await);
+            if let Unlinked::ClientGone = self.acquire_and_link(tag, None, None).await? {
+                return Ok(Served::Done);
             }
         }
     }
 
+    /// Gets a server for the first message in the buffer (tag `tag`) and serves the
+    /// transaction; a client that cannot get one is told why and stays connected.
+    async fn acquire_and_link(
+        &mut self,
+        tag: u8,
+        started: Option<Instant>,
+        grant: Option<Grant>,
+    ) -> Result<Unlinked, ClientError> {
+        let (server, linked_at) = match self.acquire(started, grant).await {
+            Ok(acquired) => acquired,
+            Err(reply) => {
+                self.reply_error_for_first_message(tag, reply).await?;
+                return Ok(Unlinked::Continue);
+            }
+        };
+        let unlinked = self.linked(server, linked_at).await?;
+        if let Unlinked::Continue = unlinked
+            && self.info.stop.raised_now(SHUTDOWN) != 0
+        {
+            return Err(self.shutting_down().await);
+        }
+        Ok(unlinked)
+    }
+
     /// Waits until the client buffer starts with a complete message (or the header of a
-    /// CopyData, which is streamed). Returns its tag, or None on a clean EOF.
-    async fn next_unlinked_message(&mut self) -> Result<Option<u8>, ClientError> {
+    /// CopyData, which is streamed) and returns its tag; or reports a clean EOF, or that the
+    /// wait is the event loop's.
+    async fn next_unlinked_message(&mut self) -> Result<Next, ClientError> {
         loop {
             match frame_at(&self.buf, 0, self.max_message) {
-                Ok(Some(frame)) => return Ok(Some(frame.tag)),
+                Ok(Some(frame)) => return Ok(Next::Message(frame.tag)),
                 Ok(None) => {}
                 Err(e) => return Err(self.client_protocol_error(e).await),
             }
@@ -180,12 +291,15 @@ impl Session<'_> {
                 // (Not over TLS: socket readiness says nothing about bytes rustls holds.)
                 self.reserve_for_client();
                 match self.client.try_read_buf(&mut self.buf) {
-                    Ok(0) => return Ok(None),
+                    Ok(0) => return Ok(Next::Eof),
                     Ok(_) => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(ClientError::ClientIo(e)),
                 }
                 self.ctx.buffers.give(std::mem::take(&mut self.buf));
+                if self.hub_eligible && !self.discard_until_sync && self.info.stop.raised_now(KILL | SHUTDOWN) == 0 {
+                    return Ok(Next::ToHub);
+                }
                 tokio::select! {
                     r = self.client.tcp().readable() => r.map_err(ClientError::ClientIo)?,
                     bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
@@ -203,7 +317,7 @@ impl Session<'_> {
                 self.client.read_buf(&mut self.buf).await
             };
             match read {
-                Ok(0) => return Ok(None),
+                Ok(0) => return Ok(Next::Eof),
                 Ok(_) => {}
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }
@@ -387,11 +501,25 @@ impl Session<'_> {
     /// Checks out a server and applies the client's session parameters to it.
     /// Returns the server and when it was linked (reused as the link's start: clock reads are
     /// a visible share of a proxied transaction's CPU).
-    async fn acquire(&mut self) -> Result<(PooledServer, Instant), PgError> {
-        let wall_ms = super::registry::now_ms();
-        self.info.set_waiting(wall_ms);
-        let started = Instant::now();
-        let result = self.acquire_inner(started).await;
+    /// `started` is when an event loop began asking (it has marked the client waiting); None
+    /// starts now. A `grant` the pool gave the event loop is finished here instead of a checkout.
+    async fn acquire(
+        &mut self,
+        started: Option<Instant>,
+        grant: Option<Grant>,
+    ) -> Result<(PooledServer, Instant), PgError> {
+        let (started, wall_ms) = match started {
+            Some(at) => (
+                at,
+                super::registry::now_ms().saturating_sub(at.elapsed().as_millis() as u64),
+            ),
+            None => {
+                let wall_ms = super::registry::now_ms();
+                self.info.set_waiting(wall_ms);
+                (Instant::now(), wall_ms)
+            }
+        };
+        let result = self.acquire_inner(started, grant).await;
         let now = Instant::now();
         let waited = now - started;
         self.pool.stats().acquire_wait.observe(waited);
@@ -408,17 +536,29 @@ impl Session<'_> {
         }
     }
 
-    async fn acquire_inner(&mut self, started: Instant) -> Result<PooledServer, PgError> {
-        let mut server = match self.pool.checkout(started, self.settings.load()).await {
+    async fn acquire_inner(&mut self, started: Instant, grant: Option<Grant>) -> Result<PooledServer, PgError> {
+        let checkout = match grant {
+            None => self.pool.checkout(started, self.settings.load()).await,
+            Some(grant) => self.pool.finish_grant(grant, self.settings.load()).await,
+        };
+        let server = match checkout {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
         };
+        self.align_params(server).await
+    }
+
+    /// True when `server` already has this client's session parameters (the common case).
+    fn params_satisfied(&mut self, conn: &crate::server::ServerConn) -> bool {
+        matches!(&conn.satisfies, Some((form, generation))
+            if *generation == conn.params.generation() && **form == **self.current_params_form())
+    }
+
+    /// Brings the server's session parameters in line with the client's.
+    async fn align_params(&mut self, mut server: PooledServer) -> Result<PooledServer, PgError> {
         // Most checkouts hand a server to a client whose parameters it already has (clients of
         // one application start alike): one generation and one byte-slice compare.
-        if let Some((form, generation)) = &server.conn_ref().satisfies
-            && *generation == server.conn_ref().params.generation()
-            && **form == **self.current_params_form()
-        {
+        if self.params_satisfied(server.conn_ref()) {
             return Ok(server);
         }
         let diffs: Vec<(String, Vec<u8>)> = server
@@ -496,16 +636,23 @@ impl Session<'_> {
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer, linked_at: Instant) -> Result<Unlinked, ClientError> {
+        let mut link = self.start_link(server, linked_at);
+        let result = self.pump(&mut link).await;
+        self.end_link(link, linked_at, result).await
+    }
+
+    fn start_link(&mut self, server: PooledServer, linked_at: Instant) -> Link {
         let spares = std::mem::take(&mut self.spares);
         let policy = self.refresh_timeouts();
-        let mut link = Link::new(server, policy, spares);
+        let link = Link::new(server, policy, spares);
         self.last_activity = linked_at;
-        {
-            let conn = link.server.conn_ref();
-            self.login.slot.set_target(conn.addr, conn.backend_key);
-        }
-        let result = self.pump(&mut link).await;
-        // Folded once per link: no per-message metric cost.
+        let conn = link.server.conn_ref();
+        self.login.slot.set_target(conn.addr, conn.backend_key);
+        link
+    }
+
+    /// Folds a link's counters into its pool's: once per link, no per-message metric cost.
+    fn fold_link_stats(&self, link: &Link, linked_at: Instant) {
         let stats = self.pool.stats();
         stats.transaction_duration.observe(linked_at.elapsed());
         stats
@@ -521,6 +668,15 @@ impl Session<'_> {
         if !link.query_times.is_empty() {
             stats.query_duration.merge(&link.query_times);
         }
+    }
+
+    async fn end_link(
+        &mut self,
+        mut link: Link,
+        linked_at: Instant,
+        result: Result<Pumped, ClientError>,
+    ) -> Result<Unlinked, ClientError> {
+        self.fold_link_stats(&link, linked_at);
         self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {
@@ -848,6 +1004,15 @@ impl Session<'_> {
 enum Pumped {
     Idle,
     ClientGone,
+}
+
+/// What [`Session::next_unlinked_message`] found.
+enum Next {
+    /// A complete first message with this tag.
+    Message(u8),
+    Eof,
+    /// Nothing yet, and the event loop is to wait for it.
+    ToHub,
 }
 
 enum Io {

@@ -132,19 +132,72 @@ impl PoolSnapshot {
 /// Connections are boxed once, at connect: a checkout and a checkin move one through the idle
 /// list, a waiter's channel, the vetting future and the lending guard, and a pointer moves for
 /// nothing where the struct itself is a few hundred bytes of memcpy each time.
-type Conn = Box<ServerConn>;
+pub(crate) type Conn = Box<ServerConn>;
 
-enum Grant {
+/// What a waiter is given.
+pub(crate) enum Grant {
     Conn(Conn),
     /// Permission to open one new connection (the slot is already counted in `open`).
     Slot,
+}
+
+/// Where grants for waiters that are not tasks go: the event loop (`client::session::hub`)
+/// waits for many clients at once, so its waits are entries in its inbox, not channels.
+pub(crate) trait GrantSink: Send + Sync {
+    /// Hands `grant` to the waiter `token`. The sink owns it from then on (and gives it back
+    /// with [`Pool::return_grant`] if that waiter has gone meanwhile).
+    fn grant(&self, token: u64, grant: Grant, pool: &Pool);
+    /// The wait of `token` ended without a grant (acquire_timeout, or the pool closed).
+    fn ended(&self, token: u64);
+}
+
+/// A wait registered by a [`GrantSink`]; dropping it unserved tells the sink.
+pub(crate) struct SinkWaiter {
+    sink: Arc<dyn GrantSink>,
+    token: u64,
+    /// Where a grant goes back to if its waiter left.
+    pool: Pool,
+    served: bool,
+}
+
+impl Drop for SinkWaiter {
+    fn drop(&mut self) {
+        if !self.served {
+            self.sink.ended(self.token);
+        }
+    }
+}
+
+enum WaiterTx {
+    Task(oneshot::Sender<Grant>),
+    Sink(SinkWaiter),
+}
+
+impl WaiterTx {
+    fn send(self, grant: Grant) -> Result<(), Grant> {
+        match self {
+            WaiterTx::Task(tx) => tx.send(grant),
+            WaiterTx::Sink(mut w) => {
+                w.served = true;
+                w.sink.grant(w.token, grant, &w.pool);
+                Ok(())
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            WaiterTx::Task(tx) => tx.is_closed(),
+            WaiterTx::Sink(_) => false,
+        }
+    }
 }
 
 struct Waiter {
     /// When acquire_timeout ends this wait: the sweeper drops `tx`, which the waiter reads as
     /// a timeout.
     deadline: Instant,
-    tx: oneshot::Sender<Grant>,
+    tx: WaiterTx,
 }
 
 struct PoolState {
@@ -302,42 +355,16 @@ impl Pool {
     /// idle servers).
     pub async fn checkout(&self, started: Instant, settings: &PoolSettings) -> Result<PooledServer, PoolError> {
         let shared = &self.shared;
-        let deadline = started + settings.acquire_timeout;
-        let immediate = {
-            let mut st = lock(&shared.state);
-            if st.closed {
-                return Err(PoolError::Closed(shared.key.clone()));
-            }
-            if !st.waiters.is_empty() || st.paused {
-                // Others were here first (queue behind them even if a slot seems free), or the
-                // pool is paused.
-                None
-            } else if let Some(conn) = st.idle.pop() {
-                Some(Grant::Conn(conn))
-            } else if st.open < st.size {
-                st.open += 1;
-                Some(Grant::Slot)
-            } else {
-                None
-            }
-            .map(Ok)
-            .unwrap_or_else(|| {
-                let (tx, rx) = oneshot::channel();
-                st.waiters.push_back(Waiter { deadline, tx });
-                if !st.sweeping {
-                    st.sweeping = true;
-                    st.sweep_at = Some(deadline);
-                    tokio::spawn(self.clone().sweep_waiters());
-                } else if st.sweep_at.is_some_and(|at| deadline < at) {
-                    self.shared.sweep_now.notify_one();
-                }
-                Err(rx)
-            })
-        };
-        let grant = match immediate {
-            Ok(g) => g,
+        let mut waiting = None;
+        let immediate = self.take_or_wait(started + settings.acquire_timeout, || {
+            let (tx, rx) = oneshot::channel();
+            waiting = Some(rx);
+            WaiterTx::Task(tx)
+        })?;
+        let grant = match (immediate, waiting) {
+            (Some(g), _) => g,
             // No timer per wait: the sweeper ends overdue waits by dropping their sender.
-            Err(rx) => match rx.await.ok() {
+            (None, Some(rx)) => match rx.await.ok() {
                 Some(g) => g,
                 None => {
                     shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +375,63 @@ impl Pool {
                     });
                 }
             },
+            (None, None) => unreachable!("take_or_wait queued no waiter"),
         };
+        self.finish_grant(grant, settings).await
+    }
+
+    /// [`Pool::checkout`] for a waiter that is not a task: a grant available now is returned,
+    /// otherwise `token` is queued and the grant (or the end of the wait) goes to `sink`.
+    pub(crate) fn checkout_for_sink(
+        &self,
+        started: Instant,
+        settings: &PoolSettings,
+        sink: &Arc<dyn GrantSink>,
+        token: u64,
+    ) -> Result<Option<Grant>, PoolError> {
+        self.take_or_wait(started + settings.acquire_timeout, || {
+            WaiterTx::Sink(SinkWaiter {
+                sink: sink.clone(),
+                token,
+                pool: self.clone(),
+                served: false,
+            })
+        })
+    }
+
+    /// Takes an idle connection or a free slot when nobody queues before us and the pool is
+    /// not paused; otherwise queues the waiter `tx` makes.
+    fn take_or_wait(&self, deadline: Instant, tx: impl FnOnce() -> WaiterTx) -> Result<Option<Grant>, PoolError> {
+        let shared = &self.shared;
+        let mut st = lock(&shared.state);
+        if st.closed {
+            return Err(PoolError::Closed(shared.key.clone()));
+        }
+        if st.waiters.is_empty() && !st.paused {
+            if let Some(conn) = st.idle.pop() {
+                return Ok(Some(Grant::Conn(conn)));
+            }
+            if st.open < st.size {
+                st.open += 1;
+                return Ok(Some(Grant::Slot));
+            }
+        }
+        // Others were here first (queue behind them even if a slot seems free), the pool is
+        // paused, or it is full.
+        st.waiters.push_back(Waiter { deadline, tx: tx() });
+        if !st.sweeping {
+            st.sweeping = true;
+            st.sweep_at = Some(deadline);
+            tokio::spawn(self.clone().sweep_waiters());
+        } else if st.sweep_at.is_some_and(|at| deadline < at) {
+            self.shared.sweep_now.notify_one();
+        }
+        Ok(None)
+    }
+
+    /// Turns a grant into a lent connection: an idle one is vetted first, a slot is connected.
+    pub(crate) async fn finish_grant(&self, grant: Grant, settings: &PoolSettings) -> Result<PooledServer, PoolError> {
+        let shared = &self.shared;
         let conn = match grant {
             Grant::Conn(conn) => match self.vet(conn, settings).await {
                 Some(conn) => conn,
@@ -388,6 +471,30 @@ impl Pool {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = self.shared.sweep_now.notified() => {}
             }
+        }
+    }
+
+    /// Lends an idle connection that [`Pool::usable_now`] accepted.
+    pub(crate) fn lend(&self, conn: Conn) -> PooledServer {
+        self.shared.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        self.guard(conn)
+    }
+
+    /// True when an idle connection can be lent without waiting for anything: not past its
+    /// lifetime, silent, and used recently enough to skip the health check. The rest of
+    /// [`Pool::vet`] needs a task.
+    pub(crate) fn usable_now(conn: &mut ServerConn, settings: &PoolSettings, now: Instant) -> bool {
+        let age = now.saturating_duration_since(conn.created);
+        settings.server_lifetime.is_none_or(|l| age < l)
+            && now.saturating_duration_since(conn.last_used) < settings.server_check_delay
+            && !conn.has_pending_input()
+    }
+
+    /// Gives back a grant whose waiter left before it arrived.
+    pub(crate) fn return_grant(&self, grant: Grant) {
+        match grant {
+            Grant::Conn(conn) => self.checkin(conn),
+            Grant::Slot => self.release_slot(),
         }
     }
 

@@ -31,6 +31,9 @@ pub struct TestProxyBuilder<'a> {
     pub auth_query: Option<pgweir::config::AuthQueryConfig>,
     /// listen.peer_id; 0 = no peering.
     pub peer_id: u16,
+    /// listen.event_loop; None follows PGWEIR_TEST_EVENT_LOOP (the whole suite runs on
+    /// either data path, and `.ci/run` runs it both ways).
+    pub event_loop: Option<bool>,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -77,7 +80,13 @@ impl<'a> TestProxyBuilder<'a> {
             hba: Vec::new(),
             auth_query: None,
             peer_id: 0,
+            event_loop: None,
         }
+    }
+
+    pub fn event_loop(mut self, on: bool) -> Self {
+        self.event_loop = Some(on);
+        self
     }
 
     pub fn pool_size(mut self, n: usize) -> Self {
@@ -129,6 +138,9 @@ impl<'a> TestProxyBuilder<'a> {
                 client_login_timeout: self.client_login_timeout,
                 shutdown_timeout: Duration::from_secs(5),
                 workers: 0,
+                event_loop: self
+                    .event_loop
+                    .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").is_ok_and(|v| v == "1")),
                 tcp_keepalive: Some(Duration::from_secs(60)),
                 peer_id: self.peer_id,
             },

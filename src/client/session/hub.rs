@@ -1,0 +1,741 @@
+//! The event loop (`listen.event_loop`): one task serving every plain-TCP transaction-mode
+//! session between and during its transactions, instead of one task per client.
+//!
+//! Why: per transaction, a task per client costs three task polls through the session's nested
+//! futures, a `select!` rebuilt on every wait, and a oneshot plus a task wake-up to hand a
+//! released server to the next waiter (docs/performance.md). Here a socket's readiness wakes a
+//! waker that only records the session's token; the loop then drives that session's state
+//! directly with non-blocking reads and writes, and a released server reaches the next waiting
+//! session by a function call, which frames and sends that session's first message at once
+//! (PgBouncer's hand-off).
+//!
+//! Only the common path runs here: waiting for a first message, taking an idle server whose
+//! parameters already match, and pumping the transaction. Everything else (logins, errors,
+//! timeouts, kills, shutdown, connects, health checks, parameter changes, resets, statement
+//! commands answered locally) hands the session back to its own task with a [`Resume`] that
+//! says where to continue, so that logic exists once, in `session`.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{ClientSide, Link, Pumped, Resume, Session, reserve_for_server};
+use crate::client::ClientError;
+use crate::client::prepared::classify_query;
+use crate::client::registry::{KILL, SHUTDOWN, now_ms};
+use crate::config::SessionStatePolicy;
+use crate::pool::{Grant, GrantSink, Pool};
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::frame_at;
+use crate::proto::tag::frontend;
+use crate::server::ServerError;
+
+/// What a session's task gets back from the loop.
+type Back = (Box<Session>, Resume);
+
+/// A handle for handing sessions to the event loops; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Hub {
+    inboxes: Arc<[Arc<Inbox>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hub {
+    /// Starts `loops` event loops (at least one) on the current runtime: one per worker
+    /// thread, so the data path uses every core the runtime has. A session stays with the
+    /// loop it was given.
+    pub(crate) fn start(loops: usize) -> Hub {
+        let inboxes: Vec<Arc<Inbox>> = (0..loops.max(1)).map(|_| start_loop()).collect();
+        Hub {
+            inboxes: inboxes.into(),
+            next: Default::default(),
+        }
+    }
+
+    /// The loop a new session will use.
+    pub(super) fn assign(&self) -> usize {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.inboxes.len()
+    }
+
+    /// Hands `session` to its loop until it needs its task again. None when the loop is gone
+    /// (the runtime is shutting down).
+    pub(super) async fn enter(&self, session: Box<Session>) -> Option<Back> {
+        let (tx, rx) = oneshot::channel();
+        let inbox = &self.inboxes[session.hub_index % self.inboxes.len()];
+        inbox.push(|st| st.arrivals.push((session, tx)));
+        rx.await.ok()
+    }
+}
+
+/// Spawns one loop on the current runtime; returns its inbox.
+fn start_loop() -> Arc<Inbox> {
+    let inbox = Arc::new(Inbox::default());
+    let sink: Arc<dyn GrantSink> = inbox.clone();
+    let hub = HubLoop {
+        inbox: inbox.clone(),
+        sink,
+        entries: Vec::new(),
+        free: Vec::new(),
+        timers: BinaryHeap::new(),
+        sleep: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
+        sleep_at: None,
+        spare: InboxState::default(),
+        generation: 0,
+    };
+    tokio::spawn(hub);
+    inbox
+}
+
+/// Everything that reaches the loop from outside its own poll: readiness, pool grants,
+/// sessions entering. One mutex, held for a push or a swap.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct InboxState {
+    /// The loop is running or already woken: a push need not wake it.
+    notified: bool,
+    /// Tokens whose socket or stop signal fired.
+    ready: Vec<u64>,
+    /// Pool grants by token; None ends the wait without one.
+    grants: Vec<(u64, Option<(Grant, Pool)>)>,
+    arrivals: Vec<(Box<Session>, oneshot::Sender<Back>)>,
+}
+
+impl InboxState {
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.grants.is_empty() && self.arrivals.is_empty()
+    }
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        // Pushes and swaps cannot leave the state half-updated.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, f: impl FnOnce(&mut InboxState)) {
+        let wake = {
+            let mut st = self.lock();
+            f(&mut st);
+            !std::mem::replace(&mut st.notified, true)
+        };
+        if wake {
+            self.waker.wake();
+        }
+    }
+}
+
+impl GrantSink for Inbox {
+    fn grant(&self, token: u64, grant: Grant, pool: &Pool) {
+        let pool = pool.clone();
+        self.push(|st| st.grants.push((token, Some((grant, pool)))));
+    }
+
+    fn ended(&self, token: u64) {
+        self.push(|st| st.grants.push((token, None)));
+    }
+}
+
+/// Registered with a socket or a stop signal: a wake-up records the session's token.
+struct TokenWaker {
+    inbox: Arc<Inbox>,
+    token: u64,
+}
+
+impl Wake for TokenWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let token = self.token;
+        self.inbox.push(|st| st.ready.push(token));
+    }
+}
+
+/// A token is the entry's index and generation, so a late wake-up for an entry that has left
+/// (and whose slot was reused) is recognised and ignored.
+fn token(index: usize, generation: u32) -> u64 {
+    ((index as u64) << 32) | u64::from(generation)
+}
+
+fn split_token(token: u64) -> (usize, u32) {
+    ((token >> 32) as usize, token as u32)
+}
+
+struct Entry {
+    generation: u32,
+    session: Box<Session>,
+    back: oneshot::Sender<Back>,
+    phase: Phase,
+    /// One waker for both of the session's sockets and its stop signal: whichever fired, the
+    /// session's state is looked at whole.
+    waker: Waker,
+    /// The entry's current deadline (idle in transaction, or a query running too long).
+    timer: Option<Instant>,
+    /// The earliest deadline this entry has in the timer heap. A deadline that moves later is
+    /// not pushed again: when the earlier one comes due, the current one is pushed then. So
+    /// the heap holds about one item per linked entry however often deadlines move.
+    scheduled: Option<Instant>,
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "entries live in place in the loop's slab; boxing the link costs an allocation per transaction"
+)]
+enum Phase {
+    Unlinked,
+    /// Queued in the pool for the first message (tag `tag`) since `started`.
+    Waiting {
+        tag: u8,
+        started: Instant,
+        wall_ms: u64,
+    },
+    /// Inline, not boxed: an allocation and a copy per transaction cost more than the bytes
+    /// an idle entry carries for it.
+    Linked(Linked),
+}
+
+struct Linked {
+    link: Link,
+    linked_at: Instant,
+    was_idle_in_tx: bool,
+    max_prepared: usize,
+}
+
+/// What driving an entry came to.
+enum Step {
+    /// Waiting for readiness, a grant or a timer.
+    Wait,
+    /// Its task must continue.
+    Back(Resume),
+}
+
+struct HubLoop {
+    inbox: Arc<Inbox>,
+    sink: Arc<dyn GrantSink>,
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    /// Idle-in-transaction and query deadlines of linked entries.
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep_at: Option<Instant>,
+    /// Swapped with the inbox's state, so draining it allocates nothing.
+    spare: InboxState,
+    /// The last generation given to an entry.
+    generation: u32,
+}
+
+impl Future for HubLoop {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            {
+                let mut st = this.inbox.lock();
+                if st.is_empty() {
+                    // Registered before `notified` drops, under the lock every push takes: a
+                    // push after this point wakes this registration.
+                    this.inbox.waker.register(cx.waker());
+                    st.notified = false;
+                } else {
+                    std::mem::swap(&mut st.ready, &mut this.spare.ready);
+                    std::mem::swap(&mut st.grants, &mut this.spare.grants);
+                    std::mem::swap(&mut st.arrivals, &mut this.spare.arrivals);
+                }
+            }
+            // Timers are looked at on every round, so a loop that never runs out of work still
+            // ends overdue transactions.
+            let fired = this.poll_timers(cx);
+            if this.spare.is_empty() {
+                if fired {
+                    continue;
+                }
+                return Poll::Pending;
+            }
+            let mut arrivals = std::mem::take(&mut this.spare.arrivals);
+            for (session, back) in arrivals.drain(..) {
+                this.admit(session, back);
+            }
+            this.spare.arrivals = arrivals;
+            let mut grants = std::mem::take(&mut this.spare.grants);
+            for (token, grant) in grants.drain(..) {
+                this.granted(token, grant);
+            }
+            this.spare.grants = grants;
+            let mut ready = std::mem::take(&mut this.spare.ready);
+            for token in ready.drain(..) {
+                let (index, generation) = split_token(token);
+                if this.live(index, generation) {
+                    this.drive(index);
+                }
+            }
+            this.spare.ready = ready;
+        }
+    }
+}
+
+impl HubLoop {
+    fn live(&self, index: usize, generation: u32) -> bool {
+        matches!(self.entries.get(index), Some(Some(e)) if e.generation == generation)
+    }
+
+    fn admit(&mut self, session: Box<Session>, back: oneshot::Sender<Back>) {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.entries.push(None);
+            self.entries.len() - 1
+        });
+        // Generations only need to differ from the slot's recent occupants; one counter for
+        // all slots wraps after 4 billion admissions.
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        let waker = Waker::from(Arc::new(TokenWaker {
+            inbox: self.inbox.clone(),
+            token: token(index, generation),
+        }));
+        session.info.stop.register(&waker);
+        session.info.set_in_event_loop(true);
+        self.entries[index] = Some(Entry {
+            generation,
+            session,
+            back,
+            phase: Phase::Unlinked,
+            waker,
+            timer: None,
+            scheduled: None,
+        });
+        self.drive(index);
+    }
+
+    fn granted(&mut self, token: u64, grant: Option<(Grant, Pool)>) {
+        let (index, generation) = split_token(token);
+        let waiting = match self.entries.get(index) {
+            Some(Some(e)) if e.generation == generation => matches!(e.phase, Phase::Waiting { .. }),
+            _ => false,
+        };
+        if !waiting {
+            // Cannot happen (a waiting entry stays until its wait ends), but a grant must never
+            // be lost: the pool counts it as lent.
+            if let Some((grant, pool)) = grant {
+                pool.return_grant(grant);
+            }
+            return;
+        }
+        let Some(Some(entry)) = self.entries.get_mut(index) else {
+            return;
+        };
+        let Phase::Waiting { tag, started, wall_ms } = entry.phase else {
+            return;
+        };
+        entry.phase = Phase::Unlinked;
+        let step = match grant {
+            Some((grant, _)) => link(entry, tag, started, wall_ms, grant),
+            // acquire_timeout, or the pool closed: the task produces the error.
+            None => Step::Back(Resume::Acquire { tag, started }),
+        };
+        match step {
+            Step::Wait => self.drive(index),
+            Step::Back(resume) => self.hand_back(index, resume),
+        }
+    }
+
+    fn drive(&mut self, index: usize) {
+        let Some(Some(entry)) = self.entries.get_mut(index) else {
+            return;
+        };
+        let tok = token(index, entry.generation);
+        let step = loop {
+            match &entry.phase {
+                Phase::Unlinked => match unlinked(entry, &self.sink, tok) {
+                    Some(step) => break step,
+                    None => continue,
+                },
+                Phase::Waiting { .. } => break Step::Wait,
+                Phase::Linked(_) => match pump(entry, &mut self.timers, tok) {
+                    Some(step) => break step,
+                    None => continue,
+                },
+            }
+        };
+        if let Step::Back(resume) = step {
+            self.hand_back(index, resume);
+        }
+    }
+
+    fn hand_back(&mut self, index: usize, resume: Resume) {
+        let Some(entry) = self.entries.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(index);
+        entry.session.info.set_in_event_loop(false);
+        // A task that is gone (runtime shutdown) drops the session, which closes it.
+        let _ = entry.back.send((entry.session, resume));
+    }
+
+    /// Hands back linked entries whose deadline came. Returns true when it did anything.
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(&Reverse((at, _))) = self.timers.peek() else {
+            return false;
+        };
+        if self.sleep_at != Some(at) {
+            self.sleep.as_mut().reset(at);
+            self.sleep_at = Some(at);
+        }
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = Instant::now();
+        while let Some(&Reverse((at, tok))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let (index, generation) = split_token(tok);
+            let due = match self.entries.get_mut(index) {
+                Some(Some(e)) if e.generation == generation && e.scheduled == Some(at) => {
+                    e.scheduled = None;
+                    match e.timer {
+                        Some(t) if t <= now => matches!(e.phase, Phase::Linked(_)),
+                        Some(t) => {
+                            // The deadline moved later meanwhile.
+                            self.timers.push(Reverse((t, tok)));
+                            e.scheduled = Some(t);
+                            false
+                        }
+                        None => false,
+                    }
+                }
+                _ => false,
+            };
+            if due {
+                // The task's pump finds the deadline passed and acts on it.
+                self.take_link_back(index);
+            }
+        }
+        self.sleep_at = None;
+        true
+    }
+
+    fn take_link_back(&mut self, index: usize) {
+        let Some(Some(entry)) = self.entries.get_mut(index) else {
+            return;
+        };
+        if let Some(resume) = link_back(entry, None) {
+            self.hand_back(index, resume);
+        }
+    }
+}
+
+/// Moves a linked entry's link into a [`Resume`] for its task.
+fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) -> Option<Resume> {
+    match std::mem::replace(&mut entry.phase, Phase::Unlinked) {
+        Phase::Linked(l) => Some(Resume::Link {
+            link: Box::new(l.link),
+            linked_at: l.linked_at,
+            outcome,
+        }),
+        other => {
+            entry.phase = other;
+            None
+        }
+    }
+}
+
+/// An unlinked session: reads until its buffer holds a first message, then asks the pool.
+/// None means "drive again" (the phase changed).
+fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64) -> Option<Step> {
+    let s = &mut *entry.session;
+    if s.info.stop.raised_now(KILL | SHUTDOWN) != 0 {
+        return Some(Step::Back(Resume::Unlinked));
+    }
+    let mut cx = Context::from_waker(&entry.waker);
+    let tag = loop {
+        match frame_at(&s.buf, 0, s.max_message) {
+            Ok(Some(frame)) => break frame.tag,
+            Ok(None) => {}
+            // The task reports it.
+            Err(_) => return Some(Step::Back(Resume::Unlinked)),
+        }
+        let tcp = s.client.tcp();
+        if s.buf.is_empty() {
+            // Idle clients hold no read buffer: readiness first, a buffer after.
+            match tcp.poll_read_ready(&mut cx) {
+                Poll::Pending => return Some(Step::Wait),
+                Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+        s.reserve_for_client();
+        match s.client.tcp().try_read_buf(&mut s.buf) {
+            // EOF or an error: the task ends the session.
+            Ok(0) => return Some(Step::Back(Resume::Unlinked)),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if s.buf.is_empty() {
+                    s.ctx.buffers.give(std::mem::take(&mut s.buf));
+                }
+                match s.client.tcp().poll_read_ready(&mut cx) {
+                    Poll::Pending => return Some(Step::Wait),
+                    Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
+                    Poll::Ready(Ok(())) => {}
+                }
+            }
+            Err(_) => return Some(Step::Back(Resume::Unlinked)),
+        }
+    };
+    if s.discard_until_sync || !plain_first_message(s, tag) {
+        return Some(Step::Back(Resume::Unlinked));
+    }
+    let started = Instant::now();
+    let wall_ms = now_ms();
+    s.info.set_waiting(wall_ms);
+    let settings = s.settings.load();
+    match s.pool.checkout_for_sink(started, settings, sink, tok) {
+        Ok(None) => {
+            entry.phase = Phase::Waiting { tag, started, wall_ms };
+            Some(Step::Wait)
+        }
+        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant) {
+            Step::Wait => None,
+            back => Some(back),
+        },
+        // Closed: the task's own checkout gets the same answer and replies.
+        Err(_) => Some(Step::Back(Resume::Acquire { tag, started })),
+    }
+}
+
+/// True for a first message the loop serves itself; the rest (Terminate, stray Flush or COPY
+/// messages, DEALLOCATE and named Parse/Close that pgweir may answer without a server) go to
+/// the task, which knows what to do with them.
+fn plain_first_message(s: &Session, tag: u8) -> bool {
+    match tag {
+        frontend::QUERY => {
+            let Ok(Some(frame)) = frame_at(&s.buf, 0, s.max_message) else {
+                return false;
+            };
+            classify_query(&s.buf[HEADER_LEN..frame.total_len]).is_none()
+        }
+        frontend::PARSE => s.buf.get(HEADER_LEN) == Some(&0),
+        frontend::TERMINATE
+        | frontend::FLUSH
+        | frontend::COPY_DATA
+        | frontend::COPY_DONE
+        | frontend::COPY_FAIL
+        | frontend::CLOSE => false,
+        _ => true,
+    }
+}
+
+/// Links a granted server to the entry's session when that needs nothing asynchronous: an idle,
+/// plain-TCP connection that passes the cheap checks and already has the client's parameters.
+/// Returns Wait when linked (the caller drives on).
+fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant) -> Step {
+    let s = &mut *entry.session;
+    let Grant::Conn(mut conn) = grant else {
+        return Step::Back(Resume::Granted { tag, started, grant });
+    };
+    let now = Instant::now();
+    let settings = s.settings.load();
+    let max_prepared = settings.max_prepared_statements;
+    if conn.stream.is_tls() || !Pool::usable_now(&mut conn, settings, now) || !s.params_satisfied(&conn) {
+        return Step::Back(Resume::Granted {
+            tag,
+            started,
+            grant: Grant::Conn(conn),
+        });
+    }
+    let server = s.pool.lend(conn);
+    let waited = now - started;
+    s.pool.stats().acquire_wait.observe(waited);
+    s.info
+        .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
+    let mut link = s.start_link(server, now);
+    link.capture_queries = s.query_text_bytes > 0;
+    entry.phase = Phase::Linked(Linked {
+        link,
+        linked_at: now,
+        was_idle_in_tx: false,
+        max_prepared,
+    });
+    Step::Wait
+}
+
+/// [`Session::pump`] without a task: frames what arrived, writes what it can, reads what is
+/// there, and registers the session's waker for whatever it must wait for. None means "drive
+/// again" (the phase changed).
+fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok: u64) -> Option<Step> {
+    let s = &mut *entry.session;
+    let Phase::Linked(l) = &mut entry.phase else {
+        return None;
+    };
+    let mut cx = Context::from_waker(&entry.waker);
+    loop {
+        if s.info.stop.raised_now(KILL) != 0 {
+            return link_back(entry, None).map(Step::Back);
+        }
+        let link = &mut l.link;
+        if let Err(e) = link.frame_client(&mut ClientSide {
+            buf: &mut s.buf,
+            statements: &mut s.statements,
+            registry: &s.ctx.statements,
+            max_message: s.max_message,
+            max_prepared: l.max_prepared,
+        }) {
+            return link_back(entry, Some(Err(ClientError::ClientProtocol(e)))).map(Step::Back);
+        }
+        if let Err(e) = link.frame_server(&mut s.params, &mut s.statements) {
+            return link_back(entry, Some(Err(ClientError::Server(ServerError::Protocol(e))))).map(Step::Back);
+        }
+        link.settle();
+        if let Some(q) = link.last_query.take() {
+            s.info.set_last_query(&q, s.query_text_bytes);
+        }
+        let c_pending = link.has_bytes_for_server();
+        let s_pending = link.has_bytes_for_client();
+        if !c_pending && !s_pending {
+            let idle = link.server_idle() && link.server.conn_ref().buf.is_empty();
+            if link.terminated {
+                if idle || link.pending_rfq == 0 {
+                    return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
+                }
+            } else if idle {
+                return release(entry);
+            }
+        }
+        if c_pending {
+            let conn = link.server.conn_ref();
+            match conn.stream.try_write(&conn.wbuf) {
+                Ok(n) if n > 0 => {
+                    link.sent_to_server(n);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return link_back(entry, Some(Err(ClientError::ServerIo(e)))).map(Step::Back),
+            }
+        }
+        if s_pending {
+            match s.client.try_write(link.bytes_for_client()) {
+                Ok(n) if n > 0 => {
+                    link.sent_to_client(n);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // The client vanished while results were flowing.
+                Err(_) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+            }
+        }
+        let idle_in_tx = link.idle_in_transaction() && !c_pending && !s_pending;
+        if idle_in_tx != l.was_idle_in_tx {
+            s.info.set_idle_in_transaction(idle_in_tx);
+            l.was_idle_in_tx = idle_in_tx;
+        }
+        let idle_deadline = match s.idle_tx_timeout {
+            Some(t) if idle_in_tx => Some(s.last_activity + t),
+            _ => None,
+        };
+        let query_deadline = match (s.query_timeout, link.oldest_outstanding()) {
+            (Some(t), Some(sent)) if link.pending_rfq > 0 => Some(Instant::from_std(sent) + t),
+            _ => None,
+        };
+        let deadline = match (idle_deadline, query_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        entry.timer = deadline;
+        if let Some(at) = deadline
+            && entry.scheduled.is_none_or(|s| at < s)
+        {
+            timers.push(Reverse((at, tok)));
+            entry.scheduled = Some(at);
+        }
+
+        // Server direction: what was framed for the client goes out first; then more is read.
+        let conn = link.server.conn();
+        if s_pending {
+            if let Poll::Ready(r) = s.client.tcp().poll_write_ready(&mut cx) {
+                if r.is_err() {
+                    return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
+                }
+                continue;
+            }
+        } else {
+            reserve_for_server(&mut conn.buf);
+            match conn.stream.tcp().try_read_buf(&mut conn.buf) {
+                Ok(0) => return link_back(entry, None).map(Step::Back),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if conn.stream.tcp().poll_read_ready(&mut cx).is_ready() {
+                        continue;
+                    }
+                }
+                // The task's read meets the same end and reports it.
+                Err(_) => return link_back(entry, None).map(Step::Back),
+            }
+        }
+        // Client direction: what was framed for the server goes out first; then more is read.
+        if c_pending {
+            if conn.stream.tcp().poll_write_ready(&mut cx).is_ready() {
+                continue;
+            }
+        } else if !link.terminated {
+            s.reserve_for_client();
+            match s.client.tcp().try_read_buf(&mut s.buf) {
+                Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+                Ok(_) => {
+                    s.last_activity = Instant::now();
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if s.client.tcp().poll_read_ready(&mut cx).is_ready() {
+                        continue;
+                    }
+                }
+                Err(_) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+            }
+        }
+        return Some(Step::Wait);
+    }
+}
+
+/// The transaction is over: the server goes back to the pool (and so, by a function call, to
+/// the next waiting session) unless it needs a reset or a cancel may be racing it, which the
+/// task handles.
+fn release(entry: &mut Entry) -> Option<Step> {
+    let s = &mut *entry.session;
+    let Phase::Linked(l) = &mut entry.phase else {
+        return None;
+    };
+    let needs_reset = l.link.dirty.is_some() && s.settings.load().session_state == SessionStatePolicy::Reset;
+    if needs_reset || !s.login.slot.clear_target() {
+        return link_back(entry, Some(Ok(Pumped::Idle))).map(Step::Back);
+    }
+    let Phase::Linked(l) = std::mem::replace(&mut entry.phase, Phase::Unlinked) else {
+        return None;
+    };
+    let Linked {
+        mut link, linked_at, ..
+    } = l;
+    s.fold_link_stats(&link, linked_at);
+    s.info.set_idle();
+    s.spares = link.take_spares();
+    link.server.release();
+    entry.timer = None;
+    if s.info.stop.raised_now(SHUTDOWN) != 0 {
+        return Some(Step::Back(Resume::ShuttingDown));
+    }
+    None
+}

@@ -1,0 +1,195 @@
+//! `listen.event_loop`: plain-TCP transaction-mode clients served by the event loops instead of
+//! a task each. The whole suite also runs on this path (PGWEIR_TEST_EVENT_LOOP=1 in `.ci/run`);
+//! these tests pin the loop on regardless, and check the hand-overs between the loop and a
+//! client's task: timeouts, kills, shutdown and pool waits that start in the loop.
+
+mod support;
+
+use std::time::Duration;
+
+use pgweir::config::PoolMode;
+use pgweir::embedded_pg::roles;
+use serde_json::Value;
+use support::proxy::{TestProxy, TestProxyBuilder, eventually, sqlstate};
+
+async fn clients_json(proxy: &TestProxy) -> Vec<Value> {
+    let (status, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body)
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// True once every listed client reports `event_loop` = `want`.
+async fn all_clients_in_event_loop(proxy: &TestProxy, n: usize, want: bool) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let clients = clients_json(proxy).await;
+        clients.len() == n && clients.iter().all(|c| c["event_loop"] == want)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_mode_clients_wait_in_the_event_loop_and_others_in_their_task() {
+    let pg = support::postgres();
+    let on = TestProxyBuilder::new(&pg).event_loop(true).start().await;
+    let client = on.connect(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("query");
+    assert!(
+        all_clients_in_event_loop(&on, 1, true).await,
+        "{:?}",
+        clients_json(&on).await
+    );
+
+    let off = TestProxyBuilder::new(&pg).event_loop(false).start().await;
+    let client = off.connect(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("query");
+    assert!(all_clients_in_event_loop(&off, 1, false).await);
+
+    // Session mode keeps its server for the whole session: it never enters the loop.
+    let session = TestProxyBuilder::new(&pg)
+        .event_loop(true)
+        .mode(PoolMode::Session)
+        .start()
+        .await;
+    let client = session.connect(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("query");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(all_clients_in_event_loop(&session, 1, false).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_clients_share_two_servers_through_the_event_loop_and_get_their_own_rows() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .event_loop(true)
+        .pool_size(2)
+        .with_pool(|p| p.max_prepared_statements = 4)
+        .start()
+        .await;
+    let mut tasks = Vec::new();
+    for id in 0..40i32 {
+        let client = proxy.connect(roles::SCRAM).await;
+        tasks.push(tokio::spawn(async move {
+            // Named statements beyond the per-server cache: evicted and re-prepared on
+            // whichever server the loop hands over.
+            let mut statements = Vec::new();
+            for k in 0..6 {
+                statements.push(
+                    client
+                        .prepare(&format!("select $1::int4 * 1000 + {k}"))
+                        .await
+                        .expect("prepare"),
+                );
+            }
+            for round in 0..25i32 {
+                let rows = client
+                    .simple_query(&format!("select {id} + {round}"))
+                    .await
+                    .expect("simple query");
+                let value = rows
+                    .iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                        _ => None,
+                    })
+                    .expect("a row");
+                assert_eq!(value, (id + round).to_string());
+                let k = (round % 6) as usize;
+                let row = client.query_one(&statements[k], &[&id]).await.expect("execute");
+                assert_eq!(row.get::<_, i32>(0), id * 1000 + k as i32);
+                // A transaction of several statements stays on one server.
+                let tx_pid: Vec<i32> = {
+                    client.batch_execute("begin").await.expect("begin");
+                    let a = client.query_one("select pg_backend_pid()", &[]).await.expect("pid");
+                    let b = client.query_one("select pg_backend_pid()", &[]).await.expect("pid");
+                    client.batch_execute("commit").await.expect("commit");
+                    vec![a.get(0), b.get(0)]
+                };
+                assert_eq!(tx_pid[0], tx_pid[1], "a transaction moved between servers");
+            }
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.expect("client task"));
+    }
+    assert!(all_clients_in_event_loop(&proxy, 40, true).await);
+    let pool = &proxy.proxy().context().pools.all()[0];
+    assert!(pool.snapshot().open <= 2, "{:?}", pool.snapshot());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_timeouts_and_pool_waits_that_start_in_the_event_loop_reach_the_client() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .event_loop(true)
+        .pool_size(1)
+        .with_pool(|p| {
+            p.idle_transaction_timeout = Some(Duration::from_millis(400));
+            p.query_timeout = Some(Duration::from_millis(400));
+            p.acquire_timeout = Duration::from_millis(300);
+        })
+        .start()
+        .await;
+
+    // An idle client in the loop, killed through the admin API.
+    let (victim, victim_task) = proxy.connect_watched(roles::SCRAM).await;
+    victim.query_one("select 1", &[]).await.expect("query");
+    assert!(all_clients_in_event_loop(&proxy, 1, true).await);
+    let id = clients_json(&proxy).await[0]["id"].as_u64().expect("id");
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), victim_task)
+        .await
+        .expect("killed client disconnected")
+        .expect("task");
+    assert_eq!(sqlstate(&ended.expect_err("killed")).as_deref(), Some("57P01"));
+
+    // Idle in transaction while the loop holds the link.
+    let (leaker, leaker_task) = proxy.connect_watched(roles::SCRAM).await;
+    leaker.batch_execute("begin; select 1").await.expect("begin");
+    let ended = tokio::time::timeout(Duration::from_secs(5), leaker_task)
+        .await
+        .expect("leaker disconnected")
+        .expect("task");
+    assert_eq!(sqlstate(&ended.expect_err("timed out")).as_deref(), Some("25P03"));
+
+    // A query running past query_timeout.
+    let (slow, _slow_task) = proxy.connect_watched(roles::SCRAM).await;
+    slow.query_one("select 1", &[]).await.expect("warm up");
+    let e = slow.query_one("select pg_sleep(5)", &[]).await.expect_err("cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+
+    // A pool wait that starts in the loop and ends at acquire_timeout; the client stays usable.
+    let holder = proxy.connect(roles::SCRAM).await;
+    let waiter = proxy.connect(roles::SCRAM).await;
+    waiter.query_one("select 1", &[]).await.expect("warm up");
+    holder.batch_execute("begin; select 1").await.expect("holder begins");
+    let e = waiter.query_one("select 2", &[]).await.expect_err("pool exhausted");
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
+    // The holder commits within idle_transaction_timeout; the waiter is served again.
+    holder.batch_execute("commit").await.expect("commit");
+    let row = waiter.query_one("select 3::int4", &[]).await.expect("served");
+    assert_eq!(row.get::<_, i32>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reaches_clients_idle_in_the_event_loop() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).event_loop(true).start().await;
+    let (client, task) = proxy.connect_watched(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("query");
+    assert!(all_clients_in_event_loop(&proxy, 1, true).await);
+    proxy.shutdown(Duration::from_secs(2)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("client disconnected")
+        .expect("task");
+    assert_eq!(sqlstate(&ended.expect_err("shut down")).as_deref(), Some("57P01"));
+}
