@@ -73,6 +73,9 @@ pub struct Link {
     /// Keep the text of the last query for the admin API (admin.query_text_bytes > 0).
     pub capture_queries: bool,
     pub last_query: Option<Bytes>,
+    /// The time to record round trips with; None reads the clock. An event loop sets its
+    /// reading for the round (one clock read for many sessions instead of one per message).
+    pub clock: Option<std::time::Instant>,
 }
 
 /// The growable parts of a [`Link`], kept by the session between transactions so a link
@@ -109,7 +112,12 @@ impl Link {
             inject: BytesMut::new(),
             expect,
             terminated: false,
+            clock: None,
         }
+    }
+
+    fn now(&self) -> std::time::Instant {
+        self.clock.unwrap_or_else(std::time::Instant::now)
     }
 
     /// Takes back the growable parts, emptied, for the session's next link.
@@ -389,7 +397,7 @@ impl Link {
                 self.syncs_after_execute += 1;
                 if !self.copy_in {
                     self.pending_rfq += 1;
-                    self.rfq_sent.push_back(std::time::Instant::now());
+                    self.rfq_sent.push_back(self.now());
                     self.expect.push_back(Expect::Barrier);
                 }
             }
@@ -418,7 +426,7 @@ impl Link {
                         let sql = rejection_sql(&rejection(kind));
                         messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
                         self.pending_rfq += 1;
-                        self.rfq_sent.push_back(std::time::Instant::now());
+                        self.rfq_sent.push_back(self.now());
                         self.expect.push_back(Expect::Barrier);
                         return Ok(());
                     }
@@ -426,13 +434,13 @@ impl Link {
                 }
                 self.server.conn().wbuf.put_slice(msg);
                 self.pending_rfq += 1;
-                self.rfq_sent.push_back(std::time::Instant::now());
+                self.rfq_sent.push_back(self.now());
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::FUNCTION_CALL => {
                 self.server.conn().wbuf.put_slice(msg);
                 self.pending_rfq += 1;
-                self.rfq_sent.push_back(std::time::Instant::now());
+                self.rfq_sent.push_back(self.now());
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::COPY_DONE | frontend::COPY_FAIL => {
@@ -563,7 +571,8 @@ impl Link {
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
                     if let Some(sent) = self.rfq_sent.pop_front() {
-                        self.query_times.observe(sent.elapsed());
+                        let now = self.clock.unwrap_or_else(std::time::Instant::now);
+                        self.query_times.observe(now.saturating_duration_since(sent));
                     }
                 }
                 backend::PARAMETER_STATUS => {

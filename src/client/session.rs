@@ -652,9 +652,11 @@ impl Session {
     }
 
     /// Folds a link's counters into its pool's: once per link, no per-message metric cost.
-    fn fold_link_stats(&self, link: &Link, linked_at: Instant) {
+    fn fold_link_stats(&self, link: &Link, linked_at: Instant, now: Instant) {
         let stats = self.pool.stats();
-        stats.transaction_duration.observe(linked_at.elapsed());
+        stats
+            .transaction_duration
+            .observe(now.saturating_duration_since(linked_at));
         stats
             .bytes_from_clients
             .fetch_add(link.bytes_to_server, std::sync::atomic::Ordering::Relaxed);
@@ -676,7 +678,7 @@ impl Session {
         linked_at: Instant,
         result: Result<Pumped, ClientError>,
     ) -> Result<Unlinked, ClientError> {
-        self.fold_link_stats(&link, linked_at);
+        self.fold_link_stats(&link, linked_at, Instant::now());
         self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {

@@ -89,7 +89,7 @@ impl Pool {
                 st.open += 1;
             }
             match self.open_slot().await {
-                Ok(conn) => self.checkin(conn),
+                Ok(conn) => self.checkin(conn, Instant::now()),
                 Err(e) => {
                     tracing::warn!(pool = %self.shared.key, error = %e, "could not open a min_pool_size connection");
                     return;

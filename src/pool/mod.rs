@@ -493,7 +493,7 @@ impl Pool {
     /// Gives back a grant whose waiter left before it arrived.
     pub(crate) fn return_grant(&self, grant: Grant) {
         match grant {
-            Grant::Conn(conn) => self.checkin(conn),
+            Grant::Conn(conn) => self.checkin(conn, Instant::now()),
             Grant::Slot => self.release_slot(),
         }
     }
@@ -582,8 +582,8 @@ impl Pool {
     }
 
     /// Returns a clean connection: to the oldest waiter, else to the idle list.
-    fn checkin(&self, mut conn: Conn) {
-        conn.last_used = Instant::now();
+    fn checkin(&self, mut conn: Conn, now: Instant) {
+        conn.last_used = now;
         let mut st = lock(&self.shared.state);
         if st.closed || st.open > st.size {
             let reason = if st.closed {
@@ -767,9 +767,20 @@ impl PooledServer {
 
     /// Returns the connection for reuse. Only call when it is idle: ReadyForQuery 'I' seen,
     /// nothing outstanding.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`PooledServer::release`] with the caller's clock reading.
+    pub fn release_at(mut self, now: Instant) {
+        self.release_in_place(now);
+    }
+
+    /// [`PooledServer::release_at`] for a guard the caller drops in place afterwards (moving
+    /// a structure that holds one is a copy of all of it); the guard is empty from here on.
+    pub(crate) fn release_in_place(&mut self, now: Instant) {
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(conn);
+            self.pool.checkin(conn, now);
         }
     }
 

@@ -88,6 +88,7 @@ fn start_loop() -> Arc<Inbox> {
         sleep_at: None,
         spare: InboxState::default(),
         generation: 0,
+        clock: Clock::new(),
     };
     tokio::spawn(hub);
     inbox
@@ -235,6 +236,41 @@ struct HubLoop {
     spare: InboxState,
     /// The last generation given to an entry.
     generation: u32,
+    clock: Clock,
+}
+
+/// One clock reading per round of the loop, shared by every session it drives in that round
+/// (clock reads are a visible share of a proxied transaction's CPU on virtual machines). Wall
+/// time for the admin API is derived from the monotonic reading and re-anchored every second.
+#[derive(Clone, Copy)]
+struct Clock {
+    now: Instant,
+    wall_ms: u64,
+    anchor: Instant,
+    anchor_wall_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let now = Instant::now();
+        let wall_ms = now_ms();
+        Clock {
+            now,
+            wall_ms,
+            anchor: now,
+            anchor_wall_ms: wall_ms,
+        }
+    }
+
+    fn tick(&mut self) {
+        self.now = Instant::now();
+        let since = self.now.saturating_duration_since(self.anchor);
+        if since >= std::time::Duration::from_secs(1) {
+            *self = Clock::new();
+        } else {
+            self.wall_ms = self.anchor_wall_ms + since.as_millis() as u64;
+        }
+    }
 }
 
 impl Future for HubLoop {
@@ -265,6 +301,7 @@ impl Future for HubLoop {
                 }
                 return Poll::Pending;
             }
+            this.clock.tick();
             let mut arrivals = std::mem::take(&mut this.spare.arrivals);
             for (session, back) in arrivals.drain(..) {
                 this.admit(session, back);
@@ -341,7 +378,7 @@ impl HubLoop {
         };
         entry.phase = Phase::Unlinked;
         let step = match grant {
-            Some((grant, _)) => link(entry, tag, started, wall_ms, grant),
+            Some((grant, _)) => link(entry, tag, started, wall_ms, grant, self.clock.now),
             // acquire_timeout, or the pool closed: the task produces the error.
             None => Step::Back(Resume::Acquire { tag, started }),
         };
@@ -358,12 +395,12 @@ impl HubLoop {
         let tok = token(index, entry.generation);
         let step = loop {
             match &entry.phase {
-                Phase::Unlinked => match unlinked(entry, &self.sink, tok) {
+                Phase::Unlinked => match unlinked(entry, &self.sink, tok, &self.clock) {
                     Some(step) => break step,
                     None => continue,
                 },
                 Phase::Waiting { .. } => break Step::Wait,
-                Phase::Linked(_) => match pump(entry, &mut self.timers, tok) {
+                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.now) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -441,8 +478,12 @@ impl HubLoop {
 /// Moves a linked entry's link into a [`Resume`] for its task.
 fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) -> Option<Resume> {
     match std::mem::replace(&mut entry.phase, Phase::Unlinked) {
-        Phase::Linked(l) => Some(Resume::Link {
-            link: Box::new(l.link),
+        Phase::Linked(mut l) => Some(Resume::Link {
+            link: {
+                // The task reads the clock itself.
+                l.link.clock = None;
+                Box::new(l.link)
+            },
             linked_at: l.linked_at,
             outcome,
         }),
@@ -455,7 +496,7 @@ fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) ->
 
 /// An unlinked session: reads until its buffer holds a first message, then asks the pool.
 /// None means "drive again" (the phase changed).
-fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64) -> Option<Step> {
+fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Clock) -> Option<Step> {
     let s = &mut *entry.session;
     if s.info.stop.raised_now(KILL | SHUTDOWN) != 0 {
         return Some(Step::Back(Resume::Unlinked));
@@ -498,8 +539,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64) -> Option<St
     if s.discard_until_sync || !plain_first_message(s, tag) {
         return Some(Step::Back(Resume::Unlinked));
     }
-    let started = Instant::now();
-    let wall_ms = now_ms();
+    let (started, wall_ms) = (clock.now, clock.wall_ms);
     s.info.set_waiting(wall_ms);
     let settings = s.settings.load();
     match s.pool.checkout_for_sink(started, settings, sink, tok) {
@@ -507,7 +547,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64) -> Option<St
             entry.phase = Phase::Waiting { tag, started, wall_ms };
             Some(Step::Wait)
         }
-        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant) {
+        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, started) {
             Step::Wait => None,
             back => Some(back),
         },
@@ -541,12 +581,11 @@ fn plain_first_message(s: &Session, tag: u8) -> bool {
 /// Links a granted server to the entry's session when that needs nothing asynchronous: an idle,
 /// plain-TCP connection that passes the cheap checks and already has the client's parameters.
 /// Returns Wait when linked (the caller drives on).
-fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant) -> Step {
+fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant, now: Instant) -> Step {
     let s = &mut *entry.session;
     let Grant::Conn(mut conn) = grant else {
         return Step::Back(Resume::Granted { tag, started, grant });
     };
-    let now = Instant::now();
     let settings = s.settings.load();
     let max_prepared = settings.max_prepared_statements;
     if conn.stream.is_tls() || !Pool::usable_now(&mut conn, settings, now) || !s.params_satisfied(&conn) {
@@ -575,7 +614,7 @@ fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant
 /// [`Session::pump`] without a task: frames what arrived, writes what it can, reads what is
 /// there, and registers the session's waker for whatever it must wait for. None means "drive
 /// again" (the phase changed).
-fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok: u64) -> Option<Step> {
+fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok: u64, now: Instant) -> Option<Step> {
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
@@ -586,6 +625,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             return link_back(entry, None).map(Step::Back);
         }
         let link = &mut l.link;
+        link.clock = Some(now.into_std());
         if let Err(e) = link.frame_client(&mut ClientSide {
             buf: &mut s.buf,
             statements: &mut s.statements,
@@ -611,7 +651,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
                     return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
                 }
             } else if idle {
-                return release(entry);
+                return release(entry, now);
             }
         }
         if c_pending {
@@ -696,7 +736,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             match s.client.tcp().try_read_buf(&mut s.buf) {
                 Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
                 Ok(_) => {
-                    s.last_activity = Instant::now();
+                    s.last_activity = now;
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -714,7 +754,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
 /// The transaction is over: the server goes back to the pool (and so, by a function call, to
 /// the next waiting session) unless it needs a reset or a cancel may be racing it, which the
 /// task handles.
-fn release(entry: &mut Entry) -> Option<Step> {
+fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
@@ -723,16 +763,11 @@ fn release(entry: &mut Entry) -> Option<Step> {
     if needs_reset || !s.login.slot.clear_target() {
         return link_back(entry, Some(Ok(Pumped::Idle))).map(Step::Back);
     }
-    let Phase::Linked(l) = std::mem::replace(&mut entry.phase, Phase::Unlinked) else {
-        return None;
-    };
-    let Linked {
-        mut link, linked_at, ..
-    } = l;
-    s.fold_link_stats(&link, linked_at);
+    s.fold_link_stats(&l.link, l.linked_at, now);
     s.info.set_idle();
-    s.spares = link.take_spares();
-    link.server.release();
+    s.spares = l.link.take_spares();
+    l.link.server.release_in_place(now);
+    entry.phase = Phase::Unlinked;
     entry.timer = None;
     if s.info.stop.raised_now(SHUTDOWN) != 0 {
         return Some(Step::Back(Resume::ShuttingDown));
