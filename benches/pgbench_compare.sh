@@ -28,7 +28,7 @@
 # Environment: DURATION (s, default 10; QUICK=1 → 3), CLIENTS (default "10 100 500 2000";
 # QUICK=1 → "100"), MODES ("select tpcb"), PROTOCOLS ("simple extended prepared"),
 # WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
-# worker per core), REPEAT (runs per cell and proxy, alternating; the table shows medians;
+# worker per core), EVENT_LOOP (pgweir listen.event_loop, 0 or 1; default 0), REPEAT (runs per cell and proxy, alternating; the table shows medians;
 # default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
 # TXS (40000; CALLGRIND=1 only), FLOOR (0).
@@ -47,6 +47,7 @@ fi
 MODES=${MODES:-select tpcb}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 WORKERS=${WORKERS:-1}
+EVENT_LOOP=${EVENT_LOOP:-0}
 REPEAT=${REPEAT:-1}
 SCALE=${SCALE:-10}
 CALLGRIND=${CALLGRIND:-0}
@@ -194,6 +195,7 @@ addr = "127.0.0.1:$WEIR_PORT"
 auth_type = "trust"
 max_client_conn = 5000
 workers = $WORKERS
+event_loop = $([[ $EVENT_LOOP == 1 ]] && echo true || echo false)
 [admin]
 addr = ""
 [pool]
@@ -323,7 +325,7 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
                 echo "binary $PGWEIR"
             fi
         )" \
-        "(workers = $WORKERS)"
+        "(workers = $WORKERS, event_loop = $([[ $EVENT_LOOP == 1 ]] && echo true || echo false))"
     echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2," \
         "$([[ $CALLGRIND == 1 ]] && echo "$TXS transactions" || echo "$DURATION s") per run," \
         "$REPEAT run(s) per cell and proxy alternating (medians shown);" \
