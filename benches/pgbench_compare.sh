@@ -31,7 +31,8 @@
 # worker per core), EVENT_LOOP (pgweir listen.event_loop, 0 or 1; default 0), REPEAT (runs per cell and proxy, alternating; the table shows medians;
 # default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
-# TXS (40000; CALLGRIND=1 only), FLOOR (0).
+# TXS (40000; CALLGRIND=1 only), CG_KEEP (a directory to keep each cell's callgrind dump in,
+# for callgrind_annotate; CALLGRIND=1 only), FLOOR (0).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -54,6 +55,7 @@ CALLGRIND=${CALLGRIND:-0}
 FLOOR=${FLOOR:-0}
 FLOOR_BIN=$ROOT/target/release/examples/floor
 TXS=${TXS:-40000}
+CG_KEEP=${CG_KEEP:-}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 PGWEIR=${PGWEIR:-$ROOT/target/release/pgweir}
@@ -175,7 +177,7 @@ fi
 # name the proxy).
 VALGRIND=()
 if [[ $CALLGRIND == 1 ]]; then
-    VALGRIND=(valgrind -q --tool=callgrind "--callgrind-out-file=$WORK/callgrind.%p")
+    VALGRIND=(valgrind -q --tool=callgrind --compress-strings=no "--callgrind-out-file=$WORK/callgrind.%p")
 fi
 as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$@"' sh "${VALGRIND[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
@@ -195,7 +197,7 @@ addr = "127.0.0.1:$WEIR_PORT"
 auth_type = "trust"
 max_client_conn = 5000
 workers = $WORKERS
-event_loop = $([[ $EVENT_LOOP == 1 ]] && echo true || echo false)
+$([[ $EVENT_LOOP == 1 ]] && echo "event_loop = true")
 [admin]
 addr = ""
 [pool]
@@ -280,6 +282,10 @@ run_cell_callgrind() {
     txs=$(echo "$out" | awk '/number of transactions actually processed/ {split($NF, a, "/"); print a[1]}')
     dump=$(ls -t "$WORK/callgrind.$pid".* 2>/dev/null | head -n 1)
     ir=$(awk '/^totals:/ {print $2}' "$dump" 2>/dev/null)
+    if [[ -n $CG_KEEP && -n $dump ]]; then
+        mkdir -p "$CG_KEEP"
+        cp "$dump" "$CG_KEEP/port$port-$mode-$proto-$clients.callgrind"
+    fi
     if [[ -z $ir || -z $txs || $txs == 0 ]]; then
         echo "failed - - -"
         return

@@ -31,7 +31,7 @@ use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::net::Stream;
-use crate::pool::{Grant, Pool, PoolError, PooledServer, SettingsCache};
+use crate::pool::{Checkout, Grant, Pool, PoolError, PooledServer, SettingsCache};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::messages::{self, PgError, Severity};
 use crate::proto::tag::{TransactionStatus, frontend};
@@ -193,24 +193,47 @@ impl Session {
     async fn serve(&mut self, resume: Resume) -> Result<Served, ClientError> {
         let mut resume = Some(resume);
         loop {
-            let acquired = match resume.take() {
-                None | Some(Resume::Unlinked) => None,
+            // What to link: the first message's tag, and from an event loop, when it began
+            // asking and what the pool granted it.
+            let (tag, started, grant) = match resume.take() {
+                None | Some(Resume::Unlinked) => {
+                    // Unlinked: wait for a complete first message of the next transaction.
+                    let tag = match self.next_unlinked_message().await? {
+                        Next::Message(tag) => tag,
+                        Next::Eof => return Ok(Served::Done),
+                        Next::ToHub => return Ok(Served::ToHub),
+                    };
+                    if self.discard_until_sync {
+                        self.discard_first_message(tag).await?;
+                        continue;
+                    }
+                    match tag {
+                        frontend::TERMINATE => return Ok(Served::Done),
+                        // Nothing to do for these outside a transaction; PostgreSQL ignores them too.
+                        frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                            self.consume_first_message();
+                            continue;
+                        }
+                        frontend::QUERY if self.answer_statement_command().await? => continue,
+                        frontend::PARSE | frontend::CLOSE if self.answer_statement_batch().await? => continue,
+                        _ => {}
+                    }
+                    (tag, None, None)
+                }
                 Some(Resume::ShuttingDown) => return Err(self.shutting_down().await),
-                Some(Resume::Acquire { tag, started }) => Some((tag, started, None)),
-                Some(Resume::Granted { tag, started, grant }) => Some((tag, started, Some(grant))),
+                Some(Resume::Acquire { tag, started }) => (tag, Some(started), None),
+                Some(Resume::Granted { tag, started, grant }) => (tag, Some(started), Some(grant)),
                 Some(Resume::Link {
-                    link,
+                    mut link,
                     linked_at,
                     outcome,
                 }) => {
-                    let mut link = *link;
                     let outcome = match outcome {
                         Some(o) => o,
                         None => self.pump(&mut link).await,
                     };
-                    match self.end_link(link, linked_at, outcome).await? {
-                        Unlinked::Continue => {}
-                        Unlinked::ClientGone => return Ok(Served::Done),
+                    if let Unlinked::ClientGone = self.end_link(&mut link, linked_at, outcome).await? {
+                        return Ok(Served::Done);
                     }
                     if self.info.stop.raised_now(SHUTDOWN) != 0 {
                         return Err(self.shutting_down().await);
@@ -218,61 +241,21 @@ impl Session {
                     continue;
                 }
             };
-            if let Some((tag, started, grant)) = acquired {
-                if let Unlinked::ClientGone = self.acquire_and_link(tag, Some(started), grant).await? {
-                    return Ok(Served::Done);
-                }
-                continue;
-            }
-            // Unlinked: wait for a complete first message of the next transaction.
-            let tag = match self.next_unlinked_message().await? {
-                Next::Message(tag) => tag,
-                Next::Eof => return Ok(Served::Done),
-                Next::ToHub => return Ok(Served::ToHub),
-            };
-            if self.discard_until_sync {
-                self.discard_first_message(tag).await?;
-                continue;
-            }
-            match tag {
-                frontend::TERMINATE => return Ok(Served::Done),
-                // Nothing to do for these outside a transaction; PostgreSQL ignores them too.
-                frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
-                    self.consume_first_message();
+            // Get a server; a client that cannot get one is told why and stays connected.
+            let (server, linked_at) = match self.acquire(started, grant).await {
+                Ok(acquired) => acquired,
+                Err(reply) => {
+                    self.reply_error_for_first_message(tag, reply).await?;
                     continue;
                 }
-                frontend::QUERY if self.answer_statement_command().await? => continue,
-                frontend::PARSE | frontend::CLOSE if self.answer_statement_batch().await? => continue,
-                _ => {}
-            }
-            if let Unlinked::ClientGone = self.acquire_and_link(tag, None, None).await? {
+            };
+            if let Unlinked::ClientGone = self.linked(server, linked_at).await? {
                 return Ok(Served::Done);
             }
-        }
-    }
-
-    /// Gets a server for the first message in the buffer (tag `tag`) and serves the
-    /// transaction; a client that cannot get one is told why and stays connected.
-    async fn acquire_and_link(
-        &mut self,
-        tag: u8,
-        started: Option<Instant>,
-        grant: Option<Grant>,
-    ) -> Result<Unlinked, ClientError> {
-        let (server, linked_at) = match self.acquire(started, grant).await {
-            Ok(acquired) => acquired,
-            Err(reply) => {
-                self.reply_error_for_first_message(tag, reply).await?;
-                return Ok(Unlinked::Continue);
+            if self.info.stop.raised_now(SHUTDOWN) != 0 {
+                return Err(self.shutting_down().await);
             }
-        };
-        let unlinked = self.linked(server, linked_at).await?;
-        if let Unlinked::Continue = unlinked
-            && self.info.stop.raised_now(SHUTDOWN) != 0
-        {
-            return Err(self.shutting_down().await);
         }
-        Ok(unlinked)
     }
 
     /// Waits until the client buffer starts with a complete message (or the header of a
@@ -508,20 +491,47 @@ impl Session {
         started: Option<Instant>,
         grant: Option<Grant>,
     ) -> Result<(PooledServer, Instant), PgError> {
+        let mut now = Instant::now();
         let (started, wall_ms) = match started {
             Some(at) => (
                 at,
-                super::registry::now_ms().saturating_sub(at.elapsed().as_millis() as u64),
+                super::registry::now_ms().saturating_sub(now.saturating_duration_since(at).as_millis() as u64),
             ),
-            None => {
-                let wall_ms = super::registry::now_ms();
-                self.info.set_waiting(wall_ms);
-                (Instant::now(), wall_ms)
+            None => (now, super::registry::now_ms()),
+        };
+        let grant = match grant {
+            Some(grant) => Ok(grant),
+            None => match self.pool.begin_checkout(started, self.settings.load()) {
+                Ok(Checkout::Ready(grant)) => Ok(grant),
+                Ok(Checkout::Wait(rx)) => {
+                    self.info.set_waiting(wall_ms);
+                    let granted = rx.await.map_err(|_| self.pool.acquire_timed_out(self.settings.load()));
+                    now = Instant::now();
+                    granted
+                }
+                Err(e) => Err(e),
+            },
+        };
+        // The common case needs no future: an idle server that needs no health check and
+        // already has this client's parameters.
+        let result = match grant {
+            Err(e) => Err(pool_error_reply(&e, &self.pool, false)),
+            Ok(Grant::Conn(mut conn)) => {
+                if Pool::usable_now(&mut conn, self.settings.load(), now) && self.params_satisfied(&conn) {
+                    Ok(self.pool.lend(conn))
+                } else {
+                    let finished = self.finish_grant(Grant::Conn(conn)).await;
+                    now = Instant::now();
+                    finished
+                }
+            }
+            Ok(grant) => {
+                let finished = self.finish_grant(grant).await;
+                now = Instant::now();
+                finished
             }
         };
-        let result = self.acquire_inner(started, grant).await;
-        let now = Instant::now();
-        let waited = now - started;
+        let waited = now.saturating_duration_since(started);
         self.pool.stats().acquire_wait.observe(waited);
         match result {
             Ok(server) => {
@@ -536,31 +546,29 @@ impl Session {
         }
     }
 
-    async fn acquire_inner(&mut self, started: Instant, grant: Option<Grant>) -> Result<PooledServer, PgError> {
-        let checkout = match grant {
-            None => self.pool.checkout(started, self.settings.load()).await,
-            Some(grant) => self.pool.finish_grant(grant, self.settings.load()).await,
-        };
-        let server = match checkout {
+    /// Turns a grant into a server with this client's parameters: vets an idle connection or
+    /// connects for a slot, then applies parameters where they differ.
+    async fn finish_grant(&mut self, grant: Grant) -> Result<PooledServer, PgError> {
+        let server = match self.pool.finish_grant(grant, self.settings.load()).await {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
         };
+        if self.params_satisfied(server.conn_ref()) {
+            return Ok(server);
+        }
         self.align_params(server).await
     }
 
-    /// True when `server` already has this client's session parameters (the common case).
+    /// True when `server` already has this client's session parameters: the common case, as
+    /// clients of one application start alike. One generation and one byte-slice compare.
     fn params_satisfied(&mut self, conn: &crate::server::ServerConn) -> bool {
         matches!(&conn.satisfies, Some((form, generation))
             if *generation == conn.params.generation() && **form == **self.current_params_form())
     }
 
-    /// Brings the server's session parameters in line with the client's.
+    /// Brings the server's session parameters in line with the client's (when
+    /// [`Session::params_satisfied`] says they differ).
     async fn align_params(&mut self, mut server: PooledServer) -> Result<PooledServer, PgError> {
-        // Most checkouts hand a server to a client whose parameters it already has (clients of
-        // one application start alike): one generation and one byte-slice compare.
-        if self.params_satisfied(server.conn_ref()) {
-            return Ok(server);
-        }
         let diffs: Vec<(String, Vec<u8>)> = server
             .conn_ref()
             .params
@@ -638,9 +646,10 @@ impl Session {
     async fn linked(&mut self, server: PooledServer, linked_at: Instant) -> Result<Unlinked, ClientError> {
         let mut link = self.start_link(server, linked_at);
         let result = self.pump(&mut link).await;
-        self.end_link(link, linked_at, result).await
+        self.end_link(&mut link, linked_at, result).await
     }
 
+    #[inline]
     fn start_link(&mut self, server: PooledServer, linked_at: Instant) -> Link {
         let spares = std::mem::take(&mut self.spares);
         let policy = self.refresh_timeouts();
@@ -672,13 +681,15 @@ impl Session {
         }
     }
 
+    /// Ends a link by `result`; the link is left empty, to be dropped where it lies (moving
+    /// it would be a copy of all of it).
     async fn end_link(
         &mut self,
-        mut link: Link,
+        link: &mut Link,
         linked_at: Instant,
         result: Result<Pumped, ClientError>,
     ) -> Result<Unlinked, ClientError> {
-        self.fold_link_stats(&link, linked_at, Instant::now());
+        self.fold_link_stats(link, linked_at, Instant::now());
         self.info.set_idle();
         // Whatever happened, no cancel may reach this server once it is handed on.
         while !self.login.slot.clear_target() {
@@ -688,7 +699,7 @@ impl Session {
             Ok(Pumped::Idle) => {
                 // Idle means nothing is owed or expected: the queues are empty already.
                 self.spares = link.take_spares();
-                self.return_idle_server(link.server, link.dirty).await;
+                self.return_idle_server(&mut link.server, link.dirty).await;
                 Ok(Unlinked::Continue)
             }
             Ok(Pumped::ClientGone) => {
@@ -700,7 +711,7 @@ impl Session {
                 if link.pending_rfq > 0 {
                     spawn_cancel(link.server.conn_ref());
                 }
-                link.server.discard();
+                link.server.discard_in_place();
                 Err(e)
             }
         }
@@ -723,24 +734,23 @@ impl Session {
     /// The client is gone. A server with nothing in flight and no open transaction can be
     /// reused (after DISCARD ALL in session mode); anything else is cancelled and closed, which
     /// rolls back its transaction and frees its locks.
-    async fn finish_server_after_client_left(&mut self, link: Link) {
+    async fn finish_server_after_client_left(&mut self, link: &mut Link) {
         let clean = link.server_idle() && link.server.conn_ref().buf.is_empty();
         if clean {
-            self.return_idle_server(link.server, link.dirty).await;
+            self.return_idle_server(&mut link.server, link.dirty).await;
             return;
         }
         if link.pending_rfq > 0 || link.unsynced {
             spawn_cancel(link.server.conn_ref());
         }
-        link.server.discard();
+        link.server.discard_in_place();
     }
 
     /// Returns a server that is idle (nothing in flight, no open transaction) to the pool, after
     /// the reset query when session state may have changed on it: always in session mode, and in
     /// transaction mode when a client changed session state under the `reset` policy.
-    /// Takes the server and the link's verdict only: the link itself is dropped in place
-    /// rather than moved into this future (a memcpy of it on every transaction).
-    async fn return_idle_server(&mut self, server: PooledServer, dirty: Option<StateChange>) {
+    /// Leaves `server` empty, to be dropped where it lies.
+    async fn return_idle_server(&mut self, server: &mut PooledServer, dirty: Option<StateChange>) {
         let reset_policy = self.settings.load().session_state == SessionStatePolicy::Reset;
         match (self.mode, dirty) {
             (PoolMode::Session, _) => self.reset_and_release(server).await,
@@ -748,13 +758,13 @@ impl Session {
                 tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
                 self.reset_and_release(server).await;
             }
-            (PoolMode::Transaction, _) => server.release(),
+            (PoolMode::Transaction, _) => server.release_in_place(Instant::now()),
         }
     }
 
     /// Runs the pool's reset query so no session state reaches the next client; a server that
     /// cannot be reset is closed instead.
-    async fn reset_and_release(&self, mut server: PooledServer) {
+    async fn reset_and_release(&self, server: &mut PooledServer) {
         self.pool
             .stats()
             .session_resets
@@ -768,9 +778,9 @@ impl Session {
         .await;
         if matches!(reset, Ok(Ok(None))) {
             conn.forget_session_state();
-            server.release();
+            server.release_in_place(Instant::now());
         } else {
-            server.discard();
+            server.discard_in_place();
         }
     }
 

@@ -134,6 +134,13 @@ impl PoolSnapshot {
 /// nothing where the struct itself is a few hundred bytes of memcpy each time.
 pub(crate) type Conn = Box<ServerConn>;
 
+/// How [`Pool::begin_checkout`] went.
+pub(crate) enum Checkout {
+    Ready(Grant),
+    /// Queued; the sender is dropped when the wait ends without a grant.
+    Wait(oneshot::Receiver<Grant>),
+}
+
 /// What a waiter is given.
 pub(crate) enum Grant {
     Conn(Conn),
@@ -354,30 +361,40 @@ impl Pool {
     /// `settings` are the caller's view of this pool's settings (the timeout, and vetting of
     /// idle servers).
     pub async fn checkout(&self, started: Instant, settings: &PoolSettings) -> Result<PooledServer, PoolError> {
-        let shared = &self.shared;
+        let grant = match self.begin_checkout(started, settings)? {
+            Checkout::Ready(grant) => grant,
+            Checkout::Wait(rx) => rx.await.map_err(|_| self.acquire_timed_out(settings))?,
+        };
+        self.finish_grant(grant, settings).await
+    }
+
+    /// The first, synchronous half of [`Pool::checkout`]: a grant available now, or a queued
+    /// wait for one. Callers that can use an idle connection without vetting it
+    /// ([`Pool::usable_now`]) then skip the future of [`Pool::finish_grant`].
+    pub(crate) fn begin_checkout(&self, started: Instant, settings: &PoolSettings) -> Result<Checkout, PoolError> {
         let mut waiting = None;
         let immediate = self.take_or_wait(started + settings.acquire_timeout, || {
             let (tx, rx) = oneshot::channel();
             waiting = Some(rx);
             WaiterTx::Task(tx)
         })?;
-        let grant = match (immediate, waiting) {
-            (Some(g), _) => g,
+        match (immediate, waiting) {
+            (Some(grant), _) => Ok(Checkout::Ready(grant)),
             // No timer per wait: the sweeper ends overdue waits by dropping their sender.
-            (None, Some(rx)) => match rx.await.ok() {
-                Some(g) => g,
-                None => {
-                    shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return Err(PoolError::Timeout {
-                        key: shared.key.clone(),
-                        timeout: settings.acquire_timeout,
-                        snapshot: self.snapshot(),
-                    });
-                }
-            },
+            (None, Some(rx)) => Ok(Checkout::Wait(rx)),
             (None, None) => unreachable!("take_or_wait queued no waiter"),
-        };
-        self.finish_grant(grant, settings).await
+        }
+    }
+
+    /// The error for a wait whose sender was dropped: acquire_timeout passed (the sweeper) or
+    /// the pool was closed.
+    pub(crate) fn acquire_timed_out(&self, settings: &PoolSettings) -> PoolError {
+        self.shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+        PoolError::Timeout {
+            key: self.shared.key.clone(),
+            timeout: settings.acquire_timeout,
+            snapshot: self.snapshot(),
+        }
     }
 
     /// [`Pool::checkout`] for a waiter that is not a task: a grant available now is returned,
@@ -767,17 +784,13 @@ impl PooledServer {
 
     /// Returns the connection for reuse. Only call when it is idle: ReadyForQuery 'I' seen,
     /// nothing outstanding.
-    pub fn release(self) {
-        self.release_at(Instant::now());
+    pub fn release(mut self) {
+        self.release_in_place(Instant::now());
     }
 
-    /// [`PooledServer::release`] with the caller's clock reading.
-    pub fn release_at(mut self, now: Instant) {
-        self.release_in_place(now);
-    }
-
-    /// [`PooledServer::release_at`] for a guard the caller drops in place afterwards (moving
-    /// a structure that holds one is a copy of all of it); the guard is empty from here on.
+    /// [`PooledServer::release`] with the caller's clock reading, for a guard the caller drops
+    /// in place afterwards (moving a structure that holds one is a copy of all of it); the
+    /// guard is empty from here on.
     pub(crate) fn release_in_place(&mut self, now: Instant) {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, now);
@@ -786,10 +799,11 @@ impl PooledServer {
 
     /// Closes the connection; its slot goes to the next waiter.
     pub fn discard(mut self) {
-        self.discard_inner();
+        self.discard_in_place();
     }
 
-    fn discard_inner(&mut self) {
+    /// [`PooledServer::discard`] for a guard the caller drops in place afterwards.
+    pub(crate) fn discard_in_place(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.count_close(CloseReason::Dirty);
             conn.close();
@@ -800,6 +814,6 @@ impl PooledServer {
 
 impl Drop for PooledServer {
     fn drop(&mut self) {
-        self.discard_inner();
+        self.discard_in_place();
     }
 }
