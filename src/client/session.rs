@@ -273,7 +273,7 @@ impl Session {
                 // A busy client's next message is often already here, so try once first.
                 // (Not over TLS: socket readiness says nothing about bytes rustls holds.)
                 self.reserve_for_client();
-                match self.client.try_read_buf(&mut self.buf) {
+                match crate::net::stream::try_read_drained(self.client.tcp(), &mut self.buf) {
                     Ok(0) => return Ok(Next::Eof),
                     Ok(_) => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

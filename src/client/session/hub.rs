@@ -31,6 +31,7 @@ use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::config::SessionStatePolicy;
+use crate::net::stream::try_read_drained;
 use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
@@ -519,7 +520,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
             }
         }
         s.reserve_for_client();
-        match s.client.tcp().try_read_buf(&mut s.buf) {
+        match try_read_drained(s.client.tcp(), &mut s.buf) {
             // EOF or an error: the task ends the session.
             Ok(0) => return Some(Step::Back(Resume::Unlinked)),
             Ok(_) => {}
@@ -714,7 +715,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             }
         } else {
             reserve_for_server(&mut conn.buf);
-            match conn.stream.tcp().try_read_buf(&mut conn.buf) {
+            match try_read_drained(conn.stream.tcp(), &mut conn.buf) {
                 Ok(0) => return link_back(entry, None).map(Step::Back),
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -733,7 +734,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             }
         } else if !link.terminated {
             s.reserve_for_client();
-            match s.client.tcp().try_read_buf(&mut s.buf) {
+            match try_read_drained(s.client.tcp(), &mut s.buf) {
                 Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
                 Ok(_) => {
                     s.last_activity = now;
