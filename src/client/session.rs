@@ -784,44 +784,57 @@ impl Session {
         }
     }
 
+    /// Frames what each side sent and says what the link needs next. Shared by the task's
+    /// pump and the event loop, so both read the protocol the same way.
+    #[inline]
+    fn frame_link(&mut self, link: &mut Link, max_prepared: usize) -> Result<Framed, ClientError> {
+        link.frame_client(&mut ClientSide {
+            buf: &mut self.buf,
+            statements: &mut self.statements,
+            registry: &self.ctx.statements,
+            max_message: self.max_message,
+            max_prepared,
+        })
+        .map_err(ClientError::ClientProtocol)?;
+        link.frame_server(&mut self.params, &mut self.statements)
+            .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
+        link.settle();
+        if let Some(q) = link.last_query.take() {
+            self.info.set_last_query(&q, self.query_text_bytes);
+        }
+        let to_server = link.has_bytes_for_server();
+        let to_client = link.has_bytes_for_client();
+        if !to_server && !to_client {
+            let idle = link.server_idle() && link.server.conn_ref().buf.is_empty();
+            if link.terminated {
+                // A client that pipelined work before its Terminate gets that work finished,
+                // as PostgreSQL would; one that says goodbye inside a transaction has it
+                // rolled back (the server is closed).
+                if idle || link.pending_rfq == 0 {
+                    return Ok(Framed::ClientGone);
+                }
+            } else if idle {
+                return Ok(Framed::Idle);
+            }
+        }
+        Ok(Framed::Pending { to_server, to_client })
+    }
+
     async fn pump(&mut self, link: &mut Link) -> Result<Pumped, ClientError> {
         let mut was_idle_in_tx = false;
         link.capture_queries = self.query_text_bytes > 0;
         let max_prepared = self.settings.load().max_prepared_statements;
         loop {
-            link.frame_client(&mut ClientSide {
-                buf: &mut self.buf,
-                statements: &mut self.statements,
-                registry: &self.ctx.statements,
-                max_message: self.max_message,
-                max_prepared,
-            })
-            .map_err(ClientError::ClientProtocol)?;
-            link.frame_server(&mut self.params, &mut self.statements)
-                .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
-            link.settle();
-            if let Some(q) = link.last_query.take() {
-                self.info.set_last_query(&q, self.query_text_bytes);
-            }
-
-            let c_pending = link.has_bytes_for_server();
-            let s_pending = link.has_bytes_for_client();
-            if !c_pending && !s_pending {
-                let idle = link.server_idle() && link.server.conn_ref().buf.is_empty();
-                if link.terminated {
-                    // A client that pipelined work before its Terminate gets that work finished,
-                    // as PostgreSQL would; one that says goodbye inside a transaction has it
-                    // rolled back (the server is closed).
-                    if idle || link.pending_rfq == 0 {
-                        return Ok(Pumped::ClientGone);
-                    }
-                } else if idle && self.mode == PoolMode::Transaction {
-                    return Ok(Pumped::Idle);
-                } else if idle {
+            let (c_pending, s_pending) = match self.frame_link(link, max_prepared)? {
+                Framed::ClientGone => return Ok(Pumped::ClientGone),
+                Framed::Idle if self.mode == PoolMode::Transaction => return Ok(Pumped::Idle),
+                Framed::Idle => {
                     // Session mode keeps one link for the whole session.
                     self.refresh_timeouts();
+                    (false, false)
                 }
-            }
+                Framed::Pending { to_server, to_client } => (to_server, to_client),
+            };
 
             // Fast path: a socket usually has room for what was just framed, so write it
             // without a round through select! (plain TCP only; TLS goes the long way).
@@ -1011,6 +1024,16 @@ impl Session {
         let _ = send_error(&mut self.client, &reply).await;
         ClientError::IdleTransactionTimeout
     }
+}
+
+/// What one framing step left a link with.
+enum Framed {
+    /// The client said Terminate and nothing it sent is still owed an answer.
+    ClientGone,
+    /// Nothing in flight, no transaction open, nothing buffered: the server can be released.
+    Idle,
+    /// Bytes are waiting to be written, to the server and to the client.
+    Pending { to_server: bool, to_client: bool },
 }
 
 enum Pumped {

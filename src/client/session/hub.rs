@@ -26,7 +26,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{ClientSide, Link, Pumped, Resume, Session, reserve_for_server};
+use super::{Framed, Link, Pumped, Resume, Session, reserve_for_server};
 use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
@@ -36,7 +36,6 @@ use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
 use crate::proto::tag::frontend;
-use crate::server::ServerError;
 
 /// What a session's task gets back from the loop.
 type Back = (Box<Session>, Resume);
@@ -627,34 +626,12 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
         }
         let link = &mut l.link;
         link.clock = Some(now.into_std());
-        if let Err(e) = link.frame_client(&mut ClientSide {
-            buf: &mut s.buf,
-            statements: &mut s.statements,
-            registry: &s.ctx.statements,
-            max_message: s.max_message,
-            max_prepared: l.max_prepared,
-        }) {
-            return link_back(entry, Some(Err(ClientError::ClientProtocol(e)))).map(Step::Back);
-        }
-        if let Err(e) = link.frame_server(&mut s.params, &mut s.statements) {
-            return link_back(entry, Some(Err(ClientError::Server(ServerError::Protocol(e))))).map(Step::Back);
-        }
-        link.settle();
-        if let Some(q) = link.last_query.take() {
-            s.info.set_last_query(&q, s.query_text_bytes);
-        }
-        let c_pending = link.has_bytes_for_server();
-        let s_pending = link.has_bytes_for_client();
-        if !c_pending && !s_pending {
-            let idle = link.server_idle() && link.server.conn_ref().buf.is_empty();
-            if link.terminated {
-                if idle || link.pending_rfq == 0 {
-                    return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
-                }
-            } else if idle {
-                return release(entry, now);
-            }
-        }
+        let (c_pending, s_pending) = match s.frame_link(link, l.max_prepared) {
+            Ok(Framed::ClientGone) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+            Ok(Framed::Idle) => return release(entry, now),
+            Ok(Framed::Pending { to_server, to_client }) => (to_server, to_client),
+            Err(e) => return link_back(entry, Some(Err(e))).map(Step::Back),
+        };
         if c_pending {
             let conn = link.server.conn_ref();
             match conn.stream.try_write(&conn.wbuf) {
