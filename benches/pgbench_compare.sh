@@ -28,7 +28,9 @@
 # Environment: DURATION (s, default 10; QUICK=1 → 3), CLIENTS (default "10 100 500 2000";
 # QUICK=1 → "100"), MODES ("select tpcb"), PROTOCOLS ("simple extended prepared"),
 # WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
-# worker per core), EVENT_LOOP (pgweir listen.event_loop, 0 or 1; default 0), REPEAT (runs per cell and proxy, alternating; the table shows medians;
+# worker per core), EVENT_LOOP (pgweir listen.event_loop: 1 = true, 0 = false,
+# unset = the binary's default, which is true since 2026-12-04 and the task path before),
+# REPEAT (runs per cell and proxy, alternating; the table shows medians;
 # default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
 # TXS (40000; CALLGRIND=1 only), CG_KEEP (a directory to keep each cell's callgrind dump in,
@@ -48,7 +50,7 @@ fi
 MODES=${MODES:-select tpcb}
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 WORKERS=${WORKERS:-1}
-EVENT_LOOP=${EVENT_LOOP:-0}
+EVENT_LOOP=${EVENT_LOOP:-}
 REPEAT=${REPEAT:-1}
 SCALE=${SCALE:-10}
 CALLGRIND=${CALLGRIND:-0}
@@ -197,7 +199,7 @@ addr = "127.0.0.1:$WEIR_PORT"
 auth_type = "trust"
 max_client_conn = 5000
 workers = $WORKERS
-$([[ $EVENT_LOOP == 1 ]] && echo "event_loop = true")
+$(case $EVENT_LOOP in 1) echo "event_loop = true" ;; 0) echo "event_loop = false" ;; esac)
 [admin]
 addr = ""
 [pool]
@@ -331,7 +333,7 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
                 echo "binary $PGWEIR"
             fi
         )" \
-        "(workers = $WORKERS, event_loop = $([[ $EVENT_LOOP == 1 ]] && echo true || echo false))"
+        "(workers = $WORKERS, event_loop = $(case $EVENT_LOOP in 1) echo true ;; 0) echo false ;; *) echo default ;; esac))"
     echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2," \
         "$([[ $CALLGRIND == 1 ]] && echo "$TXS transactions" || echo "$DURATION s") per run," \
         "$REPEAT run(s) per cell and proxy alternating (medians shown);" \

@@ -6,6 +6,7 @@ Run by hand (not part of `cargo test`):
     cargo build                      # or --release, then pass --pgweir target/release/pgweir
     python3 benches/soak.py          # 10 minutes
     python3 benches/soak.py --minutes 1
+    python3 benches/soak.py --task-path     # with listen.event_loop = false
 
 It starts a throwaway PostgreSQL (initdb into a temp dir, loopback, free ports; as the
 `postgres` user when run as root), pgweir in front of it with the admin API on, and then for the
@@ -117,6 +118,7 @@ class Soak:
 addr = "127.0.0.1:{self.port}"
 max_client_conn = 2000
 client_login_timeout = "10s"
+event_loop = {"false" if self.args.task_path else "true"}
 
 [admin]
 addr = "127.0.0.1:{self.admin_port}"
@@ -314,6 +316,8 @@ def main():
     ap.add_argument("--max-rss-growth-mb", type=float, default=20)
     ap.add_argument("--pgweir", default=str(ROOT / "target" / "debug" / "pgweir"))
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
+    ap.add_argument("--task-path", action="store_true",
+                    help="serve every client from its own task (listen.event_loop = false)")
     args = ap.parse_args()
     if not Path(args.pgweir).exists():
         sys.exit(f"{args.pgweir} not found: run `cargo build` first (or pass --pgweir)")

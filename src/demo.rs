@@ -52,7 +52,7 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             client_login_timeout: std::time::Duration::from_secs(15),
             shutdown_timeout: std::time::Duration::from_secs(5),
             workers: 0,
-            event_loop: false,
+            event_loop: true,
             tcp_keepalive: Some(std::time::Duration::from_secs(60)),
             peer_id: 0,
         },

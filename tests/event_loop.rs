@@ -1,5 +1,6 @@
 //! `listen.event_loop`: plain-TCP transaction-mode clients served by the event loops instead of
-//! a task each. The whole suite also runs on this path (PGWEIR_TEST_EVENT_LOOP=1 in `.ci/run`);
+//! a task each. The whole suite runs on this path by default and once more on the task path
+//! (PGWEIR_TEST_EVENT_LOOP=0 in `.ci/run`);
 //! these tests pin the loop on regardless, and check the hand-overs between the loop and a
 //! client's task: timeouts, kills, shutdown and pool waits that start in the loop.
 

@@ -140,8 +140,8 @@ pub struct ListenConfig {
     pub shutdown_timeout: Duration,
     /// Tokio worker threads; 0 = one per core. Default 0.
     pub workers: usize,
-    /// Serve plain-TCP transaction-mode clients from one event-loop task instead of a task
-    /// each (less CPU per transaction). Default false.
+    /// Serve plain-TCP transaction-mode clients from one event loop per worker instead of a
+    /// task each (less CPU per transaction). Default true.
     pub event_loop: bool,
     /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.
     pub tcp_keepalive: Option<Duration>,

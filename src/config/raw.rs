@@ -153,7 +153,7 @@ pub struct RawListen {
     /// `workers`: 0 = one per core; 1 = a single-threaded event loop (cheapest per transaction
     /// when one core is enough).
     pub workers: Option<i64>,
-    /// `event_loop`: serve plain-TCP transaction-mode clients from one event-loop task.
+    /// `event_loop`: serve plain-TCP transaction-mode clients from per-worker event loops.
     pub event_loop: Option<bool>,
     /// `tcp_keepalive`; 0 leaves the OS default.
     pub tcp_keepalive: Option<RawDuration>,

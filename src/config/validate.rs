@@ -636,7 +636,7 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
         client_login_timeout,
         shutdown_timeout,
         workers,
-        event_loop: l.event_loop.unwrap_or(false),
+        event_loop: l.event_loop.unwrap_or(true),
         peer_id: p.count("listen.peer_id", l.peer_id, 0, 0, MAX_PEER_ID as usize) as u16,
         tcp_keepalive,
     }

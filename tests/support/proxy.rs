@@ -31,8 +31,9 @@ pub struct TestProxyBuilder<'a> {
     pub auth_query: Option<pgweir::config::AuthQueryConfig>,
     /// listen.peer_id; 0 = no peering.
     pub peer_id: u16,
-    /// listen.event_loop; None follows PGWEIR_TEST_EVENT_LOOP (the whole suite runs on
-    /// either data path, and `.ci/run` runs it both ways).
+    /// listen.event_loop; None follows PGWEIR_TEST_EVENT_LOOP ("0" = the task path, anything
+    /// else or unset = the event loop, the default): the whole suite runs on either data
+    /// path, and `.ci/run` runs it both ways.
     pub event_loop: Option<bool>,
 }
 
@@ -140,7 +141,7 @@ impl<'a> TestProxyBuilder<'a> {
                 workers: 0,
                 event_loop: self
                     .event_loop
-                    .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").is_ok_and(|v| v == "1")),
+                    .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").map_or(true, |v| v != "0")),
                 tcp_keepalive: Some(Duration::from_secs(60)),
                 peer_id: self.peer_id,
             },
