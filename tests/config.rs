@@ -105,7 +105,10 @@ fn minimal_parses_with_defaults() {
     assert_eq!(c.listen.client_login_timeout, Duration::from_secs(15));
     assert_eq!(c.listen.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(c.listen.workers, 0);
-    assert!(c.listen.event_loop, "the event loops serve plain-TCP transaction-mode clients by default");
+    assert!(
+        c.listen.event_loop,
+        "the event loops serve plain-TCP transaction-mode clients by default"
+    );
     assert_eq!(c.listen.tcp_keepalive, Some(Duration::from_secs(60)));
 
     let app = &c.databases["app"];
