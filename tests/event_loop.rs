@@ -194,3 +194,78 @@ async fn shutdown_reaches_clients_idle_in_the_event_loop() {
         .expect("task");
     assert_eq!(sqlstate(&ended.expect_err("shut down")).as_deref(), Some("57P01"));
 }
+
+/// A client waiting for a server is killed at once, not at acquire_timeout, on both data
+/// paths; its wait leaves the pool's queue and the server it would have had goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_reaches_a_client_that_waits_for_a_server_on_both_paths() {
+    let pg = support::postgres();
+    for event_loop in [false, true] {
+        let proxy = TestProxyBuilder::new(&pg)
+            .event_loop(event_loop)
+            .pool_size(1)
+            .with_pool(|p| p.acquire_timeout = Duration::from_secs(60))
+            .start()
+            .await;
+        let holder = proxy.connect(roles::SCRAM).await;
+        let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
+        waiter.query_one("select 1", &[]).await.expect("warm up");
+        // On the event loop the wait must start there: both clients idle in the loop first.
+        assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
+        holder.batch_execute("begin; select 1").await.expect("holder begins");
+        // A simple Query: the loop itself waits for a server for it (it hands named Parse to
+        // the task).
+        let query = tokio::spawn(async move { waiter.simple_query("select 2").await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let id = loop {
+            let clients = clients_json(&proxy).await;
+            if let Some(id) = clients
+                .iter()
+                .find(|c| c["state"] == "waiting" && c["event_loop"] == event_loop)
+                .and_then(|c| c["id"].as_u64())
+            {
+                break id;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "event_loop = {event_loop}: the second client never waited: {clients:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (status, body) = proxy
+            .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        // The query in flight gets the FATAL; the connection ends with it.
+        let e = tokio::time::timeout(Duration::from_secs(5), query)
+            .await
+            .unwrap_or_else(|_| panic!("event_loop = {event_loop}: the kill waited for a server"))
+            .expect("query task")
+            .expect_err("killed");
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("57P01"),
+            "event_loop = {event_loop}: {e:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), waiter_task)
+            .await
+            .expect("the killed client's connection ended")
+            .expect("task")
+            .expect_err("closed by pgweir");
+        let pool = &proxy.proxy().context().pools.all()[0];
+        assert_eq!(
+            pool.snapshot().waiting,
+            0,
+            "event_loop = {event_loop}: the killed wait is queued"
+        );
+
+        holder.batch_execute("commit").await.expect("commit");
+        let other = proxy.connect(roles::SCRAM).await;
+        let row = tokio::time::timeout(Duration::from_secs(5), other.query_one("select 3::int4", &[]))
+            .await
+            .expect("the server goes on serving")
+            .expect("query");
+        assert_eq!(row.get::<_, i32>(0), 3);
+        assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
+    }
+}

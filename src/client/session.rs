@@ -102,12 +102,22 @@ enum Resume {
     Granted { tag: u8, started: Instant, grant: Grant },
     /// pgweir is shutting down: tell the client and end the session.
     ShuttingDown,
+    /// Killed or shut down (the raised stop bits) while waiting for a server.
+    Stopped(u8),
     /// Carry on with a link: pump it (`outcome` None) or end it with `outcome`.
     Link {
         link: Box<Link>,
         linked_at: Instant,
         outcome: Option<Result<Pumped, ClientError>>,
     },
+}
+
+/// Why [`Session::acquire`] got no server.
+enum NoServer {
+    /// Tell the client (the session goes on unless the error is FATAL).
+    Reply(PgError),
+    /// Killed or shut down (the raised stop bits) while waiting.
+    Stopped(u8),
 }
 
 /// How [`Session::serve`] stopped.
@@ -221,6 +231,7 @@ impl Session {
                     (tag, None, None)
                 }
                 Some(Resume::ShuttingDown) => return Err(self.shutting_down().await),
+                Some(Resume::Stopped(bits)) => return Err(self.stopped(bits).await),
                 Some(Resume::Acquire { tag, started }) => (tag, Some(started), None),
                 Some(Resume::Granted { tag, started, grant }) => (tag, Some(started), Some(grant)),
                 Some(Resume::Link {
@@ -244,7 +255,8 @@ impl Session {
             // Get a server; a client that cannot get one is told why and stays connected.
             let (server, linked_at) = match self.acquire(started, grant).await {
                 Ok(acquired) => acquired,
-                Err(reply) => {
+                Err(NoServer::Stopped(bits)) => return Err(self.stopped(bits).await),
+                Err(NoServer::Reply(reply)) => {
                     self.reply_error_for_first_message(tag, reply).await?;
                     continue;
                 }
@@ -490,7 +502,7 @@ impl Session {
         &mut self,
         started: Option<Instant>,
         grant: Option<Grant>,
-    ) -> Result<(PooledServer, Instant), PgError> {
+    ) -> Result<(PooledServer, Instant), NoServer> {
         let mut now = Instant::now();
         let (started, wall_ms) = match started {
             Some(at) => (
@@ -503,11 +515,30 @@ impl Session {
             Some(grant) => Ok(grant),
             None => match self.pool.begin_checkout(started, self.settings.load()) {
                 Ok(Checkout::Ready(grant)) => Ok(grant),
-                Ok(Checkout::Wait(rx)) => {
+                Ok(Checkout::Wait(mut rx)) => {
                     self.info.set_waiting(wall_ms);
-                    let granted = rx.await.map_err(|_| self.pool.acquire_timed_out(self.settings.load()));
+                    // A kill or a shutdown reaches a waiting client now, not at acquire_timeout.
+                    let granted = tokio::select! {
+                        biased;
+                        granted = &mut rx => Ok(granted.ok()),
+                        bits = self.info.stop.raised(KILL | SHUTDOWN) => Err(bits),
+                    };
+                    let granted = match granted {
+                        Ok(granted) => granted,
+                        Err(bits) => {
+                            // Closing refuses grants from here on (the pool passes them to the
+                            // next waiter); one that came just before goes back.
+                            rx.close();
+                            if let Ok(grant) = rx.try_recv() {
+                                self.pool.return_grant(grant);
+                            }
+                            self.pool.forget_waits(None);
+                            self.info.set_idle();
+                            return Err(NoServer::Stopped(bits));
+                        }
+                    };
                     now = Instant::now();
-                    granted
+                    granted.ok_or_else(|| self.pool.acquire_timed_out(self.settings.load()))
                 }
                 Err(e) => Err(e),
             },
@@ -541,7 +572,7 @@ impl Session {
             }
             Err(e) => {
                 self.info.set_idle();
-                Err(e)
+                Err(NoServer::Reply(e))
             }
         }
     }

@@ -416,6 +416,16 @@ impl Pool {
         })
     }
 
+    /// Removes waits their waiters gave up (a task that stopped waiting, and the sink waiter
+    /// `sink_token`), so they no longer count as waiting or stand in the queue until the next
+    /// release or the sweeper reaches them.
+    pub(crate) fn forget_waits(&self, sink_token: Option<u64>) {
+        lock(&self.shared.state).waiters.retain(|w| match &w.tx {
+            WaiterTx::Task(tx) => !tx.is_closed(),
+            WaiterTx::Sink(sink) => Some(sink.token) != sink_token,
+        });
+    }
+
     /// Takes an idle connection or a free slot when nobody queues before us and the pool is
     /// not paused; otherwise queues the waiter `tx` makes.
     fn take_or_wait(&self, deadline: Instant, tx: impl FnOnce() -> WaiterTx) -> Result<Option<Grant>, PoolError> {

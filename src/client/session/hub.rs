@@ -363,8 +363,8 @@ impl HubLoop {
             _ => false,
         };
         if !waiting {
-            // Cannot happen (a waiting entry stays until its wait ends), but a grant must never
-            // be lost: the pool counts it as lent.
+            // The entry left while it waited (killed, shut down): the grant goes back, as the
+            // pool counts it as lent.
             if let Some((grant, pool)) = grant {
                 pool.return_grant(grant);
             }
@@ -399,7 +399,17 @@ impl HubLoop {
                     Some(step) => break step,
                     None => continue,
                 },
-                Phase::Waiting { .. } => break Step::Wait,
+                Phase::Waiting { .. } => {
+                    // A kill or a shutdown reaches a waiting client now, not at acquire_timeout.
+                    // A grant already on its way finds no waiting entry and is given back.
+                    match entry.session.info.stop.raised_now(KILL | SHUTDOWN) {
+                        0 => break Step::Wait,
+                        bits => {
+                            entry.session.pool.forget_waits(Some(tok));
+                            break Step::Back(Resume::Stopped(bits));
+                        }
+                    }
+                }
                 Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.now) {
                     Some(step) => break step,
                     None => continue,
