@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp;
@@ -143,15 +143,6 @@ impl Stream {
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.tcp().peer_addr()
-    }
-
-    /// Reads into `buf` without waiting. Plain TCP only: with TLS, readiness of the socket says
-    /// nothing about decrypted bytes, so it reports WouldBlock and callers wait with a read.
-    pub fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.try_read_buf(buf),
-            Stream::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
-        }
     }
 
     /// True when the peer has sent something (or closed) that nobody has read yet, without
