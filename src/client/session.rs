@@ -100,9 +100,7 @@ enum Resume {
     /// The pool granted something that needs a task (a connect, a health check, session
     /// parameters to apply).
     Granted { tag: u8, started: Instant, grant: Grant },
-    /// pgweir is shutting down: tell the client and end the session.
-    ShuttingDown,
-    /// Killed or shut down (the raised stop bits) while waiting for a server.
+    /// Killed or shut down (the raised stop bits): tell the client and end the session.
     Stopped(u8),
     /// Carry on with a link: pump it (`outcome` None) or end it with `outcome`.
     Link {
@@ -230,7 +228,6 @@ impl Session {
                     }
                     (tag, None, None)
                 }
-                Some(Resume::ShuttingDown) => return Err(self.shutting_down().await),
                 Some(Resume::Stopped(bits)) => return Err(self.stopped(bits).await),
                 Some(Resume::Acquire { tag, started }) => (tag, Some(started), None),
                 Some(Resume::Granted { tag, started, grant }) => (tag, Some(started), Some(grant)),
@@ -867,56 +864,17 @@ impl Session {
                 Framed::Pending { to_server, to_client } => (to_server, to_client),
             };
 
-            // Fast path: a socket usually has room for what was just framed, so write it
-            // without a round through select! (plain TCP only; TLS goes the long way).
-            if c_pending {
-                let conn = link.server.conn_ref();
-                match conn.stream.try_write(&conn.wbuf) {
-                    Ok(n) if n > 0 => {
-                        link.sent_to_server(n);
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(ClientError::ServerIo(e)),
-                }
+            match self.try_write_pending(link, c_pending, s_pending) {
+                Wrote::Progress => continue,
+                Wrote::Blocked => {}
+                Wrote::ServerFailed(e) => return Err(ClientError::ServerIo(e)),
+                Wrote::ClientGone => return Ok(Pumped::ClientGone),
             }
-            if s_pending {
-                match self.client.try_write(link.bytes_for_client()) {
-                    Ok(n) if n > 0 => {
-                        link.sent_to_client(n);
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    // The client vanished while results were flowing.
-                    Err(_) => return Ok(Pumped::ClientGone),
-                }
-            }
-
-            let idle_in_tx = link.idle_in_transaction() && !c_pending && !s_pending;
-            if idle_in_tx != was_idle_in_tx {
-                // Only on transitions: a relaxed store per state change, not per message.
-                self.info.set_idle_in_transaction(idle_in_tx);
-                was_idle_in_tx = idle_in_tx;
-            }
-            let idle_deadline = match self.idle_tx_timeout {
-                Some(t) if idle_in_tx => Some((self.last_activity + t, Event::IdleTimeout)),
-                _ => None,
+            let (deadline, on_deadline) = match self.link_deadline(link, c_pending || s_pending, &mut was_idle_in_tx) {
+                Some((at, Overdue::IdleInTransaction)) => (Some(at), Event::IdleTimeout),
+                Some((at, Overdue::Query)) => (Some(at), Event::QueryTimeout),
+                None => (None, Event::IdleTimeout),
             };
-            // A query is overdue when the oldest reply the server owes was asked for longer ago
-            // than query_timeout; that clock runs whatever the client does meanwhile.
-            let query_deadline = match (self.query_timeout, link.oldest_outstanding()) {
-                (Some(t), Some(sent)) if link.pending_rfq > 0 => {
-                    Some((Instant::from_std(sent) + t, Event::QueryTimeout))
-                }
-                _ => None,
-            };
-            let (deadline, on_deadline) = match (idle_deadline, query_deadline) {
-                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-                (a, b) => a.or(b),
-            }
-            .map_or((None, Event::IdleTimeout), |(at, event)| (Some(at), event));
             let read_client = !c_pending && !link.terminated;
             if read_client {
                 self.reserve_for_client();
@@ -980,6 +938,64 @@ impl Session {
                 Event::QueryTimeout => return Err(self.query_timed_out(link).await),
                 Event::Killed => return Err(self.killed().await),
             }
+        }
+    }
+
+    /// Fast path of both pumps: a socket usually has room for what was just framed, so it is
+    /// written without waiting (plain TCP only; TLS reports WouldBlock and goes the long way).
+    #[inline]
+    fn try_write_pending(&mut self, link: &mut Link, to_server: bool, to_client: bool) -> Wrote {
+        if to_server {
+            let conn = link.server.conn_ref();
+            match conn.stream.try_write(&conn.wbuf) {
+                Ok(n) if n > 0 => {
+                    link.sent_to_server(n);
+                    return Wrote::Progress;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Wrote::ServerFailed(e),
+            }
+        }
+        if to_client {
+            match self.client.try_write(link.bytes_for_client()) {
+                Ok(n) if n > 0 => {
+                    link.sent_to_client(n);
+                    return Wrote::Progress;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // The client vanished while results were flowing.
+                Err(_) => return Wrote::ClientGone,
+            }
+        }
+        Wrote::Blocked
+    }
+
+    /// Records the link entering or leaving idle-in-transaction (`was_idle_in_tx` is the last
+    /// state recorded; `writing` says bytes still wait to go out) and returns its next deadline
+    /// and which timeout it is. Shared by both pumps.
+    #[inline]
+    fn link_deadline(&self, link: &Link, writing: bool, was_idle_in_tx: &mut bool) -> Option<(Instant, Overdue)> {
+        let idle_in_tx = link.idle_in_transaction() && !writing;
+        if idle_in_tx != *was_idle_in_tx {
+            // Only on transitions: a relaxed store per state change, not per message.
+            self.info.set_idle_in_transaction(idle_in_tx);
+            *was_idle_in_tx = idle_in_tx;
+        }
+        let idle_deadline = match self.idle_tx_timeout {
+            Some(t) if idle_in_tx => Some((self.last_activity + t, Overdue::IdleInTransaction)),
+            _ => None,
+        };
+        // A query is overdue when the oldest reply the server owes was asked for longer ago
+        // than query_timeout; that clock runs whatever the client does meanwhile.
+        let query_deadline = match (self.query_timeout, link.oldest_outstanding()) {
+            (Some(t), Some(sent)) if link.pending_rfq > 0 => Some((Instant::from_std(sent) + t, Overdue::Query)),
+            _ => None,
+        };
+        match (idle_deadline, query_deadline) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
         }
     }
 
@@ -1065,6 +1081,23 @@ enum Framed {
     Idle,
     /// Bytes are waiting to be written, to the server and to the client.
     Pending { to_server: bool, to_client: bool },
+}
+
+/// What [`Session::try_write_pending`] did.
+enum Wrote {
+    /// Some bytes went out: frame and try again.
+    Progress,
+    /// Nothing to write, or the sockets are full: wait.
+    Blocked,
+    ServerFailed(std::io::Error),
+    ClientGone,
+}
+
+/// Which timeout a link's next deadline belongs to.
+#[derive(Clone, Copy)]
+enum Overdue {
+    IdleInTransaction,
+    Query,
 }
 
 enum Pumped {

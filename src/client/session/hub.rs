@@ -26,7 +26,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Framed, Link, Pumped, Resume, Session, reserve_for_server};
+use super::{Framed, Link, Pumped, Resume, Session, Wrote, reserve_for_server};
 use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
@@ -642,47 +642,16 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             Ok(Framed::Pending { to_server, to_client }) => (to_server, to_client),
             Err(e) => return link_back(entry, Some(Err(e))).map(Step::Back),
         };
-        if c_pending {
-            let conn = link.server.conn_ref();
-            match conn.stream.try_write(&conn.wbuf) {
-                Ok(n) if n > 0 => {
-                    link.sent_to_server(n);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return link_back(entry, Some(Err(ClientError::ServerIo(e)))).map(Step::Back),
-            }
+        match s.try_write_pending(link, c_pending, s_pending) {
+            Wrote::Progress => continue,
+            Wrote::Blocked => {}
+            Wrote::ServerFailed(e) => return link_back(entry, Some(Err(ClientError::ServerIo(e)))).map(Step::Back),
+            Wrote::ClientGone => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
         }
-        if s_pending {
-            match s.client.try_write(link.bytes_for_client()) {
-                Ok(n) if n > 0 => {
-                    link.sent_to_client(n);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                // The client vanished while results were flowing.
-                Err(_) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
-            }
-        }
-        let idle_in_tx = link.idle_in_transaction() && !c_pending && !s_pending;
-        if idle_in_tx != l.was_idle_in_tx {
-            s.info.set_idle_in_transaction(idle_in_tx);
-            l.was_idle_in_tx = idle_in_tx;
-        }
-        let idle_deadline = match s.idle_tx_timeout {
-            Some(t) if idle_in_tx => Some(s.last_activity + t),
-            _ => None,
-        };
-        let query_deadline = match (s.query_timeout, link.oldest_outstanding()) {
-            (Some(t), Some(sent)) if link.pending_rfq > 0 => Some(Instant::from_std(sent) + t),
-            _ => None,
-        };
-        let deadline = match (idle_deadline, query_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // Which timeout it is the task works out again when the timer hands the session back.
+        let deadline = s
+            .link_deadline(link, c_pending || s_pending, &mut l.was_idle_in_tx)
+            .map(|(at, _)| at);
         entry.timer = deadline;
         if let Some(at) = deadline
             && entry.scheduled.is_none_or(|s| at < s)
@@ -758,7 +727,7 @@ fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
     entry.phase = Phase::Unlinked;
     entry.timer = None;
     if s.info.stop.raised_now(SHUTDOWN) != 0 {
-        return Some(Step::Back(Resume::ShuttingDown));
+        return Some(Step::Back(Resume::Stopped(SHUTDOWN)));
     }
     None
 }
