@@ -571,6 +571,7 @@ impl Link {
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
                     if let Some(sent) = self.rfq_sent.pop_front() {
+                        // Not `self.now()`: that would borrow all of self while `conn` is held.
                         let now = self.clock.unwrap_or_else(std::time::Instant::now);
                         self.query_times.observe(now.saturating_duration_since(sent));
                     }

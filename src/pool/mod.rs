@@ -420,10 +420,9 @@ impl Pool {
     /// `sink_token`), so they no longer count as waiting or stand in the queue until the next
     /// release or the sweeper reaches them.
     pub(crate) fn forget_waits(&self, sink_token: Option<u64>) {
-        lock(&self.shared.state).waiters.retain(|w| match &w.tx {
-            WaiterTx::Task(tx) => !tx.is_closed(),
-            WaiterTx::Sink(sink) => Some(sink.token) != sink_token,
-        });
+        lock(&self.shared.state)
+            .waiters
+            .retain(|w| !w.tx.is_closed() && !matches!(&w.tx, WaiterTx::Sink(s) if Some(s.token) == sink_token));
     }
 
     /// Takes an idle connection or a free slot when nobody queues before us and the pool is
