@@ -269,3 +269,109 @@ async fn a_kill_reaches_a_client_that_waits_for_a_server_on_both_paths() {
         assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
     }
 }
+
+/// The first value of a simple query's first row.
+fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// The id of the client waiting for a server on the given path, once there is one.
+async fn waiting_client(proxy: &TestProxy, event_loop: bool) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let clients = clients_json(proxy).await;
+        if let Some(id) = clients
+            .iter()
+            .find(|c| c["state"] == "waiting" && c["event_loop"] == event_loop)
+            .and_then(|c| c["id"].as_u64())
+        {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "event_loop = {event_loop}: no client waited: {clients:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client waiting for a server that hangs up leaves the pool's queue (and the client list,
+/// where it counts against max_client_conn) long before a server frees up, on both data paths
+/// (the event loop watches waits older than a second); one that sends more while it waits is
+/// still served, every message intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_while_waiting_for_a_server_leaves_the_queue_on_both_paths() {
+    let pg = support::postgres();
+    for event_loop in [false, true] {
+        let proxy = TestProxyBuilder::new(&pg)
+            .event_loop(event_loop)
+            .pool_size(1)
+            .with_pool(|p| p.acquire_timeout = Duration::from_secs(60))
+            .start()
+            .await;
+        let holder = proxy.connect(roles::SCRAM).await;
+        let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
+        let waiter = std::sync::Arc::new(waiter);
+        waiter.query_one("select 1", &[]).await.expect("warm up");
+        assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
+
+        // More bytes while waiting (a pipelined second query) end the watch, not the client.
+        holder.batch_execute("begin; select 1").await.expect("holder begins");
+        let w = waiter.clone();
+        let first = tokio::spawn(async move { w.simple_query("select 2").await });
+        waiting_client(&proxy, event_loop).await;
+        // Past the event loop's WATCH_AFTER, so its watch is on when the bytes come.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let w = waiter.clone();
+        let second = tokio::spawn(async move { w.simple_query("select 3").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        waiting_client(&proxy, event_loop).await;
+        holder.batch_execute("commit").await.expect("commit");
+        for (query, want) in [(first, "2"), (second, "3")] {
+            let rows = tokio::time::timeout(Duration::from_secs(5), query)
+                .await
+                .unwrap_or_else(|_| panic!("event_loop = {event_loop}: a pipelined query was lost"))
+                .expect("query task")
+                .expect("query");
+            assert_eq!(first_value(&rows).as_deref(), Some(want), "event_loop = {event_loop}");
+        }
+        assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
+
+        // Hanging up while waiting: gone while the holder still holds the only server.
+        holder
+            .batch_execute("begin; select 1")
+            .await
+            .expect("holder begins again");
+        let w = waiter.clone();
+        let abandoned = tokio::spawn(async move { w.simple_query("select 4").await });
+        waiting_client(&proxy, event_loop).await;
+        waiter_task.abort();
+        let pool = &proxy.proxy().context().pools.all()[0];
+        let left = eventually(Duration::from_secs(5), || async {
+            clients_json(&proxy).await.len() == 1 && pool.snapshot().waiting == 0
+        })
+        .await;
+        assert!(
+            left,
+            "event_loop = {event_loop}: the hung-up client still waits: {:?} {:?}",
+            clients_json(&proxy).await,
+            pool.snapshot()
+        );
+        abandoned
+            .await
+            .expect("query task")
+            .expect_err("its connection is gone");
+
+        holder.batch_execute("commit").await.expect("commit");
+        let other = proxy.connect(roles::SCRAM).await;
+        let row = tokio::time::timeout(Duration::from_secs(5), other.query_one("select 5::int4", &[]))
+            .await
+            .expect("the server goes on serving")
+            .expect("query");
+        assert_eq!(row.get::<_, i32>(0), 5);
+        assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
+    }
+}

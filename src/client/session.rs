@@ -102,6 +102,8 @@ enum Resume {
     Granted { tag: u8, started: Instant, grant: Grant },
     /// Killed or shut down (the raised stop bits): tell the client and end the session.
     Stopped(u8),
+    /// The client closed its connection while it waited for a server: end the session.
+    ClientLeft,
     /// Carry on with a link: pump it (`outcome` None) or end it with `outcome`.
     Link {
         link: Box<Link>,
@@ -110,12 +112,25 @@ enum Resume {
     },
 }
 
+/// Resolves when the client has closed its connection (or it failed); pends for good once the
+/// client has sent more bytes, which stay in the socket for the next read. Peeking consumes
+/// nothing, so the messages of a client that is still there are untouched.
+async fn client_left(tcp: &tokio::net::TcpStream) {
+    let mut byte = [0u8; 1];
+    match tcp.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Why [`Session::acquire`] got no server.
 enum NoServer {
     /// Tell the client (the session goes on unless the error is FATAL).
     Reply(PgError),
     /// Killed or shut down (the raised stop bits) while waiting.
     Stopped(u8),
+    /// The client closed its connection while waiting.
+    ClientLeft,
 }
 
 /// How [`Session::serve`] stopped.
@@ -229,6 +244,7 @@ impl Session {
                     (tag, None, None)
                 }
                 Some(Resume::Stopped(bits)) => return Err(self.stopped(bits).await),
+                Some(Resume::ClientLeft) => return Ok(Served::Done),
                 Some(Resume::Acquire { tag, started }) => (tag, Some(started), None),
                 Some(Resume::Granted { tag, started, grant }) => (tag, Some(started), Some(grant)),
                 Some(Resume::Link {
@@ -253,6 +269,7 @@ impl Session {
             let (server, linked_at) = match self.acquire(started, grant).await {
                 Ok(acquired) => acquired,
                 Err(NoServer::Stopped(bits)) => return Err(self.stopped(bits).await),
+                Err(NoServer::ClientLeft) => return Ok(Served::Done),
                 Err(NoServer::Reply(reply)) => {
                     self.reply_error_for_first_message(tag, reply).await?;
                     continue;
@@ -514,15 +531,18 @@ impl Session {
                 Ok(Checkout::Ready(grant)) => Ok(grant),
                 Ok(Checkout::Wait(mut rx)) => {
                     self.info.set_waiting(wall_ms);
-                    // A kill or a shutdown reaches a waiting client now, not at acquire_timeout.
+                    // A kill or a shutdown reaches a waiting client now, not at acquire_timeout;
+                    // and a client that hangs up stops waiting (and counting against
+                    // max_client_conn) at once, as in PgBouncer.
                     let granted = tokio::select! {
                         biased;
                         granted = &mut rx => Ok(granted.ok()),
-                        bits = self.info.stop.raised(KILL | SHUTDOWN) => Err(bits),
+                        bits = self.info.stop.raised(KILL | SHUTDOWN) => Err(NoServer::Stopped(bits)),
+                        () = client_left(self.client.tcp()) => Err(NoServer::ClientLeft),
                     };
                     let granted = match granted {
                         Ok(granted) => granted,
-                        Err(bits) => {
+                        Err(why) => {
                             // Closing refuses grants from here on (the pool passes them to the
                             // next waiter); one that came just before goes back.
                             rx.close();
@@ -531,7 +551,7 @@ impl Session {
                             }
                             self.pool.forget_waits(None);
                             self.info.set_idle();
-                            return Err(NoServer::Stopped(bits));
+                            return Err(why);
                         }
                     };
                     now = Instant::now();

@@ -89,6 +89,7 @@ fn start_loop() -> Arc<Inbox> {
         spare: InboxState::default(),
         generation: 0,
         clock: Clock::new(),
+        watch_sweep: false,
     };
     tokio::spawn(hub);
     inbox
@@ -202,10 +203,23 @@ enum Phase {
         tag: u8,
         started: Instant,
         wall_ms: u64,
+        watch: Watch,
     },
     /// Inline, not boxed: an allocation and a copy per transaction cost more than the bytes
     /// an idle entry carries for it.
     Linked(Linked),
+}
+
+/// Whether a waiting session's client socket is watched for a hang-up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Not yet: the wait is young (see [`WATCH_AFTER`]).
+    Later,
+    /// Watched: a hang-up ends the session at once.
+    On,
+    /// The client sent more bytes while it waited: those stay in the socket for the next read,
+    /// and the watch ends (a hang-up is seen when the transaction reads them).
+    Off,
 }
 
 struct Linked {
@@ -237,7 +251,18 @@ struct HubLoop {
     /// The last generation given to an entry.
     generation: u32,
     clock: Clock,
+    /// A sweep that starts watching long waiters' clients is in the timer heap.
+    watch_sweep: bool,
 }
+
+/// How long a session waits for a server before the loop watches its client for a hang-up.
+/// Most waits end within milliseconds; arming the watch costs about as many instructions as a
+/// quarter of a proxied transaction, so only waits that last pay for it.
+const WATCH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The timer heap's token for the watch sweep; no entry has it (index u32::MAX is never
+/// reached: the slab would need four billion entries).
+const SWEEP: u64 = u64::MAX;
 
 /// One clock reading per round of the loop, shared by every session it drives in that round
 /// (clock reads are a visible share of a proxied transaction's CPU on virtual machines). Wall
@@ -373,7 +398,10 @@ impl HubLoop {
         let Some(Some(entry)) = self.entries.get_mut(index) else {
             return;
         };
-        let Phase::Waiting { tag, started, wall_ms } = entry.phase else {
+        let Phase::Waiting {
+            tag, started, wall_ms, ..
+        } = entry.phase
+        else {
             return;
         };
         entry.phase = Phase::Unlinked;
@@ -399,16 +427,28 @@ impl HubLoop {
                     Some(step) => break step,
                     None => continue,
                 },
-                Phase::Waiting { .. } => {
-                    // A kill or a shutdown reaches a waiting client now, not at acquire_timeout.
-                    // A grant already on its way finds no waiting entry and is given back.
-                    match entry.session.info.stop.raised_now(KILL | SHUTDOWN) {
+                Phase::Waiting { watch, .. } => {
+                    // A kill or a shutdown reaches a waiting client now, not at acquire_timeout,
+                    // and a watched client that hangs up stops waiting (and counting against
+                    // max_client_conn) at once. A grant already on its way finds no waiting
+                    // entry and is given back.
+                    let resume = match entry.session.info.stop.raised_now(KILL | SHUTDOWN) {
+                        0 if *watch == Watch::On => match client_left(entry) {
+                            Some(true) => Resume::ClientLeft,
+                            Some(false) => {
+                                if let Phase::Waiting { watch, .. } = &mut entry.phase {
+                                    *watch = Watch::Off;
+                                }
+                                break Step::Wait;
+                            }
+                            None => break Step::Wait,
+                        },
                         0 => break Step::Wait,
-                        bits => {
-                            entry.session.pool.forget_waits(Some(tok));
-                            break Step::Back(Resume::Stopped(bits));
-                        }
-                    }
+                        bits => Resume::Stopped(bits),
+                    };
+                    entry.session.pool.forget_waits(Some(tok));
+                    entry.session.info.set_idle();
+                    break Step::Back(resume);
                 }
                 Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.now) {
                     Some(step) => break step,
@@ -416,8 +456,50 @@ impl HubLoop {
                 },
             }
         };
-        if let Step::Back(resume) = step {
-            self.hand_back(index, resume);
+        match step {
+            Step::Back(resume) => self.hand_back(index, resume),
+            Step::Wait => {
+                if !self.watch_sweep
+                    && matches!(
+                        entry.phase,
+                        Phase::Waiting {
+                            watch: Watch::Later,
+                            ..
+                        }
+                    )
+                {
+                    self.timers.push(Reverse((self.clock.now + WATCH_AFTER, SWEEP)));
+                    self.watch_sweep = true;
+                }
+            }
+        }
+    }
+
+    /// Starts watching the clients of sessions that have waited [`WATCH_AFTER`] for a server;
+    /// schedules the next sweep while younger waits remain.
+    fn sweep_waits(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        for index in 0..self.entries.len() {
+            let Some(Some(entry)) = self.entries.get_mut(index) else {
+                continue;
+            };
+            let Phase::Waiting { started, watch, .. } = &mut entry.phase else {
+                continue;
+            };
+            if *watch != Watch::Later {
+                continue;
+            }
+            let due = *started + WATCH_AFTER;
+            if due <= now {
+                *watch = Watch::On;
+                self.drive(index);
+            } else if next.is_none_or(|n| due < n) {
+                next = Some(due);
+            }
+        }
+        if let Some(at) = next {
+            self.timers.push(Reverse((at, SWEEP)));
+            self.watch_sweep = true;
         }
     }
 
@@ -444,11 +526,17 @@ impl HubLoop {
             return false;
         }
         let now = Instant::now();
+        let mut sweep = false;
         while let Some(&Reverse((at, tok))) = self.timers.peek() {
             if at > now {
                 break;
             }
             self.timers.pop();
+            if tok == SWEEP {
+                self.watch_sweep = false;
+                sweep = true;
+                continue;
+            }
             let (index, generation) = split_token(tok);
             let due = match self.entries.get_mut(index) {
                 Some(Some(e)) if e.generation == generation && e.scheduled == Some(at) => {
@@ -470,6 +558,9 @@ impl HubLoop {
                 // The task's pump finds the deadline passed and acts on it.
                 self.take_link_back(index);
             }
+        }
+        if sweep {
+            self.sweep_waits(now);
         }
         self.sleep_at = None;
         true
@@ -554,7 +645,12 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
     let settings = s.settings.load();
     match s.pool.checkout_for_sink(started, settings, sink, tok) {
         Ok(None) => {
-            entry.phase = Phase::Waiting { tag, started, wall_ms };
+            entry.phase = Phase::Waiting {
+                tag,
+                started,
+                wall_ms,
+                watch: Watch::Later,
+            };
             Some(Step::Wait)
         }
         Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, started) {
@@ -563,6 +659,20 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
         },
         // Closed: the task's own checkout gets the same answer and replies.
         Err(_) => Some(Step::Back(Resume::Acquire { tag, started })),
+    }
+}
+
+/// Whether a waiting entry's client hung up: Some(true) when it closed its connection (or the
+/// socket failed), Some(false) when it sent more bytes (they stay in the socket for the next
+/// read, and the watch ends), None while nothing happened (the entry's waker is registered).
+fn client_left(entry: &mut Entry) -> Option<bool> {
+    let mut cx = Context::from_waker(&entry.waker);
+    let mut byte = [0u8; 1];
+    let mut peek = tokio::io::ReadBuf::new(&mut byte);
+    match entry.session.client.tcp().poll_peek(&mut cx, &mut peek) {
+        Poll::Pending => None,
+        Poll::Ready(Ok(0) | Err(_)) => Some(true),
+        Poll::Ready(Ok(_)) => Some(false),
     }
 }
 
