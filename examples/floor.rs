@@ -46,16 +46,25 @@ impl ReadBuf {
         self.filled -= n;
     }
 
-    /// Reads until the socket would block. False when the peer closed or failed.
+    /// Reads until the socket is drained: a read that leaves room in the buffer says so (with
+    /// edge-triggered epoll, bytes arriving later raise a new event), which saves the `recv`
+    /// that would only return EAGAIN — pgweir's `try_read_drained` does the same. False when
+    /// the peer closed or failed.
     fn fill(&mut self, s: &mut TcpStream) -> bool {
         loop {
             if self.data.len() - self.filled < 4096 {
                 let grown = self.data.len() * 2;
                 self.data.resize(grown, 0);
             }
+            let room = self.data.len() - self.filled;
             match s.read(&mut self.data[self.filled..]) {
                 Ok(0) => return false,
-                Ok(n) => self.filled += n,
+                Ok(n) => {
+                    self.filled += n;
+                    if n < room {
+                        return true;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => return false,
