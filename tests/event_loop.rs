@@ -216,22 +216,7 @@ async fn a_kill_reaches_a_client_that_waits_for_a_server_on_both_paths() {
         // A simple Query: the loop itself waits for a server for it (it hands named Parse to
         // the task).
         let query = tokio::spawn(async move { waiter.simple_query("select 2").await });
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let id = loop {
-            let clients = clients_json(&proxy).await;
-            if let Some(id) = clients
-                .iter()
-                .find(|c| c["state"] == "waiting" && c["event_loop"] == event_loop)
-                .and_then(|c| c["id"].as_u64())
-            {
-                break id;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "event_loop = {event_loop}: the second client never waited: {clients:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let id = waiting_client(&proxy, event_loop).await;
         let (status, body) = proxy
             .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
             .await;
