@@ -113,13 +113,10 @@ enum Resume {
 }
 
 /// Resolves when the client has closed its connection (or it failed); pends for good once the
-/// client has sent more bytes, which stay in the socket for the next read. Peeking consumes
-/// nothing, so the messages of a client that is still there are untouched.
+/// client has sent more bytes, which stay in the socket for the next read.
 async fn client_left(tcp: &tokio::net::TcpStream) {
-    let mut byte = [0u8; 1];
-    match tcp.peek(&mut byte).await {
-        Ok(0) | Err(_) => {}
-        Ok(_) => std::future::pending().await,
+    if !std::future::poll_fn(|cx| crate::net::stream::poll_hung_up(tcp, cx)).await {
+        std::future::pending::<()>().await;
     }
 }
 

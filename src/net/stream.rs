@@ -40,6 +40,19 @@ pub fn try_read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize
     }
 }
 
+/// Whether a client waiting for something has hung up, without consuming a byte: Ready(true)
+/// when it closed its connection or the socket failed, Ready(false) when it sent bytes (they
+/// stay in the socket for the next read), Pending while neither (`cx` is woken on readability).
+pub fn poll_hung_up(tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
+    let mut byte = [0u8; 1];
+    let mut peek = ReadBuf::new(&mut byte);
+    match tcp.poll_peek(cx, &mut peek) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(true),
+        Poll::Ready(Ok(_)) => Poll::Ready(false),
+    }
+}
+
 /// TLS over TCP, client or server side.
 pub struct TlsConn(tokio_rustls::TlsStream<TcpStream>);
 

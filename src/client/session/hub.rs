@@ -31,7 +31,7 @@ use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::config::SessionStatePolicy;
-use crate::net::stream::try_read_drained;
+use crate::net::stream::{poll_hung_up, try_read_drained};
 use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
@@ -433,16 +433,19 @@ impl HubLoop {
                     // max_client_conn) at once. A grant already on its way finds no waiting
                     // entry and is given back.
                     let resume = match entry.session.info.stop.raised_now(KILL | SHUTDOWN) {
-                        0 if *watch == Watch::On => match client_left(entry) {
-                            Some(true) => Resume::ClientLeft,
-                            Some(false) => {
-                                if let Phase::Waiting { watch, .. } = &mut entry.phase {
-                                    *watch = Watch::Off;
+                        0 if *watch == Watch::On => {
+                            let mut cx = Context::from_waker(&entry.waker);
+                            match poll_hung_up(entry.session.client.tcp(), &mut cx) {
+                                Poll::Ready(true) => Resume::ClientLeft,
+                                Poll::Ready(false) => {
+                                    if let Phase::Waiting { watch, .. } = &mut entry.phase {
+                                        *watch = Watch::Off;
+                                    }
+                                    break Step::Wait;
                                 }
-                                break Step::Wait;
+                                Poll::Pending => break Step::Wait,
                             }
-                            None => break Step::Wait,
-                        },
+                        }
                         0 => break Step::Wait,
                         bits => Resume::Stopped(bits),
                     };
@@ -659,20 +662,6 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
         },
         // Closed: the task's own checkout gets the same answer and replies.
         Err(_) => Some(Step::Back(Resume::Acquire { tag, started })),
-    }
-}
-
-/// Whether a waiting entry's client hung up: Some(true) when it closed its connection (or the
-/// socket failed), Some(false) when it sent more bytes (they stay in the socket for the next
-/// read, and the watch ends), None while nothing happened (the entry's waker is registered).
-fn client_left(entry: &mut Entry) -> Option<bool> {
-    let mut cx = Context::from_waker(&entry.waker);
-    let mut byte = [0u8; 1];
-    let mut peek = tokio::io::ReadBuf::new(&mut byte);
-    match entry.session.client.tcp().poll_peek(&mut cx, &mut peek) {
-        Poll::Pending => None,
-        Poll::Ready(Ok(0) | Err(_)) => Some(true),
-        Poll::Ready(Ok(_)) => Some(false),
     }
 }
 
