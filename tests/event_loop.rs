@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use pgweir::config::PoolMode;
-use pgweir::embedded_pg::roles;
+use pgweir::embedded_pg::{EmbeddedPostgres, roles};
 use serde_json::Value;
 use support::proxy::{TestProxy, TestProxyBuilder, eventually, sqlstate};
 
@@ -90,13 +90,7 @@ async fn forty_clients_share_two_servers_through_the_event_loop_and_get_their_ow
                     .simple_query(&format!("select {id} + {round}"))
                     .await
                     .expect("simple query");
-                let value = rows
-                    .iter()
-                    .find_map(|m| match m {
-                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                        _ => None,
-                    })
-                    .expect("a row");
+                let value = first_value(&rows).expect("a row");
                 assert_eq!(value, (id + round).to_string());
                 let k = (round % 6) as usize;
                 let row = client.query_one(&statements[k], &[&id]).await.expect("execute");
@@ -201,17 +195,7 @@ async fn shutdown_reaches_clients_idle_in_the_event_loop() {
 async fn a_kill_reaches_a_client_that_waits_for_a_server_on_both_paths() {
     let pg = support::postgres();
     for event_loop in [false, true] {
-        let proxy = TestProxyBuilder::new(&pg)
-            .event_loop(event_loop)
-            .pool_size(1)
-            .with_pool(|p| p.acquire_timeout = Duration::from_secs(60))
-            .start()
-            .await;
-        let holder = proxy.connect(roles::SCRAM).await;
-        let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
-        waiter.query_one("select 1", &[]).await.expect("warm up");
-        // On the event loop the wait must start there: both clients idle in the loop first.
-        assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
+        let (proxy, holder, waiter, waiter_task) = one_server_two_clients(&pg, event_loop).await;
         holder.batch_execute("begin; select 1").await.expect("holder begins");
         // A simple Query: the loop itself waits for a server for it (it hands named Parse to
         // the task).
@@ -244,14 +228,7 @@ async fn a_kill_reaches_a_client_that_waits_for_a_server_on_both_paths() {
             "event_loop = {event_loop}: the killed wait is queued"
         );
 
-        holder.batch_execute("commit").await.expect("commit");
-        let other = proxy.connect(roles::SCRAM).await;
-        let row = tokio::time::timeout(Duration::from_secs(5), other.query_one("select 3::int4", &[]))
-            .await
-            .expect("the server goes on serving")
-            .expect("query");
-        assert_eq!(row.get::<_, i32>(0), 3);
-        assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
+        the_server_goes_on_serving(&proxy, &holder).await;
     }
 }
 
@@ -261,6 +238,44 @@ fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<String
         tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
         _ => None,
     })
+}
+
+/// A proxy with one server (acquire_timeout 60 s) and two clients idle on the given path:
+/// `holder` to take the server, and `waiter`, with its connection's task, to queue behind it.
+async fn one_server_two_clients(
+    pg: &EmbeddedPostgres,
+    event_loop: bool,
+) -> (
+    TestProxy,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let proxy = TestProxyBuilder::new(pg)
+        .event_loop(event_loop)
+        .pool_size(1)
+        .with_pool(|p| p.acquire_timeout = Duration::from_secs(60))
+        .start()
+        .await;
+    let holder = proxy.connect(roles::SCRAM).await;
+    let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
+    waiter.query_one("select 1", &[]).await.expect("warm up");
+    // On the event loop the wait must start there: both clients idle in the loop first.
+    assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
+    (proxy, holder, waiter, waiter_task)
+}
+
+/// The holder commits; its server then serves a new client, and the pool opened no other.
+async fn the_server_goes_on_serving(proxy: &TestProxy, holder: &tokio_postgres::Client) {
+    holder.batch_execute("commit").await.expect("commit");
+    let other = proxy.connect(roles::SCRAM).await;
+    let row = tokio::time::timeout(Duration::from_secs(5), other.query_one("select 3::int4", &[]))
+        .await
+        .expect("the server goes on serving")
+        .expect("query");
+    assert_eq!(row.get::<_, i32>(0), 3);
+    let pool = &proxy.proxy().context().pools.all()[0];
+    assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
 }
 
 /// The id of the client waiting for a server on the given path, once there is one.
@@ -291,17 +306,8 @@ async fn waiting_client(proxy: &TestProxy, event_loop: bool) -> u64 {
 async fn a_client_that_hangs_up_while_waiting_for_a_server_leaves_the_queue_on_both_paths() {
     let pg = support::postgres();
     for event_loop in [false, true] {
-        let proxy = TestProxyBuilder::new(&pg)
-            .event_loop(event_loop)
-            .pool_size(1)
-            .with_pool(|p| p.acquire_timeout = Duration::from_secs(60))
-            .start()
-            .await;
-        let holder = proxy.connect(roles::SCRAM).await;
-        let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
+        let (proxy, holder, waiter, waiter_task) = one_server_two_clients(&pg, event_loop).await;
         let waiter = std::sync::Arc::new(waiter);
-        waiter.query_one("select 1", &[]).await.expect("warm up");
-        assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
 
         // More bytes while waiting (a pipelined second query) end the watch, not the client.
         holder.batch_execute("begin; select 1").await.expect("holder begins");
@@ -350,13 +356,6 @@ async fn a_client_that_hangs_up_while_waiting_for_a_server_leaves_the_queue_on_b
             .expect("query task")
             .expect_err("its connection is gone");
 
-        holder.batch_execute("commit").await.expect("commit");
-        let other = proxy.connect(roles::SCRAM).await;
-        let row = tokio::time::timeout(Duration::from_secs(5), other.query_one("select 5::int4", &[]))
-            .await
-            .expect("the server goes on serving")
-            .expect("query");
-        assert_eq!(row.get::<_, i32>(0), 5);
-        assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
+        the_server_goes_on_serving(&proxy, &holder).await;
     }
 }
