@@ -359,3 +359,44 @@ async fn a_client_that_hangs_up_while_waiting_for_a_server_leaves_the_queue_on_b
         the_server_goes_on_serving(&proxy, &holder).await;
     }
 }
+
+/// A client's next query that arrives while its transaction runs (pipelined) is answered, and
+/// so is one it sends after sitting idle: after a transaction the loop keeps the client's read
+/// waker from the transaction when it has not fired instead of registering it again, and
+/// must never keep one that has. A second client queued for the only server rides along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_and_later_queries_of_a_client_in_the_event_loop_are_answered() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).event_loop(true).pool_size(1).start().await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let other = proxy.connect(roles::SCRAM).await;
+    client.simple_query("select 1").await.expect("warm up");
+    other.simple_query("select 1").await.expect("warm up");
+    assert!(all_clients_in_event_loop(&proxy, 2, true).await);
+    for round in 0..3 {
+        let slow = client.simple_query("select 'one' from pg_sleep(0.2)");
+        let next = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.simple_query("select 'two'").await
+        };
+        let queued = async {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            other.simple_query("select 'three'").await
+        };
+        let (slow, next, queued) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(slow, next, queued) })
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: a query was not answered"));
+        assert_eq!(first_value(&slow.expect("slow")).as_deref(), Some("one"));
+        assert_eq!(first_value(&next.expect("next")).as_deref(), Some("two"));
+        assert_eq!(first_value(&queued.expect("queued")).as_deref(), Some("three"));
+
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let later = tokio::time::timeout(Duration::from_secs(5), client.simple_query("select 'four'"))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the query after a pause was not answered"))
+            .expect("later");
+        assert_eq!(first_value(&later).as_deref(), Some("four"));
+    }
+    assert!(all_clients_in_event_loop(&proxy, 2, true).await);
+}

@@ -40,6 +40,14 @@ pub fn try_read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize
     }
 }
 
+/// Whether the reactor has seen `tcp` readable (or closed) since its read readiness was last
+/// cleared. Unlike `poll_read_ready` it takes no lock and registers no waker, so it is the
+/// cheap first look where readiness is likely (a session woken by its socket) or where a waker
+/// is known to be registered already.
+pub fn readable_now(tcp: &TcpStream) -> bool {
+    tcp.try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok()
+}
+
 /// Whether a client waiting for something has hung up, without consuming a byte: Ready(true)
 /// when it closed its connection or the socket failed, Ready(false) when it sent bytes (they
 /// stay in the socket for the next read), Pending while neither (`cx` is woken on readability).

@@ -31,7 +31,7 @@ use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::config::SessionStatePolicy;
-use crate::net::stream::{poll_hung_up, try_read_drained};
+use crate::net::stream::{poll_hung_up, readable_now, try_read_drained};
 use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
@@ -190,6 +190,14 @@ struct Entry {
     /// not pushed again: when the earlier one comes due, the current one is pushed then. So
     /// the heap holds about one item per linked entry however often deadlines move.
     scheduled: Option<Instant>,
+    /// The client socket's read waker is registered and has not fired, so the client sending
+    /// bytes or hanging up will drive this entry: no need to register again (a lock and a
+    /// waker compare in tokio, twice per transaction otherwise). Set when a readiness poll
+    /// comes back Pending; cleared by every read of the client, the only thing that clears its
+    /// read readiness. So while set, readiness the reactor has not yet reported
+    /// ([`readable_now`] false) proves the waker still waits: tokio records readiness before
+    /// it takes and wakes the waker.
+    client_armed: bool,
 }
 
 #[expect(
@@ -377,6 +385,7 @@ impl HubLoop {
             waker,
             timer: None,
             scheduled: None,
+            client_armed: false,
         });
         self.drive(index);
     }
@@ -435,6 +444,8 @@ impl HubLoop {
                     let resume = match entry.session.info.stop.raised_now(KILL | SHUTDOWN) {
                         0 if *watch == Watch::On => {
                             let mut cx = Context::from_waker(&entry.waker);
+                            // The peek is a read: whatever it finds, a later read registers anew.
+                            entry.client_armed = false;
                             match poll_hung_up(entry.session.client.tcp(), &mut cx) {
                                 Poll::Ready(true) => Resume::ClientLeft,
                                 Poll::Ready(false) => {
@@ -605,6 +616,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
     if s.info.stop.raised_now(KILL | SHUTDOWN) != 0 {
         return Some(Step::Back(Resume::Unlinked));
     }
+    let armed = &mut entry.client_armed;
     let mut cx = Context::from_waker(&entry.waker);
     let tag = loop {
         match frame_at(&s.buf, 0, s.max_message) {
@@ -614,15 +626,23 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
             Err(_) => return Some(Step::Back(Resume::Unlinked)),
         }
         let tcp = s.client.tcp();
-        if s.buf.is_empty() {
-            // Idle clients hold no read buffer: readiness first, a buffer after.
+        if s.buf.is_empty() && !readable_now(tcp) {
+            // Idle clients hold no read buffer: readiness first, a buffer after. Right after a
+            // transaction the waker registered while it ran usually still waits.
+            if *armed {
+                return Some(Step::Wait);
+            }
             match tcp.poll_read_ready(&mut cx) {
-                Poll::Pending => return Some(Step::Wait),
+                Poll::Pending => {
+                    *armed = true;
+                    return Some(Step::Wait);
+                }
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                 Poll::Ready(Ok(())) => {}
             }
         }
         s.reserve_for_client();
+        *armed = false;
         match try_read_drained(s.client.tcp(), &mut s.buf) {
             // EOF or an error: the task ends the session.
             Ok(0) => return Some(Step::Back(Resume::Unlinked)),
@@ -632,7 +652,10 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
                     s.ctx.buffers.give(std::mem::take(&mut s.buf));
                 }
                 match s.client.tcp().poll_read_ready(&mut cx) {
-                    Poll::Pending => return Some(Step::Wait),
+                    Poll::Pending => {
+                        *armed = true;
+                        return Some(Step::Wait);
+                    }
                     Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                     Poll::Ready(Ok(())) => {}
                 }
@@ -769,17 +792,22 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
                 continue;
             }
         } else {
-            reserve_for_server(&mut conn.buf);
-            match try_read_drained(conn.stream.tcp(), &mut conn.buf) {
-                Ok(0) => return link_back(entry, None).map(Step::Back),
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if conn.stream.tcp().poll_read_ready(&mut cx).is_ready() {
-                        continue;
-                    }
+            // Readiness first: right after a query went out, the reply is not there yet, and
+            // the reactor knows it without a read attempt.
+            if readable_now(conn.stream.tcp()) {
+                reserve_for_server(&mut conn.buf);
+                match try_read_drained(conn.stream.tcp(), &mut conn.buf) {
+                    Ok(0) => return link_back(entry, None).map(Step::Back),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // The task's read meets the same end and reports it.
+                    Err(_) => return link_back(entry, None).map(Step::Back),
                 }
-                // The task's read meets the same end and reports it.
-                Err(_) => return link_back(entry, None).map(Step::Back),
+            }
+            match conn.stream.tcp().poll_read_ready(&mut cx) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return link_back(entry, None).map(Step::Back),
             }
         }
         // Client direction: what was framed for the server goes out first; then more is read.
@@ -788,19 +816,27 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
                 continue;
             }
         } else if !link.terminated {
-            s.reserve_for_client();
-            match try_read_drained(s.client.tcp(), &mut s.buf) {
-                Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
-                Ok(_) => {
-                    s.last_activity = now;
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if s.client.tcp().poll_read_ready(&mut cx).is_ready() {
+            if readable_now(s.client.tcp()) {
+                s.reserve_for_client();
+                entry.client_armed = false;
+                match try_read_drained(s.client.tcp(), &mut s.buf) {
+                    Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+                    Ok(_) => {
+                        s.last_activity = now;
                         continue;
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
                 }
-                Err(_) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+            }
+            // Bytes the client sends while its transaction runs (the next pipelined message, a
+            // COPY chunk) or its hang-up must drive the session.
+            if !entry.client_armed {
+                match s.client.tcp().poll_read_ready(&mut cx) {
+                    Poll::Pending => entry.client_armed = true,
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+                }
             }
         }
         return Some(Step::Wait);
