@@ -534,6 +534,15 @@ impl Link {
                 emit_synthetic(&mut self.expect, &mut self.inject, self.status);
             }
             let conn = self.server.conn();
+            // Messages that mean nothing to pgweir (rows above all) pass in a tight loop: none of
+            // them changes the reply queue, so the checks below would only conclude "forward".
+            // A partial or malformed frame stops it, for the full path to stream or report.
+            let barrier_front = matches!(self.expect.front(), Some(Expect::Barrier) | None);
+            while let Ok(Some(frame)) = frame_at(&conn.buf, pos, MAX_SERVER_FRAME)
+                && passes_through(frame.tag, barrier_front)
+            {
+                pos += frame.total_len;
+            }
             let available = conn.buf.len() - pos;
             if available < HEADER_LEN {
                 break;
@@ -706,6 +715,27 @@ fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
             | (b'3', Some(Expect::InjectedClose))
             | (backend::ERROR_RESPONSE, Some(Expect::FailingParse { .. }))
     )
+}
+
+/// Whether a server message needs nothing from [`Link::frame_server_input`] but forwarding: not
+/// one it reads (ReadyForQuery, ParameterStatus, CopyInResponse, ErrorResponse, CommandComplete)
+/// nor a reply that settles an entry of the reply queue ([`reply_action`]: RowDescription,
+/// EmptyQueryResponse and PortalSuspended settle one only when the queue's front is not a
+/// Barrier).
+fn passes_through(tag: u8, barrier_front: bool) -> bool {
+    match tag {
+        backend::READY_FOR_QUERY
+        | backend::PARAMETER_STATUS
+        | backend::COPY_IN_RESPONSE
+        | backend::ERROR_RESPONSE
+        | backend::COMMAND_COMPLETE
+        | b'1'
+        | b'2'
+        | b'3'
+        | b'n' => false,
+        b'T' | b'I' | b's' => barrier_front,
+        _ => true,
+    }
 }
 
 /// The error for a statement refused under the Reject policy.
