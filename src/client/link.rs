@@ -120,13 +120,14 @@ impl Link {
         self.clock.unwrap_or_else(std::time::Instant::now)
     }
 
-    /// Takes back the growable parts, emptied, for the session's next link.
-    pub fn take_spares(&mut self) -> LinkSpares {
-        let mut rfq_sent = std::mem::take(&mut self.rfq_sent);
-        let mut expect = std::mem::take(&mut self.expect);
-        rfq_sent.clear();
-        expect.clear();
-        LinkSpares { rfq_sent, expect }
+    /// Gives the growable parts back, emptied, for the session's next link. A swap, not an
+    /// assignment: what `spares` held (emptied by [`Link::new`]) goes down with the link
+    /// instead of being dropped here as well.
+    pub fn return_spares(&mut self, spares: &mut LinkSpares) {
+        self.rfq_sent.clear();
+        self.expect.clear();
+        std::mem::swap(&mut self.rfq_sent, &mut spares.rfq_sent);
+        std::mem::swap(&mut self.expect, &mut spares.expect);
     }
 
     /// When the oldest reply still owed by the server was asked for (for query_timeout).

@@ -743,7 +743,7 @@ impl Session {
         match result {
             Ok(Pumped::Idle) => {
                 // Idle means nothing is owed or expected: the queues are empty already.
-                self.spares = link.take_spares();
+                link.return_spares(&mut self.spares);
                 self.return_idle_server(&mut link.server, link.dirty).await;
                 Ok(Unlinked::Continue)
             }

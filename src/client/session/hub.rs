@@ -857,7 +857,7 @@ fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
     }
     s.fold_link_stats(&l.link, l.linked_at, now);
     s.info.set_idle();
-    s.spares = l.link.take_spares();
+    l.link.return_spares(&mut s.spares);
     l.link.server.release_in_place(now);
     entry.phase = Phase::Unlinked;
     entry.timer = None;
