@@ -13,6 +13,9 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 /// Upper bounds in seconds, from half a millisecond (a pooled SELECT) to half a minute.
+/// Bucket indexes (`BUCKETS.len() + 1` of them) fit [`LocalHistogram`]'s `u16` bitmap.
+const _: () = assert!(BUCKETS.len() < 16);
+
 pub const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -75,10 +78,12 @@ impl LatencyHistogram {
     /// Adds a session-local histogram (folded once per transaction).
     pub fn merge(&self, local: &LocalHistogram) {
         let shard = &self.shards[shard()].0;
-        for (dst, &n) in shard.counts.iter().zip(&local.counts) {
-            if n > 0 {
-                dst.fetch_add(n, Ordering::Relaxed);
-            }
+        // Only the buckets the transaction used (usually one), not a walk over all of them.
+        let mut touched = local.touched;
+        while touched != 0 {
+            let i = touched.trailing_zeros() as usize;
+            touched &= touched - 1;
+            shard.counts[i].fetch_add(local.counts[i], Ordering::Relaxed);
         }
         shard.sum_micros.fetch_add(local.sum_micros, Ordering::Relaxed);
     }
@@ -109,6 +114,8 @@ impl LatencyHistogram {
 pub struct LocalHistogram {
     counts: [u64; BUCKETS.len() + 1],
     sum_micros: u64,
+    /// Bit i set: `counts[i]` > 0.
+    touched: u16,
 }
 
 impl LocalHistogram {
@@ -116,11 +123,12 @@ impl LocalHistogram {
         let secs = d.as_secs_f64();
         let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
         self.counts[i] += 1;
+        self.touched |= 1 << i;
         self.sum_micros += d.as_micros() as u64;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.counts.iter().all(|&c| c == 0)
+        self.touched == 0
     }
 }
 
@@ -201,6 +209,32 @@ mod tests {
         let inner = s.0.lock().unwrap();
         assert_eq!(inner.count, 4);
         assert!((inner.sum - 0.008).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_local_histogram_merges_every_bucket_it_used_and_no_other() {
+        let h = LatencyHistogram::default();
+        let mut l = LocalHistogram::default();
+        for d in [
+            Duration::from_micros(100),
+            Duration::from_millis(3),
+            Duration::from_millis(3),
+            Duration::from_secs(20),
+            Duration::from_secs(60),
+        ] {
+            l.observe(d);
+        }
+        assert!(!l.is_empty());
+        h.merge(&l);
+        let s = h.snapshot();
+        let inner = s.0.lock().unwrap();
+        let counts: Vec<u64> = inner.buckets.iter().map(|b| b.1).collect();
+        let mut want = vec![0; BUCKETS.len() + 1];
+        want[0] = 1;
+        want[3] = 2;
+        want[BUCKETS.len() - 1] = 1;
+        want[BUCKETS.len()] = 1;
+        assert_eq!(counts, want);
     }
 
     #[test]
