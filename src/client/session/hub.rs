@@ -609,6 +609,27 @@ fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) ->
     }
 }
 
+/// Reads what the client sent into the session's buffer. A read may clear the socket's read
+/// readiness, so the entry's registered waker no longer counts as armed ([`Entry::client_armed`]).
+#[inline]
+fn read_client(s: &mut Session, armed: &mut bool) -> std::io::Result<usize> {
+    s.reserve_for_client();
+    *armed = false;
+    try_read_drained(s.client.tcp(), &mut s.buf)
+}
+
+/// Waits for the client to become readable (or close): registers the entry's waker, unless
+/// the one registered earlier has not fired yet and so still waits ([`Entry::client_armed`]).
+#[inline]
+fn poll_client_readable(s: &Session, armed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    if *armed {
+        return Poll::Pending;
+    }
+    let ready = s.client.tcp().poll_read_ready(cx);
+    *armed = ready.is_pending();
+    ready
+}
+
 /// An unlinked session: reads until its buffer holds a first message, then asks the pool.
 /// None means "drive again" (the phase changed).
 fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Clock) -> Option<Step> {
@@ -625,25 +646,16 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
             // The task reports it.
             Err(_) => return Some(Step::Back(Resume::Unlinked)),
         }
-        let tcp = s.client.tcp();
-        if s.buf.is_empty() && !readable_now(tcp) {
+        if s.buf.is_empty() && !readable_now(s.client.tcp()) {
             // Idle clients hold no read buffer: readiness first, a buffer after. Right after a
             // transaction the waker registered while it ran usually still waits.
-            if *armed {
-                return Some(Step::Wait);
-            }
-            match tcp.poll_read_ready(&mut cx) {
-                Poll::Pending => {
-                    *armed = true;
-                    return Some(Step::Wait);
-                }
+            match poll_client_readable(s, armed, &mut cx) {
+                Poll::Pending => return Some(Step::Wait),
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                 Poll::Ready(Ok(())) => {}
             }
         }
-        s.reserve_for_client();
-        *armed = false;
-        match try_read_drained(s.client.tcp(), &mut s.buf) {
+        match read_client(s, armed) {
             // EOF or an error: the task ends the session.
             Ok(0) => return Some(Step::Back(Resume::Unlinked)),
             Ok(_) => {}
@@ -651,11 +663,8 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
                 if s.buf.is_empty() {
                     s.ctx.buffers.give(std::mem::take(&mut s.buf));
                 }
-                match s.client.tcp().poll_read_ready(&mut cx) {
-                    Poll::Pending => {
-                        *armed = true;
-                        return Some(Step::Wait);
-                    }
+                match poll_client_readable(s, armed, &mut cx) {
+                    Poll::Pending => return Some(Step::Wait),
                     Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                     Poll::Ready(Ok(())) => {}
                 }
@@ -817,9 +826,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             }
         } else if !link.terminated {
             if readable_now(s.client.tcp()) {
-                s.reserve_for_client();
-                entry.client_armed = false;
-                match try_read_drained(s.client.tcp(), &mut s.buf) {
+                match read_client(s, &mut entry.client_armed) {
                     Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
                     Ok(_) => {
                         s.last_activity = now;
@@ -831,12 +838,10 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             }
             // Bytes the client sends while its transaction runs (the next pipelined message, a
             // COPY chunk) or its hang-up must drive the session.
-            if !entry.client_armed {
-                match s.client.tcp().poll_read_ready(&mut cx) {
-                    Poll::Pending => entry.client_armed = true,
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
-                }
+            match poll_client_readable(s, &mut entry.client_armed, &mut cx) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
             }
         }
         return Some(Step::Wait);
