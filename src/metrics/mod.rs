@@ -13,12 +13,12 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 /// Upper bounds in seconds, from half a millisecond (a pooled SELECT) to half a minute.
-/// Bucket indexes (`BUCKETS.len() + 1` of them) fit [`LocalHistogram`]'s `u16` bitmap.
-const _: () = assert!(BUCKETS.len() < 16);
-
 pub const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+// Bucket indexes (`BUCKETS.len() + 1` of them) fit [`LocalHistogram`]'s `u16` bitmap.
+const _: () = assert!(BUCKETS.len() < 16);
 
 /// Counters and histograms written on every transaction are split into per-thread shards, so
 /// the workers do not bounce one cache line between cores on each update; a scrape sums them.
