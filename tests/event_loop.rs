@@ -11,7 +11,7 @@ use std::time::Duration;
 use pgweir::config::PoolMode;
 use pgweir::embedded_pg::{EmbeddedPostgres, roles};
 use serde_json::Value;
-use support::proxy::{TestProxy, TestProxyBuilder, eventually, sqlstate};
+use support::proxy::{TestProxy, TestProxyBuilder, eventually, first_value, sqlstate};
 
 async fn clients_json(proxy: &TestProxy) -> Vec<Value> {
     let (status, body) = proxy.admin("GET", "/api/clients", None, None).await;
@@ -230,14 +230,6 @@ async fn a_kill_reaches_a_client_that_waits_for_a_server_on_both_paths() {
 
         the_server_goes_on_serving(&proxy, &holder).await;
     }
-}
-
-/// The first value of a simple query's first row.
-fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
-    messages.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-        _ => None,
-    })
 }
 
 /// A proxy with one server (acquire_timeout 60 s) and two clients idle on the given path:

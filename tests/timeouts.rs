@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pgweir::embedded_pg::roles;
-use support::proxy::{TestProxyBuilder, direct, eventually, sqlstate};
+use support::proxy::{TestProxyBuilder, direct, eventually, first_value, sqlstate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_timeout_fails_fast_with_a_useful_error_and_the_client_stays_usable() {
@@ -183,11 +183,7 @@ async fn waiters_are_served_first_in_first_out() {
                 .simple_query("select nextval('fifo_order')")
                 .await
                 .expect("eventually served");
-            let served = rows.iter().find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<usize>().ok()),
-                _ => None,
-            });
-            (i, served)
+            (i, first_value(&rows).and_then(|v| v.parse::<usize>().ok()))
         }));
         // Make the arrival order unambiguous: the next waiter starts only once this one is
         // queued in the pool (a fixed sleep is not enough on a loaded machine).
