@@ -48,6 +48,25 @@ pub fn readable_now(tcp: &TcpStream) -> bool {
     tcp.try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok()
 }
 
+/// `poll_read_ready` for a socket whose registered read waker may still be waiting: `armed`
+/// says a poll came back Pending since the caller last read the socket (a read is what clears
+/// read readiness, so the caller clears `armed` on every read). While armed, the earlier
+/// registration still stands and the poll (a lock and a waker compare in tokio) is skipped.
+///
+/// A Pending counts as a registration only while the task has coop budget left: with the
+/// budget spent, tokio answers Pending without looking at the socket and only wakes the task
+/// once, later. Taking that for armed would leave nothing registered for the client's next
+/// bytes, and the session would hang.
+#[inline]
+pub fn poll_read_ready_armed(tcp: &TcpStream, armed: &mut bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    if *armed {
+        return Poll::Pending;
+    }
+    let ready = tcp.poll_read_ready(cx);
+    *armed = ready.is_pending() && tokio::task::coop::has_budget_remaining();
+    ready
+}
+
 /// Whether a client waiting for something has hung up, without consuming a byte: Ready(true)
 /// when it closed its connection or the socket failed, Ready(false) when it sent bytes (they
 /// stay in the socket for the next read), Pending while neither (`cx` is woken on readability).
@@ -344,6 +363,44 @@ mod tests {
         assert_eq!(read_some(&rx, &mut buf).await, 4);
         assert_eq!(read_some(&rx, &mut buf).await, 0, "EOF must still be reported");
         assert_eq!(&buf[..], b"firstsecondlast");
+    }
+
+    #[tokio::test]
+    async fn a_pending_forced_by_the_coop_budget_does_not_count_as_armed() {
+        let (mut tx, busy) = pair().await;
+        let (_quiet_peer, quiet) = pair().await;
+        tx.write_all(b"ready").await.unwrap();
+        busy.readable().await.unwrap();
+        std::future::poll_fn(|cx| {
+            // Spend the task's budget the way a long loop round can: on polls that succeed.
+            for _ in 0..10_000 {
+                if !tokio::task::coop::has_budget_remaining() {
+                    break;
+                }
+                assert!(busy.poll_read_ready(cx).is_ready());
+            }
+            assert!(
+                !tokio::task::coop::has_budget_remaining(),
+                "the test runs under a budget"
+            );
+            let mut armed = false;
+            assert!(poll_read_ready_armed(&quiet, &mut armed, cx).is_pending());
+            assert!(!armed, "a Pending that registered nothing must not count as armed");
+            Poll::Ready(())
+        })
+        .await;
+        // A new poll of the task has budget again: a Pending registers the waker and counts.
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            let mut armed = false;
+            // tokio may report a new socket readable once; a read that finds nothing clears it.
+            let nothing = quiet.try_read(&mut [0u8; 8]).unwrap_err();
+            assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+            assert!(poll_read_ready_armed(&quiet, &mut armed, cx).is_pending());
+            assert!(armed);
+            Poll::Ready(())
+        })
+        .await;
     }
 
     #[tokio::test]

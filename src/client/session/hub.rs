@@ -31,7 +31,7 @@ use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::config::SessionStatePolicy;
-use crate::net::stream::{poll_hung_up, readable_now, try_read_drained};
+use crate::net::stream::{poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
 use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
@@ -193,10 +193,10 @@ struct Entry {
     /// The client socket's read waker is registered and has not fired, so the client sending
     /// bytes or hanging up will drive this entry: no need to register again (a lock and a
     /// waker compare in tokio, twice per transaction otherwise). Set when a readiness poll
-    /// comes back Pending; cleared by every read of the client, the only thing that clears its
-    /// read readiness. So while set, readiness the reactor has not yet reported
-    /// ([`readable_now`] false) proves the waker still waits: tokio records readiness before
-    /// it takes and wakes the waker.
+    /// comes back Pending having registered the waker ([`poll_read_ready_armed`]); cleared by
+    /// every read of the client, the only thing that clears its read readiness. So while set,
+    /// readiness the reactor has not yet reported ([`readable_now`] false) proves the waker
+    /// still waits: tokio records readiness before it takes and wakes the waker.
     client_armed: bool,
 }
 
@@ -622,12 +622,7 @@ fn read_client(s: &mut Session, armed: &mut bool) -> std::io::Result<usize> {
 /// the one registered earlier has not fired yet and so still waits ([`Entry::client_armed`]).
 #[inline]
 fn poll_client_readable(s: &Session, armed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-    if *armed {
-        return Poll::Pending;
-    }
-    let ready = s.client.tcp().poll_read_ready(cx);
-    *armed = ready.is_pending();
-    ready
+    poll_read_ready_armed(s.client.tcp(), armed, cx)
 }
 
 /// An unlinked session: reads until its buffer holds a first message, then asks the pool.
