@@ -172,8 +172,12 @@ fn token(index: usize, generation: u32) -> u64 {
     ((index as u64) << 32) | u64::from(generation)
 }
 
+/// Marks the token of an entry's client-read waker ([`Entry::client_waker`]). Indexes stay far
+/// below 2^31: the slab would need two billion entries to reach it.
+const CLIENT_READ: u64 = 1 << 63;
+
 fn split_token(token: u64) -> (usize, u32) {
-    ((token >> 32) as usize, token as u32)
+    (((token & !CLIENT_READ) >> 32) as usize, token as u32)
 }
 
 struct Entry {
@@ -181,9 +185,13 @@ struct Entry {
     session: Box<Session>,
     back: oneshot::Sender<Back>,
     phase: Phase,
-    /// One waker for both of the session's sockets and its stop signal: whichever fired, the
-    /// session's state is looked at whole.
+    /// One waker for the server socket, the client's write readiness and the stop signal:
+    /// whichever fired, the session's state is looked at whole.
     waker: Waker,
+    /// The waker for the client socket's read readiness. The same as `waker` but for its token
+    /// ([`CLIENT_READ`]): its wake-ups tell the loop that the registration it made is gone
+    /// ([`Entry::client_armed`]).
+    client_waker: Waker,
     /// The entry's current deadline (idle in transaction, or a query running too long).
     timer: Option<Instant>,
     /// The earliest deadline this entry has in the timer heap. A deadline that moves later is
@@ -193,10 +201,15 @@ struct Entry {
     /// The client socket's read waker is registered and has not fired, so the client sending
     /// bytes or hanging up will drive this entry: no need to register again (a lock and a
     /// waker compare in tokio, twice per transaction otherwise). Set when a readiness poll
-    /// comes back Pending having registered the waker ([`poll_read_ready_armed`]); cleared by
-    /// every read of the client, the only thing that clears its read readiness. So while set,
-    /// readiness the reactor has not yet reported ([`readable_now`] false) proves the waker
-    /// still waits: tokio records readiness before it takes and wakes the waker.
+    /// with `client_waker` comes back Pending having registered it ([`poll_read_ready_armed`]);
+    /// cleared by every read of the client (a read may clear its read readiness) and by every
+    /// wake-up of `client_waker` (the reactor takes the waker when it wakes it).
+    ///
+    /// The second is needed because the reactor records readiness and wakes in two steps: on
+    /// the multi-threaded runtime the loop can read the new bytes and register again in
+    /// between, and the late wake-up then takes that fresh registration. So the rule is: while
+    /// set and no `client_waker` token has come in since, either the waker is registered or its
+    /// token is on its way; with [`readable_now`] false as well, the entry need not poll.
     client_armed: bool,
 }
 
@@ -347,10 +360,7 @@ impl Future for HubLoop {
             this.spare.grants = grants;
             let mut ready = std::mem::take(&mut this.spare.ready);
             for token in ready.drain(..) {
-                let (index, generation) = split_token(token);
-                if this.live(index, generation) {
-                    this.drive(index);
-                }
+                this.woken(token);
             }
             this.spare.ready = ready;
         }
@@ -358,8 +368,20 @@ impl Future for HubLoop {
 }
 
 impl HubLoop {
-    fn live(&self, index: usize, generation: u32) -> bool {
-        matches!(self.entries.get(index), Some(Some(e)) if e.generation == generation)
+    /// Drives the entry a waker's token names, if it is still there.
+    fn woken(&mut self, token: u64) {
+        let (index, generation) = split_token(token);
+        let Some(Some(entry)) = self.entries.get_mut(index) else {
+            return;
+        };
+        if entry.generation != generation {
+            return;
+        }
+        if token & CLIENT_READ != 0 {
+            // The reactor took the client's read waker to wake it.
+            entry.client_armed = false;
+        }
+        self.drive(index);
     }
 
     fn admit(&mut self, session: Box<Session>, back: oneshot::Sender<Back>) {
@@ -375,6 +397,10 @@ impl HubLoop {
             inbox: self.inbox.clone(),
             token: token(index, generation),
         }));
+        let client_waker = Waker::from(Arc::new(TokenWaker {
+            inbox: self.inbox.clone(),
+            token: token(index, generation) | CLIENT_READ,
+        }));
         session.info.stop.register(&waker);
         session.info.set_in_event_loop(true);
         self.entries[index] = Some(Entry {
@@ -383,6 +409,7 @@ impl HubLoop {
             back,
             phase: Phase::Unlinked,
             waker,
+            client_waker,
             timer: None,
             scheduled: None,
             client_armed: false,
@@ -633,7 +660,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
         return Some(Step::Back(Resume::Unlinked));
     }
     let armed = &mut entry.client_armed;
-    let mut cx = Context::from_waker(&entry.waker);
+    let mut cx = Context::from_waker(&entry.client_waker);
     let tag = loop {
         match frame_at(&s.buf, 0, s.max_message) {
             Ok(Some(frame)) => break frame.tag,
@@ -833,7 +860,8 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             }
             // Bytes the client sends while its transaction runs (the next pipelined message, a
             // COPY chunk) or its hang-up must drive the session.
-            match poll_client_readable(s, &mut entry.client_armed, &mut cx) {
+            let mut client_cx = Context::from_waker(&entry.client_waker);
+            match poll_client_readable(s, &mut entry.client_armed, &mut client_cx) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
@@ -865,4 +893,19 @@ fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
         return Some(Step::Back(Resume::Stopped(SHUTDOWN)));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_read_token_names_the_same_entry() {
+        for (index, generation) in [(0, 1), (7, u32::MAX), ((1 << 31) - 1, 42)] {
+            let plain = token(index, generation);
+            assert_eq!(split_token(plain), (index, generation));
+            assert_eq!(split_token(plain | CLIENT_READ), (index, generation));
+            assert_eq!(plain & CLIENT_READ, 0, "an index never reaches the flag bit");
+        }
+    }
 }
