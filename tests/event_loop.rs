@@ -189,6 +189,50 @@ async fn shutdown_reaches_clients_idle_in_the_event_loop() {
     assert_eq!(sqlstate(&ended.expect_err("shut down")).as_deref(), Some("57P01"));
 }
 
+/// During a shutdown's grace period a transaction may finish, but a kill still ends it at
+/// once, on both paths. (The shutdown's raise of the stop signal used up the event loop's
+/// registration with it, so the later kill used to wake nobody there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_the_shutdown_grace_period_ends_an_open_transaction_on_both_paths() {
+    let pg = support::postgres();
+    for event_loop in [false, true] {
+        let proxy = TestProxyBuilder::new(&pg).event_loop(event_loop).start().await;
+        let (client, task) = proxy.connect_watched(roles::SCRAM).await;
+        client.query_one("select 1", &[]).await.expect("warm up");
+        assert!(all_clients_in_event_loop(&proxy, 1, event_loop).await);
+        client.batch_execute("begin; select 1").await.expect("begin");
+        let ctx = proxy.proxy().context().clone();
+        let info = ctx.clients.all().pop().expect("one client");
+        assert_eq!(
+            info.in_event_loop(),
+            event_loop,
+            "the open transaction is served where the test expects"
+        );
+        let stopping = tokio::spawn(proxy.shutdown(Duration::from_secs(30)));
+        // The open transaction keeps the client through the shutdown signal...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !task.is_finished(),
+            "event_loop = {event_loop}: shutdown ended the transaction"
+        );
+        // ...until it is killed (what the admin API's kill does).
+        info.stop.raise(pgweir::client::registry::KILL);
+        let ended = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap_or_else(|_| panic!("event_loop = {event_loop}: the kill did not reach the client"))
+            .expect("task");
+        assert_eq!(
+            sqlstate(&ended.expect_err("killed")).as_deref(),
+            Some("57P01"),
+            "event_loop = {event_loop}"
+        );
+        tokio::time::timeout(Duration::from_secs(10), stopping)
+            .await
+            .expect("shutdown finishes once the last client is gone")
+            .expect("shutdown task");
+    }
+}
+
 /// A client waiting for a server is killed at once, not at acquire_timeout, on both data
 /// paths; its wait leaves the pool's queue and the server it would have had goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -784,7 +784,15 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
     };
     let mut cx = Context::from_waker(&entry.waker);
     loop {
-        if s.info.stop.raised_now(KILL) != 0 {
+        let mut stop = s.info.stop.raised_now(KILL | SHUTDOWN);
+        if stop == SHUTDOWN {
+            // A shutdown lets the transaction finish, but its raise took the registration made
+            // at admission: register again so an operator's kill during the grace period still
+            // reaches this session (then look again, for a kill raised in between).
+            s.info.stop.register(&entry.waker);
+            stop = s.info.stop.raised_now(KILL);
+        }
+        if stop & KILL != 0 {
             return link_back(entry, None).map(Step::Back);
         }
         let link = &mut l.link;
