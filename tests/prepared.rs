@@ -127,45 +127,56 @@ mod raw {
         s
     }
 
-    /// Reads messages until `n` ReadyForQuery; returns (tag, SQLSTATE if error) per message.
-    pub async fn read_until_ready(s: &mut tokio::net::TcpStream, mut n: usize) -> Vec<(char, Option<String>)> {
+    pub fn describe_statement(stmt: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        msg(b'D', &b)
+    }
+
+    /// Reads one message, exactly (nothing after it is consumed): its tag and, for an error,
+    /// its SQLSTATE.
+    pub async fn read_message(s: &mut tokio::net::TcpStream) -> (char, Option<String>) {
+        let mut header = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut header))
+            .await
+            .expect("reply in time")
+            .expect("read");
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.expect("read");
+        let code = (header[0] == b'E').then(|| {
+            body.split(|&b| b == 0)
+                .find(|f| f.first() == Some(&b'C'))
+                .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                .unwrap_or_default()
+        });
+        (header[0] as char, code)
+    }
+
+    /// Reads messages up to and including the first with tag `stop`; returns (tag, SQLSTATE if
+    /// error) per message, leaving out ParameterStatus, BackendKeyData, authentication and
+    /// notices.
+    pub async fn read_until(s: &mut tokio::net::TcpStream, stop: char) -> Vec<(char, Option<String>)> {
         let mut out = Vec::new();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        while n > 0 {
-            while buf.len() >= 5 {
-                let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-                if buf.len() < len + 1 {
-                    break;
-                }
-                let tag = buf[0];
-                let code = (tag == b'E').then(|| {
-                    buf[5..len + 1]
-                        .split(|&b| b == 0)
-                        .find(|f| f.first() == Some(&b'C'))
-                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
-                        .unwrap_or_default()
-                });
-                out.push((tag as char, code));
-                buf.drain(..len + 1);
-                if tag == b'Z' {
-                    n -= 1;
-                    if n == 0 {
-                        break;
-                    }
-                }
+        loop {
+            let m = read_message(s).await;
+            let done = m.0 == stop;
+            if !matches!(m.0, 'S' | 'K' | 'R' | 'N') {
+                out.push(m);
             }
-            if n == 0 {
-                break;
+            if done {
+                return out;
             }
-            let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-                .await
-                .expect("reply in time")
-                .expect("read");
-            assert!(r > 0, "connection closed; got {out:?}");
-            buf.extend_from_slice(&chunk[..r]);
         }
-        out.retain(|(t, _)| !matches!(t, 'S' | 'K' | 'R' | 'N'));
+    }
+
+    /// Reads messages until `n` ReadyForQuery.
+    pub async fn read_until_ready(s: &mut tokio::net::TcpStream, n: usize) -> Vec<(char, Option<String>)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.extend(read_until(s, 'Z').await);
+        }
         out
     }
 }
