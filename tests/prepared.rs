@@ -359,3 +359,102 @@ async fn allow_policy_leaks_like_pgbouncer() {
         "with allow, the SET is not reset (documented PgBouncer behaviour)"
     );
 }
+
+/// A trust-auth proxy with one server, so that a second client can only be served on the
+/// connection the first one used.
+async fn one_server_proxy(
+    pg: &pgweir::embedded_pg::EmbeddedPostgres,
+    f: impl FnOnce(&mut pgweir::config::PoolSettings),
+) -> support::proxy::TestProxy {
+    let mut b = TestProxyBuilder::new(pg)
+        .pool_size(1)
+        .with_pool(|p| p.session_state = SessionStatePolicy::Reset)
+        .with_pool(f);
+    b.auth_type = pgweir::config::AuthType::Trust;
+    b.start().await
+}
+
+async fn copy_target(pg: &pgweir::embedded_pg::EmbeddedPostgres, table: &str) {
+    support::proxy::direct(pg, "app")
+        .await
+        .batch_execute(&format!("create table {table} (x int); grant all on {table} to public"))
+        .await
+        .expect("create the COPY target");
+}
+
+/// COPY FROM STDIN started by Execute (tokio-postgres' and libpq's `COPY` with parameters):
+/// when a row is rejected, the server discards everything until the client's Sync, so the
+/// server must stay with that client until then; the next client's query waits and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_copy_that_fails_keeps_its_server_until_the_clients_sync() {
+    let pg = support::postgres();
+    copy_target(&pg, "copy_fails").await;
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("", "copy copy_fails from stdin");
+    batch.extend(raw::bind(""));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    assert_eq!(raw::read_until(&mut a, 'G').await.last(), Some(&('G', None)));
+    a.write_all(&raw::msg(b'd', b"not a number\n")).await.expect("write");
+    assert_eq!(
+        raw::read_until(&mut a, 'E').await.last(),
+        Some(&('E', Some("22P02".into())))
+    );
+    // A is still in COPY as far as it knows; B has to wait for A's Sync.
+    let mut b = raw::connect(proxy.addr).await;
+    b.write_all(&raw::msg(b'Q', b"select 1\0")).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut end = raw::msg(b'c', b"");
+    end.extend(raw::sync());
+    a.write_all(&end).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+    assert_eq!(
+        raw::read_until_ready(&mut b, 1).await,
+        vec![('T', None), ('D', None), ('C', None), ('Z', None)],
+        "the other client's query must not go to a server that discards until Sync"
+    );
+}
+
+/// The same COPY without an error, its CopyDone and Sync in two reads: the COPY's implicit
+/// transaction is open until the Sync, so another client's statement must not run in it (nor
+/// see its CommandComplete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_copy_keeps_its_server_until_the_sync_after_copydone() {
+    let pg = support::postgres();
+    copy_target(&pg, "copy_commits").await;
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut b = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("", "copy copy_commits from stdin");
+    batch.extend(raw::bind(""));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    raw::read_until(&mut a, 'G').await;
+    let mut data = raw::msg(b'd', b"1\n");
+    data.extend(raw::msg(b'c', b""));
+    a.write_all(&data).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.write_all(&raw::msg(b'Q', b"select 1/x from (values (0)) v(x)\0"))
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.write_all(&raw::sync()).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('C', None), ('Z', None)]);
+    assert_eq!(
+        raw::read_until_ready(&mut b, 1).await,
+        vec![('E', Some("22012".into())), ('Z', None)]
+    );
+    let n: i64 = support::proxy::direct(&pg, "app")
+        .await
+        .query_one("select count(*) from copy_commits", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        n, 1,
+        "the COPY was answered with CommandComplete and Sync: it must be committed"
+    );
+}

@@ -46,6 +46,8 @@ pub struct Link {
     /// Syncs sent since the last Execute: an Execute that starts COPY FROM STDIN makes the
     /// server swallow the Syncs that follow it until CopyDone, so they owe no ReadyForQuery.
     syncs_after_execute: u32,
+    /// The last command-running message was an Execute (a COPY it starts waits for a Sync).
+    after_execute: bool,
     pub status: TransactionStatus,
     pub copy_in: bool,
     /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
@@ -104,6 +106,7 @@ impl Link {
             pending_rfq: 0,
             unsynced: false,
             syncs_after_execute: 0,
+            after_execute: false,
             status: TransactionStatus::Idle,
             copy_in: false,
             c_skip: 0,
@@ -389,14 +392,15 @@ impl Link {
                 self.queries += 1;
                 self.unsynced = true;
                 self.syncs_after_execute = 0;
+                self.after_execute = true;
                 self.server.conn().wbuf.put_slice(msg);
                 self.expect.push_back(Expect::Other);
             }
             frontend::SYNC => {
                 self.server.conn().wbuf.put_slice(msg);
-                self.unsynced = false;
                 self.syncs_after_execute += 1;
                 if !self.copy_in {
+                    self.unsynced = false;
                     self.pending_rfq += 1;
                     self.rfq_sent.push_back(self.now());
                     self.expect.push_back(Expect::Barrier);
@@ -409,6 +413,7 @@ impl Link {
                 }
                 // A COPY started by a simple Query swallows no Syncs.
                 self.syncs_after_execute = 0;
+                self.after_execute = false;
                 match classify_query(body) {
                     Some(StatementCommand::Deallocate(name)) if c.statements.remove(name.as_bytes()).is_some() => {
                         self.expect.push_back(Expect::SyntheticQuery { tag: "DEALLOCATE" });
@@ -607,6 +612,11 @@ impl Link {
                         }
                     }
                     self.syncs_after_execute = 0;
+                    // The server now ignores Syncs until CopyDone/CopyFail and then owes a
+                    // ReadyForQuery only for the Sync that follows: the batch is open again.
+                    if self.after_execute {
+                        self.unsynced = true;
+                    }
                 }
                 backend::ERROR_RESPONSE | backend::COMMAND_COMPLETE => self.copy_in = false,
                 _ => {}
