@@ -458,3 +458,33 @@ async fn an_extended_copy_keeps_its_server_until_the_sync_after_copydone() {
         "the COPY was answered with CommandComplete and Sync: it must be committed"
     );
 }
+
+/// A reply bigger than one read that pgweir must account for (here a RowDescription of 1,500
+/// columns for a Describe) is waited for whole, not streamed past the reply queue: otherwise
+/// every later reply in the batch is matched to the wrong entry and pgweir's own ParseComplete
+/// comes out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_description_larger_than_a_read_keeps_the_replies_in_order() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("a", "select 1");
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('1', None), ('Z', None)]);
+    let columns: Vec<String> = (0..1500).map(|i| format!("1 as c{i:0>58}")).collect();
+    let mut batch = raw::parse("w", &format!("select {}", columns.join(", ")));
+    batch.extend(raw::describe_statement("w"));
+    // The server has this one already: pgweir answers the Parse itself.
+    batch.extend(raw::parse("b", "select 1"));
+    batch.extend(raw::bind("b"));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    let tags: Vec<char> = raw::read_until_ready(&mut a, 1)
+        .await
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(tags, vec!['1', 't', 'T', '1', '2', 'D', 'C', 'Z']);
+}

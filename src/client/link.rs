@@ -554,13 +554,8 @@ impl Link {
                 break;
             }
             let tag = conn.buf[pos];
-            let inspect = matches!(
-                tag,
-                backend::READY_FOR_QUERY
-                    | backend::PARAMETER_STATUS
-                    | backend::ERROR_RESPONSE
-                    | backend::COMMAND_COMPLETE
-            );
+            // Every message this loop acts on must be whole; only pass-through ones stream.
+            let inspect = !passes_through(tag, barrier_front);
             let frame = match frame_at(&conn.buf, pos, MAX_SERVER_FRAME)? {
                 Some(f) => f,
                 None if inspect => break,
