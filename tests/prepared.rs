@@ -488,3 +488,36 @@ async fn a_row_description_larger_than_a_read_keeps_the_replies_in_order() {
         .collect();
     assert_eq!(tags, vec!['1', 't', 'T', '1', '2', 'D', 'C', 'Z']);
 }
+
+/// A Close pgweir sends to make room for a statement (max_prepared_statements) that the server
+/// skips after an earlier error in the batch is undone: the statement is still on the server,
+/// so re-preparing it later must not fail with 42P05.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_the_server_skipped_after_an_error_is_undone() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("a", "select 1");
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    raw::read_until_ready(&mut a, 1).await;
+    let mut batch = raw::parse("", "select 1/0");
+    batch.extend(raw::bind(""));
+    batch.extend(raw::execute());
+    // Makes room by closing "select 1" on the server: skipped, like this Parse, after the error.
+    batch.extend(raw::parse("b", "select 2"));
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut a, 1).await,
+        vec![('1', None), ('E', Some("22012".into())), ('Z', None)]
+    );
+    let mut batch = raw::bind("a");
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut a, 1).await,
+        vec![('2', None), ('D', None), ('C', None), ('Z', None)]
+    );
+}

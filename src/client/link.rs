@@ -681,13 +681,18 @@ fn emit_synthetic(expect: &mut VecDeque<Expect>, inject: &mut BytesMut, status: 
 /// An ErrorResponse arrived: the message at the front failed and PostgreSQL skips the rest up
 /// to the next Sync. Undo the optimistic bookkeeping done for each of them.
 fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, statements: &mut ClientStatements) {
+    // Undo newest first, so the tables end as they were before the first skipped message.
+    let mut skipped = Vec::new();
     while let Some(front) = expect.front() {
         if matches!(front, Expect::Barrier | Expect::SyntheticQuery { .. }) {
-            return;
+            break;
         }
         let Some(entry) = expect.pop_front() else {
-            return;
+            break;
         };
+        skipped.push(entry);
+    }
+    for entry in skipped.into_iter().rev() {
         match entry {
             Expect::Parse {
                 client_name: Some(name),
@@ -699,6 +704,7 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
                 server.remove(stmt.id);
             }
             Expect::InjectedParse { stmt } => server.remove(stmt.id),
+            Expect::InjectedClose { id } => server.insert(id),
             Expect::Synthetic { undo, .. } => match undo {
                 Undo::None => {}
                 Undo::Unmap(name) => {
@@ -718,7 +724,7 @@ fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
     matches!(
         (tag, front),
         (b'1', Some(Expect::InjectedParse { .. }))
-            | (b'3', Some(Expect::InjectedClose))
+            | (b'3', Some(Expect::InjectedClose { .. }))
             | (backend::ERROR_RESPONSE, Some(Expect::FailingParse { .. }))
     )
 }
@@ -795,7 +801,7 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
             _ => Action::Forward,
         },
         b'3' => match expect.pop_front() {
-            Some(Expect::InjectedClose) => Action::Swallow,
+            Some(Expect::InjectedClose { .. }) => Action::Swallow,
             _ => Action::Forward,
         },
         b'2' | b'n' => {
@@ -836,6 +842,6 @@ fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
             b.put_slice(id.to_string().as_bytes());
             b.put_u8(0);
         });
-        expect.push_back(Expect::InjectedClose);
+        expect.push_back(Expect::InjectedClose { id });
     }
 }

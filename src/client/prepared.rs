@@ -111,7 +111,7 @@ pub enum Expect {
     /// A Parse pgweir sent to prepare a statement on this server: ParseComplete swallowed.
     InjectedParse { stmt: Arc<Statement> },
     /// A Close pgweir sent to evict a statement: CloseComplete swallowed.
-    InjectedClose,
+    InjectedClose { id: u64 },
     /// A Parse sent only to fail (duplicate client name): its error is replaced by this one.
     FailingParse { error: PgError },
     /// Bind, Describe, Execute, or a forwarded Close: one completion message.
