@@ -521,3 +521,66 @@ async fn an_eviction_the_server_skipped_after_an_error_is_undone() {
         vec![('2', None), ('D', None), ('C', None), ('Z', None)]
     );
 }
+
+/// DISCARD ALL sent with Parse/Bind/Execute (pgJDBC's way) drops the server's statements too:
+/// the next client's Parse of a statement that was shared must reach the server again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_discard_all_makes_pgweir_prepare_statements_again() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("a", "select 1");
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    raw::read_until_ready(&mut a, 1).await;
+    let mut batch = raw::parse("", "DISCARD ALL");
+    batch.extend(raw::bind(""));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut a, 1).await,
+        vec![('1', None), ('2', None), ('C', None), ('Z', None)]
+    );
+    let mut b = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("b", "select 1");
+    batch.extend(raw::bind("b"));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    b.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut b, 1).await,
+        vec![('1', None), ('2', None), ('D', None), ('C', None), ('Z', None)]
+    );
+}
+
+/// A DISCARD ALL that fails (25001 inside a transaction block) drops nothing on the server, so
+/// pgweir must not forget what the server holds: another client's statement keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_all_that_fails_leaves_the_servers_statements_known() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut c = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("c", "select 1");
+    batch.extend(raw::sync());
+    c.write_all(&batch).await.expect("write");
+    raw::read_until_ready(&mut c, 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    a.write_all(&raw::msg(b'Q', b"begin\0")).await.expect("write");
+    raw::read_until_ready(&mut a, 1).await;
+    a.write_all(&raw::msg(b'Q', b"DISCARD ALL\0")).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut a, 1).await,
+        vec![('E', Some("25001".into())), ('Z', None)]
+    );
+    a.write_all(&raw::msg(b'Q', b"rollback\0")).await.expect("write");
+    raw::read_until_ready(&mut a, 1).await;
+    let mut batch = raw::bind("c");
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    c.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut c, 1).await,
+        vec![('2', None), ('D', None), ('C', None), ('Z', None)]
+    );
+}

@@ -420,8 +420,11 @@ impl Link {
                         return Ok(());
                     }
                     Some(StatementCommand::DeallocateAll) | Some(StatementCommand::DiscardAll) => {
+                        // The client's own names go now, in order with what it sends next. What
+                        // the server holds is cleared only when it reports the command done
+                        // (below): a DISCARD ALL that fails (inside a transaction block, say)
+                        // leaves the server's statements in place.
                         c.statements.clear();
-                        self.server.conn().statements.clear();
                     }
                     _ => {}
                 }
@@ -613,7 +616,15 @@ impl Link {
                         self.unsynced = true;
                     }
                 }
-                backend::ERROR_RESPONSE | backend::COMMAND_COMPLETE => self.copy_in = false,
+                backend::COMMAND_COMPLETE => {
+                    self.copy_in = false;
+                    // However it was sent (a simple Query, or Parse/Bind/Execute as pgJDBC does),
+                    // the server has just dropped every prepared statement it had.
+                    if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
+                        conn.statements.clear();
+                    }
+                }
+                backend::ERROR_RESPONSE => self.copy_in = false,
                 _ => {}
             }
             match reply_action(tag, &mut self.expect) {
