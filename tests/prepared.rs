@@ -584,3 +584,42 @@ async fn a_discard_all_that_fails_leaves_the_servers_statements_known() {
         vec![('2', None), ('D', None), ('C', None), ('Z', None)]
     );
 }
+
+/// A reset query that keeps prepared statements (RESET ALL) leaves pgweir's record of them as
+/// it is: the statement is still on the server, and preparing it there again would fail with
+/// 42P05.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_query_that_keeps_prepared_statements_keeps_them_known() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.reset_query = "RESET ALL".into()).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("a", "select 1");
+    batch.extend(raw::sync());
+    a.write_all(&batch).await.expect("write");
+    raw::read_until_ready(&mut a, 1).await;
+    // Session state under the reset policy: the server is reset before it is used again.
+    a.write_all(&raw::msg(b'Q', b"set work_mem = '8MB'\0"))
+        .await
+        .expect("write");
+    raw::read_until_ready(&mut a, 1).await;
+    let resets = || {
+        proxy.proxy().context().pools.all()[0]
+            .stats()
+            .session_resets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(
+        support::proxy::eventually(Duration::from_secs(5), || async { resets() == 1 }).await,
+        "the server was not reset"
+    );
+    let mut b = raw::connect(proxy.addr).await;
+    let mut batch = raw::parse("b", "select 1");
+    batch.extend(raw::bind("b"));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    b.write_all(&batch).await.expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut b, 1).await,
+        vec![('1', None), ('2', None), ('D', None), ('C', None), ('Z', None)]
+    );
+}

@@ -289,6 +289,12 @@ pub(super) async fn read_until_ready(conn: &mut ServerConn) -> Result<Option<Err
         match tag {
             backend::READY_FOR_QUERY => return Ok(first_error),
             backend::PARAMETER_STATUS => record_parameter(&mut conn.params, &body)?,
+            // The server dropped its prepared statements (a reset query that is, or includes,
+            // DISCARD ALL or DEALLOCATE ALL): so does pgweir's record of them. A reset query
+            // that keeps them (RESET ALL, say) leaves the record as it is.
+            backend::COMMAND_COMPLETE if matches!(&body[..], b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") => {
+                conn.statements.clear();
+            }
             backend::ERROR_RESPONSE if first_error.is_none() => {
                 first_error = Some(messages::parse_error_fields(&body));
             }

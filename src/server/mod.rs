@@ -132,11 +132,12 @@ impl ServerConn {
         self.stream.has_pending_input_if_readable()
     }
 
-    /// After a reset query (DISCARD ALL): the backend holds no prepared statements, and the
-    /// parameters pgweir SET without PostgreSQL reporting them are back at their defaults, so
-    /// they are forgotten and set again when a client needs them.
+    /// After a reset query: the parameters pgweir SET without PostgreSQL reporting them may be
+    /// back at their defaults (DISCARD ALL, RESET ALL), so they are forgotten and set again when
+    /// a client needs them. Prepared statements are forgotten only when the server says it
+    /// dropped them (`read_until_ready`): forgetting statements it kept would make pgweir
+    /// prepare them again under names the server still holds (42P05).
     pub fn forget_session_state(&mut self) {
-        self.statements.clear();
         self.params.retain(|name| params::REPORTED.contains(&name));
     }
 
