@@ -179,6 +179,16 @@ mod raw {
         }
         out
     }
+
+    /// Sends `messages` in one write and reads the replies up to the next ReadyForQuery.
+    pub async fn round_trip(s: &mut tokio::net::TcpStream, messages: &[Vec<u8>]) -> Vec<(char, Option<String>)> {
+        s.write_all(&messages.concat()).await.expect("write");
+        read_until_ready(s, 1).await
+    }
+
+    pub fn query(sql: &str) -> Vec<u8> {
+        msg(b'Q', &[sql.as_bytes(), b"\0"].concat())
+    }
 }
 
 async fn trust_proxy(
@@ -382,6 +392,23 @@ async fn copy_target(pg: &pgweir::embedded_pg::EmbeddedPostgres, table: &str) {
         .expect("create the COPY target");
 }
 
+/// Starts `COPY table FROM STDIN` with Parse/Bind/Execute/Sync; returns at CopyInResponse.
+async fn begin_extended_copy(s: &mut tokio::net::TcpStream, table: &str) {
+    let copy = [
+        raw::parse("", &format!("copy {table} from stdin")),
+        raw::bind(""),
+        raw::execute(),
+        raw::sync(),
+    ];
+    s.write_all(&copy.concat()).await.expect("write");
+    assert_eq!(raw::read_until(s, 'G').await.last(), Some(&('G', None)));
+}
+
+/// What a one-row, one-column result of a prepared statement looks like.
+fn bound_row() -> Vec<(char, Option<String>)> {
+    vec![('2', None), ('D', None), ('C', None), ('Z', None)]
+}
+
 /// COPY FROM STDIN started by Execute (tokio-postgres' and libpq's `COPY` with parameters):
 /// when a row is rejected, the server discards everything until the client's Sync, so the
 /// server must stay with that client until then; the next client's query waits and is answered.
@@ -391,12 +418,7 @@ async fn an_extended_copy_that_fails_keeps_its_server_until_the_clients_sync() {
     copy_target(&pg, "copy_fails").await;
     let proxy = one_server_proxy(&pg, |_| {}).await;
     let mut a = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("", "copy copy_fails from stdin");
-    batch.extend(raw::bind(""));
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    assert_eq!(raw::read_until(&mut a, 'G').await.last(), Some(&('G', None)));
+    begin_extended_copy(&mut a, "copy_fails").await;
     a.write_all(&raw::msg(b'd', b"not a number\n")).await.expect("write");
     assert_eq!(
         raw::read_until(&mut a, 'E').await.last(),
@@ -404,12 +426,12 @@ async fn an_extended_copy_that_fails_keeps_its_server_until_the_clients_sync() {
     );
     // A is still in COPY as far as it knows; B has to wait for A's Sync.
     let mut b = raw::connect(proxy.addr).await;
-    b.write_all(&raw::msg(b'Q', b"select 1\0")).await.expect("write");
+    b.write_all(&raw::query("select 1")).await.expect("write");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut end = raw::msg(b'c', b"");
-    end.extend(raw::sync());
-    a.write_all(&end).await.expect("write");
-    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::msg(b'c', b""), raw::sync()]).await,
+        vec![('Z', None)]
+    );
     assert_eq!(
         raw::read_until_ready(&mut b, 1).await,
         vec![('T', None), ('D', None), ('C', None), ('Z', None)],
@@ -427,22 +449,19 @@ async fn an_extended_copy_keeps_its_server_until_the_sync_after_copydone() {
     let proxy = one_server_proxy(&pg, |_| {}).await;
     let mut a = raw::connect(proxy.addr).await;
     let mut b = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("", "copy copy_commits from stdin");
-    batch.extend(raw::bind(""));
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    raw::read_until(&mut a, 'G').await;
-    let mut data = raw::msg(b'd', b"1\n");
-    data.extend(raw::msg(b'c', b""));
-    a.write_all(&data).await.expect("write");
+    begin_extended_copy(&mut a, "copy_commits").await;
+    a.write_all(&[raw::msg(b'd', b"1\n"), raw::msg(b'c', b"")].concat())
+        .await
+        .expect("write");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    b.write_all(&raw::msg(b'Q', b"select 1/x from (values (0)) v(x)\0"))
+    b.write_all(&raw::query("select 1/x from (values (0)) v(x)"))
         .await
         .expect("write");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    a.write_all(&raw::sync()).await.expect("write");
-    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('C', None), ('Z', None)]);
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::sync()]).await,
+        vec![('C', None), ('Z', None)]
+    );
     assert_eq!(
         raw::read_until_ready(&mut b, 1).await,
         vec![('E', Some("22012".into())), ('Z', None)]
@@ -468,24 +487,19 @@ async fn a_row_description_larger_than_a_read_keeps_the_replies_in_order() {
     let pg = support::postgres();
     let proxy = one_server_proxy(&pg, |_| {}).await;
     let mut a = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("a", "select 1");
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('1', None), ('Z', None)]);
+    let prepared = raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    assert_eq!(prepared, vec![('1', None), ('Z', None)]);
     let columns: Vec<String> = (0..1500).map(|i| format!("1 as c{i:0>58}")).collect();
-    let mut batch = raw::parse("w", &format!("select {}", columns.join(", ")));
-    batch.extend(raw::describe_statement("w"));
-    // The server has this one already: pgweir answers the Parse itself.
-    batch.extend(raw::parse("b", "select 1"));
-    batch.extend(raw::bind("b"));
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    let tags: Vec<char> = raw::read_until_ready(&mut a, 1)
-        .await
-        .into_iter()
-        .map(|m| m.0)
-        .collect();
+    let batch = [
+        raw::parse("w", &format!("select {}", columns.join(", "))),
+        raw::describe_statement("w"),
+        // The server has this one already: pgweir answers the Parse itself.
+        raw::parse("b", "select 1"),
+        raw::bind("b"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    let tags: Vec<char> = raw::round_trip(&mut a, &batch).await.into_iter().map(|m| m.0).collect();
     assert_eq!(tags, vec!['1', 't', 'T', '1', '2', 'D', 'C', 'Z']);
 }
 
@@ -497,29 +511,22 @@ async fn an_eviction_the_server_skipped_after_an_error_is_undone() {
     let pg = support::postgres();
     let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
     let mut a = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("a", "select 1");
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    raw::read_until_ready(&mut a, 1).await;
-    let mut batch = raw::parse("", "select 1/0");
-    batch.extend(raw::bind(""));
-    batch.extend(raw::execute());
-    // Makes room by closing "select 1" on the server: skipped, like this Parse, after the error.
-    batch.extend(raw::parse("b", "select 2"));
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    let batch = [
+        raw::parse("", "select 1/0"),
+        raw::bind(""),
+        raw::execute(),
+        // Makes room by closing "select 1" on the server: skipped, like this Parse, after the
+        // error.
+        raw::parse("b", "select 2"),
+        raw::sync(),
+    ];
     assert_eq!(
-        raw::read_until_ready(&mut a, 1).await,
+        raw::round_trip(&mut a, &batch).await,
         vec![('1', None), ('E', Some("22012".into())), ('Z', None)]
     );
-    let mut batch = raw::bind("a");
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    assert_eq!(
-        raw::read_until_ready(&mut a, 1).await,
-        vec![('2', None), ('D', None), ('C', None), ('Z', None)]
-    );
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
 }
 
 /// DISCARD ALL sent with Parse/Bind/Execute (pgJDBC's way) drops the server's statements too:
@@ -529,29 +536,22 @@ async fn an_extended_discard_all_makes_pgweir_prepare_statements_again() {
     let pg = support::postgres();
     let proxy = one_server_proxy(&pg, |_| {}).await;
     let mut a = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("a", "select 1");
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    raw::read_until_ready(&mut a, 1).await;
-    let mut batch = raw::parse("", "DISCARD ALL");
-    batch.extend(raw::bind(""));
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    let discard = [
+        raw::parse("", "DISCARD ALL"),
+        raw::bind(""),
+        raw::execute(),
+        raw::sync(),
+    ];
     assert_eq!(
-        raw::read_until_ready(&mut a, 1).await,
+        raw::round_trip(&mut a, &discard).await,
         vec![('1', None), ('2', None), ('C', None), ('Z', None)]
     );
     let mut b = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("b", "select 1");
-    batch.extend(raw::bind("b"));
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    b.write_all(&batch).await.expect("write");
-    assert_eq!(
-        raw::read_until_ready(&mut b, 1).await,
-        vec![('1', None), ('2', None), ('D', None), ('C', None), ('Z', None)]
-    );
+    let batch = [raw::parse("b", "select 1"), raw::bind("b"), raw::execute(), raw::sync()];
+    let mut expected = vec![('1', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::round_trip(&mut b, &batch).await, expected);
 }
 
 /// A DISCARD ALL that fails (25001 inside a transaction block) drops nothing on the server, so
@@ -561,28 +561,16 @@ async fn a_discard_all_that_fails_leaves_the_servers_statements_known() {
     let pg = support::postgres();
     let proxy = one_server_proxy(&pg, |_| {}).await;
     let mut c = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("c", "select 1");
-    batch.extend(raw::sync());
-    c.write_all(&batch).await.expect("write");
-    raw::read_until_ready(&mut c, 1).await;
+    raw::round_trip(&mut c, &[raw::parse("c", "select 1"), raw::sync()]).await;
     let mut a = raw::connect(proxy.addr).await;
-    a.write_all(&raw::msg(b'Q', b"begin\0")).await.expect("write");
-    raw::read_until_ready(&mut a, 1).await;
-    a.write_all(&raw::msg(b'Q', b"DISCARD ALL\0")).await.expect("write");
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
     assert_eq!(
-        raw::read_until_ready(&mut a, 1).await,
+        raw::round_trip(&mut a, &[raw::query("DISCARD ALL")]).await,
         vec![('E', Some("25001".into())), ('Z', None)]
     );
-    a.write_all(&raw::msg(b'Q', b"rollback\0")).await.expect("write");
-    raw::read_until_ready(&mut a, 1).await;
-    let mut batch = raw::bind("c");
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    c.write_all(&batch).await.expect("write");
-    assert_eq!(
-        raw::read_until_ready(&mut c, 1).await,
-        vec![('2', None), ('D', None), ('C', None), ('Z', None)]
-    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    let run_c = [raw::bind("c"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut c, &run_c).await, bound_row());
 }
 
 /// A reset query that keeps prepared statements (RESET ALL) leaves pgweir's record of them as
@@ -593,33 +581,18 @@ async fn a_reset_query_that_keeps_prepared_statements_keeps_them_known() {
     let pg = support::postgres();
     let proxy = one_server_proxy(&pg, |p| p.reset_query = "RESET ALL".into()).await;
     let mut a = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("a", "select 1");
-    batch.extend(raw::sync());
-    a.write_all(&batch).await.expect("write");
-    raw::read_until_ready(&mut a, 1).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
     // Session state under the reset policy: the server is reset before it is used again.
-    a.write_all(&raw::msg(b'Q', b"set work_mem = '8MB'\0"))
-        .await
-        .expect("write");
-    raw::read_until_ready(&mut a, 1).await;
-    let resets = || {
-        proxy.proxy().context().pools.all()[0]
-            .stats()
-            .session_resets
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    raw::round_trip(&mut a, &[raw::query("set work_mem = '8MB'")]).await;
+    let pool = proxy.proxy().context().pools.all()[0].clone();
+    let resets = || pool.stats().session_resets.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         support::proxy::eventually(Duration::from_secs(5), || async { resets() == 1 }).await,
         "the server was not reset"
     );
     let mut b = raw::connect(proxy.addr).await;
-    let mut batch = raw::parse("b", "select 1");
-    batch.extend(raw::bind("b"));
-    batch.extend(raw::execute());
-    batch.extend(raw::sync());
-    b.write_all(&batch).await.expect("write");
-    assert_eq!(
-        raw::read_until_ready(&mut b, 1).await,
-        vec![('1', None), ('2', None), ('D', None), ('C', None), ('Z', None)]
-    );
+    let batch = [raw::parse("b", "select 1"), raw::bind("b"), raw::execute(), raw::sync()];
+    let mut expected = vec![('1', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::round_trip(&mut b, &batch).await, expected);
 }
