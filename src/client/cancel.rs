@@ -201,10 +201,18 @@ impl CancelRegistry {
             return;
         };
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = crate::server::send_cancel(addr, server_key).await {
-            tracing::warn!(%addr, error = %e, "could not forward a cancel request");
-        }
-        slot.end_cancel();
+        // In a task of its own and bounded: this runs under the cancel connection's
+        // client_login_timeout, and a drop between begin_cancel and end_cancel would leave the
+        // target session waiting for the cancel to finish for ever, holding its server.
+        let _ = tokio::spawn(async move {
+            match tokio::time::timeout(FORWARD_TIMEOUT, crate::server::send_cancel(addr, server_key)).await {
+                Ok(Err(e)) => tracing::warn!(%addr, error = %e, "could not forward a cancel request"),
+                Err(_) => tracing::warn!(%addr, "forwarding a cancel request timed out"),
+                Ok(Ok(())) => {}
+            }
+            slot.end_cancel();
+        })
+        .await;
     }
 
     async fn forward(&self, key: CancelKey, peers: &BTreeMap<u16, PeerConfig>) {

@@ -429,17 +429,28 @@ async fn login(
 
 /// Opens (and returns) one server connection so the pool learns the server's parameters.
 async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
-    let settings = pool.settings();
-    match pool.checkout(Instant::now(), &settings).await {
-        Ok(server) => {
-            server.release();
-            pool.welcome().ok_or_else(|| {
-                reject(
-                    LoginFailure::ServerUnavailable,
-                    PgError::fatal("08006", "pgweir: server parameters unavailable"),
-                )
-            })
-        }
+    // In a task of its own: the whole login runs under client_login_timeout, and dropping a
+    // checkout part-way (a connect in progress, a grant in its channel) would leak the pool
+    // slot it holds, for good.
+    let p = pool.clone();
+    let checkout = tokio::spawn(async move {
+        let settings = p.settings().clone();
+        p.checkout(Instant::now(), &settings).await.map(|s| s.release())
+    });
+    let Ok(res) = checkout.await else {
+        // Only a runtime shutting down cancels the task.
+        return Err(reject(
+            LoginFailure::ServerUnavailable,
+            PgError::fatal("57P01", "pgweir: shutting down"),
+        ));
+    };
+    match res {
+        Ok(()) => pool.welcome().ok_or_else(|| {
+            reject(
+                LoginFailure::ServerUnavailable,
+                PgError::fatal("08006", "pgweir: server parameters unavailable"),
+            )
+        }),
         Err(e) => {
             let reply = super::session::pool_error_reply(&e, pool, true);
             Err(Failure {
