@@ -645,13 +645,6 @@ fn read_client(s: &mut Session, armed: &mut bool) -> std::io::Result<usize> {
     try_read_drained(s.client.tcp(), &mut s.buf)
 }
 
-/// Waits for the client to become readable (or close): registers the entry's waker, unless
-/// the one registered earlier has not fired yet and so still waits ([`Entry::client_armed`]).
-#[inline]
-fn poll_client_readable(s: &Session, armed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-    poll_read_ready_armed(s.client.tcp(), armed, cx)
-}
-
 /// An unlinked session: reads until its buffer holds a first message, then asks the pool.
 /// None means "drive again" (the phase changed).
 fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Clock) -> Option<Step> {
@@ -671,7 +664,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
         if s.buf.is_empty() && !readable_now(s.client.tcp()) {
             // Idle clients hold no read buffer: readiness first, a buffer after. Right after a
             // transaction the waker registered while it ran usually still waits.
-            match poll_client_readable(s, armed, &mut cx) {
+            match poll_read_ready_armed(s.client.tcp(), armed, &mut cx) {
                 Poll::Pending => return Some(Step::Wait),
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                 Poll::Ready(Ok(())) => {}
@@ -685,7 +678,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
                 if s.buf.is_empty() {
                     s.ctx.buffers.give(std::mem::take(&mut s.buf));
                 }
-                match poll_client_readable(s, armed, &mut cx) {
+                match poll_read_ready_armed(s.client.tcp(), armed, &mut cx) {
                     Poll::Pending => return Some(Step::Wait),
                     Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                     Poll::Ready(Ok(())) => {}
@@ -869,7 +862,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             // Bytes the client sends while its transaction runs (the next pipelined message, a
             // COPY chunk) or its hang-up must drive the session.
             let mut client_cx = Context::from_waker(&entry.client_waker);
-            match poll_client_readable(s, &mut entry.client_armed, &mut client_cx) {
+            match poll_read_ready_armed(s.client.tcp(), &mut entry.client_armed, &mut client_cx) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
