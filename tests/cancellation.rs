@@ -75,11 +75,20 @@ async fn forwarder(pg: &EmbeddedPostgres) -> Forwarder {
     }
 }
 
-fn via_forwarder(b: &mut TestProxyBuilder<'_>, pg: &EmbeddedPostgres, port: u16) {
+/// A proxy with a 1 s client_login_timeout and a database "fwd" reached through the
+/// forwarder (pool of 2, acquire_timeout 2 s, server_connect_timeout 3 s, then `f`).
+async fn proxy_via_forwarder(
+    pg: &EmbeddedPostgres,
+    port: u16,
+    f: impl FnOnce(&mut pgweir::config::PoolSettings),
+) -> support::proxy::TestProxy {
+    let mut b = TestProxyBuilder::new(pg);
+    b.client_login_timeout = Duration::from_secs(1);
     let mut pool = b.pool.clone();
     pool.pool_size = 2;
     pool.acquire_timeout = Duration::from_secs(2);
     pool.server_connect_timeout = Duration::from_secs(3);
+    f(&mut pool);
     b.extra_databases.push((
         "fwd".to_owned(),
         DatabaseConfig {
@@ -91,6 +100,7 @@ fn via_forwarder(b: &mut TestProxyBuilder<'_>, pg: &EmbeddedPostgres, port: u16)
             pool,
         },
     ));
+    b.start().await
 }
 
 /// Logins whose client_login_timeout fires while the pool's first connect (for the server's
@@ -100,10 +110,7 @@ fn via_forwarder(b: &mut TestProxyBuilder<'_>, pg: &EmbeddedPostgres, port: u16)
 async fn a_login_timeout_during_the_pools_first_connect_leaks_no_pool_slot() {
     let pg = support::postgres();
     let fwd = forwarder(&pg).await;
-    let mut b = TestProxyBuilder::new(&pg);
-    b.client_login_timeout = Duration::from_secs(1);
-    via_forwarder(&mut b, &pg, fwd.port);
-    let proxy = b.start().await;
+    let proxy = proxy_via_forwarder(&pg, fwd.port, |_| {}).await;
 
     // PostgreSQL accepts but does not answer (overloaded, or a network path that black-holes).
     fwd.stall_all.store(true, Ordering::SeqCst);
@@ -164,14 +171,11 @@ async fn a_login_timeout_during_the_pools_first_connect_leaks_no_pool_slot() {
 async fn a_cancel_cut_off_by_the_login_timeout_does_not_wedge_its_session() {
     let pg = support::postgres();
     let fwd = forwarder(&pg).await;
-    let mut b = TestProxyBuilder::new(&pg);
-    b.client_login_timeout = Duration::from_secs(1);
-    via_forwarder(&mut b, &pg, fwd.port);
-    if let Some((_, db)) = b.extra_databases.last_mut() {
-        db.pool.pool_size = 1;
-        db.pool.acquire_timeout = Duration::from_secs(12);
-    }
-    let proxy = b.start().await;
+    let proxy = proxy_via_forwarder(&pg, fwd.port, |p| {
+        p.pool_size = 1;
+        p.acquire_timeout = Duration::from_secs(12);
+    })
+    .await;
     let a = proxy.try_connect(roles::SCRAM, "fwd").await.expect("a connects");
     let bee = proxy.try_connect(roles::SCRAM, "fwd").await.expect("b connects");
     fwd.stall_cancels.store(true, Ordering::SeqCst);
