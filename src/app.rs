@@ -2,6 +2,7 @@
 //! sequence. Tests use [`Proxy::start`] to run the whole proxy in-process on port 0.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,13 +10,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{self, ClientContext};
 use crate::config::Config;
+use crate::net::{PeerAddr, Sock};
 use crate::pool::PoolRegistry;
 use crate::proto::messages::PgError;
 use crate::server::ServerIds;
@@ -28,16 +30,70 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not listen on the Unix socket {}: {source}", path.display())]
+    BindUnix {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another process is listening on the Unix socket {}; stop it, or give this pgweir another \
+         listen.unix_socket_dir or port",
+        path.display()
+    )]
+    SocketInUse { path: PathBuf },
+}
+
+/// A listener for clients: the TCP address, or the Unix socket.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Sock, PeerAddr)> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Sock::Tcp(s), PeerAddr::Ip(a))),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| (Sock::Unix(s), PeerAddr::Local)),
+        }
+    }
+}
+
+/// Binds `path` for clients with permission bits `mode`. A socket file left by a pgweir that
+/// did not shut down cleanly is replaced; one a live process still answers on is not.
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, AppError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let failed = |source| AppError::BindUnix {
+        path: path.to_owned(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(failed(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AppError::SocketInUse { path: path.to_owned() });
+        }
+        std::fs::remove_file(path).map_err(failed)?;
+    }
+    let listener = UnixListener::bind(path).map_err(failed)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
+    Ok(listener)
 }
 
 /// A running proxy.
 pub struct Proxy {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    /// The Unix socket file, when listening on one; removed at shutdown.
+    unix_path: Option<PathBuf>,
     ctx: Arc<ClientContext>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    accept_task: tokio::task::JoinHandle<()>,
+    accept_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -60,6 +116,16 @@ impl Proxy {
             addr: config.listen.addr,
             source,
         })?;
+        // Named after the port actually bound, so `listen.addr = "…:0"` works too.
+        let unix_path = config
+            .listen
+            .unix_socket_dir
+            .as_ref()
+            .map(|dir| crate::net::socket_path(dir, addr.port()));
+        let unix_listener = match &unix_path {
+            Some(path) => Some(bind_unix(path, config.listen.unix_socket_mode)?),
+            None => None,
+        };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let pools = PoolRegistry::new(shutdown.child_token(), tracker.clone());
@@ -96,20 +162,42 @@ impl Proxy {
             }
             None => None,
         };
-        let accept_task = tokio::spawn(accept_loop(listener, ctx.clone(), tracker.clone()));
+        // One limit for both listeners: max_client_conn counts clients, however they came.
+        let limit = Arc::new(Semaphore::new(config.listen.max_client_conn));
+        let mut accept_tasks = vec![tokio::spawn(accept_loop(
+            Listener::Tcp(listener),
+            ctx.clone(),
+            tracker.clone(),
+            limit.clone(),
+        ))];
         tracing::info!(%addr, "pgweir is listening");
+        if let (Some(unix), Some(path)) = (unix_listener, &unix_path) {
+            accept_tasks.push(tokio::spawn(accept_loop(
+                Listener::Unix(unix),
+                ctx.clone(),
+                tracker.clone(),
+                limit,
+            )));
+            tracing::info!(path = %path.display(), "pgweir is listening on a Unix socket");
+        }
         Ok(Proxy {
             addr,
             admin_addr,
+            unix_path,
             ctx,
             shutdown,
             tracker,
-            accept_task,
+            accept_tasks,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The Unix socket clients may connect to, if `listen.unix_socket_dir` is set.
+    pub fn unix_socket_path(&self) -> Option<&Path> {
+        self.unix_path.as_deref()
     }
 
     /// Where the admin API listens, if enabled.
@@ -126,8 +214,16 @@ impl Proxy {
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();
         self.ctx.clients.stop_all(crate::client::registry::SHUTDOWN);
-        self.accept_task.abort();
-        let _ = self.accept_task.await;
+        for task in &self.accept_tasks {
+            task.abort();
+        }
+        for task in self.accept_tasks {
+            let _ = task.await;
+        }
+        if let Some(path) = &self.unix_path {
+            // Gone before the grace period, as the TCP listener is: new clients fail at once.
+            let _ = std::fs::remove_file(path);
+        }
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             tracing::warn!(?grace, "shutdown_timeout reached; closing the remaining connections");
@@ -136,8 +232,7 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<ClientContext>, tracker: TaskTracker) {
-    let limit = Arc::new(Semaphore::new(ctx.config.load().listen.max_client_conn));
+async fn accept_loop(listener: Listener, ctx: Arc<ClientContext>, tracker: TaskTracker, limit: Arc<Semaphore>) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(s) => s,
@@ -162,12 +257,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ClientContext>, tracker: Ta
     }
 }
 
-async fn serve_with_permit(
-    stream: TcpStream,
-    addr: SocketAddr,
-    ctx: Arc<ClientContext>,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn serve_with_permit(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>, _permit: OwnedSemaphorePermit) {
     ctx.connected.fetch_add(1, Ordering::Relaxed);
     client::serve(stream, addr, ctx.clone()).await;
     ctx.connected.fetch_sub(1, Ordering::Relaxed);
@@ -175,7 +265,7 @@ async fn serve_with_permit(
 
 /// Tells a client over max_client_conn why it is refused. The startup packet is read first so
 /// the close does not turn into a reset that could swallow the error; all of it is bounded.
-async fn refuse(mut stream: TcpStream, max: usize) {
+async fn refuse(mut stream: Sock, max: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let mut scratch = [0u8; 1024];
         for _ in 0..2 {

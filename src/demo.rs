@@ -55,6 +55,8 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             event_loop: true,
             tcp_keepalive: Some(std::time::Duration::from_secs(60)),
             peer_id: 0,
+            unix_socket_dir: None,
+            unix_socket_mode: 0o777,
         },
         admin: crate::config::AdminConfig {
             addr: Some(SocketAddr::new(listen.ip(), 0)),

@@ -661,6 +661,51 @@ fn tls_sections_default_and_validate() {
 }
 
 #[test]
+fn unix_sockets_parse_and_validate() {
+    let c = parse(&with_db("")).expect("valid");
+    assert_eq!(c.listen.unix_socket_dir, None, "TCP only by default");
+    assert_eq!(c.listen.unix_socket_mode, 0o777);
+    let c = parse(&format!(
+        "[listen]\naddr = \"127.0.0.1:7432\"\nunix_socket_dir = \"/run/pgweir\"\nunix_socket_mode = \"0770\"\n\
+         [databases.local]\nhost = \"/var/run/postgresql\"\nport = 5433\n{}",
+        with_db("")
+    ))
+    .expect("valid");
+    assert_eq!(c.listen.unix_socket_dir.as_deref(), Some(Path::new("/run/pgweir")));
+    assert_eq!(c.listen.unix_socket_mode, 0o770);
+    assert_eq!(c.databases["local"].host, "/var/run/postgresql");
+    let off = parse(&format!("[listen]\nunix_socket_dir = \"\"\n{}", with_db(""))).expect("valid");
+    assert_eq!(off.listen.unix_socket_dir, None, "\"\" turns it off");
+
+    one_problem(
+        &format!("[listen]\nunix_socket_dir = \"run/pgweir\"\n{}", with_db("")),
+        "listen.unix_socket_dir",
+        "absolute",
+    );
+    one_problem(
+        &format!("[listen]\nunix_socket_dir = \"/{}\"\n{}", "d".repeat(100), with_db("")),
+        "listen.unix_socket_dir",
+        "at most 107",
+    );
+    one_problem(
+        &format!("[listen]\nunix_socket_mode = \"0888\"\n{}", with_db("")),
+        "listen.unix_socket_mode",
+        "octal",
+    );
+    one_problem(
+        &format!("[databases.far]\nhost = \"/{}\"\n{}", "d".repeat(100), with_db("")),
+        "databases.far.host",
+        "shorter directory",
+    );
+    let c = parse(&format!(
+        "[[hba]]\naction = \"allow\"\naddress = \"local\"\n{}",
+        with_db("")
+    ))
+    .expect("valid");
+    assert_eq!(c.hba[0].address, pgweir::config::hba::HbaAddress::Local);
+}
+
+#[test]
 fn hba_rules_parse_and_validate() {
     let c = parse(&format!(
         "[[hba]]\naction = \"deny\"\naddress = \"10.9.0.0/16\"\n\
@@ -670,7 +715,7 @@ fn hba_rules_parse_and_validate() {
     .expect("valid");
     assert_eq!(c.hba.len(), 2);
     assert_eq!(c.hba[0].action, pgweir::config::hba::HbaAction::Deny);
-    assert_eq!(c.hba[1].address, None, "all");
+    assert_eq!(c.hba[1].address, pgweir::config::hba::HbaAddress::All);
     assert_eq!(c.hba[1].tls, Some(true));
     assert!(parse(&with_db("")).expect("valid").hba.is_empty());
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pgweir::app::Proxy;
-use pgweir::config::hba::{Cidr, HbaAction, HbaRule};
+use pgweir::config::hba::{HbaAction, HbaAddress, HbaRule};
 use pgweir::embedded_pg::roles;
 use support::proxy::{TestProxy, TestProxyBuilder, message, sqlstate};
 use tokio::io::AsyncWriteExt;
@@ -15,7 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 fn rule(action: HbaAction, address: &str) -> HbaRule {
     HbaRule {
         action,
-        address: (address != "all").then(|| Cidr::parse(address).expect("cidr")),
+        address: HbaAddress::parse(address).expect("address"),
         databases: None,
         users: None,
         tls: None,

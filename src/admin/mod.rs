@@ -315,7 +315,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
             .push(json!({ "pool": key, "utilisation_percent": (utilisation * 1000.0).round() / 10.0, "level": level }));
     }
     // Databases whose pools hold no open connection (none created yet, or all idle ones
-    // retired) get a TCP probe, so a fresh pgweir in front of a PostgreSQL that is down is not
+    // retired) get a connection probe, so a fresh pgweir in front of a PostgreSQL that is down is not
     // reported ready. PostgreSQL logs nothing for a connection closed before any byte is sent.
     let pools = s.ctx.pools.all();
     let config = s.ctx.config.load_full();
@@ -326,15 +326,14 @@ async fn ready(State(s): State<AdminState>) -> Response {
             async move {
                 let probe = tokio::time::timeout(
                     std::time::Duration::from_secs(1),
-                    tokio::net::TcpStream::connect((host.as_str(), port)),
+                    crate::net::connect(&host, port, None),
                 )
                 .await;
+                let at = crate::net::describe_endpoint(&host, port);
                 match probe {
                     Ok(Ok(_)) => None,
-                    Ok(Err(e)) => Some(format!("database {name} ({host}:{port}) is unreachable: {e}")),
-                    Err(_) => Some(format!(
-                        "database {name} ({host}:{port}) did not accept a connection within 1s"
-                    )),
+                    Ok(Err(e)) => Some(format!("database {name} ({at}) is unreachable: {e}")),
+                    Err(_) => Some(format!("database {name} ({at}) did not accept a connection within 1s")),
                 }
             }
         })

@@ -15,7 +15,6 @@
 //! cannot forward a request forever. 17 bits of pid and 30 of secret stay random.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::PeerConfig;
+use crate::net::ServerAddr;
 use crate::proto::startup::CancelKey;
 
 /// Connecting to a peer and handing it a cancel must not take longer than this.
@@ -33,7 +33,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct SlotInner {
-    target: Option<(SocketAddr, CancelKey)>,
+    target: Option<(ServerAddr, CancelKey)>,
 }
 
 /// Per-client: which server (if any) a cancel should go to right now.
@@ -48,7 +48,7 @@ impl CancelSlot {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_target(&self, addr: SocketAddr, key: CancelKey) {
+    pub fn set_target(&self, addr: ServerAddr, key: CancelKey) {
         self.lock().target = Some((addr, key));
     }
 
@@ -61,9 +61,9 @@ impl CancelSlot {
     }
 
     /// Takes the current target and marks a cancel in flight (under the lock, see module docs).
-    fn begin_cancel(&self) -> Option<(SocketAddr, CancelKey)> {
+    fn begin_cancel(&self) -> Option<(ServerAddr, CancelKey)> {
         let inner = self.lock();
-        let target = inner.target?;
+        let target = inner.target.clone()?;
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(target)
     }
@@ -205,7 +205,7 @@ impl CancelRegistry {
         // client_login_timeout, and a drop between begin_cancel and end_cancel would leave the
         // target session waiting for the cancel to finish for ever, holding its server.
         let _ = tokio::spawn(async move {
-            match tokio::time::timeout(FORWARD_TIMEOUT, crate::server::send_cancel(addr, server_key)).await {
+            match tokio::time::timeout(FORWARD_TIMEOUT, crate::server::send_cancel(&addr, server_key)).await {
                 Ok(Err(e)) => tracing::warn!(%addr, error = %e, "could not forward a cancel request"),
                 Err(_) => tracing::warn!(%addr, "forwarding a cancel request timed out"),
                 Ok(Ok(())) => {}

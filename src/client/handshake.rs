@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::net::Sock;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::auth_query::{LookupTarget, Stored};
@@ -47,20 +47,22 @@ pub(super) struct LoggedIn {
 
 /// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
 /// Failures are counted by reason for the login-failures metric.
-pub(super) async fn run(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
+pub(super) async fn run(tcp: Sock, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
     attempt(tcp, ctx).await.map_err(|(reason, error)| {
         ctx.login_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
         error
     })
 }
 
-async fn attempt(tcp: TcpStream, ctx: &ClientContext) -> Result<Option<LoggedIn>, (LoginFailure, ClientError)> {
+async fn attempt(tcp: Sock, ctx: &ClientContext) -> Result<Option<LoggedIn>, (LoginFailure, ClientError)> {
     // One consistent configuration for the whole login, even if a reload happens meanwhile.
     let config = ctx.config.load_full();
     let timeout = config.listen.client_login_timeout;
     let deadline = Instant::now() + timeout;
+    // TLS is for the network: like PostgreSQL, pgweir answers 'N' to an SSLRequest on its Unix
+    // socket, whose file permissions are the protection.
+    let mut may_start_tls = config.tls.acceptor.is_some() && matches!(tcp, Sock::Tcp(_));
     let mut client = Stream::Plain(tcp);
-    let mut may_start_tls = config.tls.acceptor.is_some();
     let startup = loop {
         let step = match tokio::time::timeout_at(deadline, negotiate(&mut client, &config, may_start_tls, ctx)).await {
             Ok(Ok(step)) => step,
@@ -154,9 +156,9 @@ async fn negotiate(
     may_start_tls: bool,
     ctx: &ClientContext,
 ) -> Result<Negotiated, Failure> {
-    if may_start_tls {
+    if let (true, Sock::Tcp(tcp)) = (may_start_tls, client.sock()) {
         let mut first = [0u8; 1];
-        client.tcp().peek(&mut first).await?;
+        tcp.peek(&mut first).await?;
         if first[0] == TLS_HANDSHAKE_RECORD {
             return Ok(Negotiated::StartTls { direct: true });
         }
@@ -191,7 +193,8 @@ async fn negotiate(
                 return Ok(Negotiated::Done);
             }
             StartupPacket::Startup(params) => {
-                if config.tls.mode == ClientTlsMode::Require && !client.is_tls() {
+                let local = matches!(client.sock(), Sock::Unix(_));
+                if config.tls.mode == ClientTlsMode::Require && !client.is_tls() && !local {
                     return Err(reject(
                         LoginFailure::TlsRequired,
                         PgError::fatal("28000", "pgweir requires TLS (SSL) for all client connections")
@@ -253,6 +256,8 @@ fn check_hba(client: &Stream, config: &Config, user: &str, database: &str) -> Re
         return Ok(());
     }
     let ip = client.peer_addr()?.ip();
+    // PostgreSQL's name for a Unix-socket client in the same message.
+    let host = ip.map_or_else(|| "[local]".to_owned(), |ip| ip.to_string());
     let tls = client.is_tls();
     let encryption = if tls { "TLS" } else { "no encryption" };
     let refused = |why: String| {
@@ -266,10 +271,10 @@ fn check_hba(client: &Stream, config: &Config, user: &str, database: &str) -> Re
     match hba::check(&config.hba, ip, database, user, tls) {
         HbaVerdict::Allowed => Ok(()),
         HbaVerdict::DeniedBy(n) => Err(refused(format!(
-            "pgweir [[hba]] rule {n} rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
+            "pgweir [[hba]] rule {n} rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"
         ))),
         HbaVerdict::NoMatch => Err(refused(format!(
-            "no pgweir [[hba]] rule allows host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
+            "no pgweir [[hba]] rule allows host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"
         ))),
     }
 }

@@ -16,12 +16,10 @@ pub mod registry;
 mod session;
 mod users;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use cancel::CancelRegistry;
@@ -31,6 +29,7 @@ pub use users::UserDirectory;
 pub(crate) use session::Hub;
 
 use crate::config::Config;
+use crate::net::{PeerAddr, Sock};
 use crate::pool::PoolRegistry;
 use crate::server::ServerIds;
 
@@ -137,6 +136,12 @@ impl ClientContext {
         if old.listen.event_loop != config.listen.event_loop {
             needs_restart.push("listen.event_loop".to_owned());
         }
+        if old.listen.unix_socket_dir != config.listen.unix_socket_dir {
+            needs_restart.push("listen.unix_socket_dir".to_owned());
+        }
+        if old.listen.unix_socket_mode != config.listen.unix_socket_mode {
+            needs_restart.push("listen.unix_socket_mode".to_owned());
+        }
         if old.admin.addr != config.admin.addr {
             needs_restart.push("admin.addr".to_owned());
         }
@@ -161,9 +166,11 @@ impl ClientContext {
 
 /// Serves one accepted client connection to its end. Never panics on peer input; every error
 /// ends this session only.
-pub async fn serve(stream: TcpStream, addr: SocketAddr, ctx: Arc<ClientContext>) {
+pub async fn serve(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>) {
     let id = ctx.next_client_id();
-    crate::net::configure_socket(&stream, ctx.config.load().listen.tcp_keepalive);
+    if let Sock::Tcp(tcp) = &stream {
+        crate::net::configure_socket(tcp, ctx.config.load().listen.tcp_keepalive);
+    }
     let result = async {
         let Some(login) = handshake::run(stream, &ctx).await? else {
             return Ok(());

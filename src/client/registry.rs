@@ -2,7 +2,7 @@
 //! their entry once per transaction with relaxed atomics, never per message; the admin side
 //! only reads.
 
-use std::net::SocketAddr;
+use crate::net::PeerAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -90,7 +90,7 @@ impl std::future::Future for Raised<'_> {
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: ClientId,
-    pub addr: SocketAddr,
+    pub addr: PeerAddr,
     pub pool: PoolKey,
     pub application_name: String,
     /// TLS version and cipher suite, None for a plaintext connection.
@@ -206,7 +206,7 @@ impl ClientRegistry {
     pub fn register(
         &self,
         id: ClientId,
-        addr: SocketAddr,
+        addr: PeerAddr,
         pool: PoolKey,
         application_name: String,
         tls: Option<String>,

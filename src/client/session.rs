@@ -114,7 +114,7 @@ enum Resume {
 
 /// Resolves when the client has closed its connection (or it failed); pends for good once the
 /// client has sent more bytes, which stay in the socket for the next read.
-async fn client_left(tcp: &tokio::net::TcpStream) {
+async fn client_left(tcp: &crate::net::Sock) {
     if !std::future::poll_fn(|cx| crate::net::stream::poll_hung_up(tcp, cx)).await {
         std::future::pending::<()>().await;
     }
@@ -296,7 +296,7 @@ impl Session {
                 // A busy client's next message is often already here, so try once first.
                 // (Not over TLS: socket readiness says nothing about bytes rustls holds.)
                 self.reserve_for_client();
-                match crate::net::stream::try_read_drained(self.client.tcp(), &mut self.buf) {
+                match crate::net::stream::try_read_drained(self.client.sock(), &mut self.buf) {
                     Ok(0) => return Ok(Next::Eof),
                     Ok(_) => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -307,7 +307,7 @@ impl Session {
                     return Ok(Next::ToHub);
                 }
                 tokio::select! {
-                    r = self.client.tcp().readable() => r.map_err(ClientError::ClientIo)?,
+                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
                     bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
                 }
             }
@@ -535,7 +535,7 @@ impl Session {
                         biased;
                         granted = &mut rx => Ok(granted.ok()),
                         bits = self.info.stop.raised(KILL | SHUTDOWN) => Err(NoServer::Stopped(bits)),
-                        () = client_left(self.client.tcp()) => Err(NoServer::ClientLeft),
+                        () = client_left(self.client.sock()) => Err(NoServer::ClientLeft),
                     };
                     let granted = match granted {
                         Ok(granted) => granted,
@@ -701,7 +701,7 @@ impl Session {
         let link = Link::new(server, policy, spares);
         self.last_activity = linked_at;
         let conn = link.server.conn_ref();
-        self.login.slot.set_target(conn.addr, conn.backend_key);
+        self.login.slot.set_target(conn.addr.clone(), conn.backend_key);
         link
     }
 
@@ -1146,9 +1146,9 @@ enum Event {
 
 /// Cancels whatever the server is running, in the background (the session does not wait).
 fn spawn_cancel(conn: &crate::server::ServerConn) {
-    let (addr, key) = (conn.addr, conn.backend_key);
+    let (addr, key) = (conn.addr.clone(), conn.backend_key);
     tokio::spawn(async move {
-        let _ = send_cancel(addr, key).await;
+        let _ = send_cancel(&addr, key).await;
     });
 }
 

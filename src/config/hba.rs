@@ -26,10 +26,9 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR range (e.g. \"10.0.0.0/8\", \"::1\", \"all\")"))?;
+        let addr: IpAddr = addr.trim().parse().map_err(|_| {
+            format!("{s:?} is not an IP address or CIDR range (e.g. \"10.0.0.0/8\", \"::1\", \"all\", \"local\")")
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -61,12 +60,42 @@ impl Cidr {
     }
 }
 
+/// Which clients a rule's `address` matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HbaAddress {
+    /// "all": every client, TCP or Unix socket.
+    All,
+    /// "local": clients on pgweir's Unix socket (PostgreSQL's `local` lines).
+    Local,
+    /// A range: TCP clients whose address is in it.
+    Net(Cidr),
+}
+
+impl HbaAddress {
+    /// Parses "all", "local", `ADDR` or `ADDR/PREFIX`.
+    pub fn parse(s: &str) -> Result<HbaAddress, String> {
+        match s {
+            "all" => Ok(HbaAddress::All),
+            "local" => Ok(HbaAddress::Local),
+            net => Cidr::parse(net).map(HbaAddress::Net),
+        }
+    }
+
+    /// `ip` is None for a Unix-socket client.
+    fn matches(&self, ip: Option<IpAddr>) -> bool {
+        match (self, ip) {
+            (HbaAddress::All, _) | (HbaAddress::Local, None) => true,
+            (HbaAddress::Net(net), Some(ip)) => net.contains(ip),
+            _ => false,
+        }
+    }
+}
+
 /// One `[[hba]]` entry. `None` lists mean "any".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HbaRule {
     pub action: HbaAction,
-    /// None = any address.
-    pub address: Option<Cidr>,
+    pub address: HbaAddress,
     pub databases: Option<Vec<String>>,
     pub users: Option<Vec<String>>,
     /// Some(true): TLS connections only (hostssl); Some(false): plaintext only (hostnossl).
@@ -85,17 +114,17 @@ pub enum HbaVerdict {
 }
 
 impl HbaRule {
-    fn matches(&self, ip: IpAddr, database: &str, user: &str, tls: bool) -> bool {
+    fn matches(&self, ip: Option<IpAddr>, database: &str, user: &str, tls: bool) -> bool {
         let listed = |list: &Option<Vec<String>>, name: &str| list.as_ref().is_none_or(|l| l.iter().any(|n| n == name));
-        self.address.is_none_or(|c| c.contains(ip))
+        self.address.matches(ip)
             && listed(&self.databases, database)
             && listed(&self.users, user)
             && self.tls.is_none_or(|t| t == tls)
     }
 }
 
-/// Applies `rules` in order to a connection.
-pub fn check(rules: &[HbaRule], ip: IpAddr, database: &str, user: &str, tls: bool) -> HbaVerdict {
+/// Applies `rules` in order to a connection; `ip` is None for a Unix-socket client.
+pub fn check(rules: &[HbaRule], ip: Option<IpAddr>, database: &str, user: &str, tls: bool) -> HbaVerdict {
     if rules.is_empty() {
         return HbaVerdict::Allowed;
     }
@@ -113,19 +142,20 @@ mod tests {
     fn rule(action: HbaAction, address: &str) -> HbaRule {
         HbaRule {
             action,
-            address: (address != "all").then(|| Cidr::parse(address).expect("cidr")),
+            address: HbaAddress::parse(address).expect("address"),
             databases: None,
             users: None,
             tls: None,
         }
     }
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("ip")
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().expect("ip"))
     }
 
     #[test]
     fn cidr_matching() {
+        let ip = |s: &str| ip(s).expect("ip");
         let net = Cidr::parse("10.1.0.0/16").expect("v4");
         assert!(net.contains(ip("10.1.255.3")));
         assert!(!net.contains(ip("10.2.0.1")));
@@ -167,5 +197,25 @@ mod tests {
             HbaVerdict::NoMatch
         );
         assert_eq!(check(&[], ip("192.0.2.1"), "x", "y", false), HbaVerdict::Allowed);
+    }
+
+    #[test]
+    fn local_matches_unix_socket_clients_only_and_all_matches_everyone() {
+        let rules = vec![
+            rule(HbaAction::Deny, "0.0.0.0/0"),
+            rule(HbaAction::Allow, "local"),
+            rule(HbaAction::Deny, "all"),
+        ];
+        assert_eq!(check(&rules, None, "app", "bob", false), HbaVerdict::Allowed);
+        assert_eq!(
+            check(&rules, ip("127.0.0.1"), "app", "bob", false),
+            HbaVerdict::DeniedBy(1)
+        );
+        assert_eq!(check(&rules, ip("::1"), "app", "bob", false), HbaVerdict::DeniedBy(3));
+        let deny_all = vec![rule(HbaAction::Deny, "all")];
+        assert_eq!(check(&deny_all, None, "app", "bob", false), HbaVerdict::DeniedBy(1));
+        let tcp_only = vec![rule(HbaAction::Allow, "::/0")];
+        assert_eq!(check(&tcp_only, None, "app", "bob", false), HbaVerdict::NoMatch);
+        assert!(HbaAddress::parse("locals").is_err());
     }
 }

@@ -148,6 +148,12 @@ pub struct ListenConfig {
     /// This instance's id (1..=16383) in the cancel keys it issues, for cancel forwarding
     /// between instances (`[[peers]]`); 0 (the default) disables peering.
     pub peer_id: u16,
+    /// Also listen on the Unix socket `<dir>/.s.PGSQL.<port of addr>`, as PostgreSQL and
+    /// PgBouncer name theirs (`psql -h <dir>`). None (the default): TCP only.
+    pub unix_socket_dir: Option<std::path::PathBuf>,
+    /// Permission bits of that socket file. Default 0o777 (PgBouncer's); anyone who can reach
+    /// the file may connect, and still has to log in.
+    pub unix_socket_mode: u32,
 }
 
 /// The HTTP admin API and Prometheus metrics.

@@ -158,6 +158,10 @@ pub struct RawListen {
     /// `tcp_keepalive`; 0 leaves the OS default.
     pub tcp_keepalive: Option<RawDuration>,
     pub peer_id: Option<i64>,
+    /// `unix_socket_dir`: also listen on `<dir>/.s.PGSQL.<port>`; "" or absent: no Unix socket.
+    pub unix_socket_dir: Option<String>,
+    /// `unix_socket_mode`: permission bits of the socket file, in octal ("0777").
+    pub unix_socket_mode: Option<String>,
 }
 
 /// `[pool]`, and (via [`RawDatabase::pool_overrides`]) the pool keys of a database table.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::hba::{Cidr, HbaAction, HbaRule};
+use super::hba::{HbaAction, HbaAddress, HbaRule};
 use super::raw::{
     RawAuthQuery, RawConfig, RawDuration, RawHba, RawListen, RawPeer, RawPool, RawServerTls, RawTls, RawUser,
 };
@@ -437,17 +437,16 @@ fn hba_rules(p: &mut Problems, raw: &[RawHba]) -> Vec<HbaRule> {
             }
         };
         let address = match r.address.as_deref() {
-            Some("all") => None,
-            Some(a) => match Cidr::parse(a) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    p.add(key("address"), e);
-                    None
-                }
-            },
+            Some(a) => HbaAddress::parse(a).unwrap_or_else(|e| {
+                p.add(key("address"), e);
+                HbaAddress::All
+            }),
             None => {
-                p.add(key("address"), "is required (\"all\", an IP address or a CIDR range)");
-                None
+                p.add(
+                    key("address"),
+                    "is required (\"all\", \"local\" for the Unix socket, an IP address or a CIDR range)",
+                );
+                HbaAddress::All
             }
         };
         for (name, list) in [("databases", &r.databases), ("users", &r.users)] {
@@ -628,7 +627,26 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
             );
         }
     }
+    let unix_socket_dir = match l.unix_socket_dir.as_deref() {
+        None | Some("") => None,
+        Some(dir) => check_socket_dir(p, "listen.unix_socket_dir", dir, addr.port()).map(std::path::PathBuf::from),
+    };
+    let unix_socket_mode = match l.unix_socket_mode.as_deref() {
+        None => 0o777,
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(mode) if mode <= 0o777 => mode,
+            _ => {
+                p.add(
+                    "listen.unix_socket_mode",
+                    format!("must be permission bits in octal, e.g. \"0777\" or \"0770\", got {m:?}"),
+                );
+                0o777
+            }
+        },
+    };
     ListenConfig {
+        unix_socket_dir,
+        unix_socket_mode,
         addr,
         max_client_conn,
         auth_type,
@@ -640,6 +658,31 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
         peer_id: p.count("listen.peer_id", l.peer_id, 0, 0, MAX_PEER_ID as usize) as u16,
         tcp_keepalive,
     }
+}
+
+/// Longest path a Unix socket can have (`sun_path` holds 108 bytes with the final NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Checks a Unix-socket directory as libpq and PostgreSQL use one: absolute, and short enough
+/// for the socket file `.s.PGSQL.<port>` inside it. None after recording a problem.
+fn check_socket_dir<'a>(p: &mut Problems, key: &str, dir: &'a str, port: u16) -> Option<&'a str> {
+    if !dir.starts_with('/') {
+        p.add(key, format!("must be an absolute directory path, got {dir:?}"));
+        return None;
+    }
+    let path = crate::net::socket_path(dir, port);
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        p.add(
+            key,
+            format!(
+                "the socket path {} is {len} bytes; Unix sockets allow at most {MAX_SOCKET_PATH}: use a shorter directory",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(dir)
 }
 
 /// Where a user's secret came from, so a problem with it points at the place to fix.
@@ -851,6 +894,8 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
         let host = d.host.clone().unwrap_or_else(|| "127.0.0.1".to_owned());
         if host.trim().is_empty() {
             p.add(format!("{key}.host"), "must not be empty");
+        } else if crate::net::is_socket_dir(&host) {
+            check_socket_dir(&mut p, &format!("{key}.host"), &host, port);
         }
         let dbname = d.dbname.clone().unwrap_or_else(|| name.clone());
         if d.dbname.as_deref().is_some_and(str::is_empty) {

@@ -1,9 +1,14 @@
 //! Sockets: listener set-up and per-socket options shared by client and server connections.
 
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// TCP_NODELAY (the protocol is request/response; Nagle would add up to 40 ms per round trip)
 /// and keepalive (so a peer that vanished without a FIN is noticed). Failures are ignored: the
@@ -19,8 +24,91 @@ pub fn configure_socket(stream: &TcpStream, keepalive: Option<Duration>) {
     }
 }
 
+/// Whether a configured host names a Unix-socket directory, as libpq reads `host`: a path
+/// holding PostgreSQL's socket file `.s.PGSQL.<port>`.
+pub fn is_socket_dir(host: &str) -> bool {
+    host.starts_with('/')
+}
+
+/// The socket file PostgreSQL (and pgweir's own listener) uses in `dir` for `port`.
+pub fn socket_path(dir: impl AsRef<Path>, port: u16) -> PathBuf {
+    dir.as_ref().join(format!(".s.PGSQL.{port}"))
+}
+
+/// `host:port`, or the socket file's path, for messages.
+pub fn describe_endpoint(host: &str, port: u16) -> String {
+    match is_socket_dir(host) {
+        true => socket_path(host, port).display().to_string(),
+        false => format!("{host}:{port}"),
+    }
+}
+
+/// Connects to `host:port` over TCP (TCP_NODELAY and `keepalive` set), or to the Unix socket
+/// of `port` when `host` is a directory.
+pub async fn connect(host: &str, port: u16, keepalive: Option<Duration>) -> io::Result<Sock> {
+    if is_socket_dir(host) {
+        return UnixStream::connect(socket_path(host, port)).await.map(Sock::Unix);
+    }
+    let tcp = TcpStream::connect((host, port)).await?;
+    configure_socket(&tcp, keepalive);
+    Ok(Sock::Tcp(tcp))
+}
+
+/// Where a client connected from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAddr {
+    Ip(SocketAddr),
+    /// pgweir's Unix-domain socket: a process on this host.
+    Local,
+}
+
+impl PeerAddr {
+    /// The client's IP address; None for a Unix-socket client.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            PeerAddr::Ip(a) => Some(a.ip()),
+            PeerAddr::Local => None,
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Ip(a) => a.fmt(f),
+            PeerAddr::Local => f.write_str("unix"),
+        }
+    }
+}
+
+/// Where a server connection's CancelRequests must go: the address it was connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    /// The socket file itself; shared, since every connection of a pool has the same one.
+    Unix(Arc<Path>),
+}
+
+impl ServerAddr {
+    pub async fn connect(&self) -> io::Result<Sock> {
+        match self {
+            ServerAddr::Tcp(a) => TcpStream::connect(a).await.map(Sock::Tcp),
+            ServerAddr::Unix(p) => UnixStream::connect(p).await.map(Sock::Unix),
+        }
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => a.fmt(f),
+            ServerAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
+}
+
 pub mod buffers;
 pub mod stream;
 pub mod tls;
 
-pub use stream::Stream;
+pub use stream::{Sock, Stream};

@@ -1,4 +1,5 @@
-//! A connection that is either plain TCP or TLS over TCP, for both sides of the proxy.
+//! A connection that is plain TCP, a Unix-domain socket, or TLS over TCP, for both sides of
+//! the proxy.
 //!
 //! tokio-rustls behaves like a `BufWriter`: a write can return `Ok(n)` while ciphertext still
 //! sits in the TLS session because the socket was full, and only a flush pushes it out. The
@@ -8,14 +9,126 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::net::tcp;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpStream, UnixStream, tcp, unix};
+
+use super::PeerAddr;
+
+/// A socket to a client or a server: TCP, or a Unix-domain socket on the same host (cheaper
+/// per message in the kernel). Every method forwards to tokio's type of the same name.
+#[derive(Debug)]
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    pub fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        match self {
+            Sock::Tcp(s) => s.try_io(interest, f),
+            Sock::Unix(s) => s.try_io(interest, f),
+        }
+    }
+
+    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.try_read_buf(buf),
+            Sock::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.try_write(buf),
+            Sock::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Sock::Tcp(s) => s.poll_read_ready(cx),
+            Sock::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Sock::Tcp(s) => s.poll_write_ready(cx),
+            Sock::Unix(s) => s.poll_write_ready(cx),
+        }
+    }
+
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.readable().await,
+            Sock::Unix(s) => s.readable().await,
+        }
+    }
+
+    /// Waits until a byte or EOF is waiting, without consuming it: Ok(0) at EOF, Ok(1) when
+    /// bytes are waiting.
+    fn poll_peek(&self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            match self.try_io(Interest::READABLE, || self.peek_now()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    /// A non-blocking MSG_PEEK of one byte: WouldBlock when nothing is waiting, Ok(0) at EOF.
+    pub fn peek_now(&self) -> io::Result<usize> {
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        match self {
+            Sock::Tcp(s) => socket2::SockRef::from(s).peek(&mut probe),
+            Sock::Unix(s) => socket2::SockRef::from(s).peek(&mut probe),
+        }
+    }
+
+    pub fn peer_addr(&self) -> io::Result<PeerAddr> {
+        match self {
+            Sock::Tcp(s) => s.peer_addr().map(PeerAddr::Ip),
+            Sock::Unix(_) => Ok(PeerAddr::Local),
+        }
+    }
+}
+
+impl AsyncRead for Sock {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Sock::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Sock {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Sock::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Sock::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Sock::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// `try_read_buf` on a plain socket that, like tokio's own `poll_read`, takes a read that
 /// left room in `buf` as proof the socket is drained and clears its read readiness: the next
@@ -23,9 +136,9 @@ use tokio::net::tcp;
 /// wasted syscall per read: two per proxied transaction in the event loop).
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
-pub fn try_read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+pub fn try_read_drained(tcp: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
     let mut short = 0;
-    let result = tcp.try_io(tokio::io::Interest::READABLE, || {
+    let result = tcp.try_io(Interest::READABLE, || {
         let room = buf.capacity() - buf.len();
         let n = tcp.try_read_buf(buf)?;
         if n > 0 && n < room {
@@ -44,8 +157,8 @@ pub fn try_read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize
 /// cleared. Unlike `poll_read_ready` it takes no lock and registers no waker, so it is the
 /// cheap first look where readiness is likely (a session woken by its socket) or where a waker
 /// is known to be registered already.
-pub fn readable_now(tcp: &TcpStream) -> bool {
-    tcp.try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok()
+pub fn readable_now(tcp: &Sock) -> bool {
+    tcp.try_io(Interest::READABLE, || Ok(())).is_ok()
 }
 
 /// `poll_read_ready` for a socket whose registered read waker may still be waiting: `armed`
@@ -58,7 +171,7 @@ pub fn readable_now(tcp: &TcpStream) -> bool {
 /// once, later. Taking that for armed would leave nothing registered for the client's next
 /// bytes, and the session would hang.
 #[inline]
-pub fn poll_read_ready_armed(tcp: &TcpStream, armed: &mut bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+pub fn poll_read_ready_armed(tcp: &Sock, armed: &mut bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     if *armed {
         return Poll::Pending;
     }
@@ -70,10 +183,8 @@ pub fn poll_read_ready_armed(tcp: &TcpStream, armed: &mut bool, cx: &mut Context
 /// Whether a client waiting for something has hung up, without consuming a byte: Ready(true)
 /// when it closed its connection or the socket failed, Ready(false) when it sent bytes (they
 /// stay in the socket for the next read), Pending while neither (`cx` is woken on readability).
-pub fn poll_hung_up(tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
-    let mut byte = [0u8; 1];
-    let mut peek = ReadBuf::new(&mut byte);
-    match tcp.poll_peek(cx, &mut peek) {
+pub fn poll_hung_up(tcp: &Sock, cx: &mut Context<'_>) -> Poll<bool> {
+    match tcp.poll_peek(cx) {
         Poll::Pending => Poll::Pending,
         Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(true),
         Poll::Ready(Ok(_)) => Poll::Ready(false),
@@ -81,10 +192,10 @@ pub fn poll_hung_up(tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
 }
 
 /// TLS over TCP, client or server side.
-pub struct TlsConn(tokio_rustls::TlsStream<TcpStream>);
+pub struct TlsConn(tokio_rustls::TlsStream<Sock>);
 
 impl TlsConn {
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn sock(&self) -> &Sock {
         self.0.get_ref().0
     }
 
@@ -110,14 +221,14 @@ impl TlsConn {
     }
 }
 
-impl From<tokio_rustls::server::TlsStream<TcpStream>> for TlsConn {
-    fn from(s: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+impl From<tokio_rustls::server::TlsStream<Sock>> for TlsConn {
+    fn from(s: tokio_rustls::server::TlsStream<Sock>) -> Self {
         TlsConn(s.into())
     }
 }
 
-impl From<tokio_rustls::client::TlsStream<TcpStream>> for TlsConn {
-    fn from(s: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+impl From<tokio_rustls::client::TlsStream<Sock>> for TlsConn {
+    fn from(s: tokio_rustls::client::TlsStream<Sock>) -> Self {
         TlsConn(s.into())
     }
 }
@@ -148,7 +259,7 @@ impl AsyncWrite for TlsConn {
 
 /// A client or server connection.
 pub enum Stream {
-    Plain(TcpStream),
+    Plain(Sock),
     Tls(Box<TlsConn>),
 }
 
@@ -156,16 +267,16 @@ impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Stream::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
-            Stream::Tls(t) => f.debug_tuple("Tls").field(t.tcp()).finish(),
+            Stream::Tls(t) => f.debug_tuple("Tls").field(t.sock()).finish(),
         }
     }
 }
 
 impl Stream {
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn sock(&self) -> &Sock {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(t) => t.tcp(),
+            Stream::Tls(t) => t.sock(),
         }
     }
 
@@ -181,8 +292,8 @@ impl Stream {
         }
     }
 
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().peer_addr()
+    pub fn peer_addr(&self) -> io::Result<PeerAddr> {
+        self.sock().peer_addr()
     }
 
     /// True when the peer has sent something (or closed) that nobody has read yet, without
@@ -196,15 +307,15 @@ impl Stream {
     /// (a `WouldBlock` from the peek clears that again), and no waker is registered, so the
     /// common answer, "nothing arrived", costs no syscall.
     pub fn has_pending_input_if_readable(&self) -> bool {
-        pending(self.tcp().try_io(tokio::io::Interest::READABLE, || self.peek_one()))
+        let sock = self.sock();
+        pending(sock.try_io(Interest::READABLE, || sock.peek_now()))
     }
 
     fn peek_one(&self) -> io::Result<usize> {
-        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-        socket2::SockRef::from(self.tcp()).peek(&mut probe)
+        self.sock().peek_now()
     }
 
-    /// Best-effort write that never waits; plain TCP only (a TLS record cannot be half-sent).
+    /// Best-effort write that never waits; plain sockets only (a TLS record cannot be half-sent).
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.try_write(buf),
@@ -215,9 +326,13 @@ impl Stream {
     /// Borrowed read and write halves, usable at the same time from one task (`select!`).
     pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
         match self {
-            Stream::Plain(s) => {
+            Stream::Plain(Sock::Tcp(s)) => {
                 let (r, w) = s.split();
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Stream::Plain(Sock::Unix(s)) => {
+                let (r, w) = s.split();
+                (ReadHalf::Unix(r), WriteHalf::Unix(w))
             }
             Stream::Tls(t) => {
                 let (r, w) = tokio::io::split(&mut **t);
@@ -262,12 +377,14 @@ impl AsyncWrite for Stream {
 /// Read half of a [`Stream::split`].
 pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
+    Unix(unix::ReadHalf<'a>),
     Tls(tokio::io::ReadHalf<&'a mut TlsConn>),
 }
 
 /// Write half of a [`Stream::split`].
 pub enum WriteHalf<'a> {
     Plain(tcp::WriteHalf<'a>),
+    Unix(unix::WriteHalf<'a>),
     Tls(tokio::io::WriteHalf<&'a mut TlsConn>),
 }
 
@@ -275,6 +392,7 @@ impl AsyncRead for ReadHalf<'_> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Unix(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -284,6 +402,7 @@ impl AsyncWrite for WriteHalf<'_> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Unix(s) => Pin::new(s).poll_write(cx, buf),
             WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -291,6 +410,7 @@ impl AsyncWrite for WriteHalf<'_> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_flush(cx),
             WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -298,6 +418,7 @@ impl AsyncWrite for WriteHalf<'_> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -317,15 +438,20 @@ mod tests {
 
     use super::*;
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    async fn pair() -> (TcpStream, Sock) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.unwrap(), b.unwrap().0)
+        (a.unwrap(), Sock::Tcp(b.unwrap().0))
+    }
+
+    fn unix_pair() -> (UnixStream, Sock) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (a, Sock::Unix(b))
     }
 
     /// Reads with `try_read_drained` the way the event loop does: wait for readiness, read.
-    async fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> usize {
+    async fn read_some(tcp: &Sock, buf: &mut BytesMut) -> usize {
         loop {
             tokio::time::timeout(Duration::from_secs(5), tcp.readable())
                 .await
@@ -342,7 +468,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_read_clears_readiness_without_losing_later_bytes_or_eof() {
+        let (tx, rx) = pair().await;
+        short_reads(tx, rx).await;
+        let (tx, rx) = unix_pair();
+        short_reads(tx, rx).await;
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_is_told_from_bytes_on_both_kinds_of_socket() {
         let (mut tx, rx) = pair().await;
+        let (mut utx, urx) = unix_pair();
+        for rx in [&rx, &urx] {
+            let waiting = std::future::poll_fn(|cx| Poll::Ready(poll_hung_up(rx, cx).is_pending())).await;
+            assert!(waiting, "a silent peer has neither sent nor hung up");
+        }
+        tx.write_all(b"Q").await.unwrap();
+        utx.write_all(b"Q").await.unwrap();
+        for rx in [&rx, &urx] {
+            assert!(
+                !std::future::poll_fn(|cx| poll_hung_up(rx, cx)).await,
+                "bytes are not a hang-up"
+            );
+            assert_eq!(rx.peek_now().unwrap(), 1, "the byte stays for the next read");
+        }
+        drop((tx, utx));
+        let (_tx2, rx2) = pair().await;
+        let (utx2, urx2) = unix_pair();
+        drop(utx2);
+        assert!(std::future::poll_fn(|cx| poll_hung_up(&urx2, cx)).await);
+        assert_eq!(rx2.peer_addr().unwrap().ip(), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(urx2.peer_addr().unwrap(), PeerAddr::Local);
+    }
+
+    async fn short_reads(mut tx: impl tokio::io::AsyncWrite + Unpin, rx: Sock) {
         let mut buf = BytesMut::with_capacity(4096);
         tx.write_all(b"first").await.unwrap();
         assert_eq!(read_some(&rx, &mut buf).await, 5);
@@ -394,7 +552,7 @@ mod tests {
         std::future::poll_fn(|cx| {
             let mut armed = false;
             // tokio may report a new socket readable once; a read that finds nothing clears it.
-            let nothing = quiet.try_read(&mut [0u8; 8]).unwrap_err();
+            let nothing = quiet.try_read_buf(&mut BytesMut::with_capacity(8)).unwrap_err();
             assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
             assert!(poll_read_ready_armed(&quiet, &mut armed, cx).is_pending());
             assert!(armed);

@@ -1,12 +1,10 @@
 //! Connecting and logging in to PostgreSQL, and the small request/response helper used outside
 //! the hot path (login, parameter sync, health checks, resets).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use rustls::pki_types::ServerName;
@@ -15,7 +13,7 @@ use super::{ParamSet, ServerConn, ServerError, ServerId};
 use crate::auth::md5;
 use crate::auth::scram::{ClientSecret, SCRAM_SHA_256, ScramClient, ScramKeys};
 use crate::config::{ServerTlsConfig, ServerTlsMode};
-use crate::net::Stream;
+use crate::net::{ServerAddr, Sock, Stream};
 use crate::proto::messages::{self, AuthRequest, ErrorFields};
 use crate::proto::startup::CancelKey;
 use crate::proto::tag::backend;
@@ -26,11 +24,13 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// Asks the server for TLS per sslmode. Exactly one byte of answer is read, so nothing a man in
 /// the middle sends after it can be taken as part of the TLS session (CVE-2021-23222).
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    target: &ServerTarget,
-    tls: &ServerTlsConfig,
-) -> Result<Stream, ServerError> {
+///
+/// Like libpq, no TLS over a Unix socket: the server would refuse it, and the socket never
+/// leaves the host.
+async fn negotiate_tls(mut tcp: Sock, target: &ServerTarget, tls: &ServerTlsConfig) -> Result<Stream, ServerError> {
+    if matches!(tcp, Sock::Unix(_)) {
+        return Ok(Stream::Plain(tcp));
+    }
     let (
         ServerTlsMode::Prefer | ServerTlsMode::Require | ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull,
         Some(connector),
@@ -77,7 +77,7 @@ pub struct ServerTarget {
 
 impl ServerTarget {
     pub fn addr_string(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        crate::net::describe_endpoint(&self.host, self.port)
     }
 }
 
@@ -142,14 +142,16 @@ async fn connect_inner(
     keepalive: Option<Duration>,
     tls: &ServerTlsConfig,
 ) -> Result<ServerConn, ServerError> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+    let tcp = crate::net::connect(&target.host, target.port, keepalive)
         .await
         .map_err(|source| ServerError::Connect {
             addr: target.addr_string(),
             source,
         })?;
-    crate::net::configure_socket(&tcp, keepalive);
-    let addr: SocketAddr = tcp.peer_addr()?;
+    let addr = match &tcp {
+        Sock::Tcp(s) => ServerAddr::Tcp(s.peer_addr()?),
+        Sock::Unix(_) => ServerAddr::Unix(crate::net::socket_path(&target.host, target.port).into()),
+    };
     let stream = negotiate_tls(tcp, target, tls).await?;
     let now = Instant::now();
     let mut conn = ServerConn {

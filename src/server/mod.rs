@@ -8,13 +8,11 @@ mod connect;
 pub mod params;
 pub mod statements;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 pub use connect::{ServerSecret, ServerTarget, connect};
@@ -22,6 +20,7 @@ pub use params::ParamSet;
 pub use statements::ServerStatements;
 
 use crate::auth::AuthError;
+use crate::net::ServerAddr;
 use crate::proto::ProtocolError;
 use crate::proto::messages::{self, ErrorFields};
 use crate::proto::startup::CancelKey;
@@ -103,7 +102,7 @@ pub struct ServerConn {
     /// The server's own cancel key; clients never see it.
     pub backend_key: CancelKey,
     /// Where CancelRequests for this connection must go.
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// What pgweir knows of the server's session parameters.
     pub params: ParamSet,
     /// The parameter form (see [`ParamSet::form`]) of the last client this connection was
@@ -201,9 +200,9 @@ impl ServerConn {
 
 /// Sends a CancelRequest for `key` to the server at `addr` on a fresh connection and waits for
 /// the server to close it, which happens after the postmaster has signalled the backend.
-pub async fn send_cancel(addr: SocketAddr, key: CancelKey) -> std::io::Result<()> {
+pub async fn send_cancel(addr: &ServerAddr, key: CancelKey) -> std::io::Result<()> {
     use tokio::io::AsyncReadExt;
-    let mut stream = TcpStream::connect(addr).await?;
+    let mut stream = addr.connect().await?;
     let mut buf = BytesMut::with_capacity(16);
     messages::cancel_request(&mut buf, key);
     stream.write_all(&buf).await?;

@@ -35,6 +35,10 @@ pub struct TestProxyBuilder<'a> {
     /// else or unset = the event loop, the default): the whole suite runs on either data
     /// path, and `.ci/run` runs it both ways.
     pub event_loop: Option<bool>,
+    /// listen.unix_socket_dir; None = TCP only.
+    pub unix_socket_dir: Option<std::path::PathBuf>,
+    /// Connect to PostgreSQL over its Unix socket (host = its socket dir) instead of TCP.
+    pub server_unix_socket: bool,
 }
 
 pub fn default_pool() -> PoolSettings {
@@ -82,6 +86,8 @@ impl<'a> TestProxyBuilder<'a> {
             auth_query: None,
             peer_id: 0,
             event_loop: None,
+            unix_socket_dir: None,
+            server_unix_socket: false,
         }
     }
 
@@ -117,8 +123,12 @@ impl<'a> TestProxyBuilder<'a> {
     }
 
     pub fn config(&self) -> Config {
+        let host = match self.server_unix_socket {
+            true => self.pg.socket_dir().to_str().expect("utf-8 socket dir").to_owned(),
+            false => self.pg.host().to_owned(),
+        };
         let db = |name: &str| DatabaseConfig {
-            host: self.pg.host().to_owned(),
+            host: host.clone(),
             port: self.pg.port(),
             dbname: name.to_owned(),
             server_user: None,
@@ -144,6 +154,8 @@ impl<'a> TestProxyBuilder<'a> {
                     .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").map_or(true, |v| v != "0")),
                 tcp_keepalive: Some(Duration::from_secs(60)),
                 peer_id: self.peer_id,
+                unix_socket_dir: self.unix_socket_dir.clone(),
+                unix_socket_mode: 0o777,
             },
             admin: pgweir::config::AdminConfig {
                 addr: Some("127.0.0.1:0".parse().expect("literal address")),

@@ -473,7 +473,7 @@ impl HubLoop {
                             let mut cx = Context::from_waker(&entry.waker);
                             // The peek is a read: whatever it finds, a later read registers anew.
                             entry.client_armed = false;
-                            match poll_hung_up(entry.session.client.tcp(), &mut cx) {
+                            match poll_hung_up(entry.session.client.sock(), &mut cx) {
                                 Poll::Ready(true) => Resume::ClientLeft,
                                 Poll::Ready(false) => {
                                     if let Phase::Waiting { watch, .. } = &mut entry.phase {
@@ -642,7 +642,7 @@ fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) ->
 fn read_client(s: &mut Session, armed: &mut bool) -> std::io::Result<usize> {
     s.reserve_for_client();
     *armed = false;
-    try_read_drained(s.client.tcp(), &mut s.buf)
+    try_read_drained(s.client.sock(), &mut s.buf)
 }
 
 /// An unlinked session: reads until its buffer holds a first message, then asks the pool.
@@ -661,10 +661,10 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
             // The task reports it.
             Err(_) => return Some(Step::Back(Resume::Unlinked)),
         }
-        if s.buf.is_empty() && !readable_now(s.client.tcp()) {
+        if s.buf.is_empty() && !readable_now(s.client.sock()) {
             // Idle clients hold no read buffer: readiness first, a buffer after. Right after a
             // transaction the waker registered while it ran usually still waits.
-            match poll_read_ready_armed(s.client.tcp(), armed, &mut cx) {
+            match poll_read_ready_armed(s.client.sock(), armed, &mut cx) {
                 Poll::Pending => return Some(Step::Wait),
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                 Poll::Ready(Ok(())) => {}
@@ -678,7 +678,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
                 if s.buf.is_empty() {
                     s.ctx.buffers.give(std::mem::take(&mut s.buf));
                 }
-                match poll_read_ready_armed(s.client.tcp(), armed, &mut cx) {
+                match poll_read_ready_armed(s.client.sock(), armed, &mut cx) {
                     Poll::Pending => return Some(Step::Wait),
                     Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                     Poll::Ready(Ok(())) => {}
@@ -817,7 +817,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
         // Server direction: what was framed for the client goes out first; then more is read.
         let conn = link.server.conn();
         if s_pending {
-            if let Poll::Ready(r) = s.client.tcp().poll_write_ready(&mut cx) {
+            if let Poll::Ready(r) = s.client.sock().poll_write_ready(&mut cx) {
                 if r.is_err() {
                     return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
                 }
@@ -826,9 +826,9 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
         } else {
             // Readiness first: right after a query went out, the reply is not there yet, and
             // the reactor knows it without a read attempt.
-            if readable_now(conn.stream.tcp()) {
+            if readable_now(conn.stream.sock()) {
                 reserve_for_server(&mut conn.buf);
-                match try_read_drained(conn.stream.tcp(), &mut conn.buf) {
+                match try_read_drained(conn.stream.sock(), &mut conn.buf) {
                     Ok(0) => return link_back(entry, None).map(Step::Back),
                     Ok(_) => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -836,7 +836,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
                     Err(_) => return link_back(entry, None).map(Step::Back),
                 }
             }
-            match conn.stream.tcp().poll_read_ready(&mut cx) {
+            match conn.stream.sock().poll_read_ready(&mut cx) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return link_back(entry, None).map(Step::Back),
@@ -844,11 +844,11 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
         }
         // Client direction: what was framed for the server goes out first; then more is read.
         if c_pending {
-            if conn.stream.tcp().poll_write_ready(&mut cx).is_ready() {
+            if conn.stream.sock().poll_write_ready(&mut cx).is_ready() {
                 continue;
             }
         } else if !link.terminated {
-            if readable_now(s.client.tcp()) {
+            if readable_now(s.client.sock()) {
                 match read_client(s, &mut entry.client_armed) {
                     Ok(0) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
                     Ok(_) => {
@@ -862,7 +862,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             // Bytes the client sends while its transaction runs (the next pipelined message, a
             // COPY chunk) or its hang-up must drive the session.
             let mut client_cx = Context::from_waker(&entry.client_waker);
-            match poll_read_ready_armed(s.client.tcp(), &mut entry.client_armed, &mut client_cx) {
+            match poll_read_ready_armed(s.client.sock(), &mut entry.client_armed, &mut client_cx) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
