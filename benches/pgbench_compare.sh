@@ -34,7 +34,10 @@
 # default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
 # TXS (40000; CALLGRIND=1 only), CG_KEEP (a directory to keep each cell's callgrind dump in,
-# for callgrind_annotate; CALLGRIND=1 only), FLOOR (0).
+# for callgrind_annotate; CALLGRIND=1 only), FLOOR (0), TRANSPORT ("tcp": pgbench → proxy →
+# PostgreSQL over loopback TCP; "unix": over Unix-domain sockets on both hops, for both
+# proxies — PgBouncer's unix_socket_dir and host=<dir>, pgweir's listen.unix_socket_dir and
+# host = "<dir>" — the usual set-up when the proxy runs on the database host; not with FLOOR=1).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -58,6 +61,18 @@ FLOOR=${FLOOR:-0}
 FLOOR_BIN=$ROOT/target/release/examples/floor
 TXS=${TXS:-40000}
 CG_KEEP=${CG_KEEP:-}
+TRANSPORT=${TRANSPORT:-tcp}
+case $TRANSPORT in
+tcp | unix) ;;
+*)
+    echo "TRANSPORT must be tcp or unix, got $TRANSPORT" >&2
+    exit 2
+    ;;
+esac
+if [[ $TRANSPORT == unix && $FLOOR == 1 ]]; then
+    echo "FLOOR=1 needs TRANSPORT=tcp (examples/floor.rs speaks TCP only)" >&2
+    exit 2
+fi
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 PGWEIR=${PGWEIR:-$ROOT/target/release/pgweir}
@@ -151,13 +166,20 @@ PG_STARTED=1
 as_pg "$PGBIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench
 "$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench >"$WORK/init.log" 2>&1
 
+# Where pgbench finds the proxies and the proxies find PostgreSQL: 127.0.0.1, or the work dir
+# holding every Unix socket (each named after its own port).
+if [[ $TRANSPORT == unix ]]; then
+    HOST=$WORK SOCKET_DIR=$WORK
+else
+    HOST=127.0.0.1 SOCKET_DIR=
+fi
 cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=$HOST port=$PG_PORT dbname=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
-unix_socket_dir =
+unix_socket_dir = $SOCKET_DIR
 auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
@@ -196,6 +218,7 @@ PIDS+=("$BOUNCER_PID")
 cat >"$WORK/pgweir.toml" <<EOF
 [listen]
 addr = "127.0.0.1:$WEIR_PORT"
+unix_socket_dir = "$SOCKET_DIR"
 auth_type = "trust"
 max_client_conn = 5000
 workers = $WORKERS
@@ -207,7 +230,7 @@ pool_size = 20
 [server_tls]
 mode = "disable"
 [databases.bench]
-host = "127.0.0.1"
+host = "$HOST"
 port = $PG_PORT
 max_prepared_statements = 100
 EOF
@@ -238,7 +261,7 @@ run_cell() {
     before=$(cpu_ticks "$pid")
     # Own process group: a Ctrl-C or a hung client never takes the script's shell with it.
     # Bounded: a proxy that stops answering must not hang the whole matrix.
-    if ! (cd "$dir" && setsid timeout $((DURATION * 3 + 120)) "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n \
+    if ! (cd "$dir" && setsid timeout $((DURATION * 3 + 120)) "$PGBENCH" -h "$HOST" -p "$port" -U postgres -n \
         "${script_args[@]}" -M "$proto" -c "$clients" -j 2 -T "$DURATION" \
         -l --log-prefix=tx bench >"$dir/out" 2>"$dir/err"); then
         echo "failed - - -"
@@ -273,7 +296,7 @@ run_cell_callgrind() {
     # callgrind_control talks to the process through files only its owner may use.
     (cd "$WORK" && $as callgrind_control -z "$pid" >/dev/null)
     local out
-    if ! out=$(setsid timeout 1800 "$PGBENCH" -h 127.0.0.1 -p "$port" -U postgres -n "${script_args[@]}" \
+    if ! out=$(setsid timeout 1800 "$PGBENCH" -h "$HOST" -p "$port" -U postgres -n "${script_args[@]}" \
         -M "$proto" -c "$clients" -j 2 -t "$per_client" bench 2>&1); then
         echo "failed - - -"
         echo "$out" | tail -n 3 >&2
@@ -334,6 +357,8 @@ OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
             fi
         )" \
         "(workers = $WORKERS, event_loop = $(case $EVENT_LOOP in 1) echo true ;; 0) echo false ;; *) echo default ;; esac))"
+    echo "- transport: $([[ $TRANSPORT == unix ]] && echo "Unix-domain sockets, pgbench → proxy → PostgreSQL" ||
+        echo "loopback TCP, pgbench → proxy → PostgreSQL")"
     echo "- pool size 20 on both, transaction mode, no TLS, trust auth; pgbench -j 2," \
         "$([[ $CALLGRIND == 1 ]] && echo "$TXS transactions" || echo "$DURATION s") per run," \
         "$REPEAT run(s) per cell and proxy alternating (medians shown);" \
