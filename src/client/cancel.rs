@@ -48,12 +48,14 @@ impl CancelSlot {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    #[inline]
     pub fn set_target(&self, addr: ServerAddr, key: CancelKey) {
         self.lock().target = Some((addr, key));
     }
 
     /// Clears the target; returns true when no cancel is in flight any more, so the server may
     /// be handed on. The caller retries (after yielding) while this returns false.
+    #[inline]
     pub fn clear_target(&self) -> bool {
         let mut inner = self.lock();
         inner.target = None;

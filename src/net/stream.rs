@@ -18,6 +18,16 @@ use tokio::net::{TcpStream, UnixStream, tcp, unix};
 
 use super::PeerAddr;
 
+/// Runs `$body` with `$s` bound to the concrete socket, once per type.
+macro_rules! each_sock {
+    ($sock:expr, $s:ident => $body:expr) => {
+        match $sock {
+            Sock::Tcp($s) => $body,
+            Sock::Unix($s) => $body,
+        }
+    };
+}
+
 /// A socket to a client or a server: TCP, or a Unix-domain socket on the same host (cheaper
 /// per message in the kernel). Every method forwards to tokio's type of the same name.
 #[derive(Debug)]
@@ -27,6 +37,7 @@ pub enum Sock {
 }
 
 impl Sock {
+    #[inline]
     pub fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         match self {
             Sock::Tcp(s) => s.try_io(interest, f),
@@ -34,6 +45,7 @@ impl Sock {
         }
     }
 
+    #[inline]
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.try_read_buf(buf),
@@ -41,6 +53,7 @@ impl Sock {
         }
     }
 
+    #[inline]
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.try_write(buf),
@@ -48,6 +61,7 @@ impl Sock {
         }
     }
 
+    #[inline]
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Sock::Tcp(s) => s.poll_read_ready(cx),
@@ -55,6 +69,7 @@ impl Sock {
         }
     }
 
+    #[inline]
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Sock::Tcp(s) => s.poll_write_ready(cx),
@@ -136,29 +151,34 @@ impl AsyncWrite for Sock {
 /// wasted syscall per read: two per proxied transaction in the event loop).
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
-pub fn try_read_drained(tcp: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
-    let mut short = 0;
-    let result = tcp.try_io(Interest::READABLE, || {
-        let room = buf.capacity() - buf.len();
-        let n = tcp.try_read_buf(buf)?;
-        if n > 0 && n < room {
-            short = n;
-            return Err(io::ErrorKind::WouldBlock.into());
+pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
+    // One body per socket type, so each closure is known to its `try_io` and inlined there
+    // (the hottest read of the event loop).
+    each_sock!(sock, tcp => {
+        let mut short = 0;
+        let result = tcp.try_io(Interest::READABLE, || {
+            let room = buf.capacity() - buf.len();
+            let n = tcp.try_read_buf(buf)?;
+            if n > 0 && n < room {
+                short = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match result {
+            Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+            other => other,
         }
-        Ok(n)
-    });
-    match result {
-        Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
-        other => other,
-    }
+    })
 }
 
-/// Whether the reactor has seen `tcp` readable (or closed) since its read readiness was last
+/// Whether the reactor has seen `sock` readable (or closed) since its read readiness was last
 /// cleared. Unlike `poll_read_ready` it takes no lock and registers no waker, so it is the
 /// cheap first look where readiness is likely (a session woken by its socket) or where a waker
 /// is known to be registered already.
-pub fn readable_now(tcp: &Sock) -> bool {
-    tcp.try_io(Interest::READABLE, || Ok(())).is_ok()
+#[inline]
+pub fn readable_now(sock: &Sock) -> bool {
+    each_sock!(sock, tcp => tcp.try_io(Interest::READABLE, || Ok(())).is_ok())
 }
 
 /// `poll_read_ready` for a socket whose registered read waker may still be waiting: `armed`
