@@ -182,8 +182,10 @@ pub fn readable_now(sock: &Sock) -> bool {
 }
 
 /// `poll_read_ready` for a socket whose registered read waker may still be waiting: `armed`
-/// says a poll came back Pending since the caller last read the socket (a read is what clears
-/// read readiness, so the caller clears `armed` on every read). While armed, the earlier
+/// says a poll came back Pending and that registration has not been used up. The caller
+/// clears it on every read (a read is what clears read readiness) and whenever the registered
+/// waker fires (the hub's client waker: a wake-up takes the registration, even a late one that
+/// arrives after another thread already read the bytes). While armed, the earlier
 /// registration still stands and the poll (a lock and a waker compare in tokio) is skipped.
 ///
 /// A Pending counts as a registration only while the task has coop budget left: with the
