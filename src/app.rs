@@ -54,7 +54,10 @@ impl Listener {
     async fn accept(&self) -> std::io::Result<(Sock, PeerAddr)> {
         match self {
             Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Sock::Tcp(s), PeerAddr::Ip(a))),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| (Sock::Unix(s), PeerAddr::Local)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                let peer = PeerAddr::of_unix(&s);
+                (Sock::Unix(s), peer)
+            }),
         }
     }
 }

@@ -89,10 +89,12 @@ async fn clients_and_servers_meet_over_unix_sockets() {
     });
     futures_util::future::join_all(work).await;
 
-    // The admin API tells the Unix-socket clients from the TCP ones.
+    // The admin API tells the Unix-socket clients from the TCP ones, and names the process
+    // behind each socket (this test's, which runs the clients) as PgBouncer writes it.
     let (status, body) = proxy.admin("GET", "/api/clients", None, None).await;
     assert_eq!(status, 200, "{body}");
-    let mut addrs: Vec<String> = json(&body)
+    let listed = json(&body);
+    let mut addrs: Vec<String> = listed
         .as_array()
         .expect("array")
         .iter()
@@ -104,7 +106,14 @@ async fn clients_and_servers_meet_over_unix_sockets() {
         addrs[0].starts_with("127.0.0.1:") && addrs[1].starts_with("127.0.0.1:"),
         "{addrs:?}"
     );
-    assert_eq!(&addrs[2..], ["unix", "unix"], "{addrs:?}");
+    let me = std::process::id();
+    assert_eq!(&addrs[2..], [format!("unix({me})"), format!("unix({me})")], "{addrs:?}");
+    for c in listed.as_array().expect("array") {
+        match c["addr"].as_str().expect("addr").starts_with("unix") {
+            true => assert_eq!(c["unix_peer"]["pid"], me, "{c}"),
+            false => assert!(c["unix_peer"].is_null(), "{c}"),
+        }
+    }
 
     // A cancel arrives on pgweir's socket and reaches PostgreSQL through its socket.
     let victim = &clients[0];

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::client::ClientContext;
 use crate::client::registry::{ClientInfo, ClientState, now_ms};
+use crate::net::PeerAddr;
 use crate::pool::{Pool, PoolKey};
 
 #[derive(Clone)]
@@ -133,6 +134,11 @@ fn client_json(c: &ClientInfo, now: u64) -> Value {
     json!({
         "id": c.id.0,
         "addr": c.addr.to_string(),
+        // Unix-socket clients: the connecting process, as the kernel reported it.
+        "unix_peer": match c.addr {
+            PeerAddr::Local(Some(p)) => json!({ "pid": p.pid, "uid": p.uid }),
+            _ => Value::Null,
+        },
         "application_name": c.application_name,
         "tls": c.tls,
         "event_loop": c.in_event_loop(),

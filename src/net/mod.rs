@@ -58,25 +58,44 @@ pub async fn connect(host: &str, port: u16, keepalive: Option<Duration>) -> io::
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerAddr {
     Ip(SocketAddr),
-    /// pgweir's Unix-domain socket: a process on this host.
-    Local,
+    /// pgweir's Unix-domain socket: a process on this host, named by the kernel
+    /// (SO_PEERCRED) when it could say.
+    Local(Option<UnixPeer>),
+}
+
+/// The process at the other end of a Unix-socket connection, as the kernel saw it connect:
+/// on a shared host this answers "which application holds these connections".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    pub pid: Option<i32>,
+    pub uid: u32,
 }
 
 impl PeerAddr {
+    /// The peer of an accepted Unix-socket connection.
+    pub fn of_unix(stream: &UnixStream) -> PeerAddr {
+        PeerAddr::Local(stream.peer_cred().ok().map(|c| UnixPeer {
+            pid: c.pid(),
+            uid: c.uid(),
+        }))
+    }
+
     /// The client's IP address; None for a Unix-socket client.
     pub fn ip(&self) -> Option<IpAddr> {
         match self {
             PeerAddr::Ip(a) => Some(a.ip()),
-            PeerAddr::Local => None,
+            PeerAddr::Local(_) => None,
         }
     }
 }
 
+/// `ip:port`, or `unix(pid)` as PgBouncer writes a Unix-socket client.
 impl fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PeerAddr::Ip(a) => a.fmt(f),
-            PeerAddr::Local => f.write_str("unix"),
+            PeerAddr::Local(Some(UnixPeer { pid: Some(pid), .. })) => write!(f, "unix({pid})"),
+            PeerAddr::Local(_) => f.write_str("unix"),
         }
     }
 }

@@ -108,7 +108,7 @@ impl Sock {
     pub fn peer_addr(&self) -> io::Result<PeerAddr> {
         match self {
             Sock::Tcp(s) => s.peer_addr().map(PeerAddr::Ip),
-            Sock::Unix(_) => Ok(PeerAddr::Local),
+            Sock::Unix(s) => Ok(PeerAddr::of_unix(s)),
         }
     }
 }
@@ -519,7 +519,10 @@ mod tests {
         drop(utx2);
         assert!(std::future::poll_fn(|cx| poll_hung_up(&urx2, cx)).await);
         assert_eq!(rx2.peer_addr().unwrap().ip(), Some("127.0.0.1".parse().unwrap()));
-        assert_eq!(urx2.peer_addr().unwrap(), PeerAddr::Local);
+        let PeerAddr::Local(Some(peer)) = urx2.peer_addr().unwrap() else {
+            panic!("the kernel names a Unix-socket peer");
+        };
+        assert_eq!(peer.pid, Some(std::process::id() as i32));
     }
 
     async fn short_reads(mut tx: impl tokio::io::AsyncWrite + Unpin, rx: Sock) {
