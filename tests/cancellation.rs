@@ -197,3 +197,67 @@ async fn a_cancel_cut_off_by_the_login_timeout_does_not_wedge_its_session() {
     let r = tokio::time::timeout(Duration::from_secs(3), a.simple_query("select 1")).await;
     assert!(matches!(r, Ok(Ok(_))), "a hangs: its session is stuck in end_link");
 }
+
+/// PostgreSQL closes a cancel connection once it has signalled the backend. A cancel it never
+/// confirms may still be acted on later, and must not interrupt the next client's query: the
+/// server it aimed at is closed rather than handed on. A confirmed cancel keeps the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_an_unconfirmed_cancel_aimed_at_is_closed_not_reused() {
+    let pg = support::postgres();
+    let fwd = forwarder(&pg).await;
+    let proxy = proxy_via_forwarder(&pg, fwd.port, |p| {
+        p.pool_size = 1;
+        p.acquire_timeout = Duration::from_secs(12);
+    })
+    .await;
+    let a = Arc::new(proxy.try_connect(roles::SCRAM, "fwd").await.expect("a connects"));
+    let bee = proxy.try_connect(roles::SCRAM, "fwd").await.expect("b connects");
+    let backend = |c: Arc<tokio_postgres::Client>| async move {
+        c.query_one("select pg_backend_pid()", &[])
+            .await
+            .expect("backend pid")
+            .get::<_, i32>(0)
+    };
+    let first = backend(a.clone()).await;
+
+    // A confirmed cancel: the server goes on serving the pool.
+    let (slept, ()) = tokio::join!(a.simple_query("select pg_sleep(30)"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.cancel_token()
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel");
+    });
+    assert_eq!(sqlstate(&slept.expect_err("cancelled")).as_deref(), Some("57014"));
+    let bee = Arc::new(bee);
+    assert_eq!(backend(bee.clone()).await, first, "a confirmed cancel keeps the server");
+
+    // An unconfirmed one: the forwarder holds the CancelRequest and never closes it, as a
+    // PostgreSQL that is slow to accept would.
+    fwd.stall_cancels.store(true, Ordering::SeqCst);
+    let a2 = a.clone();
+    let q = tokio::spawn(async move { a2.simple_query("select pg_sleep(1.5)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        a.cancel_token().cancel_query(tokio_postgres::NoTls),
+    )
+    .await;
+    q.await
+        .expect("query task")
+        .expect("the cancel never reached PostgreSQL");
+    let next = tokio::time::timeout(Duration::from_secs(14), backend(bee.clone()))
+        .await
+        .expect("b gets the pool's server once the cancel is given up");
+    assert_ne!(
+        next, first,
+        "a server an unconfirmed cancel aimed at was handed to another client"
+    );
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(3), a.simple_query("select 1"))
+            .await
+            .map(|r| r.is_ok()),
+        Ok(true),
+        "a goes on"
+    );
+}

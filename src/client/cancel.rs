@@ -5,7 +5,9 @@
 //! Race: a cancel must never hit the *next* client's query on the same server. The session
 //! clears its target and waits for in-flight cancels under the same lock the cancel path uses
 //! to read the target, so a server is only returned to the pool once no cancel aimed at it can
-//! still be sent.
+//! still be sent. A cancel PostgreSQL did not confirm (it closes the cancel connection once
+//! it has signalled the backend) may still be acted on later, so the server it aimed at is
+//! marked unsettled and closed instead of handed on.
 //!
 //! Peering (several instances behind one load balancer, PgBouncer's `peer_id`): a client's
 //! CancelRequest arrives on a new connection that may land on another instance. With
@@ -15,7 +17,7 @@
 //! cannot forward a request forever. 17 bits of pid and 30 of secret stay random.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +43,8 @@ struct SlotInner {
 pub struct CancelSlot {
     inner: Mutex<SlotInner>,
     in_flight: AtomicU32,
+    /// A cancel was sent to the current target and PostgreSQL did not confirm it in time.
+    unsettled: AtomicBool,
 }
 
 impl CancelSlot {
@@ -70,8 +74,24 @@ impl CancelSlot {
         Some(target)
     }
 
-    fn end_cancel(&self) {
+    /// `settled`: PostgreSQL confirmed the cancel, or it cannot have reached PostgreSQL.
+    fn end_cancel(&self, settled: bool) {
+        if !settled {
+            // Before in_flight drops, so the session that sees no cancel in flight sees this.
+            self.unsettled.store(true, Ordering::Release);
+        }
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether a cancel aimed at the current server might still be acted on by PostgreSQL.
+    #[inline]
+    pub fn unsettled(&self) -> bool {
+        self.unsettled.load(Ordering::Acquire)
+    }
+
+    /// [`CancelSlot::unsettled`], clearing it: the caller closes that server.
+    pub fn take_unsettled(&self) -> bool {
+        self.unsettled.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -207,12 +227,25 @@ impl CancelRegistry {
         // client_login_timeout, and a drop between begin_cancel and end_cancel would leave the
         // target session waiting for the cancel to finish for ever, holding its server.
         let _ = tokio::spawn(async move {
-            match tokio::time::timeout(FORWARD_TIMEOUT, crate::server::send_cancel(&addr, server_key)).await {
-                Ok(Err(e)) => tracing::warn!(%addr, error = %e, "could not forward a cancel request"),
-                Err(_) => tracing::warn!(%addr, "forwarding a cancel request timed out"),
-                Ok(Ok(())) => {}
-            }
-            slot.end_cancel();
+            let settled =
+                match tokio::time::timeout(FORWARD_TIMEOUT, crate::server::send_cancel(&addr, server_key)).await {
+                    Ok(Ok(true)) => true,
+                    // Nothing complete reached PostgreSQL: it ignores a partial CancelRequest.
+                    Ok(Err(e)) => {
+                        tracing::warn!(%addr, error = %e, "could not forward a cancel request");
+                        true
+                    }
+                    Ok(Ok(false)) | Err(_) => {
+                        tracing::warn!(
+                            %addr,
+                            "PostgreSQL did not confirm a forwarded cancel request in time; the server \
+                             connection it aimed at will be closed, not reused, so a late cancel cannot hit \
+                             another client's query"
+                        );
+                        false
+                    }
+                };
+            slot.end_cancel(settled);
         })
         .await;
     }

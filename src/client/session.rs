@@ -796,6 +796,11 @@ impl Session {
     /// transaction mode when a client changed session state under the `reset` policy.
     /// Leaves `server` empty, to be dropped where it lies.
     async fn return_idle_server(&mut self, server: &mut PooledServer, dirty: Option<StateChange>) {
+        if self.login.slot.take_unsettled() {
+            // A cancel PostgreSQL did not confirm may still interrupt whatever runs next here.
+            server.discard_in_place();
+            return;
+        }
         let reset_policy = self.settings.load().session_state == SessionStatePolicy::Reset;
         match (self.mode, dirty) {
             (PoolMode::Session, _) => self.reset_and_release(server).await,
@@ -1148,6 +1153,7 @@ enum Event {
 fn spawn_cancel(conn: &crate::server::ServerConn) {
     let (addr, key) = (conn.addr.clone(), conn.backend_key);
     tokio::spawn(async move {
+        // The server is being closed anyway: whether PostgreSQL confirms does not matter.
         let _ = send_cancel(&addr, key).await;
     });
 }

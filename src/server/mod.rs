@@ -198,15 +198,25 @@ impl ServerConn {
     }
 }
 
+/// How long [`send_cancel`] waits for PostgreSQL to close the cancel connection (within the
+/// cancel path's 5 s forwarding bound, so that a slow confirmation is told from a slow connect).
+pub const CANCEL_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Sends a CancelRequest for `key` to the server at `addr` on a fresh connection and waits for
 /// the server to close it, which happens after the postmaster has signalled the backend.
-pub async fn send_cancel(addr: &ServerAddr, key: CancelKey) -> std::io::Result<()> {
+/// Ok(true): closed, the cancel is done with; Ok(false): sent, but no close within
+/// [`CANCEL_CONFIRM_TIMEOUT`], so PostgreSQL may still act on it; Err: it was not (completely)
+/// sent.
+pub async fn send_cancel(addr: &ServerAddr, key: CancelKey) -> std::io::Result<bool> {
     use tokio::io::AsyncReadExt;
     let mut stream = addr.connect().await?;
     let mut buf = BytesMut::with_capacity(16);
     messages::cancel_request(&mut buf, key);
     stream.write_all(&buf).await?;
     let mut sink = [0u8; 64];
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut sink)).await;
-    Ok(())
+    // PostgreSQL answers a CancelRequest with nothing: any end of the connection (EOF, or a
+    // reset) means the postmaster is done with it.
+    Ok(tokio::time::timeout(CANCEL_CONFIRM_TIMEOUT, stream.read(&mut sink))
+        .await
+        .is_ok())
 }

@@ -881,7 +881,9 @@ fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
         return None;
     };
     let needs_reset = l.link.dirty.is_some() && s.settings.load().session_state == SessionStatePolicy::Reset;
-    if needs_reset || !s.login.slot.clear_target() {
+    // The task path closes a server an unconfirmed cancel aimed at (rare: PostgreSQL slow or
+    // unreachable for the cancel).
+    if needs_reset || !s.login.slot.clear_target() || s.login.slot.unsettled() {
         return link_back(entry, Some(Ok(Pumped::Idle))).map(Step::Back);
     }
     s.fold_link_stats(&l.link, l.linked_at, now);
