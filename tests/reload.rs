@@ -179,3 +179,68 @@ async fn a_reloaded_idle_transaction_timeout_reaches_a_connected_client() {
     let e = result.expect_err("connection closed with an error");
     assert_eq!(e.code().map(|c| c.code()), Some("25P03"), "{e:?}");
 }
+
+/// A live resize through the admin API is an operator's decision: a reload that changes other
+/// settings of the pool keeps it; a reload that changes pool_size in the file replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_resize_survives_reloads_until_pool_size_itself_is_edited() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (proxy, path) = start_from_file(&pg, dir.path(), "pool_size = 3").await;
+    let client = proxy.connect(roles::SCRAM).await;
+    client.query_one("select 1", &[]).await.expect("pool exists");
+    let size = |body: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        v["size"].as_u64().expect("size")
+    };
+    let user = roles::SCRAM.0;
+    let (status, body) = proxy
+        .admin(
+            "PUT",
+            &format!("/api/pools/app/{user}/size"),
+            None,
+            Some(r#"{"size": 7}"#),
+        )
+        .await;
+    assert_eq!((status, size(&body)), (200, 7), "{body}");
+
+    // Another setting of the same pool changes: the live size stays.
+    write_config(
+        &path,
+        &pg,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "pool_size = 3\nquery_timeout = \"30s\"",
+    );
+    proxy.proxy().context().reload_from_file().expect("reload accepted");
+    let pool = proxy
+        .proxy()
+        .context()
+        .pools
+        .all()
+        .into_iter()
+        .find(|p| p.key().user == user)
+        .expect("the pool");
+    assert_eq!(
+        pool.settings().query_timeout,
+        Some(Duration::from_secs(30)),
+        "reload applied"
+    );
+    assert_eq!(
+        pool.snapshot().size,
+        7,
+        "a reload of other settings undid the live resize"
+    );
+
+    // pool_size itself is edited: the file wins.
+    write_config(
+        &path,
+        &pg,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "pool_size = 4\nquery_timeout = \"30s\"",
+    );
+    proxy.proxy().context().reload_from_file().expect("reload accepted");
+    assert_eq!(pool.snapshot().size, 4);
+    client.query_one("select 1", &[]).await.expect("still served");
+}

@@ -312,11 +312,13 @@ impl Pool {
     }
 
     /// Applies reloaded settings: the size at once (see [`Pool::resize`]), everything else to
-    /// the next checkout, connect and maintenance pass.
+    /// the next checkout, connect and maintenance pass. The size follows the file only when the
+    /// file's pool_size changed: a live resize (admin API) survives reloads that change other
+    /// settings, until someone edits pool_size itself.
     pub fn update_settings(&self, settings: PoolSettings) {
         let size = settings.pool_size;
-        self.shared.settings.store(Arc::new(settings));
-        if size != self.snapshot().size {
+        let old = self.shared.settings.swap(Arc::new(settings));
+        if size != old.pool_size {
             self.resize(size);
         }
     }
