@@ -337,7 +337,9 @@ async fn login(
         false => None,
     };
     let looked_up = look_up_user(ctx, config, &users, &user, &database).await?;
-    let scram_keys = authenticate(client, ctx, &user, end_point, looked_up.as_ref()).await?;
+    // `out` now holds the final authentication message(s), sent with the welcome: one write
+    // (PgBouncer does the same) instead of two per login.
+    let scram_keys = authenticate(client, ctx, &user, end_point, looked_up.as_ref(), &mut out).await?;
 
     let Some(db) = config.databases.get(&database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
@@ -409,7 +411,6 @@ async fn login(
 
     let slot = Arc::new(CancelSlot::default());
     let cancel_key = ctx.cancels.register(slot.clone());
-    out.clear();
     for (name, value) in welcome.iter() {
         let value = if params::TRACKED.contains(&name) {
             client_params.get(name).unwrap_or(value)
@@ -596,12 +597,15 @@ async fn look_up_user(
 }
 
 /// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
+/// The closing message (AuthenticationOk, after SASLFinal for SCRAM) is appended to `done`
+/// for the caller to send with what follows, not written.
 async fn authenticate(
     client: &mut Stream,
     ctx: &ClientContext,
     user: &str,
     end_point: Option<&[u8]>,
     looked_up: Option<&UserEntry>,
+    done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
     let users = ctx.users.load_full();
     let entry = users.get(user).or(looked_up);
@@ -614,8 +618,7 @@ async fn authenticate(
     let mut out = BytesMut::with_capacity(256);
     match ctx.config.load().listen.auth_type {
         AuthType::Trust => {
-            messages::auth_ok(&mut out);
-            client.write_all(&out).await?;
+            messages::auth_ok(done);
             Ok(None)
         }
         AuthType::Md5 => {
@@ -631,9 +634,7 @@ async fn authenticate(
             };
             match stored {
                 Some(stored) if md5::md5_verify(&stored, salt, response) => {
-                    out.clear();
-                    messages::auth_ok(&mut out);
-                    client.write_all(&out).await?;
+                    messages::auth_ok(done);
                     Ok(None)
                 }
                 Some(_) => Err(failed(LoginFailure::BadPassword)),
@@ -689,10 +690,8 @@ async fn authenticate(
                     _ => LoginFailure::Protocol,
                 })
             })?;
-            out.clear();
-            messages::auth_sasl_final(&mut out, &server_final);
-            messages::auth_ok(&mut out);
-            client.write_all(&out).await?;
+            messages::auth_sasl_final(done, &server_final);
+            messages::auth_ok(done);
             Ok(Some(keys))
         }
     }
