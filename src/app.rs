@@ -63,8 +63,9 @@ impl Listener {
 }
 
 /// Binds `path` for clients with permission bits `mode`. A socket file left by a pgweir that
-/// did not shut down cleanly is replaced; one a live process still answers on is not.
-fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, AppError> {
+/// did not shut down cleanly (a connect is refused: nobody listens) is replaced; one a process
+/// still accepts on, or one that cannot be probed (say, another user's), is left alone.
+async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, AppError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let failed = |source| AppError::BindUnix {
         path: path.to_owned(),
@@ -77,10 +78,14 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, AppError> {
                 "a file that is not a socket is in the way",
             )));
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(AppError::SocketInUse { path: path.to_owned() });
+        // Bounded: a live listener with a full backlog leaves a connect waiting.
+        match tokio::time::timeout(Duration::from_secs(1), tokio::net::UnixStream::connect(path)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(failed)?;
+            }
+            Ok(Err(e)) => return Err(failed(e)),
+            Ok(Ok(_)) | Err(_) => return Err(AppError::SocketInUse { path: path.to_owned() }),
         }
-        std::fs::remove_file(path).map_err(failed)?;
     }
     let listener = UnixListener::bind(path).map_err(failed)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
@@ -126,7 +131,7 @@ impl Proxy {
             .as_ref()
             .map(|dir| crate::net::socket_path(dir, addr.port()));
         let unix_listener = match &unix_path {
-            Some(path) => Some(bind_unix(path, config.listen.unix_socket_mode)?),
+            Some(path) => Some(bind_unix(path, config.listen.unix_socket_mode).await?),
             None => None,
         };
         let shutdown = CancellationToken::new();
