@@ -278,3 +278,38 @@ async fn a_local_only_rule_refuses_tcp_clients_by_name() {
         "{e:?}"
     );
 }
+
+/// As in libpq, TLS does not apply on a Unix socket: `server_tls.mode = "require"` still
+/// connects (this PostgreSQL has no TLS at all, so over TCP the same pool fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_does_not_apply_over_postgresqls_unix_socket() {
+    use pgweir::config::{ServerTlsConfig, ServerTlsMode};
+    use pgweir::net::tls::{self, ServerVerify};
+    let pg = support::postgres();
+    let require = || ServerTlsConfig {
+        mode: ServerTlsMode::Require,
+        ca_file: None,
+        server_name: None,
+        connector: Some(tls::connector(ServerVerify::None, None).expect("connector")),
+    };
+    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| p.server_tls = require());
+    builder.server_unix_socket = true;
+    let proxy = builder.start().await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let row = client
+        .query_one(
+            "SELECT ssl, inet_client_addr() IS NULL FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("served over the socket");
+    assert!(!row.get::<_, bool>(0) && row.get::<_, bool>(1));
+
+    // The same pool over TCP: this PostgreSQL cannot do TLS, so require fails there.
+    let tcp = TestProxyBuilder::new(&pg)
+        .with_pool(|p| p.server_tls = require())
+        .start()
+        .await;
+    let e = tcp.try_connect(roles::SCRAM, "app").await.expect_err("no TLS over TCP");
+    assert!(message(&e).contains("TLS"), "{e:?}");
+}
