@@ -7,6 +7,7 @@ Run by hand (not part of `cargo test`):
     python3 benches/soak.py          # 10 minutes
     python3 benches/soak.py --minutes 1
     python3 benches/soak.py --task-path     # with listen.event_loop = false
+    python3 benches/soak.py --unix          # clients and PostgreSQL over Unix-domain sockets
 
 It starts a throwaway PostgreSQL (initdb into a temp dir, loopback, free ports; as the
 `postgres` user when run as root), pgweir in front of it with the admin API on, and then for the
@@ -80,6 +81,9 @@ class Soak:
         self.procs = []
         self.pgweir = None
         self.failures = []
+        # Where clients reach pgweir and pgweir reaches PostgreSQL: loopback TCP, or the work
+        # dir holding both Unix sockets (each named after its port).
+        self.host = str(self.tmp) if args.unix else "127.0.0.1"
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -116,6 +120,7 @@ class Soak:
         config.write_text(f"""
 [listen]
 addr = "127.0.0.1:{self.port}"
+unix_socket_dir = "{self.tmp if self.args.unix else ''}"
 max_client_conn = 2000
 client_login_timeout = "10s"
 event_loop = {"false" if self.args.task_path else "true"}
@@ -131,7 +136,7 @@ idle_transaction_timeout = "30s"
 server_check_delay = "1s"
 
 [databases.app]
-host = "127.0.0.1"
+host = "{self.host}"
 port = {self.pg_port}
 dbname = "app"
 
@@ -160,7 +165,7 @@ password = "{PASSWORD}"
         return dict(os.environ, PGPASSWORD=PASSWORD)
 
     def pgbench(self, *args, **kw):
-        cmd = [str(self.bin / "pgbench"), "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, *args, "app"]
+        cmd = [str(self.bin / "pgbench"), "-h", self.host, "-p", str(self.port), "-U", USER, *args, "app"]
         return subprocess.Popen(cmd, env=self.env(), **kw)
 
     def rss_kb(self):
@@ -179,7 +184,7 @@ password = "{PASSWORD}"
     def killer(self, until, stats):
         """Until `until`: open invariant-breaking transactions through pgweir and SIGKILL them."""
         psql = str(self.bin / "psql")
-        conn = f"host=127.0.0.1 port={self.port} user={USER} dbname=app"
+        conn = f"host={self.host} port={self.port} user={USER} dbname=app"
         while time.time() < until:
             if random.random() < 0.1:
                 # A whole pgbench run of 10 clients, SIGKILLed mid-flight.
@@ -318,6 +323,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
     ap.add_argument("--task-path", action="store_true",
                     help="serve every client from its own task (listen.event_loop = false)")
+    ap.add_argument("--unix", action="store_true",
+                    help="clients to pgweir and pgweir to PostgreSQL over Unix-domain sockets")
     args = ap.parse_args()
     if not Path(args.pgweir).exists():
         sys.exit(f"{args.pgweir} not found: run `cargo build` first (or pass --pgweir)")
