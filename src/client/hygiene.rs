@@ -14,63 +14,93 @@ use crate::server::params::TRACKED;
 /// What kind of session state a statement changes, for messages and metrics.
 pub type StateChange = &'static str;
 
+/// Trigger words the pre-filter found, one bit each: the full scan only looks for what they
+/// can start.
+const SET: u8 = 1;
+const LISTEN: u8 = 1 << 1;
+const PREPARE: u8 = 1 << 2;
+const TEMP: u8 = 1 << 3;
+const ADVISORY: u8 = 1 << 4;
+const HOLD: u8 = 1 << 5;
+const SET_CONFIG: u8 = 1 << 6;
+
 /// Returns the first session-state change in `sql`, if any.
 pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
+    // A Query message's text keeps its NUL terminator.
+    let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
     // Cheap pre-filter: most queries contain none of the trigger words.
-    if !contains_trigger(sql) {
+    let found = triggers(sql);
+    if found == 0 || (found == SET && !may_start_with_set(sql)) {
         return None;
     }
+    full_scan(sql, found)
+}
+
+/// The lexical scan proper, for a text whose trigger words are `found`.
+fn full_scan(sql: &[u8], found: u8) -> Option<StateChange> {
     let text = normalise(sql);
-    for stmt in text.split(';') {
-        let words: Vec<&str> = stmt.split_ascii_whitespace().take(6).collect();
-        let w = |i: usize| words.get(i).copied().unwrap_or("");
+    for stmt in text.split(|&b| b == b';') {
+        // The first six words, without allocating ("UPDATE … SET" comes through here).
+        let mut words: [&[u8]; 6] = [b""; 6];
+        for (slot, word) in words
+            .iter_mut()
+            .zip(stmt.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()))
+        {
+            *slot = word;
+        }
+        let w = |i: usize| words.get(i).copied().unwrap_or(b"");
         match w(0) {
-            "set" => {
-                let (scope, name) = match w(1) {
-                    "local" => continue,
-                    "session" => {
-                        if w(2) == "characteristics" {
+            b"set" => {
+                let name = match w(1) {
+                    b"local" => continue,
+                    b"session" => {
+                        if w(2) == b"characteristics" {
                             return Some("SET SESSION CHARACTERISTICS");
                         }
-                        ("session", w(2))
+                        w(2)
                     }
-                    other => ("", other),
+                    other => other,
                 };
-                let _ = scope;
-                if name == "transaction" {
+                if name == b"transaction" {
                     continue;
                 }
-                let name = name.split(['=', '(']).next().unwrap_or("");
-                if TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name)) {
+                let name = name.split(|&b| b == b'=' || b == b'(').next().unwrap_or(b"");
+                if TRACKED.iter().any(|t| t.as_bytes().eq_ignore_ascii_case(name)) {
                     continue;
                 }
                 return Some("SET");
             }
-            "listen" => return Some("LISTEN"),
-            "prepare" if w(1) != "transaction" => return Some("PREPARE"),
-            "create" => {
+            b"listen" => return Some("LISTEN"),
+            b"prepare" if w(1) != b"transaction" => return Some("PREPARE"),
+            b"create" => {
                 let mut i = 1;
-                if matches!(w(i), "global" | "local") {
+                if matches!(w(i), b"global" | b"local") {
                     i += 1;
                 }
-                if matches!(w(i), "temp" | "temporary") {
+                if matches!(w(i), b"temp" | b"temporary") {
                     return Some("temporary object");
                 }
-                if w(i) == "or" && w(i + 1) == "replace" && matches!(w(i + 2), "temp" | "temporary") {
+                if w(i) == b"or" && w(i + 1) == b"replace" && matches!(w(i + 2), b"temp" | b"temporary") {
                     return Some("temporary object");
                 }
             }
-            "declare" if stmt.contains(" with hold") => return Some("WITH HOLD cursor"),
+            b"declare" if found & HOLD != 0 && find(stmt, b" with hold").is_some() => {
+                return Some("WITH HOLD cursor");
+            }
             _ => {}
         }
-        if stmt.contains("pg_advisory_lock") || stmt.contains("pg_try_advisory_lock") {
+        if found & ADVISORY != 0
+            && (find(stmt, b"pg_advisory_lock").is_some() || find(stmt, b"pg_try_advisory_lock").is_some())
+        {
             return Some("session advisory lock");
         }
-        if let Some(at) = stmt.find("set_config") {
+        if found & SET_CONFIG != 0
+            && let Some(at) = find(stmt, b"set_config")
+        {
             // set_config(name, value, is_local): session-wide unless the last argument is true.
             let call = &stmt[at..];
-            let args = call.split(')').next().unwrap_or(call);
-            if !args.contains("true") {
+            let args = call.split(|&b| b == b')').next().unwrap_or(call);
+            if find(args, b"true").is_none() {
                 return Some("set_config");
             }
         }
@@ -78,10 +108,45 @@ pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
     None
 }
 
+/// False only when `sql` is one statement (at most a trailing `;`) without comments whose first
+/// word is not SET: then its "set" is an UPDATE's (or a name's), and a text whose only trigger
+/// word is "set" changes no session state. Anything else is left to the full scan.
+fn may_start_with_set(sql: &[u8]) -> bool {
+    let mut end = sql.len();
+    for (i, &b) in sql.iter().enumerate() {
+        match b {
+            b';' if sql[i + 1..].iter().all(u8::is_ascii_whitespace) => {
+                end = i;
+                break;
+            }
+            b';' => return true,
+            b'-' | b'/' if matches!(sql.get(i + 1), Some(b'-' | b'*')) => return true,
+            _ => {}
+        }
+    }
+    let first = sql[..end]
+        .split(u8::is_ascii_whitespace)
+        .find(|w| !w.is_empty())
+        .unwrap_or(b"");
+    first.eq_ignore_ascii_case(b"set")
+}
+
+/// Where `needle` first occurs in `hay`. The scans that need it are rare (the pre-filter saw
+/// the word), and short texts do not repay a searcher's set-up.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
 fn contains_trigger(sql: &[u8]) -> bool {
+    triggers(sql) != 0
+}
+
+fn triggers(sql: &[u8]) -> u8 {
     // This runs on every query, and most queries hold none of these words ("set" also covers
     // "set_config"). Each 16-byte block is tested for all two-letter keys at once; only the
     // positions of key hits ("SE" of every SELECT) pay for a whole-word compare.
+    let mut found = 0;
     let mut at = 0;
     while at < sql.len() {
         let mut padded = [0u8; 17];
@@ -97,13 +162,11 @@ fn contains_trigger(sql: &[u8]) -> bool {
         while hits != 0 {
             let byte = hits.trailing_zeros() / 8;
             hits &= !(0xff << (byte * 8));
-            if trigger_at(sql, at + byte as usize) {
-                return true;
-            }
+            found |= trigger_at(sql, at + byte as usize);
         }
         at += 16;
     }
-    false
+    found
 }
 
 /// Byte j of the result is non-zero when a two-letter trigger key starts at `block[j]`,
@@ -124,24 +187,35 @@ fn key_hits(block: &[u8; 17]) -> u128 {
     u128::from_le_bytes(hits)
 }
 
-/// Whether a trigger word starts at `sql[i]` (whose two-letter key is known to match).
-fn trigger_at(sql: &[u8], i: usize) -> bool {
-    let word: &[u8] = match (sql[i] | 0x20, sql.get(i + 1).map_or(0, |b| b | 0x20)) {
-        (b's', b'e') => b"set",
-        (b'l', b'i') => b"listen",
-        (b'p', b'r') => b"prepare",
-        (b't', b'e') => b"temp",
-        (b'a', b'd') => b"advisory",
-        (b'h', b'o') => b"hold",
-        _ => return false,
+/// Which trigger word starts at `sql[i]` (whose two-letter key is known to match), as its
+/// bit; 0 for none.
+fn trigger_at(sql: &[u8], i: usize) -> u8 {
+    let (word, bit): (&[u8], u8) = match (sql[i] | 0x20, sql.get(i + 1).map_or(0, |b| b | 0x20)) {
+        (b's', b'e') => (b"set", SET),
+        (b'l', b'i') => (b"listen", LISTEN),
+        (b'p', b'r') => (b"prepare", PREPARE),
+        (b't', b'e') => (b"temp", TEMP),
+        (b'a', b'd') => (b"advisory", ADVISORY),
+        (b'h', b'o') => (b"hold", HOLD),
+        _ => return 0,
     };
-    sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word))
+    if !sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word)) {
+        return 0;
+    }
+    if bit == SET
+        && sql
+            .get(i + 3..i + 10)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"_config"))
+    {
+        return SET | SET_CONFIG;
+    }
+    bit
 }
 
-/// Lower-cases the SQL and blanks out comments and quoted strings/identifiers, so keywords are
-/// only found in code.
-fn normalise(sql: &[u8]) -> String {
-    let mut out = String::with_capacity(sql.len());
+/// Lower-cases the SQL (ASCII; other bytes pass as they are) and blanks out comments and
+/// quoted strings/identifiers, so keywords are only found in code.
+fn normalise(sql: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sql.len());
     let mut i = 0;
     while i < sql.len() {
         let b = sql[i];
@@ -150,7 +224,7 @@ fn normalise(sql: &[u8]) -> String {
                 while i < sql.len() && sql[i] != b'\n' {
                     i += 1;
                 }
-                out.push(' ');
+                out.push(b' ');
             }
             b'/' if sql.get(i + 1) == Some(&b'*') => {
                 i += 2;
@@ -158,7 +232,7 @@ fn normalise(sql: &[u8]) -> String {
                     i += 1;
                 }
                 i += 2;
-                out.push(' ');
+                out.push(b' ');
                 continue;
             }
             b'\'' | b'"' => {
@@ -167,7 +241,7 @@ fn normalise(sql: &[u8]) -> String {
                 while i < sql.len() && sql[i] != quote {
                     i += 1;
                 }
-                out.push_str(" '' ");
+                out.extend_from_slice(b" '' ");
             }
             b'$' => {
                 // Dollar quoting: $tag$ ... $tag$
@@ -184,14 +258,14 @@ fn normalise(sql: &[u8]) -> String {
                         .position(|w| w == tag)
                         .map(|p| body_start + p + tag.len())
                         .unwrap_or(sql.len());
-                    out.push_str(" '' ");
+                    out.extend_from_slice(b" '' ");
                     i = end;
                     continue;
                 }
-                out.push('$');
+                out.push(b'$');
             }
-            0 => out.push(' '),
-            _ => out.push(b.to_ascii_lowercase() as char),
+            0 => out.push(b' '),
+            _ => out.push(b.to_ascii_lowercase()),
         }
         i += 1;
     }
@@ -258,6 +332,77 @@ mod tests {
         }
         for len in 0..filler.len() {
             assert_eq!(super::contains_trigger(&filler[..len]), reference(&filler[..len]));
+        }
+    }
+
+    #[test]
+    fn the_prefilter_names_the_words_it_saw() {
+        use super::{ADVISORY, HOLD, SET, SET_CONFIG, triggers};
+        assert_eq!(
+            triggers(b"UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2"),
+            SET
+        );
+        assert_eq!(triggers(b"select SET_CONFIG('a', 'b', false)"), SET | SET_CONFIG);
+        assert_eq!(triggers(b"select set_confi"), SET, "cut short");
+        assert_eq!(
+            triggers(b"declare c cursor with hold for select pg_advisory_lock(1)"),
+            HOLD | ADVISORY
+        );
+        assert_eq!(triggers(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"), 0);
+    }
+
+    #[test]
+    fn the_shortcut_for_set_only_texts_agrees_with_the_full_scan() {
+        let heads = ["", " ", "\t\n", "/* c */ ", "-- c\n", "begin; ", "x; "];
+        let bodies = [
+            "update t set x = 1",
+            "UPDATE t SET x = 1",
+            "set search_path = a",
+            "SET TimeZone = 'UTC'",
+            "set local work_mem = 1",
+            "update t set x = ';'",
+            "update t set x = '--'",
+            "select offset_set from t",
+            "insert into settings values (1)",
+            "set",
+            "setx = 1",
+        ];
+        for head in heads {
+            for body in bodies {
+                for tail in ["", ";", "; ", ";\n", "; set work_mem = 1", " -- set work_mem = 1"] {
+                    let sql = format!("{head}{body}{tail}");
+                    let found = super::triggers(sql.as_bytes());
+                    if found == super::SET && !super::may_start_with_set(sql.as_bytes()) {
+                        assert_eq!(super::full_scan(sql.as_bytes(), found), None, "{sql:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn updates_with_set_are_looked_at_whole() {
+        for (sql, kind) in [
+            ("  Set search_path = a;  ", Some("SET")),
+            ("\tSET work_mem = 1", Some("SET")),
+            ("update t set x = 1; ", None),
+            ("update t set x = 1;\0", None),
+            ("set work_mem = 1;\0", Some("SET")),
+            ("/* x */ SET work_mem = 1", Some("SET")),
+            ("-- x\nSET work_mem = 1", Some("SET")),
+            ("update t set x = 1 -- x\nset y", None),
+            ("update t set x = ';' ; set work_mem = 1", Some("SET")),
+            ("UPDATE t SET x = 1; SET search_path = a", Some("SET")),
+            ("update t set x = set_config('a.b', 'c', false)", Some("set_config")),
+            ("update t set x = set_config('a.b', 'c', true)", None),
+            (
+                "update t set x = 1 where pg_try_advisory_lock(2)",
+                Some("session advisory lock"),
+            ),
+            ("UPDATE t SET temp = 1 /* ; set work_mem = 1 */", None),
+            ("update t set x = 1;\nlisten ch", Some("LISTEN")),
+        ] {
+            assert_eq!(scan(sql.as_bytes()), kind, "{sql}");
         }
     }
 
