@@ -28,9 +28,13 @@ const SET_CONFIG: u8 = 1 << 6;
 pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
     // A Query message's text keeps its NUL terminator.
     let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
-    // Cheap pre-filter: most queries contain none of the trigger words.
+    // Cheap pre-filter, stopping at the first trigger word: most queries contain none. Only a
+    // text with one pays for a second pass that names them all.
+    if !contains_trigger(sql) {
+        return None;
+    }
     let found = triggers(sql);
-    if found == 0 || (found == SET && !may_start_with_set(sql)) {
+    if found == SET && !may_start_with_set(sql) {
         return None;
     }
     full_scan(sql, found)
@@ -137,16 +141,32 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-#[cfg(test)]
 fn contains_trigger(sql: &[u8]) -> bool {
-    triggers(sql) != 0
+    let mut any = false;
+    scan_keys(sql, |bit| {
+        any = bit != 0;
+        any
+    });
+    any
 }
 
+/// The trigger words in `sql`, one bit each.
 fn triggers(sql: &[u8]) -> u8 {
+    let mut found = 0;
+    scan_keys(sql, |bit| {
+        found |= bit;
+        false
+    });
+    found
+}
+
+/// Calls `hit` with the bit of every trigger word (0 for a key that starts none) until it
+/// returns true.
+#[inline(always)]
+fn scan_keys(sql: &[u8], mut hit: impl FnMut(u8) -> bool) {
     // This runs on every query, and most queries hold none of these words ("set" also covers
     // "set_config"). Each 16-byte block is tested for all two-letter keys at once; only the
     // positions of key hits ("SE" of every SELECT) pay for a whole-word compare.
-    let mut found = 0;
     let mut at = 0;
     while at < sql.len() {
         let mut padded = [0u8; 17];
@@ -162,11 +182,12 @@ fn triggers(sql: &[u8]) -> u8 {
         while hits != 0 {
             let byte = hits.trailing_zeros() / 8;
             hits &= !(0xff << (byte * 8));
-            found |= trigger_at(sql, at + byte as usize);
+            if hit(trigger_at(sql, at + byte as usize)) {
+                return;
+            }
         }
         at += 16;
     }
-    found
 }
 
 /// Byte j of the result is non-zero when a two-letter trigger key starts at `block[j]`,
