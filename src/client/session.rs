@@ -740,12 +740,27 @@ impl Session {
         while !self.login.slot.clear_target() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // A cancel PostgreSQL did not confirm may still interrupt whatever runs next on this
+        // server: it is closed rather than handed on. Taken on every path, so the mark never
+        // outlives this server.
+        let unsettled = self.login.slot.take_unsettled();
         match result {
             Ok(Pumped::Idle) => {
                 // Idle means nothing is owed or expected: the queues are empty already.
                 link.return_spares(&mut self.spares);
-                self.return_idle_server(&mut link.server, link.dirty).await;
+                if unsettled {
+                    link.server.discard_in_place();
+                } else {
+                    self.return_idle_server(&mut link.server, link.dirty).await;
+                }
                 Ok(Unlinked::Continue)
+            }
+            Ok(Pumped::ClientGone) if unsettled => {
+                if link.pending_rfq > 0 || link.unsynced {
+                    spawn_cancel(link.server.conn_ref());
+                }
+                link.server.discard_in_place();
+                Ok(Unlinked::ClientGone)
             }
             Ok(Pumped::ClientGone) => {
                 self.finish_server_after_client_left(link).await;
@@ -796,11 +811,6 @@ impl Session {
     /// transaction mode when a client changed session state under the `reset` policy.
     /// Leaves `server` empty, to be dropped where it lies.
     async fn return_idle_server(&mut self, server: &mut PooledServer, dirty: Option<StateChange>) {
-        if self.login.slot.take_unsettled() {
-            // A cancel PostgreSQL did not confirm may still interrupt whatever runs next here.
-            server.discard_in_place();
-            return;
-        }
         let reset_policy = self.settings.load().session_state == SessionStatePolicy::Reset;
         match (self.mode, dirty) {
             (PoolMode::Session, _) => self.reset_and_release(server).await,
