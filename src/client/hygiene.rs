@@ -128,11 +128,15 @@ fn may_start_with_set(sql: &[u8]) -> bool {
             _ => {}
         }
     }
-    let first = sql[..end]
-        .split(u8::is_ascii_whitespace)
-        .find(|w| !w.is_empty())
-        .unwrap_or(b"");
-    first.eq_ignore_ascii_case(b"set")
+    // The leading letters only: a quote, `$` or NUL glued to the keyword (`SET"work_mem"=…`,
+    // which PostgreSQL runs) splits it from what follows in the full scan.
+    let code = &sql[..end];
+    let start = code
+        .iter()
+        .position(|&b| !(b.is_ascii_whitespace() || b == 0))
+        .unwrap_or(code.len());
+    let letters = code[start..].iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    code[start..start + letters].eq_ignore_ascii_case(b"set")
 }
 
 /// Where `needle` first occurs in `hay`. The scans that need it are rare (the pre-filter saw
@@ -387,6 +391,9 @@ mod tests {
             "insert into settings values (1)",
             "set",
             "setx = 1",
+            "SET\"work_mem\"='77kB'",
+            "set$$x$$",
+            "set\0x",
         ];
         for head in heads {
             for body in bodies {
@@ -408,6 +415,10 @@ mod tests {
             ("\tSET work_mem = 1", Some("SET")),
             ("update t set x = 1; ", None),
             ("update t set x = 1;\0", None),
+            ("SET\"work_mem\"='77kB'", Some("SET")),
+            ("set\"search_path\" to public", Some("SET")),
+            ("\0SET work_mem=1", Some("SET")),
+            ("set\0search_path = x", Some("SET")),
             ("set work_mem = 1;\0", Some("SET")),
             ("/* x */ SET work_mem = 1", Some("SET")),
             ("-- x\nSET work_mem = 1", Some("SET")),
