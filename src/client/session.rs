@@ -755,15 +755,8 @@ impl Session {
                 }
                 Ok(Unlinked::Continue)
             }
-            Ok(Pumped::ClientGone) if unsettled => {
-                if link.pending_rfq > 0 || link.unsynced {
-                    spawn_cancel(link.server.conn_ref());
-                }
-                link.server.discard_in_place();
-                Ok(Unlinked::ClientGone)
-            }
             Ok(Pumped::ClientGone) => {
-                self.finish_server_after_client_left(link).await;
+                self.finish_server_after_client_left(link, unsettled).await;
                 Ok(Unlinked::ClientGone)
             }
             Err(e) => {
@@ -793,9 +786,10 @@ impl Session {
 
     /// The client is gone. A server with nothing in flight and no open transaction can be
     /// reused (after DISCARD ALL in session mode); anything else is cancelled and closed, which
-    /// rolls back its transaction and frees its locks.
-    async fn finish_server_after_client_left(&mut self, link: &mut Link) {
-        let clean = link.server_idle() && link.server.conn_ref().buf.is_empty();
+    /// rolls back its transaction and frees its locks. `unsettled`: a cancel PostgreSQL did not
+    /// confirm aimed at it, so it is closed either way.
+    async fn finish_server_after_client_left(&mut self, link: &mut Link, unsettled: bool) {
+        let clean = !unsettled && link.server_idle() && link.server.conn_ref().buf.is_empty();
         if clean {
             self.return_idle_server(&mut link.server, link.dirty).await;
             return;
