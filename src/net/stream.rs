@@ -39,49 +39,31 @@ pub enum Sock {
 impl Sock {
     #[inline]
     pub fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
-        match self {
-            Sock::Tcp(s) => s.try_io(interest, f),
-            Sock::Unix(s) => s.try_io(interest, f),
-        }
+        each_sock!(self, s => s.try_io(interest, f))
     }
 
     #[inline]
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.try_read_buf(buf),
-            Sock::Unix(s) => s.try_read_buf(buf),
-        }
+        each_sock!(self, s => s.try_read_buf(buf))
     }
 
     #[inline]
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.try_write(buf),
-            Sock::Unix(s) => s.try_write(buf),
-        }
+        each_sock!(self, s => s.try_write(buf))
     }
 
     #[inline]
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Sock::Tcp(s) => s.poll_read_ready(cx),
-            Sock::Unix(s) => s.poll_read_ready(cx),
-        }
+        each_sock!(self, s => s.poll_read_ready(cx))
     }
 
     #[inline]
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Sock::Tcp(s) => s.poll_write_ready(cx),
-            Sock::Unix(s) => s.poll_write_ready(cx),
-        }
+        each_sock!(self, s => s.poll_write_ready(cx))
     }
 
     pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.readable().await,
-            Sock::Unix(s) => s.readable().await,
-        }
+        each_sock!(self, s => s.readable().await)
     }
 
     /// Waits until a byte or EOF is waiting, without consuming it: Ok(0) at EOF, Ok(1) when
@@ -99,10 +81,7 @@ impl Sock {
     /// A non-blocking MSG_PEEK of one byte: WouldBlock when nothing is waiting, Ok(0) at EOF.
     pub fn peek_now(&self) -> io::Result<usize> {
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-        match self {
-            Sock::Tcp(s) => socket2::SockRef::from(s).peek(&mut probe),
-            Sock::Unix(s) => socket2::SockRef::from(s).peek(&mut probe),
-        }
+        each_sock!(self, s => socket2::SockRef::from(s).peek(&mut probe))
     }
 
     pub fn peer_addr(&self) -> io::Result<PeerAddr> {
