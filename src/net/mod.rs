@@ -104,7 +104,8 @@ impl fmt::Display for PeerAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {
     Tcp(SocketAddr),
-    /// The socket file itself; shared, since every connection of a pool has the same one.
+    /// The socket file itself, behind an `Arc`: handing it to the client's cancel slot at every
+    /// link is a reference count, not a path copy.
     Unix(Arc<Path>),
 }
 
