@@ -130,14 +130,7 @@ async fn a_login_timeout_during_the_pools_first_connect_leaks_no_pool_slot() {
     // in progress would have ended (and released its slot) by now.
     fwd.stall_all.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let pool = proxy
-        .proxy()
-        .context()
-        .pools
-        .all()
-        .into_iter()
-        .find(|p| p.key().database == "fwd")
-        .expect("the forwarded pool");
+    let pool = proxy.pool_where(|k| k.database == "fwd").expect("the forwarded pool");
     let snap = pool.snapshot();
     eprintln!(
         "after the stall: {snap:?}, connecting gauge = {}",

@@ -213,14 +213,7 @@ async fn a_live_resize_survives_reloads_until_pool_size_itself_is_edited() {
         "pool_size = 3\nquery_timeout = \"30s\"",
     );
     proxy.proxy().context().reload_from_file().expect("reload accepted");
-    let pool = proxy
-        .proxy()
-        .context()
-        .pools
-        .all()
-        .into_iter()
-        .find(|p| p.key().user == user)
-        .expect("the pool");
+    let pool = proxy.pool_where(|k| k.user == user).expect("the pool");
     assert_eq!(
         pool.settings().query_timeout,
         Some(Duration::from_secs(30)),

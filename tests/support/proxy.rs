@@ -240,6 +240,16 @@ impl TestProxy {
         self.proxy.as_ref().expect("proxy running")
     }
 
+    /// The first pool whose (database, user) key `matches`.
+    pub fn pool_where(&self, matches: impl Fn(&pgweir::pool::PoolKey) -> bool) -> Option<pgweir::pool::Pool> {
+        self.proxy()
+            .context()
+            .pools
+            .all()
+            .into_iter()
+            .find(|p| matches(p.key()))
+    }
+
     /// A libpq-style connection string for tokio-postgres.
     pub fn conn_str(&self, (user, password): (&str, &str), dbname: &str) -> String {
         format!(
