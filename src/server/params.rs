@@ -3,6 +3,7 @@
 //! round trip, so a client's client_encoding, DateStyle, TimeZone… follow it from server to
 //! server in transaction mode.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -38,13 +39,13 @@ pub const REPORTED: &[&str] = &[
 
 /// Maps a parameter name to the spelling PostgreSQL uses in ParameterStatus (names are
 /// case-insensitive in SET but the reports use these exact spellings).
-pub fn canonical_name(name: &str) -> String {
+pub fn canonical_name(name: &str) -> Cow<'static, str> {
     for t in TRACKED {
         if t.eq_ignore_ascii_case(name) {
-            return (*t).to_owned();
+            return Cow::Borrowed(t);
         }
     }
-    name.to_ascii_lowercase()
+    Cow::Owned(name.to_ascii_lowercase())
 }
 
 /// True for names safe to put unquoted into `SET name = ...` (custom GUCs have a dot).
@@ -57,20 +58,83 @@ pub fn is_valid_name(name: &str) -> bool {
 }
 
 /// A small ordered map of parameter name → raw value. A handful of entries, so a Vec beats a map.
+/// Every login fills one and every server connection another: names PostgreSQL reports and
+/// short values are held without an allocation of their own.
 #[derive(Debug, Clone, Default)]
 pub struct ParamSet {
-    entries: Vec<(String, Vec<u8>)>,
+    entries: Vec<(Name, Value)>,
     /// Bumped by every change, so "nothing changed since" is one integer compare.
     generation: u64,
 }
 
 impl PartialEq for ParamSet {
     fn eq(&self, other: &Self) -> bool {
-        self.entries == other.entries
+        self.entries.len() == other.entries.len()
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| a.0.as_str() == b.0.as_str() && a.1.as_slice() == b.1.as_slice())
     }
 }
 
 impl Eq for ParamSet {}
+
+/// A parameter name: one of [`REPORTED`]'s spellings, or a copy of any other.
+#[derive(Debug, Clone)]
+enum Name {
+    Known(&'static str),
+    Other(Box<str>),
+}
+
+impl Name {
+    fn new(name: &str) -> Name {
+        match REPORTED.iter().find(|k| **k == name) {
+            Some(k) => Name::Known(k),
+            None => Name::Other(name.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Name::Known(k) => k,
+            Name::Other(n) => n,
+        }
+    }
+}
+
+/// Values up to this long ("UTF8", "ISO, MDY", "Europe/Paris", an application name) are kept
+/// inline; the size keeps a `Value` as small as a `Vec`.
+const INLINE: usize = 22;
+
+/// A parameter value's bytes.
+#[derive(Debug, Clone)]
+enum Value {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Value {
+    fn new(value: &[u8]) -> Value {
+        if value.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..value.len()].copy_from_slice(value);
+            Value::Inline {
+                len: value.len() as u8,
+                bytes,
+            }
+        } else {
+            Value::Heap(value.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Value::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Value::Heap(b) => b,
+        }
+    }
+}
 
 impl ParamSet {
     pub fn generation(&self) -> u64 {
@@ -81,8 +145,8 @@ impl ParamSet {
     /// ASCII lower case as `differences` compares them). Two sets with equal forms want the same
     /// values, so a server known to satisfy one form satisfies every set with that form.
     pub fn form(&self) -> Arc<[u8]> {
-        let mut entries: Vec<&(String, Vec<u8>)> = self.entries.iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut entries: Vec<(&str, &[u8])> = self.iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut out = Vec::new();
         for (k, v) in entries {
             // Lengths first: names and values are arbitrary bytes, so no separator is safe.
@@ -95,28 +159,34 @@ impl ParamSet {
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.entries.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+        self.entries
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     /// Sets `name` (already canonical) to `value`.
     pub fn set(&mut self, name: &str, value: &[u8]) {
-        match self.entries.iter_mut().find(|(k, _)| k == name) {
+        match self.entries.iter_mut().find(|(k, _)| k.as_str() == name) {
             Some((_, v)) => {
                 if v.as_slice() != value {
-                    v.clear();
-                    v.extend_from_slice(value);
+                    *v = Value::new(value);
                     self.generation += 1;
                 }
             }
             None => {
-                self.entries.push((name.to_owned(), value.to_vec()));
+                if self.entries.capacity() == 0 {
+                    // A login sets about six, a server connection reports thirteen.
+                    self.entries.reserve(8);
+                }
+                self.entries.push((Name::new(name), Value::new(value)));
                 self.generation += 1;
             }
         }
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.entries.retain(|(k, _)| keep(k));
+        self.entries.retain(|(k, _)| keep(k.as_str()));
         self.generation += 1;
     }
 
@@ -208,5 +278,33 @@ mod tests {
         assert_eq!(&sql[..], b"SET application_name = 'it''s';");
         assert!(is_valid_name("myapp.tenant_id"));
         assert!(!is_valid_name("a; drop table x"));
+    }
+
+    #[test]
+    fn values_of_every_length_and_names_of_any_kind_round_trip() {
+        let mut set = ParamSet::default();
+        // Either side of the inline limit, and a value replaced by a longer and a shorter one.
+        for len in [0, 1, INLINE - 1, INLINE, INLINE + 1, 200] {
+            let value = vec![b'v'; len];
+            set.set("application_name", &value);
+            assert_eq!(set.get("application_name"), Some(&value[..]), "length {len}");
+            set.set("myapp.tenant", &value);
+            assert_eq!(set.get("myapp.tenant"), Some(&value[..]), "length {len}");
+        }
+        assert_eq!(set.len(), 2, "a name set again replaces its value");
+        set.set("TimeZone", b"America/Argentina/Buenos_Aires");
+        let names: Vec<&str> = set.iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["application_name", "myapp.tenant", "TimeZone"]);
+        // Equality looks at names and bytes, not at how they are held.
+        let mut other = ParamSet::default();
+        other.set("application_name", &[b'v'; 200]);
+        other.set("myapp.tenant", &[b'v'; 200]);
+        other.set("TimeZone", b"America/Argentina/Buenos_Aires");
+        assert_eq!(set, other);
+        other.set("TimeZone", b"UTC");
+        assert_ne!(set, other);
+        set.retain(|k| k != "myapp.tenant");
+        assert_eq!(set.get("myapp.tenant"), None);
+        assert_eq!(set.len(), 2);
     }
 }
