@@ -147,7 +147,8 @@ impl ParamSet {
     pub fn form(&self) -> Arc<[u8]> {
         let mut entries: Vec<(&str, &[u8])> = self.iter().collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut out = Vec::new();
+        // Sized up front: growing it a parameter at a time cost a reallocation each, per login.
+        let mut out = Vec::with_capacity(entries.iter().map(|(k, v)| 8 + k.len() + v.len()).sum());
         for (k, v) in entries {
             // Lengths first: names and values are arbitrary bytes, so no separator is safe.
             out.extend_from_slice(&(k.len() as u32).to_le_bytes());
