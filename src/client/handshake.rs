@@ -357,21 +357,20 @@ async fn login(
         database: database.clone(),
         user: user.clone(),
     };
-    let settings = config
-        .pool_settings(&database, &user)
-        .unwrap_or_else(|| db.pool.clone());
-    let server_user = db.server_user.clone().unwrap_or_else(|| user.clone());
-    let secret = server_secret(ctx, db.server_password.as_deref(), db.server_user.is_some(), &user);
+    // What a new pool needs is worked out only when the pool is new, not at every login.
     let pool = ctx.pools.get_or_create(&key, || {
+        let settings = config
+            .pool_settings(&database, &user)
+            .unwrap_or_else(|| db.pool.clone());
         Pool::new(
             key.clone(),
             ServerTarget {
                 host: db.host.clone(),
                 port: db.port,
                 dbname: db.dbname.clone(),
-                user: server_user,
+                user: db.server_user.clone().unwrap_or_else(|| user.clone()),
             },
-            secret,
+            server_secret(ctx, db.server_password.as_deref(), db.server_user.is_some(), &user),
             settings,
             config.listen.tcp_keepalive,
             ctx.server_ids.clone(),
@@ -481,11 +480,11 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
         set.set(&params::canonical_name(name), value);
         Ok(())
     };
-    for (name, value) in &startup.params {
-        match name.as_str() {
-            "user" | "database" | "replication" => {}
-            n if n.starts_with("_pq_.") => {}
-            "options" => {
+    for (name, value) in startup.raw() {
+        match name {
+            b"user" | b"database" | b"replication" => {}
+            n if n.starts_with(b"_pq_.") => {}
+            b"options" => {
                 for (k, v) in parse_options(value).map_err(|why| {
                     reject(
                         LoginFailure::Protocol,
@@ -496,7 +495,8 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
                     add(&k, v.as_bytes())?;
                 }
             }
-            n => add(n, value)?,
+            // Names were checked to be UTF-8 when the packet was parsed.
+            n => add(std::str::from_utf8(n).unwrap_or_default(), value)?,
         }
     }
     Ok(set)
