@@ -209,6 +209,18 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
     result
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A client that leaves right after its query (a connection per transaction) would
+        // otherwise free its read buffer and the next login allocate one afresh.
+        if self.buf.capacity() > 0 {
+            // Whatever it still holds (a Terminate, say) is no longer anyone's.
+            self.buf.clear();
+            self.ctx.buffers.give(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 impl Session {
     async fn serve(&mut self, resume: Resume) -> Result<Served, ClientError> {
         let mut resume = Some(resume);
