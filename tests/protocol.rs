@@ -120,6 +120,38 @@ async fn malformed_and_oversized_messages_close_only_that_client() {
     s.write_all(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]).await.expect("write");
     let (code, _) = read_error(&mut s).await;
     assert_eq!(code, "08P01");
+    // A length too short for any packet, and nothing after it: refused at once, not after
+    // client_login_timeout (15 s here; read_error gives up after 5).
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&4i32.to_be_bytes()).await.expect("write");
+    let (code, msg) = read_error(&mut s).await;
+    assert_eq!(code, "08P01", "{msg}");
+
+    // A startup packet (after an SSLRequest) that arrives a few bytes at a time still logs in.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut ssl = 8i32.to_be_bytes().to_vec();
+    ssl.extend_from_slice(&80877103i32.to_be_bytes());
+    for piece in ssl.chunks(3) {
+        s.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"N");
+    for piece in support::startup_packet(roles::SCRAM.0, "app").chunks(5) {
+        s.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("login")
+            .expect("read");
+        assert!(n > 0, "closed during a dribbled login: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
 
     // Logged in, then a message with a negative length and one over max_message_size.
     for bad in [vec![b'Q', 0xff, 0xff, 0xff, 0xf0], {

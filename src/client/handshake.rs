@@ -697,22 +697,36 @@ async fn authenticate(
     }
 }
 
-/// Reads the 4-byte length and then exactly that many bytes: nothing beyond the packet is
-/// consumed, so bytes a client sends after an SSLRequest are never taken as plaintext.
+/// Reads one startup-phase packet and nothing beyond it, so bytes a client sends after an
+/// SSLRequest are never taken as plaintext. Every valid packet is at least 8 bytes, so the
+/// first read asks for 8: an SSLRequest (what libpq sends first by default) arrives in one
+/// `recv` instead of a length and then a code.
 async fn read_startup_packet(client: &mut Stream) -> Result<Vec<u8>, Failure> {
-    let mut len_bytes = [0u8; 4];
-    client.read_exact(&mut len_bytes).await?;
-    let len = i32::from_be_bytes(len_bytes);
-    if len < 8 || len as usize > MAX_STARTUP_LEN {
-        return Err(ProtocolError::Malformed {
-            what: "startup",
-            why: "invalid length",
+    let mut head = [0u8; 8];
+    let mut got = 0;
+    let mut len = 0;
+    while got < head.len() {
+        let n = client.read(&mut head[got..]).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
-        .into());
+        got += n;
+        if got >= 4 && len == 0 {
+            // Checked as soon as it is known: a bad length is refused without waiting for
+            // bytes that may never come.
+            len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+            if len < 8 || len as usize > MAX_STARTUP_LEN {
+                return Err(ProtocolError::Malformed {
+                    what: "startup",
+                    why: "invalid length",
+                }
+                .into());
+            }
+        }
     }
     let mut packet = vec![0u8; len as usize];
-    packet[..4].copy_from_slice(&len_bytes);
-    client.read_exact(&mut packet[4..]).await?;
+    packet[..8].copy_from_slice(&head);
+    client.read_exact(&mut packet[8..]).await?;
     Ok(packet)
 }
 
