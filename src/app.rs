@@ -46,14 +46,34 @@ pub enum AppError {
 
 /// A listener for clients: the TCP address, or the Unix socket.
 enum Listener {
-    Tcp(TcpListener),
+    /// `inherited`: the keepalive every connection accepted from it already has (with
+    /// TCP_NODELAY), when the OS passes the listener's options on.
+    Tcp {
+        listener: TcpListener,
+        inherited: Option<Option<Duration>>,
+    },
     Unix(UnixListener),
 }
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(Sock, PeerAddr)> {
+    fn tcp(listener: TcpListener, keepalive: Option<Duration>) -> Listener {
+        let inherited = crate::net::configure_listener(&listener, keepalive).then_some(keepalive);
+        Listener::Tcp { listener, inherited }
+    }
+
+    /// Accepts a client; a TCP one gets TCP_NODELAY and the configured keepalive.
+    async fn accept(&self, ctx: &ClientContext) -> std::io::Result<(Sock, PeerAddr)> {
         match self {
-            Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Sock::Tcp(s), PeerAddr::Ip(a))),
+            Listener::Tcp { listener, inherited } => {
+                let (s, a) = listener.accept().await?;
+                // Set per connection only when the listener's do not fit: a reload changed
+                // listen.tcp_keepalive, or the OS does not pass them on.
+                let keepalive = ctx.config.load().listen.tcp_keepalive;
+                if *inherited != Some(keepalive) {
+                    crate::net::configure_socket(&s, keepalive);
+                }
+                Ok((Sock::Tcp(s), PeerAddr::Ip(a)))
+            }
             Listener::Unix(l) => l.accept().await.map(|(s, _)| {
                 let peer = PeerAddr::of_unix(&s);
                 (Sock::Unix(s), peer)
@@ -173,7 +193,7 @@ impl Proxy {
         // One limit for both listeners: max_client_conn counts clients, however they came.
         let limit = Arc::new(Semaphore::new(config.listen.max_client_conn));
         let mut accept_tasks = vec![tokio::spawn(accept_loop(
-            Listener::Tcp(listener),
+            Listener::tcp(listener, config.listen.tcp_keepalive),
             ctx.clone(),
             tracker.clone(),
             limit.clone(),
@@ -242,7 +262,7 @@ impl Proxy {
 
 async fn accept_loop(listener: Listener, ctx: Arc<ClientContext>, tracker: TaskTracker, limit: Arc<Semaphore>) {
     loop {
-        let (stream, addr) = match listener.accept().await {
+        let (stream, addr) = match listener.accept(&ctx).await {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; connections already served
@@ -340,4 +360,61 @@ pub async fn run_until_signal(config: Config, path: Option<std::path::PathBuf>) 
     );
     proxy.shutdown(grace).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use socket2::SockRef;
+
+    use super::*;
+
+    fn config(keepalive_secs: u64) -> Config {
+        Config::from_toml(
+            &format!(
+                "[listen]\naddr = \"127.0.0.1:0\"\nauth_type = \"trust\"\ntcp_keepalive = \"{keepalive_secs}s\"\n[databases.a]\n"
+            ),
+            None,
+        )
+        .expect("config")
+    }
+
+    fn context(keepalive_secs: u64) -> ClientContext {
+        let config = config(keepalive_secs);
+        let shutdown = CancellationToken::new();
+        let pools = PoolRegistry::new(shutdown.child_token(), TaskTracker::new());
+        ClientContext::new(Arc::new(config), pools, Arc::new(ServerIds::default()), shutdown)
+    }
+
+    async fn accept_one(listener: &Listener, ctx: &ClientContext, addr: SocketAddr) -> tokio::net::TcpStream {
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        match listener.accept(ctx).await.expect("accept") {
+            (Sock::Tcp(s), _) => s,
+            (Sock::Unix(_), _) => unreachable!("a TCP listener"),
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_clients_have_nodelay_and_the_configured_keepalive_also_after_a_reload() {
+        let ctx = context(61);
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        let listener = Listener::tcp(tcp, ctx.config.load().listen.tcp_keepalive);
+        let s = accept_one(&listener, &ctx, addr).await;
+        let sock = SockRef::from(&s);
+        assert!(sock.tcp_nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), Duration::from_secs(61));
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("interval"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().expect("count"), 3);
+
+        // A reload changes listen.tcp_keepalive: the listener's no longer fit, the socket is set.
+        ctx.config.store(Arc::new(config(7)));
+        let s = accept_one(&listener, &ctx, addr).await;
+        let sock = SockRef::from(&s);
+        assert!(sock.tcp_nodelay().expect("nodelay"));
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), Duration::from_secs(7));
+    }
 }

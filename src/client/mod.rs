@@ -168,9 +168,6 @@ impl ClientContext {
 /// ends this session only.
 pub async fn serve(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>) {
     let id = ctx.next_client_id();
-    if let Sock::Tcp(tcp) = &stream {
-        crate::net::configure_socket(tcp, ctx.config.load().listen.tcp_keepalive);
-    }
     let result = async {
         // Both phases boxed: kept inline, they made this future 11 KiB, copied several times
         // into the task at every accept (memcpy was a tenth of a login's instructions).
