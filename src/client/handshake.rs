@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::net::Sock;
+use crate::net::{PeerAddr, Sock};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -47,14 +47,18 @@ pub(super) struct LoggedIn {
 
 /// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
 /// Failures are counted by reason for the login-failures metric.
-pub(super) async fn run(tcp: Sock, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
-    attempt(tcp, ctx).await.map_err(|(reason, error)| {
+pub(super) async fn run(tcp: Sock, peer: &PeerAddr, ctx: &ClientContext) -> Result<Option<LoggedIn>, ClientError> {
+    attempt(tcp, peer, ctx).await.map_err(|(reason, error)| {
         ctx.login_failures[reason as usize].fetch_add(1, Ordering::Relaxed);
         error
     })
 }
 
-async fn attempt(tcp: Sock, ctx: &ClientContext) -> Result<Option<LoggedIn>, (LoginFailure, ClientError)> {
+async fn attempt(
+    tcp: Sock,
+    peer: &PeerAddr,
+    ctx: &ClientContext,
+) -> Result<Option<LoggedIn>, (LoginFailure, ClientError)> {
     // One consistent configuration for the whole login, even if a reload happens meanwhile.
     let config = ctx.config.load_full();
     let timeout = config.listen.client_login_timeout;
@@ -103,7 +107,7 @@ async fn attempt(tcp: Sock, ctx: &ClientContext) -> Result<Option<LoggedIn>, (Lo
             }
         }
     };
-    match tokio::time::timeout_at(deadline, login(&mut client, ctx, &config, startup)).await {
+    match tokio::time::timeout_at(deadline, login(&mut client, peer, ctx, &config, startup)).await {
         Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
             client,
             pool: done.pool,
@@ -250,12 +254,13 @@ fn reject(reason: LoginFailure, reply: PgError) -> Failure {
     }
 }
 
-/// Applies the `[[hba]]` rules before any password is asked for, as PostgreSQL does.
-fn check_hba(client: &Stream, config: &Config, user: &str, database: &str) -> Result<(), Failure> {
+/// Applies the `[[hba]]` rules before any password is asked for, as PostgreSQL does. `peer` is
+/// the address the connection was accepted from (not asked of the socket again).
+fn check_hba(client: &Stream, peer: &PeerAddr, config: &Config, user: &str, database: &str) -> Result<(), Failure> {
     if config.hba.is_empty() {
         return Ok(());
     }
-    let ip = client.peer_addr()?.ip();
+    let ip = peer.ip();
     // PostgreSQL's name for a Unix-socket client in the same message.
     let host = ip.map_or_else(|| "[local]".to_owned(), |ip| ip.to_string());
     let tls = client.is_tls();
@@ -289,6 +294,7 @@ pub(super) async fn send_error(client: &mut Stream, e: &PgError) -> std::io::Res
 
 async fn login(
     client: &mut Stream,
+    peer: &PeerAddr,
     ctx: &ClientContext,
     config: &Arc<Config>,
     startup: StartupParams,
@@ -329,7 +335,7 @@ async fn login(
         out.clear();
     }
 
-    check_hba(client, config, &user, &database)?;
+    check_hba(client, peer, config, &user, &database)?;
 
     // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
     let end_point = match client.is_tls() {

@@ -171,7 +171,7 @@ pub async fn serve(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>) {
     let result = async {
         // Both phases boxed: kept inline, they made this future 11 KiB, copied several times
         // into the task at every accept (memcpy was a tenth of a login's instructions).
-        let Some(login) = Box::pin(handshake::run(stream, &ctx)).await? else {
+        let Some(login) = Box::pin(handshake::run(stream, &addr, &ctx)).await? else {
             return Ok(());
         };
         let app_name = login
