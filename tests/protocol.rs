@@ -35,6 +35,20 @@ async fn read_error(s: &mut TcpStream) -> (String, String) {
     panic!("no ErrorResponse in {all:?}");
 }
 
+/// Reads a login's replies up to its first ReadyForQuery.
+async fn read_until_ready(s: &mut TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("login")
+            .expect("read");
+        assert!(n > 0, "closed during login: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_and_gssenc_requests_are_answered_n() {
     let pg = support::postgres();
@@ -142,16 +156,7 @@ async fn malformed_and_oversized_messages_close_only_that_client() {
         s.write_all(piece).await.expect("write");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    while !got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("login")
-            .expect("read");
-        assert!(n > 0, "closed during a dribbled login: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until_ready(&mut s).await;
 
     // Logged in, then a message with a negative length and one over max_message_size.
     for bad in [vec![b'Q', 0xff, 0xff, 0xff, 0xf0], {
@@ -163,17 +168,7 @@ async fn malformed_and_oversized_messages_close_only_that_client() {
         s.write_all(&support::startup_packet(roles::SCRAM.0, "app"))
             .await
             .expect("startup");
-        let mut buf = vec![0u8; 4096];
-        // Read until ReadyForQuery.
-        let mut got = Vec::new();
-        while !got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .expect("login")
-                .expect("read");
-            assert!(n > 0, "closed during login");
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until_ready(&mut s).await;
         s.write_all(&bad).await.expect("bad message");
         let (code, msg) = read_error(&mut s).await;
         assert_eq!(code, "08P01", "{msg}");
