@@ -85,7 +85,7 @@ impl Listener {
 /// Binds `path` for clients with permission bits `mode`. A socket file left by a pgweir that
 /// did not shut down cleanly (a connect is refused: nobody listens) is replaced; one a process
 /// still accepts on, or one that cannot be probed (say, another user's), is left alone.
-async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, AppError> {
+async fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), AppError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let failed = |source| AppError::BindUnix {
         path: path.to_owned(),
@@ -109,7 +109,33 @@ async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, AppError> {
     }
     let listener = UnixListener::bind(path).map_err(failed)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
-    Ok(listener)
+    let file = SocketFile::of(path).map_err(failed)?;
+    Ok((listener, file))
+}
+
+/// The socket file pgweir bound, known by its inode: at shutdown it removes only that file,
+/// not one another pgweir put at the same path meanwhile (a successor in a rolling restart).
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn of(path: &Path) -> std::io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// A running proxy.
@@ -117,7 +143,7 @@ pub struct Proxy {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     /// The Unix socket file, when listening on one; removed at shutdown.
-    unix_path: Option<PathBuf>,
+    unix_socket: Option<SocketFile>,
     ctx: Arc<ClientContext>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -150,9 +176,12 @@ impl Proxy {
             .unix_socket_dir
             .as_ref()
             .map(|dir| crate::net::socket_path(dir, addr.port()));
-        let unix_listener = match &unix_path {
-            Some(path) => Some(bind_unix(path, config.listen.unix_socket_mode).await?),
-            None => None,
+        let (unix_listener, unix_socket) = match &unix_path {
+            Some(path) => {
+                let (listener, file) = bind_unix(path, config.listen.unix_socket_mode).await?;
+                (Some(listener), Some(file))
+            }
+            None => (None, None),
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -211,7 +240,7 @@ impl Proxy {
         Ok(Proxy {
             addr,
             admin_addr,
-            unix_path,
+            unix_socket,
             ctx,
             shutdown,
             tracker,
@@ -225,7 +254,7 @@ impl Proxy {
 
     /// The Unix socket clients may connect to, if `listen.unix_socket_dir` is set.
     pub fn unix_socket_path(&self) -> Option<&Path> {
-        self.unix_path.as_deref()
+        self.unix_socket.as_ref().map(|f| f.path.as_path())
     }
 
     /// Where the admin API listens, if enabled.
@@ -242,15 +271,17 @@ impl Proxy {
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();
         self.ctx.clients.stop_all(crate::client::registry::SHUTDOWN);
+        if let Some(file) = &self.unix_socket {
+            // Gone before the grace period, as the TCP listener is: new clients fail at once.
+            // Removed while the listener still stands, so a successor starting meanwhile never
+            // finds it refusing connections and takes it for stale.
+            file.remove();
+        }
         for task in &self.accept_tasks {
             task.abort();
         }
         for task in self.accept_tasks {
             let _ = task.await;
-        }
-        if let Some(path) = &self.unix_path {
-            // Gone before the grace period, as the TCP listener is: new clients fail at once.
-            let _ = std::fs::remove_file(path);
         }
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {

@@ -169,7 +169,15 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
         1
     );
     drop(client);
+    // A successor (a rolling restart) took the path over while this one still runs: this
+    // one's shutdown must not delete the successor's socket.
+    std::fs::remove_file(&path).expect("remove");
+    let successor = std::os::unix::net::UnixListener::bind(&path).expect("successor binds");
     proxy.shutdown(Duration::from_secs(5)).await;
+    assert!(path.exists(), "the successor's socket file was removed");
+    std::os::unix::net::UnixStream::connect(&path).expect("the successor still reachable");
+    drop(successor);
+    std::fs::remove_file(&path).expect("remove");
 
     // Anything but a socket in the way is an error, not deleted.
     std::fs::write(&path, "not a socket").expect("write");
