@@ -42,6 +42,16 @@ pub enum AppError {
         path.display()
     )]
     SocketInUse { path: PathBuf },
+    #[error(
+        "cannot give the Unix socket {} to group {gid} (listen.unix_socket_group): {source}; pgweir \
+         must run as root or as a member of that group",
+        path.display()
+    )]
+    UnixSocketGroup {
+        path: PathBuf,
+        gid: u32,
+        source: std::io::Error,
+    },
 }
 
 /// A listener for clients: the TCP address, or the Unix socket.
@@ -85,7 +95,7 @@ impl Listener {
 /// Binds `path` for clients with permission bits `mode`. A socket file left by a pgweir that
 /// did not shut down cleanly (a connect is refused: nobody listens) is replaced; one a process
 /// still accepts on, or one that cannot be probed (say, another user's), is left alone.
-async fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), AppError> {
+async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixListener, SocketFile), AppError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let failed = |source| AppError::BindUnix {
         path: path.to_owned(),
@@ -108,6 +118,14 @@ async fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile),
         }
     }
     let listener = UnixListener::bind(path).map_err(failed)?;
+    if let Some(gid) = group {
+        // Before the mode: a chown may clear mode bits on some systems.
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| AppError::UnixSocketGroup {
+            path: path.to_owned(),
+            gid,
+            source: e,
+        })?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
     let file = SocketFile::of(path).map_err(failed)?;
     Ok((listener, file))
@@ -178,7 +196,8 @@ impl Proxy {
             .map(|dir| crate::net::socket_path(dir, addr.port()));
         let (unix_listener, unix_socket) = match &unix_path {
             Some(path) => {
-                let (listener, file) = bind_unix(path, config.listen.unix_socket_mode).await?;
+                let (listener, file) =
+                    bind_unix(path, config.listen.unix_socket_mode, config.listen.unix_socket_group).await?;
                 (Some(listener), Some(file))
             }
             None => (None, None),

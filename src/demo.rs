@@ -57,6 +57,7 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             peer_id: 0,
             unix_socket_dir: None,
             unix_socket_mode: 0o777,
+            unix_socket_group: None,
         },
         admin: crate::config::AdminConfig {
             addr: Some(SocketAddr::new(listen.ip(), 0)),

@@ -692,6 +692,25 @@ fn unix_sockets_parse_and_validate() {
         "listen.unix_socket_mode",
         "octal",
     );
+    // The socket's group, by number or by a name in /etc/group (root's group is in every one).
+    let group = |g: &str| {
+        format!(
+            "[listen]\nunix_socket_dir = \"/run/pgweir\"\nunix_socket_group = \"{g}\"\n{}",
+            with_db("")
+        )
+    };
+    assert_eq!(
+        parse(&group("4242")).expect("valid").listen.unix_socket_group,
+        Some(4242)
+    );
+    assert_eq!(parse(&group("root")).expect("valid").listen.unix_socket_group, Some(0));
+    assert_eq!(parse(&with_db("")).expect("valid").listen.unix_socket_group, None);
+    one_problem(&group("no-such-group-here"), "listen.unix_socket_group", "numeric id");
+    one_problem(
+        &format!("[listen]\nunix_socket_group = \"4242\"\n{}", with_db("")),
+        "listen.unix_socket_group",
+        "unix_socket_dir is not set",
+    );
     one_problem(
         &format!("[databases.far]\nhost = \"/{}\"\n{}", "d".repeat(100), with_db("")),
         "databases.far.host",

@@ -138,6 +138,36 @@ async fn clients_and_servers_meet_over_unix_sockets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_group_owns_the_socket_file() {
+    use std::os::unix::fs::MetadataExt;
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("socket dir");
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.unix_socket_dir = Some(dir.path().to_owned());
+    let mut config = builder.config();
+    // A group this process is not in: root may give the file to it, anyone else is refused.
+    config.listen.unix_socket_group = Some(4242);
+    config.listen.unix_socket_mode = 0o770;
+    let as_root = std::fs::metadata("/proc/self").expect("proc").uid() == 0;
+    match Proxy::start(config).await {
+        Ok(proxy) => {
+            assert!(as_root, "only root can give the socket to a group it is not in");
+            let proxy = TestProxy::wrap(proxy);
+            let path = proxy.proxy().unix_socket_path().expect("socket").to_owned();
+            let meta = std::fs::symlink_metadata(&path).expect("socket file");
+            assert_eq!(meta.gid(), 4242, "unix_socket_group");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o770, "unix_socket_mode");
+            proxy.shutdown(Duration::from_secs(5)).await;
+        }
+        Err(e) => {
+            assert!(!as_root, "root must be able to set the group: {e}");
+            assert!(matches!(e, AppError::UnixSocketGroup { gid: 4242, .. }), "{e}");
+            assert!(e.to_string().contains("member of that group"), "{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
     let pg = support::postgres();
     let dir = tempfile::tempdir().expect("socket dir");

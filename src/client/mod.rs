@@ -142,6 +142,9 @@ impl ClientContext {
         if old.listen.unix_socket_mode != config.listen.unix_socket_mode {
             needs_restart.push("listen.unix_socket_mode".to_owned());
         }
+        if old.listen.unix_socket_group != config.listen.unix_socket_group {
+            needs_restart.push("listen.unix_socket_group".to_owned());
+        }
         if old.admin.addr != config.admin.addr {
             needs_restart.push("admin.addr".to_owned());
         }

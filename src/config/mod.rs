@@ -154,6 +154,9 @@ pub struct ListenConfig {
     /// Permission bits of that socket file. Default 0o777 (PgBouncer's); anyone who can reach
     /// the file may connect, and still has to log in.
     pub unix_socket_mode: u32,
+    /// The group (id) the socket file is given, so `unix_socket_mode = "0770"` admits exactly
+    /// that group's members. None (the default): the group pgweir runs as.
+    pub unix_socket_group: Option<u32>,
 }
 
 /// The HTTP admin API and Prometheus metrics.

@@ -162,6 +162,8 @@ pub struct RawListen {
     pub unix_socket_dir: Option<String>,
     /// `unix_socket_mode`: permission bits of the socket file, in octal ("0777").
     pub unix_socket_mode: Option<String>,
+    /// `unix_socket_group`: group owning the socket file, by name or number.
+    pub unix_socket_group: Option<String>,
 }
 
 /// `[pool]`, and (via [`RawDatabase::pool_overrides`]) the pool keys of a database table.

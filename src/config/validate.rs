@@ -644,9 +644,33 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
             }
         },
     };
+    let unix_socket_group = match l.unix_socket_group.as_deref() {
+        None | Some("") => None,
+        Some(group) => {
+            let gid = group.parse::<u32>().ok().or_else(|| {
+                std::fs::read_to_string("/etc/group")
+                    .ok()
+                    .and_then(|text| gid_in_group_file(&text, group))
+            });
+            if gid.is_none() {
+                p.add(
+                    "listen.unix_socket_group",
+                    format!("no group named {group:?} in /etc/group; give the group's name there or its numeric id"),
+                );
+            }
+            if unix_socket_dir.is_none() {
+                p.add(
+                    "listen.unix_socket_group",
+                    "applies to the Unix socket, but listen.unix_socket_dir is not set",
+                );
+            }
+            gid
+        }
+    };
     ListenConfig {
         unix_socket_dir,
         unix_socket_mode,
+        unix_socket_group,
         addr,
         max_client_conn,
         auth_type,
@@ -658,6 +682,16 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
         peer_id: p.count("listen.peer_id", l.peer_id, 0, 0, MAX_PEER_ID as usize) as u16,
         tcp_keepalive,
     }
+}
+
+/// The id of group `name` in the text of an /etc/group file (`name:x:gid:members` lines).
+/// Groups only a directory service knows are not found: those are given by number.
+pub(crate) fn gid_in_group_file(text: &str, name: &str) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.trim().parse().ok()
+    })
 }
 
 /// Longest path a Unix socket can have (`sun_path` holds 108 bytes with the final NUL).
@@ -962,5 +996,20 @@ pub(super) fn validate(raw: RawConfig, base_dir: Option<&Path>) -> Result<Config
         })
     } else {
         Err(ConfigError::Invalid(p.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn group_ids_are_read_from_an_etc_group_text() {
+        let text = "root:x:0:\n# a comment\nwheel:x:10:alice,bob\npgweir:*:998:\nbroken\nodd:x:notanumber:\n";
+        assert_eq!(super::gid_in_group_file(text, "root"), Some(0));
+        assert_eq!(super::gid_in_group_file(text, "wheel"), Some(10));
+        assert_eq!(super::gid_in_group_file(text, "pgweir"), Some(998));
+        assert_eq!(super::gid_in_group_file(text, "whee"), None, "whole names only");
+        assert_eq!(super::gid_in_group_file(text, "broken"), None);
+        assert_eq!(super::gid_in_group_file(text, "odd"), None);
+        assert_eq!(super::gid_in_group_file(text, "alice"), None, "members are not groups");
     }
 }

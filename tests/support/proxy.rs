@@ -156,6 +156,7 @@ impl<'a> TestProxyBuilder<'a> {
                 peer_id: self.peer_id,
                 unix_socket_dir: self.unix_socket_dir.clone(),
                 unix_socket_mode: 0o777,
+                unix_socket_group: None,
             },
             admin: pgweir::config::AdminConfig {
                 addr: Some("127.0.0.1:0".parse().expect("literal address")),
