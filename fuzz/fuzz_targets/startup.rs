@@ -13,8 +13,10 @@ fuzz_target!(|data: &[u8]| {
         // Everything we hand out must lie inside the input.
         let _ = params.get("user");
         let _ = params.get_str("database");
-        let total: usize = params.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        let total: usize = params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
         assert!(total <= data.len());
+        // The str view and the byte view name the same parameters.
+        assert!(params.iter().map(|(k, _)| k.as_bytes()).eq(params.raw().map(|(k, _)| k)));
         for _ in params.protocol_options() {}
     }
 });
