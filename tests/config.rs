@@ -840,6 +840,22 @@ fn peers_need_an_own_peer_id_and_distinct_ids() {
         "peers[1].port",
         "is required",
     );
+    // A Unix-socket directory, as libpq takes one: absolute and short enough for the socket file.
+    let c = parse(&format!(
+        "[listen]\npeer_id = 1\n[[peers]]\nid = 2\nhost = \"/run/pgweir\"\nport = 6432\n{}",
+        with_db("")
+    ))
+    .expect("valid");
+    assert_eq!(c.peers[&2].host, "/run/pgweir");
+    one_problem(
+        &format!(
+            "[listen]\npeer_id = 1\n[[peers]]\nid = 2\nhost = \"/{}\"\nport = 6432\n{}",
+            "d".repeat(120),
+            with_db("")
+        ),
+        "peers[1].host",
+        "at most",
+    );
 }
 
 #[test]

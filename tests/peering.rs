@@ -119,3 +119,50 @@ async fn forwarding_loops_end_after_three_hops_and_unknown_peers_are_dropped() {
     let client = a.connect(roles::SCRAM).await;
     assert_eq!(client.query_one("SELECT 1", &[]).await.expect("q").get::<_, i32>(0), 1);
 }
+
+/// A peer on the same host may be listed by its Unix-socket directory, as in PgBouncer's
+/// `[peers]` (host=/dir): forwarding then goes through the socket file, not TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_is_forwarded_to_a_peer_listed_by_its_unix_socket() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("socket dir");
+    let mut a = TestProxyBuilder::new(&pg);
+    a.peer_id = 1;
+    a.unix_socket_dir = Some(dir.path().to_owned());
+    let a = a.start().await;
+    let mut b = TestProxyBuilder::new(&pg);
+    b.peer_id = 2;
+    let b = b.start().await;
+    let a_by_socket = PeerConfig {
+        host: dir.path().display().to_string(),
+        port: a.port(),
+    };
+    set_peers(&b, [(1, a_by_socket), (2, peer(&b))].into());
+
+    let client = a.connect(roles::SCRAM).await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.admin("GET", "/api/servers", None, None)
+                .await
+                .1
+                .contains("\"client\"")
+        })
+        .await,
+        "the query is running on A"
+    );
+    let to_b = TcpStream::connect(b.addr).await.expect("connect to B");
+    token
+        .cancel_query_raw(to_b, tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent to B");
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancelled in time")
+        .expect("task")
+        .expect_err("query cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+    assert_eq!(cancels(&b, "forwarded").await, 1);
+    assert_eq!(cancels(&b, "unroutable").await, 0);
+}

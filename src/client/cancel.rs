@@ -24,7 +24,6 @@ use std::time::Duration;
 use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::config::PeerConfig;
 use crate::net::ServerAddr;
@@ -273,7 +272,8 @@ impl CancelRegistry {
         let mut packet = bytes::BytesMut::with_capacity(16);
         crate::proto::messages::cancel_request(&mut packet, key);
         let send = async {
-            let mut stream = TcpStream::connect((peer.host.as_str(), peer.port)).await?;
+            // A peer on the same host may be reachable only by its Unix socket (host = "/dir").
+            let mut stream = crate::net::connect(&peer.host, peer.port, None).await?;
             stream.write_all(&packet).await?;
             stream.shutdown().await
         };

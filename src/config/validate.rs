@@ -342,6 +342,9 @@ fn peers(p: &mut Problems, raw: &[RawPeer], own_id: u16) -> BTreeMap<u16, PeerCo
                 continue;
             }
         };
+        if crate::net::is_socket_dir(&host) && check_socket_dir(p, &key("host"), &host, port).is_none() {
+            continue;
+        }
         if peers.insert(id, PeerConfig { host, port }).is_some() {
             p.add(key("id"), format!("peer id {id} is listed twice"));
         }
