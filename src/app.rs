@@ -113,11 +113,22 @@ async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixLi
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path).map_err(failed)?;
             }
+            // Linux answers a non-blocking connect to a live listener whose backlog is full
+            // with EAGAIN rather than letting it wait.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(AppError::SocketInUse { path: path.to_owned() });
+            }
             Ok(Err(e)) => return Err(failed(e)),
             Ok(Ok(_)) | Err(_) => return Err(AppError::SocketInUse { path: path.to_owned() }),
         }
     }
-    let listener = UnixListener::bind(path).map_err(failed)?;
+    // Bound, but not listening until the owner and mode below apply: a listening socket
+    // would accept connections from anyone the umask let in meanwhile.
+    let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).map_err(failed)?;
+    sock.bind(&socket2::SockAddr::unix(path).map_err(failed)?)
+        .map_err(failed)?;
+    // Held from here on, so a failure below (or later in start-up) removes the file again.
+    let file = SocketFile::of(path).map_err(failed)?;
     if let Some(gid) = group {
         // Before the mode: a chown may clear mode bits on some systems.
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| AppError::UnixSocketGroup {
@@ -127,7 +138,10 @@ async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<(UnixLi
         })?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
-    let file = SocketFile::of(path).map_err(failed)?;
+    // tokio's own backlog for its listeners.
+    sock.listen(1024).map_err(failed)?;
+    sock.set_nonblocking(true).map_err(failed)?;
+    let listener = UnixListener::from_std(sock.into()).map_err(failed)?;
     Ok((listener, file))
 }
 
@@ -147,8 +161,12 @@ impl SocketFile {
             id: (meta.dev(), meta.ino()),
         })
     }
+}
 
-    fn remove(&self) {
+/// Removes the file, but only while it is still the one pgweir bound. Dropped at shutdown, or
+/// when start-up fails after the bind.
+impl Drop for SocketFile {
+    fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
             let _ = std::fs::remove_file(&self.path);
@@ -287,15 +305,13 @@ impl Proxy {
 
     /// Graceful shutdown: stop accepting, tell idle clients, let transactions finish for up to
     /// `grace`, then close everything that is left.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(mut self, grace: Duration) {
         self.shutdown.cancel();
         self.ctx.clients.stop_all(crate::client::registry::SHUTDOWN);
-        if let Some(file) = &self.unix_socket {
-            // Gone before the grace period, as the TCP listener is: new clients fail at once.
-            // Removed while the listener still stands, so a successor starting meanwhile never
-            // finds it refusing connections and takes it for stale.
-            file.remove();
-        }
+        // Gone before the grace period, as the TCP listener is: new clients fail at once.
+        // Removed while the listener still stands, so a successor starting meanwhile never
+        // finds it refusing connections and takes it for stale.
+        drop(self.unix_socket.take());
         for task in &self.accept_tasks {
             task.abort();
         }

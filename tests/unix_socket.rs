@@ -189,8 +189,30 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
     };
     assert!(matches!(e, AppError::SocketInUse { .. }), "{e}");
     assert!(e.to_string().contains("another process is listening"), "{e}");
-    // Closed without removing its file, as after a crash: the file is stale now.
     drop(live);
+    std::fs::remove_file(&path).expect("remove");
+    // Live too when its backlog is full: Linux answers the probe's connect with EAGAIN.
+    let busy = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
+    busy.bind(&socket2::SockAddr::unix(&path).expect("addr")).expect("bind");
+    busy.listen(0).expect("listen");
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
+        c.set_nonblocking(true).expect("nonblocking");
+        if c.connect(&socket2::SockAddr::unix(&path).expect("addr")).is_err() {
+            break;
+        }
+        queued.push(c);
+    }
+    assert!(queued.len() < 8, "the backlog filled up");
+    match Proxy::start(config.clone()).await {
+        Err(AppError::SocketInUse { .. }) => {}
+        Err(e) => panic!("a listener with a full backlog is in use, got: {e}"),
+        Ok(_) => panic!("a socket in use must not be taken over"),
+    }
+    drop(queued);
+    // Closed without removing its file, as after a crash: the file is stale now.
+    drop(busy);
     assert!(path.exists());
     let proxy = TestProxy::wrap(Proxy::start(config.clone()).await.expect("stale socket replaced"));
     let client = unix_client(dir.path(), port, roles::SCRAM).await.expect("login");
@@ -217,6 +239,29 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
     };
     assert!(e.to_string().contains("not a socket"), "{e}");
     assert_eq!(std::fs::read_to_string(&path).expect("still there"), "not a socket");
+}
+
+/// A start-up that fails after the socket file was bound (here: the admin address is taken)
+/// removes the file again rather than leaving a stale one behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_up_removes_its_socket_file() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("socket dir");
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.unix_socket_dir = Some(dir.path().to_owned());
+    let mut config = builder.config();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    config.admin.addr = Some(taken.local_addr().expect("addr"));
+    let e = match Proxy::start(config).await {
+        Err(e) => e,
+        Ok(_) => panic!("the admin address is taken"),
+    };
+    assert!(matches!(e, AppError::Bind { .. }), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    assert!(left.is_empty(), "socket file left behind: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
