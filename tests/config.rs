@@ -687,6 +687,16 @@ fn unix_sockets_parse_and_validate() {
         "listen.unix_socket_dir",
         "at most 107",
     );
+    // With port 0 the name is only known at bind time: it must fit for any port.
+    one_problem(
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\nunix_socket_dir = \"/{}\"\n{}",
+            "d".repeat(94),
+            with_db("")
+        ),
+        "listen.unix_socket_dir",
+        "at most 107",
+    );
     one_problem(
         &format!("[listen]\nunix_socket_mode = \"0888\"\n{}", with_db("")),
         "listen.unix_socket_mode",

@@ -632,7 +632,17 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
     }
     let unix_socket_dir = match l.unix_socket_dir.as_deref() {
         None | Some("") => None,
-        Some(dir) => check_socket_dir(p, "listen.unix_socket_dir", dir, addr.port()).map(std::path::PathBuf::from),
+        // Port 0 is chosen at bind time: check the longest name it could give.
+        Some(dir) => check_socket_dir(
+            p,
+            "listen.unix_socket_dir",
+            dir,
+            match addr.port() {
+                0 => u16::MAX,
+                port => port,
+            },
+        )
+        .map(std::path::PathBuf::from),
     };
     let unix_socket_mode = match l.unix_socket_mode.as_deref() {
         None => 0o777,
