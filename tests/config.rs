@@ -774,6 +774,14 @@ fn hba_rules_parse_and_validate() {
         "hba[1].users",
         "must list names",
     );
+    one_problem(
+        &format!(
+            "[[hba]]\naction = \"allow\"\naddress = \"local\"\ntls = false\n{}",
+            with_db("")
+        ),
+        "hba[1].tls",
+        "could never match",
+    );
     let e = err(&format!(
         "[[hba]]\naction = \"allow\"\naddress = \"all\"\nport = 1\n{}",
         with_db("")

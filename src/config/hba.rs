@@ -99,6 +99,9 @@ pub struct HbaRule {
     pub databases: Option<Vec<String>>,
     pub users: Option<Vec<String>>,
     /// Some(true): TLS connections only (hostssl); Some(false): plaintext only (hostnossl).
+    /// Either way TCP clients only: as PostgreSQL's hostssl/hostnossl lines never match a
+    /// `local` client, and as `[tls] mode = "require"` counts the socket as this host, so a
+    /// "deny plaintext" rule does not lock out clients that cannot do TLS at all.
     pub tls: Option<bool>,
 }
 
@@ -119,7 +122,7 @@ impl HbaRule {
         self.address.matches(ip)
             && listed(&self.databases, database)
             && listed(&self.users, user)
-            && self.tls.is_none_or(|t| t == tls)
+            && self.tls.is_none_or(|t| ip.is_some() && t == tls)
     }
 }
 
@@ -197,6 +200,31 @@ mod tests {
             HbaVerdict::NoMatch
         );
         assert_eq!(check(&[], ip("192.0.2.1"), "x", "y", false), HbaVerdict::Allowed);
+    }
+
+    #[test]
+    fn tls_conditions_concern_tcp_clients_only() {
+        let mut no_plaintext = rule(HbaAction::Deny, "all");
+        no_plaintext.tls = Some(false);
+        let rules = vec![no_plaintext, rule(HbaAction::Allow, "all")];
+        assert_eq!(
+            check(&rules, ip("10.0.0.1"), "app", "bob", false),
+            HbaVerdict::DeniedBy(1)
+        );
+        assert_eq!(check(&rules, ip("10.0.0.1"), "app", "bob", true), HbaVerdict::Allowed);
+        assert_eq!(
+            check(&rules, None, "app", "bob", false),
+            HbaVerdict::Allowed,
+            "Unix socket"
+        );
+        let mut plaintext_only = rule(HbaAction::Allow, "all");
+        plaintext_only.tls = Some(false);
+        assert_eq!(check(&[plaintext_only], None, "app", "bob", false), HbaVerdict::NoMatch);
+        // Without a tls condition, "all" still covers the socket.
+        assert_eq!(
+            check(&[rule(HbaAction::Deny, "all")], None, "app", "bob", false),
+            HbaVerdict::DeniedBy(1)
+        );
     }
 
     #[test]

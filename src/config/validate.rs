@@ -460,6 +460,12 @@ fn hba_rules(p: &mut Problems, raw: &[RawHba]) -> Vec<HbaRule> {
                 p.add(key(name), "must list names (omit the key to match any)");
             }
         }
+        if address == HbaAddress::Local && r.tls.is_some() {
+            p.add(
+                key("tls"),
+                "a Unix-socket client never uses TLS, so this rule could never match: remove tls (as PostgreSQL's local lines have no ssl variant)",
+            );
+        }
         rules.push(HbaRule {
             action,
             address,
