@@ -77,22 +77,27 @@ impl Hub {
 /// Spawns one loop on the current runtime; returns its inbox.
 fn start_loop() -> Arc<Inbox> {
     let inbox = Arc::new(Inbox::default());
-    let sink: Arc<dyn GrantSink> = inbox.clone();
-    let hub = HubLoop {
-        inbox: inbox.clone(),
-        sink,
-        entries: Vec::new(),
-        free: Vec::new(),
-        timers: BinaryHeap::new(),
-        sleep: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
-        sleep_at: None,
-        spare: InboxState::default(),
-        generation: 0,
-        clock: Clock::new(),
-        watch_sweep: false,
-    };
-    tokio::spawn(hub);
+    tokio::spawn(HubLoop::new(inbox.clone()));
     inbox
+}
+
+impl HubLoop {
+    fn new(inbox: Arc<Inbox>) -> HubLoop {
+        let sink: Arc<dyn GrantSink> = inbox.clone();
+        HubLoop {
+            inbox,
+            sink,
+            entries: Vec::new(),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            sleep: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
+            sleep_at: None,
+            spare: InboxState::default(),
+            generation: 0,
+            clock: Clock::new(),
+            watch_sweep: false,
+        }
+    }
 }
 
 /// Everything that reaches the loop from outside its own poll: readiness, pool grants,
@@ -325,6 +330,16 @@ impl Future for HubLoop {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         loop {
+            // With the task's coop budget spent, every readiness poll answers Pending and wakes
+            // the task, which here would put the token straight back in the inbox: the loop
+            // would spin without ever handing the thread back to the scheduler (nor to the I/O
+            // driver that could end the spin). Yield instead; the inbox keeps what is queued.
+            // Not seen in practice (rounds per poll stay below a hundred, each spending budget
+            // only on the rare readiness that raced a read), so this is a guard, not a path.
+            if !tokio::task::coop::has_budget_remaining() {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             {
                 let mut st = this.inbox.lock();
                 if st.is_empty() {
@@ -901,6 +916,35 @@ fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guard at the top of [`HubLoop::poll`]: with the budget spent it must hand the
+    /// thread back (woken again) and leave queued work for the next poll, not drive it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_loop_whose_coop_budget_is_spent_yields_and_keeps_its_inbox() {
+        let inbox = Arc::new(Inbox::default());
+        let mut hub = HubLoop::new(inbox.clone());
+        // A token of no entry: driving it would just drop it.
+        inbox.push(|st| st.ready.push(token(3, 1)));
+        std::future::poll_fn(|cx| {
+            while tokio::task::coop::has_budget_remaining() {
+                if let Poll::Ready(progress) = tokio::task::coop::poll_proceed(cx) {
+                    progress.made_progress();
+                }
+            }
+            assert!(Pin::new(&mut hub).poll(cx).is_pending());
+            assert!(!inbox.lock().is_empty(), "the queued token waits for the next poll");
+            Poll::Ready(())
+        })
+        .await;
+        // Polled again with a fresh budget (the task's next poll), the loop drains its inbox.
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut hub).poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(inbox.lock().is_empty());
+    }
 
     #[test]
     fn a_client_read_token_names_the_same_entry() {
