@@ -226,12 +226,8 @@ impl Proxy {
         let mut ctx = ClientContext::new(config.clone(), pools, Arc::new(ServerIds::default()), shutdown.clone());
         ctx.config_path = path;
         if config.listen.event_loop {
-            // One loop per worker thread (the runtime has `workers` of them, or one per core).
-            let loops = match config.listen.workers {
-                0 => std::thread::available_parallelism().map_or(1, usize::from),
-                n => n,
-            };
-            ctx.hub = Some(crate::client::Hub::start(loops));
+            // One loop per worker thread.
+            ctx.hub = Some(crate::client::Hub::start(config.listen.worker_threads()));
         }
         let ctx = Arc::new(ctx);
         let admin_addr = match config.admin.addr {

@@ -151,7 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            runtime(config.listen.workers)?.block_on(pgweir::app::run_until_signal(config, Some(path)))?;
+            runtime(config.listen.worker_threads())?.block_on(pgweir::app::run_until_signal(config, Some(path)))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -229,15 +229,14 @@ fn status(addr: SocketAddr) -> anyhow::Result<String> {
 /// shared with PostgreSQL that costs about a fifth less CPU per transaction than a
 /// multi-threaded runtime (docs/performance.md); more workers are for more cores.
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = if workers == 1 {
+    let mut builder = if workers <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
     };
     builder.enable_all();
-    if workers > 1 {
-        builder.worker_threads(workers);
-    }
     builder.build().context("could not start the tokio runtime")
 }
 
@@ -245,7 +244,7 @@ fn demo(listen: SocketAddr) -> anyhow::Result<ExitCode> {
     eprintln!("pgweir demo: starting a throwaway PostgreSQL (initdb into a temp dir)…");
     let pg = pgweir::embedded_pg::EmbeddedPostgres::start(Default::default())
         .context("could not start the embedded PostgreSQL")?;
-    let rt = runtime(0)?;
+    let rt = runtime(pgweir::config::auto_workers())?;
     rt.block_on(async {
         let listener_addr = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l.local_addr()?,

@@ -148,7 +148,8 @@ impl<'a> TestProxyBuilder<'a> {
                 max_message_size: self.max_message_size,
                 client_login_timeout: self.client_login_timeout,
                 shutdown_timeout: Duration::from_secs(5),
-                workers: 0,
+                // Two loops whatever the machine: the tests cover sessions on different loops.
+                workers: 2,
                 event_loop: self
                     .event_loop
                     .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").map_or(true, |v| v != "0")),
