@@ -454,3 +454,52 @@ async fn query_timeout_cancels_the_query_and_frees_the_server() {
         "{metrics}"
     );
 }
+
+/// A client queued for a server when its pool is closed (at the end of a shutdown's grace
+/// period) is told the pool closed, on both data paths, not that acquire_timeout passed: it
+/// did not, and the timeout counter operators alert on must not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_queued_when_its_pool_closes_is_told_so_not_timed_out() {
+    let pg = support::postgres();
+    for event_loop in [false, true] {
+        let proxy = TestProxyBuilder::new(&pg)
+            .pool_size(1)
+            .with_pool(|p| p.acquire_timeout = Duration::from_secs(30))
+            .event_loop(event_loop)
+            .start()
+            .await;
+        let holder = proxy.connect(roles::SCRAM).await;
+        holder.batch_execute("begin; select 1").await.expect("holder begins");
+        let waiter = proxy.connect(roles::SCRAM).await;
+        let query = tokio::spawn(async move { waiter.simple_query("select 1").await.map(|_| ()) });
+        let pools = &proxy.proxy().context().pools;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                pools.all()[0].snapshot().waiting == 1
+            })
+            .await,
+            "the waiter never queued (event_loop = {event_loop})"
+        );
+        pools.close_all();
+        let e = tokio::time::timeout(Duration::from_secs(5), query)
+            .await
+            .expect("answered at once, not at acquire_timeout")
+            .expect("task")
+            .expect_err("no server");
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("57P01"),
+            "event_loop = {event_loop}: {e:?}"
+        );
+        let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        assert!(message.contains("is closed"), "{message}");
+        assert_eq!(
+            pools.all()[0]
+                .stats()
+                .acquire_timeouts
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "event_loop = {event_loop}"
+        );
+    }
+}

@@ -388,9 +388,12 @@ impl Pool {
         }
     }
 
-    /// The error for a wait whose sender was dropped: acquire_timeout passed (the sweeper) or
-    /// the pool was closed.
+    /// The error for a wait whose sender was dropped: the pool was closed (its waiters are
+    /// dropped with it), or acquire_timeout passed (the sweeper).
     pub(crate) fn acquire_timed_out(&self, settings: &PoolSettings) -> PoolError {
+        if lock(&self.shared.state).closed {
+            return PoolError::Closed(self.shared.key.clone());
+        }
         self.shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
         PoolError::Timeout {
             key: self.shared.key.clone(),
