@@ -153,3 +153,51 @@ async fn zone(client: &tokio_postgres::Client) -> String {
         .expect("TimeZone")
         .get(0)
 }
+
+/// PostgreSQL canonicalises DateStyle, TimeZone, client_encoding… but keeps application_name
+/// as given: a client named "Billing" must not run on a server still named "billing" by the
+/// client before it (pg_stat_activity, logs and `SHOW` would show the other client's value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_names_differing_only_in_case_are_distinct() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let mut clients = Vec::new();
+    for name in ["billing", "Billing", "BILLING", "billing"] {
+        let conn = format!("{} application_name={name}", proxy.conn_str(roles::SCRAM, "app"));
+        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(c);
+        clients.push((name, client));
+    }
+    for round in 0..2 {
+        for (name, client) in &clients {
+            let got: String = client
+                .query_one("select current_setting('application_name')", &[])
+                .await
+                .expect("application_name")
+                .get(0);
+            assert_eq!(&got, name, "round {round}");
+        }
+    }
+    // A SET in a different case only is a change too.
+    let (_, first) = &clients[0];
+    first
+        .batch_execute("SET application_name = 'BiLLing'")
+        .await
+        .expect("set");
+    for (name, client) in clients.iter().skip(1) {
+        let got: String = client
+            .query_one("select current_setting('application_name')", &[])
+            .await
+            .expect("application_name")
+            .get(0);
+        assert_eq!(&got, name);
+    }
+    let got: String = first
+        .query_one("select current_setting('application_name')", &[])
+        .await
+        .expect("application_name")
+        .get(0);
+    assert_eq!(got, "BiLLing");
+}

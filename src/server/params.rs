@@ -37,6 +37,24 @@ pub const REPORTED: &[&str] = &[
     "TimeZone",
 ];
 
+/// Whether `name`'s values mean the same when they differ only in ASCII case. PostgreSQL
+/// canonicalises these ("iso, dmy" is reported as "ISO, DMY", "europe/paris" as "Europe/Paris",
+/// "ON" as "on"); it keeps an application_name, or any custom setting, exactly as given.
+fn case_insensitive_value(name: &str) -> bool {
+    matches!(
+        name,
+        "client_encoding" | "DateStyle" | "IntervalStyle" | "TimeZone" | "standard_conforming_strings"
+    )
+}
+
+/// Equal values for `name`, as PostgreSQL would report them.
+fn same_value(name: &str, a: &[u8], b: &[u8]) -> bool {
+    match case_insensitive_value(name) {
+        true => a.eq_ignore_ascii_case(b),
+        false => a == b,
+    }
+}
+
 /// Maps a parameter name to the spelling PostgreSQL uses in ParameterStatus (names are
 /// case-insensitive in SET but the reports use these exact spellings).
 pub fn canonical_name(name: &str) -> Cow<'static, str> {
@@ -142,8 +160,8 @@ impl ParamSet {
     }
 
     /// An exact, order-independent serialisation of the set (names sorted, values folded to
-    /// ASCII lower case as `differences` compares them). Two sets with equal forms want the same
-    /// values, so a server known to satisfy one form satisfies every set with that form.
+    /// ASCII lower case where `differences` compares them so). Two sets with equal forms want the
+    /// same values, so a server known to satisfy one form satisfies every set with that form.
     pub fn form(&self) -> Arc<[u8]> {
         let mut entries: Vec<(&str, &[u8])> = self.iter().collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -154,7 +172,10 @@ impl ParamSet {
             out.extend_from_slice(&(k.len() as u32).to_le_bytes());
             out.extend_from_slice(k.as_bytes());
             out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            out.extend(v.iter().map(u8::to_ascii_lowercase));
+            match case_insensitive_value(k) {
+                true => out.extend(v.iter().map(u8::to_ascii_lowercase)),
+                false => out.extend_from_slice(v),
+            }
         }
         out.into()
     }
@@ -203,13 +224,13 @@ impl ParamSet {
         self.entries.is_empty()
     }
 
-    /// The entries of `wanted` whose value differs from (or is missing in) `self`. PostgreSQL
-    /// compares these case-insensitively in practice (it canonicalises "iso" to "ISO"), but a
-    /// byte compare only costs a redundant SET, never a wrong value.
+    /// The entries of `wanted` whose value differs from (or is missing in) `self`: in ASCII
+    /// case only where PostgreSQL canonicalises the value (a client's "iso, mdy" against a
+    /// server's "ISO, MDY" needs no SET), byte for byte otherwise (an application_name).
     pub fn differences<'a>(&self, wanted: &'a ParamSet) -> Vec<(&'a str, &'a [u8])> {
         wanted
             .iter()
-            .filter(|(k, v)| self.get(k).is_none_or(|have| !have.eq_ignore_ascii_case(v)))
+            .filter(|(k, v)| self.get(k).is_none_or(|have| !same_value(k, have, v)))
             .collect()
     }
 }
@@ -269,6 +290,18 @@ mod tests {
         b.set("TimeZone", b"Europe/Paris");
         assert_ne!(b.generation(), before);
         assert_ne!(a.form(), b.form());
+        // An application_name is kept as given: case is a difference, in both.
+        server.set("application_name", b"billing");
+        client.set("application_name", b"Billing");
+        assert!(
+            server
+                .differences(&client)
+                .contains(&("application_name", &b"Billing"[..]))
+        );
+        a.set("application_name", b"billing");
+        let mut e = a.clone();
+        e.set("application_name", b"Billing");
+        assert_ne!(a.form(), e.form());
         // Length prefixes keep names and values from running into each other.
         let mut c = ParamSet::default();
         c.set("ab", b"c");
