@@ -201,3 +201,38 @@ async fn application_names_differing_only_in_case_are_distinct() {
         .get(0);
     assert_eq!(got, "BiLLing");
 }
+
+/// Settings one client asked for at startup (`options=-c …`, or a parameter in the startup
+/// packet) stay with that client: the next client on the same server gets the server's
+/// defaults back, not the earlier client's statement_timeout, search_path, read-only default or
+/// custom setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_of_one_client_do_not_reach_the_next() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let with = format!(
+        "{} options='-c statement_timeout=1234 -c search_path=elsewhere -c app.tenant=42 -c default_transaction_read_only=on'",
+        proxy.conn_str(roles::SCRAM, "app")
+    );
+    let plain = proxy.conn_str(roles::SCRAM, "app");
+    let sql = "select current_setting('statement_timeout') || ' | ' || current_setting('search_path') || ' | ' \
+               || coalesce(current_setting('app.tenant', true), '') || ' | ' \
+               || current_setting('default_transaction_read_only')";
+    let mut clients = Vec::new();
+    for conn in [&with, &plain, &with, &plain] {
+        let (client, c) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(c);
+        clients.push(client);
+    }
+    let mine = "1234ms | elsewhere | 42 | on";
+    let defaults = "0 | \"$user\", public |  | off";
+    for round in 0..3 {
+        for (i, client) in clients.iter().enumerate() {
+            let got: String = client.query_one(sql, &[]).await.expect("settings").get(0);
+            let want = if i % 2 == 0 { mine } else { defaults };
+            assert_eq!(got, want, "round {round}, client {i}");
+        }
+    }
+}

@@ -626,19 +626,29 @@ impl Session {
     /// Brings the server's session parameters in line with the client's (when
     /// [`Session::params_satisfied`] says they differ).
     async fn align_params(&mut self, mut server: PooledServer) -> Result<PooledServer, PgError> {
-        let diffs: Vec<(String, Vec<u8>)> = server
-            .conn_ref()
-            .params
+        let have = &server.conn_ref().params;
+        let diffs: Vec<(String, Vec<u8>)> = have
             .differences(&self.params)
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_vec()))
             .collect();
-        if diffs.is_empty() {
+        let stale: Vec<String> = params::stale(have, &self.params)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if diffs.is_empty() && stale.is_empty() {
             self.mark_satisfied(server.conn());
             return Ok(server);
         }
         let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        let sql = params::set_statements(&pairs);
+        let mut sql = params::set_statements(&pairs);
+        for name in &stale {
+            // Back to the connection's own default (its startup packet, the role's and the
+            // database's settings), not a value pgweir would have to know.
+            sql.extend_from_slice(b"RESET ");
+            sql.extend_from_slice(name.as_bytes());
+            sql.extend_from_slice(b";");
+        }
         let conn = server.conn();
         let result = tokio::time::timeout(
             self.settings.load().server_connect_timeout,
@@ -657,6 +667,9 @@ impl Session {
                     } else {
                         conn.params.set(name, value);
                     }
+                }
+                if !stale.is_empty() {
+                    conn.params.retain(|name| !stale.iter().any(|s| s == name));
                 }
                 self.mark_satisfied(server.conn());
                 Ok(server)

@@ -19,6 +19,21 @@ pub const TRACKED: &[&str] = &[
     "standard_conforming_strings",
 ];
 
+/// Reported parameters a client can change: [`TRACKED`] plus two it may only set at startup or
+/// by `SET` (which pgweir treats as session state). Every client's wanted set holds a value for
+/// each, its own or the server's default, so a value one client left on a shared server is set
+/// back before the next uses it.
+pub const CLIENT_SETTABLE: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+    "session_authorization",
+];
+
 /// Every parameter PostgreSQL 15 reports with ParameterStatus (GUC_REPORT). Values pgweir SET
 /// for any other name are only known because pgweir set them.
 pub const REPORTED: &[&str] = &[
@@ -43,7 +58,12 @@ pub const REPORTED: &[&str] = &[
 fn case_insensitive_value(name: &str) -> bool {
     matches!(
         name,
-        "client_encoding" | "DateStyle" | "IntervalStyle" | "TimeZone" | "standard_conforming_strings"
+        "client_encoding"
+            | "DateStyle"
+            | "IntervalStyle"
+            | "TimeZone"
+            | "standard_conforming_strings"
+            | "default_transaction_read_only"
     )
 }
 
@@ -235,6 +255,17 @@ impl ParamSet {
     }
 }
 
+/// Names `self` (a server's parameters) holds that PostgreSQL does not report, so pgweir SET
+/// them for an earlier client (`options=-c statement_timeout=…`, a custom `app.tenant`), and that
+/// `wanted` does not ask for: they must be RESET before this client uses the server.
+pub fn stale<'a>(server: &'a ParamSet, wanted: &ParamSet) -> Vec<&'a str> {
+    server
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| !REPORTED.contains(k) && wanted.get(k).is_none())
+        .collect()
+}
+
 /// Builds one simple-query text `SET a = 'x'; SET b = 'y'` for the given pairs, quoting values
 /// as string literals (standard_conforming_strings style: only `'` is doubled, and an E'' form is
 /// never produced, so backslashes are literal). Returns raw bytes because values may be in the
@@ -302,6 +333,16 @@ mod tests {
         let mut e = a.clone();
         e.set("application_name", b"Billing");
         assert_ne!(a.form(), e.form());
+        // What pgweir SET for an earlier client and this one does not want is stale; reported
+        // parameters never are (the server's own facts, or set back by `differences`).
+        let mut server = ParamSet::default();
+        server.set("TimeZone", b"UTC");
+        server.set("server_version", b"15.4");
+        server.set("statement_timeout", b"1234");
+        server.set("app.tenant", b"42");
+        let mut wanted = ParamSet::default();
+        wanted.set("app.tenant", b"7");
+        assert_eq!(stale(&server, &wanted), vec!["statement_timeout"]);
         // Length prefixes keep names and values from running into each other.
         let mut c = ParamSet::default();
         c.set("ab", b"c");
