@@ -403,10 +403,10 @@ async fn login(
         None => fetch_welcome(&pool).await?,
     };
 
-    // Parameters the client can change but did not set take the server defaults, so that a
-    // value another client SET on a shared server is reset before this client uses that server.
+    // Tracked parameters the client did not set take the server defaults, so that a value
+    // another client SET on a shared server is reset before this client uses that server.
     let mut client_params = client_params;
-    for name in params::CLIENT_SETTABLE {
+    for name in params::TRACKED {
         if client_params.get(name).is_none()
             && let Some(value) = welcome.get(name)
         {
@@ -417,7 +417,7 @@ async fn login(
     let slot = Arc::new(CancelSlot::default());
     let cancel_key = ctx.cancels.register(slot.clone());
     for (name, value) in welcome.iter() {
-        let value = if params::CLIENT_SETTABLE.contains(&name) {
+        let value = if params::TRACKED.contains(&name) {
             client_params.get(name).unwrap_or(value)
         } else {
             value

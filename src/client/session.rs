@@ -626,13 +626,16 @@ impl Session {
     /// Brings the server's session parameters in line with the client's (when
     /// [`Session::params_satisfied`] says they differ).
     async fn align_params(&mut self, mut server: PooledServer) -> Result<PooledServer, PgError> {
+        // A server of this pool right after its login; every server has logged in by now, so
+        // the pool has it (an empty set would only make more names look stale).
+        let baseline = self.pool.welcome().unwrap_or_default();
         let have = &server.conn_ref().params;
         let diffs: Vec<(String, Vec<u8>)> = have
             .differences(&self.params)
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_vec()))
             .collect();
-        let stale: Vec<String> = params::stale(have, &self.params)
+        let stale: Vec<String> = params::stale(have, &self.params, &baseline)
             .into_iter()
             .map(str::to_owned)
             .collect();
@@ -644,7 +647,7 @@ impl Session {
         let mut sql = params::set_statements(&pairs);
         for name in &stale {
             // Back to the connection's own default (its startup packet, the role's and the
-            // database's settings), not a value pgweir would have to know.
+            // database's settings): the baseline's value, or PostgreSQL's own.
             sql.extend_from_slice(b"RESET ");
             sql.extend_from_slice(name.as_bytes());
             sql.extend_from_slice(b";");
@@ -668,8 +671,11 @@ impl Session {
                         conn.params.set(name, value);
                     }
                 }
-                if !stale.is_empty() {
-                    conn.params.retain(|name| !stale.iter().any(|s| s == name));
+                for name in &stale {
+                    match baseline.get(name) {
+                        Some(value) => conn.params.set(name, value),
+                        None => conn.params.retain(|n| n != name),
+                    }
                 }
                 self.mark_satisfied(server.conn());
                 Ok(server)

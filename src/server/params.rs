@@ -19,21 +19,6 @@ pub const TRACKED: &[&str] = &[
     "standard_conforming_strings",
 ];
 
-/// Reported parameters a client can change: [`TRACKED`] plus two it may only set at startup or
-/// by `SET` (which pgweir treats as session state). Every client's wanted set holds a value for
-/// each, its own or the server's default, so a value one client left on a shared server is set
-/// back before the next uses it.
-pub const CLIENT_SETTABLE: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "TimeZone",
-    "standard_conforming_strings",
-    "default_transaction_read_only",
-    "session_authorization",
-];
-
 /// Every parameter PostgreSQL 15 reports with ParameterStatus (GUC_REPORT). Values pgweir SET
 /// for any other name are only known because pgweir set them.
 pub const REPORTED: &[&str] = &[
@@ -255,14 +240,32 @@ impl ParamSet {
     }
 }
 
-/// Names `self` (a server's parameters) holds that PostgreSQL does not report, so pgweir SET
-/// them for an earlier client (`options=-c statement_timeout=…`, a custom `app.tenant`), and that
-/// `wanted` does not ask for: they must be RESET before this client uses the server.
-pub fn stale<'a>(server: &'a ParamSet, wanted: &ParamSet) -> Vec<&'a str> {
+/// Reported parameters that describe the server, not a session: no client changes them (and
+/// RESET would fail), so they are never stale.
+const SERVER_FACTS: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "in_hot_standby",
+];
+
+/// What a server holds that `wanted` does not ask for and that differs from `baseline` (what a
+/// connection of this pool has after its own login): a setting an earlier client gave at
+/// startup (`options=-c statement_timeout=…`, a custom `app.tenant`), or a reported one it
+/// changed (`default_transaction_read_only`). `RESET` brings each back to the connection's own
+/// default, which is `baseline`'s value where it has one. Whether PostgreSQL reports a name
+/// differs by version (search_path from 18, default_transaction_read_only from 14), so this
+/// compares values rather than trusting a list.
+pub fn stale<'a>(server: &'a ParamSet, wanted: &ParamSet, baseline: &ParamSet) -> Vec<&'a str> {
     server
         .iter()
+        .filter(|&(k, v)| {
+            wanted.get(k).is_none()
+                && !SERVER_FACTS.contains(&k)
+                && baseline.get(k).is_none_or(|b| !same_value(k, b, v))
+        })
         .map(|(k, _)| k)
-        .filter(|k| !REPORTED.contains(k) && wanted.get(k).is_none())
         .collect()
 }
 
@@ -335,14 +338,27 @@ mod tests {
         assert_ne!(a.form(), e.form());
         // What pgweir SET for an earlier client and this one does not want is stale; reported
         // parameters never are (the server's own facts, or set back by `differences`).
-        let mut server = ParamSet::default();
-        server.set("TimeZone", b"UTC");
-        server.set("server_version", b"15.4");
+        let mut baseline = ParamSet::default();
+        baseline.set("server_version", b"15.4");
+        baseline.set("is_superuser", b"off");
+        baseline.set("default_transaction_read_only", b"off");
+        baseline.set("search_path", b"\"$user\", public");
+        let mut server = baseline.clone();
+        server.set("is_superuser", b"on");
         server.set("statement_timeout", b"1234");
         server.set("app.tenant", b"42");
+        server.set("default_transaction_read_only", b"on");
         let mut wanted = ParamSet::default();
         wanted.set("app.tenant", b"7");
-        assert_eq!(stale(&server, &wanted), vec!["statement_timeout"]);
+        assert_eq!(
+            stale(&server, &wanted, &baseline),
+            vec!["default_transaction_read_only", "statement_timeout"]
+        );
+        server.set("search_path", b"elsewhere");
+        assert!(
+            stale(&server, &wanted, &baseline).contains(&"search_path"),
+            "reported or not"
+        );
         // Length prefixes keep names and values from running into each other.
         let mut c = ParamSet::default();
         c.set("ab", b"c");
