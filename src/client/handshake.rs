@@ -486,21 +486,23 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
         set.set(&params::canonical_name(name), value);
         Ok(())
     };
+    // As PostgreSQL reads the packet: only the last `options` counts, and its settings come
+    // first, so a parameter sent on its own wins over the same one in `options`, in any order.
+    if let Some(value) = startup.get("options") {
+        for (k, v) in parse_options(value).map_err(|why| {
+            reject(
+                LoginFailure::Protocol,
+                PgError::fatal("08P01", format!("unsupported options startup parameter: {why}"))
+                    .with_hint("Only '-c name=value' and '--name=value' are supported in options."),
+            )
+        })? {
+            add(&k, v.as_bytes())?;
+        }
+    }
     for (name, value) in startup.raw() {
         match name {
-            b"user" | b"database" | b"replication" => {}
+            b"user" | b"database" | b"replication" | b"options" => {}
             n if n.starts_with(b"_pq_.") => {}
-            b"options" => {
-                for (k, v) in parse_options(value).map_err(|why| {
-                    reject(
-                        LoginFailure::Protocol,
-                        PgError::fatal("08P01", format!("unsupported options startup parameter: {why}"))
-                            .with_hint("Only '-c name=value' and '--name=value' are supported in options."),
-                    )
-                })? {
-                    add(&k, v.as_bytes())?;
-                }
-            }
             // Names were checked to be UTF-8 when the packet was parsed.
             n => add(std::str::from_utf8(n).unwrap_or_default(), value)?,
         }

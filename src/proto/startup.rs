@@ -57,8 +57,10 @@ impl StartupParams {
         })
     }
 
+    /// The value of `key`; the last one when the client sent it more than once, as PostgreSQL
+    /// reads a startup packet.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
-        self.raw().find(|(k, _)| *k == key.as_bytes()).map(|(_, v)| v)
+        self.raw().filter(|(k, _)| *k == key.as_bytes()).last().map(|(_, v)| v)
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {

@@ -1,0 +1,488 @@
+//! The login path over raw sockets: startup packets as PostgreSQL reads them (malformed ones,
+//! duplicate keys), the 8-byte first read, parameter values at the inline/heap boundary, and
+//! read buffers handed from a departed client to the next.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pgweir::config::AuthType;
+use pgweir::embedded_pg::roles;
+use support::proxy::{TestProxy, TestProxyBuilder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn packet(code: i32, body: &[u8]) -> Vec<u8> {
+    let mut v = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+    v.extend_from_slice(&code.to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn startup(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, v) in pairs {
+        body.extend_from_slice(k);
+        body.push(0);
+        body.extend_from_slice(v);
+        body.push(0);
+    }
+    body.push(0);
+    packet(196608, &body)
+}
+
+#[derive(Debug, Default)]
+struct Reply {
+    status: Vec<(String, Vec<u8>)>,
+    error: Option<(String, String)>,
+    rows: Vec<Vec<Option<Vec<u8>>>>,
+    ready: bool,
+    eof: bool,
+}
+
+fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut msg) = (String::new(), String::new());
+    for field in body.split(|&b| b == 0) {
+        match field.first() {
+            Some(b'C') => code = String::from_utf8_lossy(&field[1..]).into(),
+            Some(b'M') => msg = String::from_utf8_lossy(&field[1..]).into(),
+            _ => {}
+        }
+    }
+    (code, msg)
+}
+
+/// Reads messages until ReadyForQuery, EOF, or (after an ErrorResponse during login) EOF.
+async fn read_reply(s: &mut TcpStream, limit: Duration) -> Reply {
+    let mut r = Reply::default();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        // Parse what we have.
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 1 + len {
+                break;
+            }
+            let tag = buf[0];
+            let body = buf[5..1 + len].to_vec();
+            buf.drain(..1 + len);
+            match tag {
+                b'S' => {
+                    let mut parts = body.splitn(3, |&b| b == 0);
+                    let k = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                    let v = parts.next().unwrap_or_default().to_vec();
+                    r.status.push((k, v));
+                }
+                b'E' => r.error = Some(error_fields(&body)),
+                b'D' => {
+                    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+                    let mut pos = 2;
+                    let mut row = Vec::new();
+                    for _ in 0..n {
+                        let l = i32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]);
+                        pos += 4;
+                        if l < 0 {
+                            row.push(None);
+                        } else {
+                            row.push(Some(body[pos..pos + l as usize].to_vec()));
+                            pos += l as usize;
+                        }
+                    }
+                    r.rows.push(row);
+                }
+                b'Z' => {
+                    r.ready = true;
+                    return r;
+                }
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                r.eof = true;
+                return r;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => return r,
+        }
+    }
+}
+
+async fn query(s: &mut TcpStream, sql: &str) -> Reply {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    s.write_all(&m).await.expect("query");
+    read_reply(s, Duration::from_secs(10)).await
+}
+
+async fn trust_proxy(pg: &pgweir::embedded_pg::EmbeddedPostgres, pool_size: usize) -> TestProxy {
+    let mut b = TestProxyBuilder::new(pg).pool_size(pool_size);
+    b.auth_type = AuthType::Trust;
+    b.client_login_timeout = Duration::from_secs(2);
+    b.start().await
+}
+
+async fn login(proxy: &TestProxy, extra: &[(&[u8], &[u8])]) -> (TcpStream, Reply) {
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![(b"user", roles::TRUST.as_bytes()), (b"database", b"app")];
+    pairs.extend_from_slice(extra);
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&startup(&pairs)).await.expect("startup");
+    let r = read_reply(&mut s, Duration::from_secs(10)).await;
+    (s, r)
+}
+
+fn status<'a>(r: &'a Reply, name: &str) -> Option<&'a [u8]> {
+    r.status.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+}
+
+/// Values either side of the 22-byte inline limit (one the prefix of another), multi-byte UTF-8
+/// and empty values: each client is told its own value at login and finds it on the one shared
+/// server, transaction after transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_at_the_inline_limit_follow_each_client() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let a21 = "a".repeat(21);
+    let app_names: Vec<String> = vec![
+        String::new(),
+        a21.clone(),
+        format!("{a21}b"),
+        format!("{a21}c"),
+        format!("{a21}a"),
+        format!("{a21}aa"),
+        format!("{a21}ab"),
+        format!("{a21}aA"),
+        "x".repeat(64),
+    ];
+    let e = "é";
+    let tags: Vec<String> = vec![
+        e.repeat(11),
+        format!("{}x", e.repeat(11)),
+        format!("{}x", e.repeat(10)),
+        format!("{}", e.repeat(12)),
+        String::new(),
+        format!("{}xé", e.repeat(10)),
+    ];
+    let mut clients = Vec::new();
+    for (i, name) in app_names.iter().enumerate() {
+        let tag = &tags[i % tags.len()];
+        // Alternate the spelling of the names: canonicalisation must treat them alike.
+        let an: &[u8] = if i % 2 == 0 {
+            b"application_name"
+        } else {
+            b"Application_Name"
+        };
+        let tn: &[u8] = if i % 2 == 0 { b"app.tag" } else { b"APP.Tag" };
+        let (s, r) = login(&proxy, &[(an, name.as_bytes()), (tn, tag.as_bytes())]).await;
+        assert!(r.ready && r.error.is_none(), "login {i}: {r:?}");
+        assert_eq!(
+            status(&r, "application_name"),
+            Some(name.as_bytes()),
+            "ParameterStatus for {i}"
+        );
+        clients.push((s, name.clone(), tag.clone()));
+    }
+    for round in 0..4 {
+        for (i, (s, name, tag)) in clients.iter_mut().enumerate() {
+            let r = query(
+                s,
+                "select current_setting('application_name'), current_setting('app.tag', true)",
+            )
+            .await;
+            assert!(r.error.is_none(), "round {round} client {i}: {r:?}");
+            let row = &r.rows[0];
+            // PostgreSQL 15 keeps an ASCII application_name as given.
+            // (PostgreSQL truncates application_name to NAMEDATALEN-1 = 63 bytes.)
+            assert_eq!(
+                row[0].as_deref(),
+                Some(&name.as_bytes()[..name.len().min(63)]),
+                "round {round} client {i} application_name"
+            );
+            assert_eq!(
+                row[1].as_deref().unwrap_or_default(),
+                tag.as_bytes(),
+                "round {round} client {i} app.tag"
+            );
+        }
+    }
+}
+
+/// Malformed startup packets are refused with an ErrorResponse promptly, never accepted, never
+/// left hanging until the login timeout, and the proxy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_startup_packets_are_refused_at_once() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 2).await;
+    let u = roles::TRUST.as_bytes();
+    let with = |body: &[u8]| packet(196608, body);
+    let userpart = [b"user\0".as_slice(), u, b"\0"].concat();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("no final NUL", with(&userpart)),
+        ("unterminated value", with(&[b"user\0".as_slice(), u].concat())),
+        ("unterminated name", with(b"user")),
+        ("empty name first", with(&[b"\0".as_slice(), &userpart, b"\0"].concat())),
+        (
+            "bytes after the terminator",
+            with(&[userpart.as_slice(), b"\0x"].concat()),
+        ),
+        (
+            "two NULs in the middle",
+            with(&[userpart.as_slice(), b"\0database\0app\0\0"].concat()),
+        ),
+        ("odd NULs at the end", with(&[userpart.as_slice(), b"\0\0\0"].concat())),
+        (
+            "non-UTF-8 name",
+            with(&[userpart.as_slice(), b"ap\xffp\0x\0\0"].concat()),
+        ),
+        ("length 8, protocol 3.0", packet(196608, b"")),
+        ("only the terminator", packet(196608, b"\0")),
+        ("empty user", with(b"user\0\0\0")),
+        ("SSLRequest of 12 bytes", packet(80877103, b"\0\0\0\0")),
+        ("CancelRequest of 8 bytes", packet(80877102, b"")),
+        ("protocol 2.0", packet(0x0002_0000, &userpart)),
+        (
+            "options -c without setting",
+            with(&[userpart.as_slice(), b"options\0-c\0\0"].concat()),
+        ),
+        (
+            "options other switch",
+            with(&[userpart.as_slice(), b"options\0-B 100\0\0"].concat()),
+        ),
+        (
+            "options without =",
+            with(&[userpart.as_slice(), b"options\0-c foo\0\0"].concat()),
+        ),
+        ("bad name", with(&[userpart.as_slice(), b"a;b\0x\0\0"].concat())),
+        (
+            "replication",
+            with(&[userpart.as_slice(), b"replication\0database\0\0"].concat()),
+        ),
+    ];
+    for (what, pkt) in cases {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(&pkt).await.expect("write");
+        let r = read_reply(&mut s, Duration::from_secs(5)).await;
+        assert!(!r.ready, "{what}: accepted: {r:?}");
+        assert!(r.error.is_some() || r.eof, "{what}: no answer: {r:?}");
+        let (code, msg) = r.error.clone().unwrap_or_default();
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{what}: took {:?} ({code} {msg})",
+            started.elapsed()
+        );
+        assert!(!msg.contains("client_login_timeout"), "{what}: {msg}");
+        eprintln!("{what}: {code} {msg}");
+    }
+    // A very long value (near MAX_STARTUP_LEN) logs in and is applied.
+    let long = "v".repeat(9_000);
+    let (mut s, r) = login(&proxy, &[(b"app.long", long.as_bytes())]).await;
+    assert!(r.ready, "{r:?}");
+    let r = query(&mut s, "select length(current_setting('app.long'))").await;
+    assert_eq!(r.rows[0][0].as_deref(), Some(&b"9000"[..]), "{r:?}");
+    // Over MAX_STARTUP_LEN: refused at once from the header.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&10_001i32.to_be_bytes()).await.expect("write");
+    let r = read_reply(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(r.error.map(|e| e.0).as_deref(), Some("08P01"));
+}
+
+/// Duplicate startup keys. PostgreSQL 15 (checked by hand against a local server with raw
+/// packets) takes the LAST user/database/options/replication (ProcessStartupPacket overwrites
+/// port->user_name, port->database_name, port->cmdline_options), and a GUC given as its own
+/// startup parameter beats the same GUC in `options` whatever the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_startup_keys_are_read_as_postgresql_reads_them() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 2).await;
+    let mut diverged = Vec::new();
+    // user twice: PostgreSQL logs in as the second.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&startup(&[
+        (b"user", roles::TRUST.as_bytes()),
+        (b"database", b"app"),
+        (b"user", roles::PLAIN.0.as_bytes()),
+    ]))
+    .await
+    .expect("startup");
+    let r = read_reply(&mut s, Duration::from_secs(10)).await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut s, "select current_user").await;
+    let who = String::from_utf8_lossy(q.rows[0][0].as_deref().unwrap_or_default()).into_owned();
+    if who != roles::PLAIN.0 {
+        diverged.push(format!(
+            "user twice: pgweir logged in as {who:?}, PostgreSQL would use {:?}",
+            roles::PLAIN.0
+        ));
+    }
+    // options twice: PostgreSQL applies only the last.
+    let (mut s, r) = login(
+        &proxy,
+        &[
+            (b"options", b"-c statement_timeout=5"),
+            (b"options", b"-c application_name=x"),
+        ],
+    )
+    .await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut s, "select current_setting('statement_timeout')").await;
+    let st = String::from_utf8_lossy(q.rows[0][0].as_deref().unwrap_or_default()).into_owned();
+    if st != "0" {
+        diverged.push(format!(
+            "options twice: statement_timeout {st:?} from the first options, PostgreSQL ignores it (\"0\")"
+        ));
+    }
+    // A startup parameter beats `options` even when options comes later.
+    let (mut s, r) = login(
+        &proxy,
+        &[
+            (b"application_name", b"fromparam"),
+            (b"options", b"-c application_name=fromopt"),
+        ],
+    )
+    .await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut s, "select current_setting('application_name')").await;
+    let an = String::from_utf8_lossy(q.rows[0][0].as_deref().unwrap_or_default()).into_owned();
+    if an != "fromparam" {
+        diverged.push(format!(
+            "param then options: application_name {an:?}, PostgreSQL \"fromparam\""
+        ));
+    }
+    // replication=false then replication=true: PostgreSQL treats it as a replication connection.
+    let (_s, r) = login(&proxy, &[(b"replication", b"false"), (b"replication", b"true")]).await;
+    if r.ready {
+        diverged
+            .push("replication false,true: pgweir logged in as a normal client, PostgreSQL starts a walsender".into());
+    }
+    // The same GUC twice in different spellings: last wins in both.
+    let (mut s, r) = login(
+        &proxy,
+        &[(b"application_name", b"first"), (b"APPLICATION_NAME", b"second")],
+    )
+    .await;
+    assert!(r.ready, "{r:?}");
+    assert_eq!(status(&r, "application_name"), Some(&b"second"[..]));
+    let q = query(&mut s, "select current_setting('application_name')").await;
+    assert_eq!(q.rows[0][0].as_deref(), Some(&b"second"[..]));
+    for d in &diverged {
+        eprintln!("DIVERGES: {d}");
+    }
+    assert!(diverged.is_empty(), "{diverged:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_ssl_request_with_stuffed_bytes_is_refused() {
+    use pgweir::config::ClientTlsMode;
+    use support::pki::{Pki, client_tls};
+    let pg = support::postgres();
+    let pki = Pki::new("review17 CA");
+    let leaf = pki.leaf("proxy", &["127.0.0.1"]);
+    let mut b = TestProxyBuilder::new(&pg);
+    b.tls = client_tls(ClientTlsMode::Prefer, &leaf);
+    b.auth_type = AuthType::Trust;
+    let proxy = b.start().await;
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    for split in [1usize, 4, 5, 7] {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        s.write_all(&SSL_REQUEST[..split]).await.expect("first piece");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut rest = SSL_REQUEST[split..].to_vec();
+        rest.extend_from_slice(&startup(&[(b"user", roles::TRUST.as_bytes()), (b"database", b"app")]));
+        s.write_all(&rest).await.expect("rest");
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
+        let text = String::from_utf8_lossy(&all);
+        assert_eq!(all.first(), Some(&b'E'), "split {split}: {all:?}");
+        assert!(
+            text.contains("unencrypted data after SSL request"),
+            "split {split}: {text}"
+        );
+    }
+}
+
+/// The first read asks for 8 bytes: a client that sends fewer and waits is cut off at
+/// client_login_timeout (not before, not never); a CancelRequest in two pieces still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_headers_wait_for_the_login_timeout_only() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 2).await;
+    let full = startup(&[(b"user", roles::TRUST.as_bytes()), (b"database", b"app")]);
+    for n in [1usize, 4, 5, 7, 8, 12] {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(&full[..n]).await.expect("write");
+        let r = read_reply(&mut s, Duration::from_secs(6)).await;
+        let (code, msg) = r.error.clone().unwrap_or_default();
+        assert_eq!(code, "08P01", "{n} bytes: {r:?}");
+        assert!(msg.contains("client_login_timeout"), "{n} bytes: {msg}");
+        let t = started.elapsed();
+        assert!(
+            t >= Duration::from_millis(1900) && t < Duration::from_secs(4),
+            "{n} bytes: {t:?}"
+        );
+    }
+    // The whole packet a byte at a time, each byte its own segment.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    for b in &full {
+        s.write_all(&[*b]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let r = read_reply(&mut s, Duration::from_secs(5)).await;
+    assert!(r.ready, "{r:?}");
+    // CancelRequest (16 bytes) split 8 + 8: the connection just ends, no reply.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let cancel = packet(80877102, &[0, 0, 0, 1, 0, 0, 0, 2]);
+    s.write_all(&cancel[..8]).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&cancel[8..]).await.expect("write");
+    let r = read_reply(&mut s, Duration::from_secs(3)).await;
+    assert!(r.eof && r.error.is_none() && r.status.is_empty(), "{r:?}");
+}
+
+/// Bytes a departing client left unread in its session buffer (a partial message, or bytes
+/// after a Terminate) must not reach the next client that gets that buffer from the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_clients_unread_bytes_never_reach_the_next() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 2).await;
+    for i in 0..150 {
+        let (mut a, r) = login(&proxy, &[]).await;
+        assert!(r.ready);
+        // Warm: a transaction so the session holds a buffer.
+        let q = query(&mut a, "select 1").await;
+        assert!(q.error.is_none());
+        let leak = "select 'LEAKED-FROM-A'";
+        let mut junk = Vec::new();
+        if i % 2 == 0 {
+            // A query whose declared length is more than what is sent, then gone.
+            junk.push(b'Q');
+            junk.extend_from_slice(&1000i32.to_be_bytes());
+            junk.extend_from_slice(leak.as_bytes());
+        } else {
+            // Terminate followed by a complete query pgweir never runs.
+            junk.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+            junk.push(b'Q');
+            junk.extend_from_slice(&((leak.len() + 5) as i32).to_be_bytes());
+            junk.extend_from_slice(leak.as_bytes());
+            junk.push(0);
+        }
+        a.write_all(&junk).await.expect("junk");
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (mut b, r) = login(&proxy, &[]).await;
+        assert!(r.ready, "{r:?}");
+        let q = query(&mut b, "select 'b'").await;
+        assert!(q.error.is_none(), "iteration {i}: {q:?}");
+        assert_eq!(q.rows.len(), 1, "iteration {i}: {q:?}");
+        assert_eq!(q.rows[0][0].as_deref(), Some(&b"b"[..]), "iteration {i}");
+        let q = query(&mut b, "select 'b2'").await;
+        assert_eq!(q.rows.len(), 1, "iteration {i}: {q:?}");
+    }
+}
