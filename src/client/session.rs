@@ -644,14 +644,10 @@ impl Session {
             return Ok(server);
         }
         let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        let mut sql = params::set_statements(&pairs);
-        for name in &stale {
-            // Back to the connection's own default (its startup packet, the role's and the
-            // database's settings): the baseline's value, or PostgreSQL's own.
-            sql.extend_from_slice(b"RESET ");
-            sql.extend_from_slice(name.as_bytes());
-            sql.extend_from_slice(b";");
-        }
+        // RESET: back to the connection's own default (its startup packet, the role's and the
+        // database's settings), the baseline's value or PostgreSQL's own.
+        let resets: Vec<&str> = stale.iter().map(String::as_str).collect();
+        let sql = params::set_statements(&pairs, &resets);
         let conn = server.conn();
         let result = tokio::time::timeout(
             self.settings.load().server_connect_timeout,

@@ -269,11 +269,12 @@ pub fn stale<'a>(server: &'a ParamSet, wanted: &ParamSet, baseline: &ParamSet) -
         .collect()
 }
 
-/// Builds one simple-query text `SET a = 'x'; SET b = 'y'` for the given pairs, quoting values
+/// Builds one simple-query text `SET a = 'x'; SET b = 'y'; RESET c;` for the given pairs and
+/// `resets` (names from a [`ParamSet`], so valid unquoted), quoting values
 /// as string literals (standard_conforming_strings style: only `'` is doubled, and an E'' form is
 /// never produced, so backslashes are literal). Returns raw bytes because values may be in the
 /// client's encoding.
-pub fn set_statements(pairs: &[(&str, &[u8])]) -> BytesMut {
+pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
     let mut sql = BytesMut::new();
     for (name, value) in pairs {
         sql.put_slice(b"SET ");
@@ -286,6 +287,11 @@ pub fn set_statements(pairs: &[(&str, &[u8])]) -> BytesMut {
             sql.put_u8(b);
         }
         sql.put_slice(b"';");
+    }
+    for name in resets {
+        sql.put_slice(b"RESET ");
+        sql.put_slice(name.as_bytes());
+        sql.put_slice(b";");
     }
     sql
 }
@@ -336,8 +342,8 @@ mod tests {
         let mut e = a.clone();
         e.set("application_name", b"Billing");
         assert_ne!(a.form(), e.form());
-        // What pgweir SET for an earlier client and this one does not want is stale; reported
-        // parameters never are (the server's own facts, or set back by `differences`).
+        // What a server holds, this client does not want and differs from a fresh connection
+        // is stale, reported by PostgreSQL or not; the server's own facts never are.
         let mut baseline = ParamSet::default();
         baseline.set("server_version", b"15.4");
         baseline.set("is_superuser", b"off");
@@ -365,7 +371,7 @@ mod tests {
         let mut d = ParamSet::default();
         d.set("a", b"bc");
         assert_ne!(c.form(), d.form());
-        let sql = set_statements(&[("application_name", b"it's")]);
+        let sql = set_statements(&[("application_name", b"it's")], &[]);
         assert_eq!(&sql[..], b"SET application_name = 'it''s';");
         assert!(is_valid_name("myapp.tenant_id"));
         assert!(!is_valid_name("a; drop table x"));
