@@ -27,6 +27,15 @@ async fn login_needs_no_server_once_parameters_are_known() {
     holder.batch_execute("commit").await.expect("commit");
 }
 
+/// A client for the connection string `conn`, its connection driven in the background.
+async fn connect(conn: &str) -> tokio_postgres::Client {
+    let (client, c) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(c);
+    client
+}
+
 async fn check(client: &tokio_postgres::Client, idx: usize, settings: &[(&str, &str, &str)]) {
     for _ in 0..20 {
         for (name, va, vb) in settings {
@@ -69,10 +78,7 @@ async fn startup_parameters_are_applied() {
         "{} application_name=from-startup options='-c TimeZone=Asia/Tokyo -c statement_timeout=1234'",
         proxy.conn_str(roles::SCRAM, "app")
     );
-    let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(c);
+    let client = connect(&conn).await;
     let row = client
         .query_one(
             "select current_setting('application_name'), current_setting('TimeZone'), current_setting('statement_timeout')",
@@ -113,10 +119,7 @@ async fn a_server_changed_by_one_client_is_brought_back_for_the_next() {
     );
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(c);
+        let client = connect(&conn).await;
         clients.push(client);
     }
     // All three start alike: the one server serves them in turn on the fast path.
@@ -164,10 +167,7 @@ async fn application_names_differing_only_in_case_are_distinct() {
     let mut clients = Vec::new();
     for name in ["billing", "Billing", "BILLING", "billing"] {
         let conn = format!("{} application_name={name}", proxy.conn_str(roles::SCRAM, "app"));
-        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(c);
+        let client = connect(&conn).await;
         clients.push((name, client));
     }
     for round in 0..2 {
@@ -220,10 +220,7 @@ async fn startup_settings_of_one_client_do_not_reach_the_next() {
                || current_setting('default_transaction_read_only')";
     let mut clients = Vec::new();
     for conn in [&with, &plain, &with, &plain] {
-        let (client, c) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(c);
+        let client = connect(conn).await;
         clients.push(client);
     }
     let mine = "1234ms | elsewhere | 42 | on";

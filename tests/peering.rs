@@ -35,6 +35,34 @@ async fn cancels(proxy: &TestProxy, result: &str) -> u64 {
         .await
 }
 
+/// Runs a long query through `a`, sends its cancel to `b` (as a load balancer might), and
+/// returns the query's error.
+async fn cancel_on_a_through_b(a: &TestProxy, b: &TestProxy) -> tokio_postgres::Error {
+    let client = a.connect(roles::SCRAM).await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.admin("GET", "/api/servers", None, None)
+                .await
+                .1
+                .contains("\"client\"")
+        })
+        .await,
+        "the query is running on A"
+    );
+    let to_b = TcpStream::connect(b.addr).await.expect("connect to B");
+    token
+        .cancel_query_raw(to_b, tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent to B");
+    tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancelled in time")
+        .expect("task")
+        .expect_err("query cancelled")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_sent_to_the_other_instance_reaches_the_query() {
     let pg = support::postgres();
@@ -48,27 +76,8 @@ async fn a_cancel_sent_to_the_other_instance_reaches_the_query() {
     set_peers(&a, peers.clone());
     set_peers(&b, peers);
 
-    let client = a.connect(roles::SCRAM).await;
-    let token = client.cancel_token();
     let started = Instant::now();
-    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.admin("GET", "/api/servers", None, None)
-                .await
-                .1
-                .contains("\"client\"")
-        })
-        .await,
-        "the query is running on A"
-    );
-    // The load balancer sent the cancel connection to B.
-    let to_b = TcpStream::connect(b.addr).await.expect("connect to B");
-    token
-        .cancel_query_raw(to_b, tokio_postgres::NoTls)
-        .await
-        .expect("cancel sent to B");
-    let e = sleeper.await.expect("task").expect_err("query cancelled");
+    let e = cancel_on_a_through_b(&a, &b).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(cancels(&b, "forwarded").await, 1);
@@ -139,29 +148,7 @@ async fn a_cancel_is_forwarded_to_a_peer_listed_by_its_unix_socket() {
     };
     set_peers(&b, [(1, a_by_socket), (2, peer(&b))].into());
 
-    let client = a.connect(roles::SCRAM).await;
-    let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.admin("GET", "/api/servers", None, None)
-                .await
-                .1
-                .contains("\"client\"")
-        })
-        .await,
-        "the query is running on A"
-    );
-    let to_b = TcpStream::connect(b.addr).await.expect("connect to B");
-    token
-        .cancel_query_raw(to_b, tokio_postgres::NoTls)
-        .await
-        .expect("cancel sent to B");
-    let e = tokio::time::timeout(Duration::from_secs(10), sleeper)
-        .await
-        .expect("cancelled in time")
-        .expect("task")
-        .expect_err("query cancelled");
+    let e = cancel_on_a_through_b(&a, &b).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
     assert_eq!(cancels(&b, "forwarded").await, 1);
     assert_eq!(cancels(&b, "unroutable").await, 0);
