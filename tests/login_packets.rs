@@ -486,3 +486,26 @@ async fn a_departed_clients_unread_bytes_never_reach_the_next() {
         assert_eq!(q.rows.len(), 1, "iteration {i}: {q:?}");
     }
 }
+
+/// pgJDBC sends `DateStyle=ISO`, which names no field order: PostgreSQL reads it against its
+/// default ("ISO, MDY"). On a server the previous client left at "SQL, DMY", a bare `SET
+/// DateStyle = 'ISO'` kept DMY, and '01/02/2024' became the 1st of February.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_datestyle_is_read_against_the_default_not_the_last_client() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let (mut european, r) = login(&proxy, &[(b"DateStyle", b"SQL, DMY")]).await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut european, "select '01/02/2024'::date::text").await;
+    assert_eq!(q.rows[0][0].as_deref(), Some(&b"01/02/2024"[..]), "{q:?}");
+    drop(european);
+    let (mut jdbc, r) = login(&proxy, &[(b"DateStyle", b"ISO")]).await;
+    assert!(r.ready, "{r:?}");
+    let q = query(
+        &mut jdbc,
+        "select current_setting('DateStyle'), '01/02/2024'::date::text",
+    )
+    .await;
+    assert_eq!(q.rows[0][0].as_deref(), Some(&b"ISO, MDY"[..]), "{q:?}");
+    assert_eq!(q.rows[0][1].as_deref(), Some(&b"2024-01-02"[..]), "{q:?}");
+}

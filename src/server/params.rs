@@ -277,6 +277,12 @@ pub fn stale<'a>(server: &'a ParamSet, wanted: &ParamSet, baseline: &ParamSet) -
 pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
     let mut sql = BytesMut::new();
     for (name, value) in pairs {
+        if *name == "DateStyle" {
+            // A DateStyle keeps whatever part it leaves out ("ISO" names no field order) from
+            // the session's current setting, which on a shared server is the last client's.
+            // PostgreSQL reads a startup value against the default, so start from there.
+            sql.put_slice(b"RESET DateStyle;");
+        }
         sql.put_slice(b"SET ");
         sql.put_slice(name.as_bytes());
         sql.put_slice(b" = '");
@@ -299,6 +305,15 @@ pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_datestyle_is_set_from_the_default() {
+        let sql = set_statements(&[("TimeZone", b"UTC"), ("DateStyle", b"ISO")], &["search_path"]);
+        assert_eq!(
+            &sql[..],
+            b"SET TimeZone = 'UTC';RESET DateStyle;SET DateStyle = 'ISO';RESET search_path;"
+        );
+    }
 
     #[test]
     fn canonical_names_and_differences() {
