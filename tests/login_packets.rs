@@ -179,9 +179,10 @@ async fn values_at_the_inline_limit_follow_each_client() {
         let tn: &[u8] = if i % 2 == 0 { b"app.tag" } else { b"APP.Tag" };
         let (s, r) = login(&proxy, &[(an, name.as_bytes()), (tn, tag.as_bytes())]).await;
         assert!(r.ready && r.error.is_none(), "login {i}: {r:?}");
+        // As PostgreSQL reports it: cut to NAMEDATALEN - 1 = 63 bytes.
         assert_eq!(
             status(&r, "application_name"),
-            Some(name.as_bytes()),
+            Some(&name.as_bytes()[..name.len().min(63)]),
             "ParameterStatus for {i}"
         );
         clients.push((s, name.clone(), tag.clone()));
@@ -484,6 +485,67 @@ async fn a_departed_clients_unread_bytes_never_reach_the_next() {
         assert_eq!(q.rows[0][0].as_deref(), Some(&b"b"[..]), "iteration {i}");
         let q = query(&mut b, "select 'b2'").await;
         assert_eq!(q.rows.len(), 1, "iteration {i}: {q:?}");
+    }
+}
+
+/// The value a client was last told for `name`, from its login reply and later replies.
+fn last_status<'a>(replies: &[&'a Reply], name: &str) -> Option<&'a [u8]> {
+    replies
+        .iter()
+        .flat_map(|r| r.status.iter())
+        .rfind(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// A client is told what PostgreSQL reports for its startup values, not its own spelling: at
+/// login where pgweir can know it (a case variant of the server's value, a long
+/// application_name, a spelling a server already explained), else ahead of the first reply
+/// after a server applied it. Either way the last value told is the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_told_the_servers_spelling_of_their_startup_values() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let long = "x".repeat(64);
+    let cases: [(&str, &[u8], bool); 5] = [
+        // (name, value, known at the first login)
+        ("DateStyle", b"iso, dmy", false),
+        ("DateStyle", b"ISO", false),
+        ("client_encoding", b"utf8", true),
+        ("TimeZone", b"europe/paris", false),
+        ("application_name", long.as_bytes(), true),
+    ];
+    let sql = |name: &str| format!("select current_setting('{name}')");
+    for (name, value, known) in cases {
+        let (mut first, login_first) = login(&proxy, &[(name.as_bytes(), value)]).await;
+        assert!(login_first.ready, "{name}={value:?}: {login_first:?}");
+        let q = query(&mut first, &sql(name)).await;
+        let actual = q.rows[0][0].clone().expect("a setting");
+        assert_ne!(actual, value, "{name}: PostgreSQL canonicalises {value:?}");
+        assert_eq!(
+            last_status(&[&login_first, &q], name),
+            Some(&actual[..]),
+            "{name}={value:?}: last value told to the first client"
+        );
+        if known {
+            assert_eq!(
+                status(&login_first, name),
+                Some(&actual[..]),
+                "{name} at the first login"
+            );
+        }
+        // The second client with the same spelling is told the server's value at login.
+        let (mut second, login_second) = login(&proxy, &[(name.as_bytes(), value)]).await;
+        assert_eq!(
+            status(&login_second, name),
+            Some(&actual[..]),
+            "{name}={value:?} at the next login"
+        );
+        let q = query(&mut second, &sql(name)).await;
+        assert_eq!(q.rows[0][0].as_deref(), Some(&actual[..]), "{name} on the server");
+        assert!(
+            q.status.iter().all(|(k, _)| k != name),
+            "{name}: nothing more to tell the second client: {q:?}"
+        );
     }
 }
 

@@ -407,10 +407,22 @@ async fn login(
     // another client SET on a shared server is reset before this client uses that server.
     let mut client_params = client_params;
     for name in params::TRACKED {
-        if client_params.get(name).is_none()
-            && let Some(value) = welcome.get(name)
-        {
-            client_params.set(name, value);
+        let Some(value) = client_params.get(name) else {
+            if let Some(value) = welcome.get(name) {
+                client_params.set(name, value);
+            }
+            continue;
+        };
+        // Told at login, and compared with servers from then on, as PostgreSQL spells it. A
+        // spelling no rule or earlier server explains stays as sent until a server applies it;
+        // the session then tells the client the server's value (Session::align_params).
+        let canonical = match params::canonical_locally(name, value, welcome.get(name)) {
+            Some(c) => Some(c.to_vec()),
+            None if welcome.get(name) == Some(value) || params::kept_as_sent(name, value) => None,
+            None => pool.canonical_value(name, value),
+        };
+        if let Some(c) = canonical {
+            client_params.set(name, &c);
         }
     }
 

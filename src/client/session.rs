@@ -83,6 +83,9 @@ struct Session {
     hub_eligible: bool,
     /// Which of the event loops.
     hub_index: usize,
+    /// ParameterStatus messages the client is owed (a server reported a value in another
+    /// spelling than the client was told); they go out ahead of its next reply.
+    status_for_client: BytesMut,
 }
 
 struct LoggedInKeys {
@@ -183,6 +186,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         spares: LinkSpares::default(),
         hub_eligible: hub.is_some(),
         hub_index: hub.as_ref().map_or(0, Hub::assign),
+        status_for_client: BytesMut::new(),
     });
     let key = session.login.key;
     let mut resume = Resume::Unlinked;
@@ -657,10 +661,16 @@ impl Session {
         match result {
             Ok(Ok(None)) => {
                 for (name, value) in &diffs {
-                    if params::TRACKED.contains(&name.as_str()) {
+                    if let Some(tracked) = params::TRACKED.iter().find(|t| **t == name.as_str()) {
                         // PostgreSQL reports the canonical spelling ("iso" → "ISO, MDY");
                         // adopting it means the next comparison matches and no SET is repeated.
                         let canonical = conn.params.get(name).unwrap_or(value).to_vec();
+                        if canonical != *value {
+                            // The client was told its own spelling (at login, nothing had
+                            // explained it yet): tell it PostgreSQL's, and tell the next login.
+                            self.pool.learn_canonical_value(tracked, value, &canonical);
+                            crate::proto::messages::parameter_status(&mut self.status_for_client, name, &canonical);
+                        }
                         self.params.set(name, &canonical);
                         conn.params.set(name, &canonical);
                     } else {
@@ -725,7 +735,11 @@ impl Session {
     fn start_link(&mut self, server: PooledServer, linked_at: Instant) -> Link {
         let spares = std::mem::take(&mut self.spares);
         let policy = self.refresh_timeouts();
-        let link = Link::new(server, policy, spares);
+        let mut link = Link::new(server, policy, spares);
+        if !self.status_for_client.is_empty() {
+            link.inject.extend_from_slice(&self.status_for_client);
+            self.status_for_client.clear();
+        }
         self.last_activity = linked_at;
         let conn = link.server.conn_ref();
         self.login.slot.set_target(conn.addr.clone(), conn.backend_key);

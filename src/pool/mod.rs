@@ -223,6 +223,34 @@ struct PoolState {
     paused: bool,
 }
 
+/// Learnt (name, client spelling, reported value) triples; few (applications send the same
+/// startup packet every time), so a list.
+#[derive(Default)]
+struct CanonicalValues(Vec<Learnt>);
+
+/// A tracked parameter's name, a client's spelling of a value, what PostgreSQL reported for it.
+type Learnt = (&'static str, Box<[u8]>, Box<[u8]>);
+
+impl CanonicalValues {
+    /// Spellings come from clients: the bound keeps one that invents new ones from growing the
+    /// pool without limit (past it, such clients are told the server's value after their first
+    /// SET instead of at login).
+    const MAX: usize = 64;
+
+    fn get(&self, name: &str, value: &[u8]) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(n, v, _)| *n == name && **v == *value)
+            .map(|(_, _, c)| &c[..])
+    }
+
+    fn learn(&mut self, name: &'static str, value: &[u8], canonical: &[u8]) {
+        if self.0.len() < Self::MAX && self.get(name, value).is_none() {
+            self.0.push((name, value.into(), canonical.into()));
+        }
+    }
+}
+
 pub(crate) struct PoolShared {
     key: PoolKey,
     target: ServerTarget,
@@ -234,6 +262,10 @@ pub(crate) struct PoolShared {
     /// Parameters of the pool's first server login; replayed to clients at login so they need
     /// no server (PgBouncer's "welcome message").
     welcome: Mutex<Option<Arc<ParamSet>>>,
+    /// What PostgreSQL reported for a client's spelling of a tracked parameter ("iso, dmy" →
+    /// "ISO, DMY"), learnt when a server applied it, so the next client that logs in with the
+    /// same spelling is told the server's value at once, as PostgreSQL would tell it.
+    canonical: Mutex<CanonicalValues>,
     /// Wakes the waiter sweeper before its planned time.
     sweep_now: tokio::sync::Notify,
     ids: Arc<ServerIds>,
@@ -286,6 +318,7 @@ impl Pool {
                 }),
                 settings: arc_swap::ArcSwap::from_pointee(settings),
                 welcome: Mutex::new(None),
+                canonical: Mutex::default(),
                 sweep_now: tokio::sync::Notify::new(),
                 ids,
                 stats: PoolStats::default(),
@@ -351,6 +384,16 @@ impl Pool {
     /// True when the pool can open server connections without keys learnt from a client.
     pub fn has_usable_secret(&self) -> bool {
         !matches!(*lock(&self.shared.secret), ServerSecret::None)
+    }
+
+    /// The value PostgreSQL reported for `value` of the tracked parameter `name`, if learnt.
+    pub fn canonical_value(&self, name: &str, value: &[u8]) -> Option<Vec<u8>> {
+        lock(&self.shared.canonical).get(name, value).map(<[u8]>::to_vec)
+    }
+
+    /// Records that PostgreSQL reports `canonical` for `value` of the tracked parameter `name`.
+    pub fn learn_canonical_value(&self, name: &'static str, value: &[u8], canonical: &[u8]) {
+        lock(&self.shared.canonical).learn(name, value, canonical);
     }
 
     /// The welcome parameters, if a server has logged in already.
@@ -829,5 +872,26 @@ impl PooledServer {
 impl Drop for PooledServer {
     fn drop(&mut self) {
         self.discard_in_place();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CanonicalValues;
+
+    #[test]
+    fn canonical_values_are_kept_per_name_and_bounded() {
+        let mut known = CanonicalValues::default();
+        known.learn("DateStyle", b"iso, dmy", b"ISO, DMY");
+        known.learn("DateStyle", b"iso, dmy", b"other");
+        assert_eq!(known.get("DateStyle", b"iso, dmy"), Some(&b"ISO, DMY"[..]));
+        assert_eq!(known.get("TimeZone", b"iso, dmy"), None);
+        assert_eq!(known.get("DateStyle", b"ISO, DMY"), None);
+        for i in 0..1000 {
+            known.learn("TimeZone", format!("zone{i}").as_bytes(), b"UTC");
+        }
+        assert_eq!(known.0.len(), CanonicalValues::MAX);
+        assert_eq!(known.get("TimeZone", b"zone0"), Some(&b"UTC"[..]));
+        assert_eq!(known.get("TimeZone", b"zone999"), None);
     }
 }

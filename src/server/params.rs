@@ -60,6 +60,32 @@ fn same_value(name: &str, a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// What PostgreSQL would report for a client's startup `value` of the tracked parameter `name`,
+/// where that is known without asking a server: `welcome`'s spelling for a value that differs
+/// from it only in case ("utf8" → "UTF8"), and an application_name longer than PostgreSQL keeps
+/// (NAMEDATALEN − 1 bytes) cut to that length. Only printable ASCII is cut here: PostgreSQL
+/// replaces other bytes, and how differs by version (`?` up to 15, `\xNN` from 16), so such
+/// names are left for a server to canonicalise. None: no rule applies.
+pub fn canonical_locally<'a>(name: &str, value: &'a [u8], welcome: Option<&'a [u8]>) -> Option<&'a [u8]> {
+    if let Some(w) = welcome
+        && w != value
+        && same_value(name, w, value)
+    {
+        return Some(w);
+    }
+    if name == "application_name" && value.len() > 63 && kept_as_sent(name, &value[..63]) {
+        return Some(&value[..63]);
+    }
+    None
+}
+
+/// True when PostgreSQL reports `value` of the tracked parameter `name` exactly as given: an
+/// application_name of printable ASCII within the length it keeps. Most logins' only
+/// non-default value, so they need not look further.
+pub fn kept_as_sent(name: &str, value: &[u8]) -> bool {
+    name == "application_name" && value.len() <= 63 && value.iter().all(|b| (32..=126).contains(b))
+}
+
 /// Maps a parameter name to the spelling PostgreSQL uses in ParameterStatus (names are
 /// case-insensitive in SET but the reports use these exact spellings).
 pub fn canonical_name(name: &str) -> Cow<'static, str> {
@@ -305,6 +331,26 @@ pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_canonical_without_a_server() {
+        let utf8 = Some(&b"UTF8"[..]);
+        assert_eq!(canonical_locally("client_encoding", b"utf8", utf8), Some(&b"UTF8"[..]));
+        assert_eq!(canonical_locally("client_encoding", b"UTF8", utf8), None);
+        assert_eq!(canonical_locally("client_encoding", b"latin1", utf8), None);
+        // application_name keeps its case; only its length is PostgreSQL's to cut.
+        assert_eq!(canonical_locally("application_name", b"App", Some(b"app")), None);
+        let long = [b'x'; 64];
+        assert_eq!(canonical_locally("application_name", &long, None), Some(&long[..63]));
+        assert_eq!(canonical_locally("application_name", &long[..63], None), None);
+        let mut accented = long.to_vec();
+        accented[0] = 0xc3;
+        assert_eq!(canonical_locally("application_name", &accented, None), None);
+        assert!(kept_as_sent("application_name", &long[..63]));
+        assert!(!kept_as_sent("application_name", &long));
+        assert!(!kept_as_sent("application_name", &accented[..10]));
+        assert!(!kept_as_sent("TimeZone", b"UTC"));
+    }
 
     #[test]
     fn a_datestyle_is_set_from_the_default() {
