@@ -106,6 +106,29 @@ async fn startup_parameters_are_applied() {
     client.batch_execute("commit").await.expect("commit");
 }
 
+/// `options=-c search_path=a,b` (how many frameworks pick their schema) is a list of two
+/// schemas to PostgreSQL. Applied with `SET search_path = 'a,b'` it was one schema named "a,b"
+/// that does not exist, and every unqualified table name failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_search_path_list_stays_a_list() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let conn = format!(
+        "{} options='-c search_path=pg_catalog,public'",
+        proxy.conn_str(roles::SCRAM, "app")
+    );
+    let client = connect(&conn).await;
+    let row = client
+        .query_one(
+            "select current_schemas(false)::text, current_setting('search_path')",
+            &[],
+        )
+        .await
+        .expect("schemas");
+    assert_eq!(row.get::<_, String>(0), "{pg_catalog,public}");
+    assert_eq!(row.get::<_, String>(1), "pg_catalog,public");
+}
+
 /// Clients that start alike share the checkout fast path (a server remembers the parameter form
 /// it satisfies). A SET by one of them changes what its server has: the next client with the
 /// original form must get the server brought back, not the marker's stale promise.

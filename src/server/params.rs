@@ -295,6 +295,15 @@ pub fn stale<'a>(server: &'a ParamSet, wanted: &ParamSet, baseline: &ParamSet) -
         .collect()
 }
 
+/// Settings whose `SET name = 'literal'` quotes the literal as one list element
+/// (GUC_LIST_QUOTE in PostgreSQL) and that a session can change.
+const LIST_QUOTED: &[&str] = &[
+    "search_path",
+    "temp_tablespaces",
+    "local_preload_libraries",
+    "session_preload_libraries",
+];
+
 /// Builds one simple-query text `SET a = 'x'; SET b = 'y'; RESET c;` for the given pairs and
 /// `resets` (names from a [`ParamSet`], so valid unquoted), quoting values
 /// as string literals (standard_conforming_strings style: only `'` is doubled, and an E'' form is
@@ -309,16 +318,26 @@ pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
             // PostgreSQL reads a startup value against the default, so start from there.
             sql.put_slice(b"RESET DateStyle;");
         }
-        sql.put_slice(b"SET ");
-        sql.put_slice(name.as_bytes());
-        sql.put_slice(b" = '");
+        // `SET search_path = 'a,b'` makes one quoted schema name "a,b" of the literal, where a
+        // startup `-c search_path=a,b` is a list of two: set_config takes the value as the
+        // startup packet does. The other names keep SET (no result row to discard).
+        let listed = LIST_QUOTED.iter().any(|l| l.eq_ignore_ascii_case(name));
+        if listed {
+            sql.put_slice(b"SELECT pg_catalog.set_config('");
+            sql.put_slice(name.as_bytes());
+            sql.put_slice(b"', '");
+        } else {
+            sql.put_slice(b"SET ");
+            sql.put_slice(name.as_bytes());
+            sql.put_slice(b" = '");
+        }
         for &b in *value {
             if b == b'\'' {
                 sql.put_u8(b'\'');
             }
             sql.put_u8(b);
         }
-        sql.put_slice(b"';");
+        sql.put_slice(if listed { b"', false);" } else { b"';" });
     }
     for name in resets {
         sql.put_slice(b"RESET ");
@@ -434,6 +453,11 @@ mod tests {
         assert_ne!(c.form(), d.form());
         let sql = set_statements(&[("application_name", b"it's")], &[]);
         assert_eq!(&sql[..], b"SET application_name = 'it''s';");
+        let sql = set_statements(&[("search_path", b"a,b's")], &[]);
+        assert_eq!(
+            &sql[..],
+            b"SELECT pg_catalog.set_config('search_path', 'a,b''s', false);"
+        );
         assert!(is_valid_name("myapp.tenant_id"));
         assert!(!is_valid_name("a; drop table x"));
     }
