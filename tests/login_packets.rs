@@ -571,3 +571,30 @@ async fn a_partial_datestyle_is_read_against_the_default_not_the_last_client() {
     assert_eq!(q.rows[0][0].as_deref(), Some(&b"ISO, MDY"[..]), "{q:?}");
     assert_eq!(q.rows[0][1].as_deref(), Some(&b"2024-01-02"[..]), "{q:?}");
 }
+
+/// A startup setting PostgreSQL refuses ends the session with PostgreSQL's SQLSTATE and reason
+/// (at the first transaction: pgweir applies settings on a server, and logins need none), and
+/// the server it was tried on does not go back to the pool half-set: the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_startup_setting_ends_the_session_with_postgresqls_reason() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let cases: [(&[u8], &str, &str); 3] = [
+        (b"-c no_such_setting=1", "42704", "unrecognized configuration parameter"),
+        (b"-c statement_timeout=abc", "22023", "invalid value for parameter"),
+        (b"-c log_min_messages=debug1", "42501", "permission denied"),
+    ];
+    for (options, code, reason) in cases {
+        let (mut s, r) = login(&proxy, &[(b"options", options)]).await;
+        assert!(r.ready, "{r:?}");
+        let q = query(&mut s, "select 1").await;
+        let (got_code, message) = q.error.clone().unwrap_or_default();
+        assert_eq!(got_code, code, "{q:?}");
+        assert!(message.contains(reason), "{message}");
+        assert!(q.eof || !q.ready, "the session ends: {q:?}");
+        let (mut next, r) = login(&proxy, &[]).await;
+        assert!(r.ready, "{r:?}");
+        let q = query(&mut next, "select current_setting('statement_timeout')").await;
+        assert_eq!(q.rows[0][0].as_deref(), Some(&b"0"[..]), "{q:?}");
+    }
+}

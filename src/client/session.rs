@@ -689,7 +689,7 @@ impl Session {
             Ok(Ok(Some(fields))) => {
                 server.discard();
                 Err(PgError::fatal(
-                    "22023",
+                    parameter_sqlstate(fields.code.as_deref()),
                     format!(
                         "pgweir could not apply this client's session parameters: {}",
                         fields.message
@@ -1281,6 +1281,19 @@ fn server_error_reply(e: &ServerError, pool: &Pool) -> PgError {
 
 /// Maps a server SQLSTATE to a `&'static str` for re-sending. Unknown codes become the generic
 /// connection-failure class rather than being echoed, so `PgError` can stay allocation-free.
+/// The SQLSTATE PostgreSQL gave for a session parameter it refused, as PostgreSQL would give it
+/// at login (an unknown name, a value it rejects, one the role may not set); others as
+/// invalid_parameter_value.
+fn parameter_sqlstate(code: Option<&str>) -> &'static str {
+    match code {
+        Some("42704") => "42704",
+        Some("42501") => "42501",
+        Some("55P02") => "55P02",
+        Some("22P02") => "22P02",
+        _ => "22023",
+    }
+}
+
 fn sqlstate_static(code: Option<&str>) -> &'static str {
     match code {
         Some("28P01") => "28P01",
