@@ -598,3 +598,33 @@ async fn a_refused_startup_setting_ends_the_session_with_postgresqls_reason() {
         assert_eq!(q.rows[0][0].as_deref(), Some(&b"0"[..]), "{q:?}");
     }
 }
+
+/// A setting's value is quoted for `standard_conforming_strings = on`; on a server a previous
+/// client left at `off`, a backslash before a quote ended the literal early and the rest of the
+/// value ran as SQL in pgweir's own SET batch (here a SET search_path; with a forced
+/// `server_user`, with that user's rights). The batch must be read with the setting on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_value_never_runs_as_sql_whatever_the_server_quotes_by() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let off: (&[u8], &[u8]) = (b"standard_conforming_strings", b"off");
+    let (mut legacy, r) = login(&proxy, &[off]).await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut legacy, "select current_setting('standard_conforming_strings')").await;
+    assert_eq!(q.rows[0][0].as_deref(), Some(&b"off"[..]), "{q:?}");
+    drop(legacy);
+    let payload = br"x\';SET search_path = pwned;--";
+    let (mut attacker, r) = login(&proxy, &[off, (b"application_name", payload)]).await;
+    assert!(r.ready, "{r:?}");
+    let q = query(
+        &mut attacker,
+        "select current_setting('search_path'), current_setting('application_name'), \
+         current_setting('standard_conforming_strings')",
+    )
+    .await;
+    assert!(q.error.is_none(), "{q:?}");
+    assert_eq!(q.rows[0][0].as_deref(), Some(&br#""$user", public"#[..]), "{q:?}");
+    assert_eq!(q.rows[0][1].as_deref(), Some(&payload[..]), "{q:?}");
+    // Still the client's own setting once its values are in.
+    assert_eq!(q.rows[0][2].as_deref(), Some(&b"off"[..]), "{q:?}");
+}

@@ -634,7 +634,7 @@ impl Session {
         // the pool has it (an empty set would only make more names look stale).
         let baseline = self.pool.welcome().unwrap_or_default();
         let have = &server.conn_ref().params;
-        let diffs: Vec<(String, Vec<u8>)> = have
+        let mut diffs: Vec<(String, Vec<u8>)> = have
             .differences(&self.params)
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_vec()))
@@ -647,16 +647,33 @@ impl Session {
             self.mark_satisfied(server.conn());
             return Ok(server);
         }
+        // The values are quoted for standard_conforming_strings = on. A server an earlier
+        // client left at off reads a backslash as an escape, so a value ending in \' would end
+        // its literal early and the rest of it would run as SQL: turn it on first, in a query
+        // of its own (a batch is parsed whole before any of it runs), and set this client's
+        // value in the batch.
+        const SCS: &str = "standard_conforming_strings";
+        let literal_backslashes = have.get(SCS) != Some(&b"on"[..]);
+        if literal_backslashes
+            && !diffs.iter().any(|(k, _)| k == SCS)
+            && let Some(wanted) = self.params.get(SCS)
+        {
+            diffs.push((SCS.to_owned(), wanted.to_vec()));
+        }
         let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         // RESET: back to the connection's own default (its startup packet, the role's and the
         // database's settings), the baseline's value or PostgreSQL's own.
         let resets: Vec<&str> = stale.iter().map(String::as_str).collect();
         let sql = params::set_statements(&pairs, &resets);
         let conn = server.conn();
-        let result = tokio::time::timeout(
-            self.settings.load().server_connect_timeout,
-            conn.run_raw_discarding(&sql),
-        )
+        let result = tokio::time::timeout(self.settings.load().server_connect_timeout, async {
+            if literal_backslashes
+                && let Some(refused) = conn.run_raw_discarding(b"SET standard_conforming_strings = on").await?
+            {
+                return Ok(Some(refused));
+            }
+            conn.run_raw_discarding(&sql).await
+        })
         .await;
         match result {
             Ok(Ok(None)) => {
