@@ -628,3 +628,25 @@ async fn a_setting_value_never_runs_as_sql_whatever_the_server_quotes_by() {
     // Still the client's own setting once its values are in.
     assert_eq!(q.rows[0][2].as_deref(), Some(&b"off"[..]), "{q:?}");
 }
+
+/// A setting's bytes are in the client's encoding. After a LATIN1 client the server read the
+/// next UTF8 client's batch as LATIN1, before the batch's own client_encoding SET ran: a custom
+/// `app.tenant = é` arrived as "Ã©".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_values_are_read_in_the_clients_own_encoding() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let (mut latin1, r) = login(&proxy, &[(b"client_encoding", b"LATIN1"), (b"app.tenant", b"\xe9")]).await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut latin1, "select current_setting('app.tenant')").await;
+    assert_eq!(q.rows[0][0].as_deref(), Some(&b"\xe9"[..]), "LATIN1 é: {q:?}");
+    drop(latin1);
+    let (mut utf8, r) = login(
+        &proxy,
+        &[(b"client_encoding", b"UTF8"), (b"app.tenant", "é".as_bytes())],
+    )
+    .await;
+    assert!(r.ready, "{r:?}");
+    let q = query(&mut utf8, "select current_setting('app.tenant')").await;
+    assert_eq!(q.rows[0][0].as_deref(), Some("é".as_bytes()), "{q:?}");
+}

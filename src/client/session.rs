@@ -647,18 +647,31 @@ impl Session {
             self.mark_satisfied(server.conn());
             return Ok(server);
         }
-        // The values are quoted for standard_conforming_strings = on. A server an earlier
-        // client left at off reads a backslash as an escape, so a value ending in \' would end
-        // its literal early and the rest of it would run as SQL: turn it on first, in a query
-        // of its own (a batch is parsed whole before any of it runs), and set this client's
-        // value in the batch.
+        // The batch is read as the server's session stands before any of it runs (a batch is
+        // parsed whole first), and an earlier client may have left that session reading
+        // differently from how pgweir writes this client's values. So a query of its own
+        // comes first where it must:
+        // - the values are quoted for standard_conforming_strings = on; at off a backslash
+        //   escapes, and a value ending in \' would end its literal early and the rest of it
+        //   would run as SQL (this client's own setting is then set in the batch);
+        // - the values are bytes in this client's encoding; in another they turn to mojibake
+        //   ("é" sent in UTF8 read as LATIN1 is "Ã©").
         const SCS: &str = "standard_conforming_strings";
-        let literal_backslashes = have.get(SCS) != Some(&b"on"[..]);
-        if literal_backslashes
-            && !diffs.iter().any(|(k, _)| k == SCS)
-            && let Some(wanted) = self.params.get(SCS)
+        let mut prelude = Vec::new();
+        if have.get(SCS) != Some(&b"on"[..]) {
+            prelude.extend_from_slice(b"SET standard_conforming_strings = on;");
+            if !diffs.iter().any(|(k, _)| k == SCS)
+                && let Some(wanted) = self.params.get(SCS)
+            {
+                diffs.push((SCS.to_owned(), wanted.to_vec()));
+            }
+        }
+        if let Some((_, encoding)) = diffs.iter().find(|(k, _)| k == "client_encoding")
+            && encoding.iter().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(b))
         {
-            diffs.push((SCS.to_owned(), wanted.to_vec()));
+            prelude.extend_from_slice(b"SET client_encoding = '");
+            prelude.extend_from_slice(encoding);
+            prelude.extend_from_slice(b"';");
         }
         let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         // RESET: back to the connection's own default (its startup packet, the role's and the
@@ -667,8 +680,8 @@ impl Session {
         let sql = params::set_statements(&pairs, &resets);
         let conn = server.conn();
         let result = tokio::time::timeout(self.settings.load().server_connect_timeout, async {
-            if literal_backslashes
-                && let Some(refused) = conn.run_raw_discarding(b"SET standard_conforming_strings = on").await?
+            if !prelude.is_empty()
+                && let Some(refused) = conn.run_raw_discarding(&prelude).await?
             {
                 return Ok(Some(refused));
             }
