@@ -129,6 +129,33 @@ async fn a_startup_search_path_list_stays_a_list() {
     assert_eq!(row.get::<_, String>(1), "pg_catalog,public");
 }
 
+/// RESET ALL or DISCARD ALL (what many client-side pools run when a connection comes back)
+/// take a PostgreSQL session back to its startup settings. Through pgweir they took the server
+/// back to its own defaults, and pgweir went on believing its SETs were in place: the client's
+/// later transactions ran without its startup settings on that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_come_back_after_reset_all_or_discard_all() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let conn = format!(
+        "{} options='-c statement_timeout=1234 -c search_path=pg_catalog,public'",
+        proxy.conn_str(roles::SCRAM, "app")
+    );
+    let client = connect(&conn).await;
+    for reset in ["RESET ALL", "DISCARD ALL", "RESET statement_timeout"] {
+        client.batch_execute(reset).await.expect("reset");
+        let row = client
+            .query_one(
+                "select current_setting('statement_timeout'), current_setting('search_path')",
+                &[],
+            )
+            .await
+            .expect("settings");
+        assert_eq!(row.get::<_, String>(0), "1234ms", "after {reset}");
+        assert_eq!(row.get::<_, String>(1), "pg_catalog,public", "after {reset}");
+    }
+}
+
 /// Clients that start alike share the checkout fast path (a server remembers the parameter form
 /// it satisfies). A SET by one of them changes what its server has: the next client with the
 /// original form must get the server brought back, not the marker's stale promise.

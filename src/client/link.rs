@@ -623,6 +623,12 @@ impl Link {
                     if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
                         conn.statements.clear();
                     }
+                    // A RESET or DISCARD ALL takes the session back to the connection's own
+                    // defaults, where PostgreSQL would go back to the client's startup settings:
+                    // forget what pgweir set, so the next transaction sets it again.
+                    if matches!(body, b"DISCARD ALL\0" | b"RESET\0") {
+                        conn.forget_session_state();
+                    }
                 }
                 backend::ERROR_RESPONSE => self.copy_in = false,
                 _ => {}
