@@ -1309,8 +1309,6 @@ fn server_error_reply(e: &ServerError, pool: &Pool) -> PgError {
     }
 }
 
-/// Maps a server SQLSTATE to a `&'static str` for re-sending. Unknown codes become the generic
-/// connection-failure class rather than being echoed, so `PgError` can stay allocation-free.
 /// The SQLSTATE PostgreSQL gave for a session parameter it refused, as PostgreSQL would give it
 /// at login (an unknown name, a value it rejects, one the role may not set); others as
 /// invalid_parameter_value.
@@ -1324,6 +1322,8 @@ fn parameter_sqlstate(code: Option<&str>) -> &'static str {
     }
 }
 
+/// Maps a server SQLSTATE to a `&'static str` for re-sending. Unknown codes become the generic
+/// connection-failure class rather than being echoed, so `PgError` can stay allocation-free.
 fn sqlstate_static(code: Option<&str>) -> &'static str {
     match code {
         Some("28P01") => "28P01",
