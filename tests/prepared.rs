@@ -596,3 +596,36 @@ async fn a_reset_query_that_keeps_prepared_statements_keeps_them_known() {
     expected.extend(bound_row());
     assert_eq!(raw::round_trip(&mut b, &batch).await, expected);
 }
+
+/// PostgreSQL turns a statement's date, time and interval literals into constants when it
+/// parses it, under the settings of the session that prepared it. Two clients preparing the
+/// same text under different DateStyles (or TimeZones) must not share the server-side
+/// statement: the second read '01/02/2024' in the first one's field order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_statement_is_parsed_under_its_own_clients_settings() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let connect = |options: &'static str| {
+        let conn = format!("{} options='{options}'", proxy.conn_str(roles::SCRAM, "app"));
+        async move {
+            let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(c);
+            client
+        }
+    };
+    let us = connect("-c DateStyle=ISO,MDY -c TimeZone=UTC").await;
+    let eu = connect("-c DateStyle=ISO,DMY -c TimeZone=Asia/Tokyo").await;
+    let text = "select '01/02/2024'::date::text, extract(epoch from '2024-01-02 00:00'::timestamptz)::int8";
+    let us_stmt = us.prepare(text).await.expect("prepare (us)");
+    let eu_stmt = eu.prepare(text).await.expect("prepare (eu)");
+    for _ in 0..3 {
+        let row = us.query_one(&us_stmt, &[]).await.expect("us");
+        assert_eq!(row.get::<_, String>(0), "2024-01-02");
+        assert_eq!(row.get::<_, i64>(1), 1_704_153_600);
+        let row = eu.query_one(&eu_stmt, &[]).await.expect("eu");
+        assert_eq!(row.get::<_, String>(0), "2024-02-01");
+        assert_eq!(row.get::<_, i64>(1), 1_704_153_600 - 9 * 3600);
+    }
+}

@@ -33,6 +33,8 @@ pub struct ClientSide<'a> {
     pub buf: &'a mut BytesMut,
     pub statements: &'a mut ClientStatements,
     pub registry: &'a StatementRegistry,
+    /// The client's session parameters, for the statements' parse context.
+    pub params: &'a crate::server::ParamSet,
     pub max_message: usize,
     pub max_prepared: usize,
 }
@@ -306,7 +308,9 @@ impl Link {
                     });
                     return Ok(());
                 }
-                let stmt = c.registry.intern(payload);
+                let stmt = c
+                    .registry
+                    .intern(&crate::server::params::parse_context(c.params), payload);
                 if let Some(kind) = stmt.state_change.filter(|_| self.policy == SessionStatePolicy::Reject) {
                     put_message(&mut self.server.conn().wbuf, frontend::PARSE, |b| {
                         b.put_slice(b"__pgweir_rejected\0\x01\0\0\0")

@@ -63,16 +63,21 @@ pub struct StatementRegistry {
 }
 
 impl StatementRegistry {
-    /// The shared statement for `payload`, if some client holds it.
-    pub fn lookup(&self, payload: &[u8]) -> Option<Arc<Statement>> {
+    /// The shared statement for `payload` parsed in `context` (the client's
+    /// [`crate::server::params::parse_context`]), if some client holds it.
+    pub fn lookup(&self, context: &[u8], payload: &[u8]) -> Option<Arc<Statement>> {
+        let key = [context, payload].concat();
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(payload).and_then(Weak::upgrade)
+        map.get(&key[..]).and_then(Weak::upgrade)
     }
 
-    /// Returns the shared statement for `payload`, creating it if needed.
-    pub fn intern(&self, payload: &[u8]) -> Arc<Statement> {
+    /// Returns the shared statement for `payload` parsed in `context`, creating it if needed.
+    /// Clients share a statement only when both match: PostgreSQL fixes a statement's literal
+    /// dates, times and intervals when it parses it, under the settings of whoever prepared it.
+    pub fn intern(&self, context: &[u8], payload: &[u8]) -> Arc<Statement> {
+        let key = [context, payload].concat();
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(payload).and_then(Weak::upgrade) {
+        if let Some(s) = map.get(&key[..]).and_then(Weak::upgrade) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return s;
         }
@@ -94,7 +99,7 @@ impl StatementRegistry {
             state_change: super::hygiene::session_state_change(query_text(payload)),
             validated: std::sync::atomic::AtomicBool::new(false),
         });
-        map.insert(stmt.payload.clone(), Arc::downgrade(&stmt));
+        map.insert(Bytes::from(key), Arc::downgrade(&stmt));
         stmt
     }
 }
@@ -208,15 +213,15 @@ mod tests {
     #[test]
     fn registry_shares_identical_statements_and_forgets_unused_ones() {
         let reg = StatementRegistry::default();
-        let a = reg.intern(b"select 1\0\0\0");
-        let b = reg.intern(b"select 1\0\0\0");
-        let c = reg.intern(b"select 2\0\0\0");
+        let a = reg.intern(b"", b"select 1\0\0\0");
+        let b = reg.intern(b"", b"select 1\0\0\0");
+        let c = reg.intern(b"", b"select 2\0\0\0");
         assert!(Arc::ptr_eq(&a, &b));
         assert_ne!(a.id, c.id);
         assert_eq!(&a.server_name[..], format!("{SERVER_PREFIX}{}\0", a.id).as_bytes());
         let id = c.id;
         drop(c);
-        let c2 = reg.intern(b"select 2\0\0\0");
+        let c2 = reg.intern(b"", b"select 2\0\0\0");
         assert_ne!(c2.id, id, "a statement nobody holds is not kept");
     }
 

@@ -450,7 +450,8 @@ impl Session {
                     {
                         return Ok(false);
                     }
-                    let Some(stmt) = self.ctx.statements.lookup(payload) else {
+                    let context = params::parse_context(&self.params);
+                    let Some(stmt) = self.ctx.statements.lookup(&context, payload) else {
                         return Ok(false);
                     };
                     if !stmt.validated.load(std::sync::atomic::Ordering::Relaxed)
@@ -917,6 +918,7 @@ impl Session {
             buf: &mut self.buf,
             statements: &mut self.statements,
             registry: &self.ctx.statements,
+            params: &self.params,
             max_message: self.max_message,
             max_prepared,
         })

@@ -86,6 +86,30 @@ pub fn kept_as_sent(name: &str, value: &[u8]) -> bool {
     name == "application_name" && value.len() <= 63 && value.iter().all(|b| (32..=126).contains(b))
 }
 
+/// Settings that change what a statement's text means when PostgreSQL parses it: how its bytes
+/// decode, how a backslash in a literal reads, and the values of date, time and interval
+/// literals, which parse analysis turns into constants once, for as long as the prepared
+/// statement lives.
+const PARSE_CONTEXT: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+];
+
+/// `set`'s values of [`PARSE_CONTEXT`], as one key: statements prepared by clients whose keys
+/// differ must not be shared on a server (one's '01/02/2024'::date is not the other's).
+pub fn parse_context(set: &ParamSet) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    for name in PARSE_CONTEXT {
+        let value = set.get(name).unwrap_or_default();
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend(value.iter().map(u8::to_ascii_lowercase));
+    }
+    out
+}
+
 /// Maps a parameter name to the spelling PostgreSQL uses in ParameterStatus (names are
 /// case-insensitive in SET but the reports use these exact spellings).
 pub fn canonical_name(name: &str) -> Cow<'static, str> {
