@@ -3,8 +3,9 @@
 //! Each transaction may run on a different server, so a client's statement names cannot be
 //! sent as they are. pgweir keeps, per client, `name → statement`; statements are identified by
 //! their full Parse payload (query text and parameter types, compared byte for byte — never a
-//! hash) in a process-wide registry that gives each distinct statement a counter-based server
-//! name `__pgweir_N`. Identical statements from different clients therefore share one
+//! hash) and the client's parse settings ([`crate::server::params::parse_context`]) in a
+//! process-wide registry that gives each distinct statement a counter-based server name
+//! `__pgweir_N`. Identical statements from clients with the same settings therefore share one
 //! server-side statement. Each server connection remembers which ones it has (bounded, LRU);
 //! when a client's Bind or Describe lands on a server that lacks the statement, pgweir sends the
 //! Parse first and swallows its ParseComplete.
