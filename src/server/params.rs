@@ -98,7 +98,7 @@ const PARSE_CONTEXT: &[&str] = &[
     "standard_conforming_strings",
 ];
 
-/// `set`'s values of [`PARSE_CONTEXT`], as one key: statements prepared by clients whose keys
+/// `set`'s values of those settings, as one key: statements prepared by clients whose keys
 /// differ must not be shared on a server (one's '01/02/2024'::date is not the other's).
 pub fn parse_context(set: &ParamSet) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
