@@ -629,3 +629,29 @@ async fn a_shared_statement_is_parsed_under_its_own_clients_settings() {
         assert_eq!(row.get::<_, i64>(1), 1_704_153_600 - 9 * 3600);
     }
 }
+
+/// transform_null_equals rewrites `x = NULL` as `x IS NULL` while PostgreSQL parses: a client
+/// with it on must not run the statement a client with it off prepared, nor the reverse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_statement_respects_transform_null_equals() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let plain = proxy.connect(roles::SCRAM).await;
+    let conn = format!(
+        "{} options='-c transform_null_equals=on'",
+        proxy.conn_str(roles::SCRAM, "app")
+    );
+    let (legacy, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(c);
+    let text = "select count(*) from (values (null::int)) v(x) where x = null";
+    let plain_stmt = plain.prepare(text).await.expect("prepare (plain)");
+    let legacy_stmt = legacy.prepare(text).await.expect("prepare (legacy)");
+    for _ in 0..3 {
+        let n: i64 = plain.query_one(&plain_stmt, &[]).await.expect("plain").get(0);
+        assert_eq!(n, 0, "x = NULL is never true");
+        let n: i64 = legacy.query_one(&legacy_stmt, &[]).await.expect("legacy").get(0);
+        assert_eq!(n, 1, "transform_null_equals reads x = NULL as x IS NULL");
+    }
+}

@@ -87,15 +87,19 @@ pub fn kept_as_sent(name: &str, value: &[u8]) -> bool {
 }
 
 /// Settings that change what a statement's text means when PostgreSQL parses it: how its bytes
-/// decode, how a backslash in a literal reads, and the values of date, time and interval
-/// literals, which parse analysis turns into constants once, for as long as the prepared
-/// statement lives.
+/// decode, how a backslash in a literal reads, the values of date, time, interval and money
+/// literals (parse analysis turns them into constants once, for as long as the prepared
+/// statement lives), and whether `x = NULL` is read as `x IS NULL`. (search_path is not here:
+/// PostgreSQL analyses a statement again when it changes.)
 const PARSE_CONTEXT: &[&str] = &[
     "client_encoding",
     "DateStyle",
     "IntervalStyle",
     "TimeZone",
     "standard_conforming_strings",
+    "timezone_abbreviations",
+    "lc_monetary",
+    "transform_null_equals",
 ];
 
 /// `set`'s values of those settings, as one key: statements prepared by clients whose keys
@@ -393,6 +397,24 @@ mod tests {
         assert!(!kept_as_sent("application_name", &long));
         assert!(!kept_as_sent("application_name", &accented[..10]));
         assert!(!kept_as_sent("TimeZone", b"UTC"));
+    }
+
+    #[test]
+    fn statements_are_keyed_by_the_settings_parsing_depends_on() {
+        let mut a = ParamSet::default();
+        a.set("DateStyle", b"ISO, MDY");
+        a.set("application_name", b"one");
+        a.set("statement_timeout", b"5s");
+        let mut b = a.clone();
+        b.set("application_name", b"two");
+        b.set("statement_timeout", b"9s");
+        b.set("DateStyle", b"iso, mdy");
+        assert_eq!(parse_context(&a), parse_context(&b), "names and timeouts do not matter");
+        b.set("transform_null_equals", b"on");
+        assert_ne!(parse_context(&a), parse_context(&b));
+        let mut c = a.clone();
+        c.set("DateStyle", b"ISO, DMY");
+        assert_ne!(parse_context(&a), parse_context(&c));
     }
 
     #[test]
