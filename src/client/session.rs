@@ -648,46 +648,26 @@ impl Session {
             self.mark_satisfied(server.conn());
             return Ok(server);
         }
-        // The batch is read as the server's session stands before any of it runs (a batch is
-        // parsed whole first), and an earlier client may have left that session reading
-        // differently from how pgweir writes this client's values. So a query of its own
-        // comes first where it must:
-        // - the values are quoted for standard_conforming_strings = on; at off a backslash
-        //   escapes, and a value ending in \' would end its literal early and the rest of it
-        //   would run as SQL (this client's own setting is then set in the batch);
-        // - the values are bytes in this client's encoding; in another they turn to mojibake
-        //   ("é" sent in UTF8 read as LATIN1 is "Ã©").
+        // The values are written for standard_conforming_strings = on (see params::set_prelude):
+        // where the prelude turns it on for that, this client's own setting is set again.
         const SCS: &str = "standard_conforming_strings";
-        let mut prelude = Vec::new();
-        if have.get(SCS) != Some(&b"on"[..]) {
-            prelude.extend_from_slice(b"SET standard_conforming_strings = on;");
-            if !diffs.iter().any(|(k, _)| k == SCS)
-                && let Some(wanted) = self.params.get(SCS)
-            {
-                diffs.push((SCS.to_owned(), wanted.to_vec()));
-            }
-        }
-        if let Some((_, encoding)) = diffs.iter().find(|(k, _)| k == "client_encoding")
-            && encoding.iter().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(b))
+        if have.get(SCS) != Some(&b"on"[..])
+            && !diffs.iter().any(|(k, _)| k == SCS)
+            && let Some(wanted) = self.params.get(SCS)
         {
-            prelude.extend_from_slice(b"SET client_encoding = '");
-            prelude.extend_from_slice(encoding);
-            prelude.extend_from_slice(b"';");
+            diffs.push((SCS.to_owned(), wanted.to_vec()));
         }
         let pairs: Vec<(&str, &[u8])> = diffs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         // RESET: back to the connection's own default (its startup packet, the role's and the
         // database's settings), the baseline's value or PostgreSQL's own.
         let resets: Vec<&str> = stale.iter().map(String::as_str).collect();
+        let prelude = params::set_prelude(have, &pairs);
         let sql = params::set_statements(&pairs, &resets);
         let conn = server.conn();
-        let result = tokio::time::timeout(self.settings.load().server_connect_timeout, async {
-            if !prelude.is_empty()
-                && let Some(refused) = conn.run_raw_discarding(&prelude).await?
-            {
-                return Ok(Some(refused));
-            }
-            conn.run_raw_discarding(&sql).await
-        })
+        let result = tokio::time::timeout(
+            self.settings.load().server_connect_timeout,
+            conn.run_settings(&prelude, &sql),
+        )
         .await;
         match result {
             Ok(Ok(None)) => {

@@ -189,6 +189,18 @@ impl ServerConn {
         }
     }
 
+    /// Runs `prelude` (when not empty) and then `sql`, as [`params::set_prelude`] and
+    /// [`params::set_statements`] build them. Returns the first error the server reported; `sql`
+    /// does not run after a refused prelude.
+    pub async fn run_settings(&mut self, prelude: &[u8], sql: &[u8]) -> Result<Option<ErrorFields>, ServerError> {
+        if !prelude.is_empty()
+            && let Some(refused) = self.run_raw_discarding(prelude).await?
+        {
+            return Ok(Some(refused));
+        }
+        self.run_raw_discarding(sql).await
+    }
+
     /// [`Self::run_discarding`] for SQL that is not UTF-8 (values in the client's encoding).
     pub async fn run_raw_discarding(&mut self, sql: &[u8]) -> Result<Option<ErrorFields>, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 6);

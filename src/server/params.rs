@@ -375,6 +375,29 @@ pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
     sql
 }
 
+/// The query to run, when one is needed, on a server whose parameters are `have` before
+/// [`set_statements`] for `pairs`. That batch is parsed whole as the server's session stands, and
+/// an earlier client may have left it reading differently from how the values are written:
+/// - they are quoted for standard_conforming_strings = on; at off a backslash escapes, and a
+///   value ending in \' would end its literal early and the rest of it would run as SQL (a
+///   caller that wants another setting sets it in the batch);
+/// - they are bytes in the client's encoding (`pairs`' client_encoding); in another they turn to
+///   mojibake ("é" sent in UTF8 read as LATIN1 is "Ã©").
+pub fn set_prelude(have: &ParamSet, pairs: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut prelude = Vec::new();
+    if have.get("standard_conforming_strings") != Some(&b"on"[..]) {
+        prelude.extend_from_slice(b"SET standard_conforming_strings = on;");
+    }
+    if let Some((_, encoding)) = pairs.iter().find(|(k, _)| *k == "client_encoding")
+        && encoding.iter().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(b))
+    {
+        prelude.extend_from_slice(b"SET client_encoding = '");
+        prelude.extend_from_slice(encoding);
+        prelude.extend_from_slice(b"';");
+    }
+    prelude
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
