@@ -416,14 +416,15 @@ async fn login(
         // Told at login, and compared with servers from then on, as PostgreSQL spells it. A
         // spelling no rule or earlier server explains stays as sent until a server applies it;
         // the session then tells the client the server's value (Session::align_params).
-        let canonical = match params::canonical_locally(name, value, welcome.get(name)) {
-            Some(c) => Some(c.to_vec()),
-            None if welcome.get(name) == Some(value) || params::kept_as_sent(name, value) => None,
-            None => pool.canonical_value(name, value),
+        let canonical = match params::canonical_locally(name, value, &welcome) {
+            Some(c) if *c == *value => continue,
+            Some(c) => c.into_owned(),
+            None => match pool.canonical_value(name, value) {
+                Some(c) => c,
+                None => continue,
+            },
         };
-        if let Some(c) = canonical {
-            client_params.set(name, &c);
-        }
+        client_params.set(name, &canonical);
     }
 
     let slot = Arc::new(CancelSlot::default());

@@ -60,30 +60,80 @@ fn same_value(name: &str, a: &[u8], b: &[u8]) -> bool {
     }
 }
 
-/// What PostgreSQL would report for a client's startup `value` of the tracked parameter `name`,
-/// where that is known without asking a server: `welcome`'s spelling for a value that differs
-/// from it only in case ("utf8" → "UTF8"), and an application_name longer than PostgreSQL keeps
-/// (NAMEDATALEN − 1 bytes) cut to that length. Only printable ASCII is cut here: PostgreSQL
-/// replaces other bytes, and how differs by version (`?` up to 15, `\xNN` from 16), so such
-/// names are left for a server to canonicalise. None: no rule applies.
-pub fn canonical_locally<'a>(name: &str, value: &'a [u8], welcome: Option<&'a [u8]>) -> Option<&'a [u8]> {
-    if let Some(w) = welcome
-        && w != value
-        && same_value(name, w, value)
-    {
-        return Some(w);
+/// What PostgreSQL reports for a client's startup `value` of the tracked parameter `name`, where
+/// pgweir can know it without asking a server; `welcome` is what a fresh server connection of the
+/// pool reported. A value equal to the welcome's but for case takes the welcome's spelling
+/// ("utf8" → "UTF8"); an application_name follows [`application_name`]. None: only a server can
+/// say ("iso, dmy" → "ISO, DMY", pgJDBC's "ISO" → "ISO, MDY", "utf-8" → "UTF8").
+pub fn canonical_locally<'a>(name: &str, value: &'a [u8], welcome: &'a ParamSet) -> Option<Cow<'a, [u8]>> {
+    if name == "application_name" {
+        return application_name(value, welcome);
     }
-    if name == "application_name" && value.len() > 63 && kept_as_sent(name, &value[..63]) {
-        return Some(&value[..63]);
-    }
-    None
+    let w = welcome.get(name)?;
+    same_value(name, w, value).then_some(Cow::Borrowed(w))
 }
 
-/// True when PostgreSQL reports `value` of the tracked parameter `name` exactly as given: an
-/// application_name of printable ASCII within the length it keeps. Most logins' only
-/// non-default value, so they need not look further.
-pub fn kept_as_sent(name: &str, value: &[u8]) -> bool {
-    name == "application_name" && value.len() <= 63 && value.iter().all(|b| (32..=126).contains(b))
+/// The longest application_name PostgreSQL keeps, in bytes (NAMEDATALEN − 1).
+const MAX_NAME_LEN: usize = 63;
+
+/// PostgreSQL's reading of a startup application_name, checked against PostgreSQL 15 with raw
+/// startup packets: a value of 64 bytes or more is cut to at most 63 on a character boundary of
+/// the server encoding (the GUC is GUC_IS_NAME: truncate_identifier, which also sends a NOTICE),
+/// then every byte outside printable ASCII becomes '?' (check_application_name's
+/// pg_clean_ascii). Startup values are raw bytes, never converted from client_encoding, so a
+/// LATIN1 'é' is one '?' and a UTF-8 one two. PostgreSQL 16 writes such bytes as `\xNN`
+/// instead; that is left to a server (None), as is a cut in a multibyte encoding other than UTF8.
+fn application_name<'a>(value: &'a [u8], welcome: &ParamSet) -> Option<Cow<'a, [u8]>> {
+    let printable = |b: &u8| (32..=126).contains(b);
+    let kept = &value[..kept_name_len(value, welcome.get("server_encoding"))?];
+    if kept.iter().all(printable) {
+        return Some(Cow::Borrowed(kept));
+    }
+    if major_version(welcome.get("server_version")?)? >= 16 {
+        return None;
+    }
+    Some(Cow::Owned(
+        kept.iter().map(|b| if printable(b) { *b } else { b'?' }).collect(),
+    ))
+}
+
+/// How many bytes of `value` PostgreSQL keeps of a name (pg_mbcliplen in the server `encoding`):
+/// whole characters up to [`MAX_NAME_LEN`] bytes, each character's length read from its first
+/// byte alone. None where the encoding's characters are not known here.
+fn kept_name_len(value: &[u8], encoding: Option<&[u8]>) -> Option<usize> {
+    if value.len() <= MAX_NAME_LEN || value[..MAX_NAME_LEN].is_ascii() {
+        return Some(value.len().min(MAX_NAME_LEN));
+    }
+    match encoding? {
+        b"UTF8" => {
+            let mut len = 0;
+            loop {
+                // pg_utf_mblen: a stray continuation byte, or any other, counts as one.
+                let char_len = match value[len] {
+                    b if b & 0xe0 == 0xc0 => 2,
+                    b if b & 0xf0 == 0xe0 => 3,
+                    b if b & 0xf8 == 0xf0 => 4,
+                    _ => 1,
+                };
+                if len + char_len > MAX_NAME_LEN {
+                    return Some(len);
+                }
+                len += char_len;
+                if len == MAX_NAME_LEN {
+                    return Some(len);
+                }
+            }
+        }
+        e if e.starts_with(b"EUC_") || e == b"MULE_INTERNAL" => None,
+        // Every other server encoding has one byte per character.
+        _ => Some(MAX_NAME_LEN),
+    }
+}
+
+/// The major version in a server_version report ("15.4 (Debian 15.4-1)" → 15).
+fn major_version(version: &[u8]) -> Option<u32> {
+    let digits = version.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&version[..digits]).ok()?.parse().ok()
 }
 
 /// Settings that change what a statement's text means when PostgreSQL parses it: how its bytes
@@ -402,24 +452,75 @@ pub fn set_prelude(have: &ParamSet, pairs: &[(&str, &[u8])]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn welcome(version: &str, encoding: &str) -> ParamSet {
+        let mut w = ParamSet::default();
+        w.set("client_encoding", b"UTF8");
+        w.set("DateStyle", b"ISO, MDY");
+        w.set("server_version", version.as_bytes());
+        w.set("server_encoding", encoding.as_bytes());
+        w
+    }
+
+    /// The application_name cases were read from PostgreSQL 15.18 (UTF8 database) with raw
+    /// startup packets.
     #[test]
     fn values_canonical_without_a_server() {
-        let utf8 = Some(&b"UTF8"[..]);
-        assert_eq!(canonical_locally("client_encoding", b"utf8", utf8), Some(&b"UTF8"[..]));
-        assert_eq!(canonical_locally("client_encoding", b"UTF8", utf8), None);
-        assert_eq!(canonical_locally("client_encoding", b"latin1", utf8), None);
-        // application_name keeps its case; only its length is PostgreSQL's to cut.
-        assert_eq!(canonical_locally("application_name", b"App", Some(b"app")), None);
-        let long = [b'x'; 64];
-        assert_eq!(canonical_locally("application_name", &long, None), Some(&long[..63]));
-        assert_eq!(canonical_locally("application_name", &long[..63], None), None);
-        let mut accented = long.to_vec();
-        accented[0] = 0xc3;
-        assert_eq!(canonical_locally("application_name", &accented, None), None);
-        assert!(kept_as_sent("application_name", &long[..63]));
-        assert!(!kept_as_sent("application_name", &long));
-        assert!(!kept_as_sent("application_name", &accented[..10]));
-        assert!(!kept_as_sent("TimeZone", b"UTC"));
+        let pg15 = welcome("15.18 (Debian 15.18-0+deb12u1)", "UTF8");
+        let local = |name: &str, value: &[u8], w: &ParamSet| canonical_locally(name, value, w).map(Cow::into_owned);
+        assert_eq!(local("client_encoding", b"utf8", &pg15).as_deref(), Some(&b"UTF8"[..]));
+        assert_eq!(local("client_encoding", b"UTF8", &pg15).as_deref(), Some(&b"UTF8"[..]));
+        assert_eq!(
+            local("DateStyle", b"iso, mdy", &pg15).as_deref(),
+            Some(&b"ISO, MDY"[..])
+        );
+        // Other spellings need a server.
+        assert_eq!(local("client_encoding", b"utf-8", &pg15), None);
+        assert_eq!(local("DateStyle", b"ISO", &pg15), None);
+        assert_eq!(local("TimeZone", b"UTC", &pg15), None, "not in this welcome");
+        // application_name keeps its case; PostgreSQL cuts it and cleans it.
+        let name = |value: &[u8], w: &ParamSet| local("application_name", value, w);
+        assert_eq!(name(b"App", &pg15).as_deref(), Some(&b"App"[..]));
+        assert_eq!(name(b"", &pg15).as_deref(), Some(&b""[..]));
+        let x64 = [b'x'; 64];
+        assert_eq!(name(&x64, &pg15).as_deref(), Some(&x64[..63]));
+        assert_eq!(name(&x64[..63], &pg15).as_deref(), Some(&x64[..63]));
+        assert_eq!(name(b"a\x01b\x7fc", &pg15).as_deref(), Some(&b"a?b?c"[..]));
+        assert_eq!(
+            name(b"\xe9x", &pg15).as_deref(),
+            Some(&b"?x"[..]),
+            "raw bytes, one '?' each"
+        );
+        let e = "\u{e9}";
+        // 40 × 'é' (80 bytes): cut to 31 whole characters, 62 bytes.
+        assert_eq!(name(e.repeat(40).as_bytes(), &pg15), Some(vec![b'?'; 62]));
+        assert_eq!(name(e.repeat(32).as_bytes(), &pg15), Some(vec![b'?'; 62]));
+        let mixed = format!("{}xyz", e.repeat(31));
+        assert_eq!(
+            name(mixed.as_bytes(), &pg15).as_deref(),
+            Some(&[[b'?'; 62].as_slice(), b"x"].concat()[..])
+        );
+        let ascii_then_e = format!("{}{e}", "a".repeat(62));
+        assert_eq!(
+            name(ascii_then_e.as_bytes(), &pg15).as_deref(),
+            Some(&ascii_then_e.as_bytes()[..62])
+        );
+        assert_eq!(name(&"\u{1f600}".repeat(16).into_bytes(), &pg15), Some(vec![b'?'; 60]));
+        assert_eq!(name(&b"a\x80".repeat(40), &pg15), Some(b"a?".repeat(32)[..63].to_vec()));
+        // 0xE9 as a UTF8 lead byte claims three bytes: 21 "characters" fill 63.
+        assert_eq!(name(&[0xe9; 70], &pg15), Some(vec![b'?'; 63]));
+        // A single-byte server encoding cuts anywhere.
+        let latin1 = welcome("15.4", "LATIN1");
+        assert_eq!(name(e.repeat(40).as_bytes(), &latin1), Some(vec![b'?'; 63]));
+        // What PostgreSQL 16 writes for other bytes, and cuts in EUC encodings, a server says.
+        let pg16 = welcome("16.1", "UTF8");
+        assert_eq!(name(b"\xe9x", &pg16), None);
+        assert_eq!(name(&x64, &pg16).as_deref(), Some(&x64[..63]));
+        let euc = welcome("15.4", "EUC_JP");
+        assert_eq!(name(e.repeat(40).as_bytes(), &euc), None);
+        assert_eq!(name(b"\xe9x", &euc).as_deref(), Some(&b"?x"[..]), "nothing to cut");
+        assert_eq!(major_version(b"9.6.24"), Some(9));
+        assert_eq!(major_version(b"17beta1"), Some(17));
+        assert_eq!(major_version(b"devel"), None);
     }
 
     #[test]
