@@ -15,7 +15,7 @@
 mod maintenance;
 mod registry;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -223,31 +223,52 @@ struct PoolState {
     paused: bool,
 }
 
-/// Learnt (name, client spelling, reported value) triples; few (applications send the same
-/// startup packet every time), so a list.
-#[derive(Default)]
-struct CanonicalValues(Vec<Learnt>);
+/// How many (parameter, client value) → reported value pairs a pool keeps (see
+/// [`Pool::canonical_value`]).
+pub const CANONICAL_VALUES_KEPT: usize = 256;
 
-/// A tracked parameter's name, a client's spelling of a value, what PostgreSQL reported for it.
-type Learnt = (&'static str, Box<[u8]>, Box<[u8]>);
+/// What PostgreSQL reported for clients' values of the tracked parameters: per name (the index in
+/// [`server::params::TRACKED`]), a client's value → the value reported for it.
+#[derive(Default)]
+struct CanonicalValues {
+    by_name: [Answers; server::params::TRACKED.len()],
+    len: usize,
+}
+
+/// A client's value of one parameter → the value PostgreSQL reported for it.
+type Answers = HashMap<Box<[u8]>, Box<[u8]>>;
 
 impl CanonicalValues {
-    /// Spellings come from clients: the bound keeps one that invents new ones from growing the
-    /// pool without limit (past it, such clients are told the server's value after their first
-    /// SET instead of at login).
-    const MAX: usize = 64;
+    /// Values come from clients, so the number kept is bounded: one that invents new values
+    /// cannot grow the pool without limit. Past the bound a new value costs a server round trip
+    /// at each login, as it does the first time; applications send the same startup packet every
+    /// time, so a pool sees a handful.
+    const MAX: usize = CANONICAL_VALUES_KEPT;
+    /// Longer values are not kept (no DateStyle, TimeZone or encoding name is this long), so
+    /// all of them together stay under MAX × 2 × MAX_VALUE_LEN bytes.
+    const MAX_VALUE_LEN: usize = 128;
 
-    fn get(&self, name: &str, value: &[u8]) -> Option<&[u8]> {
-        self.0
-            .iter()
-            .find(|(n, v, _)| *n == name && **v == *value)
-            .map(|(_, _, c)| &c[..])
+    fn index(name: &str) -> Option<usize> {
+        server::params::TRACKED.iter().position(|t| *t == name)
     }
 
-    fn learn(&mut self, name: &'static str, value: &[u8], canonical: &[u8]) {
-        if self.0.len() < Self::MAX && self.get(name, value).is_none() {
-            self.0.push((name, value.into(), canonical.into()));
+    fn get(&self, name: &str, value: &[u8]) -> Option<&[u8]> {
+        self.by_name[Self::index(name)?].get(value).map(|c| &c[..])
+    }
+
+    fn learn(&mut self, name: &str, value: &[u8], canonical: &[u8]) {
+        let Some(i) = Self::index(name) else {
+            return;
+        };
+        if self.len >= Self::MAX
+            || value.len() > Self::MAX_VALUE_LEN
+            || canonical.len() > Self::MAX_VALUE_LEN
+            || self.by_name[i].contains_key(value)
+        {
+            return;
         }
+        self.by_name[i].insert(value.into(), canonical.into());
+        self.len += 1;
     }
 }
 
@@ -262,9 +283,9 @@ pub(crate) struct PoolShared {
     /// Parameters of the pool's first server login; replayed to clients at login so they need
     /// no server (PgBouncer's "welcome message").
     welcome: Mutex<Option<Arc<ParamSet>>>,
-    /// What PostgreSQL reported for a client's spelling of a tracked parameter ("iso, dmy" →
-    /// "ISO, DMY"), learnt when a server applied it, so the next client that logs in with the
-    /// same spelling is told the server's value at once, as PostgreSQL would tell it.
+    /// What PostgreSQL reported for a client's value of a tracked parameter ("iso, dmy" →
+    /// "ISO, DMY"), learnt from a server at a login or when a session applied it, so the next
+    /// login with that value is told the server's value without asking a server again.
     canonical: Mutex<CanonicalValues>,
     /// Wakes the waiter sweeper before its planned time.
     sweep_now: tokio::sync::Notify,
@@ -391,8 +412,9 @@ impl Pool {
         lock(&self.shared.canonical).get(name, value).map(<[u8]>::to_vec)
     }
 
-    /// Records that PostgreSQL reports `canonical` for `value` of the tracked parameter `name`.
-    pub fn learn_canonical_value(&self, name: &'static str, value: &[u8], canonical: &[u8]) {
+    /// Records that PostgreSQL reports `canonical` for `value` of the tracked parameter `name`
+    /// (kept while fewer than [`CANONICAL_VALUES_KEPT`] are).
+    pub fn learn_canonical_value(&self, name: &str, value: &[u8], canonical: &[u8]) {
         lock(&self.shared.canonical).learn(name, value, canonical);
     }
 
@@ -877,6 +899,8 @@ impl Drop for PooledServer {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::CanonicalValues;
 
     #[test]
@@ -884,14 +908,27 @@ mod tests {
         let mut known = CanonicalValues::default();
         known.learn("DateStyle", b"iso, dmy", b"ISO, DMY");
         known.learn("DateStyle", b"iso, dmy", b"other");
-        assert_eq!(known.get("DateStyle", b"iso, dmy"), Some(&b"ISO, DMY"[..]));
+        assert_eq!(
+            known.get("DateStyle", b"iso, dmy"),
+            Some(&b"ISO, DMY"[..]),
+            "first answer kept"
+        );
         assert_eq!(known.get("TimeZone", b"iso, dmy"), None);
         assert_eq!(known.get("DateStyle", b"ISO, DMY"), None);
+        known.learn("search_path", b"a", b"a");
+        assert_eq!(known.get("search_path", b"a"), None, "tracked parameters only");
+        known.learn("TimeZone", &[b'z'; 129], b"UTC");
+        assert_eq!(known.get("TimeZone", &[b'z'; 129]), None, "too long to keep");
         for i in 0..1000 {
             known.learn("TimeZone", format!("zone{i}").as_bytes(), b"UTC");
         }
-        assert_eq!(known.0.len(), CanonicalValues::MAX);
+        assert_eq!(known.len, CanonicalValues::MAX);
+        assert_eq!(
+            known.by_name.iter().map(HashMap::len).sum::<usize>(),
+            CanonicalValues::MAX
+        );
         assert_eq!(known.get("TimeZone", b"zone0"), Some(&b"UTC"[..]));
         assert_eq!(known.get("TimeZone", b"zone999"), None);
+        assert_eq!(known.get("DateStyle", b"iso, dmy"), Some(&b"ISO, DMY"[..]));
     }
 }
