@@ -4,10 +4,12 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pgweir::config::AuthType;
 use pgweir::embedded_pg::roles;
+use pgweir::pool::CANONICAL_VALUES_KEPT;
 use support::proxy::{TestProxy, TestProxyBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,6 +37,8 @@ fn startup(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 struct Reply {
     status: Vec<(String, Vec<u8>)>,
     error: Option<(String, String)>,
+    /// The ErrorResponse's severity, when there was one.
+    severity: String,
     rows: Vec<Vec<Option<Vec<u8>>>>,
     ready: bool,
     eof: bool,
@@ -74,7 +78,14 @@ async fn read_reply(s: &mut TcpStream, limit: Duration) -> Reply {
                     let v = parts.next().unwrap_or_default().to_vec();
                     r.status.push((k, v));
                 }
-                b'E' => r.error = Some(error_fields(&body)),
+                b'E' => {
+                    r.error = Some(error_fields(&body));
+                    r.severity = body
+                        .split(|&b| b == 0)
+                        .find_map(|f| f.strip_prefix(b"S"))
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
+                }
                 b'D' => {
                     let n = i16::from_be_bytes([body[0], body[1]]) as usize;
                     let mut pos = 2;
@@ -488,65 +499,245 @@ async fn a_departed_clients_unread_bytes_never_reach_the_next() {
     }
 }
 
-/// The value a client was last told for `name`, from its login reply and later replies.
-fn last_status<'a>(replies: &[&'a Reply], name: &str) -> Option<&'a [u8]> {
-    replies
-        .iter()
-        .flat_map(|r| r.status.iter())
-        .rfind(|(k, _)| k == name)
-        .map(|(_, v)| v.as_slice())
-}
-
-/// A client is told what PostgreSQL reports for its startup values, not its own spelling: at
-/// login where pgweir can know it (a case variant of the server's value, a long
-/// application_name, a spelling a server already explained), else ahead of the first reply
-/// after a server applied it. Either way the last value told is the server's.
+/// A client is told what PostgreSQL reports for its startup values, not its own spelling, from
+/// the pool's first login on (a server is asked once for a value no rule explains), and nothing
+/// more once a server applies them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_are_told_the_servers_spelling_of_their_startup_values() {
     let pg = support::postgres();
     let proxy = trust_proxy(&pg, 1).await;
     let long = "x".repeat(64);
-    let cases: [(&str, &[u8], bool); 5] = [
-        // (name, value, known at the first login)
-        ("DateStyle", b"iso, dmy", false),
-        ("DateStyle", b"ISO", false),
-        ("client_encoding", b"utf8", true),
-        ("TimeZone", b"europe/paris", false),
-        ("application_name", long.as_bytes(), true),
+    let accented = "\u{e9}".repeat(40);
+    let cases: [(&str, &[u8]); 9] = [
+        ("DateStyle", b"iso, dmy"),
+        ("DateStyle", b"ISO"),
+        ("client_encoding", b"utf8"),
+        ("client_encoding", b"utf-8"),
+        ("TimeZone", b"europe/paris"),
+        ("IntervalStyle", b"ISO_8601"),
+        ("standard_conforming_strings", b"ON"),
+        ("application_name", long.as_bytes()),
+        // PostgreSQL 15 cuts it to 31 whole characters, then writes '?' for each byte.
+        ("application_name", accented.as_bytes()),
     ];
     let sql = |name: &str| format!("select current_setting('{name}')");
-    for (name, value, known) in cases {
-        let (mut first, login_first) = login(&proxy, &[(name.as_bytes(), value)]).await;
-        assert!(login_first.ready, "{name}={value:?}: {login_first:?}");
-        let q = query(&mut first, &sql(name)).await;
-        let actual = q.rows[0][0].clone().expect("a setting");
-        assert_ne!(actual, value, "{name}: PostgreSQL canonicalises {value:?}");
-        assert_eq!(
-            last_status(&[&login_first, &q], name),
-            Some(&actual[..]),
-            "{name}={value:?}: last value told to the first client"
-        );
-        if known {
+    for (name, value) in cases {
+        for nth in ["first", "second"] {
+            let (mut s, r) = login(&proxy, &[(name.as_bytes(), value)]).await;
+            assert!(r.ready, "{name}={value:?}: {r:?}");
+            let q = query(&mut s, &sql(name)).await;
+            let actual = q.rows[0][0].clone().expect("a setting");
+            assert_ne!(actual, value, "{name}: PostgreSQL canonicalises {value:?}");
             assert_eq!(
-                status(&login_first, name),
+                status(&r, name),
                 Some(&actual[..]),
-                "{name} at the first login"
+                "{name}={value:?} at the {nth} login"
+            );
+            assert!(
+                q.status.iter().all(|(k, _)| k != name),
+                "{name}: nothing more to tell the client: {q:?}"
             );
         }
-        // The second client with the same spelling is told the server's value at login.
-        let (mut second, login_second) = login(&proxy, &[(name.as_bytes(), value)]).await;
+    }
+}
+
+/// Review 17's F2: the first client of a pool was told its own spelling at login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_parameter_status_matches_the_servers_value() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let long = "x".repeat(64);
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("DateStyle", b"iso, dmy", "DateStyle"),
+        ("client_encoding", b"utf8", "client_encoding"),
+        ("TimeZone", b"europe/paris", "TimeZone"),
+        ("application_name", long.as_bytes(), "application_name"),
+    ];
+    let mut bad = Vec::new();
+    for (name, value, show) in cases {
+        let (mut s, r) = login(&proxy, &[(name.as_bytes(), value)]).await;
+        assert!(r.ready, "{r:?}");
+        let reported = status(&r, name).map(|v| String::from_utf8_lossy(v).into_owned());
+        let q = query(&mut s, &format!("select current_setting('{show}')")).await;
+        let actual = String::from_utf8_lossy(q.rows[0][0].as_deref().unwrap_or_default()).into_owned();
+        if reported.as_deref() != Some(actual.as_str()) {
+            bad.push(format!("{name}: ParameterStatus {reported:?}, server has {actual:?}"));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// pgJDBC's startup packet: `DateStyle=ISO` names no field order, and PostgreSQL reports
+/// "ISO, MDY" at login; a strict driver checks the DateStyle it is told. So must pgweir, for the
+/// pool's first client too, and the session then needs no SET for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbcs_datestyle_is_reported_as_postgresql_reports_it() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let jdbc: [(&[u8], &[u8]); 5] = [
+        (b"client_encoding", b"UTF8"),
+        (b"DateStyle", b"ISO"),
+        (b"TimeZone", b"Europe/Paris"),
+        (b"extra_float_digits", b"3"),
+        (b"application_name", b"PostgreSQL JDBC Driver"),
+    ];
+    let (mut s, r) = login(&proxy, &jdbc).await;
+    assert!(r.ready, "{r:?}");
+    assert_eq!(status(&r, "DateStyle"), Some(&b"ISO, MDY"[..]), "{r:?}");
+    assert_eq!(status(&r, "TimeZone"), Some(&b"Europe/Paris"[..]), "{r:?}");
+    for _ in 0..3 {
+        let q = query(&mut s, "select current_setting('DateStyle')").await;
+        assert_eq!(q.rows[0][0].as_deref(), Some(&b"ISO, MDY"[..]), "{q:?}");
+        assert!(q.status.is_empty(), "nothing more to tell: {q:?}");
+    }
+}
+
+/// Applications send the same startup packet every time: once the pool knows what PostgreSQL
+/// reports for its values, a login needs no server. With the pool's only server held in a
+/// transaction, the second identical login completes (it would wait past client_login_timeout
+/// for a server) and no checkout is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_whose_values_are_known_needs_no_server() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let long = "x".repeat(64);
+    let values: [(&[u8], &[u8]); 6] = [
+        (b"DateStyle", b"iso, dmy"),
+        (b"TimeZone", b"europe/paris"),
+        (b"client_encoding", b"utf-8"),
+        (b"IntervalStyle", b"ISO_8601"),
+        (b"standard_conforming_strings", b"ON"),
+        (b"application_name", long.as_bytes()),
+    ];
+    let expected: [(&str, &[u8]); 6] = [
+        ("DateStyle", b"ISO, DMY"),
+        ("TimeZone", b"Europe/Paris"),
+        ("client_encoding", b"UTF8"),
+        ("IntervalStyle", b"iso_8601"),
+        ("standard_conforming_strings", b"on"),
+        ("application_name", &long.as_bytes()[..63]),
+    ];
+    let (mut holder, r) = login(&proxy, &values).await;
+    assert!(r.ready, "{r:?}");
+    for (name, value) in expected {
+        assert_eq!(status(&r, name), Some(value), "{name} at the first login");
+    }
+    let q = query(&mut holder, "begin").await;
+    assert!(q.error.is_none(), "{q:?}");
+    let pool = proxy
+        .pool_where(|k| k.user == roles::TRUST)
+        .expect("the trust user's pool");
+    let checkouts = pool.stats().checkouts.load(Ordering::Relaxed);
+    let (_second, r) = login(&proxy, &values).await;
+    assert!(r.ready && r.error.is_none(), "{r:?}");
+    for (name, value) in expected {
+        assert_eq!(status(&r, name), Some(value), "{name} at the second login");
+    }
+    assert_eq!(
+        pool.stats().checkouts.load(Ordering::Relaxed),
+        checkouts,
+        "the login took no server"
+    );
+    let q = query(&mut holder, "commit").await;
+    assert!(q.error.is_none(), "{q:?}");
+}
+
+/// A startup value PostgreSQL refuses fails the login as it fails a login to PostgreSQL:
+/// AuthenticationOk, then FATAL with PostgreSQL's SQLSTATE and message (read from PostgreSQL 15
+/// with raw startup packets), and the connection closes. The server the value was tried on
+/// serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_startup_value_fails_the_login_as_postgresql_does() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let cases: [(&str, &[u8], &str); 5] = [
+        (
+            "DateStyle",
+            b"nonsense",
+            r#"invalid value for parameter "DateStyle": "nonsense""#,
+        ),
+        (
+            "TimeZone",
+            b"Mars/Base",
+            r#"invalid value for parameter "TimeZone": "Mars/Base""#,
+        ),
+        (
+            "client_encoding",
+            b"klingon",
+            r#"invalid value for parameter "client_encoding": "klingon""#,
+        ),
+        (
+            "IntervalStyle",
+            b"roman",
+            r#"invalid value for parameter "IntervalStyle": "roman""#,
+        ),
+        (
+            "standard_conforming_strings",
+            b"maybe",
+            r#"parameter "standard_conforming_strings" requires a Boolean value"#,
+        ),
+    ];
+    for (name, value, message) in cases {
+        let (_s, r) = login(&proxy, &[(name.as_bytes(), value)]).await;
+        assert!(!r.ready, "{name}: logged in: {r:?}");
+        let (code, got) = r.error.clone().unwrap_or_default();
+        assert_eq!(code, "22023", "{name}: {r:?}");
+        // The name may come back in lower case: PostgreSQL names it as the statement that set
+        // it did (pgweir's SET, not the startup packet).
+        assert!(got.eq_ignore_ascii_case(message), "{name}: {got}");
+        assert_eq!(r.severity, "FATAL", "{name}: {r:?}");
+        assert!(r.eof, "{name}: the connection closes: {r:?}");
+        let (mut next, r) = login(&proxy, &[]).await;
+        assert!(r.ready, "{r:?}");
+        let q = query(&mut next, "select 1").await;
+        assert_eq!(q.rows[0][0].as_deref(), Some(&b"1"[..]), "{q:?}");
+    }
+}
+
+/// The values a pool keeps are bounded, as they come from clients: past
+/// CANONICAL_VALUES_KEPT a new value is still reported as PostgreSQL reports it (a server is
+/// asked at each such login) but not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_values_a_pool_keeps_are_bounded() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 2).await;
+    // Distinct spellings of one zone: the letters of `i`'s set bits in upper case.
+    let spelling = |i: usize| -> String {
+        let mut letter = 0;
+        "america/argentina/buenos_aires"
+            .chars()
+            .map(|c| {
+                if !c.is_ascii_alphabetic() {
+                    return c;
+                }
+                letter += 1;
+                if i >> (letter - 1) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    };
+    let n = CANONICAL_VALUES_KEPT + 5;
+    for i in 0..n {
+        let value = spelling(i);
+        let (_s, r) = login(&proxy, &[(b"TimeZone", value.as_bytes())]).await;
+        assert!(r.ready, "{value}: {r:?}");
         assert_eq!(
-            status(&login_second, name),
-            Some(&actual[..]),
-            "{name}={value:?} at the next login"
-        );
-        let q = query(&mut second, &sql(name)).await;
-        assert_eq!(q.rows[0][0].as_deref(), Some(&actual[..]), "{name} on the server");
-        assert!(
-            q.status.iter().all(|(k, _)| k != name),
-            "{name}: nothing more to tell the second client: {q:?}"
+            status(&r, "TimeZone"),
+            Some(&b"America/Argentina/Buenos_Aires"[..]),
+            "{value}"
         );
     }
+    let pool = proxy
+        .pool_where(|k| k.user == roles::TRUST)
+        .expect("the trust user's pool");
+    let kept: Vec<bool> = (0..n)
+        .map(|i| pool.canonical_value("TimeZone", spelling(i).as_bytes()).is_some())
+        .collect();
+    assert_eq!(kept.iter().filter(|k| **k).count(), CANONICAL_VALUES_KEPT);
+    assert!(kept[0] && !kept[n - 1], "the first kept, the last not");
 }
 
 /// pgJDBC sends `DateStyle=ISO`, which names no field order: PostgreSQL reads it against its
@@ -573,7 +764,8 @@ async fn a_partial_datestyle_is_read_against_the_default_not_the_last_client() {
 }
 
 /// A startup setting PostgreSQL refuses ends the session with PostgreSQL's SQLSTATE and reason
-/// (at the first transaction: pgweir applies settings on a server, and logins need none), and
+/// (for an untracked setting, at the first transaction: pgweir applies those on a server, and
+/// logins need none; a tracked one fails the login, see above), and
 /// the server it was tried on does not go back to the pool half-set: the next client is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_startup_setting_ends_the_session_with_postgresqls_reason() {

@@ -1,6 +1,7 @@
 //! Client login: SSLRequest/GSSENCRequest refusal, CancelRequest, StartupMessage, password
 //! authentication, database lookup and the welcome (ParameterStatus, BackendKeyData,
-//! ReadyForQuery) — all without a server when the pool already knows its parameters.
+//! ReadyForQuery) — all without a server when the pool already knows its parameters and what
+//! PostgreSQL reports for the client's startup values.
 
 // `Failure` carries the reply to send; it is large, but login errors happen once per
 // connection at most, so boxing would only add noise.
@@ -25,12 +26,12 @@ use crate::config::{AuthType, ClientTlsMode, Config, Secret};
 use crate::net::stream::TlsConn;
 use crate::net::{Stream, tls};
 use crate::pool::{Pool, PoolError, PoolKey};
-use crate::proto::messages::{self, PgError};
+use crate::proto::messages::{self, ErrorFields, PgError};
 use crate::proto::startup::{self, CancelKey, MAX_STARTUP_LEN, StartupPacket, StartupParams};
 use crate::proto::tag::{TransactionStatus, frontend};
 use crate::proto::{ProtocolError, frame_at};
 use crate::server::params::{self, ParamSet};
-use crate::server::{ServerSecret, ServerTarget};
+use crate::server::{ServerError, ServerSecret, ServerTarget};
 
 /// Password messages are tiny; anything bigger during login is hostile or broken.
 const MAX_LOGIN_MESSAGE: usize = 10_000;
@@ -404,8 +405,13 @@ async fn login(
     };
 
     // Tracked parameters the client did not set take the server defaults, so that a value
-    // another client SET on a shared server is reset before this client uses that server.
+    // another client SET on a shared server is reset before this client uses that server. Those
+    // it set are held as PostgreSQL reports them ("iso, dmy" → "ISO, DMY"): the client is told
+    // that value now, as PostgreSQL would tell it, and servers are compared with it from now on
+    // (a server's "ISO, MDY" then satisfies pgJDBC's "ISO" with no SET each transaction). A rule
+    // here or an earlier server's answer gives most; the rest a server gives now.
     let mut client_params = client_params;
+    let mut unknown = Vec::new();
     for name in params::TRACKED {
         let Some(value) = client_params.get(name) else {
             if let Some(value) = welcome.get(name) {
@@ -413,18 +419,34 @@ async fn login(
             }
             continue;
         };
-        // Told at login, and compared with servers from then on, as PostgreSQL spells it. A
-        // spelling no rule or earlier server explains stays as sent until a server applies it;
-        // the session then tells the client the server's value (Session::align_params).
         let canonical = match params::canonical_locally(name, value, &welcome) {
             Some(c) if *c == *value => continue,
             Some(c) => c.into_owned(),
             None => match pool.canonical_value(name, value) {
                 Some(c) => c,
-                None => continue,
+                None => {
+                    unknown.push((*name, value.to_vec()));
+                    continue;
+                }
             },
         };
         client_params.set(name, &canonical);
+    }
+    if !unknown.is_empty() {
+        let encoding = client_params.get("client_encoding").map(<[u8]>::to_vec);
+        match ask_server(&pool, unknown, encoding).await {
+            Ok(reported) => {
+                for (name, value) in reported {
+                    client_params.set(name, &value);
+                }
+            }
+            Err(failure) => {
+                // The client has authenticated: like PostgreSQL, pgweir says so before the
+                // FATAL (a value PostgreSQL refuses fails the login after AuthenticationOk).
+                client.write_all(&out).await?;
+                return Err(failure);
+            }
+        }
     }
 
     let slot = Arc::new(CancelSlot::default());
@@ -484,6 +506,119 @@ async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
             })
         }
     }
+}
+
+/// Asks a server what PostgreSQL reports for a client's startup `values` of tracked parameters
+/// that no local rule or earlier answer explains: one round trip that SETs them (as a session
+/// would, in the client's `encoding`) and reads the server's ParameterStatus. The pool keeps each
+/// answer, so the next login with these values asks no server. A value the server refuses fails
+/// the login with its SQLSTATE and message, as it fails a login to PostgreSQL.
+async fn ask_server(
+    pool: &Pool,
+    values: Vec<(&'static str, Vec<u8>)>,
+    encoding: Option<Vec<u8>>,
+) -> Result<Vec<(&'static str, Vec<u8>)>, Failure> {
+    // In a task of its own, as in fetch_welcome: a login timeout drops the login part-way, and
+    // dropping a checkout part-way would leak the slot it holds. The task finishes on its own
+    // (and the pool still learns the answer).
+    let p = pool.clone();
+    let asked = tokio::spawn(async move {
+        let settings = p.settings().clone();
+        let mut server = p.checkout(Instant::now(), &settings).await.map_err(Unanswered::Pool)?;
+        let mut pairs: Vec<(&str, &[u8])> = values.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        // Values are bytes in the client's encoding: set it first (set_prelude) where the
+        // server's session may have another.
+        if let Some(e) = &encoding
+            && !pairs.iter().any(|(k, _)| *k == "client_encoding")
+        {
+            pairs.push(("client_encoding", e));
+        }
+        let conn = server.conn();
+        let prelude = params::set_prelude(&conn.params, &pairs);
+        let sql = params::set_statements(&pairs, &[]);
+        let ran = tokio::time::timeout(settings.server_connect_timeout, conn.run_settings(&prelude, &sql)).await;
+        match ran {
+            Ok(Ok(None)) => {
+                // Every tracked parameter is reported, so the server's record holds what it
+                // made of each value (a value it already had is not reported again, and is
+                // already there).
+                let reported: Vec<(&'static str, Vec<u8>)> = values
+                    .iter()
+                    .map(|(name, value)| {
+                        let canonical = conn.params.get(name).unwrap_or(value).to_vec();
+                        p.learn_canonical_value(name, value, &canonical);
+                        (*name, canonical)
+                    })
+                    .collect();
+                server.release();
+                Ok(reported)
+            }
+            Ok(Ok(Some(refused))) => {
+                // The batch ran in one implicit transaction, rolled back by the error; the
+                // server is idle with its reported values recorded, so it goes back.
+                server.release();
+                Err(Unanswered::Refused(refused))
+            }
+            Ok(Err(e)) => {
+                server.discard();
+                Err(Unanswered::Server(Some(e)))
+            }
+            Err(_) => {
+                server.discard();
+                Err(Unanswered::Server(None))
+            }
+        }
+    });
+    let unanswered = match asked.await {
+        Ok(Ok(reported)) => return Ok(reported),
+        Ok(Err(unanswered)) => unanswered,
+        // Only a runtime shutting down cancels the task.
+        Err(_) => {
+            return Err(reject(
+                LoginFailure::ServerUnavailable,
+                PgError::fatal("57P01", "pgweir: shutting down"),
+            ));
+        }
+    };
+    Err(match unanswered {
+        Unanswered::Refused(fields) => {
+            let mut reply = PgError::fatal(
+                super::session::parameter_sqlstate(fields.code.as_deref()),
+                fields.message,
+            );
+            reply.detail = fields.detail;
+            reject(LoginFailure::Other, reply)
+        }
+        Unanswered::Pool(e) => {
+            let reply = super::session::pool_error_reply(&e, pool, true);
+            Failure {
+                reason: LoginFailure::ServerUnavailable,
+                error: e.into(),
+                reply: Some(reply),
+            }
+        }
+        Unanswered::Server(e) => {
+            let reply = PgError::fatal(
+                "08006",
+                "pgweir: the server did not answer while reading this client's session parameters",
+            );
+            Failure {
+                reason: LoginFailure::ServerUnavailable,
+                error: e.map_or_else(|| ClientError::Login(reply.message.clone()), ClientError::Server),
+                reply: Some(reply),
+            }
+        }
+    })
+}
+
+/// Why [`ask_server`] has no answer.
+enum Unanswered {
+    /// The server refused a value.
+    Refused(ErrorFields),
+    /// No server in time.
+    Pool(PoolError),
+    /// The server failed or did not answer within server_connect_timeout.
+    Server(Option<ServerError>),
 }
 
 /// The session parameters a client asked for at startup, including `options=-c k=v`.

@@ -677,8 +677,10 @@ impl Session {
                         // adopting it means the next comparison matches and no SET is repeated.
                         let canonical = conn.params.get(name).unwrap_or(value).to_vec();
                         if canonical != *value {
-                            // The client was told its own spelling (at login, nothing had
-                            // explained it yet): tell it PostgreSQL's, and tell the next login.
+                            // The client was told another value: a login holds what a server
+                            // of the pool reported, so only a server that reads the value
+                            // differently (after an upgrade, say) gets here. Tell the client
+                            // this server's, as PostgreSQL would, and the next login.
                             self.pool.learn_canonical_value(tracked, value, &canonical);
                             crate::proto::messages::parameter_status(&mut self.status_for_client, name, &canonical);
                         }
@@ -1294,7 +1296,7 @@ fn server_error_reply(e: &ServerError, pool: &Pool) -> PgError {
 /// The SQLSTATE PostgreSQL gave for a session parameter it refused, as PostgreSQL would give it
 /// at login (an unknown name, a value it rejects, one the role may not set); others as
 /// invalid_parameter_value.
-fn parameter_sqlstate(code: Option<&str>) -> &'static str {
+pub(super) fn parameter_sqlstate(code: Option<&str>) -> &'static str {
     match code {
         Some("42704") => "42704",
         Some("42501") => "42501",

@@ -350,6 +350,8 @@ pub struct ErrorFields {
     /// optional here and defaulted by callers (PgBouncer CVE-2026-6666 was exactly this).
     pub code: Option<String>,
     pub message: String,
+    /// PostgreSQL's DETAIL, when it gave one.
+    pub detail: Option<String>,
 }
 
 pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
@@ -367,6 +369,7 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
             b'S' => fields.severity = value,
             b'C' => fields.code = Some(value),
             b'M' => fields.message = value,
+            b'D' => fields.detail = Some(value),
             _ => {}
         }
         pos = next;
