@@ -484,11 +484,7 @@ async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
         p.checkout(Instant::now(), &settings).await.map(|s| s.release())
     });
     let Ok(res) = checkout.await else {
-        // Only a runtime shutting down cancels the task.
-        return Err(reject(
-            LoginFailure::ServerUnavailable,
-            PgError::fatal("57P01", "pgweir: shutting down"),
-        ));
+        return Err(shutting_down());
     };
     match res {
         Ok(()) => pool.welcome().ok_or_else(|| {
@@ -497,14 +493,25 @@ async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
                 PgError::fatal("08006", "pgweir: server parameters unavailable"),
             )
         }),
-        Err(e) => {
-            let reply = super::session::pool_error_reply(&e, pool, true);
-            Err(Failure {
-                reason: LoginFailure::ServerUnavailable,
-                error: e.into(),
-                reply: Some(reply),
-            })
-        }
+        Err(e) => Err(no_server(e, pool)),
+    }
+}
+
+/// A login's server task was cancelled: only a runtime shutting down does that.
+fn shutting_down() -> Failure {
+    reject(
+        LoginFailure::ServerUnavailable,
+        PgError::fatal("57P01", "pgweir: shutting down"),
+    )
+}
+
+/// A login needed a server and the pool gave none.
+fn no_server(e: PoolError, pool: &Pool) -> Failure {
+    let reply = super::session::pool_error_reply(&e, pool, true);
+    Failure {
+        reason: LoginFailure::ServerUnavailable,
+        error: e.into(),
+        reply: Some(reply),
     }
 }
 
@@ -572,13 +579,7 @@ async fn ask_server(
     let unanswered = match asked.await {
         Ok(Ok(reported)) => return Ok(reported),
         Ok(Err(unanswered)) => unanswered,
-        // Only a runtime shutting down cancels the task.
-        Err(_) => {
-            return Err(reject(
-                LoginFailure::ServerUnavailable,
-                PgError::fatal("57P01", "pgweir: shutting down"),
-            ));
-        }
+        Err(_) => return Err(shutting_down()),
     };
     Err(match unanswered {
         Unanswered::Refused(fields) => {
@@ -589,14 +590,7 @@ async fn ask_server(
             reply.detail = fields.detail;
             reject(LoginFailure::Other, reply)
         }
-        Unanswered::Pool(e) => {
-            let reply = super::session::pool_error_reply(&e, pool, true);
-            Failure {
-                reason: LoginFailure::ServerUnavailable,
-                error: e.into(),
-                reply: Some(reply),
-            }
-        }
+        Unanswered::Pool(e) => no_server(e, pool),
         Unanswered::Server(e) => {
             let reply = PgError::fatal(
                 "08006",

@@ -651,7 +651,7 @@ impl Session {
         // The values are written for standard_conforming_strings = on (see params::set_prelude):
         // where the prelude turns it on for that, this client's own setting is set again.
         const SCS: &str = "standard_conforming_strings";
-        if have.get(SCS) != Some(&b"on"[..])
+        if params::reads_backslash_escapes(have)
             && !diffs.iter().any(|(k, _)| k == SCS)
             && let Some(wanted) = self.params.get(SCS)
         {

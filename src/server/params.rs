@@ -425,6 +425,12 @@ pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
     sql
 }
 
+/// Whether a server whose parameters are `have` reads a backslash in a plain literal as an
+/// escape (standard_conforming_strings not on), so [`set_prelude`] turns the setting on first.
+pub fn reads_backslash_escapes(have: &ParamSet) -> bool {
+    have.get("standard_conforming_strings") != Some(&b"on"[..])
+}
+
 /// The query to run, when one is needed, on a server whose parameters are `have` before
 /// [`set_statements`] for `pairs`. That batch is parsed whole as the server's session stands, and
 /// an earlier client may have left it reading differently from how the values are written:
@@ -435,7 +441,7 @@ pub fn set_statements(pairs: &[(&str, &[u8])], resets: &[&str]) -> BytesMut {
 ///   mojibake ("é" sent in UTF8 read as LATIN1 is "Ã©").
 pub fn set_prelude(have: &ParamSet, pairs: &[(&str, &[u8])]) -> Vec<u8> {
     let mut prelude = Vec::new();
-    if have.get("standard_conforming_strings") != Some(&b"on"[..]) {
+    if reads_backslash_escapes(have) {
         prelude.extend_from_slice(b"SET standard_conforming_strings = on;");
     }
     if let Some((_, encoding)) = pairs.iter().find(|(k, _)| *k == "client_encoding")
