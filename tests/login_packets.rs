@@ -842,3 +842,103 @@ async fn setting_values_are_read_in_the_clients_own_encoding() {
     let q = query(&mut utf8, "select current_setting('app.tenant')").await;
     assert_eq!(q.rows[0][0].as_deref(), Some("é".as_bytes()), "{q:?}");
 }
+
+/// PostgreSQL's RESET (ALL, one name, DISCARD ALL) goes back to the value the client sent at
+/// login. A pooled server goes back to its own login values instead, and pgweir used to adopt
+/// what the server then reported: after a RESET ALL a client that logged in with TimeZone
+/// Asia/Tokyo and DateStyle "SQL, DMY" had the pool's UTC and ISO for the rest of its session,
+/// and its driver was told so. Every message after login (ParameterStatus reports included) must
+/// match what the same client gets from PostgreSQL directly, with another client's session
+/// having used the one server in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_brings_back_the_clients_own_login_values() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let extra: [(&[u8], &[u8]); 3] = [
+        (b"TimeZone", b"Asia/Tokyo"),
+        (b"DateStyle", b"SQL, DMY"),
+        (b"application_name", b"resetter"),
+    ];
+    let script = [
+        "RESET ALL",
+        "SHOW TimeZone",
+        "SHOW DateStyle",
+        "SET TimeZone = 'UTC'",
+        "SHOW TimeZone",
+        "DISCARD ALL",
+        "SELECT current_setting('TimeZone'), current_setting('DateStyle'), current_setting('application_name')",
+        "SET TimeZone = 'UTC'; SET application_name = 'other'",
+        "RESET TimeZone",
+        "SHOW TimeZone",
+        "SHOW application_name",
+        // (Not here: a RESET in the same Query as a SET. PostgreSQL reports only the batch's
+        // net changes, just before ReadyForQuery, so pgweir cannot tell which of the two a
+        // report comes from, and such a batch still adopts the server's values.)
+        "SET TimeZone = 'America/New_York'",
+        "RESET ALL",
+        "SHOW TimeZone",
+        "BEGIN; RESET ALL; COMMIT",
+        "SELECT current_setting('TimeZone'), '01/02/2024'::date::text",
+    ];
+    // Every message as (tag, body), so reports, rows and tags are all compared.
+    async fn run(s: &mut TcpStream, script: &[&str]) -> Vec<(char, Vec<u8>)> {
+        let mut all = Vec::new();
+        for sql in script {
+            let mut m = vec![b'Q'];
+            m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+            m.extend_from_slice(sql.as_bytes());
+            m.push(0);
+            s.write_all(&m).await.expect("query");
+            let mut buf = Vec::new();
+            loop {
+                let mut chunk = [0u8; 8192];
+                let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                    .await
+                    .expect("reply in time")
+                    .expect("read");
+                assert!(n > 0, "connection closed after {sql}");
+                buf.extend_from_slice(&chunk[..n]);
+                let mut msgs = Vec::new();
+                let mut pos = 0;
+                while buf.len() >= pos + 5 {
+                    let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]) as usize;
+                    if buf.len() < pos + 1 + len {
+                        break;
+                    }
+                    msgs.push((buf[pos] as char, buf[pos + 5..pos + 1 + len].to_vec()));
+                    pos += 1 + len;
+                }
+                if msgs.last().is_some_and(|(t, _)| *t == 'Z') {
+                    all.push(('>', sql.as_bytes().to_vec()));
+                    all.extend(msgs);
+                    break;
+                }
+            }
+        }
+        all
+    }
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![(b"user", roles::TRUST.as_bytes()), (b"database", b"app")];
+    pairs.extend_from_slice(&extra);
+    let mut direct = TcpStream::connect((pg.host(), pg.port()))
+        .await
+        .expect("connect directly");
+    direct.write_all(&startup(&pairs)).await.expect("startup");
+    let r = read_reply(&mut direct, Duration::from_secs(10)).await;
+    assert!(r.ready && r.error.is_none(), "direct login: {r:?}");
+    let want = run(&mut direct, &script).await;
+
+    // Another client first leaves the one server with values of its own.
+    let (mut other, r) = login(&proxy, &[(b"TimeZone", b"Europe/Paris"), (b"DateStyle", b"German")]).await;
+    assert!(r.ready && r.error.is_none(), "other login: {r:?}");
+    assert!(query(&mut other, "SELECT 1").await.ready);
+    let (mut s, r) = login(&proxy, &extra).await;
+    assert!(r.ready && r.error.is_none(), "login: {r:?}");
+    let got = run(&mut s, &script).await;
+    let show = |v: &[(char, Vec<u8>)]| {
+        v.iter()
+            .map(|(t, b)| format!("{t} {}", String::from_utf8_lossy(b).replace('\0', "|")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(show(&got), show(&want));
+}

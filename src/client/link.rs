@@ -52,6 +52,8 @@ pub struct Link {
     after_execute: bool,
     pub status: TransactionStatus,
     pub copy_in: bool,
+    /// What the commands completed since the last ReadyForQuery were, as far as a RESET needs.
+    reset_batch: ResetBatch,
     /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
     c_skip: usize,
     /// Server bytes (from the start of the server read buffer) framed and ready for the client.
@@ -80,6 +82,28 @@ pub struct Link {
     /// The time to record round trips with; None reads the clock. An event loop sets its
     /// reading for the round (one clock read for many sessions instead of one per message).
     pub clock: Option<std::time::Instant>,
+}
+
+/// Whether the server sends its ParameterStatus reports just before ReadyForQuery (PostgreSQL
+/// 14 on); older ones send each as the command runs, before its CommandComplete.
+fn reports_at_ready(server: &ParamSet) -> bool {
+    server
+        .get("server_version")
+        .and_then(|v| v.split(|b| !b.is_ascii_digit()).next())
+        .and_then(|major| std::str::from_utf8(major).ok()?.parse::<u32>().ok())
+        .is_some_and(|major| major >= 14)
+}
+
+/// PostgreSQL reports changed parameters just before ReadyForQuery, so a report cannot be tied
+/// to the command that caused it; it can be when every command of the batch was a reset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ResetBatch {
+    /// No command completed since the last ReadyForQuery (or only transaction control).
+    None,
+    /// RESET or DISCARD ALL, and nothing that could have set a parameter.
+    Resets,
+    /// Anything else: a SET, or a SELECT that may have called set_config.
+    Other,
 }
 
 /// The growable parts of a [`Link`], kept by the session between transactions so a link
@@ -111,6 +135,7 @@ impl Link {
             after_execute: false,
             status: TransactionStatus::Idle,
             copy_in: false,
+            reset_batch: ResetBatch::None,
             c_skip: 0,
             s_ready: 0,
             s_skip: 0,
@@ -502,6 +527,7 @@ impl Link {
     pub fn frame_server(
         &mut self,
         client_params: &mut ParamSet,
+        reset_to: &ParamSet,
         statements: &mut ClientStatements,
     ) -> Result<(), ProtocolError> {
         // Nothing new to frame and no reply of pgweir's own due: what the full loop below would
@@ -515,12 +541,15 @@ impl Link {
         {
             return Ok(());
         }
-        self.frame_server_input(client_params, statements)
+        self.frame_server_input(client_params, reset_to, statements)
     }
 
+    /// `reset_to` holds the tracked parameters the client set at login: what PostgreSQL goes
+    /// back to at a RESET, where the server goes back to its own.
     fn frame_server_input(
         &mut self,
         client_params: &mut ParamSet,
+        reset_to: &ParamSet,
         statements: &mut ClientStatements,
     ) -> Result<(), ProtocolError> {
         let mut pos = self.s_ready;
@@ -587,6 +616,7 @@ impl Link {
                         },
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
+                    self.reset_batch = ResetBatch::None;
                     if let Some(sent) = self.rfq_sent.pop_front() {
                         // Not `self.now()`: that would borrow all of self while `conn` is held.
                         let now = self.clock.unwrap_or_else(std::time::Instant::now);
@@ -596,6 +626,30 @@ impl Link {
                 backend::PARAMETER_STATUS => {
                     let (name, value) = messages::parse_parameter_status(body)?;
                     if let Ok(name) = std::str::from_utf8(name) {
+                        // A reset took the server back to ITS login values; the client's
+                        // session goes back to the client's (PostgreSQL: RESET returns to the
+                        // startup packet's value). The client is told its own value, or
+                        // nothing when it already holds it, as PostgreSQL reports only changes;
+                        // the next transaction sets it on whichever server it gets.
+                        let restore = match self.reset_batch {
+                            ResetBatch::Resets if reports_at_ready(&conn.params) => {
+                                reset_to.get(name).filter(|s| *s != value)
+                            }
+                            _ => None,
+                        };
+                        if let Some(startup) = restore {
+                            if pos > 0 {
+                                break;
+                            }
+                            let changed = client_params.get(name) != Some(startup);
+                            client_params.set(name, startup);
+                            conn.params.set(name, value);
+                            if changed {
+                                messages::parameter_status(&mut self.inject, name, startup);
+                            }
+                            conn.buf.advance(frame.total_len);
+                            continue;
+                        }
                         if params::TRACKED.contains(&name) {
                             client_params.set(name, value);
                         }
@@ -627,6 +681,11 @@ impl Link {
                     if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
                         conn.statements.clear();
                     }
+                    self.reset_batch = match body {
+                        b"DISCARD ALL\0" | b"RESET\0" if self.reset_batch != ResetBatch::Other => ResetBatch::Resets,
+                        b"BEGIN\0" | b"START TRANSACTION\0" | b"COMMIT\0" | b"ROLLBACK\0" => self.reset_batch,
+                        _ => ResetBatch::Other,
+                    };
                     // A RESET or DISCARD ALL takes the session back to the connection's own
                     // defaults, where PostgreSQL would go back to the client's startup settings:
                     // forget what pgweir set, so the next transaction sets it again.

@@ -316,6 +316,14 @@ impl ParamSet {
         }
     }
 
+    /// A copy holding only the entries whose name `keep` accepts.
+    pub fn only(&self, mut keep: impl FnMut(&str) -> bool) -> ParamSet {
+        ParamSet {
+            entries: self.entries.iter().filter(|(k, _)| keep(k.as_str())).cloned().collect(),
+            generation: 0,
+        }
+    }
+
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.entries.retain(|(k, _)| keep(k.as_str()));
         self.generation += 1;
