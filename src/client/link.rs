@@ -84,6 +84,16 @@ pub struct Link {
     pub clock: Option<std::time::Instant>,
 }
 
+/// A CommandComplete tag of BEGIN, START TRANSACTION, COMMIT or ROLLBACK. The first byte
+/// decides most tags without a compare of the whole ("SELECT 1" is as long as "ROLLBACK").
+fn is_transaction_control(tag: &[u8]) -> bool {
+    match tag.first() {
+        Some(b'B' | b'C' | b'R') => matches!(tag, b"BEGIN\0" | b"COMMIT\0" | b"ROLLBACK\0"),
+        Some(b'S') => tag == b"START TRANSACTION\0",
+        _ => false,
+    }
+}
+
 /// Whether the server sends its ParameterStatus reports just before ReadyForQuery (PostgreSQL
 /// 14 on); older ones send each as the command runs, before its CommandComplete.
 fn reports_at_ready(server: &ParamSet) -> bool {
@@ -104,6 +114,16 @@ enum ResetBatch {
     Resets,
     /// Anything else: a SET, or a SELECT that may have called set_config.
     Other,
+}
+
+/// What [`Link::parameter_status`] did with a report.
+enum Report {
+    /// Pass it on as it is.
+    Forward,
+    /// It must be replaced, once everything before it has gone to the client.
+    EditAtFront,
+    /// Replaced (or dropped) at the front of the buffer.
+    Edited,
 }
 
 /// The growable parts of a [`Link`], kept by the session between transactions so a link
@@ -624,37 +644,14 @@ impl Link {
                     }
                 }
                 backend::PARAMETER_STATUS => {
-                    let (name, value) = messages::parse_parameter_status(body)?;
-                    if let Ok(name) = std::str::from_utf8(name) {
-                        // A reset took the server back to ITS login values; the client's
-                        // session goes back to the client's (PostgreSQL: RESET returns to the
-                        // startup packet's value). The client is told its own value, or
-                        // nothing when it already holds it, as PostgreSQL reports only changes;
-                        // the next transaction sets it on whichever server it gets.
-                        let restore = match self.reset_batch {
-                            ResetBatch::Resets if reports_at_ready(&conn.params) => {
-                                reset_to.get(name).filter(|s| *s != value)
-                            }
-                            _ => None,
-                        };
-                        if let Some(startup) = restore {
-                            if pos > 0 {
-                                break;
-                            }
-                            let changed = client_params.get(name) != Some(startup);
-                            client_params.set(name, startup);
-                            conn.params.set(name, value);
-                            if changed {
-                                messages::parameter_status(&mut self.inject, name, startup);
-                            }
-                            conn.buf.advance(frame.total_len);
-                            continue;
-                        }
-                        if params::TRACKED.contains(&name) {
-                            client_params.set(name, value);
-                        }
-                        conn.params.set(name, value);
+                    let at_front = pos == 0;
+                    match self.parameter_status(pos, frame.total_len, at_front, client_params, reset_to)? {
+                        // No reply the queue waits for: it only passes on.
+                        Report::Forward => pos += frame.total_len,
+                        Report::EditAtFront => break,
+                        Report::Edited => {}
                     }
+                    continue;
                 }
                 backend::COPY_IN_RESPONSE => {
                     self.copy_in = true;
@@ -681,15 +678,18 @@ impl Link {
                     if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
                         conn.statements.clear();
                     }
-                    self.reset_batch = match body {
-                        b"DISCARD ALL\0" | b"RESET\0" if self.reset_batch != ResetBatch::Other => ResetBatch::Resets,
-                        b"BEGIN\0" | b"START TRANSACTION\0" | b"COMMIT\0" | b"ROLLBACK\0" => self.reset_batch,
-                        _ => ResetBatch::Other,
-                    };
+                    let resets = matches!(body, b"DISCARD ALL\0" | b"RESET\0");
+                    if self.reset_batch != ResetBatch::Other {
+                        self.reset_batch = match resets {
+                            true => ResetBatch::Resets,
+                            false if is_transaction_control(body) => self.reset_batch,
+                            false => ResetBatch::Other,
+                        };
+                    }
                     // A RESET or DISCARD ALL takes the session back to the connection's own
                     // defaults, where PostgreSQL would go back to the client's startup settings:
                     // forget what pgweir set, so the next transaction sets it again.
-                    if matches!(body, b"DISCARD ALL\0" | b"RESET\0") {
+                    if resets {
                         conn.forget_session_state();
                     }
                 }
@@ -710,6 +710,50 @@ impl Link {
         }
         self.s_ready = pos;
         Ok(())
+    }
+
+    /// Reads a ParameterStatus at `pos`. Out of line: a report is rare in the transaction loop.
+    #[inline(never)]
+    fn parameter_status(
+        &mut self,
+        pos: usize,
+        total_len: usize,
+        at_front: bool,
+        client_params: &mut ParamSet,
+        reset_to: &ParamSet,
+    ) -> Result<Report, ProtocolError> {
+        let conn = self.server.conn();
+        let body = &conn.buf[pos + HEADER_LEN..pos + total_len];
+        let (name, value) = messages::parse_parameter_status(body)?;
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Ok(Report::Forward);
+        };
+        // A reset took the server back to ITS login values; the client's session goes back to
+        // the client's (PostgreSQL: RESET returns to the startup packet's value). The client is
+        // told its own value, or nothing when it already holds it, as PostgreSQL reports only
+        // changes; the next transaction sets it on whichever server it gets.
+        let restore = match self.reset_batch {
+            ResetBatch::Resets if reports_at_ready(&conn.params) => reset_to.get(name).filter(|s| *s != value),
+            _ => None,
+        };
+        if let Some(startup) = restore {
+            if !at_front {
+                return Ok(Report::EditAtFront);
+            }
+            let changed = client_params.get(name) != Some(startup);
+            client_params.set(name, startup);
+            conn.params.set(name, value);
+            if changed {
+                messages::parameter_status(&mut self.inject, name, startup);
+            }
+            conn.buf.advance(total_len);
+            return Ok(Report::Edited);
+        }
+        if params::TRACKED.contains(&name) {
+            client_params.set(name, value);
+        }
+        conn.params.set(name, value);
+        Ok(Report::Forward)
     }
 
     /// Clears the reply queue when it still expects replies although the server has answered
