@@ -547,7 +547,7 @@ impl Link {
     pub fn frame_server(
         &mut self,
         client_params: &mut ParamSet,
-        reset_to: &ParamSet,
+        reset_to: &mut Option<Box<ParamSet>>,
         statements: &mut ClientStatements,
     ) -> Result<(), ProtocolError> {
         // Nothing new to frame and no reply of pgweir's own due: what the full loop below would
@@ -564,12 +564,13 @@ impl Link {
         self.frame_server_input(client_params, reset_to, statements)
     }
 
-    /// `reset_to` holds the tracked parameters the client set at login: what PostgreSQL goes
-    /// back to at a RESET, where the server goes back to its own.
+    /// `reset_to` holds the tracked parameters the client set at login (what PostgreSQL goes
+    /// back to at a RESET, where the server goes back to its own); None while `client_params`
+    /// still holds them.
     fn frame_server_input(
         &mut self,
         client_params: &mut ParamSet,
-        reset_to: &ParamSet,
+        reset_to: &mut Option<Box<ParamSet>>,
         statements: &mut ClientStatements,
     ) -> Result<(), ProtocolError> {
         let mut pos = self.s_ready;
@@ -720,7 +721,7 @@ impl Link {
         total_len: usize,
         at_front: bool,
         client_params: &mut ParamSet,
-        reset_to: &ParamSet,
+        reset_to: &mut Option<Box<ParamSet>>,
     ) -> Result<Report, ProtocolError> {
         let conn = self.server.conn();
         let body = &conn.buf[pos + HEADER_LEN..pos + total_len];
@@ -732,24 +733,29 @@ impl Link {
         // the client's (PostgreSQL: RESET returns to the startup packet's value). The client is
         // told its own value, or nothing when it already holds it, as PostgreSQL reports only
         // changes; the next transaction sets it on whichever server it gets.
-        let restore = match self.reset_batch {
-            ResetBatch::Resets if reports_at_ready(&conn.params) => reset_to.get(name).filter(|s| *s != value),
-            _ => None,
-        };
-        if let Some(startup) = restore {
-            if !at_front {
-                return Ok(Report::EditAtFront);
+        if self.reset_batch == ResetBatch::Resets && reports_at_ready(&conn.params) {
+            let startup = match reset_to {
+                Some(r) => r.get(name),
+                None => client_params.get(name),
+            };
+            if let Some(startup) = startup.filter(|s| *s != value).map(<[u8]>::to_vec) {
+                if !at_front {
+                    return Ok(Report::EditAtFront);
+                }
+                if client_params.get(name) != Some(startup.as_slice()) {
+                    client_params.set(name, &startup);
+                    messages::parameter_status(&mut self.inject, name, &startup);
+                }
+                conn.params.set(name, value);
+                conn.buf.advance(total_len);
+                return Ok(Report::Edited);
             }
-            let changed = client_params.get(name) != Some(startup);
-            client_params.set(name, startup);
-            conn.params.set(name, value);
-            if changed {
-                messages::parameter_status(&mut self.inject, name, startup);
-            }
-            conn.buf.advance(total_len);
-            return Ok(Report::Edited);
         }
         if params::TRACKED.contains(&name) {
+            if reset_to.is_none() && client_params.get(name) != Some(value) {
+                // The login values are about to change: keep them for a later RESET.
+                *reset_to = Some(Box::new(client_params.only(|n| params::TRACKED.contains(&n))));
+            }
             client_params.set(name, value);
         }
         conn.params.set(name, value);

@@ -55,8 +55,10 @@ struct Session {
     /// `pool`'s settings, following reloads.
     settings: SettingsCache,
     params: ParamSet,
-    /// The tracked parameters the client sent at login: a RESET brings them back.
-    reset_to: ParamSet,
+    /// The tracked parameters the client sent at login, which a RESET brings back; taken when
+    /// a report first changes one of them (until then `params` holds them, and an idle client
+    /// pays for no copy).
+    reset_to: Option<Box<ParamSet>>,
     /// `params.form()` and the generation it was computed at.
     params_form: (u64, std::sync::Arc<[u8]>),
     /// Fixed for the connection: a session-mode client may rely on session state that a
@@ -175,7 +177,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         settings: pool.settings_cache(),
         pool,
         params_form: (params.generation(), params.form()),
-        reset_to: params.only(|name| params::TRACKED.contains(&name)),
+        reset_to: None,
         params,
         max_message,
         idle_tx_timeout: settings.idle_transaction_timeout,
@@ -687,8 +689,10 @@ impl Session {
                             self.pool.learn_canonical_value(tracked, value, &canonical);
                             crate::proto::messages::parameter_status(&mut self.status_for_client, name, &canonical);
                         }
-                        if self.reset_to.get(name) == Some(value.as_slice()) {
-                            self.reset_to.set(name, &canonical);
+                        if let Some(reset_to) = &mut self.reset_to
+                            && reset_to.get(name) == Some(value.as_slice())
+                        {
+                            reset_to.set(name, &canonical);
                         }
                         self.params.set(name, &canonical);
                         conn.params.set(name, &canonical);
@@ -911,7 +915,7 @@ impl Session {
             max_prepared,
         })
         .map_err(ClientError::ClientProtocol)?;
-        link.frame_server(&mut self.params, &self.reset_to, &mut self.statements)
+        link.frame_server(&mut self.params, &mut self.reset_to, &mut self.statements)
             .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
         link.settle();
         if let Some(q) = link.last_query.take() {
