@@ -40,6 +40,21 @@ pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
     full_scan(sql, found)
 }
 
+/// The session-state change a FunctionCall message (the fast-path protocol, which names a
+/// function by OID and carries no SQL to scan) makes, for the built-in functions that make one.
+/// Their OIDs are fixed in PostgreSQL's catalog; a user's function is as opaque here as in
+/// `SELECT f()`.
+pub fn function_call_change(oid: u32) -> Option<StateChange> {
+    match oid {
+        // set_config(text, text, bool): whether is_local is true would take decoding the
+        // arguments; a reset too many is the cheap side.
+        2078 => Some("set_config"),
+        // pg_[try_]advisory_lock[_shared](bigint) and (integer, integer).
+        2880..=2883 | 2886..=2889 => Some("session advisory lock"),
+        _ => None,
+    }
+}
+
 /// The lexical scan proper, for a text whose trigger words are `found`.
 fn full_scan(sql: &[u8], found: u8) -> Option<StateChange> {
     // With standard_conforming_strings off (a tracked parameter, so a client may have it) a
