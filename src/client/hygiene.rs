@@ -6,7 +6,9 @@
 //!
 //! The scan is lexical and conservative: comments and string literals are skipped, statements
 //! are split at semicolons, and only leading keywords (plus a few function names anywhere) are
-//! looked at. Parameters pgweir tracks itself (TimeZone, DateStyle, …) are not session state
+//! looked at. A DO block's body runs at once, so its text is searched for trigger words, its
+//! string literals included (they may be dynamic SQL). What a called function does is out of
+//! sight. Parameters pgweir tracks itself (TimeZone, DateStyle, …) are not session state
 //! here: they already follow the client.
 
 use crate::server::params::TRACKED;
