@@ -795,6 +795,42 @@ mod tests {
     }
 
     #[test]
+    fn texts_cut_anywhere_never_panic_the_scan() {
+        // Unterminated literals, comments and calls end the text at every possible byte.
+        let tokens: [&[u8]; 16] = [
+            b"do $$",
+            b"$x$",
+            b"E'",
+            b"'",
+            b"\\",
+            b"/*",
+            b"*/",
+            b"--",
+            b";",
+            b"\"",
+            b"set_config(",
+            b")",
+            b",",
+            b" set ",
+            b"temp",
+            b"\n",
+        ];
+        let mut seed = 0x9e37_79b9_u32;
+        for _ in 0..20_000 {
+            let mut sql = Vec::new();
+            for _ in 0..8 {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                sql.extend_from_slice(tokens[seed as usize % tokens.len()]);
+            }
+            for cut in 0..=sql.len() {
+                let _ = scan(&sql[..cut]);
+            }
+        }
+    }
+
+    #[test]
     fn ignores_transaction_scoped_and_tracked_changes() {
         for sql in [
             "SET LOCAL search_path = app",
