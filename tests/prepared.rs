@@ -323,6 +323,78 @@ async fn one_clients_session_state_is_invisible_to_another() {
     assert!(resets >= 1);
 }
 
+/// Statements whose session state hid from the scan: in a DO block's body, behind a quoted name,
+/// after a string literal that ends later than a naive lexer thinks, or in a SELECT INTO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_hidden_from_a_naive_scan_is_reset_too() {
+    let pg = support::postgres();
+    support::proxy::direct(&pg, "app")
+        .await
+        .batch_execute("grant app_md5 to app_scram")
+        .await
+        .expect("grant");
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let a = proxy.connect(roles::SCRAM).await;
+    let b = proxy.connect(roles::SCRAM).await;
+    let look = "select current_user::text, current_setting('search_path'), \
+                (select count(*) from pg_class where relpersistence = 't'), \
+                (select count(*) from pg_locks where locktype = 'advisory')";
+    for sql in [
+        "DO $$BEGIN SET ROLE app_md5; END$$",
+        "DO $x$BEGIN EXECUTE 'SET search_path = nowhere'; END$x$",
+        "DO $$BEGIN PERFORM set_config('search_path', 'nowhere', false); END$$",
+        r"select E'\' ; ' ; set search_path = nowhere; -- '",
+        "select 1 as x into temp leaked",
+        "select \"pg_advisory_lock\"(42)",
+    ] {
+        a.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let row = b.query_one(look, &[]).await.expect("b looks");
+        assert_eq!(row.get::<_, String>(0), "app_scram", "b runs as a's role after {sql}");
+        assert_eq!(row.get::<_, String>(1), "\"$user\", public", "after {sql}");
+        assert_eq!(row.get::<_, i64>(2), 0, "b sees a's temp table after {sql}");
+        assert_eq!(row.get::<_, i64>(3), 0, "b holds a's advisory lock after {sql}");
+    }
+}
+
+/// A FunctionCall message names its function by OID and carries no SQL: set_config and the
+/// advisory locks called that way change the session as much as in a SELECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_changed_through_a_function_call_is_reset() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let function_call = |oid: u32, args: &[&str]| {
+        let mut b = oid.to_be_bytes().to_vec();
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(args.len() as i16).to_be_bytes());
+        for a in args {
+            b.extend_from_slice(&(a.len() as i32).to_be_bytes());
+            b.extend_from_slice(a.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        raw::msg(b'F', &b)
+    };
+    let mut a = raw::connect(proxy.addr).await;
+    let b = proxy.connect(roles::SCRAM).await;
+    // set_config(text, text, bool) and pg_advisory_lock(bigint).
+    for call in [
+        function_call(2078, &["search_path", "nowhere", "false"]),
+        function_call(2880, &["42"]),
+    ] {
+        let replies = raw::round_trip(&mut a, &[call]).await;
+        assert_eq!(replies.first().map(|r| r.0), Some('V'), "{replies:?}");
+        let row = b
+            .query_one(
+                "select current_setting('search_path'), \
+                 (select count(*) from pg_locks where locktype = 'advisory')",
+                &[],
+            )
+            .await
+            .expect("b looks");
+        assert_eq!(row.get::<_, String>(0), "\"$user\", public");
+        assert_eq!(row.get::<_, i64>(1), 0, "b holds a's advisory lock");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_policy_explains_transaction_mode() {
     let pg = support::postgres();

@@ -6,7 +6,9 @@
 //!
 //! The scan is lexical and conservative: comments and string literals are skipped, statements
 //! are split at semicolons, and only leading keywords (plus a few function names anywhere) are
-//! looked at. Parameters pgweir tracks itself (TimeZone, DateStyle, …) are not session state
+//! looked at. A DO block's body runs at once, so its text is searched for trigger words, its
+//! string literals included (they may be dynamic SQL). What a called function does is out of
+//! sight. Parameters pgweir tracks itself (TimeZone, DateStyle, …) are not session state
 //! here: they already follow the client.
 
 use crate::server::params::TRACKED;
@@ -40,9 +42,46 @@ pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
     full_scan(sql, found)
 }
 
+/// The session-state change a FunctionCall message (the fast-path protocol, which names a
+/// function by OID and carries no SQL to scan) makes, for the built-in functions that make one.
+/// Their OIDs are fixed in PostgreSQL's catalog; a user's function is as opaque here as in
+/// `SELECT f()`.
+pub fn function_call_change(oid: u32) -> Option<StateChange> {
+    match oid {
+        // set_config(text, text, bool): whether is_local is true would take decoding the
+        // arguments; a reset too many is the cheap side.
+        2078 => Some("set_config"),
+        // pg_[try_]advisory_lock[_shared](bigint) and (integer, integer).
+        2880..=2883 | 2886..=2889 => Some("session advisory lock"),
+        _ => None,
+    }
+}
+
 /// The lexical scan proper, for a text whose trigger words are `found`.
 fn full_scan(sql: &[u8], found: u8) -> Option<StateChange> {
-    let text = normalise(sql);
+    // With standard_conforming_strings off (a tracked parameter, so a client may have it) a
+    // backslash escapes a quote in a plain string literal. Which way a text is read decides
+    // where its strings end, so a text with a backslash is scanned both ways.
+    scan_text(sql, found, false).or_else(|| {
+        if sql.contains(&b'\\') {
+            scan_text(sql, found, true)
+        } else {
+            None
+        }
+    })
+}
+
+fn scan_text(sql: &[u8], found: u8, backslash_escapes: bool) -> Option<StateChange> {
+    let Normalised { text, do_bodies } = normalise(sql, backslash_escapes);
+    // A DO block runs its body now: whatever the body does to the session outlives it.
+    if let Some(kind) = do_bodies.into_iter().find_map(|r| do_body_change(&sql[r])) {
+        return Some(kind);
+    }
+    // A table created in pg_temp by name (or with pg_temp first in search_path, even SET
+    // LOCAL) is a temporary table; the name may sit in a string given to set_config.
+    if found & TEMP != 0 && find(&sql.to_ascii_lowercase(), b"pg_temp").is_some() {
+        return Some("temporary object");
+    }
     for stmt in text.split(|&b| b == b';') {
         // The first six words, without allocating ("UPDATE … SET" comes through here).
         let mut words: [&[u8]; 6] = [b""; 6];
@@ -76,44 +115,140 @@ fn full_scan(sql: &[u8], found: u8) -> Option<StateChange> {
             }
             b"listen" => return Some("LISTEN"),
             b"prepare" if w(1) != b"transaction" => return Some("PREPARE"),
-            b"create" => {
-                let mut i = 1;
-                if matches!(w(i), b"global" | b"local") {
-                    i += 1;
-                }
-                if matches!(w(i), b"temp" | b"temporary") {
-                    return Some("temporary object");
-                }
-                if w(i) == b"or" && w(i + 1) == b"replace" && matches!(w(i + 2), b"temp" | b"temporary") {
-                    return Some("temporary object");
-                }
-            }
-            b"declare" if found & HOLD != 0 && find(stmt, b" with hold").is_some() => {
-                return Some("WITH HOLD cursor");
-            }
             _ => {}
+        }
+        if found & TEMP != 0 && creates_temp(stmt) {
+            return Some("temporary object");
+        }
+        if found & HOLD != 0
+            && w(0) == b"declare"
+            && code_words(stmt)
+                .zip(code_words(stmt).skip(1))
+                .any(|pair| pair == (&b"with"[..], &b"hold"[..]))
+        {
+            return Some("WITH HOLD cursor");
         }
         if found & ADVISORY != 0
             && (find(stmt, b"pg_advisory_lock").is_some() || find(stmt, b"pg_try_advisory_lock").is_some())
         {
             return Some("session advisory lock");
         }
-        if found & SET_CONFIG != 0
-            && let Some(at) = find(stmt, b"set_config")
-        {
-            // set_config(name, value, is_local): session-wide unless the last argument is true.
-            let call = &stmt[at..];
-            let args = call.split(|&b| b == b')').next().unwrap_or(call);
-            if find(args, b"true").is_none() {
-                return Some("set_config");
-            }
+        if found & SET_CONFIG != 0 && set_config_not_local(stmt) {
+            return Some("set_config");
         }
     }
     None
 }
 
+/// The words of normalised code: runs of identifier bytes, a quoted identifier (kept with its
+/// quotes, so it never reads as a keyword) being one word.
+fn code_words(stmt: &[u8]) -> impl Iterator<Item = &[u8]> {
+    stmt.split(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'"') || b >= 0x80))
+        .filter(|w| !w.is_empty())
+}
+
+/// `CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP …` and `SELECT … INTO [GLOBAL|LOCAL] TEMP …`,
+/// wherever they sit in the statement (`EXPLAIN ANALYZE CREATE TEMP TABLE … AS` runs it).
+fn creates_temp(stmt: &[u8]) -> bool {
+    let mut prev: &[u8] = b"";
+    for word in code_words(stmt) {
+        if matches!(word, b"temp" | b"temporary")
+            && matches!(prev, b"create" | b"replace" | b"into" | b"local" | b"global")
+        {
+            return true;
+        }
+        prev = word;
+    }
+    false
+}
+
+/// Whether a `set_config` call in normalised `stmt` is not certainly local: its last
+/// argument is not the literal `true` (`not true`, `true and false` and a parameter are all
+/// session-wide as far as this scan can tell).
+fn set_config_not_local(stmt: &[u8]) -> bool {
+    let mut rest = stmt;
+    while let Some(at) = find(rest, b"set_config") {
+        rest = &rest[at + b"set_config".len()..];
+        let open = rest.iter().position(|&b| !b.is_ascii_whitespace() && b != b'"');
+        if open.and_then(|o| rest.get(o)) != Some(&b'(') {
+            continue;
+        }
+        let mut depth = 0usize;
+        let mut last_arg_start = 0;
+        let mut last = None;
+        for (i, &b) in rest.iter().enumerate() {
+            match b {
+                b'(' => {
+                    depth += 1;
+                    if depth == 1 {
+                        last_arg_start = i + 1;
+                    }
+                }
+                b',' if depth == 1 => last_arg_start = i + 1,
+                b')' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        last = rest.get(last_arg_start..i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if last.map(<[u8]>::trim_ascii) != Some(&b"true"[..]) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The session-state change a DO block's body may make, read from its raw text with string
+/// literals included, since those may be dynamic SQL (`EXECUTE 'SET role x'`). PL/pgSQL
+/// statements do not start at the start of the text, so a word counts wherever it is; `set`
+/// only where a statement (or a string) can start, so that an UPDATE's SET does not count.
+/// A false positive costs a reset; a false negative leaks.
+fn do_body_change(body: &[u8]) -> Option<StateChange> {
+    let body = body.to_ascii_lowercase();
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+    let mut prev: &[u8] = b"";
+    let mut i = 0;
+    while i < body.len() {
+        if !is_word(body[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < body.len() && is_word(body[i]) {
+            i += 1;
+        }
+        let word = &body[start..i];
+        let next = body[i..].split(|&b| !is_word(b)).find(|w| !w.is_empty()).unwrap_or(b"");
+        // Whether a word ends right before this one (with only whitespace between).
+        let after_word = body[..start]
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| is_word(b));
+        let statement_start = !after_word || matches!(prev, b"begin" | b"then" | b"else" | b"loop" | b"do");
+        match word {
+            b"set" if statement_start && !matches!(next, b"local" | b"transaction") => return Some("SET"),
+            b"listen" => return Some("LISTEN"),
+            b"prepare" if next != b"transaction" => return Some("PREPARE"),
+            b"temp" | b"temporary" => return Some("temporary object"),
+            b"hold" if prev == b"with" => return Some("WITH HOLD cursor"),
+            _ if word.starts_with(b"pg_temp") => return Some("temporary object"),
+            _ if find(word, b"advisory_lock").is_some() => return Some("session advisory lock"),
+            // Its arguments may hold strings with any punctuation: any call counts.
+            _ if find(word, b"set_config").is_some() => return Some("set_config"),
+            _ => {}
+        }
+        prev = word;
+    }
+    None
+}
+
 /// False only when `sql` is one statement (at most a trailing `;`) without comments whose first
-/// word is not SET: then its "set" is an UPDATE's (or a name's), and a text whose only trigger
+/// word is neither SET nor DO: then its "set" is an UPDATE's (or a name's), and a text whose only trigger
 /// word is "set" changes no session state. Anything else is left to the full scan.
 fn may_start_with_set(sql: &[u8]) -> bool {
     let mut end = sql.len();
@@ -136,7 +271,9 @@ fn may_start_with_set(sql: &[u8]) -> bool {
         .position(|&b| !(b.is_ascii_whitespace() || b == 0))
         .unwrap_or(code.len());
     let letters = code[start..].iter().take_while(|b| b.is_ascii_alphabetic()).count();
-    code[start..start + letters].eq_ignore_ascii_case(b"set")
+    let word = &code[start..start + letters];
+    // A DO block's "set" may be in its body, which runs now.
+    word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"do")
 }
 
 /// Where `needle` first occurs in `hay`. The scans that need it are rare (the pre-filter saw
@@ -237,10 +374,31 @@ fn trigger_at(sql: &[u8], i: usize) -> u8 {
     bit
 }
 
-/// Lower-cases the SQL (ASCII; other bytes pass as they are) and blanks out comments and
-/// quoted strings/identifiers, so keywords are only found in code.
-fn normalise(sql: &[u8]) -> Vec<u8> {
+/// A text with its comments and literals blanked, and where the bodies of its DO blocks are.
+struct Normalised {
+    text: Vec<u8>,
+    do_bodies: Vec<std::ops::Range<usize>>,
+}
+
+/// Lower-cases the SQL (ASCII; other bytes pass as they are) and blanks out comments and string
+/// literals, so keywords are only found in code. Quoted identifiers stay, quotes included, with
+/// bytes other than letters, digits and `_` turned into `_` (`"pg_advisory_lock"(1)` is a call;
+/// `"a;b"` is no statement break). Where a string ends follows PostgreSQL's lexer: nested
+/// comments, backslash escapes in E'' strings (in all strings with `backslash_escapes`), and
+/// `$` inside an identifier (`a$x$`) starting no dollar quote. Reading a literal as ending
+/// earlier than PostgreSQL does would let a quote in it hide the code after it.
+fn normalise(sql: &[u8], backslash_escapes: bool) -> Normalised {
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
     let mut out = Vec::with_capacity(sql.len());
+    let mut do_bodies = Vec::new();
+    let mut stmt_start = 0;
+    // Where the last string literal that took backslash escapes ended.
+    let mut escaping_end: Option<usize> = None;
+    // Whether the statement being read is a DO, whose literal is its body.
+    let in_do = |out: &[u8], stmt_start: usize| {
+        let stmt = out[stmt_start..].trim_ascii_start();
+        stmt.starts_with(b"do") && !stmt.get(2).is_some_and(|&b| ident(b))
+    };
     let mut i = 0;
     while i < sql.len() {
         let b = sql[i];
@@ -252,49 +410,97 @@ fn normalise(sql: &[u8]) -> Vec<u8> {
                 out.push(b' ');
             }
             b'/' if sql.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < sql.len() && !(sql[i] == b'*' && sql[i + 1] == b'/') {
-                    i += 1;
+                let mut depth = 0usize;
+                while i < sql.len() {
+                    match (sql[i], sql.get(i + 1)) {
+                        (b'/', Some(b'*')) => {
+                            depth += 1;
+                            i += 2;
+                        }
+                        (b'*', Some(b'/')) => {
+                            depth -= 1;
+                            i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => i += 1,
+                    }
                 }
-                i += 2;
                 out.push(b' ');
                 continue;
             }
-            b'\'' | b'"' => {
-                let quote = b;
+            b'\'' => {
+                // An E'' string, or one continuing it across a newline, takes backslash escapes.
+                let continues_escaping = escaping_end.is_some_and(|end: usize| {
+                    let gap = &sql[end..i];
+                    gap.iter().all(u8::is_ascii_whitespace) && gap.contains(&b'\n')
+                });
+                let escapes = backslash_escapes
+                    || continues_escaping
+                    || (i >= 1 && sql[i - 1] | 0x20 == b'e' && !(i >= 2 && ident(sql[i - 2])));
                 i += 1;
-                while i < sql.len() && sql[i] != quote {
-                    i += 1;
+                let body = i;
+                while i < sql.len() {
+                    match sql[i] {
+                        b'\\' if escapes => i += 2,
+                        b'\'' if sql.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => break,
+                        _ => i += 1,
+                    }
                 }
+                if in_do(&out, stmt_start) {
+                    do_bodies.push(body..i.min(sql.len()));
+                }
+                escaping_end = escapes.then_some(i + 1);
                 out.extend_from_slice(b" '' ");
             }
-            b'$' => {
-                // Dollar quoting: $tag$ ... $tag$
+            b'"' => {
+                out.extend_from_slice(b" \"");
+                i += 1;
+                while i < sql.len() && sql[i] != b'"' {
+                    let c = sql[i].to_ascii_lowercase();
+                    out.push(if c.is_ascii_alphanumeric() { c } else { b'_' });
+                    i += 1;
+                }
+                out.extend_from_slice(b"\" ");
+            }
+            // A `$` after an identifier byte is part of the identifier (or a parameter).
+            b'$' if !(i >= 1 && ident(sql[i - 1])) => {
+                // Dollar quoting: $tag$ ... $tag$, the tag an identifier or empty.
                 let start = i;
                 let mut j = i + 1;
-                while j < sql.len() && (sql[j].is_ascii_alphanumeric() || sql[j] == b'_') {
-                    j += 1;
+                if sql.get(j).is_some_and(|c| !c.is_ascii_digit()) {
+                    while j < sql.len() && ident(sql[j]) && sql[j] != b'$' {
+                        j += 1;
+                    }
                 }
                 if j < sql.len() && sql[j] == b'$' {
                     let tag = &sql[start..=j];
                     let body_start = j + 1;
-                    let end = sql[body_start..]
+                    let body_end = sql[body_start..]
                         .windows(tag.len())
                         .position(|w| w == tag)
-                        .map(|p| body_start + p + tag.len())
-                        .unwrap_or(sql.len());
+                        .map_or(sql.len(), |p| body_start + p);
+                    if in_do(&out, stmt_start) {
+                        do_bodies.push(body_start..body_end);
+                    }
                     out.extend_from_slice(b" '' ");
-                    i = end;
+                    i = (body_end + tag.len()).min(sql.len());
                     continue;
                 }
                 out.push(b'$');
+            }
+            b';' => {
+                out.push(b';');
+                stmt_start = out.len();
             }
             0 => out.push(b' '),
             _ => out.push(b.to_ascii_lowercase()),
         }
         i += 1;
     }
-    out
+    Normalised { text: out, do_bodies }
 }
 
 #[cfg(test)]
@@ -454,6 +660,173 @@ mod tests {
             ("declare c cursor with hold for select 1", "WITH HOLD cursor"),
         ] {
             assert_eq!(scan(sql.as_bytes()), Some(kind), "{sql}");
+        }
+    }
+
+    #[test]
+    fn do_blocks_are_scanned_inside_their_bodies() {
+        for (sql, kind) in [
+            ("DO $$BEGIN SET search_path = pg_catalog; END$$;", "SET"),
+            ("do $$begin set role alice; end$$", "SET"),
+            (
+                "DO $$BEGIN IF true THEN SET SESSION AUTHORIZATION alice; END IF; END$$",
+                "SET",
+            ),
+            ("DO LANGUAGE plpgsql $x$BEGIN SET search_path = x; END$x$", "SET"),
+            ("DO $x$BEGIN SET search_path = x; END$x$ LANGUAGE plpgsql", "SET"),
+            ("DO 'BEGIN SET search_path = q; END'", "SET"),
+            ("DO E'BEGIN SET search_path = q; END'", "SET"),
+            ("select 1; do $$begin set role alice; end$$", "SET"),
+            ("/* c */ DO $$BEGIN SET search_path = x; END$$", "SET"),
+            ("DO $$BEGIN EXECUTE 'SET search_path = z'; END$$", "SET"),
+            ("DO $$BEGIN EXECUTE format('SET role %I', 'alice'); END$$", "SET"),
+            (
+                "DO $$BEGIN PERFORM set_config('search_path', 'y', false); END$$",
+                "set_config",
+            ),
+            ("DO $$BEGIN CREATE TEMP TABLE tt(x int); END$$", "temporary object"),
+            ("DO $$BEGIN PERFORM pg_advisory_lock(1); END$$", "session advisory lock"),
+            ("DO $$BEGIN LISTEN chan; END$$", "LISTEN"),
+            ("DO $$BEGIN EXECUTE 'PREPARE p AS SELECT 1'; END$$", "PREPARE"),
+            (
+                "DO $$BEGIN EXECUTE 'DECLARE c CURSOR WITH HOLD FOR SELECT 1'; END$$",
+                "WITH HOLD cursor",
+            ),
+        ] {
+            assert_eq!(scan(sql.as_bytes()), Some(kind), "{sql}");
+        }
+        for sql in [
+            "DO $$BEGIN UPDATE t SET x = 1; END$$",
+            "DO $$BEGIN SET LOCAL search_path = x; END$$",
+            "DO $$BEGIN PERFORM pg_advisory_xact_lock(1); END$$",
+            "create function f() returns void as $$ set search_path = x $$ language sql",
+            "select $$ do $$",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn literals_and_comments_end_where_postgresql_ends_them() {
+        for sql in [
+            // Backslash escapes in an E'' string, and in a plain one with
+            // standard_conforming_strings off.
+            r"select E'\' ; ' ; set search_path = estr; -- '",
+            r"select e'\' ; ' ; set search_path = estr; -- '",
+            r"select E'a''\' ; ' ; set search_path = estr; -- '",
+            "select E'x'\n'\\' ; ' ; set search_path = estr; -- '",
+            r"select '\' ; ' ; set search_path = scs_off; -- '",
+            // Nested comments.
+            "/* /* */ ' */ set search_path = nest; -- '",
+            // `$` inside an identifier starts no dollar quote; a tag may be non-ASCII.
+            "select 1 as a$x$; set search_path = dollarid; select 1 as b$x$",
+            "select $é$ ' $é$; set search_path = utag; -- '",
+            // A quoted identifier is a name, not a string.
+            "select \"pg_advisory_lock\"(5)",
+            "select pg_catalog.\"set_config\"('search_path', 'qi', false)",
+            "prepare \"transaction\" as select 1",
+        ] {
+            assert!(scan(sql.as_bytes()).is_some(), "{sql}");
+        }
+        for sql in [
+            r"select '\' -- set search_path = x",
+            "select 1 as \"a;set search_path = x\"",
+            "select U&'d\\0061t\\+000061'",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn temporary_objects_made_any_way() {
+        for sql in [
+            "select 1 into temp tt",
+            "SELECT 1 INTO TEMPORARY TABLE tt",
+            "select 1 into local temp tt",
+            "with x as (select 1) select * into temp tt from x",
+            "explain analyze create temp table tt as select 1",
+            "create temp sequence s",
+            "create temporary view v as select 1",
+            "create or replace temp view v as select 1",
+            "create table pg_temp.tt (x int)",
+            "create function pg_temp.f() returns int as 'select 1' language sql",
+            "begin; set local search_path = pg_temp; create table tt (x int); commit",
+            "select set_config('search_path', 'pg_temp', true)",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), Some("temporary object"), "{sql}");
+        }
+        for sql in [
+            "select temp from weather",
+            "update weather set temp = 1",
+            "create table template_x (x int)",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn set_config_is_local_only_with_a_literal_true() {
+        for sql in [
+            "select set_config('search_path', 'tf', true and false)",
+            "select set_config('search_path', 'tf', not true)",
+            "select set_config('a.b', 'x', true), set_config('search_path', 'x', false)",
+            "select set_config('a.b', 'x', $1)",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), Some("set_config"), "{sql}");
+        }
+        for sql in [
+            "select set_config('a.b', current_setting('a.c'), true)",
+            "select set_config('a.b', 'x', TRUE), set_config('a.c', 'y', true)",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn hold_cursors_whatever_the_spacing() {
+        for sql in [
+            "declare c cursor with\thold for select 1",
+            "DECLARE c CURSOR WITH\nHOLD FOR SELECT 1",
+            "declare c no scroll cursor with /* x */ hold for select 1",
+        ] {
+            assert_eq!(scan(sql.as_bytes()), Some("WITH HOLD cursor"), "{sql}");
+        }
+        assert_eq!(scan(b"declare c cursor without hold for select 1"), None);
+    }
+
+    #[test]
+    fn texts_cut_anywhere_never_panic_the_scan() {
+        // Unterminated literals, comments and calls end the text at every possible byte.
+        let tokens: [&[u8]; 16] = [
+            b"do $$",
+            b"$x$",
+            b"E'",
+            b"'",
+            b"\\",
+            b"/*",
+            b"*/",
+            b"--",
+            b";",
+            b"\"",
+            b"set_config(",
+            b")",
+            b",",
+            b" set ",
+            b"temp",
+            b"\n",
+        ];
+        let mut seed = 0x9e37_79b9_u32;
+        for _ in 0..20_000 {
+            let mut sql = Vec::new();
+            for _ in 0..8 {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                sql.extend_from_slice(tokens[seed as usize % tokens.len()]);
+            }
+            for cut in 0..=sql.len() {
+                let _ = scan(&sql[..cut]);
+            }
         }
     }
 

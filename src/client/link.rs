@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::hygiene::{StateChange, session_state_change};
+use super::hygiene::{StateChange, function_call_change, session_state_change};
 use super::prepared::query_text;
 use super::prepared::{
     Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, classify_query, split_cstr,
@@ -496,6 +496,19 @@ impl Link {
                 self.expect.push_back(Expect::Barrier);
             }
             frontend::FUNCTION_CALL => {
+                let oid = body.first_chunk::<4>().map(|b| u32::from_be_bytes(*b));
+                if let Some(kind) = oid.and_then(function_call_change) {
+                    if self.policy == SessionStatePolicy::Reject {
+                        // A FunctionCall is answered like a Query: an error, then ReadyForQuery.
+                        let sql = rejection_sql(&rejection(kind));
+                        messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
+                        self.pending_rfq += 1;
+                        self.rfq_sent.push_back(self.now());
+                        self.expect.push_back(Expect::Barrier);
+                        return Ok(());
+                    }
+                    self.dirty = self.dirty.or(Some(kind));
+                }
                 self.server.conn().wbuf.put_slice(msg);
                 self.pending_rfq += 1;
                 self.rfq_sent.push_back(self.now());
