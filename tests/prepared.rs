@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use pgweir::config::SessionStatePolicy;
 use pgweir::embedded_pg::roles;
 use support::proxy::{TestProxyBuilder, sqlstate};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_with_prepared_statements_over_a_pool_of_five() {
@@ -79,12 +79,7 @@ async fn statements_survive_moving_between_servers_and_eviction() {
 mod raw {
     use super::*;
 
-    pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    pub use support::wire::msg;
 
     pub fn parse(name: &str, sql: &str) -> Vec<u8> {
         let mut b = Vec::new();
@@ -137,14 +132,11 @@ mod raw {
     /// Reads one message, exactly (nothing after it is consumed): its tag and, for an error,
     /// its SQLSTATE.
     pub async fn read_message(s: &mut tokio::net::TcpStream) -> (char, Option<String>) {
-        let mut header = [0u8; 5];
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut header))
+        let frame = tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(s))
             .await
             .expect("reply in time")
             .expect("read");
-        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.expect("read");
+        let (header, body) = frame.split_at(5);
         let code = (header[0] == b'E').then(|| {
             body.split(|&b| b == 0)
                 .find(|f| f.first() == Some(&b'C'))
@@ -655,3 +647,4 @@ async fn a_shared_statement_respects_transform_null_equals() {
         assert_eq!(n, 1, "transform_null_equals reads x = NULL as x IS NULL");
     }
 }
+
