@@ -648,3 +648,27 @@ async fn a_shared_statement_respects_transform_null_equals() {
     }
 }
 
+/// After an error, PostgreSQL ignores every message up to the next Sync, also when the client
+/// sent a Flush and only then the rest: pgweir must neither answer those messages itself (a
+/// CloseComplete for a Close) nor record what they would have done (a statement name, or a
+/// statement on the server) — the Parse below never happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_after_an_error_and_a_flush_are_skipped_up_to_sync() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let failing = [raw::parse("", "selec 1"), raw::msg(b'H', &[])].concat();
+    a.write_all(&failing).await.expect("write");
+    assert_eq!(raw::read_until(&mut a, 'E').await, vec![('E', Some("42601".into()))]);
+    let skipped = [raw::close("x"), raw::parse("b", "select 1"), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &skipped).await, vec![('Z', None)]);
+    let run_b = [raw::bind("b"), raw::execute(), raw::sync()];
+    assert_eq!(
+        raw::round_trip(&mut a, &run_b).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+    let prepare_b = [raw::parse("b", "select 1"), raw::bind("b"), raw::execute(), raw::sync()];
+    let mut expected = vec![('1', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::round_trip(&mut a, &prepare_b).await, expected);
+}

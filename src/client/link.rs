@@ -51,6 +51,10 @@ pub struct Link {
     /// The last command-running message was an Execute (a COPY it starts waits for a Sync).
     after_execute: bool,
     pub status: TransactionStatus,
+    /// An extended-protocol message failed before the client sent the Sync that ends its
+    /// batch (it sent Flush and waited): PostgreSQL ignores everything up to that Sync, so
+    /// pgweir passes nothing on, answers nothing and records nothing until then.
+    skip_until_sync: bool,
     pub copy_in: bool,
     /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
     c_skip: usize,
@@ -110,6 +114,7 @@ impl Link {
             syncs_after_execute: 0,
             after_execute: false,
             status: TransactionStatus::Idle,
+            skip_until_sync: false,
             copy_in: false,
             c_skip: 0,
             s_ready: 0,
@@ -264,6 +269,12 @@ impl Link {
             why: "missing NUL terminator",
         };
         let body = &msg[HEADER_LEN..];
+        if self.skip_until_sync {
+            if tag != frontend::SYNC {
+                return Ok(());
+            }
+            self.skip_until_sync = false;
+        }
         match tag {
             frontend::PARSE => {
                 self.unsynced = true;
@@ -645,8 +656,13 @@ impl Link {
                     e.encode(&mut self.inject);
                 }
             }
-            if tag == backend::ERROR_RESPONSE {
-                fail_front(&mut self.expect, &mut conn.statements, statements);
+            if tag == backend::ERROR_RESPONSE
+                && fail_front(&mut self.expect, &mut conn.statements, statements)
+                && self.expect.is_empty()
+                && self.unsynced
+            {
+                // The failed batch's Sync has not been sent yet.
+                self.skip_until_sync = true;
             }
         }
         self.s_ready = pos;
@@ -700,8 +716,9 @@ fn emit_synthetic(expect: &mut VecDeque<Expect>, inject: &mut BytesMut, status: 
 }
 
 /// An ErrorResponse arrived: the message at the front failed and PostgreSQL skips the rest up
-/// to the next Sync. Undo the optimistic bookkeeping done for each of them.
-fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, statements: &mut ClientStatements) {
+/// to the next Sync. Undo the optimistic bookkeeping done for each of them. Returns whether the
+/// error answered an extended-protocol message (PostgreSQL now skips to Sync).
+fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, statements: &mut ClientStatements) -> bool {
     // Undo newest first, so the tables end as they were before the first skipped message.
     let mut skipped = Vec::new();
     while let Some(front) = expect.front() {
@@ -713,6 +730,7 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
         };
         skipped.push(entry);
     }
+    let extended = !skipped.is_empty();
     for entry in skipped.into_iter().rev() {
         match entry {
             Expect::Parse {
@@ -738,6 +756,7 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
             _ => {}
         }
     }
+    extended
 }
 
 /// Whether a reply must be dropped or replaced rather than forwarded.
