@@ -672,3 +672,48 @@ async fn messages_after_an_error_and_a_flush_are_skipped_up_to_sync() {
     expected.extend(bound_row());
     assert_eq!(raw::round_trip(&mut a, &prepare_b).await, expected);
 }
+
+/// The message of an ErrorResponse, read whole.
+async fn error_message(s: &mut tokio::net::TcpStream) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(s))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    assert_eq!(frame[0], b'E', "{frame:?}");
+    frame[5..]
+        .split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'M'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_default()
+}
+
+/// PostgreSQL names the statement in some errors of a Bind or Describe; pgweir sends them
+/// under its own server names, and the client must still read its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_that_name_a_statement_name_the_clients_statement() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select $1::int4"), raw::sync()]).await;
+    a.write_all(&[raw::bind("a"), raw::sync()].concat())
+        .await
+        .expect("write");
+    assert_eq!(
+        error_message(&mut a).await,
+        "bind message supplies 0 parameters, but prepared statement \"a\" requires 1"
+    );
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+    // Pipelined behind its own failed Parse: pgweir renames the Bind before it learns that
+    // the statement does not exist.
+    let batch = [
+        raw::parse("b", "selec 1"),
+        raw::sync(),
+        raw::describe_statement("b"),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    assert_eq!(error_message(&mut a).await, "syntax error at or near \"selec\"");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+    assert_eq!(error_message(&mut a).await, "prepared statement \"b\" does not exist");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+}

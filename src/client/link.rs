@@ -352,16 +352,22 @@ impl Link {
                 self.unsynced = true;
                 let (portal, rest) = split_cstr(body).ok_or(malformed("Bind"))?;
                 let (name, rest) = split_cstr(rest).ok_or(malformed("Bind"))?;
-                match self.resolve(name, c) {
-                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(msg),
-                    Resolved::Renamed(server_name) => put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
-                        b.put_slice(portal);
-                        b.put_u8(0);
-                        b.put_slice(&server_name);
-                        b.put_slice(rest);
-                    }),
-                }
-                self.expect.push_back(Expect::Other);
+                let expect = match self.resolve(name, c) {
+                    Resolved::Verbatim => {
+                        self.server.conn().wbuf.put_slice(msg);
+                        Expect::Other
+                    }
+                    Resolved::Renamed(server_name) => {
+                        put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
+                            b.put_slice(portal);
+                            b.put_u8(0);
+                            b.put_slice(&server_name);
+                            b.put_slice(rest);
+                        });
+                        renamed(server_name, name)
+                    }
+                };
+                self.expect.push_back(expect);
             }
             frontend::DESCRIBE => {
                 self.unsynced = true;
@@ -372,16 +378,20 @@ impl Link {
                 } else {
                     Resolved::Verbatim
                 };
-                match resolved {
-                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(msg),
+                let expect = match resolved {
+                    Resolved::Verbatim => {
+                        self.server.conn().wbuf.put_slice(msg);
+                        Expect::Other
+                    }
                     Resolved::Renamed(server_name) => {
                         put_message(&mut self.server.conn().wbuf, frontend::DESCRIBE, |b| {
                             b.put_u8(b'S');
                             b.put_slice(&server_name);
-                        })
+                        });
+                        renamed(server_name, name)
                     }
-                }
-                self.expect.push_back(Expect::Other);
+                };
+                self.expect.push_back(expect);
             }
             frontend::CLOSE => {
                 self.unsynced = true;
@@ -648,12 +658,16 @@ impl Link {
                 backend::ERROR_RESPONSE => self.copy_in = false,
                 _ => {}
             }
-            match reply_action(tag, &mut self.expect) {
+            match reply_action(tag, &conn.buf[pos..pos + frame.total_len], &mut self.expect) {
                 Action::Forward => pos += frame.total_len,
                 Action::Swallow => conn.buf.advance(frame.total_len),
                 Action::Replace(e) => {
                     conn.buf.advance(frame.total_len);
                     e.encode(&mut self.inject);
+                }
+                Action::ReplaceBytes(bytes) => {
+                    conn.buf.advance(frame.total_len);
+                    self.inject.put_slice(&bytes);
                 }
             }
             if tag == backend::ERROR_RESPONSE
@@ -759,14 +773,44 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
     extended
 }
 
+/// What to expect for a Bind or Describe of client statement `client_name` sent as
+/// `server_name` (NUL-terminated).
+fn renamed(server_name: Bytes, client_name: &[u8]) -> Expect {
+    Expect::Renamed {
+        server_name,
+        client_name: Bytes::copy_from_slice(client_name),
+    }
+}
+
 /// Whether a reply must be dropped or replaced rather than forwarded.
 fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
     matches!(
         (tag, front),
         (b'1', Some(Expect::InjectedParse { .. }))
             | (b'3', Some(Expect::InjectedClose { .. }))
-            | (backend::ERROR_RESPONSE, Some(Expect::FailingParse { .. }))
+            | (
+                backend::ERROR_RESPONSE,
+                Some(Expect::FailingParse { .. } | Expect::Renamed { .. })
+            )
     )
+}
+
+/// `error` (a whole ErrorResponse) with the quoted statement name `"server_name"` written as
+/// the client's `"client_name"`, or None when it does not name the statement. PostgreSQL
+/// names it in 26000 (does not exist) and 08P01 (wrong number of parameters); the client
+/// must see its own name, never pgweir's.
+fn client_named_error(error: &[u8], server_name: &[u8], client_name: &[u8]) -> Option<BytesMut> {
+    let server_name = server_name.strip_suffix(b"\0").unwrap_or(server_name);
+    let quoted = [b"\"", server_name, b"\""].concat();
+    let body = &error[HEADER_LEN..];
+    let at = body.windows(quoted.len()).position(|w| w == quoted.as_slice())?;
+    let mut out = BytesMut::with_capacity(error.len() + client_name.len());
+    put_message(&mut out, backend::ERROR_RESPONSE, |b| {
+        b.put_slice(&body[..at + 1]);
+        b.put_slice(client_name);
+        b.put_slice(&body[at + quoted.len() - 1..]);
+    });
+    Some(out)
 }
 
 /// Whether a server message needs nothing from [`Link::frame_server_input`] but forwarding: not
@@ -823,10 +867,11 @@ enum Action {
     Forward,
     Swallow,
     Replace(PgError),
+    ReplaceBytes(BytesMut),
 }
 
 /// Matches a server reply against the expect queue, popping completed entries.
-fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
+fn reply_action(tag: u8, message: &[u8], expect: &mut VecDeque<Expect>) -> Action {
     let front_is_barrier = matches!(expect.front(), Some(Expect::Barrier) | None);
     match tag {
         b'1' => match expect.pop_front() {
@@ -855,6 +900,13 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
         }
         backend::ERROR_RESPONSE => match expect.front() {
             Some(Expect::FailingParse { error }) => Action::Replace(error.clone()),
+            Some(Expect::Renamed {
+                server_name,
+                client_name,
+            }) => match client_named_error(message, server_name, client_name) {
+                Some(bytes) => Action::ReplaceBytes(bytes),
+                None => Action::Forward,
+            },
             _ => Action::Forward,
         },
         backend::READY_FOR_QUERY => {

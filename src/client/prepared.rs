@@ -122,6 +122,9 @@ pub enum Expect {
     FailingParse { error: PgError },
     /// Bind, Describe, Execute, or a forwarded Close: one completion message.
     Other,
+    /// A Bind or Describe of a client's statement, sent under its server name: one completion
+    /// message, and an error naming the statement names it as the client does.
+    Renamed { server_name: Bytes, client_name: Bytes },
     /// Replies pgweir produces itself at this point of the stream (ParseComplete for a
     /// statement the server already has, CloseComplete for a client Close). `undo` restores
     /// the client's name table if PostgreSQL would have skipped the message.
