@@ -717,3 +717,52 @@ async fn errors_that_name_a_statement_name_the_clients_statement() {
     assert_eq!(error_message(&mut a).await, "prepared statement \"b\" does not exist");
     assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
 }
+
+/// In a failed transaction PostgreSQL refuses every Parse but of COMMIT or ROLLBACK (25P02),
+/// also of a statement the server already has, and it checks the text (syntax, names, a
+/// failed transaction) before it checks whether the name is taken (42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_is_checked_as_postgres_checks_it_in_a_failed_transaction() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    // "select 1" is on the server (as a), so pgweir knows the text is valid there.
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    let failed = raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    assert_eq!(failed, vec![('E', Some("22012".into())), ('Z', None)]);
+    let refused = vec![('E', Some("25P02".into())), ('Z', None)];
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("b", "select 1"), raw::sync()]).await,
+        refused,
+        "a Parse of a statement the server has"
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await,
+        refused,
+        "a Parse under a name in use"
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("c", "rollback"), raw::sync()]).await,
+        vec![('1', None), ('Z', None)],
+        "ROLLBACK can be prepared"
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    // b was never prepared; a name in use with a statement that does not parse is a syntax
+    // error.
+    let run_b = [raw::bind("b"), raw::execute(), raw::sync()];
+    assert_eq!(
+        raw::round_trip(&mut a, &run_b).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("a", "selec 1"), raw::sync()]).await,
+        vec![('E', Some("42601".into())), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("a", "select 2"), raw::sync()]).await,
+        vec![('E', Some("42P05".into())), ('Z', None)]
+    );
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
+}

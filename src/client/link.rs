@@ -10,7 +10,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::hygiene::{StateChange, session_state_change};
 use super::prepared::query_text;
 use super::prepared::{
-    Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, classify_query, split_cstr,
+    Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, check_parse, classify_query,
+    split_cstr,
 };
 use crate::config::SessionStatePolicy;
 use crate::pool::PooledServer;
@@ -305,9 +306,14 @@ impl Link {
                 }
                 if c.statements.contains_key(name) {
                     // PostgreSQL reports 42P05 at this point of the pipeline and skips to Sync;
-                    // a Parse that is sure to fail makes the server do exactly that.
+                    // a Parse that is sure to fail makes the server do exactly that. It checks
+                    // the statement before the name, though: the server checks it first, and
+                    // if that fails, its error is the client's and the failing Parse is skipped.
                     let wbuf = &mut self.server.conn().wbuf;
+                    check_parse(wbuf, payload);
                     put_message(wbuf, frontend::PARSE, |b| b.put_slice(b"__pgweir_dup\0\x01\0\0\0"));
+                    self.expect.push_back(Expect::Swallow);
+                    self.expect.push_back(Expect::Swallow);
                     self.expect.push_back(Expect::FailingParse {
                         error: PgError::error(
                             "42P05",
@@ -334,10 +340,21 @@ impl Link {
                 let conn = self.server.conn();
                 if conn.statements.contains(stmt.id) {
                     conn.statements.touch(stmt.id);
-                    self.expect.push_back(Expect::Synthetic {
-                        bytes: Bytes::from_static(b"1\0\0\0\x04"),
-                        undo: Undo::Unmap(name),
-                    });
+                    if self.status == TransactionStatus::Failed || self.pending_rfq > 0 {
+                        // The transaction has failed, or a reply still owed may say it has:
+                        // PostgreSQL would refuse this Parse (25P02), and only the server knows.
+                        check_parse(&mut conn.wbuf, payload);
+                        self.expect.push_back(Expect::Parse {
+                            client_name: Some(name),
+                            stmt: None,
+                        });
+                        self.expect.push_back(Expect::Swallow);
+                    } else {
+                        self.expect.push_back(Expect::Synthetic {
+                            bytes: Bytes::from_static(b"1\0\0\0\x04"),
+                            undo: Undo::Unmap(name),
+                        });
+                    }
                 } else {
                     make_room(conn, &mut self.expect, c.max_prepared);
                     stmt.parse_message(&mut conn.wbuf);
@@ -756,6 +773,12 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
                 }
                 server.remove(stmt.id);
             }
+            Expect::Parse {
+                client_name: Some(name),
+                stmt: None,
+            } => {
+                statements.remove(&name);
+            }
             Expect::InjectedParse { stmt } => server.remove(stmt.id),
             Expect::InjectedClose { id } => server.insert(id),
             Expect::Synthetic { undo, .. } => match undo {
@@ -786,8 +809,8 @@ fn renamed(server_name: Bytes, client_name: &[u8]) -> Expect {
 fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
     matches!(
         (tag, front),
-        (b'1', Some(Expect::InjectedParse { .. }))
-            | (b'3', Some(Expect::InjectedClose { .. }))
+        (b'1', Some(Expect::InjectedParse { .. } | Expect::Swallow))
+            | (b'3', Some(Expect::InjectedClose { .. } | Expect::Swallow))
             | (
                 backend::ERROR_RESPONSE,
                 Some(Expect::FailingParse { .. } | Expect::Renamed { .. })
@@ -879,6 +902,7 @@ fn reply_action(tag: u8, message: &[u8], expect: &mut VecDeque<Expect>) -> Actio
                 stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
                 Action::Swallow
             }
+            Some(Expect::Swallow) => Action::Swallow,
             Some(Expect::Parse { stmt: Some(stmt), .. }) => {
                 stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
                 Action::Forward
@@ -886,7 +910,7 @@ fn reply_action(tag: u8, message: &[u8], expect: &mut VecDeque<Expect>) -> Actio
             _ => Action::Forward,
         },
         b'3' => match expect.pop_front() {
-            Some(Expect::InjectedClose { .. }) => Action::Swallow,
+            Some(Expect::InjectedClose { .. } | Expect::Swallow) => Action::Swallow,
             _ => Action::Forward,
         },
         b'2' | b'n' => {
