@@ -766,3 +766,33 @@ async fn a_parse_is_checked_as_postgres_checks_it_in_a_failed_transaction() {
     let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
     assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
 }
+
+/// A pipeline with several Syncs: a name defined or closed in one batch is used in a later
+/// one. Whether that batch's Parse or Close happened decides what the later message does,
+/// as it does in PostgreSQL, which ran the earlier batch first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_used_after_a_sync_follows_what_the_earlier_batch_did() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    let batch = [
+        // Fails: "b" stays free, so the second Parse of "b" succeeds.
+        raw::parse("b", "selec 1"),
+        raw::sync(),
+        raw::parse("b", "select 2"),
+        raw::sync(),
+        // Skipped after the error: "a" stays, so the Bind of "a" runs it.
+        raw::parse("", "selec 1"),
+        raw::close("a"),
+        raw::sync(),
+        raw::bind("a"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("42601".into())), ('Z', None), ('1', None), ('Z', None)];
+    expected.extend([('E', Some("42601".into())), ('Z', None)]);
+    expected.extend([('2', None), ('D', None), ('C', None), ('Z', None)]);
+    assert_eq!(raw::read_until_ready(&mut a, 4).await, expected);
+}

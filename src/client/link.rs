@@ -250,6 +250,9 @@ impl Link {
                 }
                 break Ok(());
             }
+            if self.waits_for_earlier_batch(tag, &rest[HEADER_LEN..total]) {
+                break Ok(());
+            }
             pos += total;
             if tag == frontend::TERMINATE {
                 self.terminated = true;
@@ -262,6 +265,62 @@ impl Link {
         *c.buf = buf;
         consume(c.buf, pos);
         result
+    }
+
+    /// Whether a message naming a client statement must wait until the server has answered
+    /// an earlier batch (one before a Sync still owed) that defines or closes that name.
+    /// pgweir decides how to send such a message from the client's names (a Parse under a
+    /// name in use fails, a Bind of a name it does not know goes as it is), and records a
+    /// name optimistically when the Parse or Close that sets it is sent. Within a batch that
+    /// is safe: after an error PostgreSQL skips everything up to the Sync. Across a Sync it is
+    /// not: had the earlier Parse failed, the name would be free again. Messages wait only
+    /// then, which a driver's usual batches (Parse, Bind, Execute ..., Sync) never do.
+    fn waits_for_earlier_batch(&self, tag: u8, body: &[u8]) -> bool {
+        if self.pending_rfq == 0 || self.skip_until_sync {
+            return false;
+        }
+        let (name, bind) = match tag {
+            frontend::PARSE => (split_cstr(body).map(|(n, _)| n), false),
+            frontend::BIND => (
+                split_cstr(body).and_then(|(_, rest)| split_cstr(rest)).map(|(n, _)| n),
+                true,
+            ),
+            frontend::DESCRIBE | frontend::CLOSE if body.first() == Some(&b'S') => {
+                (split_cstr(&body[1..]).map(|(n, _)| n), tag == frontend::DESCRIBE)
+            }
+            _ => return false,
+        };
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return false;
+        };
+        let mut after_barrier = false;
+        for e in self.expect.iter().rev() {
+            let named = match e {
+                Expect::Barrier => {
+                    after_barrier = true;
+                    continue;
+                }
+                // The server lacked the statement: a Bind under the server name fails as the
+                // Bind of an unknown name would, should this Parse fail.
+                Expect::Parse {
+                    client_name: Some(n),
+                    stmt: Some(_),
+                } if !bind => n,
+                Expect::Parse {
+                    client_name: Some(n),
+                    stmt: None,
+                } => n,
+                Expect::Synthetic {
+                    undo: Undo::Unmap(n) | Undo::Remap(n, _),
+                    ..
+                } => n,
+                _ => continue,
+            };
+            if after_barrier && named == name {
+                return true;
+            }
+        }
+        false
     }
 
     fn client_message(&mut self, tag: u8, msg: &[u8], c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
