@@ -796,3 +796,52 @@ async fn a_name_used_after_a_sync_follows_what_the_earlier_batch_did() {
     expected.extend([('2', None), ('D', None), ('C', None), ('Z', None)]);
     assert_eq!(raw::read_until_ready(&mut a, 4).await, expected);
 }
+
+/// The same for the statements pgweir believes a server has: a Parse that it sent in an earlier
+/// batch, its own or ahead of a Bind, may fail (here in a failed transaction), and then the
+/// server lacks the statement for the later batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_in_an_earlier_unanswered_batch_is_not_relied_on() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    // Evicts "select 1" from the server: the Bind of "a" below makes pgweir prepare it again.
+    raw::round_trip(&mut a, &[raw::parse("b", "select 2"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    let batch = [
+        raw::bind("a"),
+        raw::execute(),
+        raw::sync(),
+        raw::query("rollback"),
+        raw::bind("a"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("25P02".into())), ('Z', None), ('C', None), ('Z', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 3).await, expected);
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    let batch = [
+        raw::parse("c", "select 3"),
+        raw::sync(),
+        raw::query("rollback"),
+        raw::parse("d", "select 3"),
+        raw::bind("d"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![
+        ('E', Some("25P02".into())),
+        ('Z', None),
+        ('C', None),
+        ('Z', None),
+        ('1', None),
+    ];
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 3).await, expected);
+}

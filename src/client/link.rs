@@ -250,7 +250,7 @@ impl Link {
                 }
                 break Ok(());
             }
-            if self.waits_for_earlier_batch(tag, &rest[HEADER_LEN..total]) {
+            if self.waits_for_earlier_batch(tag, &rest[HEADER_LEN..total], c.statements) {
                 break Ok(());
             }
             pos += total;
@@ -268,56 +268,67 @@ impl Link {
     }
 
     /// Whether a message naming a client statement must wait until the server has answered
-    /// an earlier batch (one before a Sync still owed) that defines or closes that name.
+    /// an earlier batch (one before a Sync still owed) that defines or closes that name, or
+    /// creates on the server the statement the message would rely on.
     /// pgweir decides how to send such a message from the client's names (a Parse under a
-    /// name in use fails, a Bind of a name it does not know goes as it is), and records a
-    /// name optimistically when the Parse or Close that sets it is sent. Within a batch that
+    /// name in use fails, a Bind of a name it does not know goes as it is) and from the
+    /// statements it believes the server has (no Parse sent ahead of a Bind), and records both
+    /// optimistically when it sends the Parse or Close that changes them. Within a batch that
     /// is safe: after an error PostgreSQL skips everything up to the Sync. Across a Sync it is
-    /// not: had the earlier Parse failed, the name would be free again. Messages wait only
-    /// then, which a driver's usual batches (Parse, Bind, Execute ..., Sync) never do.
-    fn waits_for_earlier_batch(&self, tag: u8, body: &[u8]) -> bool {
+    /// not: had the earlier Parse failed, the name would be free and the statement missing.
+    /// Messages wait only then, which a driver's usual batches (Parse, Bind, Execute ..., Sync)
+    /// never do.
+    fn waits_for_earlier_batch(&self, tag: u8, body: &[u8], statements: &ClientStatements) -> bool {
         if self.pending_rfq == 0 || self.skip_until_sync {
             return false;
         }
-        let (name, bind) = match tag {
-            frontend::PARSE => (split_cstr(body).map(|(n, _)| n), false),
-            frontend::BIND => (
-                split_cstr(body).and_then(|(_, rest)| split_cstr(rest)).map(|(n, _)| n),
-                true,
-            ),
-            frontend::DESCRIBE | frontend::CLOSE if body.first() == Some(&b'S') => {
-                (split_cstr(&body[1..]).map(|(n, _)| n), tag == frontend::DESCRIBE)
-            }
+        // `payload` for a Parse; `bind` for a Bind or Describe, which use the statement the
+        // name maps to.
+        let (name, payload, bind) = match tag {
+            frontend::PARSE => match split_cstr(body) {
+                Some((n, p)) => (n, Some(p), false),
+                None => return false,
+            },
+            frontend::BIND => match split_cstr(body).and_then(|(_, rest)| split_cstr(rest)) {
+                Some((n, _)) => (n, None, true),
+                None => return false,
+            },
+            frontend::DESCRIBE | frontend::CLOSE if body.first() == Some(&b'S') => match split_cstr(&body[1..]) {
+                Some((n, _)) => (n, None, tag == frontend::DESCRIBE),
+                None => return false,
+            },
             _ => return false,
         };
-        let Some(name) = name.filter(|n| !n.is_empty()) else {
+        if name.is_empty() {
             return false;
+        }
+        let target = if bind { statements.get(name) } else { None };
+        let relies_on = |s: &Arc<Statement>| match payload {
+            Some(p) => s.payload == p,
+            None => target.is_some_and(|t| t.id == s.id),
         };
         let mut after_barrier = false;
         for e in self.expect.iter().rev() {
-            let named = match e {
-                Expect::Barrier => {
-                    after_barrier = true;
-                    continue;
-                }
-                // The server lacked the statement: a Bind under the server name fails as the
-                // Bind of an unknown name would, should this Parse fail.
+            match e {
+                Expect::Barrier => after_barrier = true,
+                _ if !after_barrier => {}
+                // A Bind of the name this Parse defined, under the server name: should the
+                // Parse fail, it fails as the Bind of an unknown name does.
                 Expect::Parse {
                     client_name: Some(n),
                     stmt: Some(_),
-                } if !bind => n,
+                } if bind && n == name => {}
                 Expect::Parse {
-                    client_name: Some(n),
-                    stmt: None,
-                } => n,
+                    client_name: Some(n), ..
+                } if n == name => return true,
+                Expect::Parse { stmt: Some(s), .. } | Expect::InjectedParse { stmt: s } if relies_on(s) => {
+                    return true;
+                }
                 Expect::Synthetic {
                     undo: Undo::Unmap(n) | Undo::Remap(n, _),
                     ..
-                } => n,
-                _ => continue,
-            };
-            if after_barrier && named == name {
-                return true;
+                } if n == name => return true,
+                _ => {}
             }
         }
         false
