@@ -845,3 +845,27 @@ async fn a_statement_prepared_in_an_earlier_unanswered_batch_is_not_relied_on() 
     expected.extend(bound_row());
     assert_eq!(raw::read_until_ready(&mut a, 3).await, expected);
 }
+
+/// And for the statements pgweir evicts to make room: the Close it sends in an earlier,
+/// unanswered batch may be skipped, and the statement stay on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_evicted_in_an_earlier_unanswered_batch_is_not_taken_for_gone() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::parse("b", "select 2"), raw::sync()]).await;
+    let batch = [
+        raw::parse("", "selec 1"),
+        // Evicts "select 2" to make room for "select 1": skipped after the error.
+        raw::parse("c", "select 1"),
+        raw::sync(),
+        raw::bind("b"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("42601".into())), ('Z', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 2).await, expected);
+}

@@ -250,7 +250,7 @@ impl Link {
                 }
                 break Ok(());
             }
-            if self.waits_for_earlier_batch(tag, &rest[HEADER_LEN..total], c.statements) {
+            if self.waits_for_earlier_batch(tag, &rest[HEADER_LEN..total], c) {
                 break Ok(());
             }
             pos += total;
@@ -269,7 +269,7 @@ impl Link {
 
     /// Whether a message naming a client statement must wait until the server has answered
     /// an earlier batch (one before a Sync still owed) that defines or closes that name, or
-    /// creates on the server the statement the message would rely on.
+    /// creates or evicts on the server the statement the message would rely on.
     /// pgweir decides how to send such a message from the client's names (a Parse under a
     /// name in use fails, a Bind of a name it does not know goes as it is) and from the
     /// statements it believes the server has (no Parse sent ahead of a Bind), and records both
@@ -278,7 +278,7 @@ impl Link {
     /// not: had the earlier Parse failed, the name would be free and the statement missing.
     /// Messages wait only then, which a driver's usual batches (Parse, Bind, Execute ..., Sync)
     /// never do.
-    fn waits_for_earlier_batch(&self, tag: u8, body: &[u8], statements: &ClientStatements) -> bool {
+    fn waits_for_earlier_batch(&self, tag: u8, body: &[u8], c: &ClientSide<'_>) -> bool {
         if self.pending_rfq == 0 || self.skip_until_sync {
             return false;
         }
@@ -302,15 +302,17 @@ impl Link {
         if name.is_empty() {
             return false;
         }
-        let target = if bind { statements.get(name) } else { None };
+        let target = if bind { c.statements.get(name) } else { None };
         let relies_on = |s: &Arc<Statement>| match payload {
             Some(p) => s.payload == p,
             None => target.is_some_and(|t| t.id == s.id),
         };
         let mut after_barrier = false;
+        let mut evicted = Vec::new();
         for e in self.expect.iter().rev() {
             match e {
                 Expect::Barrier => after_barrier = true,
+                Expect::InjectedClose { id } if after_barrier => evicted.push(*id),
                 _ if !after_barrier => {}
                 // A Bind of the name this Parse defined, under the server name: should the
                 // Parse fail, it fails as the Bind of an unknown name does.
@@ -331,7 +333,18 @@ impl Link {
                 _ => {}
             }
         }
-        false
+        if evicted.is_empty() {
+            return false;
+        }
+        // An eviction may be skipped too, and the statement stay on the server.
+        let id = match payload {
+            Some(p) => c
+                .registry
+                .lookup(&crate::server::params::parse_context(c.params), p)
+                .map(|s| s.id),
+            None => target.map(|s| s.id),
+        };
+        id.is_some_and(|id| evicted.contains(&id))
     }
 
     fn client_message(&mut self, tag: u8, msg: &[u8], c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
