@@ -869,3 +869,25 @@ async fn a_statement_evicted_in_an_earlier_unanswered_batch_is_not_taken_for_gon
     expected.extend(bound_row());
     assert_eq!(raw::read_until_ready(&mut a, 2).await, expected);
 }
+
+/// Inside a transaction block PostgreSQL's Parse takes a snapshot and locks what the statement
+/// reads, for the rest of the transaction: pgweir has the server parse even a statement it
+/// already has, so that (for one) SET TRANSACTION ISOLATION LEVEL afterwards fails as it does
+/// without pgweir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_in_a_transaction_block_reaches_the_server() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("b", "select 1"), raw::sync()]).await,
+        vec![('1', None), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("set transaction isolation level serializable")]).await,
+        vec![('E', Some("25001".into())), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+}

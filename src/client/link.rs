@@ -423,9 +423,10 @@ impl Link {
                 let conn = self.server.conn();
                 if conn.statements.contains(stmt.id) {
                     conn.statements.touch(stmt.id);
-                    if self.status == TransactionStatus::Failed || self.pending_rfq > 0 {
-                        // The transaction has failed, or a reply still owed may say it has:
-                        // PostgreSQL would refuse this Parse (25P02), and only the server knows.
+                    if self.status != TransactionStatus::Idle || self.pending_rfq > 0 {
+                        // In a transaction block (or maybe, by a reply still owed) PostgreSQL's
+                        // Parse takes a snapshot and locks what the statement reads, and in a
+                        // failed one refuses the Parse (25P02): only the server can do that.
                         check_parse(&mut conn.wbuf, payload);
                         self.expect.push_back(Expect::Parse {
                             client_name: Some(name),

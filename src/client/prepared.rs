@@ -156,7 +156,8 @@ const CHECK_NAME: &[u8] = b"__pgweir_check\0";
 /// Has the server parse `payload` (query text and parameter types) under a throwaway name and
 /// drop it again: it fails exactly as the client's own Parse would, with a syntax or name
 /// error, or with 25P02 in a failed transaction (where only COMMIT and ROLLBACK parse), and
-/// then skips to Sync. Its ParseComplete stands for the client's; the CloseComplete after it
+/// then skips to Sync; in a transaction block it takes the snapshot and locks the client's
+/// Parse would. Its ParseComplete stands for the client's; the CloseComplete after it
 /// is pgweir's ([`Expect::Swallow`]).
 pub fn check_parse(out: &mut BytesMut, payload: &[u8]) {
     out.put_u8(b'P');
