@@ -891,3 +891,30 @@ async fn a_parse_in_a_transaction_block_reaches_the_server() {
     );
     raw::round_trip(&mut a, &[raw::query("rollback")]).await;
 }
+
+/// The same in the implicit transaction of a batch: a BEGIN with an isolation level after a
+/// Parse in the same batch fails (25001), however the Parse was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_in_a_batch_reaches_the_server() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    let batch = [
+        raw::parse("b", "select 1"),
+        raw::parse("", "begin isolation level serializable"),
+        raw::bind(""),
+        raw::execute(),
+        raw::sync(),
+    ];
+    assert_eq!(
+        raw::round_trip(&mut a, &batch).await,
+        vec![
+            ('1', None),
+            ('1', None),
+            ('2', None),
+            ('E', Some("25001".into())),
+            ('Z', None)
+        ]
+    );
+}

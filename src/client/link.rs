@@ -423,22 +423,18 @@ impl Link {
                 let conn = self.server.conn();
                 if conn.statements.contains(stmt.id) {
                     conn.statements.touch(stmt.id);
-                    if self.status != TransactionStatus::Idle || self.pending_rfq > 0 {
-                        // In a transaction block (or maybe, by a reply still owed) PostgreSQL's
-                        // Parse takes a snapshot and locks what the statement reads, and in a
-                        // failed one refuses the Parse (25P02): only the server can do that.
-                        check_parse(&mut conn.wbuf, payload);
-                        self.expect.push_back(Expect::Parse {
-                            client_name: Some(name),
-                            stmt: None,
-                        });
-                        self.expect.push_back(Expect::Swallow);
-                    } else {
-                        self.expect.push_back(Expect::Synthetic {
-                            bytes: Bytes::from_static(b"1\0\0\0\x04"),
-                            undo: Undo::Unmap(name),
-                        });
-                    }
+                    // PostgreSQL's Parse takes a snapshot and locks what the statement reads,
+                    // for the transaction (explicit, or the batch's implicit one, which a
+                    // BEGIN ISOLATION LEVEL later in the batch then finds started: 25001), and
+                    // in a failed transaction it refuses the Parse (25P02): only the server
+                    // can do that. (A batch of nothing but Parse, Close and Sync is answered
+                    // before any server is linked; see `Session::answer_statement_batch`.)
+                    check_parse(&mut conn.wbuf, payload);
+                    self.expect.push_back(Expect::Parse {
+                        client_name: Some(name),
+                        stmt: None,
+                    });
+                    self.expect.push_back(Expect::Swallow);
                 } else {
                     make_room(conn, &mut self.expect, c.max_prepared);
                     stmt.parse_message(&mut conn.wbuf);
