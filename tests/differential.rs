@@ -355,8 +355,12 @@ struct Gen {
     /// Something in the explicit transaction may have failed it (see `risky`).
     tx_risky: bool,
     /// Something since the last Sync (or earlier in this simple query) may have failed, so
-    /// PostgreSQL may skip what follows: a COMMIT then may not end the transaction.
+    /// PostgreSQL may skip what follows: a COMMIT then may not end the transaction. In a
+    /// transaction that may have failed, everything may fail from the start.
     batch_risky: bool,
+    /// Nothing was generated yet since the last Sync (or in this simple query): a COMMIT or
+    /// ROLLBACK here runs even in a failed transaction.
+    batch_fresh: bool,
     cursor_open: bool,
     /// An extended-protocol message was sent after the last Sync (a simple Query now would be
     /// skipped by PostgreSQL if an error is pending, and is not what any driver does).
@@ -375,6 +379,7 @@ impl Gen {
             in_tx: false,
             tx_risky: false,
             batch_risky: false,
+            batch_fresh: true,
             cursor_open: false,
             unsynced: false,
         }
@@ -443,7 +448,7 @@ impl Gen {
             }
             self.rng.pick(TX_START)
         } else if self.rng.chance(45) {
-            if self.batch_risky {
+            if self.batch_risky && !self.batch_fresh {
                 // May be skipped: the transaction may go on, failed.
                 self.risky();
             } else {
@@ -486,7 +491,8 @@ impl Gen {
     fn simple_step(&mut self) -> Vec<Msg> {
         let n = 1 + self.rng.below(3);
         let mut parts = Vec::new();
-        self.batch_risky = false;
+        self.batch_risky = self.tx_risky;
+        self.batch_fresh = true;
         for _ in 0..n {
             let roll = self.rng.below(100);
             let sql = if roll < 25 {
@@ -513,8 +519,10 @@ impl Gen {
                 self.literal_sql(idx)
             };
             parts.push(sql);
+            self.batch_fresh = false;
         }
-        self.batch_risky = false;
+        self.batch_risky = self.tx_risky;
+        self.batch_fresh = true;
         vec![Msg::Query(parts.join("; "))]
     }
 
@@ -760,12 +768,14 @@ impl Gen {
         let units = 1 + self.rng.below(4);
         for u in 0..units {
             self.extended_unit(&mut out);
+            self.batch_fresh = false;
             self.unsynced = true;
             let last = u + 1 == units;
             if (last && self.rng.chance(85)) || (!last && self.rng.chance(40)) {
                 out.push(Msg::Sync);
                 self.unsynced = false;
-                self.batch_risky = false;
+                self.batch_risky = self.tx_risky;
+                self.batch_fresh = true;
             } else if last || self.rng.chance(15) {
                 out.push(Msg::Flush);
             }
