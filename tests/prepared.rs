@@ -918,3 +918,35 @@ async fn a_parse_in_a_batch_reaches_the_server() {
         ]
     );
 }
+
+/// An eviction of a statement whose Parse an earlier batch sent, undone because an error
+/// made the server skip it, must not bring back a statement that Parse never created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undone_eviction_does_not_revive_a_statement_that_failed_to_prepare() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("x", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::parse("y", "select 2"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    let batch = [
+        // pgweir prepares "select 1" again ahead of the Bind: refused, 25P02.
+        raw::bind("x"),
+        raw::execute(),
+        raw::sync(),
+        // Evicting "select 1" for "select 3" is skipped after the syntax error.
+        raw::parse("", "selec 1"),
+        raw::parse("z", "select 3"),
+        raw::sync(),
+        raw::query("rollback"),
+        raw::bind("x"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("25P02".into())), ('Z', None)];
+    expected.extend([('E', Some("42601".into())), ('Z', None), ('C', None), ('Z', None)]);
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 4).await, expected);
+}

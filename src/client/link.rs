@@ -1026,9 +1026,25 @@ fn reply_action(tag: u8, message: &[u8], expect: &mut VecDeque<Expect>) -> Actio
 }
 
 /// Evicts least-recently-used statements until one more fits, closing them on the server.
+/// A statement whose Parse is still unanswered is left alone (the server may exceed `max` by
+/// those for a moment): should that Parse fail and this Close be skipped after some error,
+/// undoing the eviction would record a statement the server never had.
 fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
-    while conn.statements.len() >= max.max(1) {
-        let Some(id) = conn.statements.oldest() else {
+    let mut unconfirmed: Vec<u64> = Vec::new();
+    while conn.statements.len() >= max.max(1) + unconfirmed.len() {
+        if unconfirmed.is_empty() {
+            unconfirmed = expect
+                .iter()
+                .filter_map(|e| match e {
+                    Expect::Parse { stmt: Some(s), .. } | Expect::InjectedParse { stmt: s } => Some(s.id),
+                    _ => None,
+                })
+                .collect();
+            if !unconfirmed.is_empty() {
+                continue;
+            }
+        }
+        let Some(id) = conn.statements.oldest_except(&unconfirmed) else {
             return;
         };
         conn.statements.remove(id);
