@@ -950,3 +950,18 @@ async fn an_undone_eviction_does_not_revive_a_statement_that_failed_to_prepare()
     expected.extend(bound_row());
     assert_eq!(raw::read_until_ready(&mut a, 4).await, expected);
 }
+
+/// PostgreSQL keeps the unnamed statement for the session; in transaction mode the next
+/// client on that server must not be able to run it with a Bind of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_does_not_pass_to_the_next_client() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut b = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("", "select 'secret of a'"), raw::sync()]).await;
+    assert_eq!(
+        raw::round_trip(&mut b, &[raw::bind(""), raw::execute(), raw::sync()]).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+}

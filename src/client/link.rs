@@ -97,8 +97,16 @@ pub struct LinkSpares {
 
 impl Link {
     pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
-        let LinkSpares { rfq_sent, expect } = spares;
+        let LinkSpares { rfq_sent, mut expect } = spares;
         debug_assert!(rfq_sent.is_empty() && expect.is_empty());
+        let mut server = server;
+        let conn = server.conn();
+        if conn.unnamed_statement {
+            // Ahead of the client's first message; answered when the server next flushes.
+            conn.unnamed_statement = false;
+            put_message(&mut conn.wbuf, frontend::CLOSE, |b| b.put_slice(b"S\0"));
+            expect.push_back(Expect::Swallow);
+        }
         Link {
             policy,
             dirty: None,
@@ -380,6 +388,7 @@ impl Link {
                 }
                 if name.is_empty() {
                     self.dirty = self.dirty.or(change);
+                    self.server.conn().unnamed_statement = true;
                     self.server.conn().wbuf.put_slice(msg);
                     self.expect.push_back(Expect::Parse {
                         client_name: None,
