@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use pgweir::config::SessionStatePolicy;
 use pgweir::embedded_pg::roles;
 use support::proxy::{TestProxyBuilder, sqlstate};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_with_prepared_statements_over_a_pool_of_five() {
@@ -79,12 +79,7 @@ async fn statements_survive_moving_between_servers_and_eviction() {
 mod raw {
     use super::*;
 
-    pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    pub use support::wire::msg;
 
     pub fn parse(name: &str, sql: &str) -> Vec<u8> {
         let mut b = Vec::new();
@@ -137,14 +132,11 @@ mod raw {
     /// Reads one message, exactly (nothing after it is consumed): its tag and, for an error,
     /// its SQLSTATE.
     pub async fn read_message(s: &mut tokio::net::TcpStream) -> (char, Option<String>) {
-        let mut header = [0u8; 5];
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut header))
+        let frame = tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(s))
             .await
             .expect("reply in time")
             .expect("read");
-        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.expect("read");
+        let (header, body) = frame.split_at(5);
         let code = (header[0] == b'E').then(|| {
             body.split(|&b| b == 0)
                 .find(|f| f.first() == Some(&b'C'))
@@ -731,4 +723,322 @@ async fn a_shared_statement_respects_transform_null_equals() {
         let n: i64 = legacy.query_one(&legacy_stmt, &[]).await.expect("legacy").get(0);
         assert_eq!(n, 1, "transform_null_equals reads x = NULL as x IS NULL");
     }
+}
+
+/// After an error, PostgreSQL ignores every message up to the next Sync, also when the client
+/// sent a Flush and only then the rest: pgweir must neither answer those messages itself (a
+/// CloseComplete for a Close) nor record what they would have done (a statement name, or a
+/// statement on the server) — the Parse below never happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_after_an_error_and_a_flush_are_skipped_up_to_sync() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let failing = [raw::parse("", "selec 1"), raw::msg(b'H', &[])].concat();
+    a.write_all(&failing).await.expect("write");
+    assert_eq!(raw::read_until(&mut a, 'E').await, vec![('E', Some("42601".into()))]);
+    let skipped = [raw::close("x"), raw::parse("b", "select 1"), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &skipped).await, vec![('Z', None)]);
+    let run_b = [raw::bind("b"), raw::execute(), raw::sync()];
+    assert_eq!(
+        raw::round_trip(&mut a, &run_b).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+    let prepare_b = [raw::parse("b", "select 1"), raw::bind("b"), raw::execute(), raw::sync()];
+    let mut expected = vec![('1', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::round_trip(&mut a, &prepare_b).await, expected);
+}
+
+/// The message of an ErrorResponse, read whole.
+async fn error_message(s: &mut tokio::net::TcpStream) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(s))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    assert_eq!(frame[0], b'E', "{frame:?}");
+    frame[5..]
+        .split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'M'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_default()
+}
+
+/// PostgreSQL names the statement in some errors of a Bind or Describe; pgweir sends them
+/// under its own server names, and the client must still read its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_that_name_a_statement_name_the_clients_statement() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select $1::int4"), raw::sync()]).await;
+    a.write_all(&[raw::bind("a"), raw::sync()].concat())
+        .await
+        .expect("write");
+    assert_eq!(
+        error_message(&mut a).await,
+        "bind message supplies 0 parameters, but prepared statement \"a\" requires 1"
+    );
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+    // Pipelined behind its own failed Parse: pgweir renames the Bind before it learns that
+    // the statement does not exist.
+    let batch = [
+        raw::parse("b", "selec 1"),
+        raw::sync(),
+        raw::describe_statement("b"),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    assert_eq!(error_message(&mut a).await, "syntax error at or near \"selec\"");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+    assert_eq!(error_message(&mut a).await, "prepared statement \"b\" does not exist");
+    assert_eq!(raw::read_until_ready(&mut a, 1).await, vec![('Z', None)]);
+}
+
+/// In a failed transaction PostgreSQL refuses every Parse but of COMMIT or ROLLBACK (25P02),
+/// also of a statement the server already has, and it checks the text (syntax, names, a
+/// failed transaction) before it checks whether the name is taken (42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_is_checked_as_postgres_checks_it_in_a_failed_transaction() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    // "select 1" is on the server (as a), so pgweir knows the text is valid there.
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    let failed = raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    assert_eq!(failed, vec![('E', Some("22012".into())), ('Z', None)]);
+    let refused = vec![('E', Some("25P02".into())), ('Z', None)];
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("b", "select 1"), raw::sync()]).await,
+        refused,
+        "a Parse of a statement the server has"
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await,
+        refused,
+        "a Parse under a name in use"
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("c", "rollback"), raw::sync()]).await,
+        vec![('1', None), ('Z', None)],
+        "ROLLBACK can be prepared"
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    // b was never prepared; a name in use with a statement that does not parse is a syntax
+    // error.
+    let run_b = [raw::bind("b"), raw::execute(), raw::sync()];
+    assert_eq!(
+        raw::round_trip(&mut a, &run_b).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("a", "selec 1"), raw::sync()]).await,
+        vec![('E', Some("42601".into())), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("a", "select 2"), raw::sync()]).await,
+        vec![('E', Some("42P05".into())), ('Z', None)]
+    );
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
+}
+
+/// A pipeline with several Syncs: a name defined or closed in one batch is used in a later
+/// one. Whether that batch's Parse or Close happened decides what the later message does,
+/// as it does in PostgreSQL, which ran the earlier batch first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_used_after_a_sync_follows_what_the_earlier_batch_did() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    let batch = [
+        // Fails: "b" stays free, so the second Parse of "b" succeeds.
+        raw::parse("b", "selec 1"),
+        raw::sync(),
+        raw::parse("b", "select 2"),
+        raw::sync(),
+        // Skipped after the error: "a" stays, so the Bind of "a" runs it.
+        raw::parse("", "selec 1"),
+        raw::close("a"),
+        raw::sync(),
+        raw::bind("a"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("42601".into())), ('Z', None), ('1', None), ('Z', None)];
+    expected.extend([('E', Some("42601".into())), ('Z', None)]);
+    expected.extend([('2', None), ('D', None), ('C', None), ('Z', None)]);
+    assert_eq!(raw::read_until_ready(&mut a, 4).await, expected);
+}
+
+/// The same for the statements pgweir believes a server has: a Parse that it sent in an earlier
+/// batch, its own or ahead of a Bind, may fail (here in a failed transaction), and then the
+/// server lacks the statement for the later batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_in_an_earlier_unanswered_batch_is_not_relied_on() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    // Evicts "select 1" from the server: the Bind of "a" below makes pgweir prepare it again.
+    raw::round_trip(&mut a, &[raw::parse("b", "select 2"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    let batch = [
+        raw::bind("a"),
+        raw::execute(),
+        raw::sync(),
+        raw::query("rollback"),
+        raw::bind("a"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("25P02".into())), ('Z', None), ('C', None), ('Z', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 3).await, expected);
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    let batch = [
+        raw::parse("c", "select 3"),
+        raw::sync(),
+        raw::query("rollback"),
+        raw::parse("d", "select 3"),
+        raw::bind("d"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![
+        ('E', Some("25P02".into())),
+        ('Z', None),
+        ('C', None),
+        ('Z', None),
+        ('1', None),
+    ];
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 3).await, expected);
+}
+
+/// And for the statements pgweir evicts to make room: the Close it sends in an earlier,
+/// unanswered batch may be skipped, and the statement stay on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_evicted_in_an_earlier_unanswered_batch_is_not_taken_for_gone() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::parse("b", "select 2"), raw::sync()]).await;
+    let batch = [
+        raw::parse("", "selec 1"),
+        // Evicts "select 2" to make room for "select 1": skipped after the error.
+        raw::parse("c", "select 1"),
+        raw::sync(),
+        raw::bind("b"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("42601".into())), ('Z', None)];
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 2).await, expected);
+}
+
+/// Inside a transaction block PostgreSQL's Parse takes a snapshot and locks what the statement
+/// reads, for the rest of the transaction: pgweir has the server parse even a statement it
+/// already has, so that (for one) SET TRANSACTION ISOLATION LEVEL afterwards fails as it does
+/// without pgweir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_in_a_transaction_block_reaches_the_server() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::parse("b", "select 1"), raw::sync()]).await,
+        vec![('1', None), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("set transaction isolation level serializable")]).await,
+        vec![('E', Some("25001".into())), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+}
+
+/// The same in the implicit transaction of a batch: a BEGIN with an isolation level after a
+/// Parse in the same batch fails (25001), however the Parse was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_in_a_batch_reaches_the_server() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    let batch = [
+        raw::parse("b", "select 1"),
+        raw::parse("", "begin isolation level serializable"),
+        raw::bind(""),
+        raw::execute(),
+        raw::sync(),
+    ];
+    assert_eq!(
+        raw::round_trip(&mut a, &batch).await,
+        vec![
+            ('1', None),
+            ('1', None),
+            ('2', None),
+            ('E', Some("25001".into())),
+            ('Z', None)
+        ]
+    );
+}
+
+/// An eviction of a statement whose Parse an earlier batch sent, undone because an error
+/// made the server skip it, must not bring back a statement that Parse never created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undone_eviction_does_not_revive_a_statement_that_failed_to_prepare() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |p| p.max_prepared_statements = 1).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("x", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::parse("y", "select 2"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    raw::round_trip(&mut a, &[raw::query("select 1/0")]).await;
+    let batch = [
+        // pgweir prepares "select 1" again ahead of the Bind: refused, 25P02.
+        raw::bind("x"),
+        raw::execute(),
+        raw::sync(),
+        // Evicting "select 1" for "select 3" is skipped after the syntax error.
+        raw::parse("", "selec 1"),
+        raw::parse("z", "select 3"),
+        raw::sync(),
+        raw::query("rollback"),
+        raw::bind("x"),
+        raw::execute(),
+        raw::sync(),
+    ];
+    a.write_all(&batch.concat()).await.expect("write");
+    let mut expected = vec![('E', Some("25P02".into())), ('Z', None)];
+    expected.extend([('E', Some("42601".into())), ('Z', None), ('C', None), ('Z', None)]);
+    expected.extend(bound_row());
+    assert_eq!(raw::read_until_ready(&mut a, 4).await, expected);
+}
+
+/// PostgreSQL keeps the unnamed statement for the session; in transaction mode the next
+/// client on that server must not be able to run it with a Bind of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_does_not_pass_to_the_next_client() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let mut b = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("", "select 'secret of a'"), raw::sync()]).await;
+    assert_eq!(
+        raw::round_trip(&mut b, &[raw::bind(""), raw::execute(), raw::sync()]).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
 }

@@ -10,7 +10,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::hygiene::{StateChange, function_call_change, session_state_change};
 use super::prepared::query_text;
 use super::prepared::{
-    Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, classify_query, split_cstr,
+    Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, check_parse, classify_query,
+    split_cstr,
 };
 use crate::config::SessionStatePolicy;
 use crate::pool::PooledServer;
@@ -51,6 +52,10 @@ pub struct Link {
     /// The last command-running message was an Execute (a COPY it starts waits for a Sync).
     after_execute: bool,
     pub status: TransactionStatus,
+    /// An extended-protocol message failed before the client sent the Sync that ends its
+    /// batch (it sent Flush and waited): PostgreSQL ignores everything up to that Sync, so
+    /// pgweir passes nothing on, answers nothing and records nothing until then.
+    skip_until_sync: bool,
     pub copy_in: bool,
     /// What the commands completed since the last ReadyForQuery were, as far as a RESET needs.
     reset_batch: ResetBatch,
@@ -136,8 +141,16 @@ pub struct LinkSpares {
 
 impl Link {
     pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
-        let LinkSpares { rfq_sent, expect } = spares;
+        let LinkSpares { rfq_sent, mut expect } = spares;
         debug_assert!(rfq_sent.is_empty() && expect.is_empty());
+        let mut server = server;
+        let conn = server.conn();
+        if conn.unnamed_statement {
+            // Ahead of the client's first message; answered when the server next flushes.
+            conn.unnamed_statement = false;
+            put_message(&mut conn.wbuf, frontend::CLOSE, |b| b.put_slice(b"S\0"));
+            expect.push_back(Expect::Swallow);
+        }
         Link {
             policy,
             dirty: None,
@@ -154,6 +167,7 @@ impl Link {
             syncs_after_execute: 0,
             after_execute: false,
             status: TransactionStatus::Idle,
+            skip_until_sync: false,
             copy_in: false,
             reset_batch: ResetBatch::None,
             c_skip: 0,
@@ -289,6 +303,9 @@ impl Link {
                 }
                 break Ok(());
             }
+            if self.waits_for_earlier_batch(tag, &rest[HEADER_LEN..total], c) {
+                break Ok(());
+            }
             pos += total;
             if tag == frontend::TERMINATE {
                 self.terminated = true;
@@ -303,12 +320,98 @@ impl Link {
         result
     }
 
+    /// Whether a message naming a client statement must wait until the server has answered
+    /// an earlier batch (one before a Sync still owed) that defines or closes that name, or
+    /// creates or evicts on the server the statement the message would rely on.
+    /// pgweir decides how to send such a message from the client's names (a Parse under a
+    /// name in use fails, a Bind of a name it does not know goes as it is) and from the
+    /// statements it believes the server has (no Parse sent ahead of a Bind), and records both
+    /// optimistically when it sends the Parse or Close that changes them. Within a batch that
+    /// is safe: after an error PostgreSQL skips everything up to the Sync. Across a Sync it is
+    /// not: had the earlier Parse failed, the name would be free and the statement missing.
+    /// Messages wait only then, which a driver's usual batches (Parse, Bind, Execute ..., Sync)
+    /// never do.
+    fn waits_for_earlier_batch(&self, tag: u8, body: &[u8], c: &ClientSide<'_>) -> bool {
+        if self.pending_rfq == 0 || self.skip_until_sync {
+            return false;
+        }
+        // `payload` for a Parse; `bind` for a Bind or Describe, which use the statement the
+        // name maps to.
+        let (name, payload, bind) = match tag {
+            frontend::PARSE => match split_cstr(body) {
+                Some((n, p)) => (n, Some(p), false),
+                None => return false,
+            },
+            frontend::BIND => match split_cstr(body).and_then(|(_, rest)| split_cstr(rest)) {
+                Some((n, _)) => (n, None, true),
+                None => return false,
+            },
+            frontend::DESCRIBE | frontend::CLOSE if body.first() == Some(&b'S') => match split_cstr(&body[1..]) {
+                Some((n, _)) => (n, None, tag == frontend::DESCRIBE),
+                None => return false,
+            },
+            _ => return false,
+        };
+        if name.is_empty() {
+            return false;
+        }
+        let target = if bind { c.statements.get(name) } else { None };
+        let relies_on = |s: &Arc<Statement>| match payload {
+            Some(p) => s.payload == p,
+            None => target.is_some_and(|t| t.id == s.id),
+        };
+        let mut after_barrier = false;
+        let mut evicted = Vec::new();
+        for e in self.expect.iter().rev() {
+            match e {
+                Expect::Barrier => after_barrier = true,
+                Expect::InjectedClose { id } if after_barrier => evicted.push(*id),
+                _ if !after_barrier => {}
+                // A Bind of the name this Parse defined, under the server name: should the
+                // Parse fail, it fails as the Bind of an unknown name does.
+                Expect::Parse {
+                    client_name: Some(n),
+                    stmt: Some(_),
+                } if bind && n == name => {}
+                Expect::Parse {
+                    client_name: Some(n), ..
+                } if n == name => return true,
+                Expect::Parse { stmt: Some(s), .. } | Expect::InjectedParse { stmt: s } if relies_on(s) => {
+                    return true;
+                }
+                Expect::Synthetic {
+                    undo: Undo::Unmap(n) | Undo::Remap(n, _),
+                    ..
+                } if n == name => return true,
+                _ => {}
+            }
+        }
+        if evicted.is_empty() {
+            return false;
+        }
+        // An eviction may be skipped too, and the statement stay on the server.
+        let id = match payload {
+            Some(p) => c
+                .registry
+                .lookup(&crate::server::params::parse_context(c.params), p)
+                .map(|s| s.id),
+            None => target.map(|s| s.id),
+        };
+        id.is_some_and(|id| evicted.contains(&id))
+    }
+
     fn client_message(&mut self, tag: u8, msg: &[u8], c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
         let malformed = |what| ProtocolError::Malformed {
             what,
             why: "missing NUL terminator",
         };
         let body = &msg[HEADER_LEN..];
+        if self.skip_until_sync {
+            if tag != frontend::SYNC {
+                return Ok(());
+            }
+            self.skip_until_sync = false;
+        }
         match tag {
             frontend::PARSE => {
                 self.unsynced = true;
@@ -330,6 +433,7 @@ impl Link {
                 }
                 if name.is_empty() {
                     self.dirty = self.dirty.or(change);
+                    self.server.conn().unnamed_statement = true;
                     self.server.conn().wbuf.put_slice(msg);
                     self.expect.push_back(Expect::Parse {
                         client_name: None,
@@ -339,9 +443,14 @@ impl Link {
                 }
                 if c.statements.contains_key(name) {
                     // PostgreSQL reports 42P05 at this point of the pipeline and skips to Sync;
-                    // a Parse that is sure to fail makes the server do exactly that.
+                    // a Parse that is sure to fail makes the server do exactly that. It checks
+                    // the statement before the name, though: the server checks it first, and
+                    // if that fails, its error is the client's and the failing Parse is skipped.
                     let wbuf = &mut self.server.conn().wbuf;
+                    check_parse(wbuf, payload);
                     put_message(wbuf, frontend::PARSE, |b| b.put_slice(b"__pgweir_dup\0\x01\0\0\0"));
+                    self.expect.push_back(Expect::Swallow);
+                    self.expect.push_back(Expect::Swallow);
                     self.expect.push_back(Expect::FailingParse {
                         error: PgError::error(
                             "42P05",
@@ -368,10 +477,18 @@ impl Link {
                 let conn = self.server.conn();
                 if conn.statements.contains(stmt.id) {
                     conn.statements.touch(stmt.id);
-                    self.expect.push_back(Expect::Synthetic {
-                        bytes: Bytes::from_static(b"1\0\0\0\x04"),
-                        undo: Undo::Unmap(name),
+                    // PostgreSQL's Parse takes a snapshot and locks what the statement reads,
+                    // for the transaction (explicit, or the batch's implicit one, which a
+                    // BEGIN ISOLATION LEVEL later in the batch then finds started: 25001), and
+                    // in a failed transaction it refuses the Parse (25P02): only the server
+                    // can do that. (A batch of nothing but Parse, Close and Sync is answered
+                    // before any server is linked; see `Session::answer_statement_batch`.)
+                    check_parse(&mut conn.wbuf, payload);
+                    self.expect.push_back(Expect::Parse {
+                        client_name: Some(name),
+                        stmt: None,
                     });
+                    self.expect.push_back(Expect::Swallow);
                 } else {
                     make_room(conn, &mut self.expect, c.max_prepared);
                     stmt.parse_message(&mut conn.wbuf);
@@ -386,16 +503,22 @@ impl Link {
                 self.unsynced = true;
                 let (portal, rest) = split_cstr(body).ok_or(malformed("Bind"))?;
                 let (name, rest) = split_cstr(rest).ok_or(malformed("Bind"))?;
-                match self.resolve(name, c) {
-                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(msg),
-                    Resolved::Renamed(server_name) => put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
-                        b.put_slice(portal);
-                        b.put_u8(0);
-                        b.put_slice(&server_name);
-                        b.put_slice(rest);
-                    }),
-                }
-                self.expect.push_back(Expect::Other);
+                let expect = match self.resolve(name, c) {
+                    Resolved::Verbatim => {
+                        self.server.conn().wbuf.put_slice(msg);
+                        Expect::Other
+                    }
+                    Resolved::Renamed(server_name) => {
+                        put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
+                            b.put_slice(portal);
+                            b.put_u8(0);
+                            b.put_slice(&server_name);
+                            b.put_slice(rest);
+                        });
+                        renamed(server_name, name)
+                    }
+                };
+                self.expect.push_back(expect);
             }
             frontend::DESCRIBE => {
                 self.unsynced = true;
@@ -406,16 +529,20 @@ impl Link {
                 } else {
                     Resolved::Verbatim
                 };
-                match resolved {
-                    Resolved::Verbatim => self.server.conn().wbuf.put_slice(msg),
+                let expect = match resolved {
+                    Resolved::Verbatim => {
+                        self.server.conn().wbuf.put_slice(msg);
+                        Expect::Other
+                    }
                     Resolved::Renamed(server_name) => {
                         put_message(&mut self.server.conn().wbuf, frontend::DESCRIBE, |b| {
                             b.put_u8(b'S');
                             b.put_slice(&server_name);
-                        })
+                        });
+                        renamed(server_name, name)
                     }
-                }
-                self.expect.push_back(Expect::Other);
+                };
+                self.expect.push_back(expect);
             }
             frontend::CLOSE => {
                 self.unsynced = true;
@@ -710,16 +837,25 @@ impl Link {
                 backend::ERROR_RESPONSE => self.copy_in = false,
                 _ => {}
             }
-            match reply_action(tag, &mut self.expect) {
+            match reply_action(tag, &conn.buf[pos..pos + frame.total_len], &mut self.expect) {
                 Action::Forward => pos += frame.total_len,
                 Action::Swallow => conn.buf.advance(frame.total_len),
                 Action::Replace(e) => {
                     conn.buf.advance(frame.total_len);
                     e.encode(&mut self.inject);
                 }
+                Action::ReplaceBytes(bytes) => {
+                    conn.buf.advance(frame.total_len);
+                    self.inject.put_slice(&bytes);
+                }
             }
-            if tag == backend::ERROR_RESPONSE {
-                fail_front(&mut self.expect, &mut conn.statements, statements);
+            if tag == backend::ERROR_RESPONSE
+                && fail_front(&mut self.expect, &mut conn.statements, statements)
+                && self.expect.is_empty()
+                && self.unsynced
+            {
+                // The failed batch's Sync has not been sent yet.
+                self.skip_until_sync = true;
             }
         }
         self.s_ready = pos;
@@ -822,8 +958,9 @@ fn emit_synthetic(expect: &mut VecDeque<Expect>, inject: &mut BytesMut, status: 
 }
 
 /// An ErrorResponse arrived: the message at the front failed and PostgreSQL skips the rest up
-/// to the next Sync. Undo the optimistic bookkeeping done for each of them.
-fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, statements: &mut ClientStatements) {
+/// to the next Sync. Undo the optimistic bookkeeping done for each of them. Returns whether the
+/// error answered an extended-protocol message (PostgreSQL now skips to Sync).
+fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, statements: &mut ClientStatements) -> bool {
     // Undo newest first, so the tables end as they were before the first skipped message.
     let mut skipped = Vec::new();
     while let Some(front) = expect.front() {
@@ -835,6 +972,7 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
         };
         skipped.push(entry);
     }
+    let extended = !skipped.is_empty();
     for entry in skipped.into_iter().rev() {
         match entry {
             Expect::Parse {
@@ -845,6 +983,12 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
                     statements.remove(&name);
                 }
                 server.remove(stmt.id);
+            }
+            Expect::Parse {
+                client_name: Some(name),
+                stmt: None,
+            } => {
+                statements.remove(&name);
             }
             Expect::InjectedParse { stmt } => server.remove(stmt.id),
             Expect::InjectedClose { id } => server.insert(id),
@@ -860,16 +1004,47 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
             _ => {}
         }
     }
+    extended
+}
+
+/// What to expect for a Bind or Describe of client statement `client_name` sent as
+/// `server_name` (NUL-terminated).
+fn renamed(server_name: Bytes, client_name: &[u8]) -> Expect {
+    Expect::Renamed {
+        server_name,
+        client_name: Bytes::copy_from_slice(client_name),
+    }
 }
 
 /// Whether a reply must be dropped or replaced rather than forwarded.
 fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
     matches!(
         (tag, front),
-        (b'1', Some(Expect::InjectedParse { .. }))
-            | (b'3', Some(Expect::InjectedClose { .. }))
-            | (backend::ERROR_RESPONSE, Some(Expect::FailingParse { .. }))
+        (b'1', Some(Expect::InjectedParse { .. } | Expect::Swallow))
+            | (b'3', Some(Expect::InjectedClose { .. } | Expect::Swallow))
+            | (
+                backend::ERROR_RESPONSE,
+                Some(Expect::FailingParse { .. } | Expect::Renamed { .. })
+            )
     )
+}
+
+/// `error` (a whole ErrorResponse) with the quoted statement name `"server_name"` written as
+/// the client's `"client_name"`, or None when it does not name the statement. PostgreSQL
+/// names it in 26000 (does not exist) and 08P01 (wrong number of parameters); the client
+/// must see its own name, never pgweir's.
+fn client_named_error(error: &[u8], server_name: &[u8], client_name: &[u8]) -> Option<BytesMut> {
+    let server_name = server_name.strip_suffix(b"\0").unwrap_or(server_name);
+    let quoted = [b"\"", server_name, b"\""].concat();
+    let body = &error[HEADER_LEN..];
+    let at = body.windows(quoted.len()).position(|w| w == quoted.as_slice())?;
+    let mut out = BytesMut::with_capacity(error.len() + client_name.len());
+    put_message(&mut out, backend::ERROR_RESPONSE, |b| {
+        b.put_slice(&body[..at + 1]);
+        b.put_slice(client_name);
+        b.put_slice(&body[at + quoted.len() - 1..]);
+    });
+    Some(out)
 }
 
 /// Whether a server message needs nothing from [`Link::frame_server_input`] but forwarding: not
@@ -926,10 +1101,11 @@ enum Action {
     Forward,
     Swallow,
     Replace(PgError),
+    ReplaceBytes(BytesMut),
 }
 
 /// Matches a server reply against the expect queue, popping completed entries.
-fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
+fn reply_action(tag: u8, message: &[u8], expect: &mut VecDeque<Expect>) -> Action {
     let front_is_barrier = matches!(expect.front(), Some(Expect::Barrier) | None);
     match tag {
         b'1' => match expect.pop_front() {
@@ -937,6 +1113,7 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
                 stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
                 Action::Swallow
             }
+            Some(Expect::Swallow) => Action::Swallow,
             Some(Expect::Parse { stmt: Some(stmt), .. }) => {
                 stmt.validated.store(true, std::sync::atomic::Ordering::Relaxed);
                 Action::Forward
@@ -944,7 +1121,7 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
             _ => Action::Forward,
         },
         b'3' => match expect.pop_front() {
-            Some(Expect::InjectedClose { .. }) => Action::Swallow,
+            Some(Expect::InjectedClose { .. } | Expect::Swallow) => Action::Swallow,
             _ => Action::Forward,
         },
         b'2' | b'n' => {
@@ -958,6 +1135,13 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
         }
         backend::ERROR_RESPONSE => match expect.front() {
             Some(Expect::FailingParse { error }) => Action::Replace(error.clone()),
+            Some(Expect::Renamed {
+                server_name,
+                client_name,
+            }) => match client_named_error(message, server_name, client_name) {
+                Some(bytes) => Action::ReplaceBytes(bytes),
+                None => Action::Forward,
+            },
             _ => Action::Forward,
         },
         backend::READY_FOR_QUERY => {
@@ -973,9 +1157,25 @@ fn reply_action(tag: u8, expect: &mut VecDeque<Expect>) -> Action {
 }
 
 /// Evicts least-recently-used statements until one more fits, closing them on the server.
+/// A statement whose Parse is still unanswered is left alone (the server may exceed `max` by
+/// those for a moment): should that Parse fail and this Close be skipped after some error,
+/// undoing the eviction would record a statement the server never had.
 fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
-    while conn.statements.len() >= max.max(1) {
-        let Some(id) = conn.statements.oldest() else {
+    let mut unconfirmed: Vec<u64> = Vec::new();
+    while conn.statements.len() >= max.max(1) + unconfirmed.len() {
+        if unconfirmed.is_empty() {
+            unconfirmed = expect
+                .iter()
+                .filter_map(|e| match e {
+                    Expect::Parse { stmt: Some(s), .. } | Expect::InjectedParse { stmt: s } => Some(s.id),
+                    _ => None,
+                })
+                .collect();
+            if !unconfirmed.is_empty() {
+                continue;
+            }
+        }
+        let Some(id) = conn.statements.oldest_except(&unconfirmed) else {
             return;
         };
         conn.statements.remove(id);

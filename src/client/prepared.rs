@@ -109,7 +109,8 @@ impl StatementRegistry {
 #[derive(Debug)]
 pub enum Expect {
     /// The client's own Parse: ParseComplete forwarded. On failure or skip, the optimistic
-    /// bookkeeping is undone.
+    /// bookkeeping is undone (`stmt` None with a name: the server had the statement already,
+    /// only the client's name goes).
     Parse {
         client_name: Option<Bytes>,
         stmt: Option<Arc<Statement>>,
@@ -120,8 +121,14 @@ pub enum Expect {
     InjectedClose { id: u64 },
     /// A Parse sent only to fail (duplicate client name): its error is replaced by this one.
     FailingParse { error: PgError },
+    /// The reply to a message pgweir sent only to have the server check something (see
+    /// [`check_parse`]): one completion message, swallowed.
+    Swallow,
     /// Bind, Describe, Execute, or a forwarded Close: one completion message.
     Other,
+    /// A Bind or Describe of a client's statement, sent under its server name: one completion
+    /// message, and an error naming the statement names it as the client does.
+    Renamed { server_name: Bytes, client_name: Bytes },
     /// Replies pgweir produces itself at this point of the stream (ParseComplete for a
     /// statement the server already has, CloseComplete for a client Close). `undo` restores
     /// the client's name table if PostgreSQL would have skipped the message.
@@ -141,6 +148,26 @@ pub enum Undo {
     Unmap(Bytes),
     /// The client's Close was answered by pgweir: restore the name.
     Remap(Bytes, Arc<Statement>),
+}
+
+/// Name of the throwaway statement of [`check_parse`].
+const CHECK_NAME: &[u8] = b"__pgweir_check\0";
+
+/// Has the server parse `payload` (query text and parameter types) under a throwaway name and
+/// drop it again: it fails exactly as the client's own Parse would, with a syntax or name
+/// error, or with 25P02 in a failed transaction (where only COMMIT and ROLLBACK parse), and
+/// then skips to Sync; in a transaction block it takes the snapshot and locks the client's
+/// Parse would. Its ParseComplete stands for the client's; the CloseComplete after it
+/// is pgweir's ([`Expect::Swallow`]).
+pub fn check_parse(out: &mut BytesMut, payload: &[u8]) {
+    out.put_u8(b'P');
+    out.put_i32((4 + CHECK_NAME.len() + payload.len()) as i32);
+    out.put_slice(CHECK_NAME);
+    out.put_slice(payload);
+    out.put_u8(b'C');
+    out.put_i32((4 + 1 + CHECK_NAME.len()) as i32);
+    out.put_u8(b'S');
+    out.put_slice(CHECK_NAME);
 }
 
 /// The query text of a Parse payload (up to its NUL).

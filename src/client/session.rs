@@ -906,17 +906,30 @@ impl Session {
     /// pump and the event loop, so both read the protocol the same way.
     #[inline]
     fn frame_link(&mut self, link: &mut Link, max_prepared: usize) -> Result<Framed, ClientError> {
-        link.frame_client(&mut ClientSide {
+        let mut client = ClientSide {
             buf: &mut self.buf,
             statements: &mut self.statements,
             registry: &self.ctx.statements,
             params: &self.params,
             max_message: self.max_message,
             max_prepared,
-        })
-        .map_err(ClientError::ClientProtocol)?;
+        };
+        link.frame_client(&mut client).map_err(ClientError::ClientProtocol)?;
+        let waiting = !client.buf.is_empty();
         link.frame_server(&mut self.params, &mut self.reset_to, &mut self.statements)
             .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
+        if waiting {
+            // A message that waited for the server's answer to an earlier batch may go now.
+            link.frame_client(&mut ClientSide {
+                buf: &mut self.buf,
+                statements: &mut self.statements,
+                registry: &self.ctx.statements,
+                params: &self.params,
+                max_message: self.max_message,
+                max_prepared,
+            })
+            .map_err(ClientError::ClientProtocol)?;
+        }
         link.settle();
         if let Some(q) = link.last_query.take() {
             self.info.set_last_query(&q, self.query_text_bytes);

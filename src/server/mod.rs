@@ -98,6 +98,10 @@ pub struct ServerConn {
     pub(crate) wbuf: BytesMut,
     /// Prepared statements this backend holds.
     pub statements: ServerStatements,
+    /// A client parsed the unnamed statement here. PostgreSQL keeps it for the session, so
+    /// the next client's link closes it first: a Bind of "" without a Parse of its own must
+    /// not run another client's statement.
+    pub unnamed_statement: bool,
     pub id: ServerId,
     /// The server's own cancel key; clients never see it.
     pub backend_key: CancelKey,

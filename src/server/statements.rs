@@ -46,7 +46,16 @@ impl ServerStatements {
 
     /// The least recently used statement id, the eviction candidate.
     pub fn oldest(&self) -> Option<u64> {
-        self.used.iter().min_by_key(|(_, t)| **t).map(|(id, _)| *id)
+        self.oldest_except(&[])
+    }
+
+    /// The least recently used statement id not in `keep`.
+    pub fn oldest_except(&self, keep: &[u64]) -> Option<u64> {
+        self.used
+            .iter()
+            .filter(|(id, _)| !keep.contains(id))
+            .min_by_key(|(_, t)| **t)
+            .map(|(id, _)| *id)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod fake_pg;
 pub mod pki;
 pub mod proxy;
+pub mod wire;
 
 use pgweir::embedded_pg::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
 

@@ -1,0 +1,1225 @@
+//! Differential protocol test: the same client scripts run on direct PostgreSQL connections and
+//! through pgweir, and every client must receive the same backend messages, byte for byte.
+//!
+//! A seeded generator writes, per client, a script of frontend messages: simple queries (one or
+//! several statements, some failing mid-batch), extended-protocol pipelines (Parse, Bind,
+//! Describe S/P, Execute with and without a row limit, Close, Flush, several Syncs before any
+//! reply is read, errors that make the server skip to Sync), named statements used across
+//! transactions, re-prepared after Close, duplicated and unknown names, named portals kept
+//! across Syncs inside explicit transactions, cursors, savepoints, small and 5,000-row results,
+//! values over 16 KiB both ways, parameters and results in text and binary format.
+//!
+//! Scripts are transaction-mode safe: they keep no session state (no SET, temp tables, LISTEN,
+//! advisory locks, SQL PREPARE) and use the unnamed statement only between its Parse and the
+//! next Sync, since PostgreSQL keeps it for the session but pgweir may serve the next
+//! transaction from another server. Nothing in them is nondeterministic (no now(), random(),
+//! pids or OIDs of new objects). Each client writes only its own table, reset before each run,
+//! so the direct run and the pgweir run see the same data.
+//!
+//! One known difference is kept out of the scripts: in a failed transaction, a Bind or
+//! Describe of a named statement that pgweir must first prepare on the server it got fails on
+//! that Parse (25P02), where PostgreSQL reports a wrong parameter count (08P01) first, or
+//! describes a statement that returns no rows. Nothing can be prepared in a failed
+//! transaction; see `Gen::risky`.
+//!
+//! Per seed, the clients run concurrently on direct connections, then concurrently through a
+//! pgweir with one or two servers, so servers pass between clients all the time. The pgweir
+//! differs by seed: both data paths, and a statement cache of 2 or 3 so that statements are
+//! evicted and prepared again all the time.
+//!
+//! `PGWEIR_DIFF_SEEDS=N` runs N seeds instead of the fixed CI set; `PGWEIR_DIFF_SEED=x` runs
+//! seed x alone (`PGWEIR_DIFF_FIRST=x` starts the N seeds at x); `PGWEIR_DIFF_CLIENT=c` gives
+//! every other client of the seed an empty script; `PGWEIR_DIFF_MAX_FAILURES` (default 5)
+//! stops after that many mismatching clients. A mismatch prints the seed, the client, its
+//! script and the first message where the two streams differ, with a few around it. Seeds
+//! that share the pgweir run one after another and state carries over between them (which
+//! statements each server has), so a mismatch found in a long run may need the seeds before
+//! it to show again.
+
+mod support;
+
+use std::collections::VecDeque;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgweir::config::AuthType;
+use pgweir::embedded_pg::{EmbeddedPostgres, roles};
+use support::proxy::{TestProxy, TestProxyBuilder};
+use support::wire::{msg, read_frame};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Clients per seed at most; each has its own table `d<i>`.
+const MAX_CLIENTS: usize = 5;
+/// The seeds CI runs: enough to cover every proxy variant several times in a few seconds.
+const CI_SEEDS: u64 = 150;
+/// How long one backend message may take before the client is declared stuck (a lost reply).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// splitmix64: tiny, good enough, and no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+/// One frontend message of a script.
+#[derive(Clone)]
+enum Msg {
+    Query(String),
+    Parse {
+        name: String,
+        sql: String,
+        types: Vec<u32>,
+    },
+    Bind {
+        portal: String,
+        stmt: String,
+        params: Vec<Param>,
+        results: Vec<i16>,
+    },
+    Describe {
+        kind: u8,
+        name: String,
+    },
+    Execute {
+        portal: String,
+        limit: i32,
+    },
+    Close {
+        kind: u8,
+        name: String,
+    },
+    Sync,
+    Flush,
+}
+
+#[derive(Clone)]
+struct Param {
+    binary: bool,
+    value: Option<Vec<u8>>,
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+impl Msg {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut b = Vec::new();
+        let tag = match self {
+            Msg::Query(sql) => {
+                cstr(&mut b, sql);
+                b'Q'
+            }
+            Msg::Parse { name, sql, types } => {
+                cstr(&mut b, name);
+                cstr(&mut b, sql);
+                b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+                for t in types {
+                    b.extend_from_slice(&t.to_be_bytes());
+                }
+                b'P'
+            }
+            Msg::Bind {
+                portal,
+                stmt,
+                params,
+                results,
+            } => {
+                cstr(&mut b, portal);
+                cstr(&mut b, stmt);
+                b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+                for p in params {
+                    b.extend_from_slice(&i16::from(p.binary).to_be_bytes());
+                }
+                b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+                for p in params {
+                    match &p.value {
+                        Some(v) => {
+                            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                            b.extend_from_slice(v);
+                        }
+                        None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                    }
+                }
+                b.extend_from_slice(&(results.len() as i16).to_be_bytes());
+                for r in results {
+                    b.extend_from_slice(&r.to_be_bytes());
+                }
+                b'B'
+            }
+            Msg::Describe { kind, name } => {
+                b.push(*kind);
+                cstr(&mut b, name);
+                b'D'
+            }
+            Msg::Execute { portal, limit } => {
+                cstr(&mut b, portal);
+                b.extend_from_slice(&limit.to_be_bytes());
+                b'E'
+            }
+            Msg::Close { kind, name } => {
+                b.push(*kind);
+                cstr(&mut b, name);
+                b'C'
+            }
+            Msg::Sync => b'S',
+            Msg::Flush => b'H',
+        };
+        out.extend_from_slice(&msg(tag, &b));
+    }
+}
+
+/// Long texts are cut in the printed script; their length is kept.
+fn short(s: &[u8]) -> String {
+    let text = String::from_utf8_lossy(s);
+    if text.chars().count() <= 90 {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(60).collect();
+        format!("{head:?}…({} bytes)", s.len())
+    }
+}
+
+impl fmt::Debug for Msg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Msg::Query(sql) => write!(f, "Query({})", short(sql.as_bytes())),
+            Msg::Parse { name, sql, types } => write!(f, "Parse({name:?}, {}, types {types:?})", short(sql.as_bytes())),
+            Msg::Bind {
+                portal,
+                stmt,
+                params,
+                results,
+            } => {
+                write!(f, "Bind(portal {portal:?}, stmt {stmt:?}, [")?;
+                for (i, p) in params.iter().enumerate() {
+                    let sep = if i > 0 { ", " } else { "" };
+                    match &p.value {
+                        None => write!(f, "{sep}NULL")?,
+                        Some(v) if p.binary => write!(f, "{sep}bin{v:02x?}")?,
+                        Some(v) => write!(f, "{sep}{}", short(v))?,
+                    }
+                }
+                write!(f, "], results {results:?})")
+            }
+            Msg::Describe { kind, name } => write!(f, "Describe({}, {name:?})", *kind as char),
+            Msg::Execute { portal, limit } => write!(f, "Execute({portal:?}, limit {limit})"),
+            Msg::Close { kind, name } => write!(f, "Close({}, {name:?})", *kind as char),
+            Msg::Sync => write!(f, "Sync"),
+            Msg::Flush => write!(f, "Flush"),
+        }
+    }
+}
+
+/// A client's script: steps, each sent in one write before its replies are read.
+type Script = Vec<Vec<Msg>>;
+
+fn print_script(script: &Script) -> String {
+    let mut out = String::new();
+    for (i, step) in script.iter().enumerate() {
+        let _ = writeln!(out, "  step {i}:");
+        for m in step {
+            let _ = writeln!(out, "    {m:?}");
+        }
+    }
+    out
+}
+
+/// What a parameter holds; values are drawn per Bind.
+#[derive(Clone, Copy)]
+enum PType {
+    /// An int4 from the list.
+    Int(&'static [i32]),
+    Int8,
+    /// A short ASCII text.
+    Text,
+    /// A text of 17–40 KiB, so the Bind spans reads.
+    Wide,
+}
+
+impl PType {
+    fn oid(self) -> u32 {
+        match self {
+            PType::Int(_) => 23,
+            PType::Int8 => 20,
+            PType::Text | PType::Wide => 25,
+        }
+    }
+}
+
+/// A statement the generator uses, with `$n` parameters.
+#[derive(Clone)]
+struct Template {
+    sql: String,
+    params: Vec<PType>,
+}
+
+fn t(sql: impl Into<String>, params: &[PType]) -> Template {
+    Template {
+        sql: sql.into(),
+        params: params.to_vec(),
+    }
+}
+
+const SMALL: &[i32] = &[-7, 0, 1, 2, 42, 1000];
+const ROWS: &[i32] = &[0, 1, 3, 100, 1000, 5000];
+const KEYS: &[i32] = &[1, 5, 50, 99, 101, 120, 150];
+
+/// The statements of client `c` (its table is `d<c>`).
+fn templates(c: usize) -> Vec<Template> {
+    vec![
+        t(
+            "select $1::int4 + 1 as a, $2::text as b, $3::int8 * 2 as c",
+            &[PType::Int(SMALL), PType::Text, PType::Int8],
+        ),
+        t(
+            "select g, repeat('x', $2::int4) as r from generate_series(1, $1::int4) g",
+            &[PType::Int(ROWS), PType::Int(&[0, 3, 40])],
+        ),
+        // Rows wider than 16 KiB: each DataRow spans reads.
+        t(
+            "select g, repeat(md5(g::text), $2::int4) from generate_series(1, $1::int4) g",
+            &[PType::Int(&[1, 2, 4]), PType::Int(&[600, 1100])],
+        ),
+        // Fails after some rows when $1 is 1..5: an error in the middle of a result.
+        t(
+            "select g, 10 / (g - $1::int4) from generate_series(1, 5) g",
+            &[PType::Int(&[0, 3, 9])],
+        ),
+        t(
+            format!("select k, v from d{c} where k <= $1::int4 order by k"),
+            &[PType::Int(&[0, 5, 50, 200])],
+        ),
+        // Keys 1..100 exist after a reset: 23505 for some.
+        t(
+            format!("insert into d{c} values ($1::int4, $2::text)"),
+            &[PType::Int(KEYS), PType::Text],
+        ),
+        t(
+            format!("update d{c} set v = v || $2::text where k % 10 = $1::int4"),
+            &[PType::Int(&[0, 3, 7]), PType::Text],
+        ),
+        t(
+            format!("delete from d{c} where k = $1::int4 returning k, v"),
+            &[PType::Int(KEYS)],
+        ),
+        t(format!("select count(*), sum(k), max(length(v)) from d{c}"), &[]),
+        t("select length($1::text), md5($1::text)", &[PType::Wide]),
+        t("select * from no_such_table", &[]),
+        t("selec 1", &[]),
+        t("", &[]),
+        t("do $$begin raise notice 'notice %', 42; end$$", &[]),
+        t("values (1, 'one'), (2, null)", &[]),
+        t("select 1/0", &[]),
+    ]
+}
+
+/// Transaction control, by simple or extended protocol.
+const TX_START: &[&str] = &["begin", "begin isolation level repeatable read", "start transaction"];
+const TX_END: &[&str] = &["commit", "rollback", "end"];
+const TX_MIDDLE: &[&str] = &[
+    "savepoint sp",
+    "rollback to savepoint sp",
+    "release savepoint sp",
+    "rollback to sp",
+];
+
+/// The generator's belief about the session, for choosing sensible next messages. It may be
+/// wrong (a BEGIN that was skipped after an error, a Parse that failed): that only makes a
+/// message fail the same way on both sides. What must never happen is a script relying on state
+/// pgweir legitimately does not keep between transactions; that rule does not depend on this.
+struct Gen {
+    rng: Rng,
+    client: usize,
+    templates: Vec<Template>,
+    /// Named statements believed prepared: (name, template index).
+    stmts: Vec<(String, usize)>,
+    next_stmt: usize,
+    /// Named portals believed open in the explicit transaction.
+    portals: Vec<String>,
+    in_tx: bool,
+    /// Something in the explicit transaction may have failed it (see `risky`).
+    tx_risky: bool,
+    /// Something since the last Sync (or earlier in this simple query) may have failed, so
+    /// PostgreSQL may skip what follows: a COMMIT then may not end the transaction. In a
+    /// transaction that may have failed, everything may fail from the start.
+    batch_risky: bool,
+    /// Nothing was generated yet since the last Sync (or in this simple query): a COMMIT or
+    /// ROLLBACK here runs even in a failed transaction.
+    batch_fresh: bool,
+    cursor_open: bool,
+    /// An extended-protocol message was sent after the last Sync (a simple Query now would be
+    /// skipped by PostgreSQL if an error is pending, and is not what any driver does).
+    unsynced: bool,
+}
+
+impl Gen {
+    fn new(seed: u64, client: usize) -> Self {
+        Gen {
+            rng: Rng::new(seed.wrapping_mul(1_000_003).wrapping_add(client as u64)),
+            client,
+            templates: templates(client),
+            stmts: Vec::new(),
+            next_stmt: 0,
+            portals: Vec::new(),
+            in_tx: false,
+            tx_risky: false,
+            batch_risky: false,
+            batch_fresh: true,
+            cursor_open: false,
+            unsynced: false,
+        }
+    }
+
+    fn script(mut self) -> Script {
+        let steps = 8 + self.rng.below(20);
+        let mut script = Vec::new();
+        for _ in 0..steps {
+            let step = if !self.unsynced && self.rng.chance(35) {
+                self.simple_step()
+            } else {
+                self.extended_step()
+            };
+            script.push(step);
+        }
+        if self.unsynced {
+            script.push(vec![Msg::Sync]);
+        }
+        if self.in_tx {
+            script.push(vec![Msg::Query("rollback".into())]);
+        }
+        script
+    }
+
+    fn text_value(&mut self) -> String {
+        let len = self.rng.pick(&[0, 1, 5, 12]);
+        (0..len).map(|_| char::from(b'a' + self.rng.below(26) as u8)).collect()
+    }
+
+    fn value(&mut self, p: PType) -> Option<String> {
+        if self.rng.chance(5) {
+            return None;
+        }
+        Some(match p {
+            PType::Int(list) => self.rng.pick(list).to_string(),
+            PType::Int8 => self.rng.pick(&[0i64, -1, 1 << 40, 123_456_789_012]).to_string(),
+            PType::Text => self.text_value(),
+            PType::Wide => {
+                let unit = self.text_value() + "w";
+                unit.repeat((17 * 1024 + self.rng.below(23 * 1024)) / unit.len() + 1)
+            }
+        })
+    }
+
+    /// A template with its parameters written in as literals, for simple queries.
+    fn literal_sql(&mut self, idx: usize) -> String {
+        let tpl = self.templates[idx].clone();
+        let mut sql = tpl.sql.clone();
+        for (i, p) in tpl.params.iter().enumerate().rev() {
+            let lit = match self.value(*p) {
+                None => "null".to_owned(),
+                Some(v) if matches!(p, PType::Text | PType::Wide) => format!("'{v}'"),
+                Some(v) => v,
+            };
+            sql = sql.replace(&format!("${}", i + 1), &lit);
+        }
+        sql
+    }
+
+    fn tx_statement(&mut self) -> String {
+        let sql = if !self.in_tx {
+            // After a possible failure the BEGIN may or may not run: believed open, and
+            // perhaps failed.
+            self.in_tx = true;
+            self.tx_risky = self.batch_risky;
+            self.rng.pick(TX_START)
+        } else if self.rng.chance(45) {
+            if self.batch_risky && !self.batch_fresh {
+                // May be skipped: the transaction may go on, failed.
+                self.risky();
+            } else {
+                self.end_tx();
+            }
+            self.rng.pick(TX_END)
+        } else {
+            self.risky();
+            self.rng.pick(TX_MIDDLE)
+        };
+        sql.to_owned()
+    }
+
+    /// The message just generated may fail. Why the generator cares: in a failed
+    /// transaction, a Bind or Describe of a statement pgweir must first prepare on the server
+    /// it got fails on that Parse (25P02) where PostgreSQL checks the Bind first (08P01 for a
+    /// wrong parameter count) or, for a statement that returns no rows, describes it. That
+    /// difference is known and kept (nothing can be prepared in a failed transaction), so
+    /// scripts bind a named statement inside a transaction only while nothing in it may have
+    /// failed.
+    fn risky(&mut self) {
+        self.batch_risky = true;
+        if self.in_tx {
+            self.tx_risky = true;
+        }
+    }
+
+    /// Whether `idx` may fail however it is bound (or is likely to with some values).
+    fn risky_template(idx: usize) -> bool {
+        matches!(idx, 3 | 5 | 10 | 11 | 15)
+    }
+
+    fn end_tx(&mut self) {
+        self.in_tx = false;
+        self.tx_risky = false;
+        self.portals.clear();
+        self.cursor_open = false;
+    }
+
+    fn simple_step(&mut self) -> Vec<Msg> {
+        let n = 1 + self.rng.below(3);
+        let mut parts = Vec::new();
+        self.batch_risky = self.tx_risky;
+        self.batch_fresh = true;
+        for _ in 0..n {
+            let roll = self.rng.below(100);
+            let sql = if roll < 25 {
+                self.tx_statement()
+            } else if roll < 35 && self.in_tx {
+                self.risky();
+                if self.cursor_open {
+                    if self.rng.chance(30) {
+                        self.cursor_open = false;
+                        "close cur".to_owned()
+                    } else {
+                        format!("fetch {} from cur", self.rng.pick(&[1, 7, 100]))
+                    }
+                } else {
+                    self.cursor_open = true;
+                    let rows = self.rng.pick(&[5, 50, 3000]);
+                    format!("declare cur cursor for select g, repeat('y', g % 50) from generate_series(1, {rows}) g")
+                }
+            } else {
+                let idx = self.rng.below(self.templates.len());
+                if Self::risky_template(idx) {
+                    self.risky();
+                }
+                self.literal_sql(idx)
+            };
+            parts.push(sql);
+            self.batch_fresh = false;
+        }
+        self.batch_risky = self.tx_risky;
+        self.batch_fresh = true;
+        vec![Msg::Query(parts.join("; "))]
+    }
+
+    fn params(&mut self, idx: usize) -> Vec<Param> {
+        let types = self.templates[idx].params.clone();
+        types
+            .into_iter()
+            .map(|p| {
+                let binary = !matches!(p, PType::Text | PType::Wide) && self.rng.chance(50);
+                let value = self.value(p).map(|v| match (binary, p) {
+                    (true, PType::Int8) => v
+                        .parse::<i64>()
+                        .map_or_else(|_| v.into_bytes(), |n| n.to_be_bytes().to_vec()),
+                    (true, _) => v
+                        .parse::<i32>()
+                        .map_or_else(|_| v.into_bytes(), |n| n.to_be_bytes().to_vec()),
+                    (false, _) => v.into_bytes(),
+                });
+                Param { binary, value }
+            })
+            .collect()
+    }
+
+    fn result_formats(&mut self) -> Vec<i16> {
+        match self.rng.below(4) {
+            0 | 1 => vec![],
+            2 => vec![1],
+            _ => vec![0, 1, 1],
+        }
+    }
+
+    fn limit(&mut self) -> i32 {
+        if self.rng.chance(60) {
+            0
+        } else {
+            self.rng.pick(&[1, 2, 10, 500])
+        }
+    }
+
+    /// Parse (named or unnamed), maybe Describe S, Bind, maybe Describe P, Execute(s), maybe
+    /// Close P. The unnamed statement is bound right after its Parse, never after a Sync.
+    fn parse_bind_execute(&mut self, out: &mut Vec<Msg>) {
+        let idx = if self.rng.chance(15) {
+            self.rng.pick(&[10, 11, 12, 15])
+        } else {
+            self.rng.below(self.templates.len())
+        };
+        let tpl = self.templates[idx].clone();
+        if Self::risky_template(idx) {
+            self.risky();
+        }
+        let name = if self.rng.chance(40) {
+            String::new()
+        } else if !self.stmts.is_empty() && self.rng.chance(10) {
+            // A name in use: 42P05, and the rest up to Sync is skipped.
+            self.risky();
+            self.stmts[self.rng.below(self.stmts.len())].0.clone()
+        } else {
+            // Names come back after a Close: re-Parse of a closed name.
+            let n = format!("s{}", self.next_stmt % 6);
+            self.next_stmt += 1;
+            if self.stmts.iter().any(|(s, _)| *s == n) {
+                format!("s{}x{}", self.client, self.next_stmt)
+            } else {
+                n
+            }
+        };
+        let types = if self.rng.chance(50) {
+            tpl.params.iter().map(|p| p.oid()).collect()
+        } else if self.rng.chance(30) {
+            vec![0; tpl.params.len()]
+        } else {
+            vec![]
+        };
+        out.push(Msg::Parse {
+            name: name.clone(),
+            sql: tpl.sql.clone(),
+            types,
+        });
+        if !name.is_empty() && !self.stmts.iter().any(|(s, _)| *s == name) {
+            self.stmts.push((name.clone(), idx));
+        }
+        if self.rng.chance(30) {
+            out.push(Msg::Describe {
+                kind: b'S',
+                name: name.clone(),
+            });
+        }
+        if self.rng.chance(15) {
+            // Prepared only, to be bound in a later transaction (or not at all).
+            return;
+        }
+        self.bind_execute(out, name, idx);
+    }
+
+    fn portal_name(&mut self) -> String {
+        if self.rng.chance(60) {
+            String::new()
+        } else {
+            format!("p{}", self.rng.below(3))
+        }
+    }
+
+    fn bind_execute(&mut self, out: &mut Vec<Msg>, stmt: String, idx: usize) {
+        let portal = self.portal_name();
+        if !portal.is_empty() {
+            // May be open already (42P03).
+            self.risky();
+        }
+        let params = self.params(idx);
+        let results = self.result_formats();
+        out.push(Msg::Bind {
+            portal: portal.clone(),
+            stmt,
+            params,
+            results,
+        });
+        if self.rng.chance(25) {
+            out.push(Msg::Describe {
+                kind: b'P',
+                name: portal.clone(),
+            });
+        }
+        let limit = self.limit();
+        out.push(Msg::Execute {
+            portal: portal.clone(),
+            limit,
+        });
+        if limit > 0 && self.rng.chance(40) {
+            let limit = self.limit();
+            out.push(Msg::Execute {
+                portal: portal.clone(),
+                limit,
+            });
+        }
+        if !portal.is_empty() {
+            if self.rng.chance(40) {
+                out.push(Msg::Close {
+                    kind: b'P',
+                    name: portal,
+                });
+            } else if self.in_tx && !self.portals.contains(&portal) {
+                // Kept across Syncs: only inside an explicit transaction.
+                self.portals.push(portal);
+            }
+        }
+    }
+
+    /// One unit of an extended-protocol pipeline.
+    fn extended_unit(&mut self, out: &mut Vec<Msg>) {
+        let roll = self.rng.below(100);
+        match roll {
+            0..=39 => self.parse_bind_execute(out),
+            40..=54 if !self.stmts.is_empty() && !self.tx_risky => {
+                let (name, idx) = self.stmts[self.rng.below(self.stmts.len())].clone();
+                // Its Parse may have failed, or been skipped.
+                self.risky();
+                if self.rng.chance(20) {
+                    out.push(Msg::Describe {
+                        kind: b'S',
+                        name: name.clone(),
+                    });
+                }
+                self.bind_execute(out, name, idx);
+            }
+            55..=62 => {
+                if !self.stmts.is_empty() && self.rng.chance(70) {
+                    let i = self.rng.below(self.stmts.len());
+                    let (name, _) = self.stmts.remove(i);
+                    out.push(Msg::Close { kind: b'S', name });
+                } else {
+                    let kind = self.rng.pick(b"SP");
+                    out.push(Msg::Close {
+                        kind,
+                        name: "never_made".into(),
+                    });
+                }
+            }
+            63..=67 => {
+                // Unknown names: 26000 and 34000.
+                self.risky();
+                if self.rng.chance(50) {
+                    out.push(Msg::Describe {
+                        kind: b'S',
+                        name: "no_stmt".into(),
+                    });
+                } else {
+                    out.push(Msg::Bind {
+                        portal: String::new(),
+                        stmt: "no_stmt".into(),
+                        params: vec![],
+                        results: vec![],
+                    });
+                    out.push(Msg::Execute {
+                        portal: String::new(),
+                        limit: 0,
+                    });
+                }
+            }
+            68..=77 if !self.portals.is_empty() => {
+                // A portal suspended in an earlier Sync of this transaction.
+                self.risky();
+                let p = self.portals[self.rng.below(self.portals.len())].clone();
+                if self.rng.chance(20) {
+                    out.push(Msg::Describe {
+                        kind: b'P',
+                        name: p.clone(),
+                    });
+                }
+                let limit = self.limit();
+                out.push(Msg::Execute {
+                    portal: p.clone(),
+                    limit,
+                });
+                if self.rng.chance(20) {
+                    self.portals.retain(|q| *q != p);
+                    out.push(Msg::Close { kind: b'P', name: p });
+                }
+            }
+            _ => {
+                let sql = self.tx_statement();
+                out.push(Msg::Parse {
+                    name: String::new(),
+                    sql,
+                    types: vec![],
+                });
+                out.push(Msg::Bind {
+                    portal: String::new(),
+                    stmt: String::new(),
+                    params: vec![],
+                    results: vec![],
+                });
+                out.push(Msg::Execute {
+                    portal: String::new(),
+                    limit: 0,
+                });
+            }
+        }
+    }
+
+    fn extended_step(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        let units = 1 + self.rng.below(4);
+        for u in 0..units {
+            self.extended_unit(&mut out);
+            self.batch_fresh = false;
+            self.unsynced = true;
+            let last = u + 1 == units;
+            if (last && self.rng.chance(85)) || (!last && self.rng.chance(40)) {
+                out.push(Msg::Sync);
+                self.unsynced = false;
+                self.batch_risky = self.tx_risky;
+                self.batch_fresh = true;
+            } else if last || self.rng.chance(15) {
+                out.push(Msg::Flush);
+            }
+        }
+        out
+    }
+}
+
+/// What a sent message is answered with, for reading exactly the replies of a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Want {
+    /// Query or Sync: ReadyForQuery.
+    Ready,
+    /// Parse, Bind, Close: their one completion message.
+    One(u8),
+    /// Describe of a statement: ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    /// Describe of a portal: RowDescription or NoData.
+    DescribePortal,
+    /// Execute: rows, then CommandComplete, PortalSuspended or EmptyQueryResponse.
+    Execute,
+}
+
+fn want(m: &Msg) -> Option<Want> {
+    Some(match m {
+        Msg::Query(_) | Msg::Sync => Want::Ready,
+        Msg::Parse { .. } => Want::One(b'1'),
+        Msg::Bind { .. } => Want::One(b'2'),
+        Msg::Close { .. } => Want::One(b'3'),
+        Msg::Describe { kind: b'S', .. } => Want::DescribeStatement,
+        Msg::Describe { .. } => Want::DescribePortal,
+        Msg::Execute { .. } => Want::Execute,
+        Msg::Flush => return None,
+    })
+}
+
+/// A client connection that reads replies by protocol rules, not by timing: every sent message
+/// owes its completion, except that after an error in an extended-protocol message the server
+/// answers nothing until Sync. That also ends a step that ends in Flush exactly.
+struct Client {
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+    owed: VecDeque<(Want, bool)>,
+    /// Skipping to Sync after an error (this lasts across steps when a step ends in Flush).
+    skipping: bool,
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct Transcript {
+    /// ParameterStatus (name, value) at login, sorted.
+    login_params: Vec<(String, String)>,
+    /// Every backend message after the login's ReadyForQuery, normalised (see `normalise`).
+    messages: Vec<Vec<u8>>,
+    /// Index into `messages` where each step's replies begin.
+    step_starts: Vec<usize>,
+    /// Set when the client could not go on (timeout, connection closed).
+    failure: Option<String>,
+}
+
+impl Client {
+    async fn connect(addr: std::net::SocketAddr, t: &mut Transcript) -> std::io::Result<Client> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        let mut c = Client {
+            r: BufReader::with_capacity(64 * 1024, r),
+            w,
+            owed: VecDeque::new(),
+            skipping: false,
+        };
+        c.w.write_all(&support::startup_packet(roles::TRUST, "app")).await?;
+        loop {
+            let m = c.read().await?;
+            match m[0] {
+                b'Z' => break,
+                b'S' => {
+                    let mut fields = m[5..].split(|&b| b == 0);
+                    let name = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+                    let value = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+                    t.login_params.push((name, value));
+                }
+                b'E' => return Err(std::io::Error::other(format!("login failed: {}", show(&m)))),
+                _ => {}
+            }
+        }
+        t.login_params.sort();
+        Ok(c)
+    }
+
+    async fn read(&mut self) -> std::io::Result<Vec<u8>> {
+        match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut self.r)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no reply within {READ_TIMEOUT:?} (still owed: {:?})", self.owed),
+            )),
+        }
+    }
+
+    /// Drops what the server will not answer while it skips to Sync.
+    fn skip_to_sync(&mut self) {
+        while self.skipping && self.owed.front().is_some_and(|(w, _)| *w != Want::Ready) {
+            self.owed.pop_front();
+        }
+    }
+
+    async fn step(&mut self, step: &[Msg], t: &mut Transcript) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        for m in step {
+            m.encode(&mut bytes);
+            if let Some(w) = want(m) {
+                let extended = !matches!(m, Msg::Query(_) | Msg::Sync);
+                self.owed.push_back((w, extended));
+            }
+        }
+        self.skip_to_sync();
+        // Written while the replies are read: a long pipeline must not deadlock on full
+        // socket buffers in both directions.
+        let Client { r, w, owed, skipping } = self;
+        let write = async {
+            w.write_all(&bytes).await?;
+            w.flush().await
+        };
+        let read = async {
+            while let Some(&(front, extended)) = owed.front() {
+                let m = match tokio::time::timeout(READ_TIMEOUT, read_frame(r)).await {
+                    Ok(m) => m?,
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no reply within {READ_TIMEOUT:?} (still owed: {owed:?})"),
+                        ));
+                    }
+                };
+                let tag = m[0];
+                t.messages.push(normalise(m));
+                let done = match (front, tag) {
+                    // Notices and reports can come at any point.
+                    (_, b'N' | b'S' | b'A') => false,
+                    (Want::Ready, b'Z') => {
+                        *skipping = false;
+                        true
+                    }
+                    (Want::Ready, _) => false,
+                    (_, b'E') if extended => {
+                        *skipping = true;
+                        true
+                    }
+                    (Want::One(expected), _) => tag == expected,
+                    (Want::DescribeStatement | Want::DescribePortal, b'T' | b'n') => true,
+                    (Want::Execute, b'C' | b's' | b'I') => true,
+                    _ => false,
+                };
+                if done {
+                    owed.pop_front();
+                    while *skipping && owed.front().is_some_and(|(w, _)| *w != Want::Ready) {
+                        owed.pop_front();
+                    }
+                }
+            }
+            Ok(())
+        };
+        let (written, read) = tokio::join!(write, read);
+        written?;
+        read
+    }
+}
+
+/// Removes what legitimately differs between the two runs, so the rest compares byte for byte.
+///
+/// Only one thing: the F (source file), L (line) and R (routine) fields of ErrorResponse and
+/// NoticeResponse. They say where in PostgreSQL's source an error was raised. pgweir answers
+/// some errors itself (42P05 for a statement name the client already uses: it knows the
+/// client's names, the server does not) and, when a client's Bind or Describe lands on a server
+/// that lacks the statement, the error of a failed transaction (25P02) is raised by pgweir's
+/// Parse ahead of it instead of by the Bind: same severity, code, message, detail, hint and
+/// position, another routine and line. No client acts on these three fields.
+///
+/// Everything else is compared as sent: row data, RowDescription (type and table OIDs come
+/// from the same cluster), CommandComplete tags, ReadyForQuery status, ParameterStatus after
+/// login, notices. BackendKeyData and the login's ParameterStatus are not in the stream: the
+/// login is read before it (pgweir hands out its own cancel key by design); the login's
+/// parameters are compared separately as sorted (name, value) pairs.
+fn normalise(m: Vec<u8>) -> Vec<u8> {
+    if !matches!(m[0], b'E' | b'N') {
+        return m;
+    }
+    let mut body = Vec::with_capacity(m.len());
+    for field in m[5..].split(|&b| b == 0) {
+        match field.first() {
+            None | Some(b'F' | b'L' | b'R') => {}
+            Some(_) => {
+                body.extend_from_slice(field);
+                body.push(0);
+            }
+        }
+    }
+    body.push(0);
+    msg(m[0], &body)
+}
+
+/// A backend message for people: its tag, and its fields or a cut-down body.
+fn show(m: &[u8]) -> String {
+    let tag = m[0] as char;
+    let body = &m[5.min(m.len())..];
+    match tag {
+        'E' | 'N' => {
+            let fields: Vec<String> = body
+                .split(|&b| b == 0)
+                .filter(|f| !f.is_empty())
+                .map(|f| format!("{}={}", f[0] as char, String::from_utf8_lossy(&f[1..])))
+                .collect();
+            format!("{tag} {}", fields.join(" "))
+        }
+        _ => format!("{tag} {}", short(body)),
+    }
+}
+
+/// Runs `script` on a fresh connection to `addr`.
+async fn run_script(addr: std::net::SocketAddr, script: Arc<Script>) -> Transcript {
+    let mut t = Transcript::default();
+    let mut client = match Client::connect(addr, &mut t).await {
+        Ok(c) => c,
+        Err(e) => {
+            t.failure = Some(format!("connect: {e}"));
+            return t;
+        }
+    };
+    for step in script.iter() {
+        t.step_starts.push(t.messages.len());
+        if let Err(e) = client.step(step, &mut t).await {
+            t.failure = Some(format!("step {}: {e}", t.step_starts.len() - 1));
+            return t;
+        }
+    }
+    let _ = client.w.write_all(&msg(b'X', &[])).await;
+    t
+}
+
+/// The first difference between the direct and the proxied transcript, described in full.
+fn compare(
+    seed: u64,
+    client: usize,
+    script: &Script,
+    direct: &Transcript,
+    proxied: &Transcript,
+    variant: &str,
+) -> Option<String> {
+    let mut report = String::new();
+    if let Some(f) = &direct.failure {
+        let _ = writeln!(report, "the direct run itself failed: {f}");
+    }
+    let first = direct
+        .messages
+        .iter()
+        .zip(&proxied.messages)
+        .position(|(a, b)| a != b)
+        .or_else(|| {
+            (direct.messages.len() != proxied.messages.len()).then(|| direct.messages.len().min(proxied.messages.len()))
+        });
+    let login_differs = direct.login_params != proxied.login_params;
+    if first.is_none() && !login_differs && report.is_empty() && proxied.failure.is_none() {
+        return None;
+    }
+    let _ = writeln!(
+        report,
+        "MISMATCH: seed {seed} client {client} via {variant} (rerun: PGWEIR_DIFF_SEED={seed} cargo test --test differential)"
+    );
+    if login_differs {
+        let _ = writeln!(
+            report,
+            "login ParameterStatus differs:\n  direct:  {:?}\n  proxied: {:?}",
+            direct.login_params, proxied.login_params
+        );
+    }
+    if let Some(f) = &proxied.failure {
+        let _ = writeln!(report, "the proxied run failed: {f}");
+    }
+    if let Some(i) = first {
+        let step = direct.step_starts.iter().rposition(|&s| s <= i).unwrap_or(0);
+        let _ = writeln!(
+            report,
+            "first difference at message {i} (in the replies to step {step}):"
+        );
+        for j in i.saturating_sub(3)..i {
+            let _ = writeln!(report, "  both:    {}", show(&direct.messages[j]));
+        }
+        let side = |t: &Transcript| t.messages.get(i).map_or_else(|| "<nothing>".to_owned(), |m| show(m));
+        let _ = writeln!(report, "  direct:  {}", side(direct));
+        let _ = writeln!(report, "  proxied: {}", side(proxied));
+        for j in i + 1..(i + 4) {
+            let _ = writeln!(
+                report,
+                "  then     direct {} | proxied {}",
+                direct.messages.get(j).map_or_else(|| "-".to_owned(), |m| show(m)),
+                proxied.messages.get(j).map_or_else(|| "-".to_owned(), |m| show(m))
+            );
+        }
+    }
+    let _ = write!(report, "script of client {client}:\n{}", print_script(script));
+    Some(report)
+}
+
+/// Puts every client table back as the scripts expect it.
+async fn reset_tables(pg: &EmbeddedPostgres) {
+    let s = format!("host={} port={} user={} dbname=app", pg.host(), pg.port(), roles::TRUST);
+    let (c, conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls)
+        .await
+        .expect("direct connection");
+    tokio::spawn(conn);
+    let mut sql = String::new();
+    for i in 0..MAX_CLIENTS {
+        let _ = write!(
+            sql,
+            "create table if not exists d{i} (k int4 primary key, v text); truncate d{i}; \
+             insert into d{i} select g, 'v' || g from generate_series(1, 100) g;"
+        );
+    }
+    c.batch_execute(&sql).await.expect("reset tables");
+}
+
+struct Variant {
+    name: String,
+    proxy: TestProxy,
+}
+
+async fn variants(pg: &EmbeddedPostgres) -> Vec<Variant> {
+    let mut out = Vec::new();
+    // Pools of one and two servers, both data paths, and a statement cache small enough that
+    // pgweir closes and re-prepares statements all the time.
+    for (pool_size, event_loop, max_prepared) in [(1, true, 200), (2, false, 3), (1, false, 200), (2, true, 2)] {
+        let mut b = TestProxyBuilder::new(pg)
+            .pool_size(pool_size)
+            .event_loop(event_loop)
+            .with_pool(|p| {
+                // One client's long transaction must not make another's wait an error.
+                p.acquire_timeout = Duration::from_secs(120);
+                p.max_prepared_statements = max_prepared;
+            });
+        b.auth_type = AuthType::Trust;
+        out.push(Variant {
+            name: format!("pool_size {pool_size}, event_loop {event_loop}, max_prepared_statements {max_prepared}"),
+            proxy: b.start().await,
+        });
+    }
+    out
+}
+
+/// Runs one seed: its clients on direct connections, then through `variant`. Returns the
+/// number of scripts and the reports of mismatches.
+async fn run_seed(pg: &EmbeddedPostgres, variant: &Variant, seed: u64) -> (usize, Vec<String>) {
+    let clients = 2 + (seed as usize % (MAX_CLIENTS - 1));
+    let mut scripts: Vec<Arc<Script>> = (0..clients).map(|c| Arc::new(Gen::new(seed, c).script())).collect();
+    // To see whether a mismatch needs the other clients: the others get empty scripts.
+    if let Some(only) = env_u64("PGWEIR_DIFF_CLIENT") {
+        for (c, s) in scripts.iter_mut().enumerate() {
+            if c as u64 != only {
+                *s = Arc::new(Vec::new());
+            }
+        }
+    }
+    let pg_addr: std::net::SocketAddr = format!("{}:{}", pg.host(), pg.port())
+        .parse()
+        .expect("PostgreSQL address");
+    let mut runs = Vec::new();
+    for addr in [pg_addr, variant.proxy.addr] {
+        reset_tables(pg).await;
+        let tasks: Vec<_> = scripts
+            .iter()
+            .map(|s| tokio::spawn(run_script(addr, s.clone())))
+            .collect();
+        let mut transcripts = Vec::new();
+        for task in tasks {
+            transcripts.push(task.await.expect("client task"));
+        }
+        runs.push(transcripts);
+    }
+    let reports = (0..clients)
+        .filter_map(|c| compare(seed, c, &scripts[c], &runs[0][c], &runs[1][c], &variant.name))
+        .collect();
+    (clients, reports)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgweir_answers_every_client_as_postgres_would() {
+    let pg = support::postgres();
+    let variants = variants(&pg).await;
+    let seeds: Vec<u64> = match (env_u64("PGWEIR_DIFF_SEED"), env_u64("PGWEIR_DIFF_SEEDS")) {
+        (Some(seed), _) => vec![seed],
+        (None, Some(n)) => {
+            let first = env_u64("PGWEIR_DIFF_FIRST").unwrap_or(0);
+            (first..first + n).collect()
+        }
+        (None, None) => (0..CI_SEEDS).collect(),
+    };
+    // Stop early: one mismatch tends to repeat in many seeds.
+    let max_failures = env_u64("PGWEIR_DIFF_MAX_FAILURES").unwrap_or(5) as usize;
+    let started = std::time::Instant::now();
+    let mut scripts = 0;
+    let mut failures = Vec::new();
+    for &seed in &seeds {
+        let variant = &variants[(seed % variants.len() as u64) as usize];
+        let (n, reports) = run_seed(&pg, variant, seed).await;
+        scripts += n;
+        for r in &reports {
+            eprintln!("{r}");
+        }
+        failures.extend(reports);
+        if failures.len() >= max_failures {
+            break;
+        }
+    }
+    eprintln!(
+        "differential: {} seeds, {scripts} scripts, {} mismatching, {:.1}s",
+        seeds.len(),
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} clients saw something else through pgweir:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
