@@ -56,6 +56,10 @@ pub struct Link {
     /// batch (it sent Flush and waited): PostgreSQL ignores everything up to that Sync, so
     /// pgweir passes nothing on, answers nothing and records nothing until then.
     skip_until_sync: bool,
+    /// An earlier client left an unnamed statement on this server: unless this client's first
+    /// message replaces it (a Parse of ""), it is closed ahead of that message, so a Bind of ""
+    /// never runs another client's statement.
+    close_unnamed: bool,
     pub copy_in: bool,
     /// What the commands completed since the last ReadyForQuery were, as far as a RESET needs.
     reset_batch: ResetBatch,
@@ -141,17 +145,12 @@ pub struct LinkSpares {
 
 impl Link {
     pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
-        let LinkSpares { rfq_sent, mut expect } = spares;
+        let LinkSpares { rfq_sent, expect } = spares;
         debug_assert!(rfq_sent.is_empty() && expect.is_empty());
         let mut server = server;
-        let conn = server.conn();
-        if conn.unnamed_statement {
-            // Ahead of the client's first message; answered when the server next flushes.
-            conn.unnamed_statement = false;
-            put_message(&mut conn.wbuf, frontend::CLOSE, |b| b.put_slice(b"S\0"));
-            expect.push_back(Expect::Swallow);
-        }
+        let close_unnamed = std::mem::take(&mut server.conn().unnamed_statement);
         Link {
+            close_unnamed,
             policy,
             dirty: None,
             bytes_to_server: 0,
@@ -406,6 +405,15 @@ impl Link {
             why: "missing NUL terminator",
         };
         let body = &msg[HEADER_LEN..];
+        if self.close_unnamed {
+            self.close_unnamed = false;
+            // pgbench -M extended and most drivers' one-off queries start with Parse(""): no
+            // Close then, and no reply to swallow.
+            if !(tag == frontend::PARSE && body.first() == Some(&0)) {
+                put_message(&mut self.server.conn().wbuf, frontend::CLOSE, |b| b.put_slice(b"S\0"));
+                self.expect.push_back(Expect::Swallow);
+            }
+        }
         if self.skip_until_sync {
             if tag != frontend::SYNC {
                 return Ok(());
