@@ -878,6 +878,14 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
         "RESET ALL",
         "SHOW TimeZone",
         "BEGIN; RESET ALL; COMMIT",
+        // A RESET in disguise: PostgreSQL's DEFAULT is the login value too.
+        "SET TimeZone = 'UTC'",
+        "SET TimeZone TO DEFAULT",
+        "SHOW TimeZone",
+        "SET TIME ZONE 'Europe/Paris'",
+        "SET TIME ZONE LOCAL",
+        "SET DateStyle = 'German'",
+        "SET SESSION DateStyle = DEFAULT;",
         "SELECT current_setting('TimeZone'), '01/02/2024'::date::text",
     ];
     // Every message as (tag, body), so reports, rows and tags are all compared.

@@ -63,6 +63,11 @@ pub struct Link {
     pub copy_in: bool,
     /// What the commands completed since the last ReadyForQuery were, as far as a RESET needs.
     reset_batch: ResetBatch,
+    /// The batch (counted in ReadyForQuery messages) of a Query that is one `SET x TO DEFAULT`:
+    /// its SET is a reset (see `params::sets_to_default`).
+    default_set_batch: Option<u32>,
+    /// ReadyForQuery messages received on this link.
+    rfq_seen: u32,
     /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
     c_skip: usize,
     /// Server bytes (from the start of the server read buffer) framed and ready for the client.
@@ -169,6 +174,8 @@ impl Link {
             skip_until_sync: false,
             copy_in: false,
             reset_batch: ResetBatch::None,
+            default_set_batch: None,
+            rfq_seen: 0,
             c_skip: 0,
             s_ready: 0,
             s_skip: 0,
@@ -625,6 +632,9 @@ impl Link {
                     }
                     self.dirty = self.dirty.or(Some(kind));
                 }
+                if params::sets_to_default(body) {
+                    self.default_set_batch = Some(self.rfq_seen.wrapping_add(self.pending_rfq));
+                }
                 self.server.conn().wbuf.put_slice(msg);
                 self.pending_rfq += 1;
                 self.rfq_sent.push_back(self.now());
@@ -786,6 +796,7 @@ impl Link {
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
                     self.reset_batch = ResetBatch::None;
+                    self.rfq_seen = self.rfq_seen.wrapping_add(1);
                     if let Some(sent) = self.rfq_sent.pop_front() {
                         // Not `self.now()`: that would borrow all of self while `conn` is held.
                         let now = self.clock.unwrap_or_else(std::time::Instant::now);
@@ -829,7 +840,9 @@ impl Link {
                     }
                     let resets = matches!(body, b"DISCARD ALL\0" | b"RESET\0");
                     if self.reset_batch != ResetBatch::Other {
-                        self.reset_batch = match resets {
+                        let default_set =
+                            body == b"SET\0" && self.default_set_batch.take_if(|b| *b == self.rfq_seen).is_some();
+                        self.reset_batch = match resets || default_set {
                             true => ResetBatch::Resets,
                             false if is_transaction_control(body) => self.reset_batch,
                             false => ResetBatch::Other,

@@ -390,6 +390,48 @@ const LIST_QUOTED: &[&str] = &[
     "session_preload_libraries",
 ];
 
+/// Whether a Query's whole text is one `SET [SESSION] name {TO | =} DEFAULT` or `SET TIME ZONE
+/// {DEFAULT | LOCAL}`: PostgreSQL then goes back to the value the client gave at login, like a
+/// RESET, though the command tag says only SET. Anything else (comments, more statements, a
+/// quoted name) is not recognised, and is read as an ordinary SET.
+pub fn sets_to_default(sql: &[u8]) -> bool {
+    // Cheap first: almost every query is out at its first letters.
+    let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
+    if text.len() < 11 || !text[..4].eq_ignore_ascii_case(b"set ") || text.len() > 96 {
+        return false;
+    }
+    let text = text.strip_suffix(b";").unwrap_or(text);
+    let mut words: [&[u8]; 6] = [b""; 6];
+    let mut n = 0;
+    for word in text
+        .split(|&b| b.is_ascii_whitespace() || b == b'=')
+        .filter(|w| !w.is_empty())
+    {
+        if n == words.len() || word.iter().any(|&b| matches!(b, b'"' | b'\'' | b';' | b'-' | b'/')) {
+            return false;
+        }
+        words[n] = word;
+        n += 1;
+    }
+    let is = |i: usize, w: &str| words[i].eq_ignore_ascii_case(w.as_bytes());
+    let rest = match n {
+        // SET SESSION name TO DEFAULT / SET SESSION TIME ZONE …
+        _ if n >= 2 && is(1, "session") => &words[2..n],
+        _ => &words[1..n],
+    };
+    match rest {
+        [time, zone, value] if time.eq_ignore_ascii_case(b"time") && zone.eq_ignore_ascii_case(b"zone") => {
+            value.eq_ignore_ascii_case(b"default") || value.eq_ignore_ascii_case(b"local")
+        }
+        [name, to, value] if to.eq_ignore_ascii_case(b"to") => {
+            !name.eq_ignore_ascii_case(b"local") && value.eq_ignore_ascii_case(b"default")
+        }
+        // `SET name = DEFAULT`: the '=' was a separator.
+        [name, value] => !name.eq_ignore_ascii_case(b"local") && value.eq_ignore_ascii_case(b"default"),
+        _ => false,
+    }
+}
+
 /// Builds one simple-query text `SET a = 'x'; SET b = 'y'; RESET c;` for the given pairs and
 /// `resets` (names from a [`ParamSet`], so valid unquoted), quoting values
 /// as string literals (standard_conforming_strings style: only `'` is doubled, and an E'' form is
@@ -477,6 +519,33 @@ mod tests {
 
     /// The application_name cases were read from PostgreSQL 15.18 (UTF8 database) with raw
     /// startup packets.
+    #[test]
+    fn sets_to_default_reads_only_whole_resets_in_disguise() {
+        for yes in [
+            "SET TimeZone TO DEFAULT",
+            "set timezone = default;",
+            "SET timezone=DEFAULT\0",
+            "SET SESSION DateStyle TO DEFAULT",
+            "SET TIME ZONE LOCAL",
+            "  set time zone default ; ",
+        ] {
+            assert!(sets_to_default(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "SET TimeZone TO 'UTC'",
+            "SET LOCAL TimeZone TO DEFAULT",
+            "SET TimeZone TO DEFAULT; SET DateStyle = ISO",
+            "SET TimeZone TO DEFAULT -- why",
+            "SET \"TimeZone\" TO DEFAULT",
+            "SET TIME ZONE 'UTC'",
+            "SELECT 1",
+            "RESET ALL",
+            "SET x TO default_value",
+        ] {
+            assert!(!sets_to_default(no.as_bytes()), "{no}");
+        }
+    }
+
     #[test]
     fn values_canonical_without_a_server() {
         let pg15 = welcome("15.18 (Debian 15.18-0+deb12u1)", "UTF8");
