@@ -406,6 +406,23 @@ impl Link {
         id.is_some_and(|id| evicted.contains(&id))
     }
 
+    /// Records that the message just sent (a Query, FunctionCall or Sync) owes a ReadyForQuery.
+    #[inline]
+    fn owes_ready(&mut self) {
+        self.pending_rfq += 1;
+        self.rfq_sent.push_back(self.now());
+        self.expect.push_back(Expect::Barrier);
+    }
+
+    /// Refuses a session-state change under the Reject policy. The server itself raises the
+    /// error, so it lands in order and aborts an open transaction exactly as a failing
+    /// statement would.
+    fn reject(&mut self, kind: StateChange) {
+        let sql = rejection_sql(&rejection(kind));
+        messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
+        self.owes_ready();
+    }
+
     fn client_message(&mut self, tag: u8, msg: &[u8], c: &mut ClientSide<'_>) -> Result<(), ProtocolError> {
         let malformed = |what| ProtocolError::Malformed {
             what,
@@ -592,9 +609,7 @@ impl Link {
                 self.syncs_after_execute += 1;
                 if !self.copy_in {
                     self.unsynced = false;
-                    self.pending_rfq += 1;
-                    self.rfq_sent.push_back(self.now());
-                    self.expect.push_back(Expect::Barrier);
+                    self.owes_ready();
                 }
             }
             frontend::QUERY => {
@@ -621,13 +636,7 @@ impl Link {
                 }
                 if let Some(kind) = session_state_change(body) {
                     if self.policy == SessionStatePolicy::Reject {
-                        // The server itself raises the error, so it lands in order and aborts an
-                        // open transaction exactly as a failing statement would.
-                        let sql = rejection_sql(&rejection(kind));
-                        messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
-                        self.pending_rfq += 1;
-                        self.rfq_sent.push_back(self.now());
-                        self.expect.push_back(Expect::Barrier);
+                        self.reject(kind);
                         return Ok(());
                     }
                     self.dirty = self.dirty.or(Some(kind));
@@ -636,28 +645,20 @@ impl Link {
                     self.default_set_batch = Some(self.rfq_seen.wrapping_add(self.pending_rfq));
                 }
                 self.server.conn().wbuf.put_slice(msg);
-                self.pending_rfq += 1;
-                self.rfq_sent.push_back(self.now());
-                self.expect.push_back(Expect::Barrier);
+                self.owes_ready();
             }
             frontend::FUNCTION_CALL => {
                 let oid = body.first_chunk::<4>().map(|b| u32::from_be_bytes(*b));
                 if let Some(kind) = oid.and_then(function_call_change) {
                     if self.policy == SessionStatePolicy::Reject {
                         // A FunctionCall is answered like a Query: an error, then ReadyForQuery.
-                        let sql = rejection_sql(&rejection(kind));
-                        messages::query(&mut self.server.conn().wbuf, sql.as_bytes());
-                        self.pending_rfq += 1;
-                        self.rfq_sent.push_back(self.now());
-                        self.expect.push_back(Expect::Barrier);
+                        self.reject(kind);
                         return Ok(());
                     }
                     self.dirty = self.dirty.or(Some(kind));
                 }
                 self.server.conn().wbuf.put_slice(msg);
-                self.pending_rfq += 1;
-                self.rfq_sent.push_back(self.now());
-                self.expect.push_back(Expect::Barrier);
+                self.owes_ready();
             }
             frontend::COPY_DONE | frontend::COPY_FAIL => {
                 self.copy_in = false;
@@ -804,8 +805,7 @@ impl Link {
                     }
                 }
                 backend::PARAMETER_STATUS => {
-                    let at_front = pos == 0;
-                    match self.parameter_status(pos, frame.total_len, at_front, client_params, reset_to)? {
+                    match self.parameter_status(pos, frame.total_len, client_params, reset_to)? {
                         // No reply the queue waits for: it only passes on.
                         Report::Forward => pos += frame.total_len,
                         Report::EditAtFront => break,
@@ -883,13 +883,12 @@ impl Link {
         Ok(())
     }
 
-    /// Reads a ParameterStatus at `pos`. Out of line: a report is rare in the transaction loop.
+    /// Reads a ParameterStatus at `pos` (an edit must wait until it is at the front, 0). Out of line: a report is rare in the transaction loop.
     #[inline(never)]
     fn parameter_status(
         &mut self,
         pos: usize,
         total_len: usize,
-        at_front: bool,
         client_params: &mut ParamSet,
         reset_to: &mut Option<Box<ParamSet>>,
     ) -> Result<Report, ProtocolError> {
@@ -909,7 +908,7 @@ impl Link {
                 None => client_params.get(name),
             };
             if let Some(startup) = startup.filter(|s| *s != value).map(<[u8]>::to_vec) {
-                if !at_front {
+                if pos > 0 {
                     return Ok(Report::EditAtFront);
                 }
                 if client_params.get(name) != Some(startup.as_slice()) {
@@ -1182,20 +1181,18 @@ fn reply_action(tag: u8, message: &[u8], expect: &mut VecDeque<Expect>) -> Actio
 /// those for a moment): should that Parse fail and this Close be skipped after some error,
 /// undoing the eviction would record a statement the server never had.
 fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
-    let mut unconfirmed: Vec<u64> = Vec::new();
-    while conn.statements.len() >= max.max(1) + unconfirmed.len() {
-        if unconfirmed.is_empty() {
-            unconfirmed = expect
-                .iter()
-                .filter_map(|e| match e {
-                    Expect::Parse { stmt: Some(s), .. } | Expect::InjectedParse { stmt: s } => Some(s.id),
-                    _ => None,
-                })
-                .collect();
-            if !unconfirmed.is_empty() {
-                continue;
-            }
-        }
+    let max = max.max(1);
+    if conn.statements.len() < max {
+        return;
+    }
+    let unconfirmed: Vec<u64> = expect
+        .iter()
+        .filter_map(|e| match e {
+            Expect::Parse { stmt: Some(s), .. } | Expect::InjectedParse { stmt: s } => Some(s.id),
+            _ => None,
+        })
+        .collect();
+    while conn.statements.len() >= max + unconfirmed.len() {
         let Some(id) = conn.statements.oldest_except(&unconfirmed) else {
             return;
         };

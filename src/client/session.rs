@@ -902,33 +902,31 @@ impl Session {
         }
     }
 
-    /// Frames what each side sent and says what the link needs next. Shared by the task's
-    /// pump and the event loop, so both read the protocol the same way.
-    #[inline]
-    fn frame_link(&mut self, link: &mut Link, max_prepared: usize) -> Result<Framed, ClientError> {
-        let mut client = ClientSide {
+    /// What the link's client-side framing reads and changes of this session.
+    fn client_side(&mut self, max_prepared: usize) -> ClientSide<'_> {
+        ClientSide {
             buf: &mut self.buf,
             statements: &mut self.statements,
             registry: &self.ctx.statements,
             params: &self.params,
             max_message: self.max_message,
             max_prepared,
-        };
-        link.frame_client(&mut client).map_err(ClientError::ClientProtocol)?;
-        let waiting = !client.buf.is_empty();
+        }
+    }
+
+    /// Frames what each side sent and says what the link needs next. Shared by the task's
+    /// pump and the event loop, so both read the protocol the same way.
+    #[inline]
+    fn frame_link(&mut self, link: &mut Link, max_prepared: usize) -> Result<Framed, ClientError> {
+        link.frame_client(&mut self.client_side(max_prepared))
+            .map_err(ClientError::ClientProtocol)?;
+        let waiting = !self.buf.is_empty();
         link.frame_server(&mut self.params, &mut self.reset_to, &mut self.statements)
             .map_err(|e| ClientError::Server(ServerError::Protocol(e)))?;
         if waiting {
             // A message that waited for the server's answer to an earlier batch may go now.
-            link.frame_client(&mut ClientSide {
-                buf: &mut self.buf,
-                statements: &mut self.statements,
-                registry: &self.ctx.statements,
-                params: &self.params,
-                max_message: self.max_message,
-                max_prepared,
-            })
-            .map_err(ClientError::ClientProtocol)?;
+            link.frame_client(&mut self.client_side(max_prepared))
+                .map_err(ClientError::ClientProtocol)?;
         }
         link.settle();
         if let Some(q) = link.last_query.take() {

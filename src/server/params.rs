@@ -413,11 +413,11 @@ pub fn sets_to_default(sql: &[u8]) -> bool {
         words[n] = word;
         n += 1;
     }
-    let is = |i: usize, w: &str| words[i].eq_ignore_ascii_case(w.as_bytes());
-    let rest = match n {
-        // SET SESSION name TO DEFAULT / SET SESSION TIME ZONE …
-        _ if n >= 2 && is(1, "session") => &words[2..n],
-        _ => &words[1..n],
+    // SET SESSION name TO DEFAULT / SET SESSION TIME ZONE …
+    let rest = if n >= 2 && words[1].eq_ignore_ascii_case(b"session") {
+        &words[2..n]
+    } else {
+        &words[1..n]
     };
     match rest {
         [time, zone, value] if time.eq_ignore_ascii_case(b"time") && zone.eq_ignore_ascii_case(b"zone") => {
@@ -517,8 +517,6 @@ mod tests {
         w
     }
 
-    /// The application_name cases were read from PostgreSQL 15.18 (UTF8 database) with raw
-    /// startup packets.
     #[test]
     fn sets_to_default_reads_only_whole_resets_in_disguise() {
         for yes in [
@@ -546,6 +544,8 @@ mod tests {
         }
     }
 
+    /// The application_name cases were read from PostgreSQL 15.18 (UTF8 database) with raw
+    /// startup packets.
     #[test]
     fn values_canonical_without_a_server() {
         let pg15 = welcome("15.18 (Debian 15.18-0+deb12u1)", "UTF8");

@@ -44,12 +44,7 @@ impl ServerStatements {
         self.used.is_empty()
     }
 
-    /// The least recently used statement id, the eviction candidate.
-    pub fn oldest(&self) -> Option<u64> {
-        self.oldest_except(&[])
-    }
-
-    /// The least recently used statement id not in `keep`.
+    /// The least recently used statement id not in `keep`, the eviction candidate.
     pub fn oldest_except(&self, keep: &[u64]) -> Option<u64> {
         self.used
             .iter()
@@ -70,9 +65,9 @@ mod tests {
         s.insert(2);
         s.insert(3);
         s.touch(1);
-        assert_eq!(s.oldest(), Some(2));
+        assert_eq!(s.oldest_except(&[]), Some(2));
         s.remove(2);
-        assert_eq!(s.oldest(), Some(3));
+        assert_eq!(s.oldest_except(&[]), Some(3));
         assert_eq!(s.len(), 2);
     }
 }
