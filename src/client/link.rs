@@ -903,9 +903,10 @@ impl Link {
         // told its own value, or nothing when it already holds it, as PostgreSQL reports only
         // changes; the next transaction sets it on whichever server it gets.
         if self.reset_batch == ResetBatch::Resets && reports_at_ready(&conn.params) {
+            // Only tracked values ever change in `client_params`; the others stay as at login.
             let startup = match reset_to {
-                Some(r) => r.get(name),
-                None => client_params.get(name),
+                Some(r) if params::TRACKED.contains(&name) => r.get(name),
+                _ => client_params.get(name),
             };
             if let Some(startup) = startup.filter(|s| *s != value).map(<[u8]>::to_vec) {
                 if pos > 0 {
