@@ -11,6 +11,7 @@ use pgweir::config::AuthType;
 use pgweir::embedded_pg::roles;
 use pgweir::pool::CANONICAL_VALUES_KEPT;
 use support::proxy::{TestProxy, TestProxyBuilder};
+use support::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -894,33 +895,17 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
     async fn run(s: &mut TcpStream, script: &[&str]) -> Vec<(char, Vec<u8>)> {
         let mut all = Vec::new();
         for sql in script {
-            let mut m = vec![b'Q'];
-            m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-            m.extend_from_slice(sql.as_bytes());
-            m.push(0);
-            s.write_all(&m).await.expect("query");
-            let mut buf = Vec::new();
+            let mut text = sql.as_bytes().to_vec();
+            text.push(0);
+            s.write_all(&wire::msg(b'Q', &text)).await.expect("query");
+            all.push(('>', sql.as_bytes().to_vec()));
             loop {
-                let mut chunk = [0u8; 8192];
-                let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                let m = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(s))
                     .await
                     .expect("reply in time")
-                    .expect("read");
-                assert!(n > 0, "connection closed after {sql}");
-                buf.extend_from_slice(&chunk[..n]);
-                let mut msgs = Vec::new();
-                let mut pos = 0;
-                while buf.len() >= pos + 5 {
-                    let len = i32::from_be_bytes([buf[pos + 1], buf[pos + 2], buf[pos + 3], buf[pos + 4]]) as usize;
-                    if buf.len() < pos + 1 + len {
-                        break;
-                    }
-                    msgs.push((buf[pos] as char, buf[pos + 5..pos + 1 + len].to_vec()));
-                    pos += 1 + len;
-                }
-                if msgs.last().is_some_and(|(t, _)| *t == 'Z') {
-                    all.push(('>', sql.as_bytes().to_vec()));
-                    all.extend(msgs);
+                    .unwrap_or_else(|e| panic!("reading the reply to {sql}: {e}"));
+                all.push((m[0] as char, m[5..].to_vec()));
+                if m[0] == b'Z' {
                     break;
                 }
             }
