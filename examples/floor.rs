@@ -12,6 +12,10 @@
 //! the cost of the event loop, the syscalls and the framing alone.
 //!
 //!     cargo run --release --example floor -- LISTEN_PORT PG_PORT POOL_SIZE [DATABASE [USER]]
+//!
+//! `FLOOR_SPIN_NS=n` spins n ns before each forwarded batch of client messages (one per `-S`
+//! transaction): user time standing in for a pooler's own work, to measure what a given amount
+//! of it costs on the clock in a loop of this shape (docs/performance.md, round 15).
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -186,7 +190,13 @@ fn connect(pg_port: u16, database: &str, user: &str) -> std::io::Result<TcpStrea
 }
 
 /// Forwards the client's complete messages to its server, counting the replies owed.
-fn forward(server: &mut Server, client: &mut Client) {
+fn forward(server: &mut Server, client: &mut Client, spin: std::time::Duration) {
+    if !spin.is_zero() {
+        let t = std::time::Instant::now();
+        while t.elapsed() < spin {
+            std::hint::spin_loop();
+        }
+    }
     let mut owed = server.owed;
     let used = frames(client.peer.input.bytes(), |tag, _| {
         if tag == b'Q' || tag == b'S' {
@@ -248,6 +258,12 @@ fn main() -> std::io::Result<()> {
     };
     let (listen_port, pg_port) = (port(1), port(2));
     let size: usize = args[3].parse().unwrap_or(20);
+    let spin = std::time::Duration::from_nanos(
+        std::env::var("FLOOR_SPIN_NS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
     let database = args.get(4).map_or("bench", String::as_str);
     let user = args.get(5).map_or("postgres", String::as_str);
 
@@ -348,7 +364,7 @@ fn main() -> std::io::Result<()> {
                         wc.queued = false;
                         wc.server = Some(si);
                         servers[si].client = Some(w);
-                        forward(&mut servers[si], wc);
+                        forward(&mut servers[si], wc, spin);
                         handed = true;
                         break;
                     }
@@ -389,13 +405,13 @@ fn main() -> std::io::Result<()> {
                 continue;
             }
             match c.server {
-                Some(si) => forward(&mut servers[si], c),
+                Some(si) => forward(&mut servers[si], c, spin),
                 None if c.queued => {}
                 None => match free.pop() {
                     Some(si) => {
                         c.server = Some(si);
                         servers[si].client = Some(token);
-                        forward(&mut servers[si], c);
+                        forward(&mut servers[si], c, spin);
                     }
                     None => {
                         c.queued = true;
