@@ -424,6 +424,12 @@ fn bad_mode() {
 }
 
 #[test]
+fn reset_always_session_state() {
+    let c = parse(&with_db("session_state = \"reset_always\"\n")).expect("valid");
+    assert_eq!(c.databases["app"].pool.session_state, SessionStatePolicy::ResetAlways);
+}
+
+#[test]
 fn bad_session_state() {
     one_problem(
         &with_db("\n[pool]\nsession_state = \"maybe\"\n"),

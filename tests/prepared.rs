@@ -439,6 +439,69 @@ async fn allow_policy_leaks_like_pgbouncer() {
     );
 }
 
+/// What a called function does to the session is invisible to the scan: under `reset` it
+/// reaches the next client (the documented limit), under `reset_always` the reset query runs
+/// after every transaction and it does not. Prepared statements keep working although the
+/// reset (DISCARD ALL) drops them from the server each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_always_undoes_what_a_function_did_to_the_session() {
+    let pg = support::postgres();
+    let owner = support::proxy::direct(&pg, "app").await;
+    owner
+        .batch_execute(
+            "grant app_md5 to app_scram; \
+             create or replace function public.pgweir_quiet_change() returns int language plpgsql as $f$ \
+             begin \
+               perform pg_catalog.set_config('role', 'app_md5', false); \
+               perform pg_catalog.set_config('search_path', 'nowhere', false); \
+               execute 'create ' || 'tem' || 'porary table if not exists quiet_tbl (x int)'; \
+               return 1; \
+             end $f$; \
+             grant execute on function public.pgweir_quiet_change() to public",
+        )
+        .await
+        .expect("function");
+    // Temporary tables of this session only: the first proxy's server may still be closing.
+    let look = "select current_user::text, current_setting('search_path'), \
+                (select count(*) from pg_class where relnamespace = pg_my_temp_schema())";
+    for (policy, leaks) in [
+        (SessionStatePolicy::Reset, true),
+        (SessionStatePolicy::ResetAlways, false),
+    ] {
+        let proxy = TestProxyBuilder::new(&pg)
+            .pool_size(1)
+            .with_pool(|p| p.session_state = policy)
+            .start()
+            .await;
+        let a = proxy.connect(roles::SCRAM).await;
+        let b = proxy.connect(roles::SCRAM).await;
+        a.query_one("select public.pgweir_quiet_change()", &[])
+            .await
+            .expect("a calls the function");
+        let row = b.query_one(look, &[]).await.expect("b looks");
+        let seen = (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, i64>(2));
+        if leaks {
+            assert_eq!(
+                seen,
+                ("app_md5".into(), "nowhere".into(), 1),
+                "{policy:?}: the leak this test relies on"
+            );
+            continue;
+        }
+        assert_eq!(seen, ("app_scram".into(), "\"$user\", public".into(), 0), "{policy:?}");
+        let stmt = b.prepare("select $1::int + 1").await.expect("prepare");
+        for i in 0..3 {
+            let v: i32 = b.query_one(&stmt, &[&i]).await.expect("prepared, once more").get(0);
+            assert_eq!(v, i + 1);
+        }
+        let resets = proxy.proxy().context().pools.all()[0]
+            .stats()
+            .session_resets
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(resets >= 5, "a reset after every transaction: {resets}");
+    }
+}
+
 /// A trust-auth proxy with one server, so that a second client can only be served on the
 /// connection the first one used.
 async fn one_server_proxy(

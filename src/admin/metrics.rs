@@ -147,7 +147,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
     );
     registry.register(
         "session_resets",
-        "Server resets after a client changed session state",
+        "Runs of reset_query on a server before its next client",
         resets,
     );
 

@@ -866,14 +866,18 @@ impl Session {
 
     /// Returns a server that is idle (nothing in flight, no open transaction) to the pool, after
     /// the reset query when session state may have changed on it: always in session mode, and in
-    /// transaction mode when a client changed session state under the `reset` policy.
+    /// transaction mode when a client changed session state under the `reset` policy, or after
+    /// every transaction under `reset_always`.
     /// Leaves `server` empty, to be dropped where it lies.
     async fn return_idle_server(&mut self, server: &mut PooledServer, dirty: Option<StateChange>) {
-        let reset_policy = self.settings.load().session_state == SessionStatePolicy::Reset;
+        let policy = self.settings.load().session_state;
         match (self.mode, dirty) {
             (PoolMode::Session, _) => self.reset_and_release(server).await,
-            (PoolMode::Transaction, Some(kind)) if reset_policy => {
+            (PoolMode::Transaction, Some(kind)) if policy == SessionStatePolicy::Reset => {
                 tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
+                self.reset_and_release(server).await;
+            }
+            (PoolMode::Transaction, _) if policy == SessionStatePolicy::ResetAlways => {
                 self.reset_and_release(server).await;
             }
             (PoolMode::Transaction, _) => server.release_in_place(Instant::now()),

@@ -229,6 +229,10 @@ pub enum SessionStatePolicy {
     Allow,
     /// Let it through, then run `reset_query` on that server before anyone else gets it.
     Reset,
+    /// Run `reset_query` after every transaction, whatever the scan saw (PgBouncer's
+    /// `server_reset_query_always`): also covers what the scan cannot see, such as a function
+    /// that changes the session when called.
+    ResetAlways,
     /// Refuse the statement with an ErrorResponse that explains transaction mode.
     Reject,
 }

@@ -204,7 +204,7 @@ pub struct RawPool {
     pub server_check_delay: Option<RawDuration>,
     /// `max_prepared_statements`.
     pub max_prepared_statements: Option<i64>,
-    /// `session_state`: "allow", "reset" or "reject".
+    /// `session_state`: "allow", "reset", "reset_always" or "reject".
     pub session_state: Option<String>,
     /// `reset_query`.
     pub reset_query: Option<String>,

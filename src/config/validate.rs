@@ -221,11 +221,12 @@ fn pool_settings(p: &mut Problems, prefix: &str, raw: &RawPool, base: &PoolSetti
         None => base.session_state,
         Some("allow") => SessionStatePolicy::Allow,
         Some("reset") => SessionStatePolicy::Reset,
+        Some("reset_always") => SessionStatePolicy::ResetAlways,
         Some("reject") => SessionStatePolicy::Reject,
         Some(other) => {
             p.add(
                 key("session_state"),
-                format!("must be \"allow\", \"reset\" or \"reject\", got {other:?}"),
+                format!("must be \"allow\", \"reset\", \"reset_always\" or \"reject\", got {other:?}"),
             );
             base.session_state
         }

@@ -67,7 +67,9 @@ pub struct PoolStats {
     pub server_connects: AtomicU64,
     pub server_connect_failures: AtomicU64,
     pub checkouts: crate::metrics::StripedCounter,
-    /// Server resets because a client changed session state (session_state = "reset").
+    /// Runs of reset_query: after each session-mode client, and in transaction mode after a
+    /// client changed session state (session_state = "reset") or after every transaction
+    /// ("reset_always").
     pub session_resets: AtomicU64,
     /// The most recent attempt to open a server connection failed (for /ready).
     pub last_connect_failed: std::sync::atomic::AtomicBool,

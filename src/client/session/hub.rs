@@ -895,7 +895,11 @@ fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
     };
-    let needs_reset = l.link.dirty.is_some() && s.settings.load().session_state == SessionStatePolicy::Reset;
+    let needs_reset = match s.settings.load().session_state {
+        SessionStatePolicy::Reset => l.link.dirty.is_some(),
+        SessionStatePolicy::ResetAlways => true,
+        SessionStatePolicy::Allow | SessionStatePolicy::Reject => false,
+    };
     // The task path closes a server an unconfirmed cancel aimed at (rare: PostgreSQL slow or
     // unreachable for the cancel).
     if needs_reset || !s.login.slot.clear_target() || s.login.slot.unsettled() {
