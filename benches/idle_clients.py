@@ -3,7 +3,10 @@
 (trust auth) over the raw protocol and reports the growth of pgweir's resident set size.
 
     ulimit -n 100000
-    python3 benches/idle_clients.py --port 6432 --pid $(pidof pgweir) [-n 10000] [--user u --db d]
+    python3 benches/idle_clients.py --port 6432 --pid $(pidof pgweir) [-n 10000] [--user u --db d] [--tls]
+
+With --tls each client asks for TLS (SSLRequest) and logs in over it, certificate unchecked;
+the proxy must be configured for client TLS. --pid may name any proxy (PgBouncer too).
 
 Each client sends a StartupMessage and reads until ReadyForQuery, then stays idle. RSS is read
 from /proc/PID/status (VmRSS) before connecting and after every client is logged in and a
@@ -13,6 +16,7 @@ for an idle client (and no server connection: pgweir only checks one out per tra
 
 import argparse
 import asyncio
+import ssl
 import struct
 import sys
 import time
@@ -34,8 +38,14 @@ def startup(user: str, db: str) -> bytes:
     return struct.pack("!i", len(body) + 4) + body
 
 
-async def login(host: str, port: int, packet: bytes):
+async def login(host: str, port: int, packet: bytes, tls: ssl.SSLContext | None = None):
     reader, writer = await asyncio.open_connection(host, port)
+    if tls is not None:
+        writer.write(struct.pack("!ii", 8, 80877103))
+        await writer.drain()
+        if await reader.readexactly(1) != b"S":
+            raise RuntimeError("the proxy refused TLS: configure client TLS")
+        await writer.start_tls(tls)
     writer.write(packet)
     await writer.drain()
     while True:
@@ -60,11 +70,17 @@ async def main() -> int:
     ap.add_argument("--db", default="bench")
     ap.add_argument("--concurrency", type=int, default=200, help="logins in flight at once")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait before the second reading")
+    ap.add_argument("--tls", action="store_true", help="log in over TLS (certificate not verified)")
     args = ap.parse_args()
+    tls = None
+    if args.tls:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
 
     packet = startup(args.user, args.db)
     # One warm-up client so lazily created state (pool, server connection) is not counted.
-    warm = await login(args.host, args.port, packet)
+    warm = await login(args.host, args.port, packet, tls)
     await asyncio.sleep(args.settle)
     before = rss_kib(args.pid)
 
@@ -73,7 +89,7 @@ async def main() -> int:
 
     async def one():
         async with sem:
-            conns.append(await login(args.host, args.port, packet))
+            conns.append(await login(args.host, args.port, packet, tls))
 
     t0 = time.monotonic()
     await asyncio.gather(*(one() for _ in range(args.clients)))
@@ -83,7 +99,7 @@ async def main() -> int:
 
     per = (after - before) / args.clients
     print(f"{args.clients} idle clients logged in in {took:.1f} s")
-    print(f"pgweir VmRSS before {before} KiB, after {after} KiB, growth {after - before} KiB")
+    print(f"proxy VmRSS before {before} KiB, after {after} KiB, growth {after - before} KiB")
     print(f"{per:.2f} KiB per idle client")
     for _, w in conns + [warm]:
         w.close()

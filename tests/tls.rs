@@ -567,3 +567,40 @@ async fn idle_tls_client_is_killed_and_told() {
         .await
     );
 }
+
+/// An idle TLS client holds no read buffer, as a plain one does not (that 16 KiB was most of
+/// what an idle TLS client cost), and after idling it is served as before: a query many TLS
+/// records long, and one more small one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_clients_give_back_their_read_buffers() {
+    let pg = support::postgres();
+    let pki = Pki::new("pgweir test CA");
+    let leaf = pki.leaf("proxy", &["127.0.0.1"]);
+    let proxy = tls_proxy(&pg, ClientTlsMode::Require, &leaf).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(connect_tls(&proxy, &pki.ca_file(), "require").await.expect("TLS login"));
+    }
+    // All at once, so that ten buffers are in use together (one at a time, they would all
+    // reuse the same one).
+    let sleeps = clients.iter().map(|c| c.batch_execute("SELECT pg_sleep(0.2)"));
+    for r in futures_util::future::join_all(sleeps).await {
+        r.expect("sleep");
+    }
+    let buffers = &proxy.proxy().context().buffers;
+    assert!(
+        support::proxy::eventually(Duration::from_secs(5), || async { buffers.spare() >= 10 }).await,
+        "idle TLS clients still hold read buffers: {} spare",
+        buffers.spare()
+    );
+    let long = "x".repeat(100_000);
+    for client in &clients {
+        let n: i32 = client
+            .query_one(&format!("SELECT length('{long}')"), &[])
+            .await
+            .expect("a long query after idling")
+            .get(0);
+        assert_eq!(n, 100_000);
+        assert_eq!(select_one(client).await, 1);
+    }
+}

@@ -312,6 +312,23 @@ impl Session {
                 Ok(None) => {}
                 Err(e) => return Err(self.client_protocol_error(e).await),
             }
+            if self.buf.is_empty() && self.client.is_tls() && self.client.waits_on_socket() {
+                // An idle TLS client holds no read buffer either (16 KiB each, most of what it
+                // costs): try once, then wait for the socket without one.
+                self.reserve_for_client();
+                match self.client.try_read_once(&mut self.buf) {
+                    Ok(0) => return Ok(Next::Eof),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(ClientError::ClientIo(e)),
+                }
+                self.ctx.buffers.give(std::mem::take(&mut self.buf));
+                tokio::select! {
+                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
+                    bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
+                }
+                continue;
+            }
             if self.buf.is_empty() && !self.client.is_tls() {
                 // Idle clients hold no read buffer: wait for readability first, allocate after.
                 // A busy client's next message is often already here, so try once first.

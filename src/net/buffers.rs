@@ -36,6 +36,14 @@ impl BufferPool {
         spare.unwrap_or_else(|| BytesMut::with_capacity(self.size))
     }
 
+    /// Spare buffers held for the next taker, over all shards.
+    pub fn spare(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
     /// Returns an empty buffer. Buffers that grew for a large message (or are too small) go
     /// back to the allocator instead, so the pool never hoards big ones.
     pub fn give(&self, mut buf: BytesMut) {

@@ -285,6 +285,32 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// True when the next bytes can only come from the socket, so its readiness is a sound
+    /// signal to wait for without a read buffer: always for a plain stream; over TLS when rustls
+    /// holds no decrypted bytes nor records to send (tokio-rustls decrypts every complete record
+    /// it reads, so what it may still hold is part of one, which more socket bytes complete).
+    pub fn waits_on_socket(&self) -> bool {
+        match self {
+            Stream::Plain(_) => true,
+            Stream::Tls(t) => {
+                let state = t.0.get_ref().1;
+                state.wants_read() && !state.wants_write()
+            }
+        }
+    }
+
+    /// One read that never waits: WouldBlock when nothing (or only part of a TLS record) is
+    /// there yet. The noop waker it may leave registered is harmless: whoever waits next
+    /// registers its own.
+    pub fn try_read_once(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(self, buf));
+        match read.poll(&mut cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
     /// TLS version and cipher, or None for plain TCP.
     pub fn tls_description(&self) -> Option<String> {
         match self {
