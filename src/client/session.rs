@@ -633,7 +633,9 @@ impl Session {
     /// Turns a grant into a server with this client's parameters: vets an idle connection or
     /// connects for a slot, then applies parameters where they differ.
     async fn finish_grant(&mut self, grant: Grant) -> Result<PooledServer, PgError> {
-        let server = match self.pool.finish_grant(grant, self.settings.load()).await {
+        // Boxed: connecting or vetting is the rare path, and its future (2.2 KiB, the TLS and
+        // SCRAM states) kept inline would size every client's task, idle ones included.
+        let server = match Box::pin(self.pool.finish_grant(grant, self.settings.load())).await {
             Ok(s) => s,
             Err(e) => return Err(pool_error_reply(&e, &self.pool, false)),
         };
@@ -837,7 +839,8 @@ impl Session {
                 Ok(Unlinked::Continue)
             }
             Ok(Pumped::ClientGone) => {
-                self.finish_server_after_client_left(link, unsettled).await;
+                // Boxed like a reset (see return_idle_server): rare, and large.
+                Box::pin(self.finish_server_after_client_left(link, unsettled)).await;
                 Ok(Unlinked::ClientGone)
             }
             Err(e) => {
@@ -888,16 +891,20 @@ impl Session {
     /// Leaves `server` empty, to be dropped where it lies.
     async fn return_idle_server(&mut self, server: &mut PooledServer, dirty: Option<StateChange>) {
         let policy = self.settings.load().session_state;
-        match (self.mode, dirty) {
-            (PoolMode::Session, _) => self.reset_and_release(server).await,
+        let reset = match (self.mode, dirty) {
+            (PoolMode::Session, _) => true,
             (PoolMode::Transaction, Some(kind)) if policy == SessionStatePolicy::Reset => {
                 tracing::debug!(pool = %self.pool.key(), change = kind, "resetting session state before reuse");
-                self.reset_and_release(server).await;
+                true
             }
-            (PoolMode::Transaction, _) if policy == SessionStatePolicy::ResetAlways => {
-                self.reset_and_release(server).await;
-            }
-            (PoolMode::Transaction, _) => server.release_in_place(Instant::now()),
+            (PoolMode::Transaction, _) => policy == SessionStatePolicy::ResetAlways,
+        };
+        if reset {
+            // Boxed: a reset is the less common end of a transaction, and its future kept
+            // inline would size every client's task, idle ones included.
+            Box::pin(self.reset_and_release(server)).await;
+        } else {
+            server.release_in_place(Instant::now());
         }
     }
 
