@@ -6,8 +6,9 @@
 //! released server to the next waiter (docs/performance.md). Here a socket's readiness wakes a
 //! waker that only records the session's token; the loop then drives that session's state
 //! directly with non-blocking reads and writes, and a released server reaches the next waiting
-//! session by a function call, which frames and sends that session's first message at once
-//! (PgBouncer's hand-off).
+//! session through the loop's own inbox: at the start of the loop's next round that session's
+//! first message is framed and sent, with no task woken (PgBouncer hands off within the same
+//! step; doing so here measured worse, docs/performance.md round 8).
 //!
 //! Only the common path runs here: waiting for a first message, taking an idle server whose
 //! parameters already match, and pumping the transaction. Everything else (logins, errors,
