@@ -642,6 +642,35 @@ async fn a_discard_all_that_fails_leaves_the_servers_statements_known() {
     assert_eq!(raw::round_trip(&mut c, &run_c).await, bound_row());
 }
 
+/// PostgreSQL keeps the client's own statements when its DISCARD ALL or DEALLOCATE ALL fails
+/// (25001 in a transaction block, 25P02 in a failed transaction): they must still be bound
+/// afterwards, on whichever server the client gets next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_all_that_fails_keeps_the_clients_statements() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DISCARD ALL")]).await,
+        vec![('E', Some("25001".into())), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DEALLOCATE ALL")]).await,
+        vec![('E', Some("25P02".into())), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
+    // A DISCARD ALL that succeeds still drops them.
+    raw::round_trip(&mut a, &[raw::query("DISCARD ALL")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &run_a).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+}
+
 /// A reset query that keeps prepared statements (RESET ALL) leaves pgweir's record of them as
 /// it is: the statement is still on the server, and preparing it there again would fail with
 /// 42P05.

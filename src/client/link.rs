@@ -68,6 +68,10 @@ pub struct Link {
     default_set_batch: Option<u32>,
     /// ReadyForQuery messages received on this link.
     rfq_seen: u32,
+    /// The client's statements a DISCARD ALL or DEALLOCATE ALL dropped, with the batch of its
+    /// Query: PostgreSQL keeps them when the command fails (in a transaction block, in a failed
+    /// transaction), so they come back if an error answers that Query.
+    dropped_statements: Option<(u32, ClientStatements)>,
     /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
     c_skip: usize,
     /// Server bytes (from the start of the server read buffer) framed and ready for the client.
@@ -176,6 +180,7 @@ impl Link {
             reset_batch: ResetBatch::None,
             default_set_batch: None,
             rfq_seen: 0,
+            dropped_statements: None,
             c_skip: 0,
             s_ready: 0,
             s_skip: 0,
@@ -629,8 +634,9 @@ impl Link {
                         // The client's own names go now, in order with what it sends next. What
                         // the server holds is cleared only when it reports the command done
                         // (below): a DISCARD ALL that fails (inside a transaction block, say)
-                        // leaves the server's statements in place.
-                        c.statements.clear();
+                        // leaves the server's statements in place, and the client's come back.
+                        let batch = self.rfq_seen.wrapping_add(self.pending_rfq);
+                        self.dropped_statements = Some((batch, std::mem::take(c.statements)));
                     }
                     _ => {}
                 }
@@ -797,6 +803,8 @@ impl Link {
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
                     self.reset_batch = ResetBatch::None;
+                    let rfq_seen = self.rfq_seen;
+                    self.dropped_statements.take_if(|(batch, _)| *batch == rfq_seen);
                     self.rfq_seen = self.rfq_seen.wrapping_add(1);
                     if let Some(sent) = self.rfq_sent.pop_front() {
                         // Not `self.now()`: that would borrow all of self while `conn` is held.
@@ -855,7 +863,15 @@ impl Link {
                         conn.forget_session_state();
                     }
                 }
-                backend::ERROR_RESPONSE => self.copy_in = false,
+                backend::ERROR_RESPONSE => {
+                    self.copy_in = false;
+                    let rfq_seen = self.rfq_seen;
+                    if let Some((_, dropped)) = self.dropped_statements.take_if(|(batch, _)| *batch == rfq_seen) {
+                        for (name, stmt) in dropped {
+                            statements.entry(name).or_insert(stmt);
+                        }
+                    }
+                }
                 _ => {}
             }
             match reply_action(tag, &conn.buf[pos..pos + frame.total_len], &mut self.expect) {
