@@ -891,6 +891,18 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
         "SET SESSION DateStyle = DEFAULT;",
         "SELECT current_setting('TimeZone'), '01/02/2024'::date::text",
     ];
+    same_as_direct(&pg, &proxy, &extra, &script).await;
+}
+
+/// Runs `script` (one Query each) as a client with the login settings `extra`, on PostgreSQL
+/// directly and through `proxy` (whose one server another client has just used with values of
+/// its own), and asserts that every message after login is the same, ParameterStatus included.
+async fn same_as_direct(
+    pg: &pgweir::embedded_pg::EmbeddedPostgres,
+    proxy: &TestProxy,
+    extra: &[(&[u8], &[u8])],
+    script: &[&str],
+) {
     // Every message as (tag, body), so reports, rows and tags are all compared.
     async fn run(s: &mut TcpStream, script: &[&str]) -> Vec<(char, Vec<u8>)> {
         let mut all = Vec::new();
@@ -913,22 +925,22 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
         all
     }
     let mut pairs: Vec<(&[u8], &[u8])> = vec![(b"user", roles::TRUST.as_bytes()), (b"database", b"app")];
-    pairs.extend_from_slice(&extra);
+    pairs.extend_from_slice(extra);
     let mut direct = TcpStream::connect((pg.host(), pg.port()))
         .await
         .expect("connect directly");
     direct.write_all(&startup(&pairs)).await.expect("startup");
     let r = read_reply(&mut direct, Duration::from_secs(10)).await;
     assert!(r.ready && r.error.is_none(), "direct login: {r:?}");
-    let want = run(&mut direct, &script).await;
+    let want = run(&mut direct, script).await;
 
     // Another client first leaves the one server with values of its own.
-    let (mut other, r) = login(&proxy, &[(b"TimeZone", b"Europe/Paris"), (b"DateStyle", b"German")]).await;
+    let (mut other, r) = login(proxy, &[(b"TimeZone", b"Europe/Paris"), (b"DateStyle", b"German")]).await;
     assert!(r.ready && r.error.is_none(), "other login: {r:?}");
     assert!(query(&mut other, "SELECT 1").await.ready);
-    let (mut s, r) = login(&proxy, &extra).await;
+    let (mut s, r) = login(proxy, extra).await;
     assert!(r.ready && r.error.is_none(), "login: {r:?}");
-    let got = run(&mut s, &script).await;
+    let got = run(&mut s, script).await;
     let show = |v: &[(char, Vec<u8>)]| {
         v.iter()
             .map(|(t, b)| format!("{t} {}", String::from_utf8_lossy(b).replace('\0', "|")))
@@ -936,4 +948,40 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
             .join("\n")
     };
     assert_eq!(show(&got), show(&want));
+}
+
+/// PostgreSQL reports a RESET's change from the value the client held to its login value; the
+/// server behind pgweir goes back to its own default, and reports nothing when it had that value
+/// already (the client then kept the SET value, and was told nothing). A ROLLBACK of a
+/// transaction with a RESET goes back to the value before it: reported when the client was
+/// told another, not reported when it holds that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_reports_its_login_values_though_the_server_changes_nothing() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let extra: [(&[u8], &[u8]); 2] = [(b"IntervalStyle", b"iso_8601"), (b"DateStyle", b"German")];
+    let script = [
+        // The server's own default.
+        "SET IntervalStyle = 'postgres'",
+        "RESET IntervalStyle",
+        "SHOW IntervalStyle",
+        "SET IntervalStyle = 'postgres'",
+        "SET application_name = 'x'",
+        "RESET ALL",
+        "SELECT current_setting('IntervalStyle'), current_setting('application_name')",
+        "SET IntervalStyle = 'postgres'",
+        "BEGIN",
+        "RESET ALL",
+        "ROLLBACK",
+        "SHOW IntervalStyle",
+        "BEGIN",
+        "RESET DateStyle",
+        "ROLLBACK",
+        "SHOW DateStyle",
+        "BEGIN",
+        "SET IntervalStyle TO DEFAULT",
+        "COMMIT",
+        "SHOW IntervalStyle",
+    ];
+    same_as_direct(&pg, &proxy, &extra, &script).await;
 }

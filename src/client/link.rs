@@ -19,7 +19,7 @@ use crate::proto::frame::{HEADER_LEN, needed_len};
 use crate::proto::messages::{self, PgError, put_message};
 use crate::proto::tag::{TransactionStatus, backend, frontend};
 use crate::proto::{ProtocolError, frame_at};
-use crate::server::params::{self, ParamSet};
+use crate::server::params::{self, ParamSet, ResetScope};
 use crate::server::{ServerConn, ServerStatements};
 
 /// Server frames are bounded by PostgreSQL itself (1 GiB); pgweir only needs complete copies of
@@ -68,6 +68,15 @@ pub struct Link {
     default_set_batch: Option<u32>,
     /// ReadyForQuery messages received on this link.
     rfq_seen: u32,
+    /// The batch of a Query that is one reset, and the tracked parameters it resets: the
+    /// client is told its login values at that batch's ReadyForQuery, whatever the server
+    /// reported (a server whose own default equals the value before reports nothing).
+    reset_scope: Option<(u32, ResetScope)>,
+    /// A reset in the open transaction told the client values the server does not have: a
+    /// rollback takes them back to what the server holds (see `report_at_ready`).
+    reset_in_tx: bool,
+    /// A ROLLBACK completed since the last ReadyForQuery.
+    rolled_back: bool,
     /// The client's statements a DISCARD ALL or DEALLOCATE ALL dropped, with the batch of its
     /// Query: PostgreSQL keeps them when the command fails (in a transaction block, in a failed
     /// transaction), so they come back if an error answers that Query.
@@ -180,6 +189,9 @@ impl Link {
             reset_batch: ResetBatch::None,
             default_set_batch: None,
             rfq_seen: 0,
+            reset_scope: None,
+            reset_in_tx: false,
+            rolled_back: false,
             dropped_statements: None,
             c_skip: 0,
             s_ready: 0,
@@ -650,6 +662,9 @@ impl Link {
                 if params::sets_to_default(body) {
                     self.default_set_batch = Some(self.rfq_seen.wrapping_add(self.pending_rfq));
                 }
+                if let Some(scope) = params::reset_scope(body) {
+                    self.reset_scope = Some((self.rfq_seen.wrapping_add(self.pending_rfq), scope));
+                }
                 self.server.conn().wbuf.put_slice(msg);
                 self.owes_ready();
             }
@@ -792,6 +807,21 @@ impl Link {
             if pos > 0 && needs_edit(tag, self.expect.front()) {
                 break;
             }
+            if tag == backend::READY_FOR_QUERY {
+                let status = conn.buf.get(pos + HEADER_LEN).copied();
+                let rfq_seen = self.rfq_seen;
+                let due = (self.reset_batch == ResetBatch::Resets
+                    && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen))
+                    || (self.reset_in_tx && self.rolled_back && status == Some(b'I'));
+                if due {
+                    if pos > 0 {
+                        // The reports go just before this ReadyForQuery.
+                        break;
+                    }
+                    self.report_at_ready(status, client_params, reset_to);
+                    continue;
+                }
+            }
             let body = &conn.buf[pos + HEADER_LEN..pos + frame.total_len];
             match tag {
                 backend::READY_FOR_QUERY => {
@@ -803,6 +833,10 @@ impl Link {
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
                     self.reset_batch = ResetBatch::None;
+                    self.rolled_back = false;
+                    if self.status == TransactionStatus::Idle {
+                        self.reset_in_tx = false;
+                    }
                     let rfq_seen = self.rfq_seen;
                     self.dropped_statements.take_if(|(batch, _)| *batch == rfq_seen);
                     self.rfq_seen = self.rfq_seen.wrapping_add(1);
@@ -846,6 +880,7 @@ impl Link {
                     if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
                         conn.statements.clear();
                     }
+                    self.rolled_back |= body == b"ROLLBACK\0";
                     let resets = matches!(body, b"DISCARD ALL\0" | b"RESET\0");
                     if self.reset_batch != ResetBatch::Other {
                         let default_set =
@@ -914,6 +949,22 @@ impl Link {
         let Ok(name) = std::str::from_utf8(name) else {
             return Ok(Report::Forward);
         };
+        let tracked = params::TRACKED.contains(&name);
+        let rfq_seen = self.rfq_seen;
+        // PostgreSQL reports only a change: a server going back to a value the client holds
+        // (a rollback of what a reset told it) says nothing new. After a reset whose scope is
+        // known, the client's reports are all made at ReadyForQuery (`report_at_ready`).
+        let scoped = self.reset_batch == ResetBatch::Resets
+            && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen)
+            && reports_at_ready(&conn.params);
+        if tracked && (scoped || client_params.get(name) == Some(value)) {
+            if pos > 0 {
+                return Ok(Report::EditAtFront);
+            }
+            conn.params.set(name, value);
+            conn.buf.advance(total_len);
+            return Ok(Report::Edited);
+        }
         // A reset took the server back to ITS login values; the client's session goes back to
         // the client's (PostgreSQL: RESET returns to the startup packet's value). The client is
         // told its own value, or nothing when it already holds it, as PostgreSQL reports only
@@ -946,6 +997,48 @@ impl Link {
         }
         conn.params.set(name, value);
         Ok(Report::Forward)
+    }
+
+    /// Tells the client, just before the ReadyForQuery with status byte `status`, the values a
+    /// direct connection would have reported, in PostgreSQL's order:
+    /// - after a reset, its login values of the parameters reset (the server went back to its
+    ///   own, and reported only those that changed on it);
+    /// - after a rollback of a transaction that reset some, what the server holds again: the
+    ///   values from before the transaction, which the server need not report.
+    fn report_at_ready(
+        &mut self,
+        status: Option<u8>,
+        client_params: &mut ParamSet,
+        reset_to: &mut Option<Box<ParamSet>>,
+    ) {
+        let rfq_seen = self.rfq_seen;
+        let scope = self
+            .reset_scope
+            .take_if(|(batch, _)| *batch == rfq_seen)
+            .map(|(_, scope)| scope)
+            .filter(|_| self.reset_batch == ResetBatch::Resets);
+        let conn = self.server.conn();
+        for &name in params::TRACKED_REPORT_ORDER {
+            let value = match scope {
+                Some(scope) if scope.covers(name) => reset_to.as_ref().and_then(|r| r.get(name)),
+                Some(_) => None,
+                None => conn.params.get(name),
+            };
+            if let Some(value) = value
+                .filter(|v| client_params.get(name) != Some(*v))
+                .map(<[u8]>::to_vec)
+            {
+                messages::parameter_status(&mut self.inject, name, &value);
+                client_params.set(name, &value);
+            }
+        }
+        if scope.is_some() && status != Some(b'I') {
+            self.reset_in_tx = true;
+        }
+        if scope.is_none() {
+            // The rollback's reports are made; the ReadyForQuery clears the rest.
+            self.rolled_back = false;
+        }
     }
 
     /// Clears the reply queue when it still expects replies although the server has answered

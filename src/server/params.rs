@@ -432,6 +432,73 @@ pub fn sets_to_default(sql: &[u8]) -> bool {
     }
 }
 
+/// The tracked parameters a reset Query takes back to the client's login values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetScope {
+    /// RESET ALL, DISCARD ALL.
+    All,
+    /// RESET name, SET name TO DEFAULT, SET TIME ZONE LOCAL.
+    One(&'static str),
+}
+
+impl ResetScope {
+    pub fn covers(self, name: &str) -> bool {
+        match self {
+            ResetScope::All => true,
+            ResetScope::One(n) => n == name,
+        }
+    }
+}
+
+/// [`TRACKED`] in the order PostgreSQL up to 15 sends its reports at ReadyForQuery: its
+/// settings table's, sorted by name without regard to case.
+pub const TRACKED_REPORT_ORDER: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "TimeZone",
+];
+
+/// Which tracked parameters a Query that is one reset (`RESET ALL`, `DISCARD ALL`,
+/// `RESET name`, or what [`sets_to_default`] accepts) takes back to the login values. None for
+/// anything else, and for a reset of a name pgweir does not track.
+pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
+    let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
+    let text = text.strip_suffix(b";").unwrap_or(text);
+    if text.len() > 96 {
+        return None;
+    }
+    let words: Vec<&[u8]> = text.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).collect();
+    match words.as_slice() {
+        [verb, all] if all.eq_ignore_ascii_case(b"all") => {
+            (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard")).then_some(ResetScope::All)
+        }
+        [verb, name] if verb.eq_ignore_ascii_case(b"reset") => tracked(name).map(ResetScope::One),
+        _ if sets_to_default(sql) => {
+            // The name is the word before TO, '=' or DEFAULT, or TIME ZONE.
+            let names = text[3..]
+                .split(|&b| b.is_ascii_whitespace() || b == b'=')
+                .filter(|w| !w.is_empty() && !w.eq_ignore_ascii_case(b"session"));
+            let name = names.into_iter().next()?;
+            if name.eq_ignore_ascii_case(b"time") {
+                return Some(ResetScope::One("TimeZone"));
+            }
+            tracked(name).map(ResetScope::One)
+        }
+        _ => None,
+    }
+}
+
+/// The tracked parameter `name` names, in any case.
+fn tracked(name: &[u8]) -> Option<&'static str> {
+    TRACKED
+        .iter()
+        .copied()
+        .find(|t| t.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// Builds one simple-query text `SET a = 'x'; SET b = 'y'; RESET c;` for the given pairs and
 /// `resets` (names from a [`ParamSet`], so valid unquoted), quoting values
 /// as string literals (standard_conforming_strings style: only `'` is doubled, and an E'' form is
@@ -542,6 +609,31 @@ mod tests {
         ] {
             assert!(!sets_to_default(no.as_bytes()), "{no}");
         }
+    }
+
+    #[test]
+    fn reset_scopes() {
+        let one = |n| Some(ResetScope::One(n));
+        assert_eq!(reset_scope(b"RESET ALL\0"), Some(ResetScope::All));
+        assert_eq!(reset_scope(b" discard  all ;"), Some(ResetScope::All));
+        assert_eq!(reset_scope(b"reset timezone"), one("TimeZone"));
+        assert_eq!(reset_scope(b"RESET DateStyle;"), one("DateStyle"));
+        assert_eq!(reset_scope(b"set session datestyle = default"), one("DateStyle"));
+        assert_eq!(reset_scope(b"set application_name to default"), one("application_name"));
+        assert_eq!(reset_scope(b"SET TIME ZONE LOCAL"), one("TimeZone"));
+        assert_eq!(reset_scope(b"SET timezone=DEFAULT\0"), one("TimeZone"));
+        for no in [
+            "reset work_mem",
+            "set timezone to 'UTC'",
+            "reset timezone; select 1",
+            "discard plans",
+            "set local timezone to default",
+        ] {
+            assert_eq!(reset_scope(no.as_bytes()), None, "{no}");
+        }
+        let mut sorted = TRACKED.to_vec();
+        sorted.sort_by_key(|n| n.to_ascii_lowercase());
+        assert_eq!(sorted, TRACKED_REPORT_ORDER);
     }
 
     /// The application_name cases were read from PostgreSQL 15.18 (UTF8 database) with raw
