@@ -671,6 +671,47 @@ async fn a_discard_all_that_fails_keeps_the_clients_statements() {
     );
 }
 
+/// pgweir answers a DEALLOCATE of a client's statement itself, but in a failed transaction
+/// PostgreSQL refuses it (25P02) and the statement stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deallocate_in_a_failed_transaction_fails_and_keeps_the_statement() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    // Sent behind the error that fails the transaction, before its reply is in.
+    a.write_all(&[raw::query("select 1/0"), raw::query("DEALLOCATE a")].concat())
+        .await
+        .expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut a, 2).await,
+        vec![
+            ('E', Some("22012".into())),
+            ('Z', None),
+            ('E', Some("25P02".into())),
+            ('Z', None)
+        ]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DEALLOCATE a")]).await,
+        vec![('E', Some("25P02".into())), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DEALLOCATE a")]).await,
+        vec![('C', None), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("commit")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &run_a).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+}
+
 /// A reset query that keeps prepared statements (RESET ALL) leaves pgweir's record of them as
 /// it is: the statement is still on the server, and preparing it there again would fail with
 /// 42P05.

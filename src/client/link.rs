@@ -638,8 +638,13 @@ impl Link {
                 self.syncs_after_execute = 0;
                 self.after_execute = false;
                 match classify_query(body) {
-                    Some(StatementCommand::Deallocate(name)) if c.statements.remove(name.as_bytes()).is_some() => {
-                        self.expect.push_back(Expect::SyntheticQuery { tag: "DEALLOCATE" });
+                    Some(StatementCommand::Deallocate(name)) if c.statements.contains_key(name.as_bytes()) => {
+                        let name = Bytes::from(name.into_bytes());
+                        let restore = c.statements.remove(&name).map(|stmt| (name, stmt));
+                        self.expect.push_back(Expect::SyntheticQuery {
+                            tag: "DEALLOCATE",
+                            restore,
+                        });
                         return Ok(());
                     }
                     Some(StatementCommand::DeallocateAll) | Some(StatementCommand::DiscardAll) => {
@@ -774,7 +779,7 @@ impl Link {
                     // reply may be matched against them.
                     break;
                 }
-                emit_synthetic(&mut self.expect, &mut self.inject, self.status);
+                emit_synthetic(&mut self.expect, &mut self.inject, self.status, statements);
             }
             let conn = self.server.conn();
             // Messages that mean nothing to pgweir (rows above all) pass in a tight loop: none of
@@ -1070,11 +1075,34 @@ fn consume(buf: &mut BytesMut, n: usize) {
 }
 
 /// Emits replies pgweir owes at the front of the queue.
-fn emit_synthetic(expect: &mut VecDeque<Expect>, inject: &mut BytesMut, status: TransactionStatus) {
+fn emit_synthetic(
+    expect: &mut VecDeque<Expect>,
+    inject: &mut BytesMut,
+    status: TransactionStatus,
+    statements: &mut ClientStatements,
+) {
     loop {
         match expect.front() {
             Some(Expect::Synthetic { bytes, .. }) => inject.put_slice(bytes),
-            Some(Expect::SyntheticQuery { tag }) => {
+            Some(Expect::SyntheticQuery { .. }) if status == TransactionStatus::Failed => {
+                // Known only now that every earlier reply is in: the transaction failed, and
+                // PostgreSQL refuses the command before it looks at the statement.
+                PgError::error(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+                .encode(inject);
+                messages::ready_for_query(inject, status);
+                if let Some(Expect::SyntheticQuery {
+                    restore: Some((name, stmt)),
+                    ..
+                }) = expect.pop_front()
+                {
+                    statements.insert(name, stmt);
+                }
+                continue;
+            }
+            Some(Expect::SyntheticQuery { tag, .. }) => {
                 put_message(inject, backend::COMMAND_COMPLETE, |b| {
                     b.put_slice(tag.as_bytes());
                     b.put_u8(0);

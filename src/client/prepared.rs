@@ -136,8 +136,12 @@ pub enum Expect {
     /// Sync or a simple Query/FunctionCall: ends with ReadyForQuery.
     Barrier,
     /// A simple Query pgweir answers itself (DEALLOCATE of a client statement); emitted with
-    /// ReadyForQuery carrying the current transaction status.
-    SyntheticQuery { tag: &'static str },
+    /// ReadyForQuery carrying the current transaction status. In a failed transaction
+    /// PostgreSQL refuses it (25P02) and keeps the statement: `restore` puts it back.
+    SyntheticQuery {
+        tag: &'static str,
+        restore: Option<(Bytes, Arc<Statement>)>,
+    },
 }
 
 /// Bookkeeping to revert when a self-answered message is skipped after an error.
