@@ -520,6 +520,8 @@ impl Gen {
         for _ in 0..steps {
             let step = if !self.unsynced && self.rng.chance(6) {
                 self.reset_step()
+            } else if !self.unsynced && !self.stmts.is_empty() && self.rng.chance(3) {
+                self.deallocate_step()
             } else if !self.unsynced && self.rng.chance(35) {
                 self.simple_step()
             } else {
@@ -677,6 +679,25 @@ impl Gen {
                   interval '1 day 02:03:04.5'::text as i"
                 .into(),
         }
+    }
+
+    /// SQL DEALLOCATE of a named statement (pgweir answers it itself from its table of the
+    /// client's names), or of all; in a transaction that may have failed, it may fail.
+    fn deallocate_step(&mut self) -> Vec<Msg> {
+        let sql = if self.rng.chance(20) {
+            let gone: Vec<String> = self.stmts.drain(..).map(|(n, _)| n).collect();
+            if self.tx_risky {
+                self.maybe_alive.extend(gone);
+            }
+            "deallocate all".to_owned()
+        } else {
+            let (name, _) = self.stmts.remove(self.rng.below(self.stmts.len()));
+            if self.tx_risky {
+                self.maybe_alive.push(name.clone());
+            }
+            format!("{} {name}", self.rng.pick(&["deallocate", "DEALLOCATE PREPARE"]))
+        };
+        vec![Msg::Query(sql)]
     }
 
     /// A RESET, DISCARD ALL or SET … TO DEFAULT, alone in its Query as pgweir requires (see
