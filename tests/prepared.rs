@@ -623,6 +623,41 @@ async fn an_extended_discard_all_makes_pgweir_prepare_statements_again() {
     assert_eq!(raw::round_trip(&mut b, &batch).await, expected);
 }
 
+/// A DISCARD ALL or DEALLOCATE ALL run by Execute drops the client's statements as a Query's
+/// does (PostgreSQL: 26000 for a later Bind), but not one it prepares after it in the same
+/// batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_discard_all_drops_the_clients_statements() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut a = raw::connect(proxy.addr).await;
+    for command in ["DISCARD ALL", "DEALLOCATE ALL"] {
+        raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+        let batch = [
+            raw::parse("", command),
+            raw::bind(""),
+            raw::execute(),
+            raw::parse("b", "select 1"),
+            raw::sync(),
+        ];
+        assert_eq!(
+            raw::round_trip(&mut a, &batch).await,
+            vec![('1', None), ('2', None), ('C', None), ('1', None), ('Z', None)],
+            "{command}"
+        );
+        let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+        assert_eq!(
+            raw::round_trip(&mut a, &run_a).await,
+            vec![('E', Some("26000".into())), ('Z', None)],
+            "{command}"
+        );
+        let run_b = [raw::bind("b"), raw::execute(), raw::close("b"), raw::sync()];
+        let mut expected = bound_row();
+        expected.insert(expected.len() - 1, ('3', None));
+        assert_eq!(raw::round_trip(&mut a, &run_b).await, expected, "{command}");
+    }
+}
+
 /// A DISCARD ALL that fails (25001 inside a transaction block) drops nothing on the server, so
 /// pgweir must not forget what the server holds: another client's statement keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -884,6 +884,16 @@ impl Link {
                     // the server has just dropped every prepared statement it had.
                     if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
                         conn.statements.clear();
+                        let rfq_seen = self.rfq_seen;
+                        if self
+                            .dropped_statements
+                            .as_ref()
+                            .is_none_or(|(batch, _)| *batch != rfq_seen)
+                        {
+                            // Run by Execute: the client's names go now, but for those it
+                            // prepared after the command, whose Parse is not answered yet.
+                            statements.retain(|name, _| parsed_later(&self.expect, name));
+                        }
                     }
                     self.rolled_back |= body == b"ROLLBACK\0";
                     let resets = matches!(body, b"DISCARD ALL\0" | b"RESET\0");
@@ -1163,6 +1173,19 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
         }
     }
     extended
+}
+
+/// Whether the queue of replies still holds the client's Parse of `name`.
+fn parsed_later(expect: &VecDeque<Expect>, name: &[u8]) -> bool {
+    expect.iter().any(|e| match e {
+        Expect::Parse {
+            client_name: Some(n), ..
+        } => n == name,
+        Expect::Synthetic {
+            undo: Undo::Unmap(n), ..
+        } => n == name,
+        _ => false,
+    })
 }
 
 /// What to expect for a Bind or Describe of client statement `client_name` sent as
