@@ -473,6 +473,11 @@ impl Link {
                 } else {
                     None
                 };
+                // pgJDBC runs a RESET by Parse/Bind/Execute: whether it ran in this batch, its
+                // CommandComplete says.
+                if let Some(scope) = params::reset_scope(query_text(payload)) {
+                    self.add_reset_scope(scope);
+                }
                 if let Some(kind) = change.filter(|_| self.policy == SessionStatePolicy::Reject) {
                     put_message(&mut self.server.conn().wbuf, frontend::PARSE, |b| {
                         b.put_slice(b"__pgweir_rejected\0\x01\0\0\0")
@@ -668,7 +673,7 @@ impl Link {
                     self.default_set_batch = Some(self.rfq_seen.wrapping_add(self.pending_rfq));
                 }
                 if let Some(scope) = params::reset_scope(body) {
-                    self.reset_scope = Some((self.rfq_seen.wrapping_add(self.pending_rfq), scope));
+                    self.add_reset_scope(scope);
                 }
                 self.server.conn().wbuf.put_slice(msg);
                 self.owes_ready();
@@ -1012,6 +1017,15 @@ impl Link {
         }
         conn.params.set(name, value);
         Ok(Report::Forward)
+    }
+
+    /// Records that the batch being sent (up to its Sync, or this Query) resets `scope`.
+    fn add_reset_scope(&mut self, scope: ResetScope) {
+        let batch = self.rfq_seen.wrapping_add(self.pending_rfq);
+        self.reset_scope = Some(match self.reset_scope {
+            Some((b, earlier)) if b == batch => (batch, earlier.union(scope)),
+            _ => (batch, scope),
+        });
     }
 
     /// Tells the client, just before the ReadyForQuery with status byte `status`, the values a

@@ -432,21 +432,27 @@ pub fn sets_to_default(sql: &[u8]) -> bool {
     }
 }
 
-/// The tracked parameters a reset Query takes back to the client's login values.
+/// The tracked parameters resets take back to the client's login values: one bit per
+/// [`TRACKED`] name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetScope {
-    /// RESET ALL, DISCARD ALL.
-    All,
-    /// RESET name, SET name TO DEFAULT, SET TIME ZONE LOCAL.
-    One(&'static str),
-}
+pub struct ResetScope(u8);
 
 impl ResetScope {
+    /// RESET ALL, DISCARD ALL.
+    pub const ALL: ResetScope = ResetScope((1 << TRACKED.len()) - 1);
+
+    /// RESET name, SET name TO DEFAULT, SET TIME ZONE LOCAL, for a [`TRACKED`] name.
+    pub fn one(name: &str) -> Option<ResetScope> {
+        TRACKED.iter().position(|t| *t == name).map(|i| ResetScope(1 << i))
+    }
+
     pub fn covers(self, name: &str) -> bool {
-        match self {
-            ResetScope::All => true,
-            ResetScope::One(n) => n == name,
-        }
+        ResetScope::one(name).is_some_and(|one| self.0 & one.0 != 0)
+    }
+
+    /// What two resets of one batch cover.
+    pub fn union(self, other: ResetScope) -> ResetScope {
+        ResetScope(self.0 | other.0)
     }
 }
 
@@ -467,15 +473,17 @@ pub const TRACKED_REPORT_ORDER: &[&str] = &[
 pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
     let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
     let text = text.strip_suffix(b";").unwrap_or(text);
-    if text.len() > 96 {
+    // Cheap first: this runs on every Query and Parse.
+    let starts = |prefix: &[u8]| text.len() > prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix);
+    if text.len() > 96 || !(starts(b"reset") || starts(b"discard") || starts(b"set")) {
         return None;
     }
     let words: Vec<&[u8]> = text.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).collect();
     match words.as_slice() {
         [verb, all] if all.eq_ignore_ascii_case(b"all") => {
-            (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard")).then_some(ResetScope::All)
+            (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard")).then_some(ResetScope::ALL)
         }
-        [verb, name] if verb.eq_ignore_ascii_case(b"reset") => tracked(name).map(ResetScope::One),
+        [verb, name] if verb.eq_ignore_ascii_case(b"reset") => tracked(name).and_then(ResetScope::one),
         _ if sets_to_default(sql) => {
             // The name is the word before TO, '=' or DEFAULT, or TIME ZONE.
             let names = text[3..]
@@ -483,9 +491,9 @@ pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
                 .filter(|w| !w.is_empty() && !w.eq_ignore_ascii_case(b"session"));
             let name = names.into_iter().next()?;
             if name.eq_ignore_ascii_case(b"time") {
-                return Some(ResetScope::One("TimeZone"));
+                return ResetScope::one("TimeZone");
             }
-            tracked(name).map(ResetScope::One)
+            tracked(name).and_then(ResetScope::one)
         }
         _ => None,
     }
@@ -613,9 +621,9 @@ mod tests {
 
     #[test]
     fn reset_scopes() {
-        let one = |n| Some(ResetScope::One(n));
-        assert_eq!(reset_scope(b"RESET ALL\0"), Some(ResetScope::All));
-        assert_eq!(reset_scope(b" discard  all ;"), Some(ResetScope::All));
+        let one = ResetScope::one;
+        assert_eq!(reset_scope(b"RESET ALL\0"), Some(ResetScope::ALL));
+        assert_eq!(reset_scope(b" discard  all ;"), Some(ResetScope::ALL));
         assert_eq!(reset_scope(b"reset timezone"), one("TimeZone"));
         assert_eq!(reset_scope(b"RESET DateStyle;"), one("DateStyle"));
         assert_eq!(reset_scope(b"set session datestyle = default"), one("DateStyle"));
@@ -631,6 +639,9 @@ mod tests {
         ] {
             assert_eq!(reset_scope(no.as_bytes()), None, "{no}");
         }
+        let both = one("TimeZone").and_then(|t| Some(t.union(one("DateStyle")?)));
+        assert!(both.is_some_and(|b| b.covers("TimeZone") && b.covers("DateStyle") && !b.covers("IntervalStyle")));
+        assert!(TRACKED.iter().all(|t| ResetScope::ALL.covers(t)));
         let mut sorted = TRACKED.to_vec();
         sorted.sort_by_key(|n| n.to_ascii_lowercase());
         assert_eq!(sorted, TRACKED_REPORT_ORDER);
