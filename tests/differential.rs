@@ -53,7 +53,8 @@
 //!
 //! `PGWEIR_DIFF_SEEDS=N` runs N seeds instead of the fixed CI set; `PGWEIR_DIFF_SEED=x` runs
 //! seed x alone (`PGWEIR_DIFF_FIRST=x` starts the N seeds at x); `PGWEIR_DIFF_CLIENT=c` gives
-//! every other client of the seed an empty script; `PGWEIR_DIFF_MAX_FAILURES` (default 5)
+//! every other client of the seed an empty script; `PGWEIR_DIFF_DUMP` adds every message of a
+//! mismatching client to its report; `PGWEIR_DIFF_MAX_FAILURES` (default 5)
 //! stops after that many mismatching clients. A mismatch prints the seed, the client, its
 //! script and the first message where the two streams differ, with a few around it. Seeds
 //! that share the pgweir run one after another and state carries over between them (which
@@ -716,7 +717,30 @@ impl Gen {
             "set time zone local",
             "set application_name to default",
         ]);
-        let mut out = vec![Msg::Query(sql.to_owned())];
+        // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
+        // is recognised only in a Query).
+        let mut out = if !sql.starts_with("set") && self.rng.chance(35) {
+            vec![
+                Msg::Parse {
+                    name: String::new(),
+                    sql: sql.to_owned(),
+                    types: vec![],
+                },
+                Msg::Bind {
+                    portal: String::new(),
+                    stmt: String::new(),
+                    params: vec![],
+                    results: vec![],
+                },
+                Msg::Execute {
+                    portal: String::new(),
+                    limit: 0,
+                },
+                Msg::Sync,
+            ]
+        } else {
+            vec![Msg::Query(sql.to_owned())]
+        };
         if self.in_tx {
             // DISCARD ALL fails in a transaction block, and keeps the statements.
             out.push(Msg::Query(self.rng.pick(TX_END).to_owned()));
@@ -817,7 +841,12 @@ impl Gen {
                     format!("declare cur cursor for select g, repeat('y', g % 50) from generate_series(1, {rows}) g")
                 }
             } else {
-                let idx = self.rng.below(self.templates.len());
+                let mut idx = self.rng.below(self.templates.len());
+                if idx == 11 && n > 1 {
+                    // A syntax error fails the whole Query before any of it runs (a COMMIT
+                    // before it too): alone only, so the generator's beliefs hold.
+                    idx = 15;
+                }
                 if Self::risky_template(idx) {
                     self.risky();
                 }
@@ -1483,6 +1512,16 @@ fn compare(
         "script of client {client} (startup {startup:?}):\n{}",
         print_script(script)
     );
+    if std::env::var_os("PGWEIR_DIFF_DUMP").is_some() {
+        let _ = writeln!(report, "every message (direct | proxied):");
+        for j in 0..direct.messages.len().max(proxied.messages.len()) {
+            if let Some(step) = direct.step_starts.iter().position(|&s| s == j) {
+                let _ = writeln!(report, "  -- step {step}");
+            }
+            let side = |t: &Transcript| t.messages.get(j).map_or_else(|| "-".to_owned(), |m| show(m));
+            let _ = writeln!(report, "  {j}: {} | {}", side(direct), side(proxied));
+        }
+    }
     Some(report)
 }
 
