@@ -29,8 +29,9 @@
 //! each run, so the direct run and the pgweir run see the same data.
 //!
 //! Documented limits of pgweir's RESET handling (README, session parameters) are kept out: a
-//! RESET in the same Query as a SET or another statement, statements after a RESET in the
-//! same transaction, a SET … TO DEFAULT with more around it or by the extended protocol.
+//! RESET in the same Query as a SET or another statement but RESETs, statements after a RESET
+//! in the same transaction, a SET … TO DEFAULT with more around it or by the extended
+//! protocol.
 //!
 //! So is one more difference: PostgreSQL reads a statement's date, time and interval literals
 //! once, when it parses it, under the session's DateStyle and TimeZone of that moment. A
@@ -716,10 +717,12 @@ impl Gen {
             "set session datestyle = default",
             "set time zone local",
             "set application_name to default",
+            "reset timezone; reset intervalstyle",
+            "reset application_name; reset work_mem; reset datestyle",
         ]);
         // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
         // is recognised only in a Query).
-        let mut out = if !sql.starts_with("set") && self.rng.chance(35) {
+        let mut out = if !sql.starts_with("set") && !sql.contains(';') && self.rng.chance(35) {
             vec![
                 Msg::Parse {
                     name: String::new(),

@@ -475,7 +475,13 @@ pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
     let text = text.strip_suffix(b";").unwrap_or(text);
     // Cheap first: this runs on every Query and Parse.
     let starts = |prefix: &[u8]| text.len() > prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix);
-    if text.len() > 96 || !(starts(b"reset") || starts(b"discard") || starts(b"set")) {
+    if text.len() > 256 || !(starts(b"reset") || starts(b"discard") || starts(b"set")) {
+        return None;
+    }
+    if text.contains(&b';') {
+        return resets_in_one_query(text);
+    }
+    if text.len() > 96 {
         return None;
     }
     let words: Vec<&[u8]> = text.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).collect();
@@ -497,6 +503,35 @@ pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
         }
         _ => None,
     }
+}
+
+/// What a Query of several RESET (one name, ALL) and DISCARD ALL statements resets, and
+/// nothing else: a SET … TO DEFAULT among them completes as a SET, which pgweir cannot tell
+/// from any other, and transaction control could roll them back.
+fn resets_in_one_query(text: &[u8]) -> Option<ResetScope> {
+    if text.iter().any(|b| matches!(b, b'"' | b'\'' | b'-' | b'/' | b'$')) {
+        return None;
+    }
+    let mut scope = ResetScope(0);
+    for statement in text.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
+        let mut words = statement.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+        let (Some(verb), Some(name), None) = (words.next(), words.next(), words.next()) else {
+            return None;
+        };
+        scope = if name.eq_ignore_ascii_case(b"all")
+            && (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard"))
+        {
+            ResetScope::ALL
+        } else if verb.eq_ignore_ascii_case(b"reset") {
+            // A name pgweir does not track resets nothing it reports.
+            tracked(name)
+                .and_then(ResetScope::one)
+                .map_or(scope, |one| scope.union(one))
+        } else {
+            return None;
+        };
+    }
+    (scope != ResetScope(0)).then_some(scope)
 }
 
 /// The tracked parameter `name` names, in any case.
@@ -630,10 +665,18 @@ mod tests {
         assert_eq!(reset_scope(b"set application_name to default"), one("application_name"));
         assert_eq!(reset_scope(b"SET TIME ZONE LOCAL"), one("TimeZone"));
         assert_eq!(reset_scope(b"SET timezone=DEFAULT\0"), one("TimeZone"));
+        let two = one("TimeZone").and_then(|t| Some(t.union(one("DateStyle")?)));
+        assert_eq!(reset_scope(b"reset timezone; RESET datestyle;\0"), two);
+        assert_eq!(reset_scope(b"reset work_mem; reset timezone"), one("TimeZone"));
+        assert_eq!(reset_scope(b"reset timezone; discard all"), Some(ResetScope::ALL));
         for no in [
             "reset work_mem",
+            "reset work_mem; reset search_path",
             "set timezone to 'UTC'",
             "reset timezone; select 1",
+            "reset timezone; set datestyle to default",
+            "reset timezone; reset all; rollback",
+            "reset timezone;; reset datestyle",
             "discard plans",
             "set local timezone to default",
         ] {
