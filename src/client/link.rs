@@ -913,9 +913,10 @@ impl Link {
                     }
                     // A RESET or DISCARD ALL takes the session back to the connection's own
                     // defaults, where PostgreSQL would go back to the client's startup settings:
-                    // forget what pgweir set, so the next transaction sets it again.
+                    // what pgweir set is no longer known to be there, so the next transaction
+                    // sets it again (and another client's resets it).
                     if resets {
-                        conn.forget_session_state();
+                        conn.session_state_unknown();
                     }
                 }
                 backend::ERROR_RESPONSE => {
