@@ -513,6 +513,16 @@ impl Gen {
         if self.rng.chance(40) {
             out.push(("application_name", format!("login{}", self.client)));
         }
+        if self.rng.chance(30) {
+            // Settings pgweir does not track but applies for this client on every server (and
+            // takes off again for the next client), a tracked one among them.
+            out.push((
+                "options",
+                self.rng
+                    .pick(&["-c work_mem=5MB", "-c work_mem=6MB -c TimeZone=Asia/Tokyo"])
+                    .to_owned(),
+            ));
+        }
         out
     }
 
@@ -669,7 +679,9 @@ impl Gen {
 
     /// What the tracked parameters are now, as names and through values they format or parse.
     fn read_sql(&mut self) -> String {
-        match self.rng.below(8) {
+        match self.rng.below(9) {
+            // Not tracked: what the client gave at login, or the default.
+            8 => "show work_mem".into(),
             0 => "show timezone".into(),
             1 => "show datestyle".into(),
             2 => "show intervalstyle".into(),
@@ -719,6 +731,8 @@ impl Gen {
             "set application_name to default",
             "reset timezone; reset intervalstyle",
             "reset application_name; reset work_mem; reset datestyle",
+            "reset work_mem",
+            "set work_mem to default",
         ]);
         // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
         // is recognised only in a Query).
