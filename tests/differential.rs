@@ -16,6 +16,8 @@
 //! and through values they format or parse, later, on whichever server pgweir picks. RESET
 //! (one name, ALL), DISCARD ALL and SET … TO DEFAULT run alone in their Query; in a
 //! transaction the next Query ends it. ParameterStatus messages are compared like the rest.
+//! Some clients also give settings pgweir does not track (`options=-c work_mem=…`), which it
+//! applies on every server they get and takes off for the others; scripts read and RESET them.
 //! COPY FROM STDIN runs by simple Query (among other statements) and by Execute (with a Sync
 //! or a Flush after it), in and out of transactions: the client sends its data, in chunks that
 //! split rows, once it has the CopyInResponse, then CopyDone or CopyFail; some rows fail the
@@ -419,6 +421,8 @@ fn templates(c: usize) -> Vec<Template> {
              $1::int4 * interval '1 day 02:03:04' as i, current_setting('application_name') as a",
             &[PType::Int(SMALL)],
         ),
+        // A few milliseconds: servers change hands in the middle of other clients' pipelines.
+        t("select pg_sleep($1::int4 / 1000.0)", &[PType::Int(&[0, 2, 5])]),
     ]
 }
 
