@@ -475,7 +475,8 @@ pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
     let text = text.strip_suffix(b";").unwrap_or(text);
     // Cheap first: this runs on every Query and Parse.
     let starts = |prefix: &[u8]| text.len() > prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix);
-    if text.len() > 256 || !(starts(b"reset") || starts(b"discard") || starts(b"set")) {
+    let reset_like = starts(b"reset") || starts(b"discard") || starts(b"set");
+    if text.len() > 256 || !(reset_like || starts(b"begin") || starts(b"start")) {
         return None;
     }
     if text.contains(&b';') {
@@ -506,8 +507,9 @@ pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
 }
 
 /// What a Query of several RESET (one name, ALL) and DISCARD ALL statements resets, and
-/// nothing else: a SET … TO DEFAULT among them completes as a SET, which pgweir cannot tell
-/// from any other, and transaction control could roll them back.
+/// nothing else but transaction control that commits (`BEGIN; RESET ALL; COMMIT`): a SET … TO
+/// DEFAULT among them completes as a SET, which pgweir cannot tell from any other, and a
+/// ROLLBACK would undo them.
 fn resets_in_one_query(text: &[u8]) -> Option<ResetScope> {
     if text.iter().any(|b| matches!(b, b'"' | b'\'' | b'-' | b'/' | b'$')) {
         return None;
@@ -515,9 +517,18 @@ fn resets_in_one_query(text: &[u8]) -> Option<ResetScope> {
     let mut scope = ResetScope(0);
     for statement in text.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
         let mut words = statement.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
-        let (Some(verb), Some(name), None) = (words.next(), words.next(), words.next()) else {
+        let verb = words.next()?;
+        let is = |word: &[u8]| verb.eq_ignore_ascii_case(word);
+        if is(b"begin") || is(b"commit") || is(b"end") {
+            continue;
+        }
+        let name = words.next()?;
+        if is(b"start") && name.eq_ignore_ascii_case(b"transaction") {
+            continue;
+        }
+        if words.next().is_some() {
             return None;
-        };
+        }
         scope = if name.eq_ignore_ascii_case(b"all")
             && (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard"))
         {
@@ -669,6 +680,11 @@ mod tests {
         assert_eq!(reset_scope(b"reset timezone; RESET datestyle;\0"), two);
         assert_eq!(reset_scope(b"reset work_mem; reset timezone"), one("TimeZone"));
         assert_eq!(reset_scope(b"reset timezone; discard all"), Some(ResetScope::ALL));
+        assert_eq!(reset_scope(b"BEGIN; RESET ALL; COMMIT"), Some(ResetScope::ALL));
+        assert_eq!(
+            reset_scope(b"start transaction isolation level serializable; reset timezone; end"),
+            one("TimeZone")
+        );
         for no in [
             "reset work_mem",
             "reset work_mem; reset search_path",
@@ -676,6 +692,8 @@ mod tests {
             "reset timezone; select 1",
             "reset timezone; set datestyle to default",
             "reset timezone; reset all; rollback",
+            "begin; reset timezone; abort",
+            "begin; commit",
             "reset timezone;; reset datestyle",
             "discard plans",
             "set local timezone to default",
