@@ -737,7 +737,15 @@ impl Gen {
             "reset application_name; reset work_mem; reset datestyle",
             "reset work_mem",
             "set work_mem to default",
+            "begin; reset all; commit",
+            "start transaction; reset intervalstyle; end",
         ]);
+        // In a transaction that may have failed, such a BEGIN would fail the whole Query.
+        let sql = if self.in_tx && sql.contains(';') {
+            "reset all"
+        } else {
+            sql
+        };
         // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
         // is recognised only in a Query).
         let mut out = if !sql.starts_with("set") && !sql.contains(';') && self.rng.chance(35) {
@@ -762,7 +770,10 @@ impl Gen {
         } else {
             vec![Msg::Query(sql.to_owned())]
         };
-        if self.in_tx {
+        if sql.ends_with("commit") || sql.ends_with("end") {
+            // Its own transaction, or the end of the open one.
+            self.end_tx();
+        } else if self.in_tx {
             // DISCARD ALL fails in a transaction block, and keeps the statements.
             out.push(Msg::Query(self.rng.pick(TX_END).to_owned()));
             self.end_tx();
