@@ -517,13 +517,20 @@ impl Gen {
         if self.rng.chance(40) {
             out.push(("application_name", format!("login{}", self.client)));
         }
+        if self.rng.chance(20) {
+            out.push(("client_encoding", "utf8".to_owned()));
+        }
         if self.rng.chance(30) {
             // Settings pgweir does not track but applies for this client on every server (and
             // takes off again for the next client), a tracked one among them.
             out.push((
                 "options",
                 self.rng
-                    .pick(&["-c work_mem=5MB", "-c work_mem=6MB -c TimeZone=Asia/Tokyo"])
+                    .pick(&[
+                        "-c work_mem=5MB",
+                        "-c work_mem=6MB -c TimeZone=Asia/Tokyo",
+                        "-c standard_conforming_strings=off",
+                    ])
                     .to_owned(),
             ));
         }
@@ -648,6 +655,10 @@ impl Gen {
             3 if self.rng.chance(20) => " local",
             _ => "",
         };
+        if scope == " local" && self.rng.chance(20) {
+            // Untracked, but gone at the end of the transaction.
+            return "set local work_mem = '7MB'".into();
+        }
         let to = self.rng.pick(&[" to ", " = "]);
         let (name, value) = match self.rng.below(11) {
             0 | 1 => ("timezone", self.rng.pick(ZONES)),
