@@ -996,6 +996,12 @@ async fn a_reset_reports_its_login_values_though_the_server_changes_nothing() {
         "RESET DateStyle",
         "ROLLBACK",
         "SHOW DateStyle",
+        // The server reports the rollback of one, pgweir the other: in PostgreSQL's order.
+        "SET TimeZone = 'Asia/Tokyo'",
+        "BEGIN",
+        "RESET ALL",
+        "ROLLBACK",
+        "SELECT current_setting('IntervalStyle'), current_setting('TimeZone')",
         "BEGIN",
         "SET IntervalStyle TO DEFAULT",
         "COMMIT",

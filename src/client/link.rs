@@ -820,9 +820,13 @@ impl Link {
             if tag == backend::READY_FOR_QUERY {
                 let status = conn.buf.get(pos + HEADER_LEN).copied();
                 let rfq_seen = self.rfq_seen;
+                // After a ROLLBACK TO SAVEPOINT too: to a savepoint before the reset it undoes
+                // it, and the client is told what the server holds again; to one after it, the
+                // client is told the server's defaults, which statements after a RESET in its
+                // transaction run with anyway (a documented limit).
                 let due = (self.reset_batch == ResetBatch::Resets
                     && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen))
-                    || (self.reset_in_tx && self.rolled_back && status == Some(b'I'));
+                    || (self.reset_in_tx && self.rolled_back);
                 if due {
                     if pos > 0 {
                         // The reports go just before this ReadyForQuery.
@@ -975,8 +979,10 @@ impl Link {
         // PostgreSQL reports only a change: a server going back to a value the client holds
         // (a rollback of what a reset told it) says nothing new. After a reset whose scope is
         // known, the client's reports are all made at ReadyForQuery (`report_at_ready`).
-        let scoped = self.reset_batch == ResetBatch::Resets
-            && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen)
+        // So are those of a rollback of a transaction with such a reset: pgweir adds to them.
+        let scoped = ((self.reset_batch == ResetBatch::Resets
+            && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen))
+            || (self.reset_in_tx && self.rolled_back))
             && reports_at_ready(&conn.params);
         if tracked && (scoped || client_params.get(name) == Some(value)) {
             if pos > 0 {
