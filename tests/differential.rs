@@ -515,7 +515,17 @@ impl Gen {
             out.push(("IntervalStyle", self.rng.pick(INTERVALSTYLES).to_owned()));
         }
         if self.rng.chance(40) {
-            out.push(("application_name", format!("login{}", self.client)));
+            // PostgreSQL cuts a long name to 63 bytes and writes '?' for non-ASCII bytes.
+            let name = match self.rng.below(4) {
+                0 => "é-".repeat(30),
+                1 => "x".repeat(70),
+                _ => format!("login{}", self.client),
+            };
+            out.push(("application_name", name));
+        }
+        if self.rng.chance(15) {
+            // Canonicalised: reported as Europe/Paris.
+            out.push(("TimeZone", "europe/paris".to_owned()));
         }
         if self.rng.chance(20) {
             out.push(("client_encoding", "utf8".to_owned()));
@@ -664,7 +674,7 @@ impl Gen {
             0 | 1 => ("timezone", self.rng.pick(ZONES)),
             2 | 3 => ("datestyle", self.rng.pick(DATESTYLES)),
             4 => ("intervalstyle", self.rng.pick(INTERVALSTYLES)),
-            5 | 6 => ("application_name", self.rng.pick(&["a", "", "b c", "Diff"])),
+            5 | 6 => ("application_name", self.rng.pick(&["a", "", "b c", "Diff", "né"])),
             7 => ("client_encoding", self.rng.pick(&["UTF8", "utf8"])),
             8 => ("standard_conforming_strings", self.rng.pick(&["on", "off"])),
             9 => {
