@@ -39,9 +39,10 @@
 //! once, when it parses it, under the session's DateStyle and TimeZone of that moment. A
 //! client's named statement that pgweir prepares again on another server is parsed under the
 //! client's settings of the time it is bound, so after the client changed DateStyle,
-//! `'03/04/2020'::date` in it can read as April where PostgreSQL keeps March. The scripts'
-//! templates read such values at run time (`'03/04/2020'::text::date`); simple queries, parsed
-//! each time, use literals.
+//! `'03/04/2020'::date` in it can read as April where PostgreSQL keeps March. So a named
+//! statement with such literals is bound only while its client has its login settings (clients
+//! that log in with different ones must not share it); other templates read such values at run
+//! time (`'03/04/2020'::text::date`), and simple queries, parsed each time, use literals.
 //!
 //! One known difference is kept out of the scripts: in a failed transaction, a Bind or
 //! Describe of a named statement that pgweir must first prepare on the server it got fails on
@@ -423,8 +424,18 @@ fn templates(c: usize) -> Vec<Template> {
         ),
         // A few milliseconds: servers change hands in the middle of other clients' pipelines.
         t("select pg_sleep($1::int4 / 1000.0)", &[PType::Int(&[0, 2, 5])]),
+        // PARSE_SENSITIVE: literals read when the statement is parsed, under the DateStyle and
+        // TimeZone of that moment. Clients that log in with different ones must not share it.
+        t(
+            "select '03/04/2020'::date::text as d, '2020-01-02 03:04:05'::timestamptz::text as t, $1::int4 as n",
+            &[PType::Int(SMALL)],
+        ),
     ]
 }
+
+/// The template whose named statements a client binds only while it has its login settings
+/// (see the top comment).
+const PARSE_SENSITIVE: usize = 18;
 
 /// Transaction control, by simple or extended protocol.
 const TX_START: &[&str] = &["begin", "begin isolation level repeatable read", "start transaction"];
@@ -467,6 +478,8 @@ struct Gen {
     copy_data: Option<Vec<Msg>>,
     /// Keys COPY has used, so most copied rows are new.
     next_key: usize,
+    /// A SET or RESET of a tracked parameter may have run (see `settings_change`).
+    settings_changed: bool,
     /// Statements closed where the Close may have been skipped after an error: a Parse of
     /// the name may fail (42P05).
     maybe_alive: Vec<String>,
@@ -489,6 +502,7 @@ impl Gen {
             unsynced: false,
             copy_data: None,
             next_key: 0,
+            settings_changed: false,
             maybe_alive: Vec::new(),
         }
     }
@@ -657,7 +671,17 @@ impl Gen {
 
     /// A SET of a tracked parameter (never to DEFAULT: see `reset_step`), sometimes LOCAL,
     /// sometimes refused.
+    /// The client's settings may differ from its login ones from now on: its statements whose
+    /// literals were read under the old ones are not bound again.
+    fn settings_change(&mut self) {
+        self.settings_changed = true;
+        let (sensitive, rest): (Vec<_>, Vec<_>) = self.stmts.drain(..).partition(|(_, i)| *i == PARSE_SENSITIVE);
+        self.stmts = rest;
+        self.maybe_alive.extend(sensitive.into_iter().map(|(n, _)| n));
+    }
+
     fn set_sql(&mut self) -> String {
+        self.settings_change();
         let scope = match self.rng.below(10) {
             0 => " session",
             1 | 2 if self.in_tx => " local",
@@ -742,6 +766,7 @@ impl Gen {
     /// A RESET, DISCARD ALL or SET … TO DEFAULT, alone in its Query as pgweir requires (see
     /// the top comment); in a transaction, the transaction ends in the next Query.
     fn reset_step(&mut self) -> Vec<Msg> {
+        self.settings_change();
         let sql = self.rng.pick(&[
             "reset timezone",
             "reset datestyle",
@@ -956,6 +981,11 @@ impl Gen {
             self.rng.pick(&[10, 11, 12, 15])
         } else {
             self.rng.below(self.templates.len())
+        };
+        let idx = if idx == PARSE_SENSITIVE && self.settings_changed {
+            0
+        } else {
+            idx
         };
         let tpl = self.templates[idx].clone();
         if Self::risky_template(idx) {
