@@ -910,7 +910,23 @@ async fn same_as_direct(
         for sql in script {
             let mut text = sql.as_bytes().to_vec();
             text.push(0);
-            let out = if extended {
+            let out = if let Some(rest) = sql.strip_prefix('=') {
+                // "=name SQL": prepares the named statement.
+                let (name, text) = rest.split_once(' ').expect("=name SQL");
+                [
+                    wire::msg(b'P', &[name.as_bytes(), b"\0", text.as_bytes(), b"\0\0\0"].concat()),
+                    wire::msg(b'S', b""),
+                ]
+                .concat()
+            } else if let Some(name) = sql.strip_prefix('@') {
+                // "@name": runs it.
+                [
+                    wire::msg(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat()),
+                    wire::msg(b'E', b"\0\0\0\0\0"),
+                    wire::msg(b'S', b""),
+                ]
+                .concat()
+            } else if extended {
                 [
                     wire::msg(b'P', &[b"\0", text.as_slice(), b"\0\0"].concat()),
                     wire::msg(b'B', b"\0\0\0\0\0\0\0\0"),
@@ -1013,5 +1029,18 @@ async fn a_reset_reports_its_login_values_though_the_server_changes_nothing() {
         .into_iter()
         .filter(|sql| !sql.ends_with("DEFAULT") && !sql.contains(';'))
         .collect();
+    same_as_direct(&pg, &proxy, &extra, &script, true).await;
+    // A RESET ALL prepared once and run later, as pgJDBC does with one it runs often.
+    let script = [
+        "=rs RESET ALL",
+        "SET IntervalStyle = 'postgres'",
+        "@rs",
+        "SHOW IntervalStyle",
+        "SET IntervalStyle = 'postgres'",
+        "BEGIN",
+        "@rs",
+        "ROLLBACK",
+        "SHOW IntervalStyle",
+    ];
     same_as_direct(&pg, &proxy, &extra, &script, true).await;
 }

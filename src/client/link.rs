@@ -557,7 +557,7 @@ impl Link {
                 self.unsynced = true;
                 let (portal, rest) = split_cstr(body).ok_or(malformed("Bind"))?;
                 let (name, rest) = split_cstr(rest).ok_or(malformed("Bind"))?;
-                let expect = match self.resolve(name, c) {
+                let expect = match self.resolve(name, c, true) {
                     Resolved::Verbatim => {
                         self.server.conn().wbuf.put_slice(msg);
                         Expect::Other
@@ -579,7 +579,7 @@ impl Link {
                 let kind = *body.first().ok_or(malformed("Describe"))?;
                 let (name, _) = split_cstr(&body[1..]).ok_or(malformed("Describe"))?;
                 let resolved = if kind == b'S' {
-                    self.resolve(name, c)
+                    self.resolve(name, c, false)
                 } else {
                     Resolved::Verbatim
                 };
@@ -700,9 +700,9 @@ impl Link {
         Ok(())
     }
 
-    /// Maps a client statement name for Bind/Describe, preparing it on this server first when
-    /// the server lacks it.
-    fn resolve(&mut self, name: &[u8], c: &mut ClientSide<'_>) -> Resolved {
+    /// Maps a client statement name for Bind (`bind`) or Describe, preparing it on this server
+    /// first when the server lacks it.
+    fn resolve(&mut self, name: &[u8], c: &mut ClientSide<'_>, bind: bool) -> Resolved {
         if name.is_empty() {
             return Resolved::Verbatim;
         }
@@ -716,6 +716,9 @@ impl Link {
         };
         let stmt = stmt.clone();
         self.dirty = self.dirty.or(stmt.state_change);
+        if bind && let Some(scope) = stmt.reset_scope {
+            self.add_reset_scope(scope);
+        }
         let conn = self.server.conn();
         if conn.statements.contains(stmt.id) {
             conn.statements.touch(stmt.id);

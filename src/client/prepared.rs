@@ -36,6 +36,9 @@ pub struct Statement {
     pub payload: Bytes,
     /// Whether executing it changes session state (scanned once, when first seen).
     pub state_change: Option<super::hygiene::StateChange>,
+    /// The tracked parameters it resets, when it is a RESET (pgJDBC prepares a RESET ALL it
+    /// runs often).
+    pub reset_scope: Option<crate::server::params::ResetScope>,
     /// Some server has accepted this Parse, so the text is valid SQL: a client's Parse of it
     /// outside a transaction can be answered without a server.
     pub validated: std::sync::atomic::AtomicBool,
@@ -98,6 +101,7 @@ impl StatementRegistry {
             server_name: name.freeze(),
             payload: Bytes::copy_from_slice(payload),
             state_change: super::hygiene::session_state_change(query_text(payload)),
+            reset_scope: crate::server::params::reset_scope(query_text(payload)),
             validated: std::sync::atomic::AtomicBool::new(false),
         });
         map.insert(Bytes::from(key), Arc::downgrade(&stmt));
