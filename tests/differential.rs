@@ -480,6 +480,8 @@ struct Gen {
     next_key: usize,
     /// A SET or RESET of a tracked parameter may have run (see `settings_change`).
     settings_changed: bool,
+    /// A reset is prepared as statement "r".
+    reset_prepared: bool,
     /// Statements closed where the Close may have been skipped after an error: a Parse of
     /// the name may fail (42P05).
     maybe_alive: Vec<String>,
@@ -503,6 +505,7 @@ impl Gen {
             copy_data: None,
             next_key: 0,
             settings_changed: false,
+            reset_prepared: false,
             maybe_alive: Vec::new(),
         }
     }
@@ -748,6 +751,9 @@ impl Gen {
     /// client's names), or of all; in a transaction that may have failed, it may fail.
     fn deallocate_step(&mut self) -> Vec<Msg> {
         let sql = if self.rng.chance(20) {
+            if !self.tx_risky {
+                self.reset_prepared = false;
+            }
             let gone: Vec<String> = self.stmts.drain(..).map(|(n, _)| n).collect();
             if self.tx_risky {
                 self.maybe_alive.extend(gone);
@@ -792,6 +798,34 @@ impl Gen {
         } else {
             sql
         };
+        // Prepared once as a named statement and bound after, as pgJDBC does with a statement
+        // it runs often; outside transactions only, so its Parse cannot fail.
+        if !self.in_tx && self.rng.chance(15) {
+            let mut out = Vec::new();
+            if !self.reset_prepared {
+                let sql = self.rng.pick(&["reset all", "reset timezone", "reset intervalstyle"]);
+                self.reset_prepared = true;
+                out.push(Msg::Parse {
+                    name: "r".into(),
+                    sql: sql.to_owned(),
+                    types: vec![],
+                });
+            }
+            out.push(Msg::Bind {
+                portal: String::new(),
+                stmt: "r".into(),
+                params: vec![],
+                results: vec![],
+            });
+            out.push(Msg::Execute {
+                portal: String::new(),
+                limit: 0,
+            });
+            out.push(Msg::Sync);
+            self.batch_risky = false;
+            self.batch_fresh = true;
+            return out;
+        }
         // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
         // is recognised only in a Query).
         let mut out = if !sql.starts_with("set") && !sql.contains(';') && self.rng.chance(35) {
@@ -825,6 +859,7 @@ impl Gen {
             self.end_tx();
         } else if sql == "discard all" {
             self.stmts.clear();
+            self.reset_prepared = false;
         }
         self.batch_risky = false;
         self.batch_fresh = true;
