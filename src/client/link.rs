@@ -68,8 +68,9 @@ pub struct Link {
     default_set_batch: Option<u32>,
     /// ReadyForQuery messages received on this link.
     rfq_seen: u32,
-    /// The batch of a Query that is one reset, and the tracked parameters it resets: the
-    /// client is told its login values at that batch's ReadyForQuery, whatever the server
+    /// The batch of a reset whose scope is read from its text (a Query of RESETs, or a Parse or
+    /// Bind of one), and the tracked parameters it resets: if the batch completes as resets
+    /// only, the client is told its login values at its ReadyForQuery, whatever the server
     /// reported (a server whose own default equals the value before reports nothing).
     reset_scope: Option<(u32, ResetScope)>,
     /// A reset in the open transaction told the client values the server does not have: a
