@@ -20,7 +20,8 @@
 //! applies on every server they get and takes off for the others; scripts read and RESET them.
 //! COPY FROM STDIN runs by simple Query (among other statements) and by Execute (with a Sync
 //! or a Flush after it), in and out of transactions: the client sends its data, in chunks that
-//! split rows, once it has the CopyInResponse, then CopyDone or CopyFail; some rows fail the
+//! split rows, once it has the CopyInResponse (sometimes pausing halfway), then CopyDone or
+//! CopyFail; some rows fail the
 //! COPY (duplicate key, bad number). COPY TO STDOUT runs in text, csv and binary.
 //!
 //! Scripts are otherwise transaction-mode safe: they keep no other session state (no temp
@@ -475,7 +476,7 @@ struct Gen {
     /// skipped by PostgreSQL if an error is pending, and is not what any driver does).
     unsynced: bool,
     /// The data of the COPY FROM STDIN just generated: the step after it.
-    copy_data: Option<Vec<Msg>>,
+    copy_data: Option<Vec<Vec<Msg>>>,
     /// Keys COPY has used, so most copied rows are new.
     next_key: usize,
     /// A SET or RESET of a tracked parameter may have run (see `settings_change`).
@@ -578,7 +579,7 @@ impl Gen {
                 self.extended_step()
             };
             script.push(step);
-            script.extend(self.copy_data.take());
+            script.extend(self.copy_data.take().into_iter().flatten());
         }
         if self.unsynced {
             script.push(vec![Msg::Sync]);
@@ -908,6 +909,19 @@ impl Gen {
         out
     }
 
+    /// The steps that send a COPY's data: one, or two with a pause between, the first of them
+    /// only CopyData (the server answers nothing until the data ends).
+    fn copy_steps(&mut self, extended: bool) -> Vec<Vec<Msg>> {
+        let mut all = self.copy_rows(extended);
+        let data = all.iter().filter(|m| matches!(m, Msg::CopyData(_))).count();
+        if data >= 2 && self.rng.chance(40) {
+            let rest = all.split_off(1 + self.rng.below(data - 1));
+            vec![all, rest]
+        } else {
+            vec![all]
+        }
+    }
+
     /// COPY TO STDOUT, in text, csv or binary.
     fn copy_out_sql(&mut self) -> String {
         let c = self.client;
@@ -930,7 +944,7 @@ impl Gen {
                 self.tx_statement()
             } else if roll < 29 && self.copy_data.is_none() {
                 self.risky();
-                self.copy_data = Some(self.copy_rows(false));
+                self.copy_data = Some(self.copy_steps(false));
                 format!("copy d{} from stdin", self.client)
             } else if roll < 32 {
                 self.risky();
@@ -1272,7 +1286,7 @@ impl Gen {
                 });
                 // Some drivers Sync at once (PostgreSQL ignores it in copy-in mode), some Flush.
                 out.push(if self.rng.chance(50) { Msg::Sync } else { Msg::Flush });
-                self.copy_data = Some(self.copy_rows(true));
+                self.copy_data = Some(self.copy_steps(true));
                 self.unsynced = false;
                 self.batch_risky = self.tx_risky;
                 self.batch_fresh = true;
@@ -1401,6 +1415,17 @@ impl Client {
         // COPY data goes out only when the server asked for it, as a driver sends it; when the
         // COPY failed first, the rest of the step (its Sync) still goes.
         let copying = std::mem::take(&mut self.copy_in);
+        if copying && step.iter().all(|m| matches!(m, Msg::CopyData(_))) {
+            // Part of the data: nothing is answered yet. The pause lets pgweir forward it and
+            // wait for more.
+            let mut bytes = Vec::new();
+            step.iter().for_each(|m| m.encode(&mut bytes));
+            self.w.write_all(&bytes).await?;
+            self.w.flush().await?;
+            self.copy_in = true;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            return Ok(());
+        }
         for m in step.iter().filter(|m| copying || !m.is_copy()) {
             m.encode(&mut bytes);
             if let Some(w) = want(m) {
