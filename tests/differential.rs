@@ -7,22 +7,25 @@
 //! reply is read, errors that make the server skip to Sync), named statements used across
 //! transactions, re-prepared after Close, duplicated and unknown names, named portals kept
 //! across Syncs inside explicit transactions, cursors, savepoints, small and 5,000-row results,
-//! values over 16 KiB both ways, parameters and results in text and binary format.
+//! values over 16 KiB both ways, parameters and results in text and binary format, SQL
+//! DEALLOCATE (which pgweir answers itself), short sleeps so servers change hands mid-pipeline.
 //!
 //! Session parameters pgweir tracks (TimeZone, DateStyle, IntervalStyle, application_name,
 //! client_encoding, standard_conforming_strings) are given at login by some clients, SET (also
 //! SESSION, LOCAL, by set_config, by Parse/Bind/Execute, refused values) alone or among other
 //! statements, in and out of transactions that commit or roll back, and read back with SHOW
 //! and through values they format or parse, later, on whichever server pgweir picks. RESET
-//! (one name, ALL), DISCARD ALL and SET … TO DEFAULT run alone in their Query; in a
-//! transaction the next Query ends it. ParameterStatus messages are compared like the rest.
+//! (one name, ALL), DISCARD ALL and SET … TO DEFAULT run alone in their Query (RESETs also
+//! several together, or between BEGIN and COMMIT, or by Parse/Bind/Execute, or as a named
+//! statement bound again later); in a transaction the next Query ends it. ParameterStatus
+//! messages are compared like the rest.
 //! Some clients also give settings pgweir does not track (`options=-c work_mem=…`), which it
 //! applies on every server they get and takes off for the others; scripts read and RESET them.
 //! COPY FROM STDIN runs by simple Query (among other statements) and by Execute (with a Sync
 //! or a Flush after it), in and out of transactions: the client sends its data, in chunks that
 //! split rows, once it has the CopyInResponse (sometimes pausing halfway), then CopyDone or
-//! CopyFail; some rows fail the
-//! COPY (duplicate key, bad number). COPY TO STDOUT runs in text, csv and binary.
+//! CopyFail; some rows fail the COPY (duplicate key, bad number). COPY TO STDOUT runs in text,
+//! csv and binary.
 //!
 //! Scripts are otherwise transaction-mode safe: they keep no other session state (no temp
 //! tables, LISTEN, advisory locks, SQL PREPARE) and use the unnamed statement only between its
@@ -31,25 +34,24 @@
 //! random(), pids or OIDs of new objects). Each client writes only its own table, reset before
 //! each run, so the direct run and the pgweir run see the same data.
 //!
-//! Documented limits of pgweir's RESET handling (README, session parameters) are kept out: a
-//! RESET in the same Query as a SET or another statement but RESETs, statements after a RESET
-//! in the same transaction, a SET … TO DEFAULT with more around it or by the extended
-//! protocol.
+//! Three known differences are kept out of the scripts. First, the documented limits of
+//! pgweir's RESET handling (README, session parameters): a RESET in the same Query (or Sync)
+//! as statements other than RESETs and BEGIN … COMMIT, statements after a RESET in the same
+//! transaction, a SET … TO DEFAULT with more around it or by the extended protocol.
 //!
-//! So is one more difference: PostgreSQL reads a statement's date, time and interval literals
-//! once, when it parses it, under the session's DateStyle and TimeZone of that moment. A
-//! client's named statement that pgweir prepares again on another server is parsed under the
-//! client's settings of the time it is bound, so after the client changed DateStyle,
+//! Second, PostgreSQL reads a statement's date, time and interval literals once, when it
+//! parses it, under the session's DateStyle and TimeZone of that moment. A client's named
+//! statement that pgweir prepares again on another server is parsed under the client's
+//! settings of the time it is bound (README), so after the client changed DateStyle,
 //! `'03/04/2020'::date` in it can read as April where PostgreSQL keeps March. So a named
 //! statement with such literals is bound only while its client has its login settings (clients
 //! that log in with different ones must not share it); other templates read such values at run
 //! time (`'03/04/2020'::text::date`), and simple queries, parsed each time, use literals.
 //!
-//! One known difference is kept out of the scripts: in a failed transaction, a Bind or
-//! Describe of a named statement that pgweir must first prepare on the server it got fails on
-//! that Parse (25P02), where PostgreSQL reports a wrong parameter count (08P01) first, or
-//! describes a statement that returns no rows. Nothing can be prepared in a failed
-//! transaction; see `Gen::risky`.
+//! Third, in a failed transaction, a Bind or Describe of a named statement that pgweir must
+//! first prepare on the server it got fails on that Parse (25P02), where PostgreSQL reports a
+//! wrong parameter count (08P01) first, or describes a statement that returns no rows. Nothing
+//! can be prepared in a failed transaction; see `Gen::risky`.
 //!
 //! Per seed, the clients run concurrently on direct connections, then concurrently through a
 //! pgweir with one or two servers, so servers pass between clients all the time. The pgweir
@@ -59,8 +61,8 @@
 //! `PGWEIR_DIFF_SEEDS=N` runs N seeds instead of the fixed CI set; `PGWEIR_DIFF_SEED=x` runs
 //! seed x alone (`PGWEIR_DIFF_FIRST=x` starts the N seeds at x); `PGWEIR_DIFF_CLIENT=c` gives
 //! every other client of the seed an empty script; `PGWEIR_DIFF_DUMP` adds every message of a
-//! mismatching client to its report; `PGWEIR_DIFF_MAX_FAILURES` (default 5)
-//! stops after that many mismatching clients. A mismatch prints the seed, the client, its
+//! mismatching client to its report; `PGWEIR_DIFF_MAX_FAILURES` (default 5) stops after that
+//! many mismatching clients. A mismatch prints the seed, the client, its
 //! script and the first message where the two streams differ, with a few around it. Seeds
 //! that share the pgweir run one after another and state carries over between them (which
 //! statements each server has), so a mismatch found in a long run may need the seeds before
