@@ -485,6 +485,8 @@ struct Gen {
     settings_changed: bool,
     /// A reset is prepared as statement "r".
     reset_prepared: bool,
+    /// A COPY FROM STDIN is prepared as statement "cp".
+    copy_prepared: bool,
     /// Statements closed where the Close may have been skipped after an error: a Parse of
     /// the name may fail (42P05).
     maybe_alive: Vec<String>,
@@ -509,6 +511,7 @@ impl Gen {
             next_key: 0,
             settings_changed: false,
             reset_prepared: false,
+            copy_prepared: false,
             maybe_alive: Vec::new(),
         }
     }
@@ -756,6 +759,7 @@ impl Gen {
         let sql = if self.rng.chance(20) {
             if !self.tx_risky {
                 self.reset_prepared = false;
+                self.copy_prepared = false;
             }
             let gone: Vec<String> = self.stmts.drain(..).map(|(n, _)| n).collect();
             if self.tx_risky {
@@ -863,6 +867,7 @@ impl Gen {
         } else if sql == "discard all" {
             self.stmts.clear();
             self.reset_prepared = false;
+            self.copy_prepared = false;
         }
         self.batch_risky = false;
         self.batch_fresh = true;
@@ -1270,15 +1275,25 @@ impl Gen {
             let last = u + 1 == units;
             if last && self.rng.chance(6) {
                 // COPY FROM STDIN by Execute: the data follows in the next step, with a Sync.
+                // Sometimes of a named statement prepared once (pgweir runs it under its own
+                // name), while nothing may have failed (see `risky`).
+                let stmt = if !self.tx_risky && !self.batch_risky && self.rng.chance(30) {
+                    "cp"
+                } else {
+                    ""
+                };
                 self.risky();
-                out.push(Msg::Parse {
-                    name: String::new(),
-                    sql: format!("copy d{} from stdin", self.client),
-                    types: vec![],
-                });
+                if stmt.is_empty() || !self.copy_prepared {
+                    self.copy_prepared |= !stmt.is_empty();
+                    out.push(Msg::Parse {
+                        name: stmt.into(),
+                        sql: format!("copy d{} from stdin", self.client),
+                        types: vec![],
+                    });
+                }
                 out.push(Msg::Bind {
                     portal: String::new(),
-                    stmt: String::new(),
+                    stmt: stmt.into(),
                     params: vec![],
                     results: vec![],
                 });
