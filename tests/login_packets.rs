@@ -927,13 +927,20 @@ async fn same_as_direct(
                 ]
                 .concat()
             } else if extended {
-                [
-                    wire::msg(b'P', &[b"\0", text.as_slice(), b"\0\0"].concat()),
-                    wire::msg(b'B', b"\0\0\0\0\0\0\0\0"),
-                    wire::msg(b'E', b"\0\0\0\0\0"),
-                    wire::msg(b'S', b""),
-                ]
-                .concat()
+                // "a | b": both in one batch, one Sync.
+                let mut batch: Vec<u8> = sql
+                    .split(" | ")
+                    .flat_map(|one| {
+                        [
+                            wire::msg(b'P', &[b"\0", one.as_bytes(), b"\0\0\0"].concat()),
+                            wire::msg(b'B', b"\0\0\0\0\0\0\0\0"),
+                            wire::msg(b'E', b"\0\0\0\0\0"),
+                        ]
+                        .concat()
+                    })
+                    .collect();
+                batch.extend_from_slice(&wire::msg(b'S', b""));
+                batch
             } else {
                 wire::msg(b'Q', &text)
             };
@@ -1040,6 +1047,9 @@ async fn a_reset_reports_its_login_values_though_the_server_changes_nothing() {
         "BEGIN",
         "@rs",
         "ROLLBACK",
+        "SHOW IntervalStyle",
+        // The error rolls the batch's implicit transaction back, the RESET with it.
+        "RESET ALL | SELECT 1/0",
         "SHOW IntervalStyle",
     ];
     same_as_direct(&pg, &proxy, &extra, &script, true).await;

@@ -929,6 +929,11 @@ impl Link {
                 }
                 backend::ERROR_RESPONSE => {
                     self.copy_in = false;
+                    // An error in a batch of resets rolls its implicit transaction back, the
+                    // resets with it: they must not be reported.
+                    if self.reset_batch == ResetBatch::Resets {
+                        self.reset_batch = ResetBatch::Other;
+                    }
                     let rfq_seen = self.rfq_seen;
                     if let Some((_, dropped)) = self.dropped_statements.take_if(|(batch, _)| *batch == rfq_seen) {
                         for (name, stmt) in dropped {
