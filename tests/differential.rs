@@ -836,24 +836,33 @@ impl Gen {
         // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
         // is recognised only in a Query).
         let mut out = if !sql.starts_with("set") && !sql.contains(';') && self.rng.chance(35) {
-            vec![
-                Msg::Parse {
-                    name: String::new(),
-                    sql: sql.to_owned(),
-                    types: vec![],
-                },
-                Msg::Bind {
-                    portal: String::new(),
-                    stmt: String::new(),
-                    params: vec![],
-                    results: vec![],
-                },
-                Msg::Execute {
-                    portal: String::new(),
-                    limit: 0,
-                },
-                Msg::Sync,
-            ]
+            let unnamed = |sql: &str| {
+                [
+                    Msg::Parse {
+                        name: String::new(),
+                        sql: sql.to_owned(),
+                        types: vec![],
+                    },
+                    Msg::Bind {
+                        portal: String::new(),
+                        stmt: String::new(),
+                        params: vec![],
+                        results: vec![],
+                    },
+                    Msg::Execute {
+                        portal: String::new(),
+                        limit: 0,
+                    },
+                ]
+            };
+            let mut out = unnamed(sql).to_vec();
+            if !self.in_tx && sql != "discard all" && self.rng.chance(25) {
+                // An error after it rolls the batch's implicit transaction back, the reset
+                // too (in an explicit one, a documented limit).
+                out.extend(unnamed("select 1/0"));
+            }
+            out.push(Msg::Sync);
+            out
         } else {
             vec![Msg::Query(sql.to_owned())]
         };
