@@ -483,6 +483,9 @@ struct Gen {
     next_key: usize,
     /// A SET or RESET of a tracked parameter may have run (see `settings_change`).
     settings_changed: bool,
+    /// Names of statements parsed under the login settings, never used after they may have
+    /// changed.
+    retired: Vec<String>,
     /// A reset is prepared as statement "r".
     reset_prepared: bool,
     /// A COPY FROM STDIN is prepared as statement "cp".
@@ -510,6 +513,7 @@ impl Gen {
             copy_data: None,
             next_key: 0,
             settings_changed: false,
+            retired: Vec::new(),
             reset_prepared: false,
             copy_prepared: false,
             maybe_alive: Vec::new(),
@@ -686,7 +690,8 @@ impl Gen {
         self.settings_changed = true;
         let (sensitive, rest): (Vec<_>, Vec<_>) = self.stmts.drain(..).partition(|(_, i)| *i == PARSE_SENSITIVE);
         self.stmts = rest;
-        self.maybe_alive.extend(sensitive.into_iter().map(|(n, _)| n));
+        // Never used again: a Parse of the name would fail, and a Bind would run the old one.
+        self.retired.extend(sensitive.into_iter().map(|(n, _)| n));
     }
 
     fn set_sql(&mut self) -> String {
@@ -1066,7 +1071,7 @@ impl Gen {
             // Names come back after a Close: re-Parse of a closed name.
             let n = format!("s{}", self.next_stmt % 6);
             self.next_stmt += 1;
-            if self.stmts.iter().any(|(s, _)| *s == n) {
+            if self.stmts.iter().any(|(s, _)| *s == n) || self.retired.contains(&n) {
                 format!("s{}x{}", self.client, self.next_stmt)
             } else {
                 if self.maybe_alive.contains(&n) {
