@@ -7,20 +7,51 @@
 //! reply is read, errors that make the server skip to Sync), named statements used across
 //! transactions, re-prepared after Close, duplicated and unknown names, named portals kept
 //! across Syncs inside explicit transactions, cursors, savepoints, small and 5,000-row results,
-//! values over 16 KiB both ways, parameters and results in text and binary format.
+//! values over 16 KiB both ways, parameters and results in text and binary format, SQL
+//! DEALLOCATE (which pgweir answers itself), short sleeps so servers change hands mid-pipeline.
 //!
-//! Scripts are transaction-mode safe: they keep no session state (no SET, temp tables, LISTEN,
-//! advisory locks, SQL PREPARE) and use the unnamed statement only between its Parse and the
-//! next Sync, since PostgreSQL keeps it for the session but pgweir may serve the next
-//! transaction from another server. Nothing in them is nondeterministic (no now(), random(),
-//! pids or OIDs of new objects). Each client writes only its own table, reset before each run,
-//! so the direct run and the pgweir run see the same data.
+//! Session parameters pgweir tracks (TimeZone, DateStyle, IntervalStyle, application_name,
+//! client_encoding, standard_conforming_strings) are given at login by some clients, SET (also
+//! SESSION, LOCAL, by set_config, by Parse/Bind/Execute, refused values) alone or among other
+//! statements, in and out of transactions that commit or roll back, and read back with SHOW
+//! and through values they format or parse, later, on whichever server pgweir picks. RESET
+//! (one name, ALL), DISCARD ALL and SET … TO DEFAULT run alone in their Query (RESETs also
+//! several together, or between BEGIN and COMMIT, or by Parse/Bind/Execute, or as a named
+//! statement bound again later); in a transaction the next Query ends it. ParameterStatus
+//! messages are compared like the rest.
+//! Some clients also give settings pgweir does not track (`options=-c work_mem=…`), which it
+//! applies on every server they get and takes off for the others; scripts read and RESET them.
+//! COPY FROM STDIN runs by simple Query (among other statements) and by Execute (with a Sync
+//! or a Flush after it), in and out of transactions: the client sends its data, in chunks that
+//! split rows, once it has the CopyInResponse (sometimes pausing halfway), then CopyDone or
+//! CopyFail; some rows fail the COPY (duplicate key, bad number). COPY TO STDOUT runs in text,
+//! csv and binary.
 //!
-//! One known difference is kept out of the scripts: in a failed transaction, a Bind or
-//! Describe of a named statement that pgweir must first prepare on the server it got fails on
-//! that Parse (25P02), where PostgreSQL reports a wrong parameter count (08P01) first, or
-//! describes a statement that returns no rows. Nothing can be prepared in a failed
-//! transaction; see `Gen::risky`.
+//! Scripts are otherwise transaction-mode safe: they keep no other session state (no temp
+//! tables, LISTEN, advisory locks, SQL PREPARE) and use the unnamed statement only between its
+//! Parse and the next Sync, since PostgreSQL keeps it for the session but pgweir may serve the
+//! next transaction from another server. Nothing in them is nondeterministic (no now(),
+//! random(), pids or OIDs of new objects). Each client writes only its own table, reset before
+//! each run, so the direct run and the pgweir run see the same data.
+//!
+//! Three known differences are kept out of the scripts. First, the documented limits of
+//! pgweir's RESET handling (README, session parameters): a RESET in the same Query (or Sync)
+//! as statements other than RESETs and BEGIN … COMMIT, statements after a RESET in the same
+//! transaction, a SET … TO DEFAULT with more around it or by the extended protocol.
+//!
+//! Second, PostgreSQL reads a statement's date, time and interval literals once, when it
+//! parses it, under the session's DateStyle and TimeZone of that moment. A client's named
+//! statement that pgweir prepares again on another server is parsed under the client's
+//! settings of the time it is bound (README), so after the client changed DateStyle,
+//! `'03/04/2020'::date` in it can read as April where PostgreSQL keeps March. So a named
+//! statement with such literals is bound only while its client has its login settings (clients
+//! that log in with different ones must not share it); other templates read such values at run
+//! time (`'03/04/2020'::text::date`), and simple queries, parsed each time, use literals.
+//!
+//! Third, in a failed transaction, a Bind or Describe of a named statement that pgweir must
+//! first prepare on the server it got fails on that Parse (25P02), where PostgreSQL reports a
+//! wrong parameter count (08P01) first, or describes a statement that returns no rows. Nothing
+//! can be prepared in a failed transaction; see `Gen::risky`.
 //!
 //! Per seed, the clients run concurrently on direct connections, then concurrently through a
 //! pgweir with one or two servers, so servers pass between clients all the time. The pgweir
@@ -29,8 +60,9 @@
 //!
 //! `PGWEIR_DIFF_SEEDS=N` runs N seeds instead of the fixed CI set; `PGWEIR_DIFF_SEED=x` runs
 //! seed x alone (`PGWEIR_DIFF_FIRST=x` starts the N seeds at x); `PGWEIR_DIFF_CLIENT=c` gives
-//! every other client of the seed an empty script; `PGWEIR_DIFF_MAX_FAILURES` (default 5)
-//! stops after that many mismatching clients. A mismatch prints the seed, the client, its
+//! every other client of the seed an empty script; `PGWEIR_DIFF_DUMP` adds every message of a
+//! mismatching client to its report; `PGWEIR_DIFF_MAX_FAILURES` (default 5) stops after that
+//! many mismatching clients. A mismatch prints the seed, the client, its
 //! script and the first message where the two streams differ, with a few around it. Seeds
 //! that share the pgweir run one after another and state carries over between them (which
 //! statements each server has), so a mismatch found in a long run may need the seeds before
@@ -116,6 +148,17 @@ enum Msg {
     },
     Sync,
     Flush,
+    /// COPY FROM STDIN data, sent only once the server asked for it with CopyInResponse.
+    CopyData(Vec<u8>),
+    CopyDone,
+    CopyFail(String),
+}
+
+impl Msg {
+    /// Part of the data of a COPY FROM STDIN, which a client sends only in copy-in mode.
+    fn is_copy(&self) -> bool {
+        matches!(self, Msg::CopyData(_) | Msg::CopyDone | Msg::CopyFail(_))
+    }
 }
 
 #[derive(Clone)]
@@ -191,6 +234,15 @@ impl Msg {
             }
             Msg::Sync => b'S',
             Msg::Flush => b'H',
+            Msg::CopyData(data) => {
+                b.extend_from_slice(data);
+                b'd'
+            }
+            Msg::CopyDone => b'c',
+            Msg::CopyFail(why) => {
+                cstr(&mut b, why);
+                b'f'
+            }
         };
         out.extend_from_slice(&msg(tag, &b));
     }
@@ -234,12 +286,21 @@ impl fmt::Debug for Msg {
             Msg::Close { kind, name } => write!(f, "Close({}, {name:?})", *kind as char),
             Msg::Sync => write!(f, "Sync"),
             Msg::Flush => write!(f, "Flush"),
+            Msg::CopyData(data) => write!(f, "CopyData({})", short(data)),
+            Msg::CopyDone => write!(f, "CopyDone"),
+            Msg::CopyFail(why) => write!(f, "CopyFail({why:?})"),
         }
     }
 }
 
 /// A client's script: steps, each sent in one write before its replies are read.
 type Script = Vec<Vec<Msg>>;
+
+/// Settings a client gives in its startup packet besides user and database.
+type Startup = Vec<(&'static str, String)>;
+
+/// What one client does: log in with its settings, then run its script.
+type Plan = (Startup, Script);
 
 fn print_script(script: &Script) -> String {
     let mut out = String::new();
@@ -292,6 +353,25 @@ const SMALL: &[i32] = &[-7, 0, 1, 2, 42, 1000];
 const ROWS: &[i32] = &[0, 1, 3, 100, 1000, 5000];
 const KEYS: &[i32] = &[1, 5, 50, 99, 101, 120, 150];
 
+/// Values of the tracked parameters scripts set, and give at login.
+const ZONES: &[&str] = &[
+    "UTC",
+    "Europe/Paris",
+    "America/New_York",
+    "Asia/Kolkata",
+    "Pacific/Chatham",
+];
+const DATESTYLES: &[&str] = &[
+    "ISO, MDY",
+    "ISO, DMY",
+    "SQL, DMY",
+    "SQL, MDY",
+    "Postgres, DMY",
+    "German",
+    "ISO",
+];
+const INTERVALSTYLES: &[&str] = &["postgres", "postgres_verbose", "sql_standard", "iso_8601"];
+
 /// The statements of client `c` (its table is `d<c>`).
 fn templates(c: usize) -> Vec<Template> {
     vec![
@@ -338,8 +418,27 @@ fn templates(c: usize) -> Vec<Template> {
         t("do $$begin raise notice 'notice %', 42; end$$", &[]),
         t("values (1, 'one'), (2, null)", &[]),
         t("select 1/0", &[]),
+        // Read under DateStyle when it runs (a date literal would be read when it is parsed:
+        // see the top comment), printed under DateStyle, TimeZone and IntervalStyle.
+        t(
+            "select '2020-01-02 03:04:05+00'::timestamptz::text as ts, '03/04/2020'::text::date::text as d, \
+             $1::int4 * interval '1 day 02:03:04' as i, current_setting('application_name') as a",
+            &[PType::Int(SMALL)],
+        ),
+        // A few milliseconds: servers change hands in the middle of other clients' pipelines.
+        t("select pg_sleep($1::int4 / 1000.0)", &[PType::Int(&[0, 2, 5])]),
+        // PARSE_SENSITIVE: literals read when the statement is parsed, under the DateStyle and
+        // TimeZone of that moment. Clients that log in with different ones must not share it.
+        t(
+            "select '03/04/2020'::date::text as d, '2020-01-02 03:04:05'::timestamptz::text as t, $1::int4 as n",
+            &[PType::Int(SMALL)],
+        ),
     ]
 }
+
+/// The template whose named statements a client binds only while it has its login settings
+/// (see the top comment).
+const PARSE_SENSITIVE: usize = 18;
 
 /// Transaction control, by simple or extended protocol.
 const TX_START: &[&str] = &["begin", "begin isolation level repeatable read", "start transaction"];
@@ -378,6 +477,22 @@ struct Gen {
     /// An extended-protocol message was sent after the last Sync (a simple Query now would be
     /// skipped by PostgreSQL if an error is pending, and is not what any driver does).
     unsynced: bool,
+    /// The data of the COPY FROM STDIN just generated: the step after it.
+    copy_data: Option<Vec<Vec<Msg>>>,
+    /// Keys COPY has used, so most copied rows are new.
+    next_key: usize,
+    /// A SET or RESET of a tracked parameter may have run (see `settings_change`).
+    settings_changed: bool,
+    /// Names of statements parsed under the login settings, never used after they may have
+    /// changed.
+    retired: Vec<String>,
+    /// A reset is prepared as statement "r".
+    reset_prepared: bool,
+    /// A COPY FROM STDIN is prepared as statement "cp".
+    copy_prepared: bool,
+    /// Statements closed where the Close may have been skipped after an error: a Parse of
+    /// the name may fail (42P05).
+    maybe_alive: Vec<String>,
 }
 
 impl Gen {
@@ -395,19 +510,85 @@ impl Gen {
             batch_fresh: true,
             cursor_open: false,
             unsynced: false,
+            copy_data: None,
+            next_key: 0,
+            settings_changed: false,
+            retired: Vec::new(),
+            reset_prepared: false,
+            copy_prepared: false,
+            maybe_alive: Vec::new(),
         }
+    }
+
+    fn plan(mut self) -> Plan {
+        let startup = self.startup();
+        (startup, self.script())
+    }
+
+    /// Login settings: none for most clients, so both a RESET back to the server's defaults and
+    /// one back to a client's own values are exercised.
+    fn startup(&mut self) -> Startup {
+        let mut out = Vec::new();
+        if self.rng.chance(50) {
+            return out;
+        }
+        if self.rng.chance(50) {
+            out.push(("TimeZone", self.rng.pick(ZONES).to_owned()));
+        }
+        if self.rng.chance(40) {
+            out.push(("DateStyle", self.rng.pick(DATESTYLES).to_owned()));
+        }
+        if self.rng.chance(30) {
+            out.push(("IntervalStyle", self.rng.pick(INTERVALSTYLES).to_owned()));
+        }
+        if self.rng.chance(40) {
+            // PostgreSQL cuts a long name to 63 bytes and writes '?' for non-ASCII bytes.
+            let name = match self.rng.below(4) {
+                0 => "é-".repeat(30),
+                1 => "x".repeat(70),
+                _ => format!("login{}", self.client),
+            };
+            out.push(("application_name", name));
+        }
+        if self.rng.chance(15) {
+            // Canonicalised: reported as Europe/Paris.
+            out.push(("TimeZone", "europe/paris".to_owned()));
+        }
+        if self.rng.chance(20) {
+            out.push(("client_encoding", "utf8".to_owned()));
+        }
+        if self.rng.chance(30) {
+            // Settings pgweir does not track but applies for this client on every server (and
+            // takes off again for the next client), a tracked one among them.
+            out.push((
+                "options",
+                self.rng
+                    .pick(&[
+                        "-c work_mem=5MB",
+                        "-c work_mem=6MB -c TimeZone=Asia/Tokyo",
+                        "-c standard_conforming_strings=off",
+                    ])
+                    .to_owned(),
+            ));
+        }
+        out
     }
 
     fn script(mut self) -> Script {
         let steps = 8 + self.rng.below(20);
         let mut script = Vec::new();
         for _ in 0..steps {
-            let step = if !self.unsynced && self.rng.chance(35) {
+            let step = if !self.unsynced && self.rng.chance(6) {
+                self.reset_step()
+            } else if !self.unsynced && !self.stmts.is_empty() && self.rng.chance(3) {
+                self.deallocate_step()
+            } else if !self.unsynced && self.rng.chance(35) {
                 self.simple_step()
             } else {
                 self.extended_step()
             };
             script.push(step);
+            script.extend(self.copy_data.take().into_iter().flatten());
         }
         if self.unsynced {
             script.push(vec![Msg::Sync]);
@@ -501,6 +682,278 @@ impl Gen {
         self.cursor_open = false;
     }
 
+    /// A SET of a tracked parameter (never to DEFAULT: see `reset_step`), sometimes LOCAL,
+    /// sometimes refused.
+    /// The client's settings may differ from its login ones from now on: its statements whose
+    /// literals were read under the old ones are not bound again.
+    fn settings_change(&mut self) {
+        self.settings_changed = true;
+        let (sensitive, rest): (Vec<_>, Vec<_>) = self.stmts.drain(..).partition(|(_, i)| *i == PARSE_SENSITIVE);
+        self.stmts = rest;
+        // Never used again: a Parse of the name would fail, and a Bind would run the old one.
+        self.retired.extend(sensitive.into_iter().map(|(n, _)| n));
+    }
+
+    fn set_sql(&mut self) -> String {
+        self.settings_change();
+        let scope = match self.rng.below(10) {
+            0 => " session",
+            1 | 2 if self.in_tx => " local",
+            // Outside a transaction: a WARNING, and no effect.
+            3 if self.rng.chance(20) => " local",
+            _ => "",
+        };
+        if scope == " local" && self.rng.chance(20) {
+            // Untracked, but gone at the end of the transaction.
+            return "set local work_mem = '7MB'".into();
+        }
+        let to = self.rng.pick(&[" to ", " = "]);
+        let (name, value) = match self.rng.below(11) {
+            0 | 1 => ("timezone", self.rng.pick(ZONES)),
+            2 | 3 => ("datestyle", self.rng.pick(DATESTYLES)),
+            4 => ("intervalstyle", self.rng.pick(INTERVALSTYLES)),
+            5 | 6 => ("application_name", self.rng.pick(&["a", "", "b c", "Diff", "né"])),
+            7 => ("client_encoding", self.rng.pick(&["UTF8", "utf8"])),
+            8 => ("standard_conforming_strings", self.rng.pick(&["on", "off"])),
+            9 => {
+                let local = if self.in_tx && self.rng.chance(30) {
+                    "true"
+                } else {
+                    "false"
+                };
+                let zone = self.rng.pick(ZONES);
+                return format!("select set_config('TimeZone', '{zone}', {local})");
+            }
+            _ => {
+                self.risky();
+                let (name, value) = self.rng.pick(&[
+                    ("timezone", "No/Where"),
+                    ("datestyle", "Sideways"),
+                    ("intervalstyle", "roman"),
+                ]);
+                (name, value)
+            }
+        };
+        if name == "timezone" && self.rng.chance(25) {
+            return format!("set{scope} time zone '{value}'");
+        }
+        format!("set{scope} {name}{to}'{value}'")
+    }
+
+    /// What the tracked parameters are now, as names and through values they format or parse.
+    fn read_sql(&mut self) -> String {
+        match self.rng.below(9) {
+            // Not tracked: what the client gave at login, or the default.
+            8 => "show work_mem".into(),
+            0 => "show timezone".into(),
+            1 => "show datestyle".into(),
+            2 => "show intervalstyle".into(),
+            3 => "show application_name".into(),
+            4 => "select current_setting('standard_conforming_strings'), current_setting('client_encoding')".into(),
+            // A backslash reads as an escape with standard_conforming_strings off (and warns).
+            5 => "select length('a\\b') as backslash".into(),
+            _ => "select '2020-01-02 03:04:05+00'::timestamptz::text as ts, '03/04/2020'::date::text as d, \
+                  interval '1 day 02:03:04.5'::text as i"
+                .into(),
+        }
+    }
+
+    /// SQL DEALLOCATE of a named statement (pgweir answers it itself from its table of the
+    /// client's names), or of all; in a transaction that may have failed, it may fail.
+    fn deallocate_step(&mut self) -> Vec<Msg> {
+        let sql = if self.rng.chance(20) {
+            if !self.tx_risky {
+                self.reset_prepared = false;
+                self.copy_prepared = false;
+            }
+            let gone: Vec<String> = self.stmts.drain(..).map(|(n, _)| n).collect();
+            if self.tx_risky {
+                self.maybe_alive.extend(gone);
+            }
+            "deallocate all".to_owned()
+        } else {
+            let (name, _) = self.stmts.remove(self.rng.below(self.stmts.len()));
+            if self.tx_risky {
+                self.maybe_alive.push(name.clone());
+            }
+            format!("{} {name}", self.rng.pick(&["deallocate", "DEALLOCATE PREPARE"]))
+        };
+        vec![Msg::Query(sql)]
+    }
+
+    /// A RESET, DISCARD ALL or SET … TO DEFAULT, alone in its Query as pgweir requires (see
+    /// the top comment); in a transaction, the transaction ends in the next Query.
+    fn reset_step(&mut self) -> Vec<Msg> {
+        self.settings_change();
+        let sql = self.rng.pick(&[
+            "reset timezone",
+            "reset datestyle",
+            "reset application_name",
+            "reset intervalstyle",
+            "reset all",
+            "RESET ALL;",
+            "discard all",
+            "set timezone to default",
+            "set session datestyle = default",
+            "set time zone local",
+            "set application_name to default",
+            "reset timezone; reset intervalstyle",
+            "reset application_name; reset work_mem; reset datestyle",
+            "reset work_mem",
+            "set work_mem to default",
+            "begin; reset all; commit",
+            "start transaction; reset intervalstyle; end",
+        ]);
+        // In a transaction that may have failed, such a BEGIN would fail the whole Query.
+        let sql = if self.in_tx && sql.contains(';') {
+            "reset all"
+        } else {
+            sql
+        };
+        // Prepared once as a named statement and bound after, as pgJDBC does with a statement
+        // it runs often; outside transactions only, so its Parse cannot fail.
+        if !self.in_tx && self.rng.chance(15) {
+            let mut out = Vec::new();
+            if !self.reset_prepared {
+                let sql = self.rng.pick(&["reset all", "reset timezone", "reset intervalstyle"]);
+                self.reset_prepared = true;
+                out.push(Msg::Parse {
+                    name: "r".into(),
+                    sql: sql.to_owned(),
+                    types: vec![],
+                });
+            }
+            out.push(Msg::Bind {
+                portal: String::new(),
+                stmt: "r".into(),
+                params: vec![],
+                results: vec![],
+            });
+            out.push(Msg::Execute {
+                portal: String::new(),
+                limit: 0,
+            });
+            out.push(Msg::Sync);
+            self.batch_risky = false;
+            self.batch_fresh = true;
+            return out;
+        }
+        // By Parse/Bind/Execute as pgJDBC sends it, alone before its Sync (a SET … TO DEFAULT
+        // is recognised only in a Query).
+        let mut out = if !sql.starts_with("set") && !sql.contains(';') && self.rng.chance(35) {
+            let unnamed = |sql: &str| {
+                [
+                    Msg::Parse {
+                        name: String::new(),
+                        sql: sql.to_owned(),
+                        types: vec![],
+                    },
+                    Msg::Bind {
+                        portal: String::new(),
+                        stmt: String::new(),
+                        params: vec![],
+                        results: vec![],
+                    },
+                    Msg::Execute {
+                        portal: String::new(),
+                        limit: 0,
+                    },
+                ]
+            };
+            let mut out = unnamed(sql).to_vec();
+            if !self.in_tx && sql != "discard all" && self.rng.chance(25) {
+                // An error after it rolls the batch's implicit transaction back, the reset
+                // too (in an explicit one, a documented limit).
+                out.extend(unnamed("select 1/0"));
+            }
+            out.push(Msg::Sync);
+            out
+        } else {
+            vec![Msg::Query(sql.to_owned())]
+        };
+        if sql.ends_with("commit") || sql.ends_with("end") {
+            // Its own transaction, or the end of the open one.
+            self.end_tx();
+        } else if self.in_tx {
+            // DISCARD ALL fails in a transaction block, and keeps the statements.
+            out.push(Msg::Query(self.rng.pick(TX_END).to_owned()));
+            self.end_tx();
+        } else if sql == "discard all" {
+            self.stmts.clear();
+            self.reset_prepared = false;
+            self.copy_prepared = false;
+        }
+        self.batch_risky = false;
+        self.batch_fresh = true;
+        out
+    }
+
+    /// COPY FROM STDIN's data for the next step: rows in chunks that split them anywhere, then
+    /// CopyDone, or CopyFail. Some rows fail: a key in use (23505), a key that is no number
+    /// (22P02).
+    fn copy_rows(&mut self, extended: bool) -> Vec<Msg> {
+        let mut text = String::new();
+        let rows = self.rng.pick(&[0, 1, 3, 40, 400]);
+        let wide = self.rng.chance(20);
+        for _ in 0..rows {
+            let k = match self.rng.below(100) {
+                0 => "x1".to_owned(),
+                1 | 2 => self.rng.pick(KEYS).to_string(),
+                _ => {
+                    self.next_key += 1;
+                    (1000 + self.next_key).to_string()
+                }
+            };
+            let v = if wide {
+                "w".repeat(100 + self.rng.below(300))
+            } else {
+                self.text_value()
+            };
+            let _ = writeln!(text, "{k}\t{v}");
+        }
+        let bytes = text.into_bytes();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = (1 + self.rng.below(3000)).min(bytes.len() - at);
+            out.push(Msg::CopyData(bytes[at..at + len].to_vec()));
+            at += len;
+        }
+        if self.rng.chance(10) {
+            out.push(Msg::CopyFail("client gave up".into()));
+        } else {
+            out.push(Msg::CopyDone);
+        }
+        if extended {
+            out.push(Msg::Sync);
+        }
+        out
+    }
+
+    /// The steps that send a COPY's data: one, or two with a pause between, the first of them
+    /// only CopyData (the server answers nothing until the data ends).
+    fn copy_steps(&mut self, extended: bool) -> Vec<Vec<Msg>> {
+        let mut all = self.copy_rows(extended);
+        let data = all.iter().filter(|m| matches!(m, Msg::CopyData(_))).count();
+        if data >= 2 && self.rng.chance(40) {
+            let rest = all.split_off(1 + self.rng.below(data - 1));
+            vec![all, rest]
+        } else {
+            vec![all]
+        }
+    }
+
+    /// COPY TO STDOUT, in text, csv or binary.
+    fn copy_out_sql(&mut self) -> String {
+        let c = self.client;
+        match self.rng.below(4) {
+            0 => format!("copy (select k, v from d{c} order by k) to stdout"),
+            1 => "copy (select g, repeat('z', g % 70) from generate_series(1, 700) g) to stdout (format csv)".into(),
+            2 => format!("copy (select * from d{c} where k < 10 order by k) to stdout (format binary)"),
+            _ => "copy (select 1/0) to stdout".into(),
+        }
+    }
+
     fn simple_step(&mut self) -> Vec<Msg> {
         let n = 1 + self.rng.below(3);
         let mut parts = Vec::new();
@@ -510,7 +963,18 @@ impl Gen {
             let roll = self.rng.below(100);
             let sql = if roll < 25 {
                 self.tx_statement()
-            } else if roll < 35 && self.in_tx {
+            } else if roll < 29 && self.copy_data.is_none() {
+                self.risky();
+                self.copy_data = Some(self.copy_steps(false));
+                format!("copy d{} from stdin", self.client)
+            } else if roll < 32 {
+                self.risky();
+                self.copy_out_sql()
+            } else if roll < 42 {
+                self.set_sql()
+            } else if roll < 52 {
+                self.read_sql()
+            } else if roll < 62 && self.in_tx {
                 self.risky();
                 if self.cursor_open {
                     if self.rng.chance(30) {
@@ -525,7 +989,12 @@ impl Gen {
                     format!("declare cur cursor for select g, repeat('y', g % 50) from generate_series(1, {rows}) g")
                 }
             } else {
-                let idx = self.rng.below(self.templates.len());
+                let mut idx = self.rng.below(self.templates.len());
+                if idx == 11 && n > 1 {
+                    // A syntax error fails the whole Query before any of it runs (a COMMIT
+                    // before it too): alone only, so the generator's beliefs hold.
+                    idx = 15;
+                }
                 if Self::risky_template(idx) {
                     self.risky();
                 }
@@ -583,6 +1052,11 @@ impl Gen {
         } else {
             self.rng.below(self.templates.len())
         };
+        let idx = if idx == PARSE_SENSITIVE && self.settings_changed {
+            0
+        } else {
+            idx
+        };
         let tpl = self.templates[idx].clone();
         if Self::risky_template(idx) {
             self.risky();
@@ -597,9 +1071,12 @@ impl Gen {
             // Names come back after a Close: re-Parse of a closed name.
             let n = format!("s{}", self.next_stmt % 6);
             self.next_stmt += 1;
-            if self.stmts.iter().any(|(s, _)| *s == n) {
+            if self.stmts.iter().any(|(s, _)| *s == n) || self.retired.contains(&n) {
                 format!("s{}x{}", self.client, self.next_stmt)
             } else {
+                if self.maybe_alive.contains(&n) {
+                    self.risky();
+                }
                 n
             }
         };
@@ -705,6 +1182,10 @@ impl Gen {
                 if !self.stmts.is_empty() && self.rng.chance(70) {
                     let i = self.rng.below(self.stmts.len());
                     let (name, _) = self.stmts.remove(i);
+                    if self.batch_risky {
+                        // PostgreSQL may skip the Close.
+                        self.maybe_alive.push(name.clone());
+                    }
                     out.push(Msg::Close { kind: b'S', name });
                 } else {
                     let kind = self.rng.pick(b"SP");
@@ -755,6 +1236,31 @@ impl Gen {
                     out.push(Msg::Close { kind: b'P', name: p });
                 }
             }
+            78..=83 => {
+                let sql = match self.rng.below(3) {
+                    0 => self.set_sql(),
+                    1 => self.read_sql(),
+                    _ => {
+                        self.risky();
+                        self.copy_out_sql()
+                    }
+                };
+                out.push(Msg::Parse {
+                    name: String::new(),
+                    sql,
+                    types: vec![],
+                });
+                out.push(Msg::Bind {
+                    portal: String::new(),
+                    stmt: String::new(),
+                    params: vec![],
+                    results: vec![],
+                });
+                out.push(Msg::Execute {
+                    portal: String::new(),
+                    limit: 0,
+                });
+            }
             _ => {
                 let sql = self.tx_statement();
                 out.push(Msg::Parse {
@@ -780,10 +1286,46 @@ impl Gen {
         let mut out = Vec::new();
         let units = 1 + self.rng.below(4);
         for u in 0..units {
+            let last = u + 1 == units;
+            if last && self.rng.chance(6) {
+                // COPY FROM STDIN by Execute: the data follows in the next step, with a Sync.
+                // Sometimes of a named statement prepared once (pgweir runs it under its own
+                // name), while nothing may have failed (see `risky`).
+                let stmt = if !self.tx_risky && !self.batch_risky && self.rng.chance(30) {
+                    "cp"
+                } else {
+                    ""
+                };
+                self.risky();
+                if stmt.is_empty() || !self.copy_prepared {
+                    self.copy_prepared |= !stmt.is_empty();
+                    out.push(Msg::Parse {
+                        name: stmt.into(),
+                        sql: format!("copy d{} from stdin", self.client),
+                        types: vec![],
+                    });
+                }
+                out.push(Msg::Bind {
+                    portal: String::new(),
+                    stmt: stmt.into(),
+                    params: vec![],
+                    results: vec![],
+                });
+                out.push(Msg::Execute {
+                    portal: String::new(),
+                    limit: 0,
+                });
+                // Some drivers Sync at once (PostgreSQL ignores it in copy-in mode), some Flush.
+                out.push(if self.rng.chance(50) { Msg::Sync } else { Msg::Flush });
+                self.copy_data = Some(self.copy_steps(true));
+                self.unsynced = false;
+                self.batch_risky = self.tx_risky;
+                self.batch_fresh = true;
+                break;
+            }
             self.extended_unit(&mut out);
             self.batch_fresh = false;
             self.unsynced = true;
-            let last = u + 1 == units;
             if (last && self.rng.chance(85)) || (!last && self.rng.chance(40)) {
                 out.push(Msg::Sync);
                 self.unsynced = false;
@@ -821,7 +1363,7 @@ fn want(m: &Msg) -> Option<Want> {
         Msg::Describe { kind: b'S', .. } => Want::DescribeStatement,
         Msg::Describe { .. } => Want::DescribePortal,
         Msg::Execute { .. } => Want::Execute,
-        Msg::Flush => return None,
+        Msg::Flush | Msg::CopyData(_) | Msg::CopyDone | Msg::CopyFail(_) => return None,
     })
 }
 
@@ -834,6 +1376,8 @@ struct Client {
     owed: VecDeque<(Want, bool)>,
     /// Skipping to Sync after an error (this lasts across steps when a step ends in Flush).
     skipping: bool,
+    /// The server sent CopyInResponse and waits for the data, which the next step holds.
+    copy_in: bool,
 }
 
 /// What one client saw.
@@ -850,7 +1394,7 @@ struct Transcript {
 }
 
 impl Client {
-    async fn connect(addr: std::net::SocketAddr, t: &mut Transcript) -> std::io::Result<Client> {
+    async fn connect(addr: std::net::SocketAddr, startup: &Startup, t: &mut Transcript) -> std::io::Result<Client> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let (r, w) = s.into_split();
@@ -859,8 +1403,9 @@ impl Client {
             w,
             owed: VecDeque::new(),
             skipping: false,
+            copy_in: false,
         };
-        c.w.write_all(&support::startup_packet(roles::TRUST, "app")).await?;
+        c.w.write_all(&startup_packet(startup)).await?;
         loop {
             let m = c.read().await?;
             match m[0] {
@@ -898,7 +1443,21 @@ impl Client {
 
     async fn step(&mut self, step: &[Msg], t: &mut Transcript) -> std::io::Result<()> {
         let mut bytes = Vec::new();
-        for m in step {
+        // COPY data goes out only when the server asked for it, as a driver sends it; when the
+        // COPY failed first, the rest of the step (its Sync) still goes.
+        let copying = std::mem::take(&mut self.copy_in);
+        if copying && step.iter().all(|m| matches!(m, Msg::CopyData(_))) {
+            // Part of the data: nothing is answered yet. The pause lets pgweir forward it and
+            // wait for more.
+            let mut bytes = Vec::new();
+            step.iter().for_each(|m| m.encode(&mut bytes));
+            self.w.write_all(&bytes).await?;
+            self.w.flush().await?;
+            self.copy_in = true;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            return Ok(());
+        }
+        for m in step.iter().filter(|m| copying || !m.is_copy()) {
             m.encode(&mut bytes);
             if let Some(w) = want(m) {
                 let extended = !matches!(m, Msg::Query(_) | Msg::Sync);
@@ -908,7 +1467,13 @@ impl Client {
         self.skip_to_sync();
         // Written while the replies are read: a long pipeline must not deadlock on full
         // socket buffers in both directions.
-        let Client { r, w, owed, skipping } = self;
+        let Client {
+            r,
+            w,
+            owed,
+            skipping,
+            copy_in,
+        } = self;
         let write = async {
             w.write_all(&bytes).await?;
             w.flush().await
@@ -926,6 +1491,16 @@ impl Client {
                 };
                 let tag = m[0];
                 t.messages.push(normalise(m));
+                if tag == b'G' {
+                    // The data is the next step. A COPY run by Execute is the last message of
+                    // its step but for a Sync or Flush, and the server ignores a Sync in copy-in
+                    // mode: only the Sync after the data is answered.
+                    *copy_in = true;
+                    if extended {
+                        owed.clear();
+                    }
+                    break;
+                }
                 let done = match (front, tag) {
                     // Notices and reports can come at any point.
                     (_, b'N' | b'S' | b'A') => false,
@@ -1008,10 +1583,27 @@ fn show(m: &[u8]) -> String {
     }
 }
 
-/// Runs `script` on a fresh connection to `addr`.
-async fn run_script(addr: std::net::SocketAddr, script: Arc<Script>) -> Transcript {
+/// A StartupMessage for the test role and database, with `startup`'s settings.
+fn startup_packet(startup: &Startup) -> Vec<u8> {
+    let mut body = 196_608i32.to_be_bytes().to_vec();
+    for (k, v) in [("user", roles::TRUST), ("database", "app")]
+        .into_iter()
+        .chain(startup.iter().map(|(k, v)| (*k, v.as_str())))
+    {
+        cstr(&mut body, k);
+        cstr(&mut body, v);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
+/// Runs `plan` on a fresh connection to `addr`.
+async fn run_script(addr: std::net::SocketAddr, plan: Arc<Plan>) -> Transcript {
+    let (startup, script) = &*plan;
     let mut t = Transcript::default();
-    let mut client = match Client::connect(addr, &mut t).await {
+    let mut client = match Client::connect(addr, startup, &mut t).await {
         Ok(c) => c,
         Err(e) => {
             t.failure = Some(format!("connect: {e}"));
@@ -1033,7 +1625,7 @@ async fn run_script(addr: std::net::SocketAddr, script: Arc<Script>) -> Transcri
 fn compare(
     seed: u64,
     client: usize,
-    script: &Script,
+    (startup, script): &Plan,
     direct: &Transcript,
     proxied: &Transcript,
     variant: &str,
@@ -1089,7 +1681,21 @@ fn compare(
             );
         }
     }
-    let _ = write!(report, "script of client {client}:\n{}", print_script(script));
+    let _ = write!(
+        report,
+        "script of client {client} (startup {startup:?}):\n{}",
+        print_script(script)
+    );
+    if std::env::var_os("PGWEIR_DIFF_DUMP").is_some() {
+        let _ = writeln!(report, "every message (direct | proxied):");
+        for j in 0..direct.messages.len().max(proxied.messages.len()) {
+            if let Some(step) = direct.step_starts.iter().position(|&s| s == j) {
+                let _ = writeln!(report, "  -- step {step}");
+            }
+            let side = |t: &Transcript| t.messages.get(j).map_or_else(|| "-".to_owned(), |m| show(m));
+            let _ = writeln!(report, "  {j}: {} | {}", side(direct), side(proxied));
+        }
+    }
     Some(report)
 }
 
@@ -1142,12 +1748,12 @@ async fn variants(pg: &EmbeddedPostgres) -> Vec<Variant> {
 /// number of scripts and the reports of mismatches.
 async fn run_seed(pg: &EmbeddedPostgres, variant: &Variant, seed: u64) -> (usize, Vec<String>) {
     let clients = 2 + (seed as usize % (MAX_CLIENTS - 1));
-    let mut scripts: Vec<Arc<Script>> = (0..clients).map(|c| Arc::new(Gen::new(seed, c).script())).collect();
+    let mut scripts: Vec<Arc<Plan>> = (0..clients).map(|c| Arc::new(Gen::new(seed, c).plan())).collect();
     // To see whether a mismatch needs the other clients: the others get empty scripts.
     if let Some(only) = env_u64("PGWEIR_DIFF_CLIENT") {
         for (c, s) in scripts.iter_mut().enumerate() {
             if c as u64 != only {
-                *s = Arc::new(Vec::new());
+                *s = Arc::new((s.0.clone(), Vec::new()));
             }
         }
     }

@@ -891,13 +891,60 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
         "SET SESSION DateStyle = DEFAULT;",
         "SELECT current_setting('TimeZone'), '01/02/2024'::date::text",
     ];
+    same_as_direct(&pg, &proxy, &extra, &script, false).await;
+}
+
+/// Runs `script` (one Query each, or one Parse/Bind/Execute/Sync each when `extended`) as a client with the login settings `extra`, on PostgreSQL
+/// directly and through `proxy` (whose one server another client has just used with values of
+/// its own), and asserts that every message after login is the same, ParameterStatus included.
+async fn same_as_direct(
+    pg: &pgweir::embedded_pg::EmbeddedPostgres,
+    proxy: &TestProxy,
+    extra: &[(&[u8], &[u8])],
+    script: &[&str],
+    extended: bool,
+) {
     // Every message as (tag, body), so reports, rows and tags are all compared.
-    async fn run(s: &mut TcpStream, script: &[&str]) -> Vec<(char, Vec<u8>)> {
+    async fn run(s: &mut TcpStream, script: &[&str], extended: bool) -> Vec<(char, Vec<u8>)> {
         let mut all = Vec::new();
         for sql in script {
             let mut text = sql.as_bytes().to_vec();
             text.push(0);
-            s.write_all(&wire::msg(b'Q', &text)).await.expect("query");
+            let out = if let Some(rest) = sql.strip_prefix('=') {
+                // "=name SQL": prepares the named statement.
+                let (name, text) = rest.split_once(' ').expect("=name SQL");
+                [
+                    wire::msg(b'P', &[name.as_bytes(), b"\0", text.as_bytes(), b"\0\0\0"].concat()),
+                    wire::msg(b'S', b""),
+                ]
+                .concat()
+            } else if let Some(name) = sql.strip_prefix('@') {
+                // "@name": runs it.
+                [
+                    wire::msg(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat()),
+                    wire::msg(b'E', b"\0\0\0\0\0"),
+                    wire::msg(b'S', b""),
+                ]
+                .concat()
+            } else if extended {
+                // "a | b": both in one batch, one Sync.
+                let mut batch: Vec<u8> = sql
+                    .split(" | ")
+                    .flat_map(|one| {
+                        [
+                            wire::msg(b'P', &[b"\0", one.as_bytes(), b"\0\0\0"].concat()),
+                            wire::msg(b'B', b"\0\0\0\0\0\0\0\0"),
+                            wire::msg(b'E', b"\0\0\0\0\0"),
+                        ]
+                        .concat()
+                    })
+                    .collect();
+                batch.extend_from_slice(&wire::msg(b'S', b""));
+                batch
+            } else {
+                wire::msg(b'Q', &text)
+            };
+            s.write_all(&out).await.expect("query");
             all.push(('>', sql.as_bytes().to_vec()));
             loop {
                 let m = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(s))
@@ -913,22 +960,22 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
         all
     }
     let mut pairs: Vec<(&[u8], &[u8])> = vec![(b"user", roles::TRUST.as_bytes()), (b"database", b"app")];
-    pairs.extend_from_slice(&extra);
+    pairs.extend_from_slice(extra);
     let mut direct = TcpStream::connect((pg.host(), pg.port()))
         .await
         .expect("connect directly");
     direct.write_all(&startup(&pairs)).await.expect("startup");
     let r = read_reply(&mut direct, Duration::from_secs(10)).await;
     assert!(r.ready && r.error.is_none(), "direct login: {r:?}");
-    let want = run(&mut direct, &script).await;
+    let want = run(&mut direct, script, extended).await;
 
     // Another client first leaves the one server with values of its own.
-    let (mut other, r) = login(&proxy, &[(b"TimeZone", b"Europe/Paris"), (b"DateStyle", b"German")]).await;
+    let (mut other, r) = login(proxy, &[(b"TimeZone", b"Europe/Paris"), (b"DateStyle", b"German")]).await;
     assert!(r.ready && r.error.is_none(), "other login: {r:?}");
     assert!(query(&mut other, "SELECT 1").await.ready);
-    let (mut s, r) = login(&proxy, &extra).await;
+    let (mut s, r) = login(proxy, extra).await;
     assert!(r.ready && r.error.is_none(), "login: {r:?}");
-    let got = run(&mut s, &script).await;
+    let got = run(&mut s, script, extended).await;
     let show = |v: &[(char, Vec<u8>)]| {
         v.iter()
             .map(|(t, b)| format!("{t} {}", String::from_utf8_lossy(b).replace('\0', "|")))
@@ -936,4 +983,74 @@ async fn a_reset_brings_back_the_clients_own_login_values() {
             .join("\n")
     };
     assert_eq!(show(&got), show(&want));
+}
+
+/// PostgreSQL reports a RESET's change from the value the client held to its login value; the
+/// server behind pgweir goes back to its own default, and reports nothing when it had that value
+/// already (the client then kept the SET value, and was told nothing). A ROLLBACK of a
+/// transaction with a RESET goes back to the value before it: reported when the client was
+/// told another, not reported when it holds that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_reports_its_login_values_though_the_server_changes_nothing() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let extra: [(&[u8], &[u8]); 2] = [(b"IntervalStyle", b"iso_8601"), (b"DateStyle", b"German")];
+    let script = [
+        // The server's own default.
+        "SET IntervalStyle = 'postgres'",
+        "RESET IntervalStyle",
+        "SHOW IntervalStyle",
+        "SET IntervalStyle = 'postgres'",
+        "RESET TimeZone; RESET IntervalStyle",
+        "SHOW IntervalStyle",
+        "SET IntervalStyle = 'postgres'",
+        "BEGIN; RESET IntervalStyle; COMMIT",
+        "SHOW IntervalStyle",
+        "SET IntervalStyle = 'postgres'",
+        "SET application_name = 'x'",
+        "RESET ALL",
+        "SELECT current_setting('IntervalStyle'), current_setting('application_name')",
+        "SET IntervalStyle = 'postgres'",
+        "BEGIN",
+        "RESET ALL",
+        "ROLLBACK",
+        "SHOW IntervalStyle",
+        "BEGIN",
+        "RESET DateStyle",
+        "ROLLBACK",
+        "SHOW DateStyle",
+        // The server reports the rollback of one, pgweir the other: in PostgreSQL's order.
+        "SET TimeZone = 'Asia/Tokyo'",
+        "BEGIN",
+        "RESET ALL",
+        "ROLLBACK",
+        "SELECT current_setting('IntervalStyle'), current_setting('TimeZone')",
+        "BEGIN",
+        "SET IntervalStyle TO DEFAULT",
+        "COMMIT",
+        "SHOW IntervalStyle",
+    ];
+    same_as_direct(&pg, &proxy, &extra, &script, false).await;
+    // As pgJDBC sends them (but SET … TO DEFAULT, recognised only in a Query).
+    let script: Vec<&str> = script
+        .into_iter()
+        .filter(|sql| !sql.ends_with("DEFAULT") && !sql.contains(';'))
+        .collect();
+    same_as_direct(&pg, &proxy, &extra, &script, true).await;
+    // A RESET ALL prepared once and run later, as pgJDBC does with one it runs often.
+    let script = [
+        "=rs RESET ALL",
+        "SET IntervalStyle = 'postgres'",
+        "@rs",
+        "SHOW IntervalStyle",
+        "SET IntervalStyle = 'postgres'",
+        "BEGIN",
+        "@rs",
+        "ROLLBACK",
+        "SHOW IntervalStyle",
+        // The error rolls the batch's implicit transaction back, the RESET with it.
+        "RESET ALL | SELECT 1/0",
+        "SHOW IntervalStyle",
+    ];
+    same_as_direct(&pg, &proxy, &extra, &script, true).await;
 }

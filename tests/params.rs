@@ -284,6 +284,43 @@ async fn startup_settings_of_one_client_do_not_reach_the_next() {
     }
 }
 
+/// A RESET inside a transaction that rolls back leaves the server with the settings pgweir gave
+/// it for the client (PostgreSQL reports none of them): they must still be taken off before the
+/// next client uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_that_rolls_back_does_not_leave_startup_settings_to_the_next_client() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(1).start().await;
+    let with = connect(&format!(
+        "{} options='-c work_mem=5MB'",
+        proxy.conn_str(roles::SCRAM, "app")
+    ))
+    .await;
+    let plain = connect(&proxy.conn_str(roles::SCRAM, "app")).await;
+    async fn work_mem(client: &tokio_postgres::Client) -> String {
+        let row = client.query_one("show work_mem", &[]).await.expect("show");
+        row.get(0)
+    }
+    for (reset, end) in [
+        ("reset work_mem", "rollback"),
+        ("reset all", "rollback"),
+        ("reset work_mem; select 1/0", ""),
+        ("reset all", "commit"),
+    ] {
+        assert_eq!(work_mem(&with).await, "5MB", "{reset} {end}");
+        if end.is_empty() {
+            with.batch_execute(reset).await.expect_err("fails");
+        } else {
+            with.batch_execute("begin").await.expect("begin");
+            with.batch_execute(reset).await.expect("reset");
+            with.batch_execute(end).await.expect("end");
+        }
+        assert_eq!(work_mem(&plain).await, "4MB", "after {reset} {end}");
+    }
+    with.batch_execute("set work_mem to default").await.expect("default");
+    assert_eq!(work_mem(&with).await, "5MB", "after SET TO DEFAULT");
+}
+
 /// Clients with different startup settings share two servers, transaction after transaction,
 /// and each must always see what PostgreSQL itself gives a direct connection made with the same
 /// settings: the same role and database, read from PostgreSQL before the proxy is involved.

@@ -686,6 +686,41 @@ async fn an_extended_discard_all_makes_pgweir_prepare_statements_again() {
     assert_eq!(raw::round_trip(&mut b, &batch).await, expected);
 }
 
+/// A DISCARD ALL or DEALLOCATE ALL run by Execute drops the client's statements as a Query's
+/// does (PostgreSQL: 26000 for a later Bind), but not one it prepares after it in the same
+/// batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_discard_all_drops_the_clients_statements() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut a = raw::connect(proxy.addr).await;
+    for command in ["DISCARD ALL", "DEALLOCATE ALL"] {
+        raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+        let batch = [
+            raw::parse("", command),
+            raw::bind(""),
+            raw::execute(),
+            raw::parse("b", "select 1"),
+            raw::sync(),
+        ];
+        assert_eq!(
+            raw::round_trip(&mut a, &batch).await,
+            vec![('1', None), ('2', None), ('C', None), ('1', None), ('Z', None)],
+            "{command}"
+        );
+        let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+        assert_eq!(
+            raw::round_trip(&mut a, &run_a).await,
+            vec![('E', Some("26000".into())), ('Z', None)],
+            "{command}"
+        );
+        let run_b = [raw::bind("b"), raw::execute(), raw::close("b"), raw::sync()];
+        let mut expected = bound_row();
+        expected.insert(expected.len() - 1, ('3', None));
+        assert_eq!(raw::round_trip(&mut a, &run_b).await, expected, "{command}");
+    }
+}
+
 /// A DISCARD ALL that fails (25001 inside a transaction block) drops nothing on the server, so
 /// pgweir must not forget what the server holds: another client's statement keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -703,6 +738,76 @@ async fn a_discard_all_that_fails_leaves_the_servers_statements_known() {
     raw::round_trip(&mut a, &[raw::query("rollback")]).await;
     let run_c = [raw::bind("c"), raw::execute(), raw::sync()];
     assert_eq!(raw::round_trip(&mut c, &run_c).await, bound_row());
+}
+
+/// PostgreSQL keeps the client's own statements when its DISCARD ALL or DEALLOCATE ALL fails
+/// (25001 in a transaction block, 25P02 in a failed transaction): they must still be bound
+/// afterwards, on whichever server the client gets next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_all_that_fails_keeps_the_clients_statements() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DISCARD ALL")]).await,
+        vec![('E', Some("25001".into())), ('Z', None)]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DEALLOCATE ALL")]).await,
+        vec![('E', Some("25P02".into())), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
+    // A DISCARD ALL that succeeds still drops them.
+    raw::round_trip(&mut a, &[raw::query("DISCARD ALL")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &run_a).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
+}
+
+/// pgweir answers a DEALLOCATE of a client's statement itself, but in a failed transaction
+/// PostgreSQL refuses it (25P02) and the statement stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deallocate_in_a_failed_transaction_fails_and_keeps_the_statement() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, SessionStatePolicy::Reset).await;
+    let mut a = raw::connect(proxy.addr).await;
+    raw::round_trip(&mut a, &[raw::parse("a", "select 1"), raw::sync()]).await;
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    // Sent behind the error that fails the transaction, before its reply is in.
+    a.write_all(&[raw::query("select 1/0"), raw::query("DEALLOCATE a")].concat())
+        .await
+        .expect("write");
+    assert_eq!(
+        raw::read_until_ready(&mut a, 2).await,
+        vec![
+            ('E', Some("22012".into())),
+            ('Z', None),
+            ('E', Some("25P02".into())),
+            ('Z', None)
+        ]
+    );
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DEALLOCATE a")]).await,
+        vec![('E', Some("25P02".into())), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("rollback")]).await;
+    let run_a = [raw::bind("a"), raw::execute(), raw::sync()];
+    assert_eq!(raw::round_trip(&mut a, &run_a).await, bound_row());
+    raw::round_trip(&mut a, &[raw::query("begin")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &[raw::query("DEALLOCATE a")]).await,
+        vec![('C', None), ('Z', None)]
+    );
+    raw::round_trip(&mut a, &[raw::query("commit")]).await;
+    assert_eq!(
+        raw::round_trip(&mut a, &run_a).await,
+        vec![('E', Some("26000".into())), ('Z', None)]
+    );
 }
 
 /// A reset query that keeps prepared statements (RESET ALL) leaves pgweir's record of them as

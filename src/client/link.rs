@@ -19,7 +19,7 @@ use crate::proto::frame::{HEADER_LEN, needed_len};
 use crate::proto::messages::{self, PgError, put_message};
 use crate::proto::tag::{TransactionStatus, backend, frontend};
 use crate::proto::{ProtocolError, frame_at};
-use crate::server::params::{self, ParamSet};
+use crate::server::params::{self, ParamSet, ResetScope};
 use crate::server::{ServerConn, ServerStatements};
 
 /// Server frames are bounded by PostgreSQL itself (1 GiB); pgweir only needs complete copies of
@@ -68,6 +68,20 @@ pub struct Link {
     default_set_batch: Option<u32>,
     /// ReadyForQuery messages received on this link.
     rfq_seen: u32,
+    /// The batch of a reset whose scope is read from its text (a Query of RESETs, or a Parse or
+    /// Bind of one), and the tracked parameters it resets: if the batch completes as resets
+    /// only, the client is told its login values at its ReadyForQuery, whatever the server
+    /// reported (a server whose own default equals the value before reports nothing).
+    reset_scope: Option<(u32, ResetScope)>,
+    /// A reset in the open transaction told the client values the server does not have: a
+    /// rollback takes them back to what the server holds (see `report_at_ready`).
+    reset_in_tx: bool,
+    /// A ROLLBACK completed since the last ReadyForQuery.
+    rolled_back: bool,
+    /// The client's statements a DISCARD ALL or DEALLOCATE ALL dropped, with the batch of its
+    /// Query: PostgreSQL keeps them when the command fails (in a transaction block, in a failed
+    /// transaction), so they come back if an error answers that Query.
+    dropped_statements: Option<(u32, ClientStatements)>,
     /// Remaining bytes of a client CopyData being streamed through without buffering it whole.
     c_skip: usize,
     /// Server bytes (from the start of the server read buffer) framed and ready for the client.
@@ -176,6 +190,10 @@ impl Link {
             reset_batch: ResetBatch::None,
             default_set_batch: None,
             rfq_seen: 0,
+            reset_scope: None,
+            reset_in_tx: false,
+            rolled_back: false,
+            dropped_statements: None,
             c_skip: 0,
             s_ready: 0,
             s_skip: 0,
@@ -456,6 +474,11 @@ impl Link {
                 } else {
                     None
                 };
+                // pgJDBC runs a RESET by Parse/Bind/Execute: whether it ran in this batch, its
+                // CommandComplete says.
+                if let Some(scope) = params::reset_scope(query_text(payload)) {
+                    self.add_reset_scope(scope);
+                }
                 if let Some(kind) = change.filter(|_| self.policy == SessionStatePolicy::Reject) {
                     put_message(&mut self.server.conn().wbuf, frontend::PARSE, |b| {
                         b.put_slice(b"__pgweir_rejected\0\x01\0\0\0")
@@ -535,7 +558,7 @@ impl Link {
                 self.unsynced = true;
                 let (portal, rest) = split_cstr(body).ok_or(malformed("Bind"))?;
                 let (name, rest) = split_cstr(rest).ok_or(malformed("Bind"))?;
-                let expect = match self.resolve(name, c) {
+                let expect = match self.resolve(name, c, true) {
                     Resolved::Verbatim => {
                         self.server.conn().wbuf.put_slice(msg);
                         Expect::Other
@@ -557,7 +580,7 @@ impl Link {
                 let kind = *body.first().ok_or(malformed("Describe"))?;
                 let (name, _) = split_cstr(&body[1..]).ok_or(malformed("Describe"))?;
                 let resolved = if kind == b'S' {
-                    self.resolve(name, c)
+                    self.resolve(name, c, false)
                 } else {
                     Resolved::Verbatim
                 };
@@ -621,16 +644,22 @@ impl Link {
                 self.syncs_after_execute = 0;
                 self.after_execute = false;
                 match classify_query(body) {
-                    Some(StatementCommand::Deallocate(name)) if c.statements.remove(name.as_bytes()).is_some() => {
-                        self.expect.push_back(Expect::SyntheticQuery { tag: "DEALLOCATE" });
+                    Some(StatementCommand::Deallocate(name)) if c.statements.contains_key(name.as_bytes()) => {
+                        let name = Bytes::from(name.into_bytes());
+                        let restore = c.statements.remove(&name).map(|stmt| (name, stmt));
+                        self.expect.push_back(Expect::SyntheticQuery {
+                            tag: "DEALLOCATE",
+                            restore,
+                        });
                         return Ok(());
                     }
                     Some(StatementCommand::DeallocateAll) | Some(StatementCommand::DiscardAll) => {
                         // The client's own names go now, in order with what it sends next. What
                         // the server holds is cleared only when it reports the command done
                         // (below): a DISCARD ALL that fails (inside a transaction block, say)
-                        // leaves the server's statements in place.
-                        c.statements.clear();
+                        // leaves the server's statements in place, and the client's come back.
+                        let batch = self.rfq_seen.wrapping_add(self.pending_rfq);
+                        self.dropped_statements = Some((batch, std::mem::take(c.statements)));
                     }
                     _ => {}
                 }
@@ -643,6 +672,9 @@ impl Link {
                 }
                 if params::sets_to_default(body) {
                     self.default_set_batch = Some(self.rfq_seen.wrapping_add(self.pending_rfq));
+                }
+                if let Some(scope) = params::reset_scope(body) {
+                    self.add_reset_scope(scope);
                 }
                 self.server.conn().wbuf.put_slice(msg);
                 self.owes_ready();
@@ -669,9 +701,9 @@ impl Link {
         Ok(())
     }
 
-    /// Maps a client statement name for Bind/Describe, preparing it on this server first when
-    /// the server lacks it.
-    fn resolve(&mut self, name: &[u8], c: &mut ClientSide<'_>) -> Resolved {
+    /// Maps a client statement name for Bind (`bind`) or Describe, preparing it on this server
+    /// first when the server lacks it.
+    fn resolve(&mut self, name: &[u8], c: &mut ClientSide<'_>, bind: bool) -> Resolved {
         if name.is_empty() {
             return Resolved::Verbatim;
         }
@@ -685,6 +717,9 @@ impl Link {
         };
         let stmt = stmt.clone();
         self.dirty = self.dirty.or(stmt.state_change);
+        if bind && let Some(scope) = stmt.reset_scope {
+            self.add_reset_scope(scope);
+        }
         let conn = self.server.conn();
         if conn.statements.contains(stmt.id) {
             conn.statements.touch(stmt.id);
@@ -753,7 +788,7 @@ impl Link {
                     // reply may be matched against them.
                     break;
                 }
-                emit_synthetic(&mut self.expect, &mut self.inject, self.status);
+                emit_synthetic(&mut self.expect, &mut self.inject, self.status, statements);
             }
             let conn = self.server.conn();
             // Messages that mean nothing to pgweir (rows above all) pass in a tight loop: none of
@@ -786,6 +821,25 @@ impl Link {
             if pos > 0 && needs_edit(tag, self.expect.front()) {
                 break;
             }
+            if tag == backend::READY_FOR_QUERY {
+                let status = conn.buf.get(pos + HEADER_LEN).copied();
+                let rfq_seen = self.rfq_seen;
+                // After a ROLLBACK TO SAVEPOINT too: to a savepoint before the reset it undoes
+                // it, and the client is told what the server holds again; to one after it, the
+                // client is told the server's defaults, which statements after a RESET in its
+                // transaction run with anyway (a documented limit).
+                let due = (self.reset_batch == ResetBatch::Resets
+                    && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen))
+                    || (self.reset_in_tx && self.rolled_back);
+                if due {
+                    if pos > 0 {
+                        // The reports go just before this ReadyForQuery.
+                        break;
+                    }
+                    self.report_at_ready(status, client_params, reset_to);
+                    continue;
+                }
+            }
             let body = &conn.buf[pos + HEADER_LEN..pos + frame.total_len];
             match tag {
                 backend::READY_FOR_QUERY => {
@@ -797,6 +851,12 @@ impl Link {
                     )?;
                     self.pending_rfq = self.pending_rfq.saturating_sub(1);
                     self.reset_batch = ResetBatch::None;
+                    self.rolled_back = false;
+                    if self.status == TransactionStatus::Idle {
+                        self.reset_in_tx = false;
+                    }
+                    let rfq_seen = self.rfq_seen;
+                    self.dropped_statements.take_if(|(batch, _)| *batch == rfq_seen);
                     self.rfq_seen = self.rfq_seen.wrapping_add(1);
                     if let Some(sent) = self.rfq_sent.pop_front() {
                         // Not `self.now()`: that would borrow all of self while `conn` is held.
@@ -837,7 +897,18 @@ impl Link {
                     // the server has just dropped every prepared statement it had.
                     if matches!(body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0") {
                         conn.statements.clear();
+                        let rfq_seen = self.rfq_seen;
+                        if self
+                            .dropped_statements
+                            .as_ref()
+                            .is_none_or(|(batch, _)| *batch != rfq_seen)
+                        {
+                            // Run by Execute: the client's names go now, but for those it
+                            // prepared after the command, whose Parse is not answered yet.
+                            statements.retain(|name, _| parsed_later(&self.expect, name));
+                        }
                     }
+                    self.rolled_back |= body == b"ROLLBACK\0";
                     let resets = matches!(body, b"DISCARD ALL\0" | b"RESET\0");
                     if self.reset_batch != ResetBatch::Other {
                         let default_set =
@@ -850,12 +921,26 @@ impl Link {
                     }
                     // A RESET or DISCARD ALL takes the session back to the connection's own
                     // defaults, where PostgreSQL would go back to the client's startup settings:
-                    // forget what pgweir set, so the next transaction sets it again.
+                    // what pgweir set is no longer known to be there, so the next transaction
+                    // sets it again (and another client's resets it).
                     if resets {
-                        conn.forget_session_state();
+                        conn.session_state_unknown();
                     }
                 }
-                backend::ERROR_RESPONSE => self.copy_in = false,
+                backend::ERROR_RESPONSE => {
+                    self.copy_in = false;
+                    // An error in a batch of resets rolls its implicit transaction back, the
+                    // resets with it: they must not be reported.
+                    if self.reset_batch == ResetBatch::Resets {
+                        self.reset_batch = ResetBatch::Other;
+                    }
+                    let rfq_seen = self.rfq_seen;
+                    if let Some((_, dropped)) = self.dropped_statements.take_if(|(batch, _)| *batch == rfq_seen) {
+                        for (name, stmt) in dropped {
+                            statements.entry(name).or_insert(stmt);
+                        }
+                    }
+                }
                 _ => {}
             }
             match reply_action(tag, &conn.buf[pos..pos + frame.total_len], &mut self.expect) {
@@ -898,6 +983,24 @@ impl Link {
         let Ok(name) = std::str::from_utf8(name) else {
             return Ok(Report::Forward);
         };
+        let tracked = params::TRACKED.contains(&name);
+        let rfq_seen = self.rfq_seen;
+        // PostgreSQL reports only a change: a server going back to a value the client holds
+        // (a rollback of what a reset told it) says nothing new. After a reset whose scope is
+        // known, the client's reports are all made at ReadyForQuery (`report_at_ready`).
+        // So are those of a rollback of a transaction with such a reset: pgweir adds to them.
+        let scoped = ((self.reset_batch == ResetBatch::Resets
+            && self.reset_scope.is_some_and(|(batch, _)| batch == rfq_seen))
+            || (self.reset_in_tx && self.rolled_back))
+            && reports_at_ready(&conn.params);
+        if tracked && (scoped || client_params.get(name) == Some(value)) {
+            if pos > 0 {
+                return Ok(Report::EditAtFront);
+            }
+            conn.params.set(name, value);
+            conn.buf.advance(total_len);
+            return Ok(Report::Edited);
+        }
         // A reset took the server back to ITS login values; the client's session goes back to
         // the client's (PostgreSQL: RESET returns to the startup packet's value). The client is
         // told its own value, or nothing when it already holds it, as PostgreSQL reports only
@@ -932,6 +1035,57 @@ impl Link {
         Ok(Report::Forward)
     }
 
+    /// Records that the batch being sent (up to its Sync, or this Query) resets `scope`.
+    fn add_reset_scope(&mut self, scope: ResetScope) {
+        let batch = self.rfq_seen.wrapping_add(self.pending_rfq);
+        self.reset_scope = Some(match self.reset_scope {
+            Some((b, earlier)) if b == batch => (batch, earlier.union(scope)),
+            _ => (batch, scope),
+        });
+    }
+
+    /// Tells the client, just before the ReadyForQuery with status byte `status`, the values a
+    /// direct connection would have reported, in PostgreSQL's order:
+    /// - after a reset, its login values of the parameters reset (the server went back to its
+    ///   own, and reported only those that changed on it);
+    /// - after a rollback of a transaction that reset some, what the server holds again: the
+    ///   values from before the transaction, which the server need not report.
+    fn report_at_ready(
+        &mut self,
+        status: Option<u8>,
+        client_params: &mut ParamSet,
+        reset_to: &mut Option<Box<ParamSet>>,
+    ) {
+        let rfq_seen = self.rfq_seen;
+        let scope = self
+            .reset_scope
+            .take_if(|(batch, _)| *batch == rfq_seen)
+            .map(|(_, scope)| scope)
+            .filter(|_| self.reset_batch == ResetBatch::Resets);
+        let conn = self.server.conn();
+        for &name in params::TRACKED_REPORT_ORDER {
+            let value = match scope {
+                Some(scope) if scope.covers(name) => reset_to.as_ref().and_then(|r| r.get(name)),
+                Some(_) => None,
+                None => conn.params.get(name),
+            };
+            if let Some(value) = value
+                .filter(|v| client_params.get(name) != Some(*v))
+                .map(<[u8]>::to_vec)
+            {
+                messages::parameter_status(&mut self.inject, name, &value);
+                client_params.set(name, &value);
+            }
+        }
+        if scope.is_some() && status != Some(b'I') {
+            self.reset_in_tx = true;
+        }
+        if scope.is_none() {
+            // The rollback's reports are made; the ReadyForQuery clears the rest.
+            self.rolled_back = false;
+        }
+    }
+
     /// Clears the reply queue when it still expects replies although the server has answered
     /// every Sync and Query: a message flow pgweir does not model must not block the release
     /// of the server forever (pgweir's own pending replies are kept).
@@ -961,11 +1115,34 @@ fn consume(buf: &mut BytesMut, n: usize) {
 }
 
 /// Emits replies pgweir owes at the front of the queue.
-fn emit_synthetic(expect: &mut VecDeque<Expect>, inject: &mut BytesMut, status: TransactionStatus) {
+fn emit_synthetic(
+    expect: &mut VecDeque<Expect>,
+    inject: &mut BytesMut,
+    status: TransactionStatus,
+    statements: &mut ClientStatements,
+) {
     loop {
         match expect.front() {
             Some(Expect::Synthetic { bytes, .. }) => inject.put_slice(bytes),
-            Some(Expect::SyntheticQuery { tag }) => {
+            Some(Expect::SyntheticQuery { .. }) if status == TransactionStatus::Failed => {
+                // Known only now that every earlier reply is in: the transaction failed, and
+                // PostgreSQL refuses the command before it looks at the statement.
+                PgError::error(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+                .encode(inject);
+                messages::ready_for_query(inject, status);
+                if let Some(Expect::SyntheticQuery {
+                    restore: Some((name, stmt)),
+                    ..
+                }) = expect.pop_front()
+                {
+                    statements.insert(name, stmt);
+                }
+                continue;
+            }
+            Some(Expect::SyntheticQuery { tag, .. }) => {
                 put_message(inject, backend::COMMAND_COMPLETE, |b| {
                     b.put_slice(tag.as_bytes());
                     b.put_u8(0);
@@ -1026,6 +1203,19 @@ fn fail_front(expect: &mut VecDeque<Expect>, server: &mut ServerStatements, stat
         }
     }
     extended
+}
+
+/// Whether the queue of replies still holds the client's Parse of `name`.
+fn parsed_later(expect: &VecDeque<Expect>, name: &[u8]) -> bool {
+    expect.iter().any(|e| match e {
+        Expect::Parse {
+            client_name: Some(n), ..
+        } => n == name,
+        Expect::Synthetic {
+            undo: Undo::Unmap(n), ..
+        } => n == name,
+        _ => false,
+    })
 }
 
 /// What to expect for a Bind or Describe of client statement `client_name` sent as

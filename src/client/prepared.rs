@@ -36,6 +36,9 @@ pub struct Statement {
     pub payload: Bytes,
     /// Whether executing it changes session state (scanned once, when first seen).
     pub state_change: Option<super::hygiene::StateChange>,
+    /// The tracked parameters it resets, when it is a RESET (pgJDBC prepares a RESET ALL it
+    /// runs often).
+    pub reset_scope: Option<crate::server::params::ResetScope>,
     /// Some server has accepted this Parse, so the text is valid SQL: a client's Parse of it
     /// outside a transaction can be answered without a server.
     pub validated: std::sync::atomic::AtomicBool,
@@ -98,6 +101,7 @@ impl StatementRegistry {
             server_name: name.freeze(),
             payload: Bytes::copy_from_slice(payload),
             state_change: super::hygiene::session_state_change(query_text(payload)),
+            reset_scope: crate::server::params::reset_scope(query_text(payload)),
             validated: std::sync::atomic::AtomicBool::new(false),
         });
         map.insert(Bytes::from(key), Arc::downgrade(&stmt));
@@ -136,8 +140,12 @@ pub enum Expect {
     /// Sync or a simple Query/FunctionCall: ends with ReadyForQuery.
     Barrier,
     /// A simple Query pgweir answers itself (DEALLOCATE of a client statement); emitted with
-    /// ReadyForQuery carrying the current transaction status.
-    SyntheticQuery { tag: &'static str },
+    /// ReadyForQuery carrying the current transaction status. In a failed transaction
+    /// PostgreSQL refuses it (25P02) and keeps the statement: `restore` puts it back.
+    SyntheticQuery {
+        tag: &'static str,
+        restore: Option<(Bytes, Arc<Statement>)>,
+    },
 }
 
 /// Bookkeeping to revert when a self-answered message is skipped after an error.

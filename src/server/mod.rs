@@ -144,6 +144,24 @@ impl ServerConn {
         self.params.retain(|name| params::REPORTED.contains(&name));
     }
 
+    /// After a client's RESET or DISCARD ALL: the parameters pgweir SET without PostgreSQL
+    /// reporting them are back at their defaults, unless the transaction the reset ran in rolls
+    /// back (an explicit one, or the implicit one of a Query or a batch that a later error
+    /// fails), and then nothing is reported either. Which it is is not known here, so they keep
+    /// a value no setting has: the next checkout SETs or RESETs each of them either way.
+    pub fn session_state_unknown(&mut self) {
+        let unreported: Vec<String> = self
+            .params
+            .iter()
+            .filter(|(name, _)| !params::REPORTED.contains(name))
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        for name in unreported {
+            // PostgreSQL's values never hold a NUL byte.
+            self.params.set(&name, b"\0");
+        }
+    }
+
     /// Best-effort polite close: Terminate lets PostgreSQL log a clean disconnect instead of
     /// "unexpected EOF". Never blocks; if the socket is not writable the close proceeds anyway.
     /// Over TLS the Terminate is skipped: a record cannot be written without possibly waiting.

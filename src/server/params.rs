@@ -432,6 +432,127 @@ pub fn sets_to_default(sql: &[u8]) -> bool {
     }
 }
 
+/// The tracked parameters resets take back to the client's login values: one bit per
+/// [`TRACKED`] name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetScope(u8);
+
+impl ResetScope {
+    /// RESET ALL, DISCARD ALL.
+    pub const ALL: ResetScope = ResetScope((1 << TRACKED.len()) - 1);
+
+    /// RESET name, SET name TO DEFAULT, SET TIME ZONE LOCAL, for a [`TRACKED`] name.
+    pub fn one(name: &str) -> Option<ResetScope> {
+        TRACKED.iter().position(|t| *t == name).map(|i| ResetScope(1 << i))
+    }
+
+    pub fn covers(self, name: &str) -> bool {
+        ResetScope::one(name).is_some_and(|one| self.0 & one.0 != 0)
+    }
+
+    /// What two resets of one batch cover.
+    pub fn union(self, other: ResetScope) -> ResetScope {
+        ResetScope(self.0 | other.0)
+    }
+}
+
+/// [`TRACKED`] in the order PostgreSQL up to 15 sends its reports at ReadyForQuery: its
+/// settings table's, sorted by name without regard to case.
+pub const TRACKED_REPORT_ORDER: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "TimeZone",
+];
+
+/// Which tracked parameters a Query that is one reset (`RESET ALL`, `DISCARD ALL`,
+/// `RESET name`, or what [`sets_to_default`] accepts) takes back to the login values. None for
+/// anything else, and for a reset of a name pgweir does not track.
+pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
+    let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
+    let text = text.strip_suffix(b";").unwrap_or(text);
+    // Cheap first: this runs on every Query and Parse.
+    let starts = |prefix: &[u8]| text.len() > prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix);
+    let reset_like = starts(b"reset") || starts(b"discard") || starts(b"set");
+    if text.len() > 256 || !(reset_like || starts(b"begin") || starts(b"start")) {
+        return None;
+    }
+    if text.contains(&b';') {
+        return resets_in_one_query(text);
+    }
+    if text.len() > 96 {
+        return None;
+    }
+    let words: Vec<&[u8]> = text.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).collect();
+    match words.as_slice() {
+        [verb, all] if all.eq_ignore_ascii_case(b"all") => {
+            (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard")).then_some(ResetScope::ALL)
+        }
+        [verb, name] if verb.eq_ignore_ascii_case(b"reset") => tracked(name).and_then(ResetScope::one),
+        _ if sets_to_default(sql) => {
+            // The name is the word before TO, '=' or DEFAULT, or TIME ZONE.
+            let names = text[3..]
+                .split(|&b| b.is_ascii_whitespace() || b == b'=')
+                .filter(|w| !w.is_empty() && !w.eq_ignore_ascii_case(b"session"));
+            let name = names.into_iter().next()?;
+            if name.eq_ignore_ascii_case(b"time") {
+                return ResetScope::one("TimeZone");
+            }
+            tracked(name).and_then(ResetScope::one)
+        }
+        _ => None,
+    }
+}
+
+/// What a Query of several RESET (one name, ALL) and DISCARD ALL statements resets, and
+/// nothing else but transaction control that commits (`BEGIN; RESET ALL; COMMIT`): a SET … TO
+/// DEFAULT among them completes as a SET, which pgweir cannot tell from any other, and a
+/// ROLLBACK would undo them.
+fn resets_in_one_query(text: &[u8]) -> Option<ResetScope> {
+    if text.iter().any(|b| matches!(b, b'"' | b'\'' | b'-' | b'/' | b'$')) {
+        return None;
+    }
+    let mut scope = ResetScope(0);
+    for statement in text.split(|&b| b == b';').map(<[u8]>::trim_ascii) {
+        let mut words = statement.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+        let verb = words.next()?;
+        let is = |word: &[u8]| verb.eq_ignore_ascii_case(word);
+        if is(b"begin") || is(b"commit") || is(b"end") {
+            continue;
+        }
+        let name = words.next()?;
+        if is(b"start") && name.eq_ignore_ascii_case(b"transaction") {
+            continue;
+        }
+        if words.next().is_some() {
+            return None;
+        }
+        scope = if name.eq_ignore_ascii_case(b"all")
+            && (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard"))
+        {
+            ResetScope::ALL
+        } else if verb.eq_ignore_ascii_case(b"reset") {
+            // A name pgweir does not track resets nothing it reports.
+            tracked(name)
+                .and_then(ResetScope::one)
+                .map_or(scope, |one| scope.union(one))
+        } else {
+            return None;
+        };
+    }
+    (scope != ResetScope(0)).then_some(scope)
+}
+
+/// The tracked parameter `name` names, in any case.
+fn tracked(name: &[u8]) -> Option<&'static str> {
+    TRACKED
+        .iter()
+        .copied()
+        .find(|t| t.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// Builds one simple-query text `SET a = 'x'; SET b = 'y'; RESET c;` for the given pairs and
 /// `resets` (names from a [`ParamSet`], so valid unquoted), quoting values
 /// as string literals (standard_conforming_strings style: only `'` is doubled, and an E'' form is
@@ -542,6 +663,49 @@ mod tests {
         ] {
             assert!(!sets_to_default(no.as_bytes()), "{no}");
         }
+    }
+
+    #[test]
+    fn reset_scopes() {
+        let one = ResetScope::one;
+        assert_eq!(reset_scope(b"RESET ALL\0"), Some(ResetScope::ALL));
+        assert_eq!(reset_scope(b" discard  all ;"), Some(ResetScope::ALL));
+        assert_eq!(reset_scope(b"reset timezone"), one("TimeZone"));
+        assert_eq!(reset_scope(b"RESET DateStyle;"), one("DateStyle"));
+        assert_eq!(reset_scope(b"set session datestyle = default"), one("DateStyle"));
+        assert_eq!(reset_scope(b"set application_name to default"), one("application_name"));
+        assert_eq!(reset_scope(b"SET TIME ZONE LOCAL"), one("TimeZone"));
+        assert_eq!(reset_scope(b"SET timezone=DEFAULT\0"), one("TimeZone"));
+        let two = one("TimeZone").and_then(|t| Some(t.union(one("DateStyle")?)));
+        assert_eq!(reset_scope(b"reset timezone; RESET datestyle;\0"), two);
+        assert_eq!(reset_scope(b"reset work_mem; reset timezone"), one("TimeZone"));
+        assert_eq!(reset_scope(b"reset timezone; discard all"), Some(ResetScope::ALL));
+        assert_eq!(reset_scope(b"BEGIN; RESET ALL; COMMIT"), Some(ResetScope::ALL));
+        assert_eq!(
+            reset_scope(b"start transaction isolation level serializable; reset timezone; end"),
+            one("TimeZone")
+        );
+        for no in [
+            "reset work_mem",
+            "reset work_mem; reset search_path",
+            "set timezone to 'UTC'",
+            "reset timezone; select 1",
+            "reset timezone; set datestyle to default",
+            "reset timezone; reset all; rollback",
+            "begin; reset timezone; abort",
+            "begin; commit",
+            "reset timezone;; reset datestyle",
+            "discard plans",
+            "set local timezone to default",
+        ] {
+            assert_eq!(reset_scope(no.as_bytes()), None, "{no}");
+        }
+        let both = one("TimeZone").and_then(|t| Some(t.union(one("DateStyle")?)));
+        assert!(both.is_some_and(|b| b.covers("TimeZone") && b.covers("DateStyle") && !b.covers("IntervalStyle")));
+        assert!(TRACKED.iter().all(|t| ResetScope::ALL.covers(t)));
+        let mut sorted = TRACKED.to_vec();
+        sorted.sort_by_key(|n| n.to_ascii_lowercase());
+        assert_eq!(sorted, TRACKED_REPORT_ORDER);
     }
 
     /// The application_name cases were read from PostgreSQL 15.18 (UTF8 database) with raw
