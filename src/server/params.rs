@@ -396,6 +396,9 @@ const LIST_QUOTED: &[&str] = &[
 /// quoted name) is not recognised, and is read as an ordinary SET.
 pub fn sets_to_default(sql: &[u8]) -> bool {
     // Cheap first: almost every query is out at its first letters.
+    if head(sql) != *b"set" {
+        return false;
+    }
     let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
     if text.len() < 11 || !text[..4].eq_ignore_ascii_case(b"set ") || text.len() > 96 {
         return false;
@@ -467,10 +470,29 @@ pub const TRACKED_REPORT_ORDER: &[&str] = &[
     "TimeZone",
 ];
 
+/// The first three bytes of `sql` after leading ASCII whitespace with `| 0x20`, which
+/// lower-cases ASCII letters and turns no other byte into one, so comparing with lower-case
+/// words is exact; zeros when fewer than three are left.
+fn head(sql: &[u8]) -> [u8; 3] {
+    let start = match sql.first() {
+        Some(b) if !b.is_ascii_whitespace() => 0,
+        _ => sql.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(sql.len()),
+    };
+    match sql.get(start..start + 3) {
+        Some(&[a, b, c]) => [a | 0x20, b | 0x20, c | 0x20],
+        _ => [0; 3],
+    }
+}
+
 /// Which tracked parameters a Query that is one reset (`RESET ALL`, `DISCARD ALL`,
 /// `RESET name`, or what [`sets_to_default`] accepts) takes back to the login values. None for
 /// anything else, and for a reset of a name pgweir does not track.
 pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
+    // This runs on every Query and Parse: rule out almost all of them on three bytes (RESET,
+    // DISCARD, SET, BEGIN, START) before trimming and comparing words.
+    if !matches!(&head(sql), b"res" | b"dis" | b"set" | b"beg" | b"sta") {
+        return None;
+    }
     let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
     let text = text.strip_suffix(b";").unwrap_or(text);
     // Cheap first: this runs on every Query and Parse.
