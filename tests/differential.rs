@@ -776,6 +776,10 @@ impl Gen {
             if self.tx_risky {
                 self.maybe_alive.push(name.clone());
             }
+            // The model of which names exist is not exact (a Parse skipped after an error it
+            // did not foresee): a DEALLOCATE that fails would fail the transaction unseen, and
+            // a later Bind in it would meet the difference `Gen::risky` keeps out.
+            self.risky();
             format!("{} {name}", self.rng.pick(&["deallocate", "DEALLOCATE PREPARE"]))
         };
         vec![Msg::Query(sql)]
@@ -1058,6 +1062,9 @@ impl Gen {
             idx
         };
         let tpl = self.templates[idx].clone();
+        // After a possible error earlier in its batch or transaction the Parse may be skipped:
+        // its name may or may not exist afterwards.
+        let uncertain = self.batch_risky || self.tx_risky;
         if Self::risky_template(idx) {
             self.risky();
         }
@@ -1093,7 +1100,11 @@ impl Gen {
             types,
         });
         if !name.is_empty() && !self.stmts.iter().any(|(s, _)| *s == name) {
-            self.stmts.push((name.clone(), idx));
+            if !uncertain {
+                self.stmts.push((name.clone(), idx));
+            } else if !self.maybe_alive.contains(&name) {
+                self.maybe_alive.push(name.clone());
+            }
         }
         if self.rng.chance(30) {
             out.push(Msg::Describe {
@@ -1124,6 +1135,10 @@ impl Gen {
         }
         let params = self.params(idx);
         let results = self.result_formats();
+        if results.len() > 1 {
+            // Three formats fit only a three-column result; otherwise 08P01.
+            self.risky();
+        }
         out.push(Msg::Bind {
             portal: portal.clone(),
             stmt,
