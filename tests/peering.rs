@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pgweir::config::PeerConfig;
-use pgweir::embedded_pg::roles;
-use support::proxy::{TestProxy, TestProxyBuilder, eventually, sqlstate};
+use pgweir::embedded_pg::{EmbeddedPostgres, roles};
+use support::proxy::{TestProxy, TestProxyBuilder, direct, eventually, sqlstate};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -37,16 +37,24 @@ async fn cancels(proxy: &TestProxy, result: &str) -> u64 {
 
 /// Runs a long query through `a`, sends its cancel to `b` (as a load balancer might), and
 /// returns the query's error.
-async fn cancel_on_a_through_b(a: &TestProxy, b: &TestProxy) -> tokio_postgres::Error {
+async fn cancel_on_a_through_b(pg: &EmbeddedPostgres, a: &TestProxy, b: &TestProxy) -> tokio_postgres::Error {
     let client = a.connect(roles::SCRAM).await;
     let token = client.cancel_token();
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    // Running in PostgreSQL, not only linked in A: a cancel that arrives before the backend
+    // starts the query is ignored by PostgreSQL, and the test would wait out the sleep.
+    let observer = direct(pg, "postgres").await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            a.admin("GET", "/api/servers", None, None)
+            let n: i64 = observer
+                .query_one(
+                    "select count(*) from pg_stat_activity where query = 'SELECT pg_sleep(30)' and state = 'active'",
+                    &[],
+                )
                 .await
-                .1
-                .contains("\"client\"")
+                .expect("activity")
+                .get(0);
+            n == 1
         })
         .await,
         "the query is running on A"
@@ -77,7 +85,7 @@ async fn a_cancel_sent_to_the_other_instance_reaches_the_query() {
     set_peers(&b, peers);
 
     let started = Instant::now();
-    let e = cancel_on_a_through_b(&a, &b).await;
+    let e = cancel_on_a_through_b(&pg, &a, &b).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(cancels(&b, "forwarded").await, 1);
@@ -148,7 +156,7 @@ async fn a_cancel_is_forwarded_to_a_peer_listed_by_its_unix_socket() {
     };
     set_peers(&b, [(1, a_by_socket), (2, peer(&b))].into());
 
-    let e = cancel_on_a_through_b(&a, &b).await;
+    let e = cancel_on_a_through_b(&pg, &a, &b).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
     assert_eq!(cancels(&b, "forwarded").await, 1);
     assert_eq!(cancels(&b, "unroutable").await, 0);
