@@ -311,23 +311,39 @@ fn scan_keys(sql: &[u8], mut hit: impl FnMut(u8) -> bool) {
     let mut at = 0;
     while at < sql.len() {
         let mut padded = [0u8; 17];
-        let block = match sql.get(at..at + 17).and_then(|b| <&[u8; 17]>::try_from(b).ok()) {
-            Some(block) => block,
+        // The start of `block` in `sql`, and how many of its first positions an earlier block
+        // already tested.
+        let (block, base, seen) = match sql.get(at..at + 17).and_then(|b| <&[u8; 17]>::try_from(b).ok()) {
+            Some(block) => (block, at, 0),
+            // The last block of a longer text: its last 17 bytes, skipping what was tested
+            // (no copy; a key in the text's last byte starts no trigger word anyway).
+            None if sql.len() >= 17 => {
+                let base = sql.len() - 17;
+                match <&[u8; 17]>::try_from(&sql[base..]) {
+                    Ok(block) => (block, base, at - base),
+                    Err(_) => break,
+                }
+            }
             None => {
-                // The last block, NUL-padded: `0 | 0x20` is a space, which starts no key.
+                // A short text, NUL-padded: `0 | 0x20` is a space, which starts no key.
                 padded[..sql.len() - at].copy_from_slice(&sql[at..]);
-                &padded
+                (&padded, at, 0)
             }
         };
-        let mut hits = key_hits(block);
+        let mut hits = key_hits(block) & u128::MAX.checked_shl(8 * seen as u32).unwrap_or(0);
         while hits != 0 {
             let byte = hits.trailing_zeros() / 8;
             hits &= !(0xff << (byte * 8));
-            if hit(trigger_at(sql, at + byte as usize)) {
+            if hit(trigger_at(sql, base + byte as usize)) {
                 return;
             }
         }
-        at += 16;
+        // The last block (the only one that is not whole) tested every position left.
+        at = if seen > 0 || base + 17 > sql.len() {
+            sql.len()
+        } else {
+            at + 16
+        };
     }
 }
 
@@ -352,13 +368,15 @@ fn key_hits(block: &[u8; 17]) -> u128 {
 /// Which trigger word starts at `sql[i]` (whose two-letter key is known to match), as its
 /// bit; 0 for none.
 fn trigger_at(sql: &[u8], i: usize) -> u8 {
-    let (word, bit): (&[u8], u8) = match (sql[i] | 0x20, sql.get(i + 1).map_or(0, |b| b | 0x20)) {
-        (b's', b'e') => (b"set", SET),
-        (b'l', b'i') => (b"listen", LISTEN),
-        (b'p', b'r') => (b"prepare", PREPARE),
-        (b't', b'e') => (b"temp", TEMP),
-        (b'a', b'd') => (b"advisory", ADVISORY),
-        (b'h', b'o') => (b"hold", HOLD),
+    // Three letters before the whole word: the "SE" of every SELECT ends here, cheaply.
+    let lower = |k: usize| sql.get(i + k).map_or(0, |b| b | 0x20);
+    let (word, bit): (&[u8], u8) = match (lower(0), lower(1), lower(2)) {
+        (b's', b'e', b't') => (b"set", SET),
+        (b'l', b'i', b's') => (b"listen", LISTEN),
+        (b'p', b'r', b'e') => (b"prepare", PREPARE),
+        (b't', b'e', b'm') => (b"temp", TEMP),
+        (b'a', b'd', b'v') => (b"advisory", ADVISORY),
+        (b'h', b'o', b'l') => (b"hold", HOLD),
         _ => return 0,
     };
     if !sql.get(i..i + word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word)) {
