@@ -20,6 +20,30 @@ pub const BUCKETS: [f64; 15] = [
 // Bucket indexes (`BUCKETS.len() + 1` of them) fit [`LocalHistogram`]'s `u16` bitmap.
 const _: () = assert!(BUCKETS.len() < 16);
 
+/// [`BUCKETS`] in nanoseconds: an observation is placed by integer compares, not by a float
+/// conversion and float compares (three observations per transaction).
+const BUCKET_NANOS: [u64; BUCKETS.len()] = {
+    let mut nanos = [0; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        nanos[i] = (BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    nanos
+};
+
+/// The bucket `d` falls in (the last one is +Inf) and `d` in whole microseconds.
+#[inline]
+fn place(d: Duration) -> (usize, u64) {
+    // u64 nanoseconds last 584 years; the saturation only keeps the arithmetic total.
+    let nanos = d
+        .as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()));
+    let i = BUCKET_NANOS.iter().position(|&b| nanos <= b).unwrap_or(BUCKETS.len());
+    (i, nanos / 1_000)
+}
+
 /// Counters and histograms written on every transaction are split into per-thread shards, so
 /// the workers do not bounce one cache line between cores on each update; a scrape sums them.
 pub(crate) const SHARDS: usize = 8;
@@ -68,11 +92,10 @@ pub struct LatencyHistogram {
 
 impl LatencyHistogram {
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        let (i, micros) = place(d);
         let shard = &self.shards[shard()].0;
         shard.counts[i].fetch_add(1, Ordering::Relaxed);
-        shard.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        shard.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// Adds a session-local histogram (folded once per transaction).
@@ -120,11 +143,10 @@ pub struct LocalHistogram {
 
 impl LocalHistogram {
     pub fn observe(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        let (i, micros) = place(d);
         self.counts[i] += 1;
         self.touched |= 1 << i;
-        self.sum_micros += d.as_micros() as u64;
+        self.sum_micros += micros;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -235,6 +257,19 @@ mod tests {
         want[BUCKETS.len() - 1] = 1;
         want[BUCKETS.len()] = 1;
         assert_eq!(counts, want);
+    }
+
+    #[test]
+    fn observations_on_a_bound_fall_in_its_bucket() {
+        // The bounds as float seconds and as integer nanoseconds agree, edges included.
+        for (i, &b) in BUCKETS.iter().enumerate() {
+            let bound = Duration::from_secs_f64(b);
+            assert_eq!(place(bound).0, i, "{b} s");
+            assert_eq!(place(bound + Duration::from_nanos(1)).0, i + 1, "just over {b} s");
+        }
+        assert_eq!(place(Duration::ZERO), (0, 0));
+        assert_eq!(place(Duration::MAX).0, BUCKETS.len());
+        assert_eq!(place(Duration::from_nanos(2_500_999)).1, 2_500);
     }
 
     #[test]
