@@ -308,42 +308,43 @@ fn scan_keys(sql: &[u8], mut hit: impl FnMut(u8) -> bool) {
     // This runs on every query, and most queries hold none of these words ("set" also covers
     // "set_config"). Each 16-byte block is tested for all two-letter keys at once; only the
     // positions of key hits ("SE" of every SELECT) pay for a whole-word compare.
-    let mut at = 0;
-    while at < sql.len() {
-        let mut padded = [0u8; 17];
-        // The start of `block` in `sql`, and how many of its first positions an earlier block
-        // already tested.
-        let (block, base, seen) = match sql.get(at..at + 17).and_then(|b| <&[u8; 17]>::try_from(b).ok()) {
-            Some(block) => (block, at, 0),
-            // The last block of a longer text: its last 17 bytes, skipping what was tested
-            // (no copy; a key in the text's last byte starts no trigger word anyway).
-            None if sql.len() >= 17 => {
-                let base = sql.len() - 17;
-                match <&[u8; 17]>::try_from(&sql[base..]) {
-                    Ok(block) => (block, base, at - base),
-                    Err(_) => break,
-                }
-            }
-            None => {
-                // A short text, NUL-padded: `0 | 0x20` is a space, which starts no key.
-                padded[..sql.len() - at].copy_from_slice(&sql[at..]);
-                (&padded, at, 0)
-            }
-        };
-        let mut hits = key_hits(block) & u128::MAX.checked_shl(8 * seen as u32).unwrap_or(0);
+    // Tests the key positions in `hits` (byte j set: a key starts at `sql[base + j]`); true
+    // when `hit` asked to stop.
+    let mut test = |mut hits: u128, base: usize| {
         while hits != 0 {
             let byte = hits.trailing_zeros() / 8;
-            hits &= !(0xff << (byte * 8));
+            // Each byte is 0 or 1, so this clears exactly the lowest hit.
+            hits &= hits - 1;
             if hit(trigger_at(sql, base + byte as usize)) {
-                return;
+                return true;
             }
         }
-        // The last block (the only one that is not whole) tested every position left.
-        at = if seen > 0 || base + 17 > sql.len() {
-            sql.len()
-        } else {
-            at + 16
-        };
+        false
+    };
+    let len = sql.len();
+    let mut at = 0;
+    while let Some(block) = sql.get(at..at + 17).and_then(|b| <&[u8; 17]>::try_from(b).ok()) {
+        if test(key_hits(block), at) {
+            return;
+        }
+        at += 16;
+    }
+    // Positions `at..len - 1` are left (a key in the last byte starts no trigger word).
+    if at + 1 >= len {
+        return;
+    }
+    if let Some(base) = len.checked_sub(17)
+        && let Ok(block) = <&[u8; 17]>::try_from(&sql[base..])
+    {
+        // The text's last 17 bytes, without the positions an earlier block tested (fewer
+        // than 16 of them, so the shift is in range). No copy.
+        let seen = at - base;
+        test(key_hits(block) >> (8 * seen), at);
+    } else {
+        // A short text, NUL-padded: `0 | 0x20` is a space, which starts no key.
+        let mut padded = [0u8; 17];
+        padded[..len - at].copy_from_slice(&sql[at..]);
+        test(key_hits(&padded), at);
     }
 }
 
