@@ -1064,7 +1064,7 @@ impl Gen {
         let tpl = self.templates[idx].clone();
         // After a possible error earlier in its batch or transaction the Parse may be skipped:
         // its name may or may not exist afterwards.
-        let uncertain = self.batch_risky || self.tx_risky;
+        let mut uncertain = self.batch_risky || self.tx_risky;
         if Self::risky_template(idx) {
             self.risky();
         }
@@ -1082,7 +1082,11 @@ impl Gen {
                 format!("s{}x{}", self.client, self.next_stmt)
             } else {
                 if self.maybe_alive.contains(&n) {
+                    // The Close may have been skipped: this Parse then fails (42P05) and the
+                    // name keeps its old statement, perhaps one whose literals were read under
+                    // settings since changed. So the name stays unknown, never bound.
                     self.risky();
+                    uncertain = true;
                 }
                 n
             }
