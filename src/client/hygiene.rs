@@ -30,12 +30,12 @@ const SET_CONFIG: u8 = 1 << 6;
 pub fn session_state_change(sql: &[u8]) -> Option<StateChange> {
     // A Query message's text keeps its NUL terminator.
     let sql = sql.strip_suffix(b"\0").unwrap_or(sql);
-    // Cheap pre-filter, stopping at the first trigger word: most queries contain none. Only a
-    // text with one pays for a second pass that names them all.
-    if !contains_trigger(sql) {
+    // Cheap pre-filter: most queries contain no trigger word. One pass names them all (a
+    // pass that stopped at the first would be followed by this one whenever it found one).
+    let found = triggers(sql);
+    if found == 0 {
         return None;
     }
-    let found = triggers(sql);
     if found == SET && !may_start_with_set(sql) {
         return None;
     }
@@ -251,17 +251,36 @@ fn do_body_change(body: &[u8]) -> Option<StateChange> {
 /// word is neither SET nor DO: then its "set" is an UPDATE's (or a name's), and a text whose only trigger
 /// word is "set" changes no session state. Anything else is left to the full scan.
 fn may_start_with_set(sql: &[u8]) -> bool {
+    // Only `;`, `-` and `/` matter here: found 16 bytes at a time, as the trigger keys are
+    // (an UPDATE … SET comes through here on every execution).
     let mut end = sql.len();
-    for (i, &b) in sql.iter().enumerate() {
-        match b {
-            b';' if sql[i + 1..].iter().all(u8::is_ascii_whitespace) => {
-                end = i;
-                break;
+    let mut at = 0;
+    'scan: while at < sql.len() {
+        let mut tail = [0u8; 16];
+        let chunk = match sql.get(at..at + 16).and_then(|c| <&[u8; 16]>::try_from(c).ok()) {
+            Some(chunk) => chunk,
+            None => {
+                // NUL padding matches none of the three.
+                tail[..sql.len() - at].copy_from_slice(&sql[at..]);
+                &tail
             }
-            b';' => return true,
-            b'-' | b'/' if matches!(sql.get(i + 1), Some(b'-' | b'*')) => return true,
-            _ => {}
+        };
+        let mut hits = punctuation_hits(chunk);
+        while hits != 0 {
+            let i = at + (hits.trailing_zeros() / 8) as usize;
+            // Each byte is 0 or 1, so this clears exactly the lowest hit.
+            hits &= hits - 1;
+            match sql[i] {
+                b';' if sql[i + 1..].iter().all(u8::is_ascii_whitespace) => {
+                    end = i;
+                    break 'scan;
+                }
+                b';' => return true,
+                b'-' | b'/' if matches!(sql.get(i + 1), Some(b'-' | b'*')) => return true,
+                _ => {}
+            }
         }
+        at += 16;
     }
     // The leading letters only: a quote, `$` or NUL glued to the keyword (`SET"work_mem"=…`,
     // which PostgreSQL runs) splits it from what follows in the full scan.
@@ -280,15 +299,6 @@ fn may_start_with_set(sql: &[u8]) -> bool {
 /// the word), and short texts do not repay a searcher's set-up.
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn contains_trigger(sql: &[u8]) -> bool {
-    let mut any = false;
-    scan_keys(sql, |bit| {
-        any = bit != 0;
-        any
-    });
-    any
 }
 
 /// The trigger words in `sql`, one bit each.
@@ -346,6 +356,25 @@ fn scan_keys(sql: &[u8], mut hit: impl FnMut(u8) -> bool) {
         padded[..len - at].copy_from_slice(&sql[at..]);
         test(key_hits(&padded), at);
     }
+}
+
+/// Byte j of the result is 1 when `chunk[j]` is `;`, `-` or `/`, else 0. Eight bytes at a time
+/// in a u64 (the compiler left a per-byte loop of this scalar, unlike [`key_hits`]).
+fn punctuation_hits(chunk: &[u8; 16]) -> u128 {
+    /// 0x01 in every byte of `v` that equals `b`, 0 elsewhere; exact (no carry crosses bytes:
+    /// a byte's low seven bits plus 0x7f is at most 0xfe).
+    fn equal_bytes(v: u64, b: u8) -> u64 {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        let x = v ^ (u64::from(b) * 0x0101_0101_0101_0101);
+        (!(((x & LOW7) + LOW7) | x | LOW7)) >> 7
+    }
+    let half = |i: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&chunk[i..i + 8]);
+        let v = u64::from_le_bytes(bytes);
+        equal_bytes(v, b';') | equal_bytes(v, b'-') | equal_bytes(v, b'/')
+    };
+    u128::from(half(0)) | (u128::from(half(8)) << 64)
 }
 
 /// Byte j of the result is non-zero when a two-letter trigger key starts at `block[j]`,
@@ -526,6 +555,80 @@ fn normalise(sql: &[u8], backslash_escapes: bool) -> Normalised {
 mod tests {
     use super::session_state_change as scan;
 
+    fn contains_trigger(sql: &[u8]) -> bool {
+        super::triggers(sql) != 0
+    }
+
+    /// `may_start_with_set` as it was before it went 16 bytes at a time, byte by byte.
+    fn may_start_with_set_bytewise(sql: &[u8]) -> bool {
+        let mut end = sql.len();
+        for (i, &b) in sql.iter().enumerate() {
+            match b {
+                b';' if sql[i + 1..].iter().all(u8::is_ascii_whitespace) => {
+                    end = i;
+                    break;
+                }
+                b';' => return true,
+                b'-' | b'/' if matches!(sql.get(i + 1), Some(b'-' | b'*')) => return true,
+                _ => {}
+            }
+        }
+        let code = &sql[..end];
+        let start = code
+            .iter()
+            .position(|&b| !(b.is_ascii_whitespace() || b == 0))
+            .unwrap_or(code.len());
+        let letters = code[start..].iter().take_while(|b| b.is_ascii_alphabetic()).count();
+        let word = &code[start..start + letters];
+        word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"do")
+    }
+
+    #[test]
+    fn punctuation_is_found_in_every_byte_and_nothing_else() {
+        // Every byte value at every place, among neighbours that could carry or borrow.
+        for filler in [b'a', 0, 0x7f, 0x80, 0xff, b';'] {
+            for b in 0..=255u8 {
+                for j in 0..16 {
+                    let mut chunk = [filler; 16];
+                    chunk[j] = b;
+                    let want = u128::from_le_bytes(chunk.map(|c| u8::from(matches!(c, b';' | b'-' | b'/'))));
+                    assert_eq!(super::punctuation_hits(&chunk), want, "byte {b} at {j} among {filler}");
+                }
+            }
+        }
+        let all = *b";-/;-/;-/;-/;-/;";
+        assert_eq!(super::punctuation_hits(&all), u128::from_le_bytes([1; 16]));
+    }
+
+    #[test]
+    fn the_set_shortcut_finds_punctuation_at_every_offset() {
+        let base = b"UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 3";
+        for mark in [&b";"[..], b"; ", b";x", b"--", b"/*", b"-", b"/", b"- -", b"; \n"] {
+            for at in 0..=base.len() {
+                let mut sql = base[..at].to_vec();
+                sql.extend_from_slice(mark);
+                sql.extend_from_slice(&base[at..]);
+                for cut in 0..=sql.len() {
+                    let text = &sql[..cut];
+                    assert_eq!(
+                        super::may_start_with_set(text),
+                        may_start_with_set_bytewise(text),
+                        "{}",
+                        String::from_utf8_lossy(text)
+                    );
+                }
+            }
+        }
+        for sql in [
+            &b"set x = 1"[..],
+            b" SET x=1;",
+            b"do $$ $$",
+            b"update t set x = 1;  \n\t",
+        ] {
+            assert_eq!(super::may_start_with_set(sql), may_start_with_set_bytewise(sql));
+        }
+    }
+
     #[test]
     fn trigger_prefilter_finds_every_word_anywhere_in_any_case() {
         for word in ["set", "listen", "prepare", "temp", "advisory", "hold", "set_config"] {
@@ -535,12 +638,12 @@ mod tests {
                 format!("select 1; {}", word.to_uppercase()),
                 format!("x{word}"),
             ] {
-                assert!(super::contains_trigger(sql.as_bytes()), "{sql}");
+                assert!(contains_trigger(sql.as_bytes()), "{sql}");
             }
             // Truncated at the end of the text: no match, no out-of-bounds read ("set_confi"
             // still holds "set").
             let cut = &word.as_bytes()[..word.len() - 1];
-            assert_eq!(super::contains_trigger(cut), word == "set_config", "{word}");
+            assert_eq!(contains_trigger(cut), word == "set_config", "{word}");
         }
         for sql in [
             "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
@@ -548,7 +651,7 @@ mod tests {
             "s",
             "UPDATE t SET",
         ] {
-            assert_eq!(super::contains_trigger(sql.as_bytes()), sql.ends_with("SET"), "{sql}");
+            assert_eq!(contains_trigger(sql.as_bytes()), sql.ends_with("SET"), "{sql}");
         }
     }
 
@@ -568,10 +671,10 @@ mod tests {
                     let mut sql = filler[..at.min(filler.len())].to_vec();
                     sql.extend_from_slice(case.as_bytes());
                     sql.extend_from_slice(&filler[..(40 - at % 40)]);
-                    assert!(super::contains_trigger(&sql), "{}", String::from_utf8_lossy(&sql));
+                    assert!(contains_trigger(&sql), "{}", String::from_utf8_lossy(&sql));
                     for cut in 0..sql.len() {
                         assert_eq!(
-                            super::contains_trigger(&sql[..cut]),
+                            contains_trigger(&sql[..cut]),
                             reference(&sql[..cut]),
                             "{}",
                             String::from_utf8_lossy(&sql[..cut])
@@ -581,7 +684,7 @@ mod tests {
             }
         }
         for len in 0..filler.len() {
-            assert_eq!(super::contains_trigger(&filler[..len]), reference(&filler[..len]));
+            assert_eq!(contains_trigger(&filler[..len]), reference(&filler[..len]));
         }
     }
 
