@@ -436,3 +436,48 @@ async fn pipelined_and_later_queries_of_a_client_in_the_event_loop_are_answered(
     }
     assert!(all_clients_in_event_loop(&proxy, 2, true).await);
 }
+
+/// A server that ends while its client sits idle in a transaction (an operator's
+/// pg_terminate_backend, PostgreSQL's idle_in_transaction_session_timeout) reaches the client
+/// at once, before it sends anything more: the loop keeps watching the server of an open
+/// transaction after every round trip, including those where its watch from the reply still
+/// stood and it did not register again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_ending_mid_transaction_reaches_its_idle_client_at_once() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).event_loop(true).pool_size(1).start().await;
+    let (client, conn_task) = proxy.connect_watched(roles::SCRAM).await;
+    // A first transaction hands the session to the loop; the next one runs there.
+    client.simple_query("select 1").await.expect("warm up");
+    assert!(all_clients_in_event_loop(&proxy, 1, true).await);
+    client.batch_execute("begin").await.expect("begin");
+    // Round trips inside the transaction: each query goes out while the watch placed after
+    // the previous reply still stands.
+    for i in 0..5 {
+        let rows = tokio::time::timeout(Duration::from_secs(5), client.simple_query(&format!("select {i}")))
+            .await
+            .unwrap_or_else(|_| panic!("round trip {i}: the reply was never seen"))
+            .expect("query");
+        assert_eq!(first_value(&rows), Some(i.to_string()));
+    }
+    let pid: i32 = first_value(&client.simple_query("select pg_backend_pid()").await.expect("pid"))
+        .and_then(|p| p.parse().ok())
+        .expect("a pid");
+    assert!(all_clients_in_event_loop(&proxy, 1, true).await);
+    let admin = support::proxy::direct(&pg, "postgres").await;
+    admin
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn_task)
+        .await
+        .expect("the client learns its server ended without sending anything")
+        .expect("connection task");
+    let e = ended.expect_err("the connection ends with the server's error");
+    assert!(client.is_closed());
+    // PostgreSQL's own FATAL (57P01) or pgweir's lost-server error, whichever the client read.
+    assert!(
+        matches!(sqlstate(&e).as_deref(), Some("57P01" | "08006") | None),
+        "{e:?}"
+    );
+}
