@@ -984,12 +984,17 @@ mod tests {
     }
 
     #[test]
-    fn a_client_read_token_names_the_same_entry() {
-        for (index, generation) in [(0, 1), (7, u32::MAX), ((1 << 31) - 1, 42)] {
+    fn client_and_server_read_tokens_name_the_same_entry() {
+        for (index, generation) in [(0, 1), (7, u32::MAX), ((1 << 30) - 1, 42)] {
             let plain = token(index, generation);
             assert_eq!(split_token(plain), (index, generation));
             assert_eq!(split_token(plain | CLIENT_READ), (index, generation));
-            assert_eq!(plain & CLIENT_READ, 0, "an index never reaches the flag bit");
+            assert_eq!(split_token(plain | SERVER_READ), (index, generation));
+            assert_eq!(
+                plain & (CLIENT_READ | SERVER_READ),
+                0,
+                "an index never reaches the flag bits"
+            );
         }
     }
 }
