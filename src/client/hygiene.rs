@@ -282,16 +282,19 @@ fn may_start_with_set(sql: &[u8]) -> bool {
         }
         at += 16;
     }
-    // The leading letters only: a quote, `$` or NUL glued to the keyword (`SET"work_mem"=…`,
-    // which PostgreSQL runs) splits it from what follows in the full scan.
-    let code = &sql[..end];
+    first_word_is_set_or_do(&sql[..end])
+}
+
+/// Whether one statement's first word is SET, or DO (whose "set" may be in its body, which runs
+/// now). The leading letters only: a quote, `$` or NUL glued to the keyword (`SET"work_mem"=…`,
+/// which PostgreSQL runs) splits it from what follows in the full scan.
+fn first_word_is_set_or_do(code: &[u8]) -> bool {
     let start = code
         .iter()
         .position(|&b| !(b.is_ascii_whitespace() || b == 0))
         .unwrap_or(code.len());
     let letters = code[start..].iter().take_while(|b| b.is_ascii_alphabetic()).count();
     let word = &code[start..start + letters];
-    // A DO block's "set" may be in its body, which runs now.
     word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"do")
 }
 
@@ -559,7 +562,8 @@ mod tests {
         super::triggers(sql) != 0
     }
 
-    /// `may_start_with_set` as it was before it went 16 bytes at a time, byte by byte.
+    /// `may_start_with_set`'s punctuation search as it was before it went 16 bytes at a time,
+    /// byte by byte (the word test after it is shared).
     fn may_start_with_set_bytewise(sql: &[u8]) -> bool {
         let mut end = sql.len();
         for (i, &b) in sql.iter().enumerate() {
@@ -573,14 +577,7 @@ mod tests {
                 _ => {}
             }
         }
-        let code = &sql[..end];
-        let start = code
-            .iter()
-            .position(|&b| !(b.is_ascii_whitespace() || b == 0))
-            .unwrap_or(code.len());
-        let letters = code[start..].iter().take_while(|b| b.is_ascii_alphabetic()).count();
-        let word = &code[start..start + letters];
-        word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"do")
+        super::first_word_is_set_or_do(&sql[..end])
     }
 
     #[test]
