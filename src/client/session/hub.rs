@@ -432,18 +432,13 @@ impl HubLoop {
         // all slots wraps after 4 billion admissions.
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
-        let waker = Waker::from(Arc::new(TokenWaker {
-            inbox: self.inbox.clone(),
-            token: token(index, generation),
-        }));
-        let client_waker = Waker::from(Arc::new(TokenWaker {
-            inbox: self.inbox.clone(),
-            token: token(index, generation) | CLIENT_READ,
-        }));
-        let server_waker = Waker::from(Arc::new(TokenWaker {
-            inbox: self.inbox.clone(),
-            token: token(index, generation) | SERVER_READ,
-        }));
+        let waker_for = |flag: u64| {
+            Waker::from(Arc::new(TokenWaker {
+                inbox: self.inbox.clone(),
+                token: token(index, generation) | flag,
+            }))
+        };
+        let (waker, client_waker, server_waker) = (waker_for(0), waker_for(CLIENT_READ), waker_for(SERVER_READ));
         session.info.stop.register(&waker);
         session.info.set_in_event_loop(true);
         self.entries[index] = Some(Entry {
