@@ -451,7 +451,7 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         match listener.accept(ctx).await.expect("accept") {
             (Sock::Tcp(s), _) => s,
-            (Sock::Unix(_), _) => unreachable!("a TCP listener"),
+            (Sock::Unix(_) | Sock::Own(_), _) => unreachable!("a tokio TCP socket from the listener"),
         }
     }
 

@@ -147,6 +147,7 @@ impl fmt::Display for ServerAddr {
 }
 
 pub mod buffers;
+pub mod reactor;
 pub mod stream;
 pub mod tls;
 

@@ -10,6 +10,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
@@ -17,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
 
 use super::PeerAddr;
+use super::reactor::{OwnSock, Reactor};
 
 /// Runs `$body` with `$s` bound to the concrete socket, once per type.
 macro_rules! each_sock {
@@ -24,6 +26,7 @@ macro_rules! each_sock {
         match $sock {
             Sock::Tcp($s) => $body,
             Sock::Unix($s) => $body,
+            Sock::Own($s) => $body,
         }
     };
 }
@@ -34,6 +37,8 @@ macro_rules! each_sock {
 pub enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TCP registered with an event loop's own reactor ([`Sock::adopt`]).
+    Own(OwnSock),
 }
 
 impl Sock {
@@ -88,6 +93,47 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.peer_addr().map(PeerAddr::Ip),
             Sock::Unix(s) => Ok(PeerAddr::of_unix(s)),
+            Sock::Own(s) => s.peer_addr().map(PeerAddr::Ip),
+        }
+    }
+
+    /// Moves a TCP socket to `reactor` (an event loop's), where it stays until another loop
+    /// adopts it; Unix-domain sockets, and on failure this one, are left as they are. From
+    /// tokio the descriptor is duplicated and tokio's dropped (which deregisters it there): four
+    /// syscalls, once per connection; from another loop's reactor, two. Only for a socket no
+    /// task waits on.
+    #[inline]
+    pub fn adopt(&mut self, reactor: &Arc<Reactor>) {
+        // Mostly already there: a server the loop lent before, a session entering again.
+        if self.own_on(reactor).is_none() {
+            self.move_to(reactor);
+        }
+    }
+
+    #[inline(never)]
+    fn move_to(&mut self, reactor: &Arc<Reactor>) {
+        let tcp = match self {
+            Sock::Tcp(tcp) => tcp,
+            Sock::Own(own) => {
+                let _ = own.move_to(reactor);
+                return;
+            }
+            Sock::Unix(_) => return,
+        };
+        let Ok(dup) = socket2::SockRef::from(&*tcp).try_clone() else {
+            return;
+        };
+        if let Ok(own) = OwnSock::register(dup.into(), reactor) {
+            *self = Sock::Own(own);
+        }
+    }
+
+    /// The socket on `reactor`, if it is one.
+    #[inline]
+    pub fn own_on(&self, reactor: &Arc<Reactor>) -> Option<&OwnSock> {
+        match self {
+            Sock::Own(s) if s.is_on(reactor) => Some(s),
+            _ => None,
         }
     }
 }
@@ -97,6 +143,7 @@ impl AsyncRead for Sock {
         match self.get_mut() {
             Sock::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Sock::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Sock::Own(s) => s.poll_read(cx, buf),
         }
     }
 }
@@ -106,6 +153,7 @@ impl AsyncWrite for Sock {
         match self.get_mut() {
             Sock::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Sock::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Sock::Own(s) => s.poll_write(cx, buf),
         }
     }
 
@@ -113,6 +161,7 @@ impl AsyncWrite for Sock {
         match self.get_mut() {
             Sock::Tcp(s) => Pin::new(s).poll_flush(cx),
             Sock::Unix(s) => Pin::new(s).poll_flush(cx),
+            Sock::Own(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -120,6 +169,7 @@ impl AsyncWrite for Sock {
         match self.get_mut() {
             Sock::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Sock::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Sock::Own(s) => Poll::Ready(s.shutdown_write()),
         }
     }
 }
@@ -131,6 +181,9 @@ impl AsyncWrite for Sock {
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
 pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
+    if let Sock::Own(own) = sock {
+        return own_read_drained(own, buf);
+    }
     // One body per socket type, so each closure is known to its `try_io` and inlined there
     // (the hottest read of the event loop).
     each_sock!(sock, tcp => {
@@ -149,6 +202,25 @@ pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
             other => other,
         }
     })
+}
+
+/// [`try_read_drained`] on an event loop's own socket.
+#[inline]
+pub fn own_read_drained(own: &OwnSock, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut short = 0;
+    let result = own.try_io(Interest::READABLE, || {
+        let room = buf.capacity() - buf.len();
+        let n = own.read_buf(buf)?;
+        if n > 0 && n < room {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match result {
+        Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+        other => other,
+    }
 }
 
 /// Whether the reactor has seen `sock` readable (or closed) since its read readiness was last
@@ -361,6 +433,7 @@ impl Stream {
                 let (r, w) = s.split();
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
             }
+            Stream::Plain(Sock::Own(s)) => (ReadHalf::Own(s), WriteHalf::Own(s)),
             Stream::Tls(t) => {
                 let (r, w) = tokio::io::split(&mut **t);
                 (ReadHalf::Tls(r), WriteHalf::Tls(w))
@@ -405,6 +478,7 @@ impl AsyncWrite for Stream {
 pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
     Unix(unix::ReadHalf<'a>),
+    Own(&'a OwnSock),
     Tls(tokio::io::ReadHalf<&'a mut TlsConn>),
 }
 
@@ -412,6 +486,7 @@ pub enum ReadHalf<'a> {
 pub enum WriteHalf<'a> {
     Plain(tcp::WriteHalf<'a>),
     Unix(unix::WriteHalf<'a>),
+    Own(&'a OwnSock),
     Tls(tokio::io::WriteHalf<&'a mut TlsConn>),
 }
 
@@ -420,6 +495,7 @@ impl AsyncRead for ReadHalf<'_> {
         match self.get_mut() {
             ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Own(s) => s.poll_read(cx, buf),
             ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -430,6 +506,7 @@ impl AsyncWrite for WriteHalf<'_> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
             WriteHalf::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Own(s) => s.poll_write(cx, buf),
             WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -438,6 +515,7 @@ impl AsyncWrite for WriteHalf<'_> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
             WriteHalf::Unix(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Own(_) => Poll::Ready(Ok(())),
             WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -446,6 +524,7 @@ impl AsyncWrite for WriteHalf<'_> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Own(s) => Poll::Ready(s.shutdown_write()),
             WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

@@ -150,6 +150,7 @@ async fn connect_inner(
         })?;
     let addr = match &tcp {
         Sock::Tcp(s) => ServerAddr::Tcp(s.peer_addr()?),
+        Sock::Own(s) => ServerAddr::Tcp(s.peer_addr()?),
         Sock::Unix(_) => ServerAddr::Unix(crate::net::socket_path(&target.host, target.port).into()),
     };
     let stream = negotiate_tls(tcp, target, tls).await?;

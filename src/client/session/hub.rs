@@ -32,7 +32,8 @@ use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::config::SessionStatePolicy;
-use crate::net::stream::{poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
+use crate::net::reactor::{Dir, Driver, Reactor};
+use crate::net::stream::{Sock, Stream, poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
 use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
@@ -70,20 +71,77 @@ impl Hub {
     pub(super) async fn enter(&self, session: Box<Session>) -> Option<Back> {
         let (tx, rx) = oneshot::channel();
         let inbox = &self.inboxes[session.hub_index % self.inboxes.len()];
-        inbox.push(|st| st.arrivals.push((session, tx)));
+        inbox.push(|st| {
+            // A loop that is gone drops the sender, and the task learns it below.
+            if !st.closed {
+                st.arrivals.push((session, tx));
+            }
+        });
         rx.await.ok()
     }
 }
 
-/// Spawns one loop on the current runtime; returns its inbox.
+/// Starts one loop: on a thread of its own that waits in its own reactor, or, when that
+/// cannot be set up, as a task on the current runtime. Returns its inbox.
 fn start_loop() -> Arc<Inbox> {
+    match start_thread_loop() {
+        Ok(inbox) => inbox,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start the event loop's thread; it runs as a task");
+            let inbox = Arc::new(Inbox::default());
+            tokio::spawn(HubLoop::new(inbox.clone(), None));
+            inbox
+        }
+    }
+}
+
+/// The loop's thread: it polls the loop and, when the loop waits, blocks in its reactor, whose
+/// events for the loop's sockets become the loop's tokens without a waker (see
+/// [`crate::net::reactor`]). Wake-ups from elsewhere (grants, stop signals, sockets on another
+/// reactor, sessions entering) come through the inbox and the reactor's eventfd.
+fn start_thread_loop() -> std::io::Result<Arc<Inbox>> {
+    let handle = tokio::runtime::Handle::current();
+    let (mut driver, reactor) = Driver::new()?;
     let inbox = Arc::new(Inbox::default());
-    tokio::spawn(HubLoop::new(inbox.clone()));
-    inbox
+    let mut hub = HubLoop::new(inbox.clone(), Some(reactor.clone()));
+    let on_thread = reactor.clone();
+    std::thread::Builder::new().name("pgweir-loop".into()).spawn(move || {
+        // Tasks the loop spawns or wakes, and the pool's clock, belong to the runtime.
+        let _runtime = handle.enter();
+        let waker = on_thread.waker();
+        let mut cx = Context::from_waker(&waker);
+        while !on_thread.is_stopped() {
+            if Pin::new(&mut hub).poll(&mut cx).is_ready() {
+                break;
+            }
+            let timeout = hub
+                .timers
+                .peek()
+                .map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = driver.turn(&mut hub.local, timeout) {
+                tracing::error!(error = %e, "the event loop's reactor failed; its sessions end");
+                break;
+            }
+        }
+    })?;
+    // The thread ends with the runtime: this task is dropped when the runtime shuts down.
+    tokio::spawn(async move {
+        let _stop = StopOnDrop(reactor);
+        std::future::pending::<()>().await
+    });
+    Ok(inbox)
+}
+
+struct StopOnDrop(Arc<Reactor>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 impl HubLoop {
-    fn new(inbox: Arc<Inbox>) -> HubLoop {
+    fn new(inbox: Arc<Inbox>, reactor: Option<Arc<Reactor>>) -> HubLoop {
         let sink: Arc<dyn GrantSink> = inbox.clone();
         HubLoop {
             inbox,
@@ -91,12 +149,35 @@ impl HubLoop {
             entries: Vec::new(),
             free: Vec::new(),
             timers: BinaryHeap::new(),
-            sleep: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
+            // On its own thread the loop's reactor waits until the next deadline instead.
+            sleep: reactor
+                .is_none()
+                .then(|| Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600)))),
             sleep_at: None,
             spare: InboxState::default(),
             generation: 0,
             clock: Clock::new(),
             watch_sweep: false,
+            reactor,
+            local: Vec::new(),
+        }
+    }
+}
+
+impl Drop for HubLoop {
+    fn drop(&mut self) {
+        // Sessions that were on their way in end (their tasks see the loop gone), grants go
+        // back to their pools, and later arrivals are refused.
+        let (arrivals, grants) = {
+            let mut st = self.inbox.lock();
+            st.closed = true;
+            (std::mem::take(&mut st.arrivals), std::mem::take(&mut st.grants))
+        };
+        drop(arrivals);
+        for (_, grant) in grants {
+            if let Some((grant, pool)) = grant {
+                pool.return_grant(grant);
+            }
         }
     }
 }
@@ -118,6 +199,8 @@ struct InboxState {
     /// Pool grants by token; None ends the wait without one.
     grants: Vec<(u64, Option<(Grant, Pool)>)>,
     arrivals: Vec<(Box<Session>, oneshot::Sender<Back>)>,
+    /// The loop is gone: arrivals are refused.
+    closed: bool,
 }
 
 impl InboxState {
@@ -146,8 +229,16 @@ impl Inbox {
 
 impl GrantSink for Inbox {
     fn grant(&self, token: u64, grant: Grant, pool: &Pool) {
-        let pool = pool.clone();
-        self.push(|st| st.grants.push((token, Some((grant, pool)))));
+        let mut grant = Some((grant, pool.clone()));
+        self.push(|st| {
+            if !st.closed {
+                st.grants.push((token, grant.take()));
+            }
+        });
+        // The loop is gone: nobody would take it.
+        if let Some((grant, pool)) = grant {
+            pool.return_grant(grant);
+        }
     }
 
     fn ended(&self, token: u64) {
@@ -277,12 +368,16 @@ enum Step {
 
 struct HubLoop {
     inbox: Arc<Inbox>,
+    /// The reactor the loop's thread waits in; None for a loop that runs as a task.
+    reactor: Option<Arc<Reactor>>,
+    /// Tokens the reactor's last turn released (events on sockets the loop watches).
+    local: Vec<u64>,
     sink: Arc<dyn GrantSink>,
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     /// Idle-in-transaction and query deadlines of linked entries.
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     sleep_at: Option<Instant>,
     /// Swapped with the inbox's state, so draining it allocates nothing.
     spare: InboxState,
@@ -360,17 +455,21 @@ impl Future for HubLoop {
             }
             {
                 let mut st = this.inbox.lock();
-                if st.is_empty() {
+                if st.is_empty() && this.local.is_empty() {
                     // Registered before `notified` drops, under the lock every push takes: a
                     // push after this point wakes this registration.
                     this.inbox.waker.register(cx.waker());
                     st.notified = false;
                 } else {
+                    // Running: pushes from this round (grants to this loop's own waiters) need
+                    // not wake it.
+                    st.notified = true;
                     std::mem::swap(&mut st.ready, &mut this.spare.ready);
                     std::mem::swap(&mut st.grants, &mut this.spare.grants);
                     std::mem::swap(&mut st.arrivals, &mut this.spare.arrivals);
                 }
             }
+            this.spare.ready.append(&mut this.local);
             // Timers are looked at on every round, so a loop that never runs out of work still
             // ends overdue transactions.
             let fired = this.poll_timers(cx);
@@ -423,7 +522,10 @@ impl HubLoop {
         self.drive(index);
     }
 
-    fn admit(&mut self, session: Box<Session>, back: oneshot::Sender<Back>) {
+    fn admit(&mut self, mut session: Box<Session>, back: oneshot::Sender<Back>) {
+        if let (Some(reactor), Stream::Plain(sock)) = (&self.reactor, &mut session.client) {
+            sock.adopt(reactor);
+        }
         let index = self.free.pop().unwrap_or_else(|| {
             self.entries.push(None);
             self.entries.len() - 1
@@ -481,7 +583,15 @@ impl HubLoop {
         };
         entry.phase = Phase::Unlinked;
         let step = match grant {
-            Some((grant, _)) => link(entry, tag, started, wall_ms, grant, self.clock.now),
+            Some((grant, _)) => link(
+                entry,
+                tag,
+                started,
+                wall_ms,
+                grant,
+                self.clock.now,
+                self.reactor.as_ref(),
+            ),
             // acquire_timeout, or the pool closed: the task produces the error.
             None => Step::Back(Resume::Acquire { tag, started }),
         };
@@ -498,7 +608,7 @@ impl HubLoop {
         let tok = token(index, entry.generation);
         let step = loop {
             match &entry.phase {
-                Phase::Unlinked => match unlinked(entry, &self.sink, tok, &self.clock) {
+                Phase::Unlinked => match unlinked(entry, &self.sink, tok, &self.clock, self.reactor.as_ref()) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -530,7 +640,7 @@ impl HubLoop {
                     entry.session.info.set_idle();
                     break Step::Back(resume);
                 }
-                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.now) {
+                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.now, self.reactor.as_ref()) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -599,14 +709,21 @@ impl HubLoop {
         let Some(&Reverse((at, _))) = self.timers.peek() else {
             return false;
         };
-        if self.sleep_at != Some(at) {
-            self.sleep.as_mut().reset(at);
-            self.sleep_at = Some(at);
-        }
-        if self.sleep.as_mut().poll(cx).is_pending() {
-            return false;
-        }
         let now = Instant::now();
+        match &mut self.sleep {
+            Some(sleep) => {
+                if self.sleep_at != Some(at) {
+                    sleep.as_mut().reset(at);
+                    self.sleep_at = Some(at);
+                }
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return false;
+                }
+            }
+            // The reactor's wait ends at the deadline.
+            None if at > now => return false,
+            None => {}
+        }
         let mut sweep = false;
         while let Some(&Reverse((at, tok))) = self.timers.peek() {
             if at > now {
@@ -676,6 +793,44 @@ fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) ->
     }
 }
 
+/// [`poll_read_ready_armed`]; on a socket of the loop's own reactor, a watch that hands the
+/// loop `token` at the next read event instead of a waker registration (no lock, no waker).
+#[inline]
+fn read_ready(
+    sock: &Sock,
+    reactor: Option<&Arc<Reactor>>,
+    armed: &mut bool,
+    cx: &mut Context<'_>,
+    token: u64,
+) -> Poll<std::io::Result<()>> {
+    if let Some(own) = reactor.and_then(|r| sock.own_on(r)) {
+        return if own.watch(Dir::Read, token) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        };
+    }
+    poll_read_ready_armed(sock, armed, cx)
+}
+
+/// `poll_write_ready`, or [`read_ready`]'s watch for writability.
+#[inline]
+fn write_ready(
+    sock: &Sock,
+    reactor: Option<&Arc<Reactor>>,
+    cx: &mut Context<'_>,
+    token: u64,
+) -> Poll<std::io::Result<()>> {
+    if let Some(own) = reactor.and_then(|r| sock.own_on(r)) {
+        return if own.watch(Dir::Write, token) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        };
+    }
+    sock.poll_write_ready(cx)
+}
+
 /// Reads what the client sent into the session's buffer. A read may clear the socket's read
 /// readiness, so the entry's registered waker no longer counts as armed ([`Entry::client_armed`]).
 #[inline]
@@ -687,7 +842,13 @@ fn read_client(s: &mut Session, armed: &mut bool) -> std::io::Result<usize> {
 
 /// An unlinked session: reads until its buffer holds a first message, then asks the pool.
 /// None means "drive again" (the phase changed).
-fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Clock) -> Option<Step> {
+fn unlinked(
+    entry: &mut Entry,
+    sink: &Arc<dyn GrantSink>,
+    tok: u64,
+    clock: &Clock,
+    reactor: Option<&Arc<Reactor>>,
+) -> Option<Step> {
     let s = &mut *entry.session;
     if s.info.stop.raised_now(KILL | SHUTDOWN) != 0 {
         return Some(Step::Back(Resume::Unlinked));
@@ -704,7 +865,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
         if s.buf.is_empty() && !readable_now(s.client.sock()) {
             // Idle clients hold no read buffer: readiness first, a buffer after. Right after a
             // transaction the waker registered while it ran usually still waits.
-            match poll_read_ready_armed(s.client.sock(), armed, &mut cx) {
+            match read_ready(s.client.sock(), reactor, armed, &mut cx, tok | CLIENT_READ) {
                 Poll::Pending => return Some(Step::Wait),
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                 Poll::Ready(Ok(())) => {}
@@ -718,7 +879,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
                 if s.buf.is_empty() {
                     s.ctx.buffers.give(std::mem::take(&mut s.buf));
                 }
-                match poll_read_ready_armed(s.client.sock(), armed, &mut cx) {
+                match read_ready(s.client.sock(), reactor, armed, &mut cx, tok | CLIENT_READ) {
                     Poll::Pending => return Some(Step::Wait),
                     Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                     Poll::Ready(Ok(())) => {}
@@ -743,7 +904,7 @@ fn unlinked(entry: &mut Entry, sink: &Arc<dyn GrantSink>, tok: u64, clock: &Cloc
             };
             Some(Step::Wait)
         }
-        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, started) {
+        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, started, reactor) {
             Step::Wait => None,
             back => Some(back),
         },
@@ -777,7 +938,15 @@ fn plain_first_message(s: &Session, tag: u8) -> bool {
 /// Links a granted server to the entry's session when that needs nothing asynchronous: an idle,
 /// plain-TCP connection that passes the cheap checks and already has the client's parameters.
 /// Returns Wait when linked (the caller drives on).
-fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant, now: Instant) -> Step {
+fn link(
+    entry: &mut Entry,
+    tag: u8,
+    started: Instant,
+    wall_ms: u64,
+    grant: Grant,
+    now: Instant,
+    reactor: Option<&Arc<Reactor>>,
+) -> Step {
     let s = &mut *entry.session;
     let Grant::Conn(mut conn) = grant else {
         return Step::Back(Resume::Granted { tag, started, grant });
@@ -790,6 +959,9 @@ fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant
             started,
             grant: Grant::Conn(conn),
         });
+    }
+    if let (Some(reactor), Stream::Plain(sock)) = (reactor, &mut conn.stream) {
+        sock.adopt(reactor);
     }
     let server = s.pool.lend(conn);
     let waited = now - started;
@@ -811,7 +983,13 @@ fn link(entry: &mut Entry, tag: u8, started: Instant, wall_ms: u64, grant: Grant
 /// [`Session::pump`] without a task: frames what arrived, writes what it can, reads what is
 /// there, and registers the session's waker for whatever it must wait for. None means "drive
 /// again" (the phase changed).
-fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok: u64, now: Instant) -> Option<Step> {
+fn pump(
+    entry: &mut Entry,
+    timers: &mut BinaryHeap<Reverse<(Instant, u64)>>,
+    tok: u64,
+    now: Instant,
+    reactor: Option<&Arc<Reactor>>,
+) -> Option<Step> {
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
@@ -858,7 +1036,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
         // Server direction: what was framed for the client goes out first; then more is read.
         let conn = link.server.conn();
         if s_pending {
-            if let Poll::Ready(r) = s.client.sock().poll_write_ready(&mut cx) {
+            if let Poll::Ready(r) = write_ready(s.client.sock(), reactor, &mut cx, tok) {
                 if r.is_err() {
                     return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
                 }
@@ -879,7 +1057,13 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
                 }
             }
             let mut server_cx = Context::from_waker(&entry.server_waker);
-            match poll_read_ready_armed(conn.stream.sock(), &mut l.server_armed, &mut server_cx) {
+            match read_ready(
+                conn.stream.sock(),
+                reactor,
+                &mut l.server_armed,
+                &mut server_cx,
+                tok | SERVER_READ,
+            ) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return link_back(entry, None).map(Step::Back),
@@ -887,7 +1071,7 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
         }
         // Client direction: what was framed for the server goes out first; then more is read.
         if c_pending {
-            if conn.stream.sock().poll_write_ready(&mut cx).is_ready() {
+            if write_ready(conn.stream.sock(), reactor, &mut cx, tok).is_ready() {
                 continue;
             }
         } else if !link.terminated {
@@ -905,7 +1089,13 @@ fn pump(entry: &mut Entry, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, tok
             // Bytes the client sends while its transaction runs (the next pipelined message, a
             // COPY chunk) or its hang-up must drive the session.
             let mut client_cx = Context::from_waker(&entry.client_waker);
-            match poll_read_ready_armed(s.client.sock(), &mut entry.client_armed, &mut client_cx) {
+            match read_ready(
+                s.client.sock(),
+                reactor,
+                &mut entry.client_armed,
+                &mut client_cx,
+                tok | CLIENT_READ,
+            ) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
@@ -954,7 +1144,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_loop_whose_coop_budget_is_spent_yields_and_keeps_its_inbox() {
         let inbox = Arc::new(Inbox::default());
-        let mut hub = HubLoop::new(inbox.clone());
+        let mut hub = HubLoop::new(inbox.clone(), None);
         // A token of no entry: driving it would just drop it.
         inbox.push(|st| st.ready.push(token(3, 1)));
         std::future::poll_fn(|cx| {
