@@ -1,10 +1,12 @@
-//! The event loop (`listen.event_loop`): one task serving every plain-TCP transaction-mode
-//! session between and during its transactions, instead of one task per client.
+//! The event loop (`listen.event_loop`): one thread serving every plain-TCP transaction-mode
+//! session between and during its transactions, instead of one task per client. The thread
+//! waits in its own epoll ([`crate::net::reactor`]), where the sockets it drives are moved.
 //!
 //! Why: per transaction, a task per client costs three task polls through the session's nested
 //! futures, a `select!` rebuilt on every wait, and a oneshot plus a task wake-up to hand a
-//! released server to the next waiter (docs/performance.md). Here a socket's readiness wakes a
-//! waker that only records the session's token; the loop then drives that session's state
+//! released server to the next waiter (docs/performance.md). Here a socket's readiness hands
+//! the loop the session's token (its reactor's events do that without a waker); the loop then
+//! drives that session's state
 //! directly with non-blocking reads and writes, and a released server reaches the next waiting
 //! session through the loop's own inbox: at the start of the loop's next round that session's
 //! first message is framed and sent, with no task woken (PgBouncer hands off within the same
