@@ -282,9 +282,11 @@ impl std::fmt::Debug for OwnSock {
 }
 
 impl OwnSock {
-    /// Registers `io` (non-blocking) with `reactor`. It counts as readable and writable until a
-    /// read or write says otherwise: the registration reports what is already there, but only
-    /// at the reactor's next turn.
+    /// Registers `io` (non-blocking) with `reactor`. It counts as writable until a write says
+    /// otherwise, and as readable once the reactor's next turn reports what the registration
+    /// found there (epoll reports a registered socket's current state): the sockets the loops
+    /// adopt have just come up empty on a read (a client) or have nothing to say until asked
+    /// (a server), so a read right away would only cost an EAGAIN.
     pub fn register(io: TcpStream, reactor: &Arc<Reactor>) -> io::Result<OwnSock> {
         io.set_nonblocking(true)?;
         let (state, key) = enroll(&io, reactor)?;
@@ -316,7 +318,7 @@ impl OwnSock {
 /// A slot and an epoll registration for `io` on `reactor`.
 fn enroll(io: &TcpStream, reactor: &Arc<Reactor>) -> io::Result<(Arc<IoState>, usize)> {
     let state = Arc::new(IoState::default());
-    state.ready.store(Dir::Read.bit() | Dir::Write.bit(), Ordering::SeqCst);
+    state.ready.store(Dir::Write.bit(), Ordering::SeqCst);
     let key = {
         let mut slots = reactor.slots();
         let index = match slots.free.pop() {
@@ -535,11 +537,12 @@ mod tests {
         let (mut driver, reactor) = Driver::new().expect("reactor");
         let (mut peer, ours) = pair();
         let sock = OwnSock::register(ours, &reactor).expect("register");
-        // Optimistic until a read says otherwise.
+        // Not readable until the reactor says so: no read is tried.
         let mut buf = BytesMut::with_capacity(64);
         let e = sock.try_read_buf(&mut buf).expect_err("nothing sent");
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         assert!(!sock.is_ready(Dir::Read));
+        assert!(sock.is_ready(Dir::Write));
         assert!(!sock.watch(Dir::Read, 7));
         // The registration's own first event (writable) hands no read token.
         let first = turn(&mut driver);
@@ -580,6 +583,19 @@ mod tests {
         assert!(sock.watch(Dir::Read, 5));
         assert_eq!(sock.try_read_buf(&mut buf).expect("eof"), 0);
         assert!(turn(&mut driver).is_empty());
+    }
+
+    #[test]
+    fn bytes_that_were_there_before_the_registration_are_reported_at_the_next_turn() {
+        let (mut driver, reactor) = Driver::new().expect("reactor");
+        let (mut peer, ours) = pair();
+        peer.write_all(b"early").expect("write");
+        std::thread::sleep(Duration::from_millis(20));
+        let sock = OwnSock::register(ours, &reactor).expect("register");
+        assert!(!sock.watch(Dir::Read, 3));
+        assert_eq!(turn(&mut driver), vec![3]);
+        let mut buf = BytesMut::with_capacity(64);
+        assert_eq!(sock.try_read_buf(&mut buf).expect("read"), 5);
     }
 
     #[test]
