@@ -116,10 +116,12 @@ fn start_thread_loop() -> std::io::Result<Arc<Inbox>> {
             if Pin::new(&mut hub).poll(&mut cx).is_ready() {
                 break;
             }
+            // From the clock reading the poll's last look at the timers took (there was one if
+            // there are timers): one clock read fewer per wait.
             let timeout = hub
                 .timers
                 .peek()
-                .map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
+                .map(|Reverse((at, _))| at.saturating_duration_since(hub.timers_read_at));
             if let Err(e) = driver.turn(&mut hub.local, timeout) {
                 tracing::error!(error = %e, "the event loop's reactor failed; its sessions end");
                 break;
@@ -160,6 +162,7 @@ impl HubLoop {
             generation: 0,
             clock: Clock::new(),
             watch_sweep: false,
+            timers_read_at: Instant::now(),
             reactor,
             local: Vec::new(),
         }
@@ -388,6 +391,8 @@ struct HubLoop {
     clock: Clock,
     /// A sweep that starts watching long waiters' clients is in the timer heap.
     watch_sweep: bool,
+    /// When [`HubLoop::poll_timers`] last read the clock.
+    timers_read_at: Instant,
 }
 
 /// How long a session waits for a server before the loop watches its client for a hang-up.
@@ -428,8 +433,8 @@ impl Clock {
         }
     }
 
-    fn tick(&mut self) {
-        self.now = Instant::now();
+    fn tick(&mut self, now: Instant) {
+        self.now = now;
         let since = self.now.saturating_duration_since(self.anchor);
         if since >= std::time::Duration::from_secs(1) {
             *self = Clock::new();
@@ -474,14 +479,16 @@ impl Future for HubLoop {
             this.spare.ready.append(&mut this.local);
             // Timers are looked at on every round, so a loop that never runs out of work still
             // ends overdue transactions.
-            let fired = this.poll_timers(cx);
+            // One clock reading per round serves the timers and the round's sessions.
+            let mut now = None;
+            let fired = this.poll_timers(cx, &mut now);
             if this.spare.is_empty() {
                 if fired {
                     continue;
                 }
                 return Poll::Pending;
             }
-            this.clock.tick();
+            this.clock.tick(now.unwrap_or_else(Instant::now));
             let mut arrivals = std::mem::take(&mut this.spare.arrivals);
             for (session, back) in arrivals.drain(..) {
                 this.admit(session, back);
@@ -707,11 +714,13 @@ impl HubLoop {
     }
 
     /// Hands back linked entries whose deadline came. Returns true when it did anything.
-    fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {
+    /// `now` is the round's clock reading, taken here if nobody has yet.
+    fn poll_timers(&mut self, cx: &mut Context<'_>, now: &mut Option<Instant>) -> bool {
         let Some(&Reverse((at, _))) = self.timers.peek() else {
             return false;
         };
-        let now = Instant::now();
+        let now = *now.get_or_insert_with(Instant::now);
+        self.timers_read_at = now;
         match &mut self.sleep {
             Some(sleep) => {
                 if self.sleep_at != Some(at) {
