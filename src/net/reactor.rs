@@ -282,13 +282,18 @@ impl std::fmt::Debug for OwnSock {
 }
 
 impl OwnSock {
-    /// Registers `io` (non-blocking) with `reactor`. It counts as writable until a write says
+    /// Registers `io`, which must be non-blocking already (the loops adopt duplicates of
+    /// tokio's sockets, which share their non-blocking flag: setting it again was a syscall per
+    /// connection), with `reactor`. It counts as writable until a write says
     /// otherwise, and as readable once the reactor's next turn reports what the registration
     /// found there (epoll reports a registered socket's current state): the sockets the loops
     /// adopt have just come up empty on a read (a client) or have nothing to say until asked
     /// (a server), so a read right away would only cost an EAGAIN.
     pub fn register(io: TcpStream, reactor: &Arc<Reactor>) -> io::Result<OwnSock> {
-        io.set_nonblocking(true)?;
+        debug_assert!(
+            socket2::SockRef::from(&io).nonblocking().unwrap_or(true),
+            "a blocking socket would stall the loop"
+        );
         let (state, key) = enroll(&io, reactor)?;
         Ok(OwnSock {
             io,
@@ -521,6 +526,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (b, _) = l.accept().expect("accept");
+        b.set_nonblocking(true).expect("non-blocking");
         (a, b)
     }
 
