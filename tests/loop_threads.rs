@@ -9,6 +9,19 @@ use std::time::{Duration, Instant};
 use pgweir::embedded_pg::roles;
 use support::proxy::TestProxyBuilder;
 
+/// Waits up to 5 s for `n` loop threads: a thread names itself once it runs, a little after
+/// its spawn returned, and ends a little after it was told to.
+fn wait_for_loop_threads(n: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let count = loop_threads();
+        if count == n || Instant::now() >= deadline {
+            return count;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn loop_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
@@ -29,7 +42,7 @@ fn each_event_loop_has_a_thread_that_ends_with_the_runtime() {
     runtime.block_on(async {
         // The test proxy runs two workers, so two loops.
         let proxy = TestProxyBuilder::new(&pg).event_loop(true).start().await;
-        assert_eq!(loop_threads(), 2);
+        assert_eq!(wait_for_loop_threads(2), 2);
         let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| proxy.connect(roles::SCRAM))).await;
         for (i, c) in clients.iter().enumerate() {
             let row = c.query_one("select $1::int", &[&(i as i32)]).await.expect("query");
@@ -37,9 +50,5 @@ fn each_event_loop_has_a_thread_that_ends_with_the_runtime() {
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while loop_threads() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(loop_threads(), 0, "loop threads outlived their runtime");
+    assert_eq!(wait_for_loop_threads(0), 0, "loop threads outlived their runtime");
 }
