@@ -23,6 +23,14 @@ async fn clients_json(proxy: &TestProxy) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Two transactions: a session waits in the loop from its second on (the first runs on its
+/// task; a connection-per-transaction client never crosses to the loop's thread).
+async fn warm_up(client: &tokio_postgres::Client) {
+    for _ in 0..2 {
+        client.simple_query("select 1").await.expect("warm up");
+    }
+}
+
 /// True once every listed client reports `event_loop` = `want`.
 async fn all_clients_in_event_loop(proxy: &TestProxy, n: usize, want: bool) -> bool {
     eventually(Duration::from_secs(5), || async {
@@ -37,6 +45,10 @@ async fn idle_transaction_mode_clients_wait_in_the_event_loop_and_others_in_thei
     let pg = support::postgres();
     let on = TestProxyBuilder::new(&pg).event_loop(true).start().await;
     let client = on.connect(roles::SCRAM).await;
+    // Logged in, and after one transaction: still on its task.
+    client.simple_query("select 1").await.expect("query");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(all_clients_in_event_loop(&on, 1, false).await);
     client.query_one("select 1", &[]).await.expect("query");
     assert!(
         all_clients_in_event_loop(&on, 1, true).await,
@@ -133,7 +145,7 @@ async fn kills_timeouts_and_pool_waits_that_start_in_the_event_loop_reach_the_cl
 
     // An idle client in the loop, killed through the admin API.
     let (victim, victim_task) = proxy.connect_watched(roles::SCRAM).await;
-    victim.query_one("select 1", &[]).await.expect("query");
+    warm_up(&victim).await;
     assert!(all_clients_in_event_loop(&proxy, 1, true).await);
     let id = clients_json(&proxy).await[0]["id"].as_u64().expect("id");
     let (status, body) = proxy
@@ -148,6 +160,7 @@ async fn kills_timeouts_and_pool_waits_that_start_in_the_event_loop_reach_the_cl
 
     // Idle in transaction while the loop holds the link.
     let (leaker, leaker_task) = proxy.connect_watched(roles::SCRAM).await;
+    warm_up(&leaker).await;
     leaker.batch_execute("begin; select 1").await.expect("begin");
     let ended = tokio::time::timeout(Duration::from_secs(5), leaker_task)
         .await
@@ -157,14 +170,14 @@ async fn kills_timeouts_and_pool_waits_that_start_in_the_event_loop_reach_the_cl
 
     // A query running past query_timeout.
     let (slow, _slow_task) = proxy.connect_watched(roles::SCRAM).await;
-    slow.query_one("select 1", &[]).await.expect("warm up");
+    warm_up(&slow).await;
     let e = slow.query_one("select pg_sleep(5)", &[]).await.expect_err("cancelled");
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
 
     // A pool wait that starts in the loop and ends at acquire_timeout; the client stays usable.
     let holder = proxy.connect(roles::SCRAM).await;
     let waiter = proxy.connect(roles::SCRAM).await;
-    waiter.query_one("select 1", &[]).await.expect("warm up");
+    warm_up(&waiter).await;
     holder.batch_execute("begin; select 1").await.expect("holder begins");
     let e = waiter.query_one("select 2", &[]).await.expect_err("pool exhausted");
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
@@ -179,7 +192,7 @@ async fn shutdown_reaches_clients_idle_in_the_event_loop() {
     let pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg).event_loop(true).start().await;
     let (client, task) = proxy.connect_watched(roles::SCRAM).await;
-    client.query_one("select 1", &[]).await.expect("query");
+    warm_up(&client).await;
     assert!(all_clients_in_event_loop(&proxy, 1, true).await);
     proxy.shutdown(Duration::from_secs(2)).await;
     let ended = tokio::time::timeout(Duration::from_secs(5), task)
@@ -198,7 +211,7 @@ async fn a_kill_during_the_shutdown_grace_period_ends_an_open_transaction_on_bot
     for event_loop in [false, true] {
         let proxy = TestProxyBuilder::new(&pg).event_loop(event_loop).start().await;
         let (client, task) = proxy.connect_watched(roles::SCRAM).await;
-        client.query_one("select 1", &[]).await.expect("warm up");
+        warm_up(&client).await;
         assert!(all_clients_in_event_loop(&proxy, 1, event_loop).await);
         client.batch_execute("begin; select 1").await.expect("begin");
         let ctx = proxy.proxy().context().clone();
@@ -295,7 +308,8 @@ async fn one_server_two_clients(
         .await;
     let holder = proxy.connect(roles::SCRAM).await;
     let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
-    waiter.query_one("select 1", &[]).await.expect("warm up");
+    warm_up(&holder).await;
+    warm_up(&waiter).await;
     // On the event loop the wait must start there: both clients idle in the loop first.
     assert!(all_clients_in_event_loop(&proxy, 2, event_loop).await);
     (proxy, holder, waiter, waiter_task)
@@ -406,8 +420,8 @@ async fn pipelined_and_later_queries_of_a_client_in_the_event_loop_are_answered(
     let proxy = TestProxyBuilder::new(&pg).event_loop(true).pool_size(1).start().await;
     let client = proxy.connect(roles::SCRAM).await;
     let other = proxy.connect(roles::SCRAM).await;
-    client.simple_query("select 1").await.expect("warm up");
-    other.simple_query("select 1").await.expect("warm up");
+    warm_up(&client).await;
+    warm_up(&other).await;
     assert!(all_clients_in_event_loop(&proxy, 2, true).await);
     for round in 0..3 {
         let slow = client.simple_query("select 'one' from pg_sleep(0.2)");
@@ -447,8 +461,8 @@ async fn a_server_ending_mid_transaction_reaches_its_idle_client_at_once() {
     let pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg).event_loop(true).pool_size(1).start().await;
     let (client, conn_task) = proxy.connect_watched(roles::SCRAM).await;
-    // A first transaction hands the session to the loop; the next one runs there.
-    client.simple_query("select 1").await.expect("warm up");
+    // After two transactions the session waits in the loop; the next one runs there.
+    warm_up(&client).await;
     assert!(all_clients_in_event_loop(&proxy, 1, true).await);
     client.batch_execute("begin").await.expect("begin");
     // Round trips inside the transaction: each query goes out while the watch placed after
