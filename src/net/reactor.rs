@@ -530,6 +530,15 @@ mod tests {
         (a, b)
     }
 
+    /// A reactor, a connected peer, and our end registered with the reactor (which the socket
+    /// keeps alive).
+    fn registered() -> (Driver, TcpStream, OwnSock) {
+        let (driver, reactor) = Driver::new().expect("reactor");
+        let (peer, ours) = pair();
+        let sock = OwnSock::register(ours, &reactor).expect("register");
+        (driver, peer, sock)
+    }
+
     fn turn(driver: &mut Driver) -> Vec<u64> {
         let mut tokens = Vec::new();
         driver
@@ -540,9 +549,7 @@ mod tests {
 
     #[test]
     fn a_watched_socket_hands_its_token_once_per_event() {
-        let (mut driver, reactor) = Driver::new().expect("reactor");
-        let (mut peer, ours) = pair();
-        let sock = OwnSock::register(ours, &reactor).expect("register");
+        let (mut driver, mut peer, sock) = registered();
         // Not readable until the reactor says so: no read is tried.
         let mut buf = BytesMut::with_capacity(64);
         let e = sock.try_read_buf(&mut buf).expect_err("nothing sent");
@@ -566,9 +573,7 @@ mod tests {
 
     #[test]
     fn the_end_of_a_stream_stays_seen_after_a_short_read_of_its_last_bytes() {
-        let (mut driver, reactor) = Driver::new().expect("reactor");
-        let (mut peer, ours) = pair();
-        let sock = OwnSock::register(ours, &reactor).expect("register");
+        let (mut driver, mut peer, sock) = registered();
         let mut buf = BytesMut::with_capacity(64);
         assert!(sock.try_read_buf(&mut buf).is_err());
         assert!(!sock.watch(Dir::Read, 5));
@@ -627,9 +632,7 @@ mod tests {
 
     #[test]
     fn a_task_waiting_on_a_socket_is_woken_by_its_event() {
-        let (mut driver, reactor) = Driver::new().expect("reactor");
-        let (mut peer, ours) = pair();
-        let sock = OwnSock::register(ours, &reactor).expect("register");
+        let (mut driver, mut peer, sock) = registered();
         let mut buf = BytesMut::with_capacity(64);
         assert!(sock.try_read_buf(&mut buf).is_err());
         let count = Arc::new(Count(AtomicUsize::new(0)));

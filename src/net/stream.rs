@@ -181,16 +181,13 @@ impl AsyncWrite for Sock {
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
 pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
-    if let Sock::Own(own) = sock {
-        return own_read_drained(own, buf);
-    }
     // One body per socket type, so each closure is known to its `try_io` and inlined there
     // (the hottest read of the event loop).
     each_sock!(sock, tcp => {
         let mut short = 0;
         let result = tcp.try_io(Interest::READABLE, || {
             let room = buf.capacity() - buf.len();
-            let n = tcp.try_read_buf(buf)?;
+            let n = ReadOnce::read_once(tcp, buf)?;
             if n > 0 && n < room {
                 short = n;
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -204,22 +201,31 @@ pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
     })
 }
 
-/// [`try_read_drained`] on an event loop's own socket.
-#[inline]
-pub fn own_read_drained(own: &OwnSock, buf: &mut BytesMut) -> io::Result<usize> {
-    let mut short = 0;
-    let result = own.try_io(Interest::READABLE, || {
-        let room = buf.capacity() - buf.len();
-        let n = own.read_buf(buf)?;
-        if n > 0 && n < room {
-            short = n;
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match result {
-        Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
-        other => other,
+/// One `recv` into a buffer inside [`try_read_drained`]'s `try_io`, which has looked at
+/// readiness already: tokio's sockets only offer a read that looks again, the loop's own a
+/// plain one.
+trait ReadOnce {
+    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl ReadOnce for TcpStream {
+    #[inline]
+    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.try_read_buf(buf)
+    }
+}
+
+impl ReadOnce for UnixStream {
+    #[inline]
+    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.try_read_buf(buf)
+    }
+}
+
+impl ReadOnce for OwnSock {
+    #[inline]
+    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.read_buf(buf)
     }
 }
 
@@ -355,6 +361,14 @@ impl Stream {
 
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
+    }
+
+    /// [`Sock::adopt`] for a plain stream, when there is a reactor to adopt it.
+    #[inline]
+    pub fn adopt(&mut self, reactor: Option<&Arc<Reactor>>) {
+        if let (Some(reactor), Stream::Plain(sock)) = (reactor, self) {
+            sock.adopt(reactor);
+        }
     }
 
     /// True when the next bytes can only come from the socket, so its readiness is a sound

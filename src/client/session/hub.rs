@@ -35,7 +35,7 @@ use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::config::SessionStatePolicy;
 use crate::net::reactor::{Dir, Driver, Reactor};
-use crate::net::stream::{Sock, Stream, poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
+use crate::net::stream::{Sock, poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
 use crate::pool::{Grant, GrantSink, Pool};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::frame_at;
@@ -532,9 +532,7 @@ impl HubLoop {
     }
 
     fn admit(&mut self, mut session: Box<Session>, back: oneshot::Sender<Back>) {
-        if let (Some(reactor), Stream::Plain(sock)) = (&self.reactor, &mut session.client) {
-            sock.adopt(reactor);
-        }
+        session.client.adopt(self.reactor.as_ref());
         let index = self.free.pop().unwrap_or_else(|| {
             self.entries.push(None);
             self.entries.len() - 1
@@ -814,14 +812,7 @@ fn read_ready(
     cx: &mut Context<'_>,
     token: u64,
 ) -> Poll<std::io::Result<()>> {
-    if let Some(own) = reactor.and_then(|r| sock.own_on(r)) {
-        return if own.watch(Dir::Read, token) {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        };
-    }
-    poll_read_ready_armed(sock, armed, cx)
+    own_watch(sock, reactor, Dir::Read, token).unwrap_or_else(|| poll_read_ready_armed(sock, armed, cx))
 }
 
 /// `poll_write_ready`, or [`read_ready`]'s watch for writability.
@@ -832,14 +823,19 @@ fn write_ready(
     cx: &mut Context<'_>,
     token: u64,
 ) -> Poll<std::io::Result<()>> {
-    if let Some(own) = reactor.and_then(|r| sock.own_on(r)) {
-        return if own.watch(Dir::Write, token) {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        };
-    }
-    sock.poll_write_ready(cx)
+    own_watch(sock, reactor, Dir::Write, token).unwrap_or_else(|| sock.poll_write_ready(cx))
+}
+
+/// On a socket of the loop's own reactor: Ready when it is ready in `dir`, else Pending with
+/// `token` stored for the next event. None for any other socket.
+#[inline]
+fn own_watch(sock: &Sock, reactor: Option<&Arc<Reactor>>, dir: Dir, token: u64) -> Option<Poll<std::io::Result<()>>> {
+    let own = reactor.and_then(|r| sock.own_on(r))?;
+    Some(if own.watch(dir, token) {
+        Poll::Ready(Ok(()))
+    } else {
+        Poll::Pending
+    })
 }
 
 /// Reads what the client sent into the session's buffer. A read may clear the socket's read
@@ -971,9 +967,7 @@ fn link(
             grant: Grant::Conn(conn),
         });
     }
-    if let (Some(reactor), Stream::Plain(sock)) = (reactor, &mut conn.stream) {
-        sock.adopt(reactor);
-    }
+    conn.stream.adopt(reactor);
     let server = s.pool.lend(conn);
     let waited = now - started;
     s.pool.stats().acquire_wait.observe(waited);
