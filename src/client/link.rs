@@ -466,17 +466,18 @@ impl Link {
             frontend::PARSE => {
                 self.unsynced = true;
                 let (name, payload) = split_cstr(body).ok_or(malformed("Parse"))?;
+                let query = query_text(payload);
                 if self.capture_queries {
-                    self.last_query = Some(Bytes::copy_from_slice(query_text(payload)));
+                    self.last_query = Some(Bytes::copy_from_slice(query));
                 }
                 let change = if name.is_empty() {
-                    session_state_change(query_text(payload))
+                    session_state_change(query)
                 } else {
                     None
                 };
                 // pgJDBC runs a RESET by Parse/Bind/Execute: whether it ran in this batch, its
                 // CommandComplete says.
-                if let Some(scope) = params::reset_scope(query_text(payload)) {
+                if let Some(scope) = params::reset_scope(query) {
                     self.add_reset_scope(scope);
                 }
                 if let Some(kind) = change.filter(|_| self.policy == SessionStatePolicy::Reject) {

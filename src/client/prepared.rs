@@ -185,7 +185,7 @@ pub fn query_text(payload: &[u8]) -> &[u8] {
 
 /// Splits a Parse/Bind/Describe/Close name field: returns (name without NUL, rest after NUL).
 pub fn split_cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = body.iter().position(|&b| b == 0)?;
+    let nul = memchr::memchr(0, body)?;
     Some((&body[..nul], &body[nul + 1..]))
 }
 

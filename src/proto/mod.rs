@@ -37,7 +37,7 @@ pub enum ProtocolError {
 /// Reads a NUL-terminated string starting at `pos`; returns it and the position after the NUL.
 pub(crate) fn read_cstr(buf: &[u8], pos: usize) -> Option<(&[u8], usize)> {
     let rest = buf.get(pos..)?;
-    let nul = rest.iter().position(|&b| b == 0)?;
+    let nul = memchr::memchr(0, rest)?;
     Some((&rest[..nul], pos + nul + 1))
 }
 
