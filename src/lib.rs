@@ -6,7 +6,7 @@
 //!    ─▶ ReadyForQuery 'I' ─▶ server released to the pool (or closed if not clean)
 //! ```
 //!
-//! Layers, each using only those listed before it: `proto` and `auth` (sans-IO), `config`,
+//! Layers, each using only those listed before it: `clock`, `proto` and `auth` (sans-IO), `config`,
 //! `net`, `server` (one backend connection), `pool` (per (database, user)), `client` (one
 //! session), `app` (wiring). Vocabulary follows PgBouncer: *client* is the frontend side,
 //! *server* the PostgreSQL backend side.
@@ -17,6 +17,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod embedded_pg;

@@ -13,6 +13,7 @@ use super::prepared::{
     Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, check_parse, classify_query,
     split_cstr,
 };
+use crate::clock::Mono;
 use crate::config::SessionStatePolicy;
 use crate::pool::PooledServer;
 use crate::proto::frame::{HEADER_LEN, needed_len};
@@ -101,7 +102,7 @@ pub struct Link {
     pub bytes_to_client: u64,
     pub queries: u64,
     /// When each ReadyForQuery still owed was asked for (Query or Sync sent), oldest first.
-    rfq_sent: VecDeque<std::time::Instant>,
+    rfq_sent: VecDeque<Mono>,
     /// Round-trip times of this link, merged into the pool's histogram when it ends.
     pub query_times: crate::metrics::LocalHistogram,
     /// Keep the text of the last query for the admin API (admin.query_text_bytes > 0).
@@ -109,7 +110,7 @@ pub struct Link {
     pub last_query: Option<Bytes>,
     /// The time to record round trips with; None reads the clock. An event loop sets its
     /// reading for the round (one clock read for many sessions instead of one per message).
-    pub clock: Option<std::time::Instant>,
+    pub clock: Option<Mono>,
 }
 
 /// A CommandComplete tag of BEGIN, START TRANSACTION, COMMIT or ROLLBACK. The first byte
@@ -158,7 +159,7 @@ enum Report {
 /// allocates nothing in the common case.
 #[derive(Default)]
 pub struct LinkSpares {
-    rfq_sent: VecDeque<std::time::Instant>,
+    rfq_sent: VecDeque<Mono>,
     expect: VecDeque<Expect>,
 }
 
@@ -204,8 +205,8 @@ impl Link {
         }
     }
 
-    fn now(&self) -> std::time::Instant {
-        self.clock.unwrap_or_else(std::time::Instant::now)
+    fn now(&self) -> Mono {
+        self.clock.unwrap_or_else(Mono::now)
     }
 
     /// Gives the growable parts back, emptied, for the session's next link. A swap, not an
@@ -219,7 +220,7 @@ impl Link {
     }
 
     /// When the oldest reply still owed by the server was asked for (for query_timeout).
-    pub fn oldest_outstanding(&self) -> Option<std::time::Instant> {
+    pub fn oldest_outstanding(&self) -> Option<Mono> {
         self.rfq_sent.front().copied()
     }
 
@@ -861,8 +862,8 @@ impl Link {
                     self.rfq_seen = self.rfq_seen.wrapping_add(1);
                     if let Some(sent) = self.rfq_sent.pop_front() {
                         // Not `self.now()`: that would borrow all of self while `conn` is held.
-                        let now = self.clock.unwrap_or_else(std::time::Instant::now);
-                        self.query_times.observe(now.saturating_duration_since(sent));
+                        let now = self.clock.unwrap_or_else(Mono::now);
+                        self.query_times.observe(now.since(sent));
                     }
                 }
                 backend::PARAMETER_STATUS => {

@@ -29,6 +29,7 @@ use super::link::{ClientSide, ClientStatements, Link, LinkSpares};
 use super::prepared::{StatementCommand, classify_query};
 use super::registry::{ClientInfo, KILL, SHUTDOWN};
 use super::{ClientContext, ClientError};
+use crate::clock::Mono;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::net::Stream;
 use crate::pool::{Checkout, Grant, Pool, PoolError, PooledServer, SettingsCache};
@@ -76,7 +77,7 @@ struct Session {
     /// The client's named prepared statements (see `prepared`).
     statements: ClientStatements,
     /// When the client last sent anything, for idle_transaction_timeout.
-    last_activity: Instant,
+    last_activity: Mono,
     /// This client's entry in the admin registry.
     info: Arc<ClientInfo>,
     /// How much query text to keep for the admin API; 0 keeps none.
@@ -116,7 +117,7 @@ enum Resume {
     /// Carry on with a link: pump it (`outcome` None) or end it with `outcome`.
     Link {
         link: Box<Link>,
-        linked_at: Instant,
+        linked_at: Mono,
         outcome: Option<Result<Pumped, ClientError>>,
     },
 }
@@ -187,7 +188,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         discard_until_sync: false,
         login: LoggedInKeys { key, slot },
         statements: ClientStatements::new(),
-        last_activity: Instant::now(),
+        last_activity: Mono::now(),
         info,
         query_text_bytes,
         spares: LinkSpares::default(),
@@ -567,7 +568,7 @@ impl Session {
         &mut self,
         started: Option<Instant>,
         grant: Option<Grant>,
-    ) -> Result<(PooledServer, Instant), NoServer> {
+    ) -> Result<(PooledServer, Mono), NoServer> {
         let mut now = Instant::now();
         let (started, wall_ms) = match started {
             Some(at) => (
@@ -616,7 +617,7 @@ impl Session {
         let result = match grant {
             Err(e) => Err(pool_error_reply(&e, &self.pool, false)),
             Ok(Grant::Conn(mut conn)) => {
-                if Pool::usable_now(&mut conn, self.settings.load(), now) && self.params_satisfied(&conn) {
+                if Pool::usable_now(&mut conn, self.settings.load(), Mono::now()) && self.params_satisfied(&conn) {
                     Ok(self.pool.lend(conn))
                 } else {
                     let finished = self.finish_grant(Grant::Conn(conn)).await;
@@ -636,7 +637,7 @@ impl Session {
             Ok(server) => {
                 self.info
                     .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
-                Ok((server, now))
+                Ok((server, Mono::now()))
             }
             Err(e) => {
                 self.info.set_idle();
@@ -782,14 +783,14 @@ impl Session {
     }
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
-    async fn linked(&mut self, server: PooledServer, linked_at: Instant) -> Result<Unlinked, ClientError> {
+    async fn linked(&mut self, server: PooledServer, linked_at: Mono) -> Result<Unlinked, ClientError> {
         let mut link = self.start_link(server, linked_at);
         let result = self.pump(&mut link).await;
         self.end_link(&mut link, linked_at, result).await
     }
 
     #[inline]
-    fn start_link(&mut self, server: PooledServer, linked_at: Instant) -> Link {
+    fn start_link(&mut self, server: PooledServer, linked_at: Mono) -> Link {
         let spares = std::mem::take(&mut self.spares);
         let policy = self.refresh_timeouts();
         let mut link = Link::new(server, policy, spares);
@@ -804,11 +805,9 @@ impl Session {
     }
 
     /// Folds a link's counters into its pool's: once per link, no per-message metric cost.
-    fn fold_link_stats(&self, link: &Link, linked_at: Instant, now: Instant) {
+    fn fold_link_stats(&self, link: &Link, linked_at: Mono, now: Mono) {
         let stats = self.pool.stats();
-        stats
-            .transaction_duration
-            .observe(now.saturating_duration_since(linked_at));
+        stats.transaction_duration.observe(now.since(linked_at));
         stats
             .bytes_from_clients
             .fetch_add(link.bytes_to_server, std::sync::atomic::Ordering::Relaxed);
@@ -829,10 +828,10 @@ impl Session {
     async fn end_link(
         &mut self,
         link: &mut Link,
-        linked_at: Instant,
+        linked_at: Mono,
         result: Result<Pumped, ClientError>,
     ) -> Result<Unlinked, ClientError> {
-        self.fold_link_stats(link, linked_at, Instant::now());
+        self.fold_link_stats(link, linked_at, Mono::now());
         self.info.set_idle();
         self.task_links = self.task_links.saturating_add(1);
         // Whatever happened, no cancel may reach this server once it is handed on.
@@ -920,7 +919,7 @@ impl Session {
             // inline would size every client's task, idle ones included.
             Box::pin(self.reset_and_release(server)).await;
         } else {
-            server.release_in_place(Instant::now());
+            server.release_in_place(Mono::now());
         }
     }
 
@@ -940,7 +939,7 @@ impl Session {
         .await;
         if matches!(reset, Ok(Ok(None))) {
             conn.forget_session_state();
-            server.release_in_place(Instant::now());
+            server.release_in_place(Mono::now());
         } else {
             server.discard_in_place();
         }
@@ -1021,6 +1020,7 @@ impl Session {
                 Some((at, Overdue::Query)) => (Some(at), Event::QueryTimeout),
                 None => (None, Event::IdleTimeout),
             };
+            let deadline = deadline.map(|at| at.to_instant(Instant::now(), Mono::now()));
             let read_client = !c_pending && !link.terminated;
             if read_client {
                 self.reserve_for_client();
@@ -1068,7 +1068,7 @@ impl Session {
                 Event::Client(Io::Wrote(r)) => link.sent_to_server(r.map_err(ClientError::ServerIo)?),
                 Event::Client(Io::Read(r)) => match r {
                     Ok(0) | Err(_) => return Ok(Pumped::ClientGone),
-                    Ok(_) => self.last_activity = Instant::now(),
+                    Ok(_) => self.last_activity = Mono::now(),
                 },
                 Event::Server(Io::Wrote(r)) => match r {
                     Ok(n) => link.sent_to_client(n),
@@ -1122,7 +1122,7 @@ impl Session {
     /// state recorded; `writing` says bytes still wait to go out) and returns its next deadline
     /// and which timeout it is. Shared by both pumps.
     #[inline]
-    fn link_deadline(&self, link: &Link, writing: bool, was_idle_in_tx: &mut bool) -> Option<(Instant, Overdue)> {
+    fn link_deadline(&self, link: &Link, writing: bool, was_idle_in_tx: &mut bool) -> Option<(Mono, Overdue)> {
         let idle_in_tx = link.idle_in_transaction() && !writing;
         if idle_in_tx != *was_idle_in_tx {
             // Only on transitions: a relaxed store per state change, not per message.
@@ -1130,13 +1130,13 @@ impl Session {
             *was_idle_in_tx = idle_in_tx;
         }
         let idle_deadline = match self.idle_tx_timeout {
-            Some(t) if idle_in_tx => Some((self.last_activity + t, Overdue::IdleInTransaction)),
+            Some(t) if idle_in_tx => Some((self.last_activity.saturating_add(t), Overdue::IdleInTransaction)),
             _ => None,
         };
         // A query is overdue when the oldest reply the server owes was asked for longer ago
         // than query_timeout; that clock runs whatever the client does meanwhile.
         let query_deadline = match (self.query_timeout, link.oldest_outstanding()) {
-            (Some(t), Some(sent)) if link.pending_rfq > 0 => Some((Instant::from_std(sent) + t, Overdue::Query)),
+            (Some(t), Some(sent)) if link.pending_rfq > 0 => Some((sent.saturating_add(t), Overdue::Query)),
             _ => None,
         };
         match (idle_deadline, query_deadline) {

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{CloseReason, Pool, lock};
+use crate::clock::Mono;
 
 impl Pool {
     /// Runs until `stop` fires. One tracked task per pool.
@@ -17,7 +17,7 @@ impl Pool {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
-            self.retire_idle(Instant::now());
+            self.retire_idle(Mono::now());
             self.warm_up().await;
         }
     }
@@ -37,7 +37,7 @@ impl Pool {
 
     /// Closes idle connections that are too old or idle too long. Public to the crate so tests
     /// and the admin API can force a pass.
-    pub(crate) fn retire_idle(&self, now: Instant) -> usize {
+    pub(crate) fn retire_idle(&self, now: Mono) -> usize {
         let settings = self.shared.settings.load_full();
         let retired = {
             let mut st = lock(&self.shared.state);
@@ -46,12 +46,10 @@ impl Pool {
             // Oldest-used first, so the idle timeout trims the cold end of the LIFO stack.
             let idle = std::mem::take(&mut st.idle);
             for conn in idle {
-                let too_old = settings
-                    .server_lifetime
-                    .is_some_and(|l| now.duration_since(conn.created) >= l);
+                let too_old = settings.server_lifetime.is_some_and(|l| now.since(conn.created) >= l);
                 let too_idle = settings
                     .server_idle_timeout
-                    .is_some_and(|t| now.duration_since(conn.last_used) >= t);
+                    .is_some_and(|t| now.since(conn.last_used) >= t);
                 let spare = st.open - retired.len() > keep_min;
                 if too_old || (too_idle && spare) {
                     self.count_close(if too_old {
@@ -89,7 +87,7 @@ impl Pool {
                 st.open += 1;
             }
             match self.open_slot().await {
-                Ok(conn) => self.checkin(conn, Instant::now()),
+                Ok(conn) => self.checkin(conn, Mono::now()),
                 Err(e) => {
                     tracing::warn!(pool = %self.shared.key, error = %e, "could not open a min_pool_size connection");
                     return;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 pub use registry::PoolRegistry;
 
+use crate::clock::Mono;
 use crate::config::{PoolMode, PoolSettings};
 use crate::server::{self, ParamSet, ServerConn, ServerError, ServerIds, ServerSecret, ServerTarget};
 
@@ -579,17 +580,17 @@ impl Pool {
     /// True when an idle connection can be lent without waiting for anything: not past its
     /// lifetime, silent, and used recently enough to skip the health check. The rest of
     /// [`Pool::vet`] needs a task.
-    pub(crate) fn usable_now(conn: &mut ServerConn, settings: &PoolSettings, now: Instant) -> bool {
-        let age = now.saturating_duration_since(conn.created);
+    pub(crate) fn usable_now(conn: &mut ServerConn, settings: &PoolSettings, now: Mono) -> bool {
+        let age = now.since(conn.created);
         settings.server_lifetime.is_none_or(|l| age < l)
-            && now.saturating_duration_since(conn.last_used) < settings.server_check_delay
+            && now.since(conn.last_used) < settings.server_check_delay
             && !conn.has_pending_input()
     }
 
     /// Gives back a grant whose waiter left before it arrived.
     pub(crate) fn return_grant(&self, grant: Grant) {
         match grant {
-            Grant::Conn(conn) => self.checkin(conn, Instant::now()),
+            Grant::Conn(conn) => self.checkin(conn, Mono::now()),
             Grant::Slot => self.release_slot(),
         }
     }
@@ -598,11 +599,8 @@ impl Pool {
     /// its slot for the caller) when it must not be used.
     async fn vet(&self, mut conn: Conn, settings: &PoolSettings) -> Option<Conn> {
         let stats = &self.shared.stats;
-        let now = Instant::now();
-        if settings
-            .server_lifetime
-            .is_some_and(|l| now.duration_since(conn.created) >= l)
-        {
+        let now = Mono::now();
+        if settings.server_lifetime.is_some_and(|l| now.since(conn.created) >= l) {
             self.count_close(CloseReason::Lifetime);
             conn.close();
             return None;
@@ -612,7 +610,7 @@ impl Pool {
             conn.close();
             return None;
         }
-        if now.duration_since(conn.last_used) >= settings.server_check_delay {
+        if now.since(conn.last_used) >= settings.server_check_delay {
             // An empty query is the cheapest round trip that proves the backend is alive.
             stats.testing.fetch_add(1, Ordering::Relaxed);
             let check = tokio::time::timeout(settings.server_connect_timeout, conn.run_discarding("")).await;
@@ -678,7 +676,7 @@ impl Pool {
     }
 
     /// Returns a clean connection: to the oldest waiter, else to the idle list.
-    fn checkin(&self, mut conn: Conn, now: Instant) {
+    fn checkin(&self, mut conn: Conn, now: Mono) {
         conn.last_used = now;
         let mut st = lock(&self.shared.state);
         if st.closed || st.open > st.size {
@@ -770,17 +768,11 @@ impl Pool {
 
     /// Idle server connections: (backend pid, age, time idle).
     pub fn idle_servers(&self) -> Vec<(i32, Duration, Duration)> {
-        let now = Instant::now();
+        let now = Mono::now();
         lock(&self.shared.state)
             .idle
             .iter()
-            .map(|c| {
-                (
-                    c.backend_pid(),
-                    now.duration_since(c.created),
-                    now.duration_since(c.last_used),
-                )
-            })
+            .map(|c| (c.backend_pid(), now.since(c.created), now.since(c.last_used)))
             .collect()
     }
 
@@ -864,13 +856,13 @@ impl PooledServer {
     /// Returns the connection for reuse. Only call when it is idle: ReadyForQuery 'I' seen,
     /// nothing outstanding.
     pub fn release(mut self) {
-        self.release_in_place(Instant::now());
+        self.release_in_place(Mono::now());
     }
 
     /// [`PooledServer::release`] with the caller's clock reading, for a guard the caller drops
     /// in place afterwards (moving a structure that holds one is a copy of all of it); the
     /// guard is empty from here on.
-    pub(crate) fn release_in_place(&mut self, now: Instant) {
+    pub(crate) fn release_in_place(&mut self, now: Mono) {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, now);
         }

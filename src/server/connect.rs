@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 
 use rustls::pki_types::ServerName;
 
 use super::{ParamSet, ServerConn, ServerError, ServerId};
 use crate::auth::md5;
 use crate::auth::scram::{ClientSecret, SCRAM_SHA_256, ScramClient, ScramKeys};
+use crate::clock::Mono;
 use crate::config::{ServerTlsConfig, ServerTlsMode};
 use crate::net::{ServerAddr, Sock, Stream};
 use crate::proto::messages::{self, AuthRequest, ErrorFields};
@@ -154,7 +154,7 @@ async fn connect_inner(
         Sock::Unix(_) => ServerAddr::Unix(crate::net::socket_path(&target.host, target.port).into()),
     };
     let stream = negotiate_tls(tcp, target, tls).await?;
-    let now = Instant::now();
+    let now = Mono::now();
     let mut conn = ServerConn {
         stream,
         buf: BytesMut::with_capacity(8192),

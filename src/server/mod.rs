@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
-use tokio::time::Instant;
 
 pub use connect::{ServerSecret, ServerTarget, connect};
 pub use params::ParamSet;
 pub use statements::ServerStatements;
 
 use crate::auth::AuthError;
+use crate::clock::Mono;
 use crate::net::ServerAddr;
 use crate::proto::ProtocolError;
 use crate::proto::messages::{self, ErrorFields};
@@ -113,8 +113,8 @@ pub struct ServerConn {
     /// brought in line with, and `params.generation()` then: while both still match, the next
     /// client with that form needs no comparison at checkout.
     pub satisfies: Option<(std::sync::Arc<[u8]>, u64)>,
-    pub created: Instant,
-    pub last_used: Instant,
+    pub created: Mono,
+    pub last_used: Mono,
 }
 
 impl ServerConn {

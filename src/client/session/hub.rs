@@ -33,6 +33,7 @@ use super::{Framed, Link, Pumped, Resume, Session, Wrote, reserve_for_server};
 use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
+use crate::clock::Mono;
 use crate::config::SessionStatePolicy;
 use crate::net::reactor::{Dir, Driver, Reactor};
 use crate::net::stream::{Sock, poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
@@ -118,10 +119,7 @@ fn start_thread_loop() -> std::io::Result<Arc<Inbox>> {
             }
             // From the clock reading the poll's last look at the timers took (there was one if
             // there are timers): one clock read fewer per wait.
-            let timeout = hub
-                .timers
-                .peek()
-                .map(|Reverse((at, _))| at.saturating_duration_since(hub.timers_read_at));
+            let timeout = hub.timers.peek().map(|Reverse((at, _))| at.since(hub.timers_read_at));
             if let Err(e) = driver.turn(&mut hub.local, timeout) {
                 tracing::error!(error = %e, "the event loop's reactor failed; its sessions end");
                 break;
@@ -162,7 +160,7 @@ impl HubLoop {
             generation: 0,
             clock: Clock::new(),
             watch_sweep: false,
-            timers_read_at: Instant::now(),
+            timers_read_at: Mono::now(),
             reactor,
             local: Vec::new(),
         }
@@ -301,11 +299,11 @@ struct Entry {
     /// ([`SERVER_READ`]) for the same reason: see [`Linked::server_armed`].
     server_waker: Waker,
     /// The entry's current deadline (idle in transaction, or a query running too long).
-    timer: Option<Instant>,
+    timer: Option<Mono>,
     /// The earliest deadline this entry has in the timer heap. A deadline that moves later is
     /// not pushed again: when the earlier one comes due, the current one is pushed then. So
     /// the heap holds about one item per linked entry however often deadlines move.
-    scheduled: Option<Instant>,
+    scheduled: Option<Mono>,
     /// The client socket's read waker is registered and has not fired, so the client sending
     /// bytes or hanging up will drive this entry: no need to register again (a lock and a
     /// waker compare in tokio, twice per transaction otherwise). Set when a readiness poll
@@ -353,7 +351,7 @@ enum Watch {
 
 struct Linked {
     link: Link,
-    linked_at: Instant,
+    linked_at: Mono,
     was_idle_in_tx: bool,
     max_prepared: usize,
     /// [`Entry::client_armed`]'s rule for this link's server socket and
@@ -381,9 +379,9 @@ struct HubLoop {
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     /// Idle-in-transaction and query deadlines of linked entries.
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timers: BinaryHeap<Reverse<(Mono, u64)>>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    sleep_at: Option<Instant>,
+    sleep_at: Option<Mono>,
     /// Swapped with the inbox's state, so draining it allocates nothing.
     spare: InboxState,
     /// The last generation given to an entry.
@@ -392,7 +390,7 @@ struct HubLoop {
     /// A sweep that starts watching long waiters' clients is in the timer heap.
     watch_sweep: bool,
     /// When [`HubLoop::poll_timers`] last read the clock.
-    timers_read_at: Instant,
+    timers_read_at: Mono,
 }
 
 /// How long a session waits for a server before the loop watches its client for a hang-up.
@@ -410,35 +408,40 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// reached: the slab would need four billion entries).
 const SWEEP: u64 = u64::MAX;
 
-/// One clock reading per round of the loop, shared by every session it drives in that round
-/// (clock reads are a visible share of a proxied transaction's CPU on virtual machines). Wall
-/// time for the admin API is derived from the monotonic reading and re-anchored every second.
+/// One clock reading per round of the loop (of each clock), shared by every session it drives
+/// in that round (clock reads are a visible share of a proxied transaction's CPU on virtual
+/// machines). `now` is for what meets the pool's waits, which tokio times; `mono` for the rest
+/// (see [`crate::clock`]). Wall time for the admin API is derived from the monotonic reading
+/// and re-anchored every second.
 #[derive(Clone, Copy)]
 struct Clock {
     now: Instant,
+    mono: Mono,
     wall_ms: u64,
-    anchor: Instant,
+    anchor: Mono,
     anchor_wall_ms: u64,
 }
 
 impl Clock {
     fn new() -> Clock {
-        let now = Instant::now();
+        let mono = Mono::now();
         let wall_ms = now_ms();
         Clock {
-            now,
+            now: Instant::now(),
+            mono,
             wall_ms,
-            anchor: now,
+            anchor: mono,
             anchor_wall_ms: wall_ms,
         }
     }
 
-    fn tick(&mut self, now: Instant) {
-        self.now = now;
-        let since = self.now.saturating_duration_since(self.anchor);
+    fn tick(&mut self, mono: Mono) {
+        let since = mono.since(self.anchor);
         if since >= std::time::Duration::from_secs(1) {
             *self = Clock::new();
         } else {
+            self.now = Instant::now();
+            self.mono = mono;
             self.wall_ms = self.anchor_wall_ms + since.as_millis() as u64;
         }
     }
@@ -488,7 +491,7 @@ impl Future for HubLoop {
                 }
                 return Poll::Pending;
             }
-            this.clock.tick(now.unwrap_or_else(Instant::now));
+            this.clock.tick(now.unwrap_or_else(Mono::now));
             let mut arrivals = std::mem::take(&mut this.spare.arrivals);
             for (session, back) in arrivals.drain(..) {
                 this.admit(session, back);
@@ -590,15 +593,7 @@ impl HubLoop {
         };
         entry.phase = Phase::Unlinked;
         let step = match grant {
-            Some((grant, _)) => link(
-                entry,
-                tag,
-                started,
-                wall_ms,
-                grant,
-                self.clock.now,
-                self.reactor.as_ref(),
-            ),
+            Some((grant, _)) => link(entry, tag, started, wall_ms, grant, self.clock, self.reactor.as_ref()),
             // acquire_timeout, or the pool closed: the task produces the error.
             None => Step::Back(Resume::Acquire { tag, started }),
         };
@@ -647,7 +642,7 @@ impl HubLoop {
                     entry.session.info.set_idle();
                     break Step::Back(resume);
                 }
-                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.now, self.reactor.as_ref()) {
+                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.mono, self.reactor.as_ref()) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -665,7 +660,8 @@ impl HubLoop {
                         }
                     )
                 {
-                    self.timers.push(Reverse((self.clock.now + WATCH_AFTER, SWEEP)));
+                    self.timers
+                        .push(Reverse((self.clock.mono.saturating_add(WATCH_AFTER), SWEEP)));
                     self.watch_sweep = true;
                 }
             }
@@ -675,7 +671,10 @@ impl HubLoop {
     /// Starts watching the clients of sessions that have waited [`WATCH_AFTER`] for a server;
     /// schedules the next sweep while younger waits remain, [`SWEEP_EVERY`] from now at the
     /// soonest.
-    fn sweep_waits(&mut self, now: Instant) {
+    fn sweep_waits(&mut self, mono: Mono) {
+        // The waits began at tokio Instants (the pool times them); this runs a few times a
+        // second at most.
+        let now = Instant::now();
         let mut next: Option<Instant> = None;
         for index in 0..self.entries.len() {
             let Some(Some(entry)) = self.entries.get_mut(index) else {
@@ -696,7 +695,9 @@ impl HubLoop {
             }
         }
         if let Some(at) = next {
-            self.timers.push(Reverse((at.max(now + SWEEP_EVERY), SWEEP)));
+            let at = mono.saturating_add(at.saturating_duration_since(now));
+            self.timers
+                .push(Reverse((at.max(mono.saturating_add(SWEEP_EVERY)), SWEEP)));
             self.watch_sweep = true;
         }
     }
@@ -713,16 +714,16 @@ impl HubLoop {
 
     /// Hands back linked entries whose deadline came. Returns true when it did anything.
     /// `now` is the round's clock reading, taken here if nobody has yet.
-    fn poll_timers(&mut self, cx: &mut Context<'_>, now: &mut Option<Instant>) -> bool {
+    fn poll_timers(&mut self, cx: &mut Context<'_>, now: &mut Option<Mono>) -> bool {
         let Some(&Reverse((at, _))) = self.timers.peek() else {
             return false;
         };
-        let now = *now.get_or_insert_with(Instant::now);
+        let now = *now.get_or_insert_with(Mono::now);
         self.timers_read_at = now;
         match &mut self.sleep {
             Some(sleep) => {
                 if self.sleep_at != Some(at) {
-                    sleep.as_mut().reset(at);
+                    sleep.as_mut().reset(at.to_instant(Instant::now(), now));
                     self.sleep_at = Some(at);
                 }
                 if sleep.as_mut().poll(cx).is_pending() {
@@ -911,7 +912,7 @@ fn unlinked(
             };
             Some(Step::Wait)
         }
-        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, started, reactor) {
+        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, *clock, reactor) {
             Step::Wait => None,
             back => Some(back),
         },
@@ -951,7 +952,7 @@ fn link(
     started: Instant,
     wall_ms: u64,
     grant: Grant,
-    now: Instant,
+    clock: Clock,
     reactor: Option<&Arc<Reactor>>,
 ) -> Step {
     let s = &mut *entry.session;
@@ -960,7 +961,7 @@ fn link(
     };
     let settings = s.settings.load();
     let max_prepared = settings.max_prepared_statements;
-    if conn.stream.is_tls() || !Pool::usable_now(&mut conn, settings, now) || !s.params_satisfied(&conn) {
+    if conn.stream.is_tls() || !Pool::usable_now(&mut conn, settings, clock.mono) || !s.params_satisfied(&conn) {
         return Step::Back(Resume::Granted {
             tag,
             started,
@@ -969,15 +970,15 @@ fn link(
     }
     conn.stream.adopt(reactor);
     let server = s.pool.lend(conn);
-    let waited = now - started;
+    let waited = clock.now.saturating_duration_since(started);
     s.pool.stats().acquire_wait.observe(waited);
     s.info
         .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
-    let mut link = s.start_link(server, now);
+    let mut link = s.start_link(server, clock.mono);
     link.capture_queries = s.query_text_bytes > 0;
     entry.phase = Phase::Linked(Linked {
         link,
-        linked_at: now,
+        linked_at: clock.mono,
         was_idle_in_tx: false,
         max_prepared,
         server_armed: false,
@@ -990,9 +991,9 @@ fn link(
 /// again" (the phase changed).
 fn pump(
     entry: &mut Entry,
-    timers: &mut BinaryHeap<Reverse<(Instant, u64)>>,
+    timers: &mut BinaryHeap<Reverse<(Mono, u64)>>,
     tok: u64,
-    now: Instant,
+    now: Mono,
     reactor: Option<&Arc<Reactor>>,
 ) -> Option<Step> {
     let s = &mut *entry.session;
@@ -1013,7 +1014,7 @@ fn pump(
             return link_back(entry, None).map(Step::Back);
         }
         let link = &mut l.link;
-        link.clock = Some(now.into_std());
+        link.clock = Some(now);
         let (c_pending, s_pending) = match s.frame_link(link, l.max_prepared) {
             Ok(Framed::ClientGone) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
             Ok(Framed::Idle) => return release(entry, now),
@@ -1113,7 +1114,7 @@ fn pump(
 /// The transaction is over: the server goes back to the pool (and so, by a function call, to
 /// the next waiting session) unless it needs a reset or a cancel may be racing it, which the
 /// task handles.
-fn release(entry: &mut Entry, now: Instant) -> Option<Step> {
+fn release(entry: &mut Entry, now: Mono) -> Option<Step> {
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
