@@ -387,6 +387,35 @@ async fn session_state_changed_through_a_function_call_is_reset() {
     }
 }
 
+/// An unnamed Parse's text comes again with every execution, and what it does to the session
+/// is remembered per server connection: a text that changes it must be answered for as such
+/// every time, and never be taken for another text (here one of the same length that does
+/// not), whichever the connection saw first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_parse_that_changes_the_session_is_reset_every_time() {
+    let pg = support::postgres();
+    let proxy = one_server_proxy(&pg, |_| {}).await;
+    let mut a = raw::connect(proxy.addr).await;
+    let b = proxy.connect(roles::SCRAM).await;
+    let leaky = "select set_config('search_path', 'nowhere', false)";
+    let harmless = "select set_config('search_path', 'nowhere', true) ";
+    assert_eq!(leaky.len(), harmless.len());
+    for sql in [harmless, leaky, harmless, leaky, leaky] {
+        let replies = raw::round_trip(
+            &mut a,
+            &[raw::parse("", sql), raw::bind(""), raw::execute(), raw::sync()],
+        )
+        .await;
+        assert!(replies.iter().all(|r| r.1.is_none()), "{sql}: {replies:?}");
+        let path: String = b
+            .query_one("select current_setting('search_path')", &[])
+            .await
+            .expect("b looks")
+            .get(0);
+        assert_eq!(path, "\"$user\", public", "b inherits a's search_path after {sql}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_policy_explains_transaction_mode() {
     let pg = support::postgres();

@@ -471,14 +471,20 @@ impl Link {
                 if self.capture_queries {
                     self.last_query = Some(Bytes::copy_from_slice(query));
                 }
-                let change = if name.is_empty() {
-                    session_state_change(query)
+                // An unnamed statement's text comes again with every execution: its facts are
+                // remembered on the connection. A named one's session-state change is worked
+                // out once, when the statement is registered.
+                let (change, scope) = if name.is_empty() {
+                    self.server
+                        .conn()
+                        .parse_memo
+                        .facts(query, |q| (session_state_change(q), params::reset_scope(q)))
                 } else {
-                    None
+                    (None, params::reset_scope(query))
                 };
                 // pgJDBC runs a RESET by Parse/Bind/Execute: whether it ran in this batch, its
                 // CommandComplete says.
-                if let Some(scope) = params::reset_scope(query) {
+                if let Some(scope) = scope {
                     self.add_reset_scope(scope);
                 }
                 if let Some(kind) = change.filter(|_| self.policy == SessionStatePolicy::Reject) {

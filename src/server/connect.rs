@@ -160,6 +160,7 @@ async fn connect_inner(
         buf: BytesMut::with_capacity(8192),
         wbuf: BytesMut::new(),
         statements: Default::default(),
+        parse_memo: Default::default(),
         unnamed_statement: false,
         id,
         backend_key: CancelKey { pid: 0, secret: 0 },

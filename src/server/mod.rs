@@ -5,6 +5,7 @@
 //! shared. Whoever holds it decides whether it is clean enough to go back (see `pool::guard`).
 
 mod connect;
+pub mod memo;
 pub mod params;
 pub mod statements;
 
@@ -98,6 +99,8 @@ pub struct ServerConn {
     pub(crate) wbuf: BytesMut,
     /// Prepared statements this backend holds.
     pub statements: ServerStatements,
+    /// What the unnamed Parse texts last sent here do (session state, resets).
+    pub parse_memo: memo::ParseMemo,
     /// A client parsed the unnamed statement here. PostgreSQL keeps it for the session, so
     /// the next client's link closes it first: a Bind of "" without a Parse of its own must
     /// not run another client's statement.
