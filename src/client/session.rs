@@ -569,7 +569,8 @@ impl Session {
         started: Option<Instant>,
         grant: Option<Grant>,
     ) -> Result<(PooledServer, Mono), NoServer> {
-        let mut now = Instant::now();
+        // Both clocks, read at the same points: tokio's for the pool's wait, ours for the rest.
+        let (mut now, mut mono) = (Instant::now(), Mono::now());
         let (started, wall_ms) = match started {
             Some(at) => (
                 at,
@@ -606,7 +607,7 @@ impl Session {
                             return Err(why);
                         }
                     };
-                    now = Instant::now();
+                    (now, mono) = (Instant::now(), Mono::now());
                     granted.ok_or_else(|| self.pool.acquire_timed_out(self.settings.load()))
                 }
                 Err(e) => Err(e),
@@ -617,17 +618,17 @@ impl Session {
         let result = match grant {
             Err(e) => Err(pool_error_reply(&e, &self.pool, false)),
             Ok(Grant::Conn(mut conn)) => {
-                if Pool::usable_now(&mut conn, self.settings.load(), Mono::now()) && self.params_satisfied(&conn) {
+                if Pool::usable_now(&mut conn, self.settings.load(), mono) && self.params_satisfied(&conn) {
                     Ok(self.pool.lend(conn))
                 } else {
                     let finished = self.finish_grant(Grant::Conn(conn)).await;
-                    now = Instant::now();
+                    (now, mono) = (Instant::now(), Mono::now());
                     finished
                 }
             }
             Ok(grant) => {
                 let finished = self.finish_grant(grant).await;
-                now = Instant::now();
+                (now, mono) = (Instant::now(), Mono::now());
                 finished
             }
         };
@@ -637,7 +638,7 @@ impl Session {
             Ok(server) => {
                 self.info
                     .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
-                Ok((server, Mono::now()))
+                Ok((server, mono))
             }
             Err(e) => {
                 self.info.set_idle();
