@@ -26,10 +26,16 @@ pub struct ParseMemo {
     entries: Vec<(Box<[u8]>, ParseFacts)>,
     /// The entry the next new text replaces once all are taken (round robin).
     victim: usize,
+    /// Hashes of the last texts met once and not kept (0: none). A text is kept the second
+    /// time it comes, so a client whose every text is new (literals written into it) pays a
+    /// hash per Parse, not an allocation and a copy.
+    met_once: [u64; ENTRIES],
+    met_next: usize,
 }
 
 impl ParseMemo {
-    /// The facts of `text`: remembered, or worked out by `work_out` and remembered.
+    /// The facts of `text`: remembered, or worked out by `work_out` (and remembered if the
+    /// text came before).
     pub fn facts(&mut self, text: &[u8], work_out: impl FnOnce(&[u8]) -> ParseFacts) -> ParseFacts {
         if text.len() > MAX_TEXT {
             return work_out(text);
@@ -39,15 +45,41 @@ impl ParseMemo {
             return *facts;
         }
         let facts = work_out(text);
-        let entry = (Box::from(text), facts);
-        if self.entries.len() < ENTRIES {
-            self.entries.push(entry);
-        } else {
-            self.entries[self.victim] = entry;
-            self.victim = (self.victim + 1) % ENTRIES;
+        let h = hash(text);
+        match self.met_once.iter().position(|&m| m == h) {
+            Some(i) => {
+                self.met_once[i] = 0;
+                let entry = (Box::from(text), facts);
+                if self.entries.len() < ENTRIES {
+                    self.entries.push(entry);
+                } else {
+                    self.entries[self.victim] = entry;
+                    self.victim = (self.victim + 1) % ENTRIES;
+                }
+            }
+            None => {
+                self.met_once[self.met_next] = h;
+                self.met_next = (self.met_next + 1) % ENTRIES;
+            }
         }
         facts
     }
+}
+
+/// A 64-bit hash of `text`, never 0. Only admits texts (a collision keeps a text one sighting
+/// early); answers always come from a whole compare.
+fn hash(text: &[u8]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = text.len() as u64;
+    let mut chunks = text.chunks_exact(8);
+    for chunk in &mut chunks {
+        let word = <[u8; 8]>::try_from(chunk).map_or(0, u64::from_le_bytes);
+        h = (h.rotate_left(5) ^ word).wrapping_mul(K);
+    }
+    for &b in chunks.remainder() {
+        h = (h.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+    }
+    h | 1
 }
 
 #[cfg(test)]
@@ -56,22 +88,36 @@ mod tests {
     use std::cell::Cell;
 
     #[test]
-    fn answers_a_text_it_has_seen_without_working_it_out_again() {
+    fn answers_a_text_it_has_met_twice_without_working_it_out_again() {
         let mut memo = ParseMemo::default();
         let calls = Cell::new(0);
         let work_out = |t: &[u8]| -> ParseFacts {
             calls.set(calls.get() + 1);
             (t.starts_with(b"SET").then_some("SET"), None)
         };
-        assert_eq!(memo.facts(b"SET search_path = a", work_out), (Some("SET"), None));
-        assert_eq!(memo.facts(b"SELECT 1", work_out), (None, None));
-        assert_eq!(memo.facts(b"SET search_path = a", work_out), (Some("SET"), None));
-        assert_eq!(memo.facts(b"SELECT 1", work_out), (None, None));
-        assert_eq!(calls.get(), 2);
+        for _ in 0..2 {
+            assert_eq!(memo.facts(b"SET search_path = a", work_out), (Some("SET"), None));
+            assert_eq!(memo.facts(b"SELECT 1", work_out), (None, None));
+        }
+        assert_eq!(calls.get(), 4, "met once, then kept");
+        for _ in 0..3 {
+            assert_eq!(memo.facts(b"SET search_path = a", work_out), (Some("SET"), None));
+            assert_eq!(memo.facts(b"SELECT 1", work_out), (None, None));
+        }
+        assert_eq!(calls.get(), 4);
         // Same length, other bytes: worked out, not taken for its neighbour.
         assert_eq!(memo.facts(b"SET search_path = b", work_out), (Some("SET"), None));
         assert_eq!(memo.facts(b"SELECT 2", work_out), (None, None));
-        assert_eq!(calls.get(), 4);
+        assert_eq!(calls.get(), 6);
+    }
+
+    #[test]
+    fn texts_that_never_come_again_are_not_kept() {
+        let mut memo = ParseMemo::default();
+        for i in 0..200 {
+            memo.facts(format!("SELECT * FROM t WHERE id = {i}").as_bytes(), |_| (None, None));
+        }
+        assert!(memo.entries.is_empty());
     }
 
     #[test]
@@ -83,7 +129,9 @@ mod tests {
             (None, None)
         };
         for i in 0..ENTRIES * 3 {
-            memo.facts(format!("SELECT {i}").as_bytes(), work_out);
+            let text = format!("SELECT {i}");
+            memo.facts(text.as_bytes(), work_out);
+            memo.facts(text.as_bytes(), work_out);
         }
         assert_eq!(memo.entries.len(), ENTRIES);
         // The newest are kept, the oldest replaced.
@@ -93,9 +141,10 @@ mod tests {
         memo.facts(b"SELECT 0", work_out);
         assert_eq!(calls.get(), before + 1);
         let long = vec![b'x'; MAX_TEXT + 1];
-        memo.facts(&long, work_out);
-        memo.facts(&long, work_out);
-        assert_eq!(calls.get(), before + 3, "a long text is worked out every time");
+        for _ in 0..3 {
+            memo.facts(&long, work_out);
+        }
+        assert_eq!(calls.get(), before + 4, "a long text is worked out every time");
         assert!(memo.entries.iter().all(|(t, _)| t.len() <= MAX_TEXT));
     }
 }
