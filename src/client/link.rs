@@ -11,7 +11,7 @@ use super::hygiene::{StateChange, function_call_change, session_state_change};
 use super::prepared::query_text;
 use super::prepared::{
     Expect, SERVER_PREFIX, Statement, StatementCommand, StatementRegistry, Undo, check_parse, classify_query,
-    split_cstr,
+    parse_facts, split_cstr,
 };
 use crate::clock::Mono;
 use crate::config::SessionStatePolicy;
@@ -475,10 +475,7 @@ impl Link {
                 // remembered on the connection. A named one's session-state change is worked
                 // out once, when the statement is registered.
                 let (change, scope) = if name.is_empty() {
-                    self.server
-                        .conn()
-                        .parse_memo
-                        .facts(query, |q| (session_state_change(q), params::reset_scope(q)))
+                    self.server.conn().parse_memo.facts(query, parse_facts)
                 } else {
                     (None, params::reset_scope(query))
                 };

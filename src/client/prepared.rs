@@ -96,12 +96,13 @@ impl StatementRegistry {
         name.put_slice(SERVER_PREFIX.as_bytes());
         name.put_slice(id.to_string().as_bytes());
         name.put_u8(0);
+        let (state_change, reset_scope) = parse_facts(query_text(payload));
         let stmt = Arc::new(Statement {
             id,
             server_name: name.freeze(),
             payload: Bytes::copy_from_slice(payload),
-            state_change: super::hygiene::session_state_change(query_text(payload)),
-            reset_scope: crate::server::params::reset_scope(query_text(payload)),
+            state_change,
+            reset_scope,
             validated: std::sync::atomic::AtomicBool::new(false),
         });
         map.insert(Bytes::from(key), Arc::downgrade(&stmt));
@@ -176,6 +177,16 @@ pub fn check_parse(out: &mut BytesMut, payload: &[u8]) {
     out.put_i32((4 + 1 + CHECK_NAME.len()) as i32);
     out.put_u8(b'S');
     out.put_slice(CHECK_NAME);
+}
+
+/// What a Parse's query text does (the session-state change it makes, the parameters it
+/// resets): worked out once for a named statement, remembered per server connection for the
+/// unnamed one (`server::memo`).
+pub fn parse_facts(query: &[u8]) -> crate::server::memo::ParseFacts {
+    (
+        super::hygiene::session_state_change(query),
+        crate::server::params::reset_scope(query),
+    )
 }
 
 /// The query text of a Parse payload (up to its NUL).
