@@ -157,10 +157,10 @@ impl ClientInfo {
         self.state.store(ClientState::Active as u8, Ordering::Relaxed);
     }
 
-    /// Marks the start (true) or end (false) of being idle inside a transaction.
-    pub fn set_idle_in_transaction(&self, idle: bool) {
-        self.idle_tx_since
-            .store(if idle { now_ms() } else { 0 }, Ordering::Relaxed);
+    /// Marks the start (at `since_ms`, Unix ms) or the end (None) of being idle inside a
+    /// transaction.
+    pub fn set_idle_in_transaction(&self, since_ms: Option<u64>) {
+        self.idle_tx_since.store(since_ms.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Since when the client has been idle inside a transaction.

@@ -1016,7 +1016,12 @@ impl Session {
                 Wrote::ServerFailed(e) => return Err(ClientError::ServerIo(e)),
                 Wrote::ClientGone => return Ok(Pumped::ClientGone),
             }
-            let (deadline, on_deadline) = match self.link_deadline(link, c_pending || s_pending, &mut was_idle_in_tx) {
+            let (deadline, on_deadline) = match self.link_deadline(
+                link,
+                c_pending || s_pending,
+                &mut was_idle_in_tx,
+                super::registry::now_ms,
+            ) {
                 Some((at, Overdue::IdleInTransaction)) => (Some(at), Event::IdleTimeout),
                 Some((at, Overdue::Query)) => (Some(at), Event::QueryTimeout),
                 None => (None, Event::IdleTimeout),
@@ -1121,13 +1126,21 @@ impl Session {
 
     /// Records the link entering or leaving idle-in-transaction (`was_idle_in_tx` is the last
     /// state recorded; `writing` says bytes still wait to go out) and returns its next deadline
-    /// and which timeout it is. Shared by both pumps.
+    /// and which timeout it is. Shared by both pumps. `wall_ms` says when it is (Unix ms), for
+    /// the admin API: the event loop has it from its round's clock.
     #[inline]
-    fn link_deadline(&self, link: &Link, writing: bool, was_idle_in_tx: &mut bool) -> Option<(Mono, Overdue)> {
+    fn link_deadline(
+        &self,
+        link: &Link,
+        writing: bool,
+        was_idle_in_tx: &mut bool,
+        wall_ms: impl FnOnce() -> u64,
+    ) -> Option<(Mono, Overdue)> {
         let idle_in_tx = link.idle_in_transaction() && !writing;
         if idle_in_tx != *was_idle_in_tx {
-            // Only on transitions: a relaxed store per state change, not per message.
-            self.info.set_idle_in_transaction(idle_in_tx);
+            // Only on transitions: a relaxed store per state change, not per message (but that
+            // is every statement of a multi-statement transaction).
+            self.info.set_idle_in_transaction(idle_in_tx.then(wall_ms));
             *was_idle_in_tx = idle_in_tx;
         }
         let idle_deadline = match self.idle_tx_timeout {

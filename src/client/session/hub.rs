@@ -642,7 +642,7 @@ impl HubLoop {
                     entry.session.info.set_idle();
                     break Step::Back(resume);
                 }
-                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, self.clock.mono, self.reactor.as_ref()) {
+                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, &self.clock, self.reactor.as_ref()) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -993,9 +993,10 @@ fn pump(
     entry: &mut Entry,
     timers: &mut BinaryHeap<Reverse<(Mono, u64)>>,
     tok: u64,
-    now: Mono,
+    clock: &Clock,
     reactor: Option<&Arc<Reactor>>,
 ) -> Option<Step> {
+    let now = clock.mono;
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
@@ -1029,7 +1030,7 @@ fn pump(
         }
         // Which timeout it is the task works out again when the timer hands the session back.
         let deadline = s
-            .link_deadline(link, c_pending || s_pending, &mut l.was_idle_in_tx)
+            .link_deadline(link, c_pending || s_pending, &mut l.was_idle_in_tx, || clock.wall_ms)
             .map(|(at, _)| at);
         entry.timer = deadline;
         if let Some(at) = deadline
