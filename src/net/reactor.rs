@@ -402,6 +402,25 @@ impl OwnSock {
         self.try_io(tokio::io::Interest::READABLE, || self.read_buf(buf))
     }
 
+    /// [`crate::net::stream::try_read_drained`] for this socket: one `recv` when it is
+    /// read-ready, and a read that leaves room in `buf` drained the socket, so it clears read
+    /// readiness like a `WouldBlock` would, without making and inspecting one (twice per
+    /// proxied round trip).
+    pub fn try_read_drained(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let seen = self.state.ready.load(Ordering::SeqCst);
+        if seen & Dir::Read.mask() == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let room = buf.capacity() - buf.len();
+        let r = self.read_buf(buf);
+        match &r {
+            Ok(n) if *n > 0 && *n < room => self.state.clear(seen, Dir::Read.bit()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.state.clear(seen, Dir::Read.bit()),
+            _ => {}
+        }
+        r
+    }
+
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         self.try_io(tokio::io::Interest::WRITABLE, || {
             Ok(rustix::net::send(&self.io, buf, rustix::net::SendFlags::NOSIGNAL)?)
@@ -583,17 +602,39 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(turn(&mut driver), vec![5]);
         // A read that leaves room counts as draining the socket (the event loop's rule).
-        let drained = sock.try_io(tokio::io::Interest::READABLE, || {
-            let n = sock.read_buf(&mut buf)?;
-            assert_eq!(n, 3);
-            Err::<usize, _>(io::ErrorKind::WouldBlock.into())
-        });
-        assert!(drained.is_err());
+        assert_eq!(sock.try_read_drained(&mut buf).expect("read"), 3);
         // No further event will come, so the end must still show.
         assert!(sock.is_ready(Dir::Read), "the FIN is forgotten");
         assert!(sock.watch(Dir::Read, 5));
         assert_eq!(sock.try_read_buf(&mut buf).expect("eof"), 0);
         assert!(turn(&mut driver).is_empty());
+    }
+
+    #[test]
+    fn a_short_read_clears_read_readiness_and_a_full_one_keeps_it() {
+        let (mut driver, mut peer, sock) = registered();
+        let mut buf = BytesMut::with_capacity(64);
+        let room = buf.capacity();
+        let e = sock.try_read_drained(&mut buf).expect_err("nothing sent");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(!sock.watch(Dir::Read, 9));
+        peer.write_all(&vec![1u8; room + 10]).expect("write");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(turn(&mut driver), vec![9]);
+        // Filling the room says nothing about what is left.
+        assert_eq!(sock.try_read_drained(&mut buf).expect("read"), room);
+        assert!(sock.is_ready(Dir::Read), "a full read must keep readiness");
+        buf.reserve(64);
+        assert_eq!(sock.try_read_drained(&mut buf).expect("read"), 10);
+        // The short read drained the socket: no recv until the next event.
+        assert!(!sock.is_ready(Dir::Read), "a short read must clear readiness");
+        let e = sock.try_read_drained(&mut buf).expect_err("not ready");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(!sock.watch(Dir::Read, 9));
+        peer.write_all(b"more").expect("write");
+        assert_eq!(turn(&mut driver), vec![9]);
+        assert_eq!(sock.try_read_drained(&mut buf).expect("read"), 4);
+        assert_eq!(buf.len(), room + 14);
     }
 
     #[test]

@@ -181,8 +181,11 @@ impl AsyncWrite for Sock {
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
 pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
-    // One body per socket type, so each closure is known to its `try_io` and inlined there
-    // (the hottest read of the event loop).
+    if let Sock::Own(own) = sock {
+        // The event loop's sockets: the hottest read of all.
+        return own.try_read_drained(buf);
+    }
+    // One body per socket type, so each closure is known to its `try_io` and inlined there.
     each_sock!(sock, tcp => {
         let mut short = 0;
         let result = tcp.try_io(Interest::READABLE, || {
