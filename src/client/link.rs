@@ -219,6 +219,16 @@ impl Link {
         std::mem::swap(&mut self.expect, &mut spares.expect);
     }
 
+    /// The growable parts, emptied, for another link (an event loop keeps them).
+    pub fn take_spares(&mut self) -> LinkSpares {
+        self.rfq_sent.clear();
+        self.expect.clear();
+        LinkSpares {
+            rfq_sent: std::mem::take(&mut self.rfq_sent),
+            expect: std::mem::take(&mut self.expect),
+        }
+    }
+
     /// When the oldest reply still owed by the server was asked for (for query_timeout).
     pub fn oldest_outstanding(&self) -> Option<Mono> {
         self.rfq_sent.front().copied()

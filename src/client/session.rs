@@ -785,14 +785,14 @@ impl Session {
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer, linked_at: Mono) -> Result<Unlinked, ClientError> {
-        let mut link = self.start_link(server, linked_at);
+        let spares = std::mem::take(&mut self.spares);
+        let mut link = self.start_link(server, linked_at, spares);
         let result = self.pump(&mut link).await;
         self.end_link(&mut link, linked_at, result).await
     }
 
     #[inline]
-    fn start_link(&mut self, server: PooledServer, linked_at: Mono) -> Link {
-        let spares = std::mem::take(&mut self.spares);
+    fn start_link(&mut self, server: PooledServer, linked_at: Mono, spares: LinkSpares) -> Link {
         let policy = self.refresh_timeouts();
         let mut link = Link::new(server, policy, spares);
         if !self.status_for_client.is_empty() {

@@ -29,7 +29,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Framed, Link, Pumped, Resume, Session, Wrote, reserve_for_server};
+use super::{Framed, Link, LinkSpares, Pumped, Resume, Session, Wrote, reserve_for_server};
 use crate::client::ClientError;
 use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
@@ -163,6 +163,7 @@ impl HubLoop {
             timers_read_at: Mono::now(),
             reactor,
             local: Vec::new(),
+            links: SpareLinks::default(),
         }
     }
 }
@@ -319,10 +320,6 @@ struct Entry {
     client_armed: bool,
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "entries live in place in the loop's slab; boxing the link costs an allocation per transaction"
-)]
 enum Phase {
     Unlinked,
     /// Queued in the pool for the first message (tag `tag`) since `started`.
@@ -332,8 +329,6 @@ enum Phase {
         wall_ms: u64,
         watch: Watch,
     },
-    /// Inline, not boxed: an allocation and a copy per transaction cost more than the bytes
-    /// an idle entry carries for it.
     Linked(Linked),
 }
 
@@ -350,7 +345,11 @@ enum Watch {
 }
 
 struct Linked {
-    link: Link,
+    /// Boxed, not inline: with thousands of clients an entry is cold when its transaction
+    /// starts, and a link written into it (~470 bytes) missed the cache line by line; the box
+    /// of the last link to end here ([`HubLoop::links`]) is warm. It also goes to the task as
+    /// it is ([`Resume::Link`]).
+    link: Box<Link>,
     linked_at: Mono,
     was_idle_in_tx: bool,
     max_prepared: usize,
@@ -391,6 +390,37 @@ struct HubLoop {
     watch_sweep: bool,
     /// When [`HubLoop::poll_timers`] last read the clock.
     timers_read_at: Mono,
+    /// Links that ended here, for the next ones.
+    links: SpareLinks,
+}
+
+/// Links that ended in a loop, boxes and growable parts, for its next ones (last in, first
+/// out): kept by the loop rather than by each session so they are warm however many clients
+/// take turns, and without an allocation and a free per transaction (~230 instructions:
+/// glibc's per-thread cache rarely had a block that size). A link here has released its
+/// server; it still names the server's pool until it is reused.
+#[derive(Default)]
+struct SpareLinks(
+    #[expect(
+        clippy::vec_box,
+        reason = "a box moves on to a session's phase and to its task as it is"
+    )]
+    Vec<Box<Link>>,
+);
+
+impl SpareLinks {
+    /// More than a loop's pools are likely to lend it at once.
+    const MAX: usize = 64;
+
+    fn take(&mut self) -> Option<Box<Link>> {
+        self.0.pop()
+    }
+
+    fn keep(&mut self, link: Box<Link>) {
+        if self.0.len() < Self::MAX {
+            self.0.push(link);
+        }
+    }
 }
 
 /// How long a session waits for a server before the loop watches its client for a hang-up.
@@ -593,7 +623,14 @@ impl HubLoop {
         };
         entry.phase = Phase::Unlinked;
         let step = match grant {
-            Some((grant, _)) => link(entry, tag, started, wall_ms, grant, self.clock, self.reactor.as_ref()),
+            Some((grant, _)) => link(
+                entry,
+                Ask { tag, started, wall_ms },
+                grant,
+                self.clock,
+                self.reactor.as_ref(),
+                &mut self.links,
+            ),
             // acquire_timeout, or the pool closed: the task produces the error.
             None => Step::Back(Resume::Acquire { tag, started }),
         };
@@ -610,7 +647,14 @@ impl HubLoop {
         let tok = token(index, entry.generation);
         let step = loop {
             match &entry.phase {
-                Phase::Unlinked => match unlinked(entry, &self.sink, tok, &self.clock, self.reactor.as_ref()) {
+                Phase::Unlinked => match unlinked(
+                    entry,
+                    &self.sink,
+                    tok,
+                    &self.clock,
+                    self.reactor.as_ref(),
+                    &mut self.links,
+                ) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -642,7 +686,14 @@ impl HubLoop {
                     entry.session.info.set_idle();
                     break Step::Back(resume);
                 }
-                Phase::Linked(_) => match pump(entry, &mut self.timers, tok, &self.clock, self.reactor.as_ref()) {
+                Phase::Linked(_) => match pump(
+                    entry,
+                    &mut self.timers,
+                    tok,
+                    &self.clock,
+                    self.reactor.as_ref(),
+                    &mut self.links,
+                ) {
                     Some(step) => break step,
                     None => continue,
                 },
@@ -791,7 +842,7 @@ fn link_back(entry: &mut Entry, outcome: Option<Result<Pumped, ClientError>>) ->
             link: {
                 // The task reads the clock itself.
                 l.link.clock = None;
-                Box::new(l.link)
+                l.link
             },
             linked_at: l.linked_at,
             outcome,
@@ -856,6 +907,7 @@ fn unlinked(
     tok: u64,
     clock: &Clock,
     reactor: Option<&Arc<Reactor>>,
+    links: &mut SpareLinks,
 ) -> Option<Step> {
     let s = &mut *entry.session;
     if s.info.stop.raised_now(KILL | SHUTDOWN) != 0 {
@@ -912,7 +964,7 @@ fn unlinked(
             };
             Some(Step::Wait)
         }
-        Ok(Some(grant)) => match link(entry, tag, started, wall_ms, grant, *clock, reactor) {
+        Ok(Some(grant)) => match link(entry, Ask { tag, started, wall_ms }, grant, *clock, reactor, links) {
             Step::Wait => None,
             back => Some(back),
         },
@@ -943,17 +995,24 @@ fn plain_first_message(s: &Session, tag: u8) -> bool {
     }
 }
 
+/// What a session asked the pool for: a server for its first message (tag `tag`), since
+/// `started` (`wall_ms` on the wall clock).
+struct Ask {
+    tag: u8,
+    started: Instant,
+    wall_ms: u64,
+}
+
 /// Links a granted server to the entry's session when that needs nothing asynchronous: an idle,
 /// plain-TCP connection that passes the cheap checks and already has the client's parameters.
 /// Returns Wait when linked (the caller drives on).
 fn link(
     entry: &mut Entry,
-    tag: u8,
-    started: Instant,
-    wall_ms: u64,
+    Ask { tag, started, wall_ms }: Ask,
     grant: Grant,
     clock: Clock,
     reactor: Option<&Arc<Reactor>>,
+    links: &mut SpareLinks,
 ) -> Step {
     let s = &mut *entry.session;
     let Grant::Conn(mut conn) = grant else {
@@ -974,7 +1033,14 @@ fn link(
     s.pool.stats().acquire_wait.observe(waited);
     s.info
         .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
-    let mut link = s.start_link(server, clock.mono);
+    let mut link = match links.take() {
+        Some(mut spare) => {
+            let parts = spare.take_spares();
+            *spare = s.start_link(server, clock.mono, parts);
+            spare
+        }
+        None => Box::new(s.start_link(server, clock.mono, LinkSpares::default())),
+    };
     link.capture_queries = s.query_text_bytes > 0;
     entry.phase = Phase::Linked(Linked {
         link,
@@ -995,6 +1061,7 @@ fn pump(
     tok: u64,
     clock: &Clock,
     reactor: Option<&Arc<Reactor>>,
+    links: &mut SpareLinks,
 ) -> Option<Step> {
     let now = clock.mono;
     let s = &mut *entry.session;
@@ -1018,7 +1085,7 @@ fn pump(
         link.clock = Some(now);
         let (c_pending, s_pending) = match s.frame_link(link, l.max_prepared) {
             Ok(Framed::ClientGone) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
-            Ok(Framed::Idle) => return release(entry, now),
+            Ok(Framed::Idle) => return release(entry, now, links),
             Ok(Framed::Pending { to_server, to_client }) => (to_server, to_client),
             Err(e) => return link_back(entry, Some(Err(e))).map(Step::Back),
         };
@@ -1115,7 +1182,7 @@ fn pump(
 /// The transaction is over: the server goes back to the pool (and so, by a function call, to
 /// the next waiting session) unless it needs a reset or a cancel may be racing it, which the
 /// task handles.
-fn release(entry: &mut Entry, now: Mono) -> Option<Step> {
+fn release(entry: &mut Entry, now: Mono, links: &mut SpareLinks) -> Option<Step> {
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
@@ -1132,9 +1199,11 @@ fn release(entry: &mut Entry, now: Mono) -> Option<Step> {
     }
     s.fold_link_stats(&l.link, l.linked_at, now);
     s.info.set_idle();
-    l.link.return_spares(&mut s.spares);
     l.link.server.release_in_place(now);
-    entry.phase = Phase::Unlinked;
+    if let Phase::Linked(l) = std::mem::replace(&mut entry.phase, Phase::Unlinked) {
+        // Its reply queues are empty: the server answered everything.
+        links.keep(l.link);
+    }
     entry.timer = None;
     if s.info.stop.raised_now(SHUTDOWN) != 0 {
         return Some(Step::Back(Resume::Stopped(SHUTDOWN)));
