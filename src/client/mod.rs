@@ -47,6 +47,8 @@ pub struct ClientContext {
     pub cancels: CancelRegistry,
     /// Prepared statements shared by all clients (see `prepared`).
     pub statements: prepared::StatementRegistry,
+    /// Clients' parameter forms, shared (see [`crate::server::params::FormInterner`]).
+    pub param_forms: crate::server::params::FormInterner,
     pub server_ids: Arc<ServerIds>,
     /// Fires when the process starts shutting down: idle clients are told and closed, clients
     /// inside a transaction may finish it.
@@ -88,6 +90,7 @@ impl ClientContext {
             pools,
             cancels: CancelRegistry::new(peer_id),
             statements: prepared::StatementRegistry::default(),
+            param_forms: Default::default(),
             server_ids,
             shutdown,
             next_client: AtomicU64::new(0),

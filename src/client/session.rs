@@ -179,7 +179,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         mode: settings.mode,
         settings: pool.settings_cache(),
         pool,
-        params_form: (params.generation(), params.form()),
+        params_form: (params.generation(), ctx.param_forms.intern(params.form())),
         reset_to: None,
         params,
         max_message,
@@ -666,7 +666,11 @@ impl Session {
     /// clients of one application start alike. One generation and one byte-slice compare.
     fn params_satisfied(&mut self, conn: &crate::server::ServerConn) -> bool {
         matches!(&conn.satisfies, Some((form, generation))
-            if *generation == conn.params.generation() && **form == **self.current_params_form())
+        if *generation == conn.params.generation() && {
+            // Forms are interned: the same values are almost always the same allocation.
+            let mine = self.current_params_form();
+            std::sync::Arc::ptr_eq(form, mine) || **form == **mine
+        })
     }
 
     /// Brings the server's session parameters in line with the client's (when
@@ -772,7 +776,10 @@ impl Session {
 
     fn current_params_form(&mut self) -> &std::sync::Arc<[u8]> {
         if self.params_form.0 != self.params.generation() {
-            self.params_form = (self.params.generation(), self.params.form());
+            self.params_form = (
+                self.params.generation(),
+                self.ctx.param_forms.intern(self.params.form()),
+            );
         }
         &self.params_form.1
     }

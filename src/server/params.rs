@@ -647,9 +647,62 @@ pub fn set_prelude(have: &ParamSet, pairs: &[(&str, &[u8])]) -> Vec<u8> {
     prelude
 }
 
+/// One shared copy of each parameter form ([`ParamSet::form`]) in use, so that sessions whose
+/// clients ask for the same values hold the same `Arc`: checking a server against a session is
+/// then a pointer compare, where comparing the bytes read the session's own copy, cold with
+/// thousands of clients taking turns (several cache misses per transaction).
+#[derive(Default)]
+pub struct FormInterner {
+    forms: std::sync::Mutex<std::collections::HashSet<Arc<[u8]>>>,
+}
+
+impl FormInterner {
+    /// Distinct forms kept; past it the set starts over (forms in use stay alive in their
+    /// sessions, only their sharing with later ones is lost).
+    const MAX: usize = 1024;
+
+    /// The shared copy of `form`.
+    pub fn intern(&self, form: Arc<[u8]>) -> Arc<[u8]> {
+        let mut forms = self.forms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = forms.get(&form) {
+            return known.clone();
+        }
+        if forms.len() >= Self::MAX {
+            forms.clear();
+        }
+        forms.insert(form.clone());
+        form
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_forms_are_interned_to_one_allocation() {
+        let interner = FormInterner::default();
+        let mut a = ParamSet::default();
+        a.set("DateStyle", b"ISO, DMY");
+        a.set("TimeZone", b"UTC");
+        // The same values set in another order: the same form.
+        let mut b = ParamSet::default();
+        b.set("TimeZone", b"UTC");
+        b.set("DateStyle", b"ISO, DMY");
+        let (fa, fb) = (interner.intern(a.form()), interner.intern(b.form()));
+        assert!(Arc::ptr_eq(&fa, &fb));
+        b.set("TimeZone", b"Europe/Paris");
+        let fc = interner.intern(b.form());
+        assert!(!Arc::ptr_eq(&fa, &fc));
+        assert_ne!(*fa, *fc);
+        // Past its bound the set starts over; what it hands out is still the form asked for.
+        for i in 0..FormInterner::MAX + 10 {
+            let mut p = ParamSet::default();
+            p.set("application_name", i.to_string().as_bytes());
+            assert_eq!(*interner.intern(p.form()), *p.form());
+        }
+        assert!(interner.forms.lock().unwrap().len() <= FormInterner::MAX);
+    }
 
     fn welcome(version: &str, encoding: &str) -> ParamSet {
         let mut w = ParamSet::default();
