@@ -810,11 +810,13 @@ impl Link {
             // them changes the reply queue, so the checks below would only conclude "forward".
             // A partial or malformed frame stops it, for the full path to stream or report.
             let barrier_front = matches!(self.expect.front(), Some(Expect::Barrier) | None);
-            while let Ok(Some(frame)) = frame_at(&conn.buf, pos, MAX_SERVER_FRAME)
-                && passes_through(frame.tag, barrier_front)
-            {
-                pos += frame.total_len;
-            }
+            // The framing that stops the run is the next message's: kept, not done again.
+            let next = loop {
+                match frame_at(&conn.buf, pos, MAX_SERVER_FRAME) {
+                    Ok(Some(frame)) if passes_through(frame.tag, barrier_front) => pos += frame.total_len,
+                    other => break other,
+                }
+            };
             let available = conn.buf.len() - pos;
             if available < HEADER_LEN {
                 break;
@@ -822,7 +824,7 @@ impl Link {
             let tag = conn.buf[pos];
             // Every message this loop acts on must be whole; only pass-through ones stream.
             let inspect = !passes_through(tag, barrier_front);
-            let frame = match frame_at(&conn.buf, pos, MAX_SERVER_FRAME)? {
+            let frame = match next? {
                 Some(f) => f,
                 None if inspect => break,
                 None => {
