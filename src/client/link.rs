@@ -209,17 +209,8 @@ impl Link {
         self.clock.unwrap_or_else(Mono::now)
     }
 
-    /// Gives the growable parts back, emptied, for the session's next link. A swap, not an
-    /// assignment: what `spares` held (emptied by [`Link::new`]) goes down with the link
-    /// instead of being dropped here as well.
-    pub fn return_spares(&mut self, spares: &mut LinkSpares) {
-        self.rfq_sent.clear();
-        self.expect.clear();
-        std::mem::swap(&mut self.rfq_sent, &mut spares.rfq_sent);
-        std::mem::swap(&mut self.expect, &mut spares.expect);
-    }
-
-    /// The growable parts, emptied, for another link (an event loop keeps them).
+    /// The growable parts, emptied, for the next link (the session's own, or the next one an
+    /// event loop makes from this link's box).
     pub fn take_spares(&mut self) -> LinkSpares {
         self.rfq_sent.clear();
         self.expect.clear();

@@ -665,12 +665,15 @@ impl Session {
     /// True when `server` already has this client's session parameters: the common case, as
     /// clients of one application start alike. One generation and one byte-slice compare.
     fn params_satisfied(&mut self, conn: &crate::server::ServerConn) -> bool {
-        matches!(&conn.satisfies, Some((form, generation))
-        if *generation == conn.params.generation() && {
-            // Forms are interned: the same values are almost always the same allocation.
-            let mine = self.current_params_form();
-            std::sync::Arc::ptr_eq(form, mine) || **form == **mine
-        })
+        let Some((form, generation)) = &conn.satisfies else {
+            return false;
+        };
+        if *generation != conn.params.generation() {
+            return false;
+        }
+        // Forms are interned: the same values are almost always the same allocation.
+        let mine = self.current_params_form();
+        std::sync::Arc::ptr_eq(form, mine) || **form == **mine
     }
 
     /// Brings the server's session parameters in line with the client's (when
@@ -853,7 +856,7 @@ impl Session {
         match result {
             Ok(Pumped::Idle) => {
                 // Idle means nothing is owed or expected: the queues are empty already.
-                link.return_spares(&mut self.spares);
+                self.spares = link.take_spares();
                 if unsettled {
                     link.server.discard_in_place();
                 } else {

@@ -181,54 +181,31 @@ impl AsyncWrite for Sock {
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
 pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
-    if let Sock::Own(own) = sock {
-        // The event loop's sockets: the hottest read of all.
-        return own.try_read_drained(buf);
-    }
-    // One body per socket type, so each closure is known to its `try_io` and inlined there.
-    each_sock!(sock, tcp => {
-        let mut short = 0;
-        let result = tcp.try_io(Interest::READABLE, || {
-            let room = buf.capacity() - buf.len();
-            let n = ReadOnce::read_once(tcp, buf)?;
-            if n > 0 && n < room {
-                short = n;
-                return Err(io::ErrorKind::WouldBlock.into());
+    // One body per tokio socket type, so each closure is known to its `try_io` and inlined
+    // there.
+    macro_rules! drained {
+        ($s:expr) => {{
+            let mut short = 0;
+            let result = $s.try_io(Interest::READABLE, || {
+                let room = buf.capacity() - buf.len();
+                let n = $s.try_read_buf(buf)?;
+                if n > 0 && n < room {
+                    short = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match result {
+                Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+                other => other,
             }
-            Ok(n)
-        });
-        match result {
-            Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
-            other => other,
-        }
-    })
-}
-
-/// One `recv` into a buffer inside [`try_read_drained`]'s `try_io`, which has looked at
-/// readiness already: tokio's sockets only offer a read that looks again, the loop's own a
-/// plain one.
-trait ReadOnce {
-    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize>;
-}
-
-impl ReadOnce for TcpStream {
-    #[inline]
-    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        self.try_read_buf(buf)
+        }};
     }
-}
-
-impl ReadOnce for UnixStream {
-    #[inline]
-    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        self.try_read_buf(buf)
-    }
-}
-
-impl ReadOnce for OwnSock {
-    #[inline]
-    fn read_once(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        self.read_buf(buf)
+    match sock {
+        // The event loop's sockets (the hottest read of all) clear readiness themselves.
+        Sock::Own(own) => own.try_read_drained(buf),
+        Sock::Tcp(tcp) => drained!(tcp),
+        Sock::Unix(unix) => drained!(unix),
     }
 }
 
