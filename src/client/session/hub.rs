@@ -358,6 +358,12 @@ struct Linked {
     /// (for what it may send unasked) and was polled again after each query; the second
     /// registration is skipped while the first still stands (~140 instructions a round trip).
     server_armed: bool,
+    /// What the last pass that ended in a wait framed (bytes for the server, bytes for the
+    /// client). Only the pump changes a link's buffers, and only a read or a write does, so a
+    /// wake-up finds the framing, the writes and the deadline as that pass left them: its first
+    /// pass goes straight to the reads (one pass in three per wake-up otherwise framed
+    /// nothing, wrote nothing and worked out the same deadline again).
+    framed: Option<(bool, bool)>,
 }
 
 /// What driving an entry came to.
@@ -1048,6 +1054,7 @@ fn link(
         was_idle_in_tx: false,
         max_prepared,
         server_armed: false,
+        framed: None,
     });
     Step::Wait
 }
@@ -1083,29 +1090,41 @@ fn pump(
         }
         let link = &mut l.link;
         link.clock = Some(now);
-        let (c_pending, s_pending) = match s.frame_link(link, l.max_prepared) {
-            Ok(Framed::ClientGone) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
-            Ok(Framed::Idle) => return release(entry, now, links),
-            Ok(Framed::Pending { to_server, to_client }) => (to_server, to_client),
-            Err(e) => return link_back(entry, Some(Err(e))).map(Step::Back),
+        // Every pass that does not end in a wait leaves `framed` empty: the next one frames.
+        let (c_pending, s_pending) = match l.framed.take() {
+            Some(framed) => framed,
+            None => {
+                let (c_pending, s_pending) = match s.frame_link(link, l.max_prepared) {
+                    Ok(Framed::ClientGone) => {
+                        return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
+                    }
+                    Ok(Framed::Idle) => return release(entry, now, links),
+                    Ok(Framed::Pending { to_server, to_client }) => (to_server, to_client),
+                    Err(e) => return link_back(entry, Some(Err(e))).map(Step::Back),
+                };
+                match s.try_write_pending(link, c_pending, s_pending) {
+                    Wrote::Progress => continue,
+                    Wrote::Blocked => {}
+                    Wrote::ServerFailed(e) => {
+                        return link_back(entry, Some(Err(ClientError::ServerIo(e)))).map(Step::Back);
+                    }
+                    Wrote::ClientGone => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
+                }
+                // Which timeout it is the task works out again when the timer hands the
+                // session back.
+                let deadline = s
+                    .link_deadline(link, c_pending || s_pending, &mut l.was_idle_in_tx, || clock.wall_ms)
+                    .map(|(at, _)| at);
+                entry.timer = deadline;
+                if let Some(at) = deadline
+                    && entry.scheduled.is_none_or(|s| at < s)
+                {
+                    timers.push(Reverse((at, tok)));
+                    entry.scheduled = Some(at);
+                }
+                (c_pending, s_pending)
+            }
         };
-        match s.try_write_pending(link, c_pending, s_pending) {
-            Wrote::Progress => continue,
-            Wrote::Blocked => {}
-            Wrote::ServerFailed(e) => return link_back(entry, Some(Err(ClientError::ServerIo(e)))).map(Step::Back),
-            Wrote::ClientGone => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
-        }
-        // Which timeout it is the task works out again when the timer hands the session back.
-        let deadline = s
-            .link_deadline(link, c_pending || s_pending, &mut l.was_idle_in_tx, || clock.wall_ms)
-            .map(|(at, _)| at);
-        entry.timer = deadline;
-        if let Some(at) = deadline
-            && entry.scheduled.is_none_or(|s| at < s)
-        {
-            timers.push(Reverse((at, tok)));
-            entry.scheduled = Some(at);
-        }
 
         // Server direction: what was framed for the client goes out first; then more is read.
         let conn = link.server.conn();
@@ -1175,6 +1194,7 @@ fn pump(
                 Poll::Ready(Err(_)) => return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back),
             }
         }
+        l.framed = Some((c_pending, s_pending));
         return Some(Step::Wait);
     }
 }
