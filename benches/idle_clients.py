@@ -3,10 +3,13 @@
 (trust auth) over the raw protocol and reports the growth of pgweir's resident set size.
 
     ulimit -n 100000
-    python3 benches/idle_clients.py --port 6432 --pid $(pidof pgweir) [-n 10000] [--user u --db d] [--tls]
+    python3 benches/idle_clients.py --port 6432 --pid $(pidof pgweir) [-n 10000] [--user u --db d] [--tls] [--queries 3]
 
 With --tls each client asks for TLS (SSLRequest) and logs in over it, certificate unchecked;
 the proxy must be configured for client TLS. --pid may name any proxy (PgBouncer too).
+With --queries N each client runs N simple queries (`SELECT 1`) after logging in, then idles:
+the memory of a client that has worked and gone idle (pgweir serves a client's transactions
+from its third on in an event loop; what a session keeps between transactions shows here).
 
 Each client sends a StartupMessage and reads until ReadyForQuery, then stays idle. RSS is read
 from /proc/PID/status (VmRSS) before connecting and after every client is logged in and a
@@ -60,6 +63,19 @@ async def login(host: str, port: int, packet: bytes, tls: ssl.SSLContext | None 
             return reader, writer
 
 
+async def query(reader, writer, sql: bytes):
+    writer.write(b"Q" + struct.pack("!i", len(sql) + 5) + sql + b"\0")
+    await writer.drain()
+    while True:
+        hdr = await reader.readexactly(5)
+        tag, length = hdr[0:1], struct.unpack("!i", hdr[1:5])[0]
+        body = await reader.readexactly(length - 4)
+        if tag == b"E":
+            raise RuntimeError(f"query failed: {body!r}")
+        if tag == b"Z":
+            return
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
@@ -71,6 +87,7 @@ async def main() -> int:
     ap.add_argument("--concurrency", type=int, default=200, help="logins in flight at once")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait before the second reading")
     ap.add_argument("--tls", action="store_true", help="log in over TLS (certificate not verified)")
+    ap.add_argument("--queries", type=int, default=0, help="simple queries each client runs before idling")
     args = ap.parse_args()
     tls = None
     if args.tls:
@@ -89,7 +106,10 @@ async def main() -> int:
 
     async def one():
         async with sem:
-            conns.append(await login(args.host, args.port, packet, tls))
+            reader, writer = await login(args.host, args.port, packet, tls)
+            for _ in range(args.queries):
+                await query(reader, writer, b"SELECT 1")
+            conns.append((reader, writer))
 
     t0 = time.monotonic()
     await asyncio.gather(*(one() for _ in range(args.clients)))
@@ -98,7 +118,8 @@ async def main() -> int:
     after = rss_kib(args.pid)
 
     per = (after - before) / args.clients
-    print(f"{args.clients} idle clients logged in in {took:.1f} s")
+    worked = f", {args.queries} queries each" if args.queries else ""
+    print(f"{args.clients} idle clients logged in{worked} in {took:.1f} s")
     print(f"proxy VmRSS before {before} KiB, after {after} KiB, growth {after - before} KiB")
     print(f"{per:.2f} KiB per idle client")
     for _, w in conns + [warm]:

@@ -35,6 +35,7 @@ use crate::client::prepared::classify_query;
 use crate::client::registry::{KILL, SHUTDOWN, now_ms};
 use crate::clock::Mono;
 use crate::config::SessionStatePolicy;
+use crate::net::buffers::LoopBuffers;
 use crate::net::reactor::{Dir, Driver, Reactor};
 use crate::net::stream::{Sock, poll_hung_up, poll_read_ready_armed, readable_now, try_read_drained};
 use crate::pool::{Grant, GrantSink, Pool};
@@ -163,7 +164,7 @@ impl HubLoop {
             timers_read_at: Mono::now(),
             reactor,
             local: Vec::new(),
-            links: SpareLinks::default(),
+            spares: Spares::default(),
         }
     }
 }
@@ -347,7 +348,7 @@ enum Watch {
 struct Linked {
     /// Boxed, not inline: with thousands of clients an entry is cold when its transaction
     /// starts, and a link written into it (~470 bytes) missed the cache line by line; the box
-    /// of the last link to end here ([`HubLoop::links`]) is warm. It also goes to the task as
+    /// of the last link to end here ([`HubLoop::spares`]) is warm. It also goes to the task as
     /// it is ([`Resume::Link`]).
     link: Box<Link>,
     linked_at: Mono,
@@ -396,35 +397,37 @@ struct HubLoop {
     watch_sweep: bool,
     /// When [`HubLoop::poll_timers`] last read the clock.
     timers_read_at: Mono,
-    /// Links that ended here, for the next ones.
-    links: SpareLinks,
+    /// Links and read buffers that ended their use here, for the next ones.
+    spares: Spares,
 }
 
-/// Links that ended in a loop, boxes and growable parts, for its next ones (last in, first
-/// out): kept by the loop rather than by each session so they are warm however many clients
-/// take turns, and without an allocation and a free per transaction (~230 instructions:
-/// glibc's per-thread cache rarely had a block that size). A link here has released its
-/// server; it still names the server's pool until it is reused.
+/// What transactions that ended in a loop leave for its next ones (last in, first out): kept
+/// by the loop rather than by each session so they are warm however many clients take turns.
 #[derive(Default)]
-struct SpareLinks(
+struct Spares {
+    /// Links, boxes and growable parts, without an allocation and a free per transaction
+    /// (~230 instructions: glibc's per-thread cache rarely had a block that size). A link here
+    /// has released its server; it still names the server's pool until it is reused.
     #[expect(
         clippy::vec_box,
         reason = "a box moves on to a session's phase and to its task as it is"
     )]
-    Vec<Box<Link>>,
-);
+    links: Vec<Box<Link>>,
+    /// Client read buffers: lent to a session when its client sends, taken back when it is idle.
+    bufs: LoopBuffers,
+}
 
-impl SpareLinks {
+impl Spares {
     /// More than a loop's pools are likely to lend it at once.
-    const MAX: usize = 64;
+    const MAX_LINKS: usize = 64;
 
-    fn take(&mut self) -> Option<Box<Link>> {
-        self.0.pop()
+    fn take_link(&mut self) -> Option<Box<Link>> {
+        self.links.pop()
     }
 
-    fn keep(&mut self, link: Box<Link>) {
-        if self.0.len() < Self::MAX {
-            self.0.push(link);
+    fn keep_link(&mut self, link: Box<Link>) {
+        if self.links.len() < Self::MAX_LINKS {
+            self.links.push(link);
         }
     }
 }
@@ -635,7 +638,7 @@ impl HubLoop {
                 grant,
                 self.clock,
                 self.reactor.as_ref(),
-                &mut self.links,
+                &mut self.spares,
             ),
             // acquire_timeout, or the pool closed: the task produces the error.
             None => Step::Back(Resume::Acquire { tag, started }),
@@ -659,7 +662,7 @@ impl HubLoop {
                     tok,
                     &self.clock,
                     self.reactor.as_ref(),
-                    &mut self.links,
+                    &mut self.spares,
                 ) {
                     Some(step) => break step,
                     None => continue,
@@ -698,7 +701,7 @@ impl HubLoop {
                     tok,
                     &self.clock,
                     self.reactor.as_ref(),
-                    &mut self.links,
+                    &mut self.spares,
                 ) {
                     Some(step) => break step,
                     None => continue,
@@ -913,7 +916,7 @@ fn unlinked(
     tok: u64,
     clock: &Clock,
     reactor: Option<&Arc<Reactor>>,
-    links: &mut SpareLinks,
+    spares: &mut Spares,
 ) -> Option<Step> {
     let s = &mut *entry.session;
     if s.info.stop.raised_now(KILL | SHUTDOWN) != 0 {
@@ -930,12 +933,23 @@ fn unlinked(
         }
         if s.buf.is_empty() && !readable_now(s.client.sock()) {
             // Idle clients hold no read buffer: readiness first, a buffer after. Right after a
-            // transaction the waker registered while it ran usually still waits.
+            // transaction the waker registered while it ran usually still waits, and the
+            // buffer the transaction used goes back to the loop here (kept, it would be 16 KiB
+            // per idle client, and the next query of each of thousands of clients would land
+            // in a buffer of its own, cold, instead of in the one the last client gave back).
             match read_ready(s.client.sock(), reactor, armed, &mut cx, tok | CLIENT_READ) {
-                Poll::Pending => return Some(Step::Wait),
+                Poll::Pending => {
+                    if s.buf.capacity() > 0 {
+                        spares.bufs.give(&s.ctx.buffers, std::mem::take(&mut s.buf));
+                    }
+                    return Some(Step::Wait);
+                }
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
                 Poll::Ready(Ok(())) => {}
             }
+        }
+        if s.buf.capacity() == 0 {
+            s.buf = spares.bufs.take(&s.ctx.buffers);
         }
         match read_client(s, armed) {
             // EOF or an error: the task ends the session.
@@ -943,7 +957,7 @@ fn unlinked(
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if s.buf.is_empty() {
-                    s.ctx.buffers.give(std::mem::take(&mut s.buf));
+                    spares.bufs.give(&s.ctx.buffers, std::mem::take(&mut s.buf));
                 }
                 match read_ready(s.client.sock(), reactor, armed, &mut cx, tok | CLIENT_READ) {
                     Poll::Pending => return Some(Step::Wait),
@@ -970,7 +984,7 @@ fn unlinked(
             };
             Some(Step::Wait)
         }
-        Ok(Some(grant)) => match link(entry, Ask { tag, started, wall_ms }, grant, *clock, reactor, links) {
+        Ok(Some(grant)) => match link(entry, Ask { tag, started, wall_ms }, grant, *clock, reactor, spares) {
             Step::Wait => None,
             back => Some(back),
         },
@@ -1018,7 +1032,7 @@ fn link(
     grant: Grant,
     clock: Clock,
     reactor: Option<&Arc<Reactor>>,
-    links: &mut SpareLinks,
+    spares: &mut Spares,
 ) -> Step {
     let s = &mut *entry.session;
     let Grant::Conn(mut conn) = grant else {
@@ -1039,7 +1053,7 @@ fn link(
     s.pool.stats().acquire_wait.observe(waited);
     s.info
         .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
-    let mut link = match links.take() {
+    let mut link = match spares.take_link() {
         Some(mut spare) => {
             let parts = spare.take_spares();
             *spare = s.start_link(server, clock.mono, parts);
@@ -1068,7 +1082,7 @@ fn pump(
     tok: u64,
     clock: &Clock,
     reactor: Option<&Arc<Reactor>>,
-    links: &mut SpareLinks,
+    spares: &mut Spares,
 ) -> Option<Step> {
     let now = clock.mono;
     let s = &mut *entry.session;
@@ -1098,7 +1112,7 @@ fn pump(
                     Ok(Framed::ClientGone) => {
                         return link_back(entry, Some(Ok(Pumped::ClientGone))).map(Step::Back);
                     }
-                    Ok(Framed::Idle) => return release(entry, now, links),
+                    Ok(Framed::Idle) => return release(entry, now, spares),
                     Ok(Framed::Pending { to_server, to_client }) => (to_server, to_client),
                     Err(e) => return link_back(entry, Some(Err(e))).map(Step::Back),
                 };
@@ -1202,7 +1216,7 @@ fn pump(
 /// The transaction is over: the server goes back to the pool (and so, by a function call, to
 /// the next waiting session) unless it needs a reset or a cancel may be racing it, which the
 /// task handles.
-fn release(entry: &mut Entry, now: Mono, links: &mut SpareLinks) -> Option<Step> {
+fn release(entry: &mut Entry, now: Mono, spares: &mut Spares) -> Option<Step> {
     let s = &mut *entry.session;
     let Phase::Linked(l) = &mut entry.phase else {
         return None;
@@ -1222,7 +1236,7 @@ fn release(entry: &mut Entry, now: Mono, links: &mut SpareLinks) -> Option<Step>
     l.link.server.release_in_place(now);
     if let Phase::Linked(l) = std::mem::replace(&mut entry.phase, Phase::Unlinked) {
         // Its reply queues are empty: the server answered everything.
-        links.keep(l.link);
+        spares.keep_link(l.link);
     }
     entry.timer = None;
     if s.info.stop.raised_now(SHUTDOWN) != 0 {
