@@ -394,11 +394,15 @@ const LIST_QUOTED: &[&str] = &[
 /// {DEFAULT | LOCAL}`: PostgreSQL then goes back to the value the client gave at login, like a
 /// RESET, though the command tag says only SET. Anything else (comments, more statements, a
 /// quoted name) is not recognised, and is read as an ordinary SET.
+#[inline]
 pub fn sets_to_default(sql: &[u8]) -> bool {
-    // Cheap first: almost every query is out at its first letters.
-    if head(sql) != *b"set" {
-        return false;
-    }
+    // Cheap first, inlined: almost every query is out at its first letters (the call, ~15
+    // instructions of prologue and epilogue, cost as much as the test).
+    head(sql) == *b"set" && set_to_default(sql)
+}
+
+/// [`sets_to_default`] past its first letters.
+fn set_to_default(sql: &[u8]) -> bool {
     let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
     if text.len() < 11 || !text[..4].eq_ignore_ascii_case(b"set ") || text.len() > 96 {
         return false;
@@ -473,6 +477,7 @@ pub const TRACKED_REPORT_ORDER: &[&str] = &[
 /// The first three bytes of `sql` after leading ASCII whitespace with `| 0x20`, which
 /// lower-cases ASCII letters and turns no other byte into one, so comparing with lower-case
 /// words is exact; zeros when fewer than three are left.
+#[inline(always)]
 fn head(sql: &[u8]) -> [u8; 3] {
     let start = match sql.first() {
         Some(b) if !b.is_ascii_whitespace() => 0,
@@ -487,12 +492,19 @@ fn head(sql: &[u8]) -> [u8; 3] {
 /// Which tracked parameters a Query that is one reset (`RESET ALL`, `DISCARD ALL`,
 /// `RESET name`, or what [`sets_to_default`] accepts) takes back to the login values. None for
 /// anything else, and for a reset of a name pgweir does not track.
+#[inline]
 pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
     // This runs on every Query and Parse: rule out almost all of them on three bytes (RESET,
-    // DISCARD, SET, BEGIN, START) before trimming and comparing words.
+    // DISCARD, SET, BEGIN, START) before trimming and comparing words, inlined (see
+    // sets_to_default).
     if !matches!(&head(sql), b"res" | b"dis" | b"set" | b"beg" | b"sta") {
         return None;
     }
+    resets(sql)
+}
+
+/// [`reset_scope`] past its first letters.
+fn resets(sql: &[u8]) -> Option<ResetScope> {
     let text = sql.strip_suffix(b"\0").unwrap_or(sql).trim_ascii();
     let text = text.strip_suffix(b";").unwrap_or(text);
     // Cheap first: this runs on every Query and Parse.
@@ -504,15 +516,22 @@ pub fn reset_scope(sql: &[u8]) -> Option<ResetScope> {
     if text.contains(&b';') {
         return resets_in_one_query(text);
     }
-    if text.len() > 96 {
+    // One statement: a lone BEGIN or START TRANSACTION (the first statement of every
+    // transaction a client opens by hand) resets nothing.
+    if !reset_like || text.len() > 96 {
         return None;
     }
-    let words: Vec<&[u8]> = text.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).collect();
-    match words.as_slice() {
-        [verb, all] if all.eq_ignore_ascii_case(b"all") => {
+    // Two words, or more (no allocation: this runs on every SET).
+    let mut words = text.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+    let two = match (words.next(), words.next(), words.next()) {
+        (Some(verb), Some(object), None) => Some((verb, object)),
+        _ => None,
+    };
+    match two {
+        Some((verb, all)) if all.eq_ignore_ascii_case(b"all") => {
             (verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"discard")).then_some(ResetScope::ALL)
         }
-        [verb, name] if verb.eq_ignore_ascii_case(b"reset") => tracked(name).and_then(ResetScope::one),
+        Some((verb, name)) if verb.eq_ignore_ascii_case(b"reset") => tracked(name).and_then(ResetScope::one),
         _ if sets_to_default(sql) => {
             // The name is the word before TO, '=' or DEFAULT, or TIME ZONE.
             let names = text[3..]
@@ -769,6 +788,11 @@ mod tests {
             "reset timezone; reset all; rollback",
             "begin; reset timezone; abort",
             "begin; commit",
+            "BEGIN;",
+            "begin isolation level serializable",
+            "start transaction read only;",
+            "reset all please",
+            "discard all now",
             "reset timezone;; reset datestyle",
             "discard plans",
             "set local timezone to default",
