@@ -51,27 +51,26 @@ async def login(host: str, port: int, packet: bytes, tls: ssl.SSLContext | None 
         await writer.start_tls(tls)
     writer.write(packet)
     await writer.drain()
-    while True:
-        hdr = await reader.readexactly(5)
-        tag, length = hdr[0:1], struct.unpack("!i", hdr[1:5])[0]
-        body = await reader.readexactly(length - 4)
-        if tag == b"E":
-            raise RuntimeError(f"login refused: {body!r}")
-        if tag == b"R" and struct.unpack("!i", body[:4])[0] != 0:
-            raise RuntimeError("server asked for a password: configure auth_type = \"trust\"")
-        if tag == b"Z":
-            return reader, writer
+    await until_ready(reader, "login refused")
+    return reader, writer
 
 
 async def query(reader, writer, sql: bytes):
     writer.write(b"Q" + struct.pack("!i", len(sql) + 5) + sql + b"\0")
     await writer.drain()
+    await until_ready(reader, "query failed")
+
+
+async def until_ready(reader, failed: str):
+    """Reads messages up to ReadyForQuery; an ErrorResponse is `failed`."""
     while True:
         hdr = await reader.readexactly(5)
         tag, length = hdr[0:1], struct.unpack("!i", hdr[1:5])[0]
         body = await reader.readexactly(length - 4)
         if tag == b"E":
-            raise RuntimeError(f"query failed: {body!r}")
+            raise RuntimeError(f"{failed}: {body!r}")
+        if tag == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+            raise RuntimeError("server asked for a password: configure auth_type = \"trust\"")
         if tag == b"Z":
             return
 
