@@ -20,7 +20,9 @@ const KEEP_PER_SHARD: usize = 64;
 pub struct BufferPool {
     size: usize,
     shards: [Padded<Mutex<Vec<BytesMut>>>; SHARDS],
-    /// Buffers the event loops keep in front of the pool ([`LoopBuffers`]), for [`spare`].
+    /// Buffers the event loops keep in front of the pool ([`LoopBuffers`]), for [`spare`]. A
+    /// loop ends with the runtime; one whose reactor failed leaves its count here (a
+    /// diagnostic's overcount: nothing allocates by it).
     ///
     /// [`spare`]: BufferPool::spare
     in_loops: AtomicUsize,
