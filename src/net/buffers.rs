@@ -101,6 +101,14 @@ impl LoopBuffers {
         }
     }
 
+    /// Takes a session's read buffer back when it is idle (empty) and holds one, leaving it
+    /// none; a buffer with bytes still to frame stays.
+    pub fn take_back(&mut self, pool: &BufferPool, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 0 {
+            self.give(pool, std::mem::take(buf));
+        }
+    }
+
     /// Keeps an empty buffer for this loop's next taker; past [`LoopBuffers::MAX`] it goes to
     /// the pool. `pool` must be the one the buffer came from (its size rules).
     pub fn give(&mut self, pool: &BufferPool, mut buf: BytesMut) {
@@ -169,6 +177,17 @@ mod tests {
         let b = own.take(&pool);
         assert_eq!(b.as_ptr(), ptr, "the last one given is lent again");
         assert_eq!(pool.spare(), 0);
+        // A session's buffer comes back only when it is empty, and one it lacks is not made.
+        let mut held = b;
+        held.extend_from_slice(b"Q");
+        own.take_back(&pool, &mut held);
+        assert_eq!((held.len(), pool.spare()), (1, 0), "bytes still to frame stay");
+        held.clear();
+        own.take_back(&pool, &mut held);
+        assert_eq!((held.capacity(), pool.spare()), (0, 1));
+        own.take_back(&pool, &mut held);
+        assert_eq!(pool.spare(), 1, "no buffer, nothing given");
+        let b = own.take(&pool);
         // What the pool would not keep, the loop does not keep either.
         let mut full = b;
         full.extend_from_slice(b"x");

@@ -939,9 +939,7 @@ fn unlinked(
             // in a buffer of its own, cold, instead of in the one the last client gave back).
             match read_ready(s.client.sock(), reactor, armed, &mut cx, tok | CLIENT_READ) {
                 Poll::Pending => {
-                    if s.buf.capacity() > 0 {
-                        spares.bufs.give(&s.ctx.buffers, std::mem::take(&mut s.buf));
-                    }
+                    spares.bufs.take_back(&s.ctx.buffers, &mut s.buf);
                     return Some(Step::Wait);
                 }
                 Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
@@ -956,9 +954,7 @@ fn unlinked(
             Ok(0) => return Some(Step::Back(Resume::Unlinked)),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if s.buf.is_empty() {
-                    spares.bufs.give(&s.ctx.buffers, std::mem::take(&mut s.buf));
-                }
+                spares.bufs.take_back(&s.ctx.buffers, &mut s.buf);
                 match read_ready(s.client.sock(), reactor, armed, &mut cx, tok | CLIENT_READ) {
                     Poll::Pending => return Some(Step::Wait),
                     Poll::Ready(Err(_)) => return Some(Step::Back(Resume::Unlinked)),
