@@ -253,9 +253,16 @@ fn do_body_change(body: &[u8]) -> Option<StateChange> {
 fn may_start_with_set(sql: &[u8]) -> bool {
     // Only `;`, `-` and `/` matter here (an UPDATE … SET comes through here on every
     // execution), looked for a vector at a time.
+    may_start_with_set_finding(sql, find_punctuation)
+}
+
+/// [`may_start_with_set`] with `find` for its punctuation search (the tests pass a bytewise
+/// one).
+#[inline(always)]
+fn may_start_with_set_finding(sql: &[u8], find: impl Fn(&[u8]) -> Option<usize>) -> bool {
     let mut end = sql.len();
     let mut from = 0;
-    while let Some(off) = find_punctuation(&sql[from..]) {
+    while let Some(off) = find(&sql[from..]) {
         let i = from + off;
         match sql[i] {
             b';' if sql[i + 1..].iter().all(u8::is_ascii_whitespace) => {
@@ -564,22 +571,10 @@ mod tests {
         super::triggers(sql) != 0
     }
 
-    /// `may_start_with_set`'s punctuation search byte by byte, as it was before it used
-    /// memchr3 (the word test after it is shared).
+    /// `may_start_with_set` with its punctuation found byte by byte, as it was before it used
+    /// memchr (what it does with each mark is shared).
     fn may_start_with_set_bytewise(sql: &[u8]) -> bool {
-        let mut end = sql.len();
-        for (i, &b) in sql.iter().enumerate() {
-            match b {
-                b';' if sql[i + 1..].iter().all(u8::is_ascii_whitespace) => {
-                    end = i;
-                    break;
-                }
-                b';' => return true,
-                b'-' | b'/' if matches!(sql.get(i + 1), Some(b'-' | b'*')) => return true,
-                _ => {}
-            }
-        }
-        super::first_word_is_set_or_do(&sql[..end])
+        super::may_start_with_set_finding(sql, |hay| hay.iter().position(|b| matches!(b, b';' | b'-' | b'/')))
     }
 
     #[test]
