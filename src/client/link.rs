@@ -167,10 +167,8 @@ impl Link {
     pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
         let LinkSpares { rfq_sent, expect } = spares;
         debug_assert!(rfq_sent.is_empty() && expect.is_empty());
-        let mut server = server;
-        let close_unnamed = std::mem::take(&mut server.conn().unnamed_statement);
-        Link {
-            close_unnamed,
+        let mut link = Link {
+            close_unnamed: false,
             policy,
             dirty: None,
             bytes_to_server: 0,
@@ -202,7 +200,91 @@ impl Link {
             expect,
             terminated: false,
             clock: None,
-        }
+        };
+        link.start();
+        link
+    }
+
+    /// Makes a link kept from an earlier transaction new for `server`, in place: building a
+    /// new one to move into the kept box copied the whole link twice per transaction.
+    pub fn restart(&mut self, server: PooledServer, policy: SessionStatePolicy) {
+        self.server = server;
+        self.policy = policy;
+        self.start();
+    }
+
+    /// Sets everything but the server and the policy to where a link starts: the one place
+    /// that says what a link starts with, for new and kept links alike. Every field is bound
+    /// by name, so one added to [`Link`], or a reset dropped from here, fails to build (an
+    /// unused binding is an error under clippy's `-D warnings`): a value left from the last
+    /// transaction would reach another client's.
+    fn start(&mut self) {
+        let Link {
+            server,
+            pending_rfq,
+            unsynced,
+            syncs_after_execute,
+            after_execute,
+            status,
+            skip_until_sync,
+            close_unnamed,
+            copy_in,
+            reset_batch,
+            default_set_batch,
+            rfq_seen,
+            reset_scope,
+            reset_in_tx,
+            rolled_back,
+            dropped_statements,
+            c_skip,
+            s_ready,
+            s_skip,
+            inject,
+            expect,
+            terminated,
+            policy: _,
+            dirty,
+            bytes_to_server,
+            bytes_to_client,
+            queries,
+            rfq_sent,
+            query_times,
+            capture_queries,
+            last_query,
+            clock,
+        } = self;
+        *close_unnamed = std::mem::take(&mut server.conn().unnamed_statement);
+        *pending_rfq = 0;
+        *unsynced = false;
+        *syncs_after_execute = 0;
+        *after_execute = false;
+        *status = TransactionStatus::Idle;
+        *skip_until_sync = false;
+        *copy_in = false;
+        *reset_batch = ResetBatch::None;
+        *default_set_batch = None;
+        *rfq_seen = 0;
+        *reset_scope = None;
+        *reset_in_tx = false;
+        *rolled_back = false;
+        *dropped_statements = None;
+        *c_skip = 0;
+        *s_ready = 0;
+        *s_skip = 0;
+        // A fresh one, not a cleared one: what a rare big injection grew stays with no link.
+        *inject = BytesMut::new();
+        // Kept with their capacity (most links allocate nothing).
+        expect.clear();
+        rfq_sent.clear();
+        *terminated = false;
+        *dirty = None;
+        *bytes_to_server = 0;
+        *bytes_to_client = 0;
+        *queries = 0;
+        *query_times = Default::default();
+        *capture_queries = false;
+        *last_query = None;
+        *clock = None;
     }
 
     fn now(&self) -> Mono {

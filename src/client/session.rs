@@ -805,6 +805,19 @@ impl Session {
     fn start_link(&mut self, server: PooledServer, linked_at: Mono, spares: LinkSpares) -> Link {
         let policy = self.refresh_timeouts();
         let mut link = Link::new(server, policy, spares);
+        self.link_started(&mut link, linked_at);
+        link
+    }
+
+    /// [`Session::start_link`] for a link kept from an earlier transaction (an event loop's).
+    #[inline]
+    fn restart_link(&mut self, link: &mut Link, server: PooledServer, linked_at: Mono) {
+        let policy = self.refresh_timeouts();
+        link.restart(server, policy);
+        self.link_started(link, linked_at);
+    }
+
+    fn link_started(&mut self, link: &mut Link, linked_at: Mono) {
         if !self.status_for_client.is_empty() {
             link.inject.extend_from_slice(&self.status_for_client);
             self.status_for_client.clear();
@@ -812,7 +825,6 @@ impl Session {
         self.last_activity = linked_at;
         let conn = link.server.conn_ref();
         self.login.slot.set_target(conn.addr.clone(), conn.backend_key);
-        link
     }
 
     /// Folds a link's counters into its pool's: once per link, no per-message metric cost.

@@ -1051,8 +1051,7 @@ fn link(
         .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
     let mut link = match spares.take_link() {
         Some(mut spare) => {
-            let parts = spare.take_spares();
-            *spare = s.start_link(server, clock.mono, parts);
+            s.restart_link(&mut spare, server, clock.mono);
             spare
         }
         None => Box::new(s.start_link(server, clock.mono, LinkSpares::default())),
