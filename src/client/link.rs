@@ -167,6 +167,8 @@ impl Link {
     pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
         let LinkSpares { rfq_sent, expect } = spares;
         debug_assert!(rfq_sent.is_empty() && expect.is_empty());
+        // The values here only make a Link; `start` sets every one but the server, the policy
+        // and the spares' capacity.
         let mut link = Link {
             close_unnamed: false,
             policy,
