@@ -191,14 +191,28 @@ pub fn parse_facts(query: &[u8]) -> crate::server::memo::ParseFacts {
 
 /// The query text of a Parse payload (up to its NUL).
 pub fn query_text(payload: &[u8]) -> &[u8] {
-    split_cstr(payload).map_or(payload, |(q, _)| q)
+    // A text is tens of bytes or more: memchr at once, not [`split_cstr`]'s byte loop first.
+    memchr::memchr(0, payload).map_or(payload, |nul| &payload[..nul])
 }
 
 /// Splits a Parse/Bind/Describe/Close name field: returns (name without NUL, rest after NUL).
 pub fn split_cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = memchr::memchr(0, body)?;
+    // Names are mostly empty or a few bytes long (pgbench's "P_0", pgJDBC's "S_1"): a byte loop
+    // finds their NUL in fewer instructions than memchr's call and vector set-up, which pay
+    // only on long texts (~40 instructions a call, five calls per extended-protocol statement).
+    if let [0, rest @ ..] = body {
+        // Unnamed: the most common name of all.
+        return Some((&[], rest));
+    }
+    let nul = match body.iter().take(SHORT).position(|&b| b == 0) {
+        Some(nul) => nul,
+        None => SHORT + memchr::memchr(0, body.get(SHORT..)?)?,
+    };
     Some((&body[..nul], &body[nul + 1..]))
 }
+
+/// How many bytes [`split_cstr`] looks at one by one before it hands the rest to memchr.
+const SHORT: usize = 16;
 
 /// Recognises the simple-query statements that act on prepared statements:
 /// `DEALLOCATE [PREPARE] ALL`, `DEALLOCATE [PREPARE] name` and `DISCARD ALL`, alone in the
@@ -264,6 +278,29 @@ fn classify_d(sql: &[u8]) -> Option<StatementCommand> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_cstr_finds_the_first_nul_on_either_side_of_the_byte_loop() {
+        let reference = |body: &[u8]| {
+            let nul = body.iter().position(|&b| b == 0)?;
+            Some((body[..nul].to_vec(), body[nul + 1..].to_vec()))
+        };
+        for len in 0..=3 * SHORT {
+            let plain: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            // No NUL at all: malformed, whatever the length.
+            assert_eq!(split_cstr(&plain), None, "len {len}");
+            for nul in 0..len {
+                let mut body = plain.clone();
+                body[nul] = 0;
+                // A second NUL after the first must not be the one found.
+                if nul + 2 < len {
+                    body[nul + 2] = 0;
+                }
+                let got = split_cstr(&body).map(|(a, b)| (a.to_vec(), b.to_vec()));
+                assert_eq!(got, reference(&body), "len {len}, NUL at {nul}");
+            }
+        }
+    }
 
     #[test]
     fn registry_shares_identical_statements_and_forgets_unused_ones() {
