@@ -39,6 +39,19 @@ pub struct StartupParams {
     /// one allocation per login instead of two per parameter. Checked when parsed: every string
     /// terminated, every name UTF-8.
     pairs: Box<[u8]>,
+    /// Where each parameter lies in `pairs`, found while parsing: a login looks up half a
+    /// dozen names, and splitting the packet again for each cost more than the rest of the
+    /// lookups together.
+    spans: Vec<Span>,
+}
+
+/// One parameter's place in [`StartupParams::pairs`]: the name is `name..value - 1` (the NUL
+/// between them), the value `value..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    name: u32,
+    value: u32,
+    end: u32,
 }
 
 impl StartupParams {
@@ -49,18 +62,17 @@ impl StartupParams {
     }
 
     /// [`StartupParams::iter`] without turning names into `str`s.
-    pub fn raw(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let mut strings = self.pairs.split(|&b| b == 0);
-        std::iter::from_fn(move || {
-            let name = strings.next().filter(|n| !n.is_empty())?;
-            Some((name, strings.next()?))
+    pub fn raw(&self) -> impl DoubleEndedIterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|s| {
+            let (name, value, end) = (s.name as usize, s.value as usize, s.end as usize);
+            (&self.pairs[name..value - 1], &self.pairs[value..end])
         })
     }
 
     /// The value of `key`; the last one when the client sent it more than once, as PostgreSQL
     /// reads a startup packet.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
-        self.raw().filter(|(k, _)| *k == key.as_bytes()).last().map(|(_, v)| v)
+        self.raw().rev().find(|(k, _)| *k == key.as_bytes()).map(|(_, v)| v)
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {
@@ -69,7 +81,9 @@ impl StartupParams {
 
     /// `_pq_.*` protocol options the client asked for; pgweir supports none of them.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
-        self.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k)
+        self.raw()
+            .filter(|(k, _)| k.starts_with(b"_pq_."))
+            .map(|(k, _)| std::str::from_utf8(k).unwrap_or_default())
     }
 }
 
@@ -109,6 +123,7 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
                 return Err(ProtocolError::UnsupportedProtocol { major, minor });
             }
             let mut pos = 8;
+            let mut spans = Vec::new();
             loop {
                 let (key, next) = read_cstr(packet, pos).ok_or(ProtocolError::Malformed {
                     what: WHAT,
@@ -131,12 +146,20 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
                     what: WHAT,
                     why: "parameter name is not UTF-8",
                 })?;
+                // Offsets into `pairs`, which starts at byte 8; the packet is at most
+                // MAX_STARTUP_LEN long, so they fit.
+                spans.push(Span {
+                    name: (pos - 8) as u32,
+                    value: (next - 8) as u32,
+                    end: (after - 1 - 8) as u32,
+                });
                 pos = after;
             }
             Ok(StartupPacket::Startup(StartupParams {
                 minor_version: minor,
                 // Up to the final NUL, which `pos` stands on.
                 pairs: packet[8..pos].into(),
+                spans,
             }))
         }
     }
@@ -175,6 +198,45 @@ mod tests {
         };
         assert_eq!(params.get_str("user"), Some("bob"));
         assert_eq!(params.get_str("database"), Some("db"));
+    }
+
+    #[test]
+    fn lookups_agree_with_splitting_the_packet() {
+        // The spans found while parsing against the packet split at its NULs, the last of a
+        // repeated name winning.
+        let bodies: [&[u8]; 5] = [
+            b"\0",
+            b"user\0\0\0",
+            b"user\0a\0database\0b\0user\0c\0\0",
+            b"x\0\0y\0long value with spaces\0x\0\0_pq_.a\0\0_pq_.b\0on\0\0",
+            b"options\0-c a=b\0application_name\0\xff\xfe\0\0",
+        ];
+        for body in bodies {
+            let Ok(StartupPacket::Startup(params)) = parse_startup_packet(&packet(PROTOCOL_3_0, body)) else {
+                panic!("not a startup packet: {body:?}")
+            };
+            // Without the last value's NUL and the terminating one.
+            let pairs: Vec<(&[u8], &[u8])> = match body.len() {
+                1 => Vec::new(),
+                n => {
+                    let strings: Vec<&[u8]> = body[..n - 2].split(|&b| b == 0).collect();
+                    strings.chunks(2).map(|p| (p[0], p[1])).collect()
+                }
+            };
+            assert_eq!(params.raw().collect::<Vec<_>>(), pairs, "{body:?}");
+            for (name, _) in &pairs {
+                let last = pairs.iter().rev().find(|(n, _)| n == name).map(|(_, v)| *v);
+                let name = std::str::from_utf8(name).unwrap();
+                assert_eq!(params.get(name), last, "{name} in {body:?}");
+            }
+            assert_eq!(params.get("absent"), None);
+            let options: Vec<&str> = pairs
+                .iter()
+                .filter(|(n, _)| n.starts_with(b"_pq_."))
+                .map(|(n, _)| std::str::from_utf8(n).unwrap())
+                .collect();
+            assert_eq!(params.protocol_options().collect::<Vec<_>>(), options);
+        }
     }
 
     #[test]
