@@ -179,7 +179,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         mode: settings.mode,
         settings: pool.settings_cache(),
         pool,
-        params_form: (params.generation(), ctx.param_forms.intern(params.form())),
+        params_form: (params.generation(), ctx.param_forms.intern(&params.form())),
         reset_to: None,
         params,
         max_message,
@@ -781,7 +781,7 @@ impl Session {
         if self.params_form.0 != self.params.generation() {
             self.params_form = (
                 self.params.generation(),
-                self.ctx.param_forms.intern(self.params.form()),
+                self.ctx.param_forms.intern(&self.params.form()),
             );
         }
         &self.params_form.1

@@ -271,7 +271,7 @@ impl ParamSet {
     /// An exact, order-independent serialisation of the set (names sorted, values folded to
     /// ASCII lower case where `differences` compares them so). Two sets with equal forms want the
     /// same values, so a server known to satisfy one form satisfies every set with that form.
-    pub fn form(&self) -> Arc<[u8]> {
+    pub fn form(&self) -> Vec<u8> {
         let mut entries: Vec<(&str, &[u8])> = self.iter().collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
         // Sized up front: growing it a parameter at a time cost a reallocation each, per login.
@@ -286,7 +286,7 @@ impl ParamSet {
                 false => out.extend_from_slice(v),
             }
         }
-        out.into()
+        out
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
@@ -680,15 +680,17 @@ impl FormInterner {
     /// sessions, only their sharing with later ones is lost).
     const MAX: usize = 1024;
 
-    /// The shared copy of `form`.
-    pub fn intern(&self, form: Arc<[u8]>) -> Arc<[u8]> {
+    /// The shared copy of `form`. Looked up by its bytes: a login whose form is known (most
+    /// are) allocates no copy of its own.
+    pub fn intern(&self, form: &[u8]) -> Arc<[u8]> {
         let mut forms = self.forms.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(known) = forms.get(&form) {
+        if let Some(known) = forms.get(form) {
             return known.clone();
         }
         if forms.len() >= Self::MAX {
             forms.clear();
         }
+        let form: Arc<[u8]> = form.into();
         forms.insert(form.clone());
         form
     }
@@ -708,17 +710,17 @@ mod tests {
         let mut b = ParamSet::default();
         b.set("TimeZone", b"UTC");
         b.set("DateStyle", b"ISO, DMY");
-        let (fa, fb) = (interner.intern(a.form()), interner.intern(b.form()));
+        let (fa, fb) = (interner.intern(&a.form()), interner.intern(&b.form()));
         assert!(Arc::ptr_eq(&fa, &fb));
         b.set("TimeZone", b"Europe/Paris");
-        let fc = interner.intern(b.form());
+        let fc = interner.intern(&b.form());
         assert!(!Arc::ptr_eq(&fa, &fc));
         assert_ne!(*fa, *fc);
         // Past its bound the set starts over; what it hands out is still the form asked for.
         for i in 0..FormInterner::MAX + 10 {
             let mut p = ParamSet::default();
             p.set("application_name", i.to_string().as_bytes());
-            assert_eq!(*interner.intern(p.form()), *p.form());
+            assert_eq!(*interner.intern(&p.form()), *p.form());
         }
         assert!(interner.forms.lock().unwrap().len() <= FormInterner::MAX);
     }
