@@ -6,7 +6,7 @@
 //!    ─▶ ReadyForQuery 'I' ─▶ server released to the pool (or closed if not clean)
 //! ```
 //!
-//! Layers, each using only those listed before it: `clock`, `proto` and `auth` (sans-IO), `config`,
+//! Layers, each using only those listed before it: `clock` and `idhash`, `proto` and `auth` (sans-IO), `config`,
 //! `net`, `server` (one backend connection), `pool` (per (database, user)), `client` (one
 //! session), `app` (wiring). Vocabulary follows PgBouncer: *client* is the frontend side,
 //! *server* the PostgreSQL backend side.
@@ -22,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod embedded_pg;
 pub mod fdlimit;
+pub mod idhash;
 pub mod metrics;
 pub mod net;
 pub mod pool;

@@ -26,6 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::PeerConfig;
+use crate::idhash::IdHash;
 use crate::net::ServerAddr;
 use crate::proto::startup::CancelKey;
 
@@ -145,7 +146,7 @@ impl CancelStats {
 /// Every logged-in client's key, by pid.
 #[derive(Default)]
 pub struct CancelRegistry {
-    entries: DashMap<i32, Entry>,
+    entries: DashMap<i32, Entry, IdHash>,
     /// This instance's `listen.peer_id`; 0 = no peering. Fixed for the process's life, since
     /// keys already issued carry it.
     peer_id: u16,

@@ -11,6 +11,7 @@ use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 
 use super::ClientId;
+use crate::idhash::IdHash;
 use crate::pool::PoolKey;
 
 /// What a client is doing.
@@ -199,7 +200,7 @@ impl ClientInfo {
 /// Every logged-in client by id.
 #[derive(Debug, Default)]
 pub struct ClientRegistry {
-    clients: DashMap<u64, Arc<ClientInfo>>,
+    clients: DashMap<u64, Arc<ClientInfo>, IdHash>,
 }
 
 impl ClientRegistry {

@@ -4,10 +4,12 @@
 
 use std::collections::HashMap;
 
+use crate::idhash::IdHash;
+
 /// Which statements one server connection has prepared, least recently used first out.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    used: HashMap<u64, u64>,
+    used: HashMap<u64, u64, IdHash>,
     tick: u64,
 }
 
