@@ -653,14 +653,20 @@ impl Link {
                         self.server.conn().wbuf.put_slice(msg);
                         Expect::Other
                     }
-                    Resolved::Renamed(server_name) => {
+                    Resolved::Renamed {
+                        server_name,
+                        client_name,
+                    } => {
                         put_message(&mut self.server.conn().wbuf, frontend::BIND, |b| {
                             b.put_slice(portal);
                             b.put_u8(0);
                             b.put_slice(&server_name);
                             b.put_slice(rest);
                         });
-                        renamed(server_name, name)
+                        Expect::Renamed {
+                            server_name,
+                            client_name,
+                        }
                     }
                 };
                 self.expect.push_back(expect);
@@ -679,12 +685,18 @@ impl Link {
                         self.server.conn().wbuf.put_slice(msg);
                         Expect::Other
                     }
-                    Resolved::Renamed(server_name) => {
+                    Resolved::Renamed {
+                        server_name,
+                        client_name,
+                    } => {
                         put_message(&mut self.server.conn().wbuf, frontend::DESCRIBE, |b| {
                             b.put_u8(b'S');
                             b.put_slice(&server_name);
                         });
-                        renamed(server_name, name)
+                        Expect::Renamed {
+                            server_name,
+                            client_name,
+                        }
                     }
                 };
                 self.expect.push_back(expect);
@@ -797,15 +809,20 @@ impl Link {
         if name.is_empty() {
             return Resolved::Verbatim;
         }
-        let Some(stmt) = c.statements.get(name) else {
+        // The name as the table holds it: a reference more, where a copy of the client's bytes
+        // was an allocation per Bind (kept for an error that might name the statement).
+        let Some((client_name, stmt)) = c.statements.get_key_value(name) else {
             // Unknown: PostgreSQL's own 26000 error names it, unless the name could alias one of
             // pgweir's server-side statements.
             if name.starts_with(SERVER_PREFIX.as_bytes()) {
-                return Resolved::Renamed(Bytes::from_static(b"__pgweir_unknown\0"));
+                return Resolved::Renamed {
+                    server_name: Bytes::from_static(b"__pgweir_unknown\0"),
+                    client_name: Bytes::copy_from_slice(name),
+                };
             }
             return Resolved::Verbatim;
         };
-        let stmt = stmt.clone();
+        let (client_name, stmt) = (client_name.clone(), stmt.clone());
         self.dirty = self.dirty.or(stmt.state_change);
         if bind && let Some(scope) = stmt.reset_scope {
             self.add_reset_scope(scope);
@@ -820,7 +837,10 @@ impl Link {
             c.registry.reprepares.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.expect.push_back(Expect::InjectedParse { stmt: stmt.clone() });
         }
-        Resolved::Renamed(stmt.server_name.clone())
+        Resolved::Renamed {
+            server_name: stmt.server_name.clone(),
+            client_name,
+        }
     }
 
     /// Frames newly read server bytes: counts ReadyForQuery, tracks COPY and parameter reports,
@@ -1310,15 +1330,6 @@ fn parsed_later(expect: &VecDeque<Expect>, name: &[u8]) -> bool {
     })
 }
 
-/// What to expect for a Bind or Describe of client statement `client_name` sent as
-/// `server_name` (NUL-terminated).
-fn renamed(server_name: Bytes, client_name: &[u8]) -> Expect {
-    Expect::Renamed {
-        server_name,
-        client_name: Bytes::copy_from_slice(client_name),
-    }
-}
-
 /// Whether a reply must be dropped or replaced rather than forwarded.
 fn needs_edit(tag: u8, front: Option<&Expect>) -> bool {
     matches!(
@@ -1397,7 +1408,8 @@ fn rejection_sql(e: &PgError) -> String {
 
 enum Resolved {
     Verbatim,
-    Renamed(Bytes),
+    /// Sent under `server_name`; an error naming it names `client_name` instead.
+    Renamed { server_name: Bytes, client_name: Bytes },
 }
 
 enum Action {
