@@ -82,11 +82,11 @@ mod tests {
         assert_eq!(low.len(), 1024);
         // dashmap picks the shard from the bits below the top seven, hashbrown's control byte
         // is the top seven: both must vary for ids that differ only in their low bits, and for
-        // peered cancel pids that share their high bits.
+        // peered cancel pids, whose bits from 17 up are the peer's id.
         for ids in [
             (1..=4096u64).collect::<Vec<_>>(),
             (0..4096u64)
-                .map(|r| (7u64 << 24) | ((r * 2_654_435_761) & 0xff_ffff))
+                .map(|r| (7u64 << 17) | ((r * 2_654_435_761) & 0x1_ffff))
                 .collect(),
         ] {
             let top7: HashSet<u64> = ids.iter().map(|&id| IdHash.hash_one(id) >> 57).collect();

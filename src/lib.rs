@@ -6,10 +6,10 @@
 //!    ─▶ ReadyForQuery 'I' ─▶ server released to the pool (or closed if not clean)
 //! ```
 //!
-//! Layers, each using only those listed before it: `clock` and `idhash`, `proto` and `auth` (sans-IO), `config`,
-//! `net`, `server` (one backend connection), `pool` (per (database, user)), `client` (one
-//! session), `app` (wiring). Vocabulary follows PgBouncer: *client* is the frontend side,
-//! *server* the PostgreSQL backend side.
+//! Layers, each using only those listed before it: `clock` and `idhash`, `proto` and `auth`
+//! (sans-IO), `config`, `net`, `server` (one backend connection), `pool` (per (database,
+//! user)), `client` (one session), `app` (wiring). Vocabulary follows PgBouncer: *client* is
+//! the frontend side, *server* the PostgreSQL backend side.
 
 #![forbid(unsafe_code)]
 

@@ -1409,7 +1409,10 @@ fn rejection_sql(e: &PgError) -> String {
 enum Resolved {
     Verbatim,
     /// Sent under `server_name`; an error naming it names `client_name` instead.
-    Renamed { server_name: Bytes, client_name: Bytes },
+    Renamed {
+        server_name: Bytes,
+        client_name: Bytes,
+    },
 }
 
 enum Action {
