@@ -44,8 +44,12 @@ async fn two_hundred_clients_with_prepared_statements_over_a_pool_of_five() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_survive_moving_between_servers_and_eviction() {
     let pg = support::postgres();
+    // Two servers of four statements each hold fewer than the client's ten, so every round
+    // re-prepares some wherever its transactions land (with three servers, a run where each
+    // statement kept landing where it was prepared re-prepared none, and the count below
+    // failed under load).
     let proxy = TestProxyBuilder::new(&pg)
-        .pool_size(3)
+        .pool_size(2)
         .with_pool(|p| p.max_prepared_statements = 4)
         .start()
         .await;
@@ -54,7 +58,7 @@ async fn statements_survive_moving_between_servers_and_eviction() {
     let stmts: Vec<_> = join_all(texts.iter().map(|t| client.prepare(t))).await;
     let stmts: Vec<_> = stmts.into_iter().map(|s| s.expect("prepare")).collect();
     // Other clients keep the servers busy so this client's transactions land on different ones.
-    let others: Vec<_> = join_all((0..3).map(|_| proxy.connect(roles::SCRAM))).await;
+    let others: Vec<_> = join_all((0..2).map(|_| proxy.connect(roles::SCRAM))).await;
     for round in 0..5i32 {
         let busy = join_all(others.iter().map(|o| o.simple_query("select pg_sleep(0.01)")));
         let mine = join_all(stmts.iter().enumerate().map(|(i, s)| {
