@@ -643,6 +643,57 @@ async fn a_login_whose_values_are_known_needs_no_server() {
     assert!(q.error.is_none(), "{q:?}");
 }
 
+/// A pool keeps the last login worked out from a startup packet and copies it for the next
+/// login with the same packet. Logins with other packets, taking turns, must each get their
+/// own values: in ParameterStatus and on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_taking_turns_each_get_their_own_parameters() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    type Packet = &'static [(&'static [u8], &'static [u8])];
+    let packets: [(Packet, &str, &str); 4] = [
+        (
+            &[(b"DateStyle", b"sql, dmy"), (b"application_name", b"a")],
+            "SQL, DMY",
+            "a",
+        ),
+        (&[], "ISO, MDY", ""),
+        (
+            &[(b"DateStyle", b"sql, dmy"), (b"application_name", b"b")],
+            "SQL, DMY",
+            "b",
+        ),
+        (
+            &[(b"application_name", b"b"), (b"DateStyle", b"German")],
+            "German, DMY",
+            "b",
+        ),
+    ];
+    for round in 0..3 {
+        for (packet, datestyle, app) in packets {
+            let (mut s, r) = login(&proxy, packet).await;
+            assert!(r.ready, "{r:?}");
+            let told = [status(&r, "DateStyle"), status(&r, "application_name")];
+            assert_eq!(
+                told,
+                [Some(datestyle.as_bytes()), Some(app.as_bytes())],
+                "round {round}, {packet:?}"
+            );
+            let q = query(
+                &mut s,
+                "select current_setting('DateStyle'), current_setting('application_name')",
+            )
+            .await;
+            let has = [q.rows[0][0].as_deref(), q.rows[0][1].as_deref()];
+            assert_eq!(
+                has,
+                [Some(datestyle.as_bytes()), Some(app.as_bytes())],
+                "round {round}, {packet:?}"
+            );
+        }
+    }
+}
+
 /// A startup value PostgreSQL refuses fails the login as it fails a login to PostgreSQL:
 /// AuthenticationOk, then FATAL with PostgreSQL's SQLSTATE and message (read from PostgreSQL 15
 /// with raw startup packets), and the connection closes. The server the value was tried on

@@ -62,7 +62,7 @@ pub(super) async fn scrape(State(s): State<AdminState>) -> Response {
         ] {
             let n = clients_now
                 .iter()
-                .filter(|c| &c.pool == pool.key() && c.state() == state)
+                .filter(|c| *c.pool == *pool.key() && c.state() == state)
                 .count();
             pool_clients
                 .get_or_create(&labels(&pool, Some(("state", name))))

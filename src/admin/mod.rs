@@ -82,7 +82,7 @@ fn pool_json(pool: &Pool, clients: &[Arc<ClientInfo>]) -> Value {
     let stats = pool.stats();
     let settings = pool.settings();
     let utilisation = snap.utilisation();
-    let mine: Vec<&Arc<ClientInfo>> = clients.iter().filter(|c| &c.pool == pool.key()).collect();
+    let mine: Vec<&Arc<ClientInfo>> = clients.iter().filter(|c| *c.pool == *pool.key()).collect();
     let count = |state| mine.iter().filter(|c| c.state() == state).count();
     let now = now_ms();
     let oldest_wait = mine
@@ -139,7 +139,7 @@ fn client_json(c: &ClientInfo, now: u64) -> Value {
             PeerAddr::Local(Some(p)) => json!({ "pid": p.pid, "uid": p.uid }),
             _ => Value::Null,
         },
-        "application_name": c.application_name,
+        "application_name": &*c.application_name,
         "tls": c.tls,
         "event_loop": c.in_event_loop(),
         "database": c.pool.database,

@@ -30,7 +30,7 @@ use crate::proto::messages::{self, ErrorFields, PgError};
 use crate::proto::startup::{self, CancelKey, MAX_STARTUP_LEN, StartupPacket, StartupParams};
 use crate::proto::tag::{TransactionStatus, frontend};
 use crate::proto::{ProtocolError, frame_at};
-use crate::server::params::{self, ParamSet};
+use crate::server::params::{self, LoginTemplate, ParamSet};
 use crate::server::{ServerError, ServerSecret, ServerTarget};
 
 /// Password messages are tiny; anything bigger during login is hostile or broken.
@@ -42,6 +42,9 @@ pub(super) struct LoggedIn {
     pub pool: Pool,
     /// Session parameters the client expects on whichever server serves it.
     pub params: ParamSet,
+    /// `params.form()`, interned.
+    pub form: Arc<[u8]>,
+    pub application_name: Arc<str>,
     pub key: CancelKey,
     pub slot: Arc<CancelSlot>,
 }
@@ -113,6 +116,8 @@ async fn attempt(
             client,
             pool: done.pool,
             params: done.params,
+            form: done.form,
+            application_name: done.application_name,
             key: done.key,
             slot: done.slot,
         })),
@@ -215,6 +220,9 @@ async fn negotiate(
 struct Done {
     pool: Pool,
     params: ParamSet,
+    /// `params.form()`, interned.
+    form: Arc<[u8]>,
+    application_name: Arc<str>,
     key: CancelKey,
     slot: Arc<CancelSlot>,
 }
@@ -303,7 +311,7 @@ async fn login(
     let users = ctx.users.load_full();
 
     let user = match startup.get_str("user") {
-        Some(u) if !u.is_empty() => u.to_owned(),
+        Some(u) if !u.is_empty() => u,
         _ => {
             return Err(reject(
                 LoginFailure::Protocol,
@@ -311,11 +319,7 @@ async fn login(
             ));
         }
     };
-    let database = startup
-        .get_str("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or(&user)
-        .to_owned();
+    let database = startup.get_str("database").filter(|d| !d.is_empty()).unwrap_or(user);
     if startup
         .get("replication")
         .is_some_and(|v| v != b"false" && v != b"0" && v != b"off")
@@ -326,7 +330,7 @@ async fn login(
                 .with_hint("Connect replication clients directly to PostgreSQL."),
         ));
     }
-    let client_params = client_parameters(&startup)?;
+    client_parameters(&startup, None)?;
 
     let mut out = BytesMut::with_capacity(512);
     let unsupported: Vec<&str> = startup.protocol_options().collect();
@@ -336,19 +340,19 @@ async fn login(
         out.clear();
     }
 
-    check_hba(client, peer, config, &user, &database)?;
+    check_hba(client, peer, config, user, database)?;
 
     // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
     let end_point = match client.is_tls() {
         true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
         false => None,
     };
-    let looked_up = look_up_user(ctx, config, &users, &user, &database).await?;
+    let looked_up = look_up_user(ctx, config, &users, user, database).await?;
     // `out` now holds the final authentication message(s), sent with the welcome: one write
     // (PgBouncer does the same) instead of two per login.
-    let scram_keys = authenticate(client, ctx, &user, end_point, looked_up.as_ref(), &mut out).await?;
+    let scram_keys = authenticate(client, ctx, user, end_point, looked_up.as_ref(), &mut out).await?;
 
-    let Some(db) = config.databases.get(&database) else {
+    let Some(db) = config.databases.get(database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
         return Err(reject(
             LoginFailure::UnknownDatabase,
@@ -361,23 +365,21 @@ async fn login(
     };
 
     let key = PoolKey {
-        database: database.clone(),
-        user: user.clone(),
+        database: database.to_owned(),
+        user: user.to_owned(),
     };
     // What a new pool needs is worked out only when the pool is new, not at every login.
     let pool = ctx.pools.get_or_create(&key, || {
-        let settings = config
-            .pool_settings(&database, &user)
-            .unwrap_or_else(|| db.pool.clone());
+        let settings = config.pool_settings(database, user).unwrap_or_else(|| db.pool.clone());
         Pool::new(
             key.clone(),
             ServerTarget {
                 host: db.host.clone(),
                 port: db.port,
                 dbname: db.dbname.clone(),
-                user: db.server_user.clone().unwrap_or_else(|| user.clone()),
+                user: db.server_user.clone().unwrap_or_else(|| user.to_owned()),
             },
-            server_secret(ctx, db.server_password.as_deref(), db.server_user.is_some(), &user),
+            server_secret(ctx, db.server_password.as_deref(), db.server_user.is_some(), user),
             settings,
             config.listen.tcp_keepalive,
             ctx.server_ids.clone(),
@@ -387,7 +389,7 @@ async fn login(
     // verifier derived here from a plain password has a different salt than the server's) and
     // no forced server user is configured.
     // A verifier from auth_query is the server's own, so pass-through always fits it.
-    let known = users.get(&user).or(looked_up.as_ref());
+    let known = users.get(user).or(looked_up.as_ref());
     if let (Some(keys), None) = (scram_keys, &db.server_user)
         && known.is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
     {
@@ -399,18 +401,59 @@ async fn login(
         }
     }
 
-    let welcome = match pool.welcome() {
+    let (welcome, template) = pool.welcome_for(startup.bytes());
+    let welcome = match welcome {
         Some(w) => w,
         None => fetch_welcome(&pool).await?,
     };
+    let template = match template {
+        Some(t) => t,
+        None => match work_out(ctx, &pool, &startup, welcome).await {
+            Ok(t) => t,
+            Err(failure) => {
+                // The client has authenticated: like PostgreSQL, pgweir says so before the
+                // FATAL (a value PostgreSQL refuses fails the login after AuthenticationOk).
+                client.write_all(&out).await?;
+                return Err(failure);
+            }
+        },
+    };
 
+    let slot = Arc::new(CancelSlot::default());
+    let cancel_key = ctx.cancels.register(slot.clone());
+    out.extend_from_slice(&template.status);
+    messages::backend_key_data(&mut out, cancel_key);
+    messages::ready_for_query(&mut out, TransactionStatus::Idle);
+    if let Err(e) = client.write_all(&out).await {
+        ctx.cancels.unregister(cancel_key);
+        return Err(e.into());
+    }
+    Ok(Some(Done {
+        pool,
+        params: template.params.clone(),
+        form: template.form.clone(),
+        application_name: template.application_name.clone(),
+        key: cancel_key,
+        slot,
+    }))
+}
+
+/// Works out a login's session parameters and greeting from its startup parameters and the
+/// pool's welcome, and keeps the result in the pool for the next login with the same packet.
+async fn work_out(
+    ctx: &ClientContext,
+    pool: &Pool,
+    startup: &StartupParams,
+    welcome: Arc<ParamSet>,
+) -> Result<Arc<LoginTemplate>, Failure> {
+    let mut client_params = ParamSet::default();
+    client_parameters(startup, Some(&mut client_params))?;
     // Tracked parameters the client did not set take the server defaults, so that a value
     // another client SET on a shared server is reset before this client uses that server. Those
     // it set are held as PostgreSQL reports them ("iso, dmy" → "ISO, DMY"): the client is told
     // that value now, as PostgreSQL would tell it, and servers are compared with it from now on
     // (a server's "ISO, MDY" then satisfies pgJDBC's "ISO" with no SET each transaction). A rule
     // here or an earlier server's answer gives most; the rest a server gives now.
-    let mut client_params = client_params;
     let mut unknown = Vec::new();
     for name in params::TRACKED {
         let Some(value) = client_params.get(name) else {
@@ -432,45 +475,36 @@ async fn login(
         };
         client_params.set(name, &canonical);
     }
-    if !unknown.is_empty() {
+    let asked = !unknown.is_empty();
+    if asked {
         let encoding = client_params.get("client_encoding").map(<[u8]>::to_vec);
-        match ask_server(&pool, unknown, encoding).await {
-            Ok(reported) => {
-                for (name, value) in reported {
-                    client_params.set(name, &value);
-                }
-            }
-            Err(failure) => {
-                // The client has authenticated: like PostgreSQL, pgweir says so before the
-                // FATAL (a value PostgreSQL refuses fails the login after AuthenticationOk).
-                client.write_all(&out).await?;
-                return Err(failure);
-            }
+        for (name, value) in ask_server(pool, unknown, encoding).await? {
+            client_params.set(name, &value);
         }
     }
-
-    let slot = Arc::new(CancelSlot::default());
-    let cancel_key = ctx.cancels.register(slot.clone());
+    let mut status = BytesMut::new();
     for (name, value) in welcome.iter() {
         let value = if params::TRACKED.contains(&name) {
             client_params.get(name).unwrap_or(value)
         } else {
             value
         };
-        messages::parameter_status(&mut out, name, value);
+        messages::parameter_status(&mut status, name, value);
     }
-    messages::backend_key_data(&mut out, cancel_key);
-    messages::ready_for_query(&mut out, TransactionStatus::Idle);
-    if let Err(e) = client.write_all(&out).await {
-        ctx.cancels.unregister(cancel_key);
-        return Err(e.into());
-    }
-    Ok(Some(Done {
-        pool,
+    let template = Arc::new(LoginTemplate {
+        startup: startup.bytes().into(),
+        welcome,
+        form: ctx.param_forms.intern(&client_params.form()),
+        application_name: String::from_utf8_lossy(client_params.get("application_name").unwrap_or_default()).into(),
         params: client_params,
-        key: cancel_key,
-        slot,
-    }))
+        status: status.as_ref().into(),
+    });
+    // A login that asked a server is not kept: the pool has learnt the answers now, and the
+    // next login with this packet works out the same without asking, and is kept.
+    if !asked {
+        pool.keep_login_template(template.clone());
+    }
+    Ok(template)
 }
 
 /// Opens (and returns) one server connection so the pool learns the server's parameters.
@@ -615,9 +649,10 @@ enum Unanswered {
     Server(Option<ServerError>),
 }
 
-/// The session parameters a client asked for at startup, including `options=-c k=v`.
-fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
-    let mut set = ParamSet::default();
+/// The session parameters a client asked for at startup, including `options=-c k=v`, put in
+/// `set`; with no `set`, only whether they are acceptable (checked before authentication, where
+/// a login whose packet the pool has seen needs nothing more).
+fn client_parameters(startup: &StartupParams, mut set: Option<&mut ParamSet>) -> Result<(), Failure> {
     let mut add = |name: &str, value: &[u8]| -> Result<(), Failure> {
         if !params::is_valid_name(name) {
             return Err(reject(
@@ -625,7 +660,9 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
                 PgError::fatal("08P01", format!("unsupported startup parameter: {name}")),
             ));
         }
-        set.set(&params::canonical_name(name), value);
+        if let Some(set) = set.as_deref_mut() {
+            set.set(&params::canonical_name(name), value);
+        }
         Ok(())
     };
     // As PostgreSQL reads the packet: only the last `options` counts, and its settings come
@@ -649,7 +686,7 @@ fn client_parameters(startup: &StartupParams) -> Result<ParamSet, Failure> {
             n => add(std::str::from_utf8(n).unwrap_or_default(), value)?,
         }
     }
-    Ok(set)
+    Ok(())
 }
 
 /// Parses libpq's `options` (`-c a=b -c c=d`, `--a=b`, backslash escapes spaces).
@@ -851,7 +888,7 @@ async fn authenticate(
 /// SSLRequest are never taken as plaintext. Every valid packet is at least 8 bytes, so the
 /// first read asks for 8: an SSLRequest (what libpq sends first by default) arrives in one
 /// `recv` instead of a length and then a code.
-async fn read_startup_packet(client: &mut Stream) -> Result<Vec<u8>, Failure> {
+async fn read_startup_packet(client: &mut Stream) -> Result<Packet, Failure> {
     let mut head = [0u8; 8];
     let mut got = 0;
     let mut len = 0;
@@ -874,10 +911,31 @@ async fn read_startup_packet(client: &mut Stream) -> Result<Vec<u8>, Failure> {
             }
         }
     }
+    if len == 8 {
+        return Ok(Packet::Request(head));
+    }
     let mut packet = vec![0u8; len as usize];
     packet[..8].copy_from_slice(&head);
     client.read_exact(&mut packet[8..]).await?;
-    Ok(packet)
+    Ok(Packet::Other(packet))
+}
+
+/// A packet [`read_startup_packet`] read. libpq starts every TCP connection with an
+/// SSLRequest (8 bytes), kept here without an allocation.
+enum Packet {
+    Request([u8; 8]),
+    Other(Vec<u8>),
+}
+
+impl std::ops::Deref for Packet {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Packet::Request(bytes) => bytes,
+            Packet::Other(bytes) => bytes,
+        }
+    }
 }
 
 /// Reads one PasswordMessage-family message and returns its body.

@@ -180,13 +180,10 @@ pub async fn serve(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>) {
         let Some(login) = Box::pin(handshake::run(stream, &addr, &ctx)).await? else {
             return Ok(());
         };
-        let app_name = login
-            .params
-            .get("application_name")
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
         let tls = login.client.tls_description();
-        let info = ctx.clients.register(id, addr, login.pool.key().clone(), app_name, tls);
+        let info = ctx
+            .clients
+            .register(id, addr, login.pool.shared_key(), login.application_name.clone(), tls);
         // Shutdown raises the signal on registered clients; one that registered meanwhile
         // sees the token instead.
         if ctx.shutdown.is_cancelled() {

@@ -92,8 +92,9 @@ impl std::future::Future for Raised<'_> {
 pub struct ClientInfo {
     pub id: ClientId,
     pub addr: PeerAddr,
-    pub pool: PoolKey,
-    pub application_name: String,
+    pub pool: Arc<PoolKey>,
+    /// Shared with the login template it came from (clients of an application send the same).
+    pub application_name: Arc<str>,
     /// TLS version and cipher suite, None for a plaintext connection.
     pub tls: Option<String>,
     /// Unix milliseconds.
@@ -208,8 +209,8 @@ impl ClientRegistry {
         &self,
         id: ClientId,
         addr: PeerAddr,
-        pool: PoolKey,
-        application_name: String,
+        pool: Arc<PoolKey>,
+        application_name: Arc<str>,
         tls: Option<String>,
     ) -> Arc<ClientInfo> {
         let info = Arc::new(ClientInfo {

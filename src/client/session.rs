@@ -161,6 +161,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         client,
         pool,
         params,
+        form,
         key,
         slot,
         ..
@@ -179,7 +180,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         mode: settings.mode,
         settings: pool.settings_cache(),
         pool,
-        params_form: (params.generation(), ctx.param_forms.intern(&params.form())),
+        params_form: (params.generation(), form),
         reset_to: None,
         params,
         max_message,

@@ -29,6 +29,7 @@ pub use registry::PoolRegistry;
 
 use crate::clock::Mono;
 use crate::config::{PoolMode, PoolSettings};
+use crate::server::params::LoginTemplate;
 use crate::server::{self, ParamSet, ServerConn, ServerError, ServerIds, ServerSecret, ServerTarget};
 
 /// Identifies a pool: the database name clients use and the client's user name.
@@ -273,8 +274,16 @@ impl CanonicalValues {
     }
 }
 
+/// A pool's welcome and the last login worked out against it.
+#[derive(Default)]
+struct Welcome {
+    params: Option<Arc<ParamSet>>,
+    template: Option<Arc<LoginTemplate>>,
+}
+
 pub(crate) struct PoolShared {
-    key: PoolKey,
+    /// Shared with the admin registry's entry of each client of the pool.
+    key: Arc<PoolKey>,
     target: ServerTarget,
     /// Swapped whole on reload; readers take a cheap snapshot.
     settings: arc_swap::ArcSwap<PoolSettings>,
@@ -283,7 +292,7 @@ pub(crate) struct PoolShared {
     state: Mutex<PoolState>,
     /// Parameters of the pool's first server login; replayed to clients at login so they need
     /// no server (PgBouncer's "welcome message").
-    welcome: Mutex<Option<Arc<ParamSet>>>,
+    welcome: Mutex<Welcome>,
     /// What PostgreSQL reported for a client's value of a tracked parameter ("iso, dmy" →
     /// "ISO, DMY"), learnt from a server at a login or when a session applied it, so the next
     /// login with that value is told the server's value without asking a server again.
@@ -324,7 +333,7 @@ impl Pool {
         let size = settings.pool_size;
         Pool {
             shared: Arc::new(PoolShared {
-                key,
+                key: Arc::new(key),
                 target,
                 keepalive,
                 secret: Mutex::new(secret),
@@ -339,7 +348,7 @@ impl Pool {
                     paused: false,
                 }),
                 settings: arc_swap::ArcSwap::from_pointee(settings),
-                welcome: Mutex::new(None),
+                welcome: Mutex::default(),
                 canonical: Mutex::default(),
                 sweep_now: tokio::sync::Notify::new(),
                 ids,
@@ -350,6 +359,11 @@ impl Pool {
 
     pub fn key(&self) -> &PoolKey {
         &self.shared.key
+    }
+
+    /// The key, shared: one allocation per pool rather than per holder.
+    pub fn shared_key(&self) -> Arc<PoolKey> {
+        self.shared.key.clone()
     }
 
     /// The current settings, for the admin API, logins and rare paths (sessions read them
@@ -421,7 +435,24 @@ impl Pool {
 
     /// The welcome parameters, if a server has logged in already.
     pub fn welcome(&self) -> Option<Arc<ParamSet>> {
-        lock(&self.shared.welcome).clone()
+        lock(&self.shared.welcome).params.clone()
+    }
+
+    /// The welcome parameters, and the last login template kept when it fits a login with
+    /// `startup` (the startup packet's parameter bytes): one lock for both.
+    pub fn welcome_for(&self, startup: &[u8]) -> (Option<Arc<ParamSet>>, Option<Arc<LoginTemplate>>) {
+        let welcome = lock(&self.shared.welcome);
+        let params = welcome.params.clone();
+        let template = match (&params, &welcome.template) {
+            (Some(p), Some(t)) if t.fits(startup, p) => Some(t.clone()),
+            _ => None,
+        };
+        (params, template)
+    }
+
+    /// Keeps `template` for the next login with the same startup packet (in place of the last).
+    pub fn keep_login_template(&self, template: Arc<LoginTemplate>) {
+        lock(&self.shared.welcome).template = Some(template);
     }
 
     /// Takes a server connection, waiting until `acquire_timeout` after `started` (when the
@@ -458,11 +489,11 @@ impl Pool {
     /// dropped with it), or acquire_timeout passed (the sweeper).
     pub(crate) fn acquire_timed_out(&self, settings: &PoolSettings) -> PoolError {
         if lock(&self.shared.state).closed {
-            return PoolError::Closed(self.shared.key.clone());
+            return PoolError::Closed((*self.shared.key).clone());
         }
         self.shared.stats.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
         PoolError::Timeout {
-            key: self.shared.key.clone(),
+            key: (*self.shared.key).clone(),
             timeout: settings.acquire_timeout,
             snapshot: self.snapshot(),
         }
@@ -502,7 +533,7 @@ impl Pool {
         let shared = &self.shared;
         let mut st = lock(&shared.state);
         if st.closed {
-            return Err(PoolError::Closed(shared.key.clone()));
+            return Err(PoolError::Closed((*shared.key).clone()));
         }
         if st.waiters.is_empty() && !st.paused {
             if let Some(conn) = st.idle.pop() {
@@ -645,8 +676,8 @@ impl Pool {
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
                 shared.stats.last_connect_failed.store(false, Ordering::Relaxed);
                 let mut welcome = lock(&shared.welcome);
-                if welcome.is_none() {
-                    *welcome = Some(Arc::new(conn.params.clone()));
+                if welcome.params.is_none() {
+                    welcome.params = Some(Arc::new(conn.params.clone()));
                 }
                 Ok(Box::new(conn))
             }

@@ -55,6 +55,11 @@ struct Span {
 }
 
 impl StartupParams {
+    /// The parameters as sent: two packets with the same bytes here ask for the same session.
+    pub fn bytes(&self) -> &[u8] {
+        &self.pairs
+    }
+
     /// The parameters in the order the client sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         // Checked at parse time; a name that were not UTF-8 would read as empty.
@@ -123,7 +128,8 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
                 return Err(ProtocolError::UnsupportedProtocol { major, minor });
             }
             let mut pos = 8;
-            let mut spans = Vec::new();
+            // libpq sends four to six parameters, pgJDBC eight: one allocation for most.
+            let mut spans = Vec::with_capacity(8);
             loop {
                 let (key, next) = read_cstr(packet, pos).ok_or(ProtocolError::Malformed {
                     what: WHAT,
