@@ -87,27 +87,11 @@ async fn attempt(
             Negotiated::Done => return Ok(None),
             Negotiated::StartTls { direct } => {
                 may_start_tls = false;
-                let tls_failure = |why: String| (LoginFailure::TlsHandshake, ClientError::Login(why));
                 let Stream::Plain(tcp) = client else {
                     return Err(tls_failure("TLS requested twice".into()));
                 };
-                let Some(acceptor) = config.tls.acceptor.as_ref() else {
-                    return Err(tls_failure("TLS is not configured".into()));
-                };
-                let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.config.clone());
-                // Failures here are the client's business (wrong CA, stuffed bytes, no common
-                // cipher): it gets a TLS alert from rustls, and the connection ends.
-                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => TlsConn::from(tls),
-                    Ok(Err(e)) => return Err(tls_failure(format!("TLS handshake failed: {e}"))),
-                    Err(_) => return Err((LoginFailure::Timeout, ClientError::LoginTimeout)),
-                };
-                if direct && tls.alpn_protocol() != Some(tls::ALPN_POSTGRESQL) {
-                    // PostgreSQL 17 requires ALPN on direct TLS so that a TLS connection meant
-                    // for another protocol cannot be replayed against the database.
-                    return Err(tls_failure("direct TLS connection without ALPN \"postgresql\"".into()));
-                }
-                client = Stream::Tls(Box::new(tls));
+                // Boxed: a TLS handshake's state is large, and plaintext logins need none of it.
+                client = Box::pin(start_tls(tcp, &config, deadline, direct)).await?;
             }
         }
     };
@@ -130,6 +114,36 @@ async fn attempt(
         }
         Err(_) => Err(login_timed_out(&mut client, timeout).await),
     }
+}
+
+fn tls_failure(why: String) -> (LoginFailure, ClientError) {
+    (LoginFailure::TlsHandshake, ClientError::Login(why))
+}
+
+/// The TLS handshake after an SSLRequest (or a direct TLS start): the client's stream from then
+/// on. Failures here are the client's business (wrong CA, stuffed bytes, no common cipher): it
+/// gets a TLS alert from rustls, and the connection ends.
+async fn start_tls(
+    tcp: Sock,
+    config: &Config,
+    deadline: Instant,
+    direct: bool,
+) -> Result<Stream, (LoginFailure, ClientError)> {
+    let Some(acceptor) = config.tls.acceptor.as_ref() else {
+        return Err(tls_failure("TLS is not configured".into()));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.config.clone());
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => TlsConn::from(tls),
+        Ok(Err(e)) => return Err(tls_failure(format!("TLS handshake failed: {e}"))),
+        Err(_) => return Err((LoginFailure::Timeout, ClientError::LoginTimeout)),
+    };
+    if direct && tls.alpn_protocol() != Some(tls::ALPN_POSTGRESQL) {
+        // PostgreSQL 17 requires ALPN on direct TLS so that a TLS connection meant for another
+        // protocol cannot be replayed against the database.
+        return Err(tls_failure("direct TLS connection without ALPN \"postgresql\"".into()));
+    }
+    Ok(Stream::Tls(Box::new(tls)))
 }
 
 async fn login_timed_out(client: &mut Stream, timeout: std::time::Duration) -> (LoginFailure, ClientError) {
@@ -199,7 +213,9 @@ async fn negotiate(
             // GSS encryption is not offered; 'N' lets libpq continue per its gssencmode.
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
             StartupPacket::Cancel(key) => {
-                ctx.cancels.cancel(key, &config.peers).await;
+                // Boxed: forwarding to a peer is a connection of its own, and only a cancel
+                // request (a connection of its own too) makes it.
+                Box::pin(ctx.cancels.cancel(key, &config.peers)).await;
                 return Ok(Negotiated::Done);
             }
             StartupPacket::Startup(params) => {
@@ -764,7 +780,9 @@ async fn look_up_user(
         ids: &ctx.server_ids,
         keepalive: config.listen.tcp_keepalive,
     };
-    match ctx.auth_query.lookup(database, user, &target).await {
+    // Boxed: the look-up (a server connection of its own) is most of a login future's size,
+    // and most logins never make it.
+    match Box::pin(ctx.auth_query.lookup(database, user, &target)).await {
         Ok(Stored::Found(entry)) => Ok(Some(entry)),
         Ok(Stored::Missing) => Ok(None),
         Err(why) => {
@@ -794,6 +812,33 @@ async fn authenticate(
     looked_up: Option<&UserEntry>,
     done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
+    // The password exchanges in a box of their own: they are the largest part of a login's
+    // future, and a trust login, which has none, would otherwise carry (and allocate) their
+    // space too.
+    match ctx.config.load().listen.auth_type {
+        AuthType::Trust => {
+            messages::auth_ok(done);
+            Ok(None)
+        }
+        auth_type => {
+            Box::pin(exchange_password(
+                client, ctx, auth_type, user, end_point, looked_up, done,
+            ))
+            .await
+        }
+    }
+}
+
+/// The MD5 or SCRAM exchange of [`authenticate`].
+async fn exchange_password(
+    client: &mut Stream,
+    ctx: &ClientContext,
+    auth_type: AuthType,
+    user: &str,
+    end_point: Option<&[u8]>,
+    looked_up: Option<&UserEntry>,
+    done: &mut BytesMut,
+) -> Result<Option<ScramKeys>, Failure> {
     let users = ctx.users.load_full();
     let entry = users.get(user).or(looked_up);
     let failed = |reason| {
@@ -803,7 +848,7 @@ async fn authenticate(
         )
     };
     let mut out = BytesMut::with_capacity(256);
-    match ctx.config.load().listen.auth_type {
+    match auth_type {
         AuthType::Trust => {
             messages::auth_ok(done);
             Ok(None)
