@@ -26,7 +26,8 @@
 # benches/results/<UTC date-time>.md and prints it. Everything it started is stopped on exit.
 #
 # Environment: DURATION (s, default 10; QUICK=1 → 3), CLIENTS (default "10 100 500 2000";
-# QUICK=1 → "100"), MODES ("select tpcb"), PROTOCOLS ("simple extended prepared"),
+# QUICK=1 → "100"), MODES ("select tpcb"; also "connect": -S -C, a login per transaction),
+# PROTOCOLS ("simple extended prepared"),
 # WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
 # worker per core), EVENT_LOOP (pgweir listen.event_loop: 1 = true, 0 = false,
 # unset = the binary's default, which is true since 2026-12-04 and the task path before),
@@ -51,6 +52,22 @@ else
     CLIENTS=${CLIENTS:-10 100 500 2000}
 fi
 MODES=${MODES:-select tpcb}
+
+# pgbench's script arguments for a mode: select (-S), connect (-S with a new connection per
+# transaction: a login, one select and a disconnect each, as a PHP-style client does; not in
+# the default MODES) or tpcb (tpcb-like).
+script_for() {
+    case $1 in
+        select) echo "-S" ;;
+        connect) echo "-S -C" ;;
+        tpcb) echo "-b tpcb-like" ;;
+        *) echo "unknown mode $1 (select, connect or tpcb)" >&2; exit 2 ;;
+    esac
+}
+
+for mode in $MODES; do
+    script_for "$mode" >/dev/null
+done
 PROTOCOLS=${PROTOCOLS:-simple extended prepared}
 WORKERS=${WORKERS:-1}
 EVENT_LOOP=${EVENT_LOOP:-}
@@ -255,8 +272,8 @@ run_cell() {
     local port=$1 pid=$2 mode=$3 proto=$4 clients=$5
     local dir="$WORK/run.$RANDOM$RANDOM"
     mkdir "$dir"
-    local script_args=()
-    [[ $mode == select ]] && script_args=(-S) || script_args=(-b tpcb-like)
+    local script_args
+    read -r -a script_args <<<"$(script_for "$mode")"
     local before after
     before=$(cpu_ticks "$pid")
     # Own process group: a Ctrl-C or a hung client never takes the script's shell with it.
@@ -290,8 +307,8 @@ run_cell() {
 # proxy's user-space instructions, counted from zero just before pgbench starts).
 run_cell_callgrind() {
     local port=$1 pid=$2 mode=$3 proto=$4 clients=$5 as=$6
-    local script_args=()
-    [[ $mode == select ]] && script_args=(-S) || script_args=(-b tpcb-like)
+    local script_args
+    read -r -a script_args <<<"$(script_for "$mode")"
     local per_client=$(((TXS + clients - 1) / clients))
     # callgrind_control talks to the process through files only its owner may use.
     (cd "$WORK" && $as callgrind_control -z "$pid" >/dev/null)
