@@ -274,12 +274,19 @@ impl CanonicalValues {
     }
 }
 
-/// A pool's welcome and the last login worked out against it.
+/// A pool's welcome and the last few logins worked out against it.
 #[derive(Default)]
 struct Welcome {
     params: Option<Arc<ParamSet>>,
-    template: Option<Arc<LoginTemplate>>,
+    /// A few, so that applications taking turns on one pool (each with its own
+    /// application_name, say) do not push each other's out at every login.
+    templates: [Option<Arc<LoginTemplate>>; LOGIN_TEMPLATES_KEPT],
+    /// The slot the next template goes to: the oldest.
+    next_template: usize,
 }
+
+/// How many distinct startup packets' login templates a pool keeps.
+pub const LOGIN_TEMPLATES_KEPT: usize = 4;
 
 pub(crate) struct PoolShared {
     /// Shared with the admin registry's entry of each client of the pool.
@@ -438,21 +445,33 @@ impl Pool {
         lock(&self.shared.welcome).params.clone()
     }
 
-    /// The welcome parameters, and the last login template kept when it fits a login with
-    /// `startup` (the startup packet's parameter bytes): one lock for both.
+    /// The welcome parameters, and the kept login template that fits a login with `startup`
+    /// (the startup packet's parameter bytes), if any: one lock for both.
     pub fn welcome_for(&self, startup: &[u8]) -> (Option<Arc<ParamSet>>, Option<Arc<LoginTemplate>>) {
         let welcome = lock(&self.shared.welcome);
         let params = welcome.params.clone();
-        let template = match (&params, &welcome.template) {
-            (Some(p), Some(t)) if t.fits(startup, p) => Some(t.clone()),
-            _ => None,
-        };
+        let template = params
+            .as_ref()
+            .and_then(|p| welcome.templates.iter().flatten().find(|t| t.fits(startup, p)).cloned());
         (params, template)
     }
 
-    /// Keeps `template` for the next login with the same startup packet (in place of the last).
+    /// Keeps `template` for later logins with the same startup packet, in place of the oldest
+    /// of the [`LOGIN_TEMPLATES_KEPT`] kept.
     pub fn keep_login_template(&self, template: Arc<LoginTemplate>) {
-        lock(&self.shared.welcome).template = Some(template);
+        let mut welcome = lock(&self.shared.welcome);
+        // Two logins with one new packet at once both work it out; one copy is enough.
+        if welcome
+            .templates
+            .iter()
+            .flatten()
+            .any(|t| t.fits(&template.startup, &template.welcome))
+        {
+            return;
+        }
+        let slot = welcome.next_template;
+        welcome.templates[slot] = Some(template);
+        welcome.next_template = (slot + 1) % LOGIN_TEMPLATES_KEPT;
     }
 
     /// Takes a server connection, waiting until `acquire_timeout` after `started` (when the
@@ -923,8 +942,69 @@ impl Drop for PooledServer {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::sync::Arc;
 
-    use super::CanonicalValues;
+    use super::{CanonicalValues, LOGIN_TEMPLATES_KEPT, Pool, PoolKey, lock};
+    use crate::server::params::{LoginTemplate, ParamSet};
+    use crate::server::{ServerIds, ServerSecret, ServerTarget};
+
+    fn template(startup: &[u8], welcome: &Arc<ParamSet>) -> Arc<LoginTemplate> {
+        Arc::new(LoginTemplate {
+            startup: startup.into(),
+            welcome: welcome.clone(),
+            params: ParamSet::default(),
+            form: Arc::from(&b""[..]),
+            application_name: Arc::from(""),
+            status: Box::default(),
+        })
+    }
+
+    #[test]
+    fn a_pool_keeps_the_last_few_login_templates() {
+        let pool = Pool::new(
+            PoolKey {
+                database: "d".into(),
+                user: "u".into(),
+            },
+            ServerTarget {
+                host: "127.0.0.1".into(),
+                port: 1,
+                dbname: "d".into(),
+                user: "u".into(),
+            },
+            ServerSecret::None,
+            crate::config::default_pool_settings(),
+            None,
+            Arc::new(ServerIds::default()),
+        );
+        let welcome = Arc::new(ParamSet::default());
+        pool.keep_login_template(template(b"a", &welcome));
+        assert!(pool.welcome_for(b"a").1.is_none(), "no welcome yet, so nothing fits");
+        lock(&pool.shared.welcome).params = Some(welcome.clone());
+        assert!(pool.welcome_for(b"a").1.is_some());
+        let packets: Vec<Vec<u8>> = (0..LOGIN_TEMPLATES_KEPT - 1).map(|i| vec![b'b'; i + 1]).collect();
+        for p in &packets {
+            pool.keep_login_template(template(p, &welcome));
+        }
+        // Many logins with one new packet at once each work it out and offer it: the first
+        // copy is kept, the others push nothing out.
+        for _ in 0..LOGIN_TEMPLATES_KEPT {
+            pool.keep_login_template(template(b"a", &welcome));
+        }
+        assert!(
+            pool.welcome_for(b"a").1.is_some(),
+            "still among the last {LOGIN_TEMPLATES_KEPT}"
+        );
+        for p in &packets {
+            let (_, t) = pool.welcome_for(p);
+            assert_eq!(t.map(|t| t.startup.to_vec()), Some(p.clone()));
+        }
+        // One more pushes out the oldest.
+        pool.keep_login_template(template(b"c", &welcome));
+        assert!(pool.welcome_for(b"a").1.is_none());
+        assert!(pool.welcome_for(b"c").1.is_some());
+        assert!(pool.welcome_for(&packets[0]).1.is_some());
+    }
 
     #[test]
     fn canonical_values_are_kept_per_name_and_bounded() {

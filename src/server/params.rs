@@ -699,7 +699,7 @@ impl FormInterner {
 /// What a login worked out from its startup packet and its pool's welcome: the client's
 /// parameters as PostgreSQL reports them, their interned form, and the ParameterStatus messages
 /// the client is greeted with. The clients of one application send the same startup packet
-/// every time, so a pool keeps the last of these and the next login with the same packet
+/// every time, so a pool keeps the last few of these and the next login with the same packet
 /// copies it instead of working it all out again (about a sixth of a login's instructions).
 #[derive(Debug)]
 pub struct LoginTemplate {
