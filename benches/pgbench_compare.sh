@@ -358,6 +358,8 @@ ratio() {
 
 mkdir -p benches/results
 OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
+# Two short runs can start in the same minute: the second must not overwrite the first.
+[[ -e $OUT ]] && OUT="benches/results/$(date -u +%Y-%m-%dT%H%M%S).md"
 {
     echo "# pgbench: pgweir vs PgBouncer ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
