@@ -812,9 +812,8 @@ async fn authenticate(
     looked_up: Option<&UserEntry>,
     done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
-    // The password exchanges in a box of their own: they are the largest part of a login's
-    // future, and a trust login, which has none, would otherwise carry (and allocate) their
-    // space too.
+    // The password exchanges in a box of their own: their state (~500 bytes) would otherwise
+    // be part of every login's future, trust logins' included, which have none.
     match ctx.config.load().listen.auth_type {
         AuthType::Trust => {
             messages::auth_ok(done);
