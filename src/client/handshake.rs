@@ -812,27 +812,34 @@ async fn authenticate(
     looked_up: Option<&UserEntry>,
     done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
-    // The password exchanges in a box of their own: their state (~500 bytes) would otherwise
-    // be part of every login's future, trust logins' included, which have none.
-    match ctx.config.load().listen.auth_type {
+    let exchange = match ctx.config.load().listen.auth_type {
         AuthType::Trust => {
             messages::auth_ok(done);
-            Ok(None)
+            return Ok(None);
         }
-        auth_type => {
-            Box::pin(exchange_password(
-                client, ctx, auth_type, user, end_point, looked_up, done,
-            ))
-            .await
-        }
-    }
+        AuthType::Md5 => Exchange::Md5,
+        AuthType::ScramSha256 => Exchange::Scram,
+    };
+    // The password exchanges in a box of their own: their state (~500 bytes) would otherwise
+    // be part of every login's future, trust logins' included, which have none.
+    Box::pin(exchange_password(
+        client, ctx, exchange, user, end_point, looked_up, done,
+    ))
+    .await
+}
+
+/// The password exchanges [`authenticate`] runs.
+#[derive(Clone, Copy)]
+enum Exchange {
+    Md5,
+    Scram,
 }
 
 /// The MD5 or SCRAM exchange of [`authenticate`].
 async fn exchange_password(
     client: &mut Stream,
     ctx: &ClientContext,
-    auth_type: AuthType,
+    exchange: Exchange,
     user: &str,
     end_point: Option<&[u8]>,
     looked_up: Option<&UserEntry>,
@@ -847,12 +854,8 @@ async fn exchange_password(
         )
     };
     let mut out = BytesMut::with_capacity(256);
-    match auth_type {
-        AuthType::Trust => {
-            messages::auth_ok(done);
-            Ok(None)
-        }
-        AuthType::Md5 => {
+    match exchange {
+        Exchange::Md5 => {
             let salt: [u8; 4] = rand::random();
             messages::auth_md5_request(&mut out, salt);
             client.write_all(&out).await?;
@@ -872,7 +875,7 @@ async fn exchange_password(
                 None => Err(failed(LoginFailure::UnknownUser)),
             }
         }
-        AuthType::ScramSha256 => {
+        Exchange::Scram => {
             // Unknown users (or users without a usable verifier) run a mock exchange that fails
             // at the end, so user names cannot be probed.
             let (mut server, wrong) = match entry.and_then(|e| e.verifier.clone()) {
