@@ -1,6 +1,7 @@
 //! The login path over raw sockets: startup packets as PostgreSQL reads them (malformed ones,
-//! duplicate keys), the 8-byte first read, parameter values at the inline/heap boundary, and
-//! read buffers handed from a departed client to the next.
+//! duplicate keys, split anywhere, followed by what a client sent without waiting), parameter
+//! values at the inline/heap boundary, and read buffers handed from a departed client to the
+//! next.
 
 mod support;
 
@@ -59,8 +60,13 @@ fn error_fields(body: &[u8]) -> (String, String) {
 
 /// Reads messages until ReadyForQuery, EOF, or (after an ErrorResponse during login) EOF.
 async fn read_reply(s: &mut TcpStream, limit: Duration) -> Reply {
+    read_reply_kept(s, &mut Vec::new(), limit).await
+}
+
+/// [`read_reply`] that leaves what it read past the ReadyForQuery in `buf` for the next reply
+/// (a pipelined query's, read with the login's).
+async fn read_reply_kept(s: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) -> Reply {
     let mut r = Reply::default();
-    let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         // Parse what we have.
@@ -419,8 +425,8 @@ async fn split_ssl_request_with_stuffed_bytes_is_refused() {
     }
 }
 
-/// The first read asks for 8 bytes: a client that sends fewer and waits is cut off at
-/// client_login_timeout (not before, not never); a CancelRequest in two pieces still works.
+/// A client that sends fewer than 8 bytes and waits is cut off at client_login_timeout (not
+/// before, not never); a CancelRequest in two pieces still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_headers_wait_for_the_login_timeout_only() {
     let pg = support::postgres();
@@ -457,6 +463,104 @@ async fn short_headers_wait_for_the_login_timeout_only() {
     s.write_all(&cancel[8..]).await.expect("write");
     let r = read_reply(&mut s, Duration::from_secs(3)).await;
     assert!(r.eof && r.error.is_none() && r.status.is_empty(), "{r:?}");
+}
+
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+/// Startup-phase packets are read in chunks larger than the packets, so what a client sends
+/// without waiting for the answer (its StartupMessage after an SSLRequest, its first query
+/// after its login) is kept for what comes next, never lost and never a hang: whole, split
+/// anywhere, and with a startup packet larger than one chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_sends_before_its_answer_is_kept_for_what_comes_next() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 2).await;
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    // A search_path that makes the packet ~800 bytes, more than one read takes.
+    let long_path = (0..150).map(|i| format!("s{i:03}")).collect::<Vec<_>>().join(",");
+    for (name, path) in [("short", "public"), ("long", long_path.as_str())] {
+        let mut all = SSL_REQUEST.to_vec();
+        let login_at = all.len();
+        all.extend_from_slice(&startup(&[
+            (b"user", roles::TRUST.as_bytes()),
+            (b"database", b"app"),
+            (b"search_path", path.as_bytes()),
+        ]));
+        let query_at = all.len();
+        all.extend_from_slice(&query_message("select 'piped', current_setting('search_path')"));
+        for split in [
+            None,
+            Some(3),
+            Some(login_at + 5),
+            Some(query_at - 1),
+            Some(query_at + 7),
+        ] {
+            let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            match split {
+                None => s.write_all(&all).await.expect("write"),
+                Some(at) => {
+                    s.write_all(&all[..at]).await.expect("first part");
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    s.write_all(&all[at..]).await.expect("rest");
+                }
+            }
+            let mut answer = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut answer))
+                .await
+                .expect("the SSLRequest's answer in time")
+                .expect("the SSLRequest's answer");
+            assert_eq!(&answer, b"N", "{name} {split:?}");
+            // Both replies may come in one read.
+            let mut kept = Vec::new();
+            let login = read_reply_kept(&mut s, &mut kept, Duration::from_secs(5)).await;
+            assert!(login.ready && login.error.is_none(), "{name} {split:?}: {login:?}");
+            let q = read_reply_kept(&mut s, &mut kept, Duration::from_secs(5)).await;
+            assert!(q.ready && q.error.is_none(), "{name} {split:?}: {q:?}");
+            assert_eq!(q.rows.len(), 1, "{name} {split:?}: {q:?}");
+            assert_eq!(q.rows[0][0].as_deref(), Some(&b"piped"[..]), "{name} {split:?}");
+            assert_eq!(
+                q.rows[0][1].as_deref(),
+                Some(path.as_bytes()),
+                "{name} {split:?}: the login's own value"
+            );
+            // And the session goes on as any other.
+            let q = query(&mut s, "select 'after'").await;
+            assert_eq!(q.rows.len(), 1, "{name} {split:?}: {q:?}");
+        }
+    }
+}
+
+/// Under password authentication a password sent with the startup packet (it cannot answer the
+/// salt it has not seen) is read as the answer and fails at once with 28P01, as PostgreSQL
+/// fails it; it does not wait for client_login_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_sent_with_the_startup_packet_is_its_answer() {
+    let pg = support::postgres();
+    let mut b = TestProxyBuilder::new(&pg);
+    b.auth_type = AuthType::Md5;
+    b.client_login_timeout = Duration::from_secs(3);
+    let proxy = b.start().await;
+    let mut all = startup(&[(b"user", roles::MD5.0.as_bytes()), (b"database", b"app")]);
+    let password = format!("md5{}\0", "0".repeat(32));
+    let password = password.as_bytes();
+    all.push(b'p');
+    all.extend_from_slice(&((password.len() + 4) as i32).to_be_bytes());
+    all.extend_from_slice(password);
+    let started = Instant::now();
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&all).await.expect("write");
+    let r = read_reply(&mut s, Duration::from_secs(6)).await;
+    let (code, msg) = r.error.clone().unwrap_or_default();
+    assert_eq!(code, "28P01", "{r:?}");
+    assert!(msg.contains("password authentication failed"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
 /// Bytes a departing client left unread in its session buffer (a partial message, or bytes

@@ -7,12 +7,14 @@
 // connection at most, so boxing would only add noise.
 #![allow(clippy::result_large_err)]
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use crate::net::{PeerAddr, Sock};
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use super::auth_query::{LookupTarget, Stored};
@@ -47,6 +49,9 @@ pub(super) struct LoggedIn {
     pub application_name: Arc<str>,
     pub key: CancelKey,
     pub slot: Arc<CancelSlot>,
+    /// What the client sent after its login without waiting for the welcome (a pipelined
+    /// first query): read with the startup packet, the session's first input. Mostly empty.
+    pub pending: Vec<u8>,
 }
 
 /// Runs the login. `Ok(None)` means the connection was a CancelRequest (or closed politely).
@@ -71,8 +76,11 @@ async fn attempt(
     // socket, whose file permissions are the protection.
     let mut may_start_tls = config.tls.acceptor.is_some() && matches!(tcp, Sock::Tcp(_));
     let mut client = Stream::Plain(tcp);
+    // Bytes read from the client but not yet used (see `read_startup_packet`).
+    let mut carry = Vec::new();
     let startup = loop {
-        let step = match tokio::time::timeout_at(deadline, negotiate(&mut client, &config, may_start_tls, ctx)).await {
+        let negotiated = negotiate(&mut client, &mut carry, &config, may_start_tls, ctx);
+        let step = match tokio::time::timeout_at(deadline, negotiated).await {
             Ok(Ok(step)) => step,
             Ok(Err(Failure { reason, error, reply })) => {
                 if let Some(reply) = reply {
@@ -95,7 +103,7 @@ async fn attempt(
             }
         }
     };
-    match tokio::time::timeout_at(deadline, login(&mut client, peer, ctx, &config, startup)).await {
+    match tokio::time::timeout_at(deadline, login(&mut client, &mut carry, peer, ctx, &config, startup)).await {
         Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
             client,
             pool: done.pool,
@@ -104,6 +112,7 @@ async fn attempt(
             application_name: done.application_name,
             key: done.key,
             slot: done.slot,
+            pending: carry,
         })),
         Ok(Ok(None)) => Ok(None),
         Ok(Err(Failure { reason, error, reply })) => {
@@ -172,10 +181,12 @@ enum Negotiated {
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Reads packets until a StartupMessage, answering SSLRequest/GSSENCRequest and handling
-/// CancelRequest. Reads exactly one packet at a time (never beyond it), so bytes a client or
-/// a man in the middle sent after an SSLRequest can never be taken as plaintext.
+/// CancelRequest. Bytes a client or a man in the middle sent after an SSLRequest are never
+/// taken as plaintext: read with it (they stay in `carry`) or waiting on the socket, they
+/// fail a TLS login.
 async fn negotiate(
     client: &mut Stream,
+    carry: &mut Vec<u8>,
     config: &Config,
     may_start_tls: bool,
     ctx: &ClientContext,
@@ -188,7 +199,7 @@ async fn negotiate(
         }
     }
     loop {
-        let packet = read_startup_packet(client).await?;
+        let packet = read_startup_packet(client, carry).await?;
         match startup::parse_startup_packet(&packet)? {
             StartupPacket::SslRequest if client.is_tls() => {
                 return Err(reject(
@@ -197,7 +208,7 @@ async fn negotiate(
                 ));
             }
             StartupPacket::SslRequest if may_start_tls => {
-                if client.has_pending_input() {
+                if !carry.is_empty() || client.has_pending_input() {
                     // CVE-2021-23214: anything sent before our answer was written without
                     // knowing whether TLS would be used, and may have been injected.
                     return Err(reject(
@@ -319,6 +330,7 @@ pub(super) async fn send_error(client: &mut Stream, e: &PgError) -> std::io::Res
 
 async fn login(
     client: &mut Stream,
+    carry: &mut Vec<u8>,
     peer: &PeerAddr,
     ctx: &ClientContext,
     config: &Arc<Config>,
@@ -366,7 +378,7 @@ async fn login(
     let looked_up = look_up_user(ctx, config, &users, user, database).await?;
     // `out` now holds the final authentication message(s), sent with the welcome: one write
     // (PgBouncer does the same) instead of two per login.
-    let scram_keys = authenticate(client, ctx, user, end_point, looked_up.as_ref(), &mut out).await?;
+    let scram_keys = authenticate(client, carry, ctx, user, end_point, looked_up.as_ref(), &mut out).await?;
 
     let Some(db) = config.databases.get(database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
@@ -806,6 +818,7 @@ async fn look_up_user(
 /// for the caller to send with what follows, not written.
 async fn authenticate(
     client: &mut Stream,
+    carry: &mut Vec<u8>,
     ctx: &ClientContext,
     user: &str,
     end_point: Option<&[u8]>,
@@ -818,30 +831,28 @@ async fn authenticate(
             return Ok(None);
         }
         AuthType::Md5 => Exchange::Md5,
-        AuthType::ScramSha256 => Exchange::Scram,
+        AuthType::ScramSha256 => Exchange::Scram { end_point },
     };
     // The password exchanges in a box of their own: their state (~500 bytes) would otherwise
     // be part of every login's future, trust logins' included, which have none.
-    Box::pin(exchange_password(
-        client, ctx, exchange, user, end_point, looked_up, done,
-    ))
-    .await
+    Box::pin(exchange_password(client, carry, ctx, exchange, user, looked_up, done)).await
 }
 
-/// The password exchanges [`authenticate`] runs.
+/// The password exchanges [`authenticate`] runs; SCRAM with the TLS end point its channel
+/// binding uses, if any.
 #[derive(Clone, Copy)]
-enum Exchange {
+enum Exchange<'a> {
     Md5,
-    Scram,
+    Scram { end_point: Option<&'a [u8]> },
 }
 
 /// The MD5 or SCRAM exchange of [`authenticate`].
 async fn exchange_password(
     client: &mut Stream,
+    carry: &mut Vec<u8>,
     ctx: &ClientContext,
-    exchange: Exchange,
+    exchange: Exchange<'_>,
     user: &str,
-    end_point: Option<&[u8]>,
     looked_up: Option<&UserEntry>,
     done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
@@ -859,7 +870,7 @@ async fn exchange_password(
             let salt: [u8; 4] = rand::random();
             messages::auth_md5_request(&mut out, salt);
             client.write_all(&out).await?;
-            let body = read_password_message(client).await?;
+            let body = read_password_message(client, carry).await?;
             let response = messages::parse_password(&body)?;
             let stored = match entry.map(|e| &e.secret) {
                 Some(Secret::Md5(m)) => Some(m.clone()),
@@ -875,7 +886,7 @@ async fn exchange_password(
                 None => Err(failed(LoginFailure::UnknownUser)),
             }
         }
-        Exchange::Scram => {
+        Exchange::Scram { end_point } => {
             // Unknown users (or users without a usable verifier) run a mock exchange that fails
             // at the end, so user names cannot be probed.
             let (mut server, wrong) = match entry.and_then(|e| e.verifier.clone()) {
@@ -888,7 +899,7 @@ async fn exchange_password(
             };
             messages::auth_sasl_request(&mut out, offered);
             client.write_all(&out).await?;
-            let body = read_password_message(client).await?;
+            let body = read_password_message(client, carry).await?;
             let (mechanism, data) = messages::parse_sasl_initial_response(&body)?;
             let binding = match (mechanism, end_point) {
                 (m, None) if m == SCRAM_SHA_256.as_bytes() => ChannelBinding::NotOffered,
@@ -917,7 +928,7 @@ async fn exchange_password(
             out.clear();
             messages::auth_sasl_continue(&mut out, &server_first);
             client.write_all(&out).await?;
-            let body = read_password_message(client).await?;
+            let body = read_password_message(client, carry).await?;
             let (server_final, keys) = server.handle_client_final(&body).map_err(|e| {
                 failed(match e {
                     AuthError::WrongPassword => wrong,
@@ -931,40 +942,76 @@ async fn exchange_password(
     }
 }
 
-/// Reads one startup-phase packet and nothing beyond it, so bytes a client sends after an
-/// SSLRequest are never taken as plaintext. Every valid packet is at least 8 bytes, so the
-/// first read asks for 8: an SSLRequest (what libpq sends first by default) arrives in one
-/// `recv` instead of a length and then a code.
-async fn read_startup_packet(client: &mut Stream) -> Result<Packet, Failure> {
-    let mut head = [0u8; 8];
-    let mut got = 0;
-    let mut len = 0;
-    while got < head.len() {
-        let n = client.read(&mut head[got..]).await?;
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-        }
-        got += n;
-        if got >= 4 && len == 0 {
-            // Checked as soon as it is known: a bad length is refused without waiting for
-            // bytes that may never come.
-            len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-            if len < 8 || len as usize > MAX_STARTUP_LEN {
-                return Err(ProtocolError::Malformed {
-                    what: "startup",
-                    why: "invalid length",
-                }
-                .into());
+/// Bytes one startup-phase read may take: more than the packets drivers send (libpq's
+/// SSLRequest is 8 bytes and its StartupMessage about 60), so the read comes up short, which
+/// tokio takes as the socket drained: the next read waits for the client instead of making a
+/// `recv` that finds nothing (two per login: after the 'N', after the welcome), and a
+/// StartupMessage arrives in one `recv` instead of a header and then the rest.
+const STARTUP_READ: usize = 512;
+
+/// Reads one startup-phase packet. Bytes beyond it (a client that did not wait for the answer)
+/// stay in `carry`, where the next packet, the password exchange or the session finds them;
+/// [`negotiate`] refuses TLS after an SSLRequest when there are any.
+async fn read_startup_packet(client: &mut Stream, carry: &mut Vec<u8>) -> Result<Packet, Failure> {
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Some(packet) = take_packet(carry)? {
+                return Poll::Ready(Ok(packet));
             }
+            // On the stack for this poll only: the login's future stays small.
+            let mut raw = [0u8; STARTUP_READ];
+            let mut read = ReadBuf::new(&mut raw);
+            std::task::ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
+            let got = read.filled();
+            if got.is_empty() {
+                return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
+            }
+            if carry.is_empty()
+                && let Some((packet, rest)) = packet_in(got)?
+            {
+                // The common case: the whole packet in one read, and no allocation for the
+                // rest, which is nothing.
+                carry.extend_from_slice(rest);
+                return Poll::Ready(Ok(packet));
+            }
+            carry.extend_from_slice(got);
         }
+    })
+    .await
+}
+
+/// The startup-phase packet at the start of `bytes` and what follows it, or None while it is
+/// incomplete. The length is checked as soon as it is there: a bad one is refused without
+/// waiting for bytes that may never come.
+fn packet_in(bytes: &[u8]) -> Result<Option<(Packet, &[u8])>, ProtocolError> {
+    let Some(head) = bytes.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes(*head);
+    if len < 8 || len as usize > MAX_STARTUP_LEN {
+        return Err(ProtocolError::Malformed {
+            what: "startup",
+            why: "invalid length",
+        });
     }
-    if len == 8 {
-        return Ok(Packet::Request(head));
-    }
-    let mut packet = vec![0u8; len as usize];
-    packet[..8].copy_from_slice(&head);
-    client.read_exact(&mut packet[8..]).await?;
-    Ok(Packet::Other(packet))
+    let Some((packet, rest)) = bytes.split_at_checked(len as usize) else {
+        return Ok(None);
+    };
+    let packet = match packet.first_chunk::<8>() {
+        Some(request) if packet.len() == 8 => Packet::Request(*request),
+        _ => Packet::Other(packet.to_vec()),
+    };
+    Ok(Some((packet, rest)))
+}
+
+/// [`packet_in`] on what earlier reads left, taking the packet out of it.
+fn take_packet(carry: &mut Vec<u8>) -> Result<Option<Packet>, ProtocolError> {
+    let Some((packet, rest)) = packet_in(carry)? else {
+        return Ok(None);
+    };
+    let used = carry.len() - rest.len();
+    carry.drain(..used);
+    Ok(Some(packet))
 }
 
 /// A packet [`read_startup_packet`] read. libpq starts every TCP connection with an
@@ -986,9 +1033,9 @@ impl std::ops::Deref for Packet {
 }
 
 /// Reads one PasswordMessage-family message and returns its body.
-async fn read_password_message(client: &mut Stream) -> Result<Vec<u8>, Failure> {
+async fn read_password_message(client: &mut Stream, carry: &mut Vec<u8>) -> Result<Vec<u8>, Failure> {
     let mut header = [0u8; 5];
-    client.read_exact(&mut header).await?;
+    read_exact_carried(client, carry, &mut header).await?;
     let frame = match frame_at(&header, 0, MAX_LOGIN_MESSAGE) {
         Ok(_) => {
             let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
@@ -1011,8 +1058,19 @@ async fn read_password_message(client: &mut Stream) -> Result<Vec<u8>, Failure> 
         .into());
     }
     let mut body = vec![0u8; frame];
-    client.read_exact(&mut body).await?;
+    read_exact_carried(client, carry, &mut body).await?;
     Ok(body)
+}
+
+/// `read_exact` that takes what [`read_startup_packet`] read beyond the startup packet first.
+async fn read_exact_carried(client: &mut Stream, carry: &mut Vec<u8>, out: &mut [u8]) -> std::io::Result<()> {
+    let from_carry = carry.len().min(out.len());
+    out[..from_carry].copy_from_slice(&carry[..from_carry]);
+    carry.drain(..from_carry);
+    if from_carry < out.len() {
+        client.read_exact(&mut out[from_carry..]).await?;
+    }
+    Ok(())
 }
 
 impl From<PoolError> for Failure {
@@ -1027,7 +1085,55 @@ impl From<PoolError> for Failure {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_options;
+    use super::{Packet, packet_in, parse_options, take_packet};
+
+    /// Startup-phase bytes cut at every point: each packet comes out whole, in order, as soon
+    /// as its last byte is in, and never a byte of the next with it.
+    #[test]
+    fn packets_come_out_of_carried_bytes_whole_and_in_order() {
+        let ssl: Vec<u8> = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let body = b"user\0bob\0database\0app\0\0";
+        let mut startup = (body.len() as i32 + 8).to_be_bytes().to_vec();
+        startup.extend_from_slice(&196608i32.to_be_bytes());
+        startup.extend_from_slice(body);
+        let query = b"Q\0\0\0\x0dselect 1\0".to_vec();
+        let all = [ssl.clone(), startup.clone(), query.clone()].concat();
+        for cut in 0..=all.len() {
+            let mut carry = Vec::new();
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            for chunk in [&all[..cut], &all[cut..]] {
+                carry.extend_from_slice(chunk);
+                while out.len() < 2 {
+                    match take_packet(&mut carry).expect("valid") {
+                        Some(Packet::Request(r)) => out.push(r.to_vec()),
+                        Some(Packet::Other(p)) => out.push(p),
+                        None => break,
+                    }
+                }
+            }
+            assert_eq!(out, [ssl.clone(), startup.clone()], "cut at {cut}");
+            assert_eq!(carry, query, "cut at {cut}: what follows stays");
+        }
+        // An 8-byte packet is a request kept without an allocation; longer ones are not.
+        assert!(matches!(packet_in(&ssl), Ok(Some((Packet::Request(_), [])))));
+        assert!(matches!(packet_in(&startup), Ok(Some((Packet::Other(_), [])))));
+    }
+
+    /// A bad length is refused as soon as its four bytes are in, not after waiting for a
+    /// packet that may never come.
+    #[test]
+    fn a_bad_startup_length_is_refused_from_its_four_bytes() {
+        for len in [0i32, 7, -1, super::MAX_STARTUP_LEN as i32 + 1] {
+            let bytes = len.to_be_bytes();
+            assert!(packet_in(&bytes[..3]).expect("too short to tell").is_none());
+            assert!(packet_in(&bytes).is_err(), "{len}");
+        }
+        let ok = (super::MAX_STARTUP_LEN as i32).to_be_bytes();
+        assert!(
+            packet_in(&ok).expect("a valid length").is_none(),
+            "incomplete, not refused"
+        );
+    }
 
     #[test]
     fn options_parsing() {

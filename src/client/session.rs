@@ -164,6 +164,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         form,
         key,
         slot,
+        pending,
         ..
     } = login;
     let settings = pool.settings().clone();
@@ -173,10 +174,20 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         .hub
         .clone()
         .filter(|_| settings.mode == PoolMode::Transaction && !client.is_tls());
+    // Idle clients hold no read buffer; one that sent its first query with its login has it
+    // in one, from the pool like any other.
+    let buf = match pending.is_empty() {
+        true => BytesMut::new(),
+        false => {
+            let mut buf = ctx.buffers.take();
+            buf.extend_from_slice(&pending);
+            buf
+        }
+    };
     let mut session = Box::new(Session {
         ctx: ctx.clone(),
         client,
-        buf: BytesMut::new(),
+        buf,
         mode: settings.mode,
         settings: pool.settings_cache(),
         pool,
