@@ -1,6 +1,7 @@
 //! The untagged packets a connection starts with: SSLRequest, GSSENCRequest, CancelRequest and
-//! StartupMessage. Each is `length (4) | code (4) | payload`; callers read exactly the declared
-//! length (never more, so bytes stuffed behind an SSLRequest are not consumed as plaintext).
+//! StartupMessage. Each is `length (4) | code (4) | payload`; callers pass exactly the declared
+//! length and keep what was read beyond it apart (bytes stuffed behind an SSLRequest fail a TLS
+//! login, `client::handshake`).
 
 use super::{ProtocolError, read_cstr, read_i32};
 
