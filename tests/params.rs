@@ -189,12 +189,21 @@ async fn a_server_changed_by_one_client_is_brought_back_for_the_next() {
         );
         assert_eq!(zone(&clients[2]).await, "UTC", "round {round}: client 2 keeps UTC");
     }
+    // The clients logged in by one template share its parameters until one changes a value:
+    // client 0's change is its own copy, and a login now still starts from the template's.
+    let late = connect(&conn).await;
+    assert_eq!(
+        zone(&late).await,
+        "UTC",
+        "a later login starts at its own startup value"
+    );
+    assert_eq!(zone(&clients[0]).await, "Asia/Tokyo");
     // Back to the common form: the fast path applies again and nobody sees Tokyo.
     clients[0]
         .batch_execute("SET TimeZone = 'UTC'")
         .await
         .expect("set back");
-    for client in &clients {
+    for client in clients.iter().chain([&late]) {
         assert_eq!(zone(client).await, "UTC");
     }
 }

@@ -42,8 +42,9 @@ const MAX_LOGIN_MESSAGE: usize = 10_000;
 pub(super) struct LoggedIn {
     pub client: Stream,
     pub pool: Pool,
-    /// Session parameters the client expects on whichever server serves it.
-    pub params: ParamSet,
+    /// Session parameters the client expects on whichever server serves it (the login
+    /// template's until the session changes one).
+    pub params: Arc<ParamSet>,
     /// `params.form()`, interned.
     pub form: Arc<[u8]>,
     pub application_name: Arc<str>,
@@ -246,7 +247,7 @@ async fn negotiate(
 
 struct Done {
     pool: Pool,
-    params: ParamSet,
+    params: Arc<ParamSet>,
     /// `params.form()`, interned.
     form: Arc<[u8]>,
     application_name: Arc<str>,
@@ -524,7 +525,7 @@ async fn work_out(
         welcome,
         form: ctx.param_forms.intern(&client_params.form()),
         application_name: String::from_utf8_lossy(client_params.get("application_name").unwrap_or_default()).into(),
-        params: client_params,
+        params: Arc::new(client_params),
         status: status.as_ref().into(),
     });
     // A login that asked a server is not kept: the pool has learnt the answers now, and the

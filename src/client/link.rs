@@ -850,7 +850,7 @@ impl Link {
     #[inline]
     pub fn frame_server(
         &mut self,
-        client_params: &mut ParamSet,
+        client_params: &mut Arc<ParamSet>,
         reset_to: &mut Option<Box<ParamSet>>,
         statements: &mut ClientStatements,
     ) -> Result<(), ProtocolError> {
@@ -873,7 +873,7 @@ impl Link {
     /// still holds them.
     fn frame_server_input(
         &mut self,
-        client_params: &mut ParamSet,
+        client_params: &mut Arc<ParamSet>,
         reset_to: &mut Option<Box<ParamSet>>,
         statements: &mut ClientStatements,
     ) -> Result<(), ProtocolError> {
@@ -1086,7 +1086,7 @@ impl Link {
         &mut self,
         pos: usize,
         total_len: usize,
-        client_params: &mut ParamSet,
+        client_params: &mut Arc<ParamSet>,
         reset_to: &mut Option<Box<ParamSet>>,
     ) -> Result<Report, ProtocolError> {
         let conn = self.server.conn();
@@ -1128,7 +1128,7 @@ impl Link {
                     return Ok(Report::EditAtFront);
                 }
                 if client_params.get(name) != Some(startup.as_slice()) {
-                    client_params.set(name, &startup);
+                    Arc::make_mut(client_params).set(name, &startup);
                     messages::parameter_status(&mut self.inject, name, &startup);
                 }
                 conn.params.set(name, value);
@@ -1141,7 +1141,7 @@ impl Link {
                 // The login values are about to change: keep them for a later RESET.
                 *reset_to = Some(Box::new(client_params.only(|n| params::TRACKED.contains(&n))));
             }
-            client_params.set(name, value);
+            Arc::make_mut(client_params).set(name, value);
         }
         conn.params.set(name, value);
         Ok(Report::Forward)
@@ -1165,7 +1165,7 @@ impl Link {
     fn report_at_ready(
         &mut self,
         status: Option<u8>,
-        client_params: &mut ParamSet,
+        client_params: &mut Arc<ParamSet>,
         reset_to: &mut Option<Box<ParamSet>>,
     ) {
         let rfq_seen = self.rfq_seen;
@@ -1186,7 +1186,7 @@ impl Link {
                 .map(<[u8]>::to_vec)
             {
                 messages::parameter_status(&mut self.inject, name, &value);
-                client_params.set(name, &value);
+                Arc::make_mut(client_params).set(name, &value);
             }
         }
         if scope.is_some() && status != Some(b'I') {

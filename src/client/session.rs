@@ -55,7 +55,9 @@ struct Session {
     pool: Pool,
     /// `pool`'s settings, following reloads.
     settings: SettingsCache,
-    params: ParamSet,
+    /// Copied on write (`Arc::make_mut`): shared with the pool's login template until the
+    /// client changes a value.
+    params: Arc<ParamSet>,
     /// The tracked parameters the client sent at login, which a RESET brings back; taken when
     /// a report first changes one of them (until then `params` holds them, and an idle client
     /// pays for no copy).
@@ -749,7 +751,7 @@ impl Session {
                         {
                             reset_to.set(name, &canonical);
                         }
-                        self.params.set(name, &canonical);
+                        Arc::make_mut(&mut self.params).set(name, &canonical);
                         conn.params.set(name, &canonical);
                     } else {
                         conn.params.set(name, value);

@@ -952,7 +952,7 @@ mod tests {
         Arc::new(LoginTemplate {
             startup: startup.into(),
             welcome: welcome.clone(),
-            params: ParamSet::default(),
+            params: Arc::default(),
             form: Arc::from(&b""[..]),
             application_name: Arc::from(""),
             status: Box::default(),

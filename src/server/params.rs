@@ -707,7 +707,9 @@ pub struct LoginTemplate {
     pub startup: Box<[u8]>,
     /// The welcome this was worked out against.
     pub welcome: Arc<ParamSet>,
-    pub params: ParamSet,
+    /// Shared with the sessions that log in by it until one changes a value (copy on write:
+    /// most never do, and each copy was ~0.5 KiB per client and a tenth of a login's work).
+    pub params: Arc<ParamSet>,
     /// `params.form()`, interned.
     pub form: Arc<[u8]>,
     /// `params`' application_name, for the admin API.
@@ -733,7 +735,7 @@ mod tests {
         let template = LoginTemplate {
             startup: b"user\0u\0DateStyle\0sql\0"[..].into(),
             welcome: welcome.clone(),
-            params: ParamSet::default(),
+            params: Arc::default(),
             form: Arc::from(&b""[..]),
             application_name: Arc::from(""),
             status: Box::default(),
