@@ -163,6 +163,55 @@ pub struct LinkSpares {
     expect: VecDeque<Expect>,
 }
 
+impl LinkSpares {
+    /// Room for an ordinary transaction's replies already allocated, and no more than a few
+    /// times that (a pipeline of thousands grows them; those go back to the allocator).
+    fn reusable(&self) -> bool {
+        let fits = |capacity: usize| (1..=KEEP_CAPACITY).contains(&capacity);
+        fits(self.rfq_sent.capacity()) && fits(self.expect.capacity())
+    }
+}
+
+/// Reply-queue capacity kept in a [`SparesPool`].
+const KEEP_CAPACITY: usize = 64;
+
+/// Spares kept per shard of a [`SparesPool`].
+const SPARES_PER_SHARD: usize = 64;
+
+/// [`LinkSpares`] of sessions that ended, for the first links of new ones: a connection per
+/// transaction would otherwise grow both reply queues from nothing and free them again at
+/// every connection (four allocator calls, ~500 instructions of a login's ~30,000).
+#[derive(Default)]
+pub struct SparesPool {
+    shards: [crate::metrics::Padded<std::sync::Mutex<Vec<LinkSpares>>>; crate::metrics::SHARDS],
+}
+
+impl SparesPool {
+    fn shard(&self) -> std::sync::MutexGuard<'_, Vec<LinkSpares>> {
+        // A push or a pop cannot be left half-done.
+        self.shards[crate::metrics::shard()]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spares for a session's first link: kept ones when there are, else empty ones.
+    pub fn take(&self) -> LinkSpares {
+        self.shard().pop().unwrap_or_default()
+    }
+
+    /// Keeps a session's spares for a later session, when they are worth keeping.
+    pub fn give(&self, spares: LinkSpares) {
+        if !spares.reusable() {
+            return;
+        }
+        let mut kept = self.shard();
+        if kept.len() < SPARES_PER_SHARD {
+            kept.push(spares);
+        }
+    }
+}
+
 impl Link {
     pub fn new(server: PooledServer, policy: SessionStatePolicy, spares: LinkSpares) -> Self {
         let LinkSpares { rfq_sent, expect } = spares;
@@ -1502,5 +1551,40 @@ fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
             b.put_u8(0);
         });
         expect.push_back(Expect::InjectedClose { id });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spares(capacity: usize) -> LinkSpares {
+        LinkSpares {
+            rfq_sent: VecDeque::with_capacity(capacity),
+            expect: VecDeque::with_capacity(capacity),
+        }
+    }
+
+    /// The pool keeps allocated queues of an ordinary size, at most a bounded number of them,
+    /// and hands them out before making new ones.
+    #[test]
+    fn the_spares_pool_keeps_ordinary_queues_and_no_more_than_its_bound() {
+        let pool = SparesPool::default();
+        pool.give(spares(0));
+        assert_eq!(pool.take().expect.capacity(), 0, "nothing allocated: nothing kept");
+        pool.give(spares(KEEP_CAPACITY * 4));
+        assert_eq!(pool.take().expect.capacity(), 0, "grown by a long pipeline: not kept");
+        pool.give(spares(4));
+        let taken = pool.take();
+        assert!(taken.expect.capacity() >= 4 && taken.rfq_sent.capacity() >= 4);
+        assert_eq!(pool.take().expect.capacity(), 0, "each kept one is handed out once");
+        for _ in 0..SPARES_PER_SHARD + 10 {
+            pool.give(spares(4));
+        }
+        let mut kept = 0;
+        while pool.take().expect.capacity() > 0 {
+            kept += 1;
+        }
+        assert_eq!(kept, SPARES_PER_SHARD, "this thread's shard is bounded");
     }
 }

@@ -60,6 +60,8 @@ pub struct ClientContext {
     pub clients: registry::ClientRegistry,
     /// Spare read buffers for sessions waking from idle.
     pub buffers: crate::net::buffers::BufferPool,
+    /// Spare reply queues for sessions' first links.
+    pub(crate) link_spares: link::SparesPool,
     /// The file the configuration came from, re-read on SIGHUP and POST /api/reload.
     pub config_path: Option<std::path::PathBuf>,
     /// Ended client sessions by reason (indexes of [`DISCONNECT_REASONS`]).
@@ -97,6 +99,7 @@ impl ClientContext {
             connected: AtomicUsize::new(0),
             clients: registry::ClientRegistry::default(),
             buffers: crate::net::buffers::BufferPool::new(session::READ_CHUNK),
+            link_spares: Default::default(),
             config_path: None,
             disconnects: Default::default(),
             login_failures: Default::default(),

@@ -253,6 +253,7 @@ impl Drop for Session {
             self.buf.clear();
             self.ctx.buffers.give(std::mem::take(&mut self.buf));
         }
+        self.ctx.link_spares.give(std::mem::take(&mut self.spares));
     }
 }
 
@@ -809,7 +810,12 @@ impl Session {
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer, linked_at: Mono) -> Result<Unlinked, ClientError> {
-        let spares = std::mem::take(&mut self.spares);
+        let spares = match self.task_links {
+            // A session's first link takes a departed session's queues (one that has linked
+            // before keeps its own, empty but allocated).
+            0 => self.ctx.link_spares.take(),
+            _ => std::mem::take(&mut self.spares),
+        };
         let mut link = self.start_link(server, linked_at, spares);
         let result = self.pump(&mut link).await;
         self.end_link(&mut link, linked_at, result).await
