@@ -15,6 +15,7 @@ use super::prepared::{
 };
 use crate::clock::Mono;
 use crate::config::SessionStatePolicy;
+use crate::net::buffers::SpareList;
 use crate::pool::PooledServer;
 use crate::proto::frame::{HEADER_LEN, needed_len};
 use crate::proto::messages::{self, PgError, put_message};
@@ -175,39 +176,23 @@ impl LinkSpares {
 /// Reply-queue capacity kept in a [`SparesPool`].
 const KEEP_CAPACITY: usize = 64;
 
-/// Spares kept per shard of a [`SparesPool`].
-const SPARES_PER_SHARD: usize = 64;
-
 /// [`LinkSpares`] of sessions that ended, for the first links of new ones: a connection per
 /// transaction would otherwise grow both reply queues from nothing and free them again at
-/// every connection (four allocator calls, ~500 instructions of a login's ~30,000).
+/// every connection (four allocator calls, ~500 instructions of a login's ~30,000). Kept like
+/// the read buffers (`net::buffers`).
 #[derive(Default)]
-pub struct SparesPool {
-    shards: [crate::metrics::Padded<std::sync::Mutex<Vec<LinkSpares>>>; crate::metrics::SHARDS],
-}
+pub struct SparesPool(SpareList<LinkSpares>);
 
 impl SparesPool {
-    fn shard(&self) -> std::sync::MutexGuard<'_, Vec<LinkSpares>> {
-        // A push or a pop cannot be left half-done.
-        self.shards[crate::metrics::shard()]
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Spares for a session's first link: kept ones when there are, else empty ones.
     pub fn take(&self) -> LinkSpares {
-        self.shard().pop().unwrap_or_default()
+        self.0.pop().unwrap_or_default()
     }
 
     /// Keeps a session's spares for a later session, when they are worth keeping.
     pub fn give(&self, spares: LinkSpares) {
-        if !spares.reusable() {
-            return;
-        }
-        let mut kept = self.shard();
-        if kept.len() < SPARES_PER_SHARD {
-            kept.push(spares);
+        if spares.reusable() {
+            self.0.push(spares);
         }
     }
 }
@@ -1557,6 +1542,7 @@ fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::buffers::KEEP_PER_SHARD;
 
     fn spares(capacity: usize) -> LinkSpares {
         LinkSpares {
@@ -1578,13 +1564,13 @@ mod tests {
         let taken = pool.take();
         assert!(taken.expect.capacity() >= 4 && taken.rfq_sent.capacity() >= 4);
         assert_eq!(pool.take().expect.capacity(), 0, "each kept one is handed out once");
-        for _ in 0..SPARES_PER_SHARD + 10 {
+        for _ in 0..KEEP_PER_SHARD + 10 {
             pool.give(spares(4));
         }
         let mut kept = 0;
         while pool.take().expect.capacity() > 0 {
             kept += 1;
         }
-        assert_eq!(kept, SPARES_PER_SHARD, "this thread's shard is bounded");
+        assert_eq!(kept, KEEP_PER_SHARD, "this thread's shard is bounded");
     }
 }

@@ -5,21 +5,61 @@
 //! that size from locked bins rather than its per-thread cache. Like PgBouncer's iobuf slab, a
 //! few spare buffers per worker thread are kept for the next client that needs one.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use bytes::BytesMut;
 
 use crate::metrics::{Padded, SHARDS, shard};
 
-/// Buffers kept per shard. Bounded so a burst of clients going idle returns memory to the
-/// allocator: 64 × 16 KiB = 1 MiB per shard at most.
-const KEEP_PER_SHARD: usize = 64;
+/// Spares kept per shard of a [`SpareList`]. Bounded so a burst of clients going idle returns
+/// memory to the allocator: 64 × 16 KiB = 1 MiB of read buffers per shard at most.
+pub(crate) const KEEP_PER_SHARD: usize = 64;
+
+/// Values kept for the next taker, a list per shard of threads (so workers do not share one
+/// lock), each holding at most [`KEEP_PER_SHARD`].
+#[derive(Debug)]
+pub(crate) struct SpareList<T> {
+    shards: [Padded<Mutex<Vec<T>>>; SHARDS],
+}
+
+impl<T> Default for SpareList<T> {
+    fn default() -> Self {
+        SpareList {
+            shards: Default::default(),
+        }
+    }
+}
+
+impl<T> SpareList<T> {
+    fn shard(&self, index: usize) -> MutexGuard<'_, Vec<T>> {
+        // A push or a pop cannot be left half-done.
+        self.shards[index].0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A kept value, this thread's shard's last.
+    pub(crate) fn pop(&self) -> Option<T> {
+        self.shard(shard()).pop()
+    }
+
+    /// Keeps `value` unless this thread's shard is full (then it is dropped).
+    pub(crate) fn push(&self, value: T) {
+        let mut kept = self.shard(shard());
+        if kept.len() < KEEP_PER_SHARD {
+            kept.push(value);
+        }
+    }
+
+    /// Values kept over all shards.
+    fn len(&self) -> usize {
+        (0..SHARDS).map(|i| self.shard(i).len()).sum()
+    }
+}
 
 #[derive(Debug)]
 pub struct BufferPool {
     size: usize,
-    shards: [Padded<Mutex<Vec<BytesMut>>>; SHARDS],
+    spares: SpareList<BytesMut>,
     /// Buffers the event loops keep in front of the pool ([`LoopBuffers`]), for [`spare`]. A
     /// loop ends with the runtime; one whose reactor failed leaves its count here (a
     /// diagnostic's overcount: nothing allocates by it).
@@ -33,25 +73,19 @@ impl BufferPool {
     pub fn new(size: usize) -> Self {
         BufferPool {
             size,
-            shards: Default::default(),
+            spares: SpareList::default(),
             in_loops: AtomicUsize::new(0),
         }
     }
 
     /// An empty buffer with at least `size` bytes of capacity.
     pub fn take(&self) -> BytesMut {
-        let spare = self.shards[shard()].0.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        spare.unwrap_or_else(|| BytesMut::with_capacity(self.size))
+        self.spares.pop().unwrap_or_else(|| BytesMut::with_capacity(self.size))
     }
 
     /// Spare buffers held for the next taker, over all shards and the event loops' own.
     pub fn spare(&self) -> usize {
-        let shards: usize = self
-            .shards
-            .iter()
-            .map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum();
-        shards + self.in_loops.load(Ordering::Relaxed)
+        self.spares.len() + self.in_loops.load(Ordering::Relaxed)
     }
 
     /// Whether `buf` is worth keeping for another taker, made whole again if so. Buffers that
@@ -69,12 +103,8 @@ impl BufferPool {
 
     /// Returns an empty buffer (see [`BufferPool::reusable`]).
     pub fn give(&self, mut buf: BytesMut) {
-        if !self.reusable(&mut buf) {
-            return;
-        }
-        let mut spare = self.shards[shard()].0.lock().unwrap_or_else(|e| e.into_inner());
-        if spare.len() < KEEP_PER_SHARD {
-            spare.push(buf);
+        if self.reusable(&mut buf) {
+            self.spares.push(buf);
         }
     }
 }
@@ -161,7 +191,7 @@ mod tests {
         for _ in 0..KEEP_PER_SHARD + 10 {
             pool.give(BytesMut::with_capacity(1024));
         }
-        let kept = pool.shards[shard()].0.lock().unwrap().len();
+        let kept = pool.spares.shard(shard()).len();
         assert_eq!(kept, KEEP_PER_SHARD);
     }
 
@@ -173,7 +203,7 @@ mod tests {
         let ptr = a.as_ptr();
         own.give(&pool, a);
         assert_eq!(pool.spare(), 1, "a loop's spare counts as spare");
-        assert_eq!(pool.shards[shard()].0.lock().unwrap().len(), 0, "kept by the loop");
+        assert_eq!(pool.spares.shard(shard()).len(), 0, "kept by the loop");
         let b = own.take(&pool);
         assert_eq!(b.as_ptr(), ptr, "the last one given is lent again");
         assert_eq!(pool.spare(), 0);
