@@ -23,6 +23,8 @@ fn packet(code: i32, body: &[u8]) -> Vec<u8> {
     v
 }
 
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
 fn startup(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut body = Vec::new();
     for (k, v) in pairs {
@@ -128,12 +130,16 @@ async fn read_reply_kept(s: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) 
     }
 }
 
-async fn query(s: &mut TcpStream, sql: &str) -> Reply {
+fn query_message(sql: &str) -> Vec<u8> {
     let mut m = vec![b'Q'];
     m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
     m.extend_from_slice(sql.as_bytes());
     m.push(0);
-    s.write_all(&m).await.expect("query");
+    m
+}
+
+async fn query(s: &mut TcpStream, sql: &str) -> Reply {
+    s.write_all(&query_message(sql)).await.expect("query");
     read_reply(s, Duration::from_secs(10)).await
 }
 
@@ -405,7 +411,6 @@ async fn split_ssl_request_with_stuffed_bytes_is_refused() {
     b.tls = client_tls(ClientTlsMode::Prefer, &leaf);
     b.auth_type = AuthType::Trust;
     let proxy = b.start().await;
-    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
     for split in [1usize, 4, 5, 7] {
         let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
         s.set_nodelay(true).expect("nodelay");
@@ -465,14 +470,6 @@ async fn short_headers_wait_for_the_login_timeout_only() {
     assert!(r.eof && r.error.is_none() && r.status.is_empty(), "{r:?}");
 }
 
-fn query_message(sql: &str) -> Vec<u8> {
-    let mut m = vec![b'Q'];
-    m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-    m.extend_from_slice(sql.as_bytes());
-    m.push(0);
-    m
-}
-
 /// Startup-phase packets are read in chunks larger than the packets, so what a client sends
 /// without waiting for the answer (its StartupMessage after an SSLRequest, its first query
 /// after its login) is kept for what comes next, never lost and never a hang: whole, split
@@ -481,7 +478,6 @@ fn query_message(sql: &str) -> Vec<u8> {
 async fn what_a_client_sends_before_its_answer_is_kept_for_what_comes_next() {
     let pg = support::postgres();
     let proxy = trust_proxy(&pg, 2).await;
-    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
     // A search_path that makes the packet ~800 bytes, more than one read takes.
     let long_path = (0..150).map(|i| format!("s{i:03}")).collect::<Vec<_>>().join(",");
     for (name, path) in [("short", "public"), ("long", long_path.as_str())] {
