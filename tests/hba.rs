@@ -8,8 +8,9 @@ use std::time::Duration;
 use pgweir::app::Proxy;
 use pgweir::config::hba::{HbaAction, HbaAddress, HbaRule};
 use pgweir::embedded_pg::roles;
+use support::SSL_REQUEST;
 use support::proxy::{TestProxy, TestProxyBuilder, message, sqlstate};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 fn rule(action: HbaAction, address: &str) -> HbaRule {
@@ -119,10 +120,25 @@ async fn rules_reload_with_the_configuration() {
     let client = proxy.connect(roles::SCRAM).await;
     client.batch_execute("BEGIN").await.expect("begin");
 
+    // A connection accepted under the old rules logs in under the rules in force when its
+    // startup packet arrives. The SSLRequest's 'N' shows its login has begun before the reload.
+    let mut early = TcpStream::connect(proxy.addr).await.expect("connect");
+    early.write_all(&SSL_REQUEST).await.expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    early.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"N");
+
     // Tightening the rules affects new logins only: a connected client keeps working.
     write("deny");
     proxy.proxy().context().reload_from_file().expect("reload");
     assert!(proxy.try_connect(roles::SCRAM, "app").await.is_err());
+    let config: tokio_postgres::Config = proxy.conn_str(roles::SCRAM, "app").parse().expect("config");
+    let e = config
+        .connect_raw(early, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("denied by the reloaded rules");
+    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e:?}");
     client
         .batch_execute("COMMIT")
         .await

@@ -12,7 +12,7 @@ use pgweir::config::AuthType;
 use pgweir::embedded_pg::roles;
 use pgweir::pool::CANONICAL_VALUES_KEPT;
 use support::proxy::{TestProxy, TestProxyBuilder};
-use support::wire;
+use support::{SSL_REQUEST, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,8 +22,6 @@ fn packet(code: i32, body: &[u8]) -> Vec<u8> {
     v.extend_from_slice(body);
     v
 }
-
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 fn startup(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut body = Vec::new();

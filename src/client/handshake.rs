@@ -104,7 +104,13 @@ async fn attempt(
             }
         }
     };
-    match tokio::time::timeout_at(deadline, login(&mut client, &mut carry, peer, ctx, &config, startup)).await {
+    // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
+    let end_point = match client.is_tls() {
+        true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
+        false => None,
+    };
+    let logged_in = login(&mut client, &mut carry, peer, ctx, end_point, startup);
+    match tokio::time::timeout_at(deadline, logged_in).await {
         Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
             client,
             pool: done.pool,
@@ -334,9 +340,14 @@ async fn login(
     carry: &mut Vec<u8>,
     peer: &PeerAddr,
     ctx: &ClientContext,
-    config: &Arc<Config>,
+    end_point: Option<&[u8]>,
     startup: StartupParams,
 ) -> Result<Option<Done>, Failure> {
+    // The rules in force when the startup packet arrived (as in PgBouncer), not when the
+    // connection was accepted: a reload that tightens hba or auth_type reaches a client that
+    // connected before it and logs in after. One snapshot for every decision of this login.
+    let config = ctx.config.load_full();
+    let config = &config;
     let users = ctx.users.load_full();
 
     let user = match startup.get_str("user") {
@@ -371,15 +382,16 @@ async fn login(
 
     check_hba(client, peer, config, user, database)?;
 
-    // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
-    let end_point = match client.is_tls() {
-        true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
-        false => None,
-    };
     let looked_up = look_up_user(ctx, config, &users, user, database).await?;
+    let known = users.get(user).or(looked_up.as_ref());
+    let exchange = match config.listen.auth_type {
+        AuthType::Trust => None,
+        AuthType::Md5 => Some(Exchange::Md5),
+        AuthType::ScramSha256 => Some(Exchange::Scram { end_point }),
+    };
     // `out` now holds the final authentication message(s), sent with the welcome: one write
     // (PgBouncer does the same) instead of two per login.
-    let scram_keys = authenticate(client, carry, ctx, user, end_point, looked_up.as_ref(), &mut out).await?;
+    let scram_keys = authenticate(client, carry, exchange, user, known, &mut out).await?;
 
     let Some(db) = config.databases.get(database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
@@ -408,7 +420,7 @@ async fn login(
                 dbname: db.dbname.clone(),
                 user: db.server_user.clone().unwrap_or_else(|| user.to_owned()),
             },
-            server_secret(ctx, db.server_password.as_deref(), db.server_user.is_some(), user),
+            server_secret(&users, db.server_password.as_deref(), db.server_user.is_some(), user),
             settings,
             config.listen.tcp_keepalive,
             ctx.server_ids.clone(),
@@ -418,7 +430,6 @@ async fn login(
     // verifier derived here from a plain password has a different salt than the server's) and
     // no forced server user is configured.
     // A verifier from auth_query is the server's own, so pass-through always fits it.
-    let known = users.get(user).or(looked_up.as_ref());
     if let (Some(keys), None) = (scram_keys, &db.server_user)
         && known.is_some_and(|u| matches!(u.secret, Secret::Scram(_)))
     {
@@ -757,12 +768,11 @@ fn parse_options(raw: &[u8]) -> Result<Vec<(String, String)>, &'static str> {
 }
 
 /// Which credentials the pool uses towards PostgreSQL.
-fn server_secret(ctx: &ClientContext, db_password: Option<&str>, forced_user: bool, user: &str) -> ServerSecret {
+fn server_secret(users: &UserDirectory, db_password: Option<&str>, forced_user: bool, user: &str) -> ServerSecret {
     if forced_user {
         return db_password.map_or(ServerSecret::None, |p| ServerSecret::Plain(p.to_owned()));
     }
-    ctx.users
-        .load()
+    users
         .get(user)
         .map_or(ServerSecret::None, |u| ServerSecret::from(&u.secret))
 }
@@ -814,29 +824,25 @@ async fn look_up_user(
     }
 }
 
-/// Authenticates the client per auth_type. Returns SCRAM keys when the client used SCRAM.
+/// Authenticates the client with `exchange` (None: trust) against `entry`, the user's
+/// configured or looked-up secret. Returns SCRAM keys when the client used SCRAM.
 /// The closing message (AuthenticationOk, after SASLFinal for SCRAM) is appended to `done`
 /// for the caller to send with what follows, not written.
 async fn authenticate(
     client: &mut Stream,
     carry: &mut Vec<u8>,
-    ctx: &ClientContext,
+    exchange: Option<Exchange<'_>>,
     user: &str,
-    end_point: Option<&[u8]>,
-    looked_up: Option<&UserEntry>,
+    entry: Option<&UserEntry>,
     done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
-    let exchange = match ctx.config.load().listen.auth_type {
-        AuthType::Trust => {
-            messages::auth_ok(done);
-            return Ok(None);
-        }
-        AuthType::Md5 => Exchange::Md5,
-        AuthType::ScramSha256 => Exchange::Scram { end_point },
+    let Some(exchange) = exchange else {
+        messages::auth_ok(done);
+        return Ok(None);
     };
     // The password exchanges in a box of their own: their state (~500 bytes) would otherwise
     // be part of every login's future, trust logins' included, which have none.
-    Box::pin(exchange_password(client, carry, ctx, exchange, user, looked_up, done)).await
+    Box::pin(exchange_password(client, carry, exchange, user, entry, done)).await
 }
 
 /// The password exchanges [`authenticate`] runs; SCRAM with the TLS end point its channel
@@ -851,14 +857,11 @@ enum Exchange<'a> {
 async fn exchange_password(
     client: &mut Stream,
     carry: &mut Vec<u8>,
-    ctx: &ClientContext,
     exchange: Exchange<'_>,
     user: &str,
-    looked_up: Option<&UserEntry>,
+    entry: Option<&UserEntry>,
     done: &mut BytesMut,
 ) -> Result<Option<ScramKeys>, Failure> {
-    let users = ctx.users.load_full();
-    let entry = users.get(user).or(looked_up);
     let failed = |reason| {
         reject(
             reason,

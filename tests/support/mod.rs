@@ -35,6 +35,9 @@ pub fn postgres_with(opts: EmbeddedOptions) -> EmbeddedPostgres {
     }
 }
 
+/// SSLRequest: length 8, code 80877103.
+pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
 /// A protocol 3.0 StartupMessage for `user` and `db`, for raw-socket tests.
 pub fn startup_packet(user: &str, db: &str) -> Vec<u8> {
     let mut body = 196608i32.to_be_bytes().to_vec();
