@@ -206,8 +206,12 @@ async fn negotiate(
         }
     }
     loop {
-        let packet = read_startup_packet(client, carry).await?;
-        match startup::parse_startup_packet(&packet)? {
+        let parsed = match read_startup_packet(client, carry).await? {
+            Packet::Request(request) => startup::parse_startup_packet(&request[..]),
+            // The parameters keep the packet's allocation.
+            Packet::Other(packet) => startup::parse_startup_packet(packet),
+        };
+        match parsed? {
             StartupPacket::SslRequest if client.is_tls() => {
                 return Err(reject(
                     LoginFailure::Protocol,
@@ -718,12 +722,11 @@ fn client_parameters(startup: &StartupParams, mut set: Option<&mut ParamSet>) ->
             add(&k, v.as_bytes())?;
         }
     }
-    for (name, value) in startup.raw() {
+    for (name, value) in startup.iter() {
         match name {
-            b"user" | b"database" | b"replication" | b"options" => {}
-            n if n.starts_with(b"_pq_.") => {}
-            // Names were checked to be UTF-8 when the packet was parsed.
-            n => add(std::str::from_utf8(n).unwrap_or_default(), value)?,
+            "user" | "database" | "replication" | "options" => {}
+            n if n.starts_with("_pq_.") => {}
+            n => add(n, value)?,
         }
     }
     Ok(())
@@ -1023,17 +1026,6 @@ fn take_packet(carry: &mut Vec<u8>) -> Result<Option<Packet>, ProtocolError> {
 enum Packet {
     Request([u8; 8]),
     Other(Vec<u8>),
-}
-
-impl std::ops::Deref for Packet {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Packet::Request(bytes) => bytes,
-            Packet::Other(bytes) => bytes,
-        }
-    }
 }
 
 /// Reads one PasswordMessage-family message and returns its body.

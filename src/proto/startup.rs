@@ -3,6 +3,8 @@
 //! length and keep what was read beyond it apart (bytes stuffed behind an SSLRequest fail a TLS
 //! login, `client::handshake`).
 
+use std::borrow::Cow;
+
 use super::{ProtocolError, read_cstr, read_i32};
 
 pub const SSL_REQUEST_CODE: i32 = 80877103;
@@ -37,13 +39,46 @@ pub struct StartupParams {
     /// when it is above 0.
     pub minor_version: u16,
     /// The parameters as the client sent them, `name NUL value NUL` each, without the final NUL:
-    /// one allocation per login instead of two per parameter. Checked when parsed: every string
-    /// terminated, every name UTF-8.
-    pairs: Box<[u8]>,
+    /// one allocation per login instead of two per parameter (the packet's own, when the reader
+    /// hands it over). Checked when parsed: every string terminated, every name UTF-8.
+    pairs: Pairs,
     /// Where each parameter lies in `pairs`, found while parsing: a login looks up half a
     /// dozen names, and splitting the packet again for each cost more than the rest of the
     /// lookups together.
     spans: Vec<Span>,
+}
+
+/// [`StartupParams::pairs`]: text when all of it is UTF-8, as drivers send it, so names and
+/// values come out as `str`s without checking each again (half a dozen checks per login cost
+/// more than the one of the whole); bytes when a value is in another encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pairs {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl Default for Pairs {
+    fn default() -> Self {
+        Pairs::Text(String::new())
+    }
+}
+
+impl Pairs {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Pairs::Text(text) => text.as_bytes(),
+            Pairs::Bytes(bytes) => bytes,
+        }
+    }
+
+    /// `range` as a `str`; None when it is not UTF-8. A range between NULs of UTF-8 text lies
+    /// on character boundaries, so text needs no check.
+    fn str(&self, range: std::ops::Range<usize>) -> Option<&str> {
+        match self {
+            Pairs::Text(text) => text.get(range),
+            Pairs::Bytes(bytes) => std::str::from_utf8(bytes.get(range)?).ok(),
+        }
+    }
 }
 
 /// One parameter's place in [`StartupParams::pairs`]: the name is `name..value - 1` (the NUL
@@ -58,46 +93,68 @@ struct Span {
 impl StartupParams {
     /// The parameters as sent: two packets with the same bytes here ask for the same session.
     pub fn bytes(&self) -> &[u8] {
-        &self.pairs
+        self.pairs.bytes()
     }
 
     /// The parameters in the order the client sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        // Checked at parse time; a name that were not UTF-8 would read as empty.
-        self.raw().map(|(k, v)| (std::str::from_utf8(k).unwrap_or_default(), v))
+        let bytes = self.pairs.bytes();
+        self.spans
+            .iter()
+            .map(move |s| (self.name(s), &bytes[s.value as usize..s.end as usize]))
     }
 
     /// [`StartupParams::iter`] without turning names into `str`s.
     pub fn raw(&self) -> impl DoubleEndedIterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|s| {
+        let bytes = self.pairs.bytes();
+        self.spans.iter().map(move |s| {
             let (name, value, end) = (s.name as usize, s.value as usize, s.end as usize);
-            (&self.pairs[name..value - 1], &self.pairs[value..end])
+            (&bytes[name..value - 1], &bytes[value..end])
         })
     }
 
-    /// The value of `key`; the last one when the client sent it more than once, as PostgreSQL
-    /// reads a startup packet.
-    pub fn get(&self, key: &str) -> Option<&[u8]> {
-        self.raw().rev().find(|(k, _)| *k == key.as_bytes()).map(|(_, v)| v)
+    /// `span`'s name, checked to be UTF-8 at parse time (one that were not would read as empty).
+    fn name(&self, span: &Span) -> &str {
+        self.pairs
+            .str(span.name as usize..span.value as usize - 1)
+            .unwrap_or_default()
     }
 
+    /// Where `key`'s value is; the last one when the client sent it more than once, as
+    /// PostgreSQL reads a startup packet.
+    fn find(&self, key: &str) -> Option<std::ops::Range<usize>> {
+        let bytes = self.pairs.bytes();
+        self.spans
+            .iter()
+            .rev()
+            .find(|s| &bytes[s.name as usize..s.value as usize - 1] == key.as_bytes())
+            .map(|s| s.value as usize..s.end as usize)
+    }
+
+    /// The value of `key`; the last one when the client sent it more than once.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.find(key).map(|range| &self.pairs.bytes()[range])
+    }
+
+    /// [`StartupParams::get`] when the value is UTF-8.
     pub fn get_str(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(|v| std::str::from_utf8(v).ok())
+        self.find(key).and_then(|range| self.pairs.str(range))
     }
 
     /// `_pq_.*` protocol options the client asked for; pgweir supports none of them.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
-        self.raw()
-            .filter(|(k, _)| k.starts_with(b"_pq_."))
-            .map(|(k, _)| std::str::from_utf8(k).unwrap_or_default())
+        self.iter().map(|(k, _)| k).filter(|k| k.starts_with("_pq_."))
     }
 }
 
 /// Decodes a first packet. `packet` is the whole packet including its 4-byte length prefix, and
-/// its length has already been checked against [`MAX_STARTUP_LEN`] and to be at least 8.
-pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolError> {
+/// its length has already been checked against [`MAX_STARTUP_LEN`] and to be at least 8. A
+/// StartupMessage's parameters keep an owned packet's allocation.
+pub fn parse_startup_packet<'a>(packet: impl Into<Cow<'a, [u8]>>) -> Result<StartupPacket, ProtocolError> {
     const WHAT: &str = "startup";
-    let declared = read_i32(packet, 0).ok_or(ProtocolError::Malformed {
+    let packet = packet.into();
+    let bytes: &[u8] = &packet;
+    let declared = read_i32(bytes, 0).ok_or(ProtocolError::Malformed {
         what: WHAT,
         why: "shorter than 8 bytes",
     })?;
@@ -107,7 +164,7 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
             why: "length does not match",
         });
     }
-    let code = read_i32(packet, 4).ok_or(ProtocolError::Malformed {
+    let code = read_i32(bytes, 4).ok_or(ProtocolError::Malformed {
         what: WHAT,
         why: "no protocol code",
     })?;
@@ -115,8 +172,8 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
         SSL_REQUEST_CODE if packet.len() == 8 => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if packet.len() == 8 => Ok(StartupPacket::GssEncRequest),
         CANCEL_REQUEST_CODE if packet.len() == 16 => Ok(StartupPacket::Cancel(CancelKey {
-            pid: read_i32(packet, 8).unwrap_or_default(),
-            secret: read_i32(packet, 12).unwrap_or_default(),
+            pid: read_i32(bytes, 8).unwrap_or_default(),
+            secret: read_i32(bytes, 12).unwrap_or_default(),
         })),
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => Err(ProtocolError::Malformed {
             what: WHAT,
@@ -132,7 +189,7 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
             // libpq sends four to six parameters, pgJDBC eight: one allocation for most.
             let mut spans = Vec::with_capacity(8);
             loop {
-                let (key, next) = read_cstr(packet, pos).ok_or(ProtocolError::Malformed {
+                let (key, next) = read_cstr(bytes, pos).ok_or(ProtocolError::Malformed {
                     what: WHAT,
                     why: "unterminated parameter name",
                 })?;
@@ -145,13 +202,9 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
                     }
                     break;
                 }
-                let (_, after) = read_cstr(packet, next).ok_or(ProtocolError::Malformed {
+                let (_, after) = read_cstr(bytes, next).ok_or(ProtocolError::Malformed {
                     what: WHAT,
                     why: "unterminated parameter value",
-                })?;
-                std::str::from_utf8(key).map_err(|_| ProtocolError::Malformed {
-                    what: WHAT,
-                    why: "parameter name is not UTF-8",
                 })?;
                 // Offsets into `pairs`, which starts at byte 8; the packet is at most
                 // MAX_STARTUP_LEN long, so they fit.
@@ -162,10 +215,33 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, ProtocolErro
                 });
                 pos = after;
             }
+            // Up to the final NUL, which `pos` stands on.
+            let pairs = match packet {
+                Cow::Borrowed(packet) => packet[8..pos].to_vec(),
+                Cow::Owned(mut packet) => {
+                    packet.truncate(pos);
+                    packet.drain(..8);
+                    packet
+                }
+            };
+            let pairs = match String::from_utf8(pairs) {
+                Ok(text) => Pairs::Text(text),
+                Err(e) => {
+                    let bytes = e.into_bytes();
+                    for s in &spans {
+                        std::str::from_utf8(&bytes[s.name as usize..s.value as usize - 1]).map_err(|_| {
+                            ProtocolError::Malformed {
+                                what: WHAT,
+                                why: "parameter name is not UTF-8",
+                            }
+                        })?;
+                    }
+                    Pairs::Bytes(bytes)
+                }
+            };
             Ok(StartupPacket::Startup(StartupParams {
                 minor_version: minor,
-                // Up to the final NUL, which `pos` stands on.
-                pairs: packet[8..pos].into(),
+                pairs,
                 spans,
             }))
         }
@@ -186,20 +262,20 @@ mod tests {
     #[test]
     fn parses_each_kind() {
         assert_eq!(
-            parse_startup_packet(&packet(SSL_REQUEST_CODE, b"")),
+            parse_startup_packet(packet(SSL_REQUEST_CODE, b"")),
             Ok(StartupPacket::SslRequest)
         );
         assert_eq!(
-            parse_startup_packet(&packet(GSSENC_REQUEST_CODE, b"")),
+            parse_startup_packet(packet(GSSENC_REQUEST_CODE, b"")),
             Ok(StartupPacket::GssEncRequest)
         );
         let mut key = 7i32.to_be_bytes().to_vec();
         key.extend_from_slice(&(-9i32).to_be_bytes());
         assert_eq!(
-            parse_startup_packet(&packet(CANCEL_REQUEST_CODE, &key)),
+            parse_startup_packet(packet(CANCEL_REQUEST_CODE, &key)),
             Ok(StartupPacket::Cancel(CancelKey { pid: 7, secret: -9 }))
         );
-        let p = parse_startup_packet(&packet(PROTOCOL_3_0, b"user\0bob\0database\0db\0\0"));
+        let p = parse_startup_packet(packet(PROTOCOL_3_0, b"user\0bob\0database\0db\0\0"));
         let Ok(StartupPacket::Startup(params)) = p else {
             panic!("{p:?}")
         };
@@ -219,7 +295,7 @@ mod tests {
             b"options\0-c a=b\0application_name\0\xff\xfe\0\0",
         ];
         for body in bodies {
-            let Ok(StartupPacket::Startup(params)) = parse_startup_packet(&packet(PROTOCOL_3_0, body)) else {
+            let Ok(StartupPacket::Startup(params)) = parse_startup_packet(packet(PROTOCOL_3_0, body)) else {
                 panic!("not a startup packet: {body:?}")
             };
             // Without the last value's NUL and the terminating one.
@@ -249,7 +325,7 @@ mod tests {
     #[test]
     fn parameters_come_back_in_order_with_empty_values_and_options() {
         let body = b"user\0bob\0application_name\0\0_pq_.x\0on\0options\0-c a=b\0\0";
-        let Ok(StartupPacket::Startup(params)) = parse_startup_packet(&packet(PROTOCOL_3_0, body)) else {
+        let Ok(StartupPacket::Startup(params)) = parse_startup_packet(packet(PROTOCOL_3_0, body)) else {
             panic!("not a startup packet")
         };
         let all: Vec<(&str, &[u8])> = params.iter().collect();
@@ -265,20 +341,47 @@ mod tests {
         assert_eq!(params.get("application_name"), Some(&b""[..]));
         assert_eq!(params.get("database"), None);
         assert_eq!(params.protocol_options().collect::<Vec<_>>(), ["_pq_.x"]);
-        let Ok(StartupPacket::Startup(none)) = parse_startup_packet(&packet(PROTOCOL_3_0, b"\0")) else {
+        let Ok(StartupPacket::Startup(none)) = parse_startup_packet(packet(PROTOCOL_3_0, b"\0")) else {
             panic!("not a startup packet")
         };
         assert_eq!(none.iter().count(), 0);
-        assert!(parse_startup_packet(&packet(PROTOCOL_3_0, b"us\xffer\0bob\0\0")).is_err());
+        assert!(parse_startup_packet(packet(PROTOCOL_3_0, b"us\xffer\0bob\0\0")).is_err());
+    }
+
+    /// Text and bytes (a value in another encoding) answer alike, owned packet or borrowed.
+    #[test]
+    fn parameters_read_the_same_whether_the_packet_is_utf8_or_not() {
+        for body in [
+            &b"user\0bob\0application_name\0caf\xc3\xa9\0\0"[..],
+            b"user\0bob\0application_name\0caf\xe9\0\0",
+        ] {
+            let packet = packet(PROTOCOL_3_0, body);
+            let owned = parse_startup_packet(packet.clone());
+            assert_eq!(parse_startup_packet(&packet), owned);
+            let Ok(StartupPacket::Startup(params)) = owned else {
+                panic!("not a startup packet")
+            };
+            assert_eq!(params.bytes(), &body[..body.len() - 1]);
+            assert_eq!(params.get_str("user"), Some("bob"));
+            let value = &body[26..body.len() - 2];
+            assert_eq!(params.get("application_name"), Some(value));
+            assert_eq!(params.get_str("application_name"), std::str::from_utf8(value).ok());
+            let names: Vec<&str> = params.iter().map(|(k, _)| k).collect();
+            assert_eq!(names, ["user", "application_name"]);
+        }
+        // A name must be UTF-8 even when a value is not, and whichever comes first.
+        for body in [&b"us\xe9r\0bob\0\0"[..], b"a\0\xe9\0us\xe9r\0bob\0\0"] {
+            assert!(parse_startup_packet(packet(PROTOCOL_3_0, body)).is_err(), "{body:?}");
+        }
     }
 
     #[test]
     fn rejects_malformed() {
-        assert!(parse_startup_packet(&packet(PROTOCOL_3_0, b"user\0bob")).is_err());
-        assert!(parse_startup_packet(&packet(PROTOCOL_3_0, b"user\0bob\0\0junk")).is_err());
-        assert!(parse_startup_packet(&packet(SSL_REQUEST_CODE, b"x")).is_err());
+        assert!(parse_startup_packet(packet(PROTOCOL_3_0, b"user\0bob")).is_err());
+        assert!(parse_startup_packet(packet(PROTOCOL_3_0, b"user\0bob\0\0junk")).is_err());
+        assert!(parse_startup_packet(packet(SSL_REQUEST_CODE, b"x")).is_err());
         assert!(matches!(
-            parse_startup_packet(&packet(0x0002_0000, b"\0")),
+            parse_startup_packet(packet(0x0002_0000, b"\0")),
             Err(ProtocolError::UnsupportedProtocol { major: 2, .. })
         ));
         let mut p = packet(PROTOCOL_3_0, b"\0");
