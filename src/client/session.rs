@@ -170,8 +170,10 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         ..
     } = login;
     let settings = pool.settings().clone();
-    let max_message = ctx.config.load().listen.max_message_size;
-    let query_text_bytes = ctx.config.load().admin.query_text_bytes;
+    let (max_message, query_text_bytes) = {
+        let config = ctx.config.load();
+        (config.listen.max_message_size, config.admin.query_text_bytes)
+    };
     let hub = ctx
         .hub
         .clone()
@@ -351,23 +353,30 @@ impl Session {
                 }
                 self.ctx.buffers.give(std::mem::take(&mut self.buf));
                 tokio::select! {
-                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
+                    // A kill or shutdown first, however busy the client (and no random pick).
+                    biased;
                     bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
+                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
                 }
                 continue;
             }
             if self.buf.is_empty() && !self.client.is_tls() {
                 // Idle clients hold no read buffer: wait for readability first, allocate after.
-                // A busy client's next message is often already here, so try once first.
+                // A busy client's next message is often already here, so try once first, when
+                // the reactor has seen the socket readable since the last read: otherwise the
+                // try finds nothing, and a buffer would be taken and given back for it (a
+                // session's start after its login's last read, its wait after a reply).
                 // (Not over TLS: socket readiness says nothing about bytes rustls holds.)
-                self.reserve_for_client();
-                match crate::net::stream::try_read_drained(self.client.sock(), &mut self.buf) {
-                    Ok(0) => return Ok(Next::Eof),
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(ClientError::ClientIo(e)),
+                if crate::net::stream::readable_now(self.client.sock()) {
+                    self.reserve_for_client();
+                    match crate::net::stream::try_read_drained(self.client.sock(), &mut self.buf) {
+                        Ok(0) => return Ok(Next::Eof),
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(ClientError::ClientIo(e)),
+                    }
+                    self.ctx.buffers.give(std::mem::take(&mut self.buf));
                 }
-                self.ctx.buffers.give(std::mem::take(&mut self.buf));
                 if self.hub_eligible
                     && self.task_links >= HUB_AFTER_LINKS
                     && !self.discard_until_sync
@@ -376,8 +385,10 @@ impl Session {
                     return Ok(Next::ToHub);
                 }
                 tokio::select! {
-                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
+                    // A kill or shutdown first, however busy the client (and no random pick).
+                    biased;
                     bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
+                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
                 }
             }
             self.reserve_for_client();
@@ -385,8 +396,9 @@ impl Session {
                 // A TLS client waits here between transactions: shutdown and kill must still
                 // reach it. rustls keeps partial records itself, so dropping the read is safe.
                 tokio::select! {
-                    r = self.client.read_buf(&mut self.buf) => r,
+                    biased;
                     bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
+                    r = self.client.read_buf(&mut self.buf) => r,
                 }
             } else {
                 self.client.read_buf(&mut self.buf).await
