@@ -27,7 +27,7 @@ use crate::config::hba::{self, HbaVerdict};
 use crate::config::{AuthType, ClientTlsMode, Config, Secret};
 use crate::net::stream::TlsConn;
 use crate::net::{Stream, tls};
-use crate::pool::{Pool, PoolError, PoolKey};
+use crate::pool::{Pool, PoolError};
 use crate::proto::messages::{self, ErrorFields, PgError};
 use crate::proto::startup::{self, CancelKey, MAX_STARTUP_LEN, StartupPacket, StartupParams};
 use crate::proto::tag::{TransactionStatus, frontend};
@@ -409,15 +409,11 @@ async fn login(
         ));
     };
 
-    let key = PoolKey {
-        database: database.to_owned(),
-        user: user.to_owned(),
-    };
     // What a new pool needs is worked out only when the pool is new, not at every login.
-    let pool = ctx.pools.get_or_create(&key, || {
+    let pool = ctx.pools.get_or_create(database, user, |key| {
         let settings = config.pool_settings(database, user).unwrap_or_else(|| db.pool.clone());
         Pool::new(
-            key.clone(),
+            key,
             ServerTarget {
                 host: db.host.clone(),
                 port: db.port,

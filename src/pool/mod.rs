@@ -940,7 +940,7 @@ impl Drop for PooledServer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
     use std::sync::Arc;
 
@@ -959,24 +959,29 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_pool_keeps_the_last_few_login_templates() {
-        let pool = Pool::new(
+    /// A pool for `database` and `user` that never connects anywhere (port 1).
+    pub(crate) fn unconnected_pool(database: &str, user: &str) -> Pool {
+        Pool::new(
             PoolKey {
-                database: "d".into(),
-                user: "u".into(),
+                database: database.into(),
+                user: user.into(),
             },
             ServerTarget {
                 host: "127.0.0.1".into(),
                 port: 1,
-                dbname: "d".into(),
-                user: "u".into(),
+                dbname: database.into(),
+                user: user.into(),
             },
             ServerSecret::None,
             crate::config::default_pool_settings(),
             None,
             Arc::new(ServerIds::default()),
-        );
+        )
+    }
+
+    #[test]
+    fn a_pool_keeps_the_last_few_login_templates() {
+        let pool = unconnected_pool("d", "u");
         let welcome = Arc::new(ParamSet::default());
         pool.keep_login_template(template(b"a", &welcome));
         assert!(pool.welcome_for(b"a").1.is_none(), "no welcome yet, so nothing fits");

@@ -11,39 +11,68 @@ use super::{Pool, PoolKey, lock};
 /// The set of pools. Looked up once per client login, never per transaction, so a plain mutex
 /// around a map is enough.
 pub struct PoolRegistry {
-    pools: Mutex<HashMap<PoolKey, Pool>>,
+    pools: Mutex<Pools>,
     stop: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// How many recently looked-up pools [`PoolRegistry::get_or_create`] compares by name before
+/// it hashes: most deployments have fewer (database, user) pairs than this.
+const RECENT: usize = 8;
+
+#[derive(Default)]
+struct Pools {
+    by_key: HashMap<PoolKey, Pool>,
+    /// The pools of the last logins that found one, compared by name first: a login whose
+    /// pair is among them needs no key allocated (two Strings) and no SipHash of its names,
+    /// ~600 instructions of a login's ~28,000. Pools are never removed, so none goes stale.
+    recent: Vec<Pool>,
+    /// Which entry of `recent` the next miss replaces, once it is full.
+    next: usize,
 }
 
 impl PoolRegistry {
     pub fn new(stop: CancellationToken, tracker: TaskTracker) -> Arc<PoolRegistry> {
         Arc::new(PoolRegistry {
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(Pools::default()),
             stop,
             tracker,
         })
     }
 
     pub fn get(&self, key: &PoolKey) -> Option<Pool> {
-        lock(&self.pools).get(key).cloned()
+        lock(&self.pools).by_key.get(key).cloned()
     }
 
-    /// Returns the pool for `key`, creating it (and starting its maintenance task) with `make`.
-    pub fn get_or_create(&self, key: &PoolKey, make: impl FnOnce() -> Pool) -> Pool {
+    /// Returns the pool for (`database`, `user`), creating it (and starting its maintenance
+    /// task) with `make`, which is given the key.
+    pub fn get_or_create(&self, database: &str, user: &str, make: impl FnOnce(PoolKey) -> Pool) -> Pool {
         let mut pools = lock(&self.pools);
-        if let Some(p) = pools.get(key) {
+        let is = |p: &&Pool| p.key().database == database && p.key().user == user;
+        if let Some(p) = pools.recent.iter().find(is) {
             return p.clone();
         }
-        let pool = make();
-        pools.insert(key.clone(), pool.clone());
+        let key = PoolKey {
+            database: database.to_owned(),
+            user: user.to_owned(),
+        };
+        let (pool, new) = match pools.by_key.get(&key) {
+            Some(p) => (p.clone(), false),
+            None => (make(key.clone()), true),
+        };
+        if new {
+            pools.by_key.insert(key, pool.clone());
+        }
+        pools.remember(&pool);
         drop(pools);
-        self.tracker.spawn(pool.clone().maintain(self.stop.child_token()));
+        if new {
+            self.tracker.spawn(pool.clone().maintain(self.stop.child_token()));
+        }
         pool
     }
 
     pub fn all(&self) -> Vec<Pool> {
-        let mut v: Vec<Pool> = lock(&self.pools).values().cloned().collect();
+        let mut v: Vec<Pool> = lock(&self.pools).by_key.values().cloned().collect();
         v.sort_by(|a, b| a.key().cmp(b.key()));
         v
     }
@@ -53,5 +82,61 @@ impl PoolRegistry {
         for p in self.all() {
             p.close();
         }
+    }
+}
+
+impl Pools {
+    fn remember(&mut self, pool: &Pool) {
+        if self.recent.len() < RECENT {
+            self.recent.push(pool.clone());
+        } else {
+            self.recent[self.next] = pool.clone();
+            self.next = (self.next + 1) % RECENT;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::{PoolRegistry, RECENT};
+    use crate::pool::tests::unconnected_pool;
+
+    /// Every pair finds its own pool, whether it is among the recent ones or only in the map,
+    /// and a pool is made once per pair.
+    #[tokio::test]
+    async fn each_pair_has_one_pool_whether_recent_or_not() {
+        let registry = PoolRegistry::new(CancellationToken::new(), TaskTracker::new());
+        let pairs: Vec<(String, String)> = (0..RECENT * 3)
+            .map(|i| (format!("db{}", i % 3), format!("u{i}")))
+            .collect();
+        let mut made = 0;
+        let mut first = Vec::new();
+        for round in 0..3 {
+            for (database, user) in &pairs {
+                let pool = registry.get_or_create(database, user, |key| {
+                    made += 1;
+                    assert_eq!((&key.database, &key.user), (database, user));
+                    unconnected_pool(database, user)
+                });
+                assert_eq!((&pool.key().database, &pool.key().user), (database, user));
+                // Straight again: found among the recent ones.
+                let again = registry.get_or_create(database, user, |_| panic!("made twice"));
+                assert!(Arc::ptr_eq(&again.shared, &pool.shared));
+                match round {
+                    0 => first.push(pool),
+                    _ => assert!(first.iter().any(|p| Arc::ptr_eq(&p.shared, &pool.shared))),
+                }
+            }
+        }
+        assert_eq!(made, pairs.len());
+        assert_eq!(registry.all().len(), pairs.len());
+        // Same user, other database, and the reverse, are other pools.
+        let other = registry.get_or_create("db1", "u0", |key| unconnected_pool(&key.database, &key.user));
+        assert!(!first.iter().any(|p| Arc::ptr_eq(&p.shared, &other.shared)));
     }
 }
