@@ -377,8 +377,8 @@ async fn login(
     client_parameters(&startup, None)?;
 
     let mut out = BytesMut::with_capacity(512);
-    let unsupported: Vec<&str> = startup.protocol_options().collect();
-    if startup.minor_version > 0 || !unsupported.is_empty() {
+    if startup.minor_version > 0 || startup.protocol_options().next().is_some() {
+        let unsupported: Vec<&str> = startup.protocol_options().collect();
         messages::negotiate_protocol_version(&mut out, &unsupported);
         client.write_all(&out).await?;
         out.clear();

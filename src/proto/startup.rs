@@ -143,7 +143,11 @@ impl StartupParams {
 
     /// `_pq_.*` protocol options the client asked for; pgweir supports none of them.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
-        self.iter().map(|(k, _)| k).filter(|k| k.starts_with("_pq_."))
+        let bytes = self.pairs.bytes();
+        self.spans
+            .iter()
+            .filter(move |s| bytes[s.name as usize..].starts_with(b"_pq_."))
+            .map(|s| self.name(s))
     }
 }
 
