@@ -44,6 +44,8 @@ struct Reply {
     rows: Vec<Vec<Option<Vec<u8>>>>,
     ready: bool,
     eof: bool,
+    /// A NegotiateProtocolVersion: the version offered and the options refused.
+    negotiate: Option<(i32, Vec<String>)>,
 }
 
 fn error_fields(body: &[u8]) -> (String, String) {
@@ -112,6 +114,15 @@ async fn read_reply_kept(s: &mut TcpStream, buf: &mut Vec<u8>, limit: Duration) 
                 b'Z' => {
                     r.ready = true;
                     return r;
+                }
+                b'v' => {
+                    let minor = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let names = body[8..]
+                        .split(|&b| b == 0)
+                        .filter(|n| !n.is_empty())
+                        .map(|n| String::from_utf8_lossy(n).into_owned())
+                        .collect();
+                    r.negotiate = Some((minor, names));
                 }
                 _ => {}
             }
@@ -555,6 +566,47 @@ async fn a_password_sent_with_the_startup_packet_is_its_answer() {
     assert_eq!(code, "28P01", "{r:?}");
     assert!(msg.contains("password authentication failed"), "{msg}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+/// A client asking for protocol 3.x above 3.0, or for `_pq_` options, is told 3.0 and which
+/// options were refused (NegotiateProtocolVersion; PostgreSQL too sends the whole version
+/// number, 196608, where the documentation says minor version), and logs in; a plain 3.0
+/// client without options is told nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_protocol_versions_and_options_are_negotiated_down() {
+    let pg = support::postgres();
+    let proxy = trust_proxy(&pg, 1).await;
+    let user: (&[u8], &[u8]) = (b"user", roles::TRUST.as_bytes());
+    let db: (&[u8], &[u8]) = (b"database", b"app");
+    const V3_0: i32 = 196608;
+    // The minor version asked for, the parameters, what NegotiateProtocolVersion says.
+    type Case<'a> = (u16, Vec<(&'a [u8], &'a [u8])>, Option<(i32, Vec<&'a str>)>);
+    let cases: [Case; 4] = [
+        (0, vec![user, db], None),
+        (2, vec![user, db], Some((V3_0, vec![]))),
+        (
+            0,
+            vec![user, (b"_pq_.compression", b"on"), db],
+            Some((V3_0, vec!["_pq_.compression"])),
+        ),
+        (
+            1,
+            vec![(b"_pq_.a", b""), user, db, (b"_pq_.b", b"x")],
+            Some((V3_0, vec!["_pq_.a", "_pq_.b"])),
+        ),
+    ];
+    for (minor, pairs, expected) in cases {
+        let mut packet = startup(&pairs);
+        packet[6..8].copy_from_slice(&minor.to_be_bytes());
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(&packet).await.expect("startup");
+        let r = read_reply(&mut s, Duration::from_secs(10)).await;
+        assert!(r.ready && r.error.is_none(), "3.{minor} {pairs:?}: {r:?}");
+        let expected = expected.map(|(v, names)| (v, names.into_iter().map(String::from).collect::<Vec<_>>()));
+        assert_eq!(r.negotiate, expected, "3.{minor} {pairs:?}");
+        let q = query(&mut s, "select 1").await;
+        assert_eq!(q.rows, [[Some(b"1".to_vec())]], "{q:?}");
+    }
 }
 
 /// Bytes a departing client left unread in its session buffer (a partial message, or bytes
