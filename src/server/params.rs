@@ -177,12 +177,22 @@ pub fn canonical_name(name: &str) -> Cow<'static, str> {
 
 /// True for names safe to put unquoted into `SET name = ...` (custom GUCs have a dot).
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    // One table load per byte: every login checks its parameters' names, and the three tests
+    // per byte this replaces were ~12 instructions a byte.
+    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| NAME_BYTE[b as usize])
 }
+
+/// The bytes [`is_valid_name`] allows: ASCII letters, digits, `_` and `.`.
+static NAME_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_' || c == b'.';
+        b += 1;
+    }
+    table
+};
 
 /// A small ordered map of parameter name → raw value. A handful of entries, so a Vec beats a map.
 /// Every login fills one and every server connection another: names PostgreSQL reports and
@@ -1027,6 +1037,11 @@ mod tests {
         );
         assert!(is_valid_name("myapp.tenant_id"));
         assert!(!is_valid_name("a; drop table x"));
+        for c in (0..=0x7fu8).map(char::from).chain(['é', 'ß']) {
+            let expected = c.is_ascii_alphanumeric() || c == '_' || c == '.';
+            assert_eq!(is_valid_name(&format!("a{c}b")), expected, "{c:?}");
+        }
+        assert!(is_valid_name(&"x".repeat(63)) && !is_valid_name(&"x".repeat(64)) && !is_valid_name(""));
     }
 
     #[test]
