@@ -1161,6 +1161,9 @@ impl Gen {
             limit,
         });
         if limit > 0 && self.rng.chance(40) {
+            // A statement that is not a query (DO, an INSERT without RETURNING) runs to its
+            // end at the first Execute, whatever the limit, and the second fails (55000).
+            self.risky();
             let limit = self.limit();
             out.push(Msg::Execute {
                 portal: portal.clone(),
