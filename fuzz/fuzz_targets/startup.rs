@@ -9,7 +9,16 @@ fuzz_target!(|data: &[u8]| {
     // The handshake reads at most MAX_STARTUP_LEN bytes before parsing; parse anything anyway,
     // since the parser must not rely on that check for memory safety or termination.
     let data = &data[..data.len().min(MAX_STARTUP_LEN + 16)];
-    if let Ok(StartupPacket::Startup(params)) = parse_startup_packet(data) {
+    let parsed = parse_startup_packet(data);
+    // The handshake hands its packet over (the parameters keep its allocation): same answer.
+    assert_eq!(parse_startup_packet(data.to_vec()), parsed);
+    if let Ok(StartupPacket::Startup(params)) = parsed {
+        // A value read as text is the value read raw (a packet wholly UTF-8 is held as text).
+        for (name, _) in params.iter() {
+            if let Some(text) = params.get_str(name) {
+                assert_eq!(params.get(name), Some(text.as_bytes()));
+            }
+        }
         // Everything we hand out must lie inside the input.
         let _ = params.get("user");
         let _ = params.get_str("database");
@@ -17,6 +26,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(total <= data.len());
         // The str view and the byte view name the same parameters.
         assert!(params.iter().map(|(k, _)| k.as_bytes()).eq(params.raw().map(|(k, _)| k)));
-        for _ in params.protocol_options() {}
+        assert!(
+            params
+                .protocol_options()
+                .eq(params.iter().map(|(k, _)| k).filter(|k| k.starts_with("_pq_.")))
+        );
     }
 });
