@@ -165,6 +165,12 @@ pub struct LinkSpares {
 }
 
 impl LinkSpares {
+    /// Whether these queues have room of their own (a session's kept ones), as opposed to the
+    /// empty default.
+    pub fn allocated(&self) -> bool {
+        self.expect.capacity() > 0 || self.rfq_sent.capacity() > 0
+    }
+
     /// Room for an ordinary transaction's replies already allocated, and no more than a few
     /// times that (a pipeline of thousands grows them; those go back to the allocator).
     fn reusable(&self) -> bool {
@@ -1572,5 +1578,15 @@ mod tests {
             kept += 1;
         }
         assert_eq!(kept, KEEP_PER_SHARD, "this thread's shard is bounded");
+    }
+
+    /// A session keeps its own queues only when they have room (see `Session::linked`).
+    #[test]
+    fn spares_are_allocated_when_either_queue_has_room() {
+        assert!(!LinkSpares::default().allocated());
+        assert!(spares(1).allocated());
+        let mut one = LinkSpares::default();
+        one.rfq_sent.reserve(1);
+        assert!(one.allocated());
     }
 }

@@ -822,11 +822,12 @@ impl Session {
 
     /// Serves one transaction (or, in session mode, the rest of the session) on `server`.
     async fn linked(&mut self, server: PooledServer, linked_at: Mono) -> Result<Unlinked, ClientError> {
-        let spares = match self.task_links {
-            // A session's first link takes a departed session's queues (one that has linked
-            // before keeps its own, empty but allocated).
-            0 => self.ctx.link_spares.take(),
-            _ => std::mem::take(&mut self.spares),
+        let spares = match self.spares.allocated() {
+            // Kept from this session's last link, empty but allocated.
+            true => std::mem::take(&mut self.spares),
+            // A session's first link, or one after a link that ended in an error (its queues
+            // went with it), takes a departed session's queues.
+            false => self.ctx.link_spares.take(),
         };
         let mut link = self.start_link(server, linked_at, spares);
         let result = self.pump(&mut link).await;
