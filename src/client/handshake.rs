@@ -76,59 +76,60 @@ async fn attempt(
     // TLS is for the network: like PostgreSQL, pgweir answers 'N' to an SSLRequest on its Unix
     // socket, whose file permissions are the protection.
     let mut may_start_tls = config.tls.acceptor.is_some() && matches!(tcp, Sock::Tcp(_));
-    let mut client = Stream::Plain(tcp);
-    // Bytes read from the client but not yet used (see `read_startup_packet`).
-    let mut carry = Vec::new();
+    let mut conn = LoginConn {
+        stream: Stream::Plain(tcp),
+        carry: Vec::new(),
+    };
     let startup = loop {
-        let negotiated = negotiate(&mut client, &mut carry, &config, may_start_tls, ctx);
+        let negotiated = negotiate(&mut conn, &config, may_start_tls, ctx);
         let step = match tokio::time::timeout_at(deadline, negotiated).await {
             Ok(Ok(step)) => step,
             Ok(Err(Failure { reason, error, reply })) => {
                 if let Some(reply) = reply {
-                    let _ = send_error(&mut client, &reply).await;
+                    let _ = send_error(&mut conn.stream, &reply).await;
                 }
                 return Err((reason, error));
             }
-            Err(_) => return Err(login_timed_out(&mut client, timeout).await),
+            Err(_) => return Err(login_timed_out(&mut conn.stream, timeout).await),
         };
         match step {
             Negotiated::Startup(params) => break params,
             Negotiated::Done => return Ok(None),
             Negotiated::StartTls { direct } => {
                 may_start_tls = false;
-                let Stream::Plain(tcp) = client else {
+                let Stream::Plain(tcp) = conn.stream else {
                     return Err(tls_failure("TLS requested twice".into()));
                 };
                 // Boxed: a TLS handshake's state is large, and plaintext logins need none of it.
-                client = Box::pin(start_tls(tcp, &config, deadline, direct)).await?;
+                conn.stream = Box::pin(start_tls(tcp, &config, deadline, direct)).await?;
             }
         }
     };
     // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
-    let end_point = match client.is_tls() {
+    let end_point = match conn.stream.is_tls() {
         true => config.tls.acceptor.as_ref().and_then(|a| a.end_point.as_deref()),
         false => None,
     };
-    let logged_in = login(&mut client, &mut carry, peer, ctx, end_point, startup);
+    let logged_in = login(&mut conn, peer, ctx, end_point, startup);
     match tokio::time::timeout_at(deadline, logged_in).await {
         Ok(Ok(Some(done))) => Ok(Some(LoggedIn {
-            client,
+            client: conn.stream,
             pool: done.pool,
             params: done.params,
             form: done.form,
             application_name: done.application_name,
             key: done.key,
             slot: done.slot,
-            pending: carry,
+            pending: conn.carry,
         })),
         Ok(Ok(None)) => Ok(None),
         Ok(Err(Failure { reason, error, reply })) => {
             if let Some(reply) = reply {
-                let _ = send_error(&mut client, &reply).await;
+                let _ = send_error(&mut conn.stream, &reply).await;
             }
             Err((reason, error))
         }
-        Err(_) => Err(login_timed_out(&mut client, timeout).await),
+        Err(_) => Err(login_timed_out(&mut conn.stream, timeout).await),
     }
 }
 
@@ -192,13 +193,12 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// taken as plaintext: read with it (they stay in `carry`) or waiting on the socket, they
 /// fail a TLS login.
 async fn negotiate(
-    client: &mut Stream,
-    carry: &mut Vec<u8>,
+    conn: &mut LoginConn,
     config: &Config,
     may_start_tls: bool,
     ctx: &ClientContext,
 ) -> Result<Negotiated, Failure> {
-    if let (true, Sock::Tcp(tcp)) = (may_start_tls, client.sock()) {
+    if let (true, Sock::Tcp(tcp)) = (may_start_tls, conn.stream.sock()) {
         let mut first = [0u8; 1];
         tcp.peek(&mut first).await?;
         if first[0] == TLS_HANDSHAKE_RECORD {
@@ -206,20 +206,20 @@ async fn negotiate(
         }
     }
     loop {
-        let parsed = match read_startup_packet(client, carry).await? {
+        let parsed = match conn.read_startup_packet().await? {
             Packet::Request(request) => startup::parse_startup_packet(&request[..]),
             // The parameters keep the packet's allocation.
             Packet::Other(packet) => startup::parse_startup_packet(packet),
         };
         match parsed? {
-            StartupPacket::SslRequest if client.is_tls() => {
+            StartupPacket::SslRequest if conn.stream.is_tls() => {
                 return Err(reject(
                     LoginFailure::Protocol,
                     PgError::fatal("08P01", "SSLRequest received inside a TLS session"),
                 ));
             }
             StartupPacket::SslRequest if may_start_tls => {
-                if !carry.is_empty() || client.has_pending_input() {
+                if conn.has_unread() {
                     // CVE-2021-23214: anything sent before our answer was written without
                     // knowing whether TLS would be used, and may have been injected.
                     return Err(reject(
@@ -229,11 +229,11 @@ async fn negotiate(
                         ),
                     ));
                 }
-                client.write_all(b"S").await?;
+                conn.stream.write_all(b"S").await?;
                 return Ok(Negotiated::StartTls { direct: false });
             }
             // GSS encryption is not offered; 'N' lets libpq continue per its gssencmode.
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => client.write_all(b"N").await?,
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => conn.stream.write_all(b"N").await?,
             StartupPacket::Cancel(key) => {
                 // Boxed: forwarding to a peer is a connection of its own, and only a cancel
                 // request (a connection of its own too) makes it.
@@ -241,8 +241,8 @@ async fn negotiate(
                 return Ok(Negotiated::Done);
             }
             StartupPacket::Startup(params) => {
-                let local = matches!(client.sock(), Sock::Unix(_));
-                if config.tls.mode == ClientTlsMode::Require && !client.is_tls() && !local {
+                let local = matches!(conn.stream.sock(), Sock::Unix(_));
+                if config.tls.mode == ClientTlsMode::Require && !conn.stream.is_tls() && !local {
                     return Err(reject(
                         LoginFailure::TlsRequired,
                         PgError::fatal("28000", "pgweir requires TLS (SSL) for all client connections")
@@ -340,8 +340,7 @@ pub(super) async fn send_error(client: &mut Stream, e: &PgError) -> std::io::Res
 }
 
 async fn login(
-    client: &mut Stream,
-    carry: &mut Vec<u8>,
+    conn: &mut LoginConn,
     peer: &PeerAddr,
     ctx: &ClientContext,
     end_point: Option<&[u8]>,
@@ -380,11 +379,11 @@ async fn login(
     if startup.minor_version > 0 || startup.protocol_options().next().is_some() {
         let unsupported: Vec<&str> = startup.protocol_options().collect();
         messages::negotiate_protocol_version(&mut out, &unsupported);
-        client.write_all(&out).await?;
+        conn.stream.write_all(&out).await?;
         out.clear();
     }
 
-    check_hba(client, peer, config, user, database)?;
+    check_hba(&conn.stream, peer, config, user, database)?;
 
     let looked_up = look_up_user(ctx, config, &users, user, database).await?;
     let known = users.get(user).or(looked_up.as_ref());
@@ -395,7 +394,7 @@ async fn login(
     };
     // `out` now holds the final authentication message(s), sent with the welcome: one write
     // (PgBouncer does the same) instead of two per login.
-    let scram_keys = authenticate(client, carry, exchange, user, known, &mut out).await?;
+    let scram_keys = authenticate(conn, exchange, user, known, &mut out).await?;
 
     let Some(db) = config.databases.get(database) else {
         let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
@@ -453,7 +452,7 @@ async fn login(
             Err(failure) => {
                 // The client has authenticated: like PostgreSQL, pgweir says so before the
                 // FATAL (a value PostgreSQL refuses fails the login after AuthenticationOk).
-                client.write_all(&out).await?;
+                conn.stream.write_all(&out).await?;
                 return Err(failure);
             }
         },
@@ -464,7 +463,7 @@ async fn login(
     out.extend_from_slice(&template.status);
     messages::backend_key_data(&mut out, cancel_key);
     messages::ready_for_query(&mut out, TransactionStatus::Idle);
-    if let Err(e) = client.write_all(&out).await {
+    if let Err(e) = conn.stream.write_all(&out).await {
         ctx.cancels.unregister(cancel_key);
         return Err(e.into());
     }
@@ -828,8 +827,7 @@ async fn look_up_user(
 /// The closing message (AuthenticationOk, after SASLFinal for SCRAM) is appended to `done`
 /// for the caller to send with what follows, not written.
 async fn authenticate(
-    client: &mut Stream,
-    carry: &mut Vec<u8>,
+    conn: &mut LoginConn,
     exchange: Option<Exchange<'_>>,
     user: &str,
     entry: Option<&UserEntry>,
@@ -841,7 +839,7 @@ async fn authenticate(
     };
     // The password exchanges in a box of their own: their state (~500 bytes) would otherwise
     // be part of every login's future, trust logins' included, which have none.
-    Box::pin(exchange_password(client, carry, exchange, user, entry, done)).await
+    Box::pin(exchange_password(conn, exchange, user, entry, done)).await
 }
 
 /// The password exchanges [`authenticate`] runs; SCRAM with the TLS end point its channel
@@ -854,8 +852,7 @@ enum Exchange<'a> {
 
 /// The MD5 or SCRAM exchange of [`authenticate`].
 async fn exchange_password(
-    client: &mut Stream,
-    carry: &mut Vec<u8>,
+    conn: &mut LoginConn,
     exchange: Exchange<'_>,
     user: &str,
     entry: Option<&UserEntry>,
@@ -872,8 +869,8 @@ async fn exchange_password(
         Exchange::Md5 => {
             let salt: [u8; 4] = rand::random();
             messages::auth_md5_request(&mut out, salt);
-            client.write_all(&out).await?;
-            let body = read_password_message(client, carry).await?;
+            conn.stream.write_all(&out).await?;
+            let body = conn.read_password_message().await?;
             let response = messages::parse_password(&body)?;
             let stored = match entry.map(|e| &e.secret) {
                 Some(Secret::Md5(m)) => Some(m.clone()),
@@ -901,8 +898,8 @@ async fn exchange_password(
                 None => &[SCRAM_SHA_256],
             };
             messages::auth_sasl_request(&mut out, offered);
-            client.write_all(&out).await?;
-            let body = read_password_message(client, carry).await?;
+            conn.stream.write_all(&out).await?;
+            let body = conn.read_password_message().await?;
             let (mechanism, data) = messages::parse_sasl_initial_response(&body)?;
             let binding = match (mechanism, end_point) {
                 (m, None) if m == SCRAM_SHA_256.as_bytes() => ChannelBinding::NotOffered,
@@ -930,8 +927,8 @@ async fn exchange_password(
                 .map_err(|_| failed(LoginFailure::Protocol))?;
             out.clear();
             messages::auth_sasl_continue(&mut out, &server_first);
-            client.write_all(&out).await?;
-            let body = read_password_message(client, carry).await?;
+            conn.stream.write_all(&out).await?;
+            let body = conn.read_password_message().await?;
             let (server_final, keys) = server.handle_client_final(&body).map_err(|e| {
                 failed(match e {
                     AuthError::WrongPassword => wrong,
@@ -952,35 +949,92 @@ async fn exchange_password(
 /// StartupMessage arrives in one `recv` instead of a header and then the rest.
 const STARTUP_READ: usize = 512;
 
-/// Reads one startup-phase packet. Bytes beyond it (a client that did not wait for the answer)
-/// stay in `carry`, where the next packet, the password exchange or the session finds them;
-/// [`negotiate`] refuses TLS after an SSLRequest when there are any.
-async fn read_startup_packet(client: &mut Stream, carry: &mut Vec<u8>) -> Result<Packet, Failure> {
-    std::future::poll_fn(|cx| {
-        loop {
-            if let Some(packet) = take_packet(carry)? {
-                return Poll::Ready(Ok(packet));
+/// A client during its login: its stream, and what was read from it but not used yet.
+struct LoginConn {
+    stream: Stream,
+    /// Bytes read beyond a startup-phase packet (a client that did not wait for the answer):
+    /// the next packet's, the password exchange's or the session's first input.
+    carry: Vec<u8>,
+}
+
+impl LoginConn {
+    /// Whether the client sent anything not read as a packet yet, read already or still on the
+    /// socket.
+    fn has_unread(&self) -> bool {
+        !self.carry.is_empty() || self.stream.has_pending_input()
+    }
+
+    /// Reads one startup-phase packet. Bytes beyond it stay in `carry`; [`negotiate`] refuses
+    /// TLS after an SSLRequest when there are any.
+    async fn read_startup_packet(&mut self) -> Result<Packet, Failure> {
+        let LoginConn { stream: client, carry } = self;
+        std::future::poll_fn(|cx| {
+            loop {
+                if let Some(packet) = take_packet(carry)? {
+                    return Poll::Ready(Ok(packet));
+                }
+                // On the stack for this poll only: the login's future stays small.
+                let mut raw = [0u8; STARTUP_READ];
+                let mut read = ReadBuf::new(&mut raw);
+                std::task::ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
+                let got = read.filled();
+                if got.is_empty() {
+                    return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
+                }
+                if carry.is_empty()
+                    && let Some((packet, rest)) = packet_in(got)?
+                {
+                    // The common case: the whole packet in one read, and no allocation for the
+                    // rest, which is nothing.
+                    carry.extend_from_slice(rest);
+                    return Poll::Ready(Ok(packet));
+                }
+                carry.extend_from_slice(got);
             }
-            // On the stack for this poll only: the login's future stays small.
-            let mut raw = [0u8; STARTUP_READ];
-            let mut read = ReadBuf::new(&mut raw);
-            std::task::ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
-            let got = read.filled();
-            if got.is_empty() {
-                return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
+        })
+        .await
+    }
+
+    /// Reads one PasswordMessage-family message and returns its body.
+    async fn read_password_message(&mut self) -> Result<Vec<u8>, Failure> {
+        let mut header = [0u8; 5];
+        self.read_exact_carried(&mut header).await?;
+        let frame = match frame_at(&header, 0, MAX_LOGIN_MESSAGE) {
+            Ok(_) => {
+                let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+                len - 4
             }
-            if carry.is_empty()
-                && let Some((packet, rest)) = packet_in(got)?
-            {
-                // The common case: the whole packet in one read, and no allocation for the
-                // rest, which is nothing.
-                carry.extend_from_slice(rest);
-                return Poll::Ready(Ok(packet));
+            Err(e) => return Err(ProtocolError::from(e).into()),
+        };
+        if header[0] != frontend::PASSWORD {
+            if header[0] == frontend::TERMINATE {
+                return Err(Failure {
+                    reason: LoginFailure::ClientGone,
+                    error: ClientError::Login("client gave up during authentication".into()),
+                    reply: None,
+                });
             }
-            carry.extend_from_slice(got);
+            return Err(ProtocolError::Unexpected {
+                tag: header[0] as char,
+                phase: "authentication",
+            }
+            .into());
         }
-    })
-    .await
+        let mut body = vec![0u8; frame];
+        self.read_exact_carried(&mut body).await?;
+        Ok(body)
+    }
+
+    /// `read_exact` that takes what was read beyond the startup packet first.
+    async fn read_exact_carried(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        let from_carry = self.carry.len().min(out.len());
+        out[..from_carry].copy_from_slice(&self.carry[..from_carry]);
+        self.carry.drain(..from_carry);
+        if from_carry < out.len() {
+            self.stream.read_exact(&mut out[from_carry..]).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The startup-phase packet at the start of `bytes` and what follows it, or None while it is
@@ -1017,52 +1071,11 @@ fn take_packet(carry: &mut Vec<u8>) -> Result<Option<Packet>, ProtocolError> {
     Ok(Some(packet))
 }
 
-/// A packet [`read_startup_packet`] read. libpq starts every TCP connection with an
+/// A packet [`LoginConn::read_startup_packet`] read. libpq starts every TCP connection with an
 /// SSLRequest (8 bytes), kept here without an allocation.
 enum Packet {
     Request([u8; 8]),
     Other(Vec<u8>),
-}
-
-/// Reads one PasswordMessage-family message and returns its body.
-async fn read_password_message(client: &mut Stream, carry: &mut Vec<u8>) -> Result<Vec<u8>, Failure> {
-    let mut header = [0u8; 5];
-    read_exact_carried(client, carry, &mut header).await?;
-    let frame = match frame_at(&header, 0, MAX_LOGIN_MESSAGE) {
-        Ok(_) => {
-            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            len - 4
-        }
-        Err(e) => return Err(ProtocolError::from(e).into()),
-    };
-    if header[0] != frontend::PASSWORD {
-        if header[0] == frontend::TERMINATE {
-            return Err(Failure {
-                reason: LoginFailure::ClientGone,
-                error: ClientError::Login("client gave up during authentication".into()),
-                reply: None,
-            });
-        }
-        return Err(ProtocolError::Unexpected {
-            tag: header[0] as char,
-            phase: "authentication",
-        }
-        .into());
-    }
-    let mut body = vec![0u8; frame];
-    read_exact_carried(client, carry, &mut body).await?;
-    Ok(body)
-}
-
-/// `read_exact` that takes what [`read_startup_packet`] read beyond the startup packet first.
-async fn read_exact_carried(client: &mut Stream, carry: &mut Vec<u8>, out: &mut [u8]) -> std::io::Result<()> {
-    let from_carry = carry.len().min(out.len());
-    out[..from_carry].copy_from_slice(&carry[..from_carry]);
-    carry.drain(..from_carry);
-    if from_carry < out.len() {
-        client.read_exact(&mut out[from_carry..]).await?;
-    }
-    Ok(())
 }
 
 impl From<PoolError> for Failure {
