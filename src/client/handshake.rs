@@ -69,7 +69,8 @@ async fn attempt(
     peer: &PeerAddr,
     ctx: &ClientContext,
 ) -> Result<Option<LoggedIn>, (LoginFailure, ClientError)> {
-    // One consistent configuration for the whole login, even if a reload happens meanwhile.
+    // The configuration for the connection's start (timeout, TLS, the pre-startup packets);
+    // `login` takes its own when the StartupMessage is in, for the decisions about who logs in.
     let config = ctx.config.load_full();
     let timeout = config.listen.client_login_timeout;
     let deadline = Instant::now() + timeout;

@@ -182,7 +182,8 @@ impl LinkSpares {
 /// Reply-queue capacity kept in a [`SparesPool`].
 const KEEP_CAPACITY: usize = 64;
 
-/// [`LinkSpares`] of sessions that ended, for the first links of new ones: a connection per
+/// [`LinkSpares`] of sessions that ended, for links of sessions without queues of their own
+/// (a session's first link, or its next after one that ended in an error): a connection per
 /// transaction would otherwise grow both reply queues from nothing and free them again at
 /// every connection (four allocator calls, ~500 instructions of a login's ~30,000). Kept like
 /// the read buffers (`net::buffers`).
@@ -190,7 +191,7 @@ const KEEP_CAPACITY: usize = 64;
 pub struct SparesPool(SpareList<LinkSpares>);
 
 impl SparesPool {
-    /// Spares for a session's first link: kept ones when there are, else empty ones.
+    /// Spares for a session without its own: kept ones when there are, else empty ones.
     pub fn take(&self) -> LinkSpares {
         self.0.pop().unwrap_or_default()
     }
