@@ -352,12 +352,7 @@ impl Session {
                     Err(e) => return Err(ClientError::ClientIo(e)),
                 }
                 self.ctx.buffers.give(std::mem::take(&mut self.buf));
-                tokio::select! {
-                    // A kill or shutdown first, however busy the client (and no random pick).
-                    biased;
-                    bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
-                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
-                }
+                self.wait_client_readable().await?;
                 continue;
             }
             if self.buf.is_empty() && !self.client.is_tls() {
@@ -384,12 +379,7 @@ impl Session {
                 {
                     return Ok(Next::ToHub);
                 }
-                tokio::select! {
-                    // A kill or shutdown first, however busy the client (and no random pick).
-                    biased;
-                    bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
-                    r = self.client.sock().readable() => r.map_err(ClientError::ClientIo)?,
-                }
+                self.wait_client_readable().await?;
             }
             self.reserve_for_client();
             let read = if self.client.is_tls() && self.buf.is_empty() {
@@ -408,6 +398,16 @@ impl Session {
                 Ok(_) => {}
                 Err(e) => return Err(ClientError::ClientIo(e)),
             }
+        }
+    }
+
+    /// Waits, without a read buffer, until the client's socket is readable, or for a kill or
+    /// shutdown, which comes first however busy the client (and no random pick per wait).
+    async fn wait_client_readable(&mut self) -> Result<(), ClientError> {
+        tokio::select! {
+            biased;
+            bits = self.info.stop.raised(KILL | SHUTDOWN) => Err(self.stopped(bits).await),
+            r = self.client.sock().readable() => r.map_err(ClientError::ClientIo),
         }
     }
 
