@@ -1607,18 +1607,12 @@ fn show(m: &[u8]) -> String {
 
 /// A StartupMessage for the test role and database, with `startup`'s settings.
 fn startup_packet(startup: &Startup) -> Vec<u8> {
-    let mut body = 196_608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", roles::TRUST), ("database", "app")]
+    let pairs: Vec<(&[u8], &[u8])> = [("user", roles::TRUST), ("database", "app")]
         .into_iter()
         .chain(startup.iter().map(|(k, v)| (*k, v.as_str())))
-    {
-        cstr(&mut body, k);
-        cstr(&mut body, v);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    pkt.extend_from_slice(&body);
-    pkt
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+        .collect();
+    support::startup_message(&pairs)
 }
 
 /// Runs `plan` on a fresh connection to `addr`.

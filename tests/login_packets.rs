@@ -12,28 +12,9 @@ use pgweir::config::AuthType;
 use pgweir::embedded_pg::roles;
 use pgweir::pool::CANONICAL_VALUES_KEPT;
 use support::proxy::{TestProxy, TestProxyBuilder};
-use support::{SSL_REQUEST, wire};
+use support::{SSL_REQUEST, packet, startup_message, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn packet(code: i32, body: &[u8]) -> Vec<u8> {
-    let mut v = ((body.len() + 8) as i32).to_be_bytes().to_vec();
-    v.extend_from_slice(&code.to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-fn startup(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (k, v) in pairs {
-        body.extend_from_slice(k);
-        body.push(0);
-        body.extend_from_slice(v);
-        body.push(0);
-    }
-    body.push(0);
-    packet(196608, &body)
-}
 
 #[derive(Debug, Default)]
 struct Reply {
@@ -163,7 +144,7 @@ async fn login(proxy: &TestProxy, extra: &[(&[u8], &[u8])]) -> (TcpStream, Reply
     let mut pairs: Vec<(&[u8], &[u8])> = vec![(b"user", roles::TRUST.as_bytes()), (b"database", b"app")];
     pairs.extend_from_slice(extra);
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(&startup(&pairs)).await.expect("startup");
+    s.write_all(&startup_message(&pairs)).await.expect("startup");
     let r = read_reply(&mut s, Duration::from_secs(10)).await;
     (s, r)
 }
@@ -336,7 +317,7 @@ async fn duplicate_startup_keys_are_read_as_postgresql_reads_them() {
     let mut diverged = Vec::new();
     // user twice: PostgreSQL logs in as the second.
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(&startup(&[
+    s.write_all(&startup_message(&[
         (b"user", roles::TRUST.as_bytes()),
         (b"database", b"app"),
         (b"user", roles::PLAIN.0.as_bytes()),
@@ -426,7 +407,10 @@ async fn split_ssl_request_with_stuffed_bytes_is_refused() {
         s.write_all(&SSL_REQUEST[..split]).await.expect("first piece");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut rest = SSL_REQUEST[split..].to_vec();
-        rest.extend_from_slice(&startup(&[(b"user", roles::TRUST.as_bytes()), (b"database", b"app")]));
+        rest.extend_from_slice(&startup_message(&[
+            (b"user", roles::TRUST.as_bytes()),
+            (b"database", b"app"),
+        ]));
         s.write_all(&rest).await.expect("rest");
         let mut all = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
@@ -445,7 +429,7 @@ async fn split_ssl_request_with_stuffed_bytes_is_refused() {
 async fn short_headers_wait_for_the_login_timeout_only() {
     let pg = support::postgres();
     let proxy = trust_proxy(&pg, 2).await;
-    let full = startup(&[(b"user", roles::TRUST.as_bytes()), (b"database", b"app")]);
+    let full = startup_message(&[(b"user", roles::TRUST.as_bytes()), (b"database", b"app")]);
     for n in [1usize, 4, 5, 7, 8, 12] {
         let started = Instant::now();
         let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
@@ -492,7 +476,7 @@ async fn what_a_client_sends_before_its_answer_is_kept_for_what_comes_next() {
     for (name, path) in [("short", "public"), ("long", long_path.as_str())] {
         let mut all = SSL_REQUEST.to_vec();
         let login_at = all.len();
-        all.extend_from_slice(&startup(&[
+        all.extend_from_slice(&startup_message(&[
             (b"user", roles::TRUST.as_bytes()),
             (b"database", b"app"),
             (b"search_path", path.as_bytes()),
@@ -552,7 +536,7 @@ async fn a_password_sent_with_the_startup_packet_is_its_answer() {
     b.auth_type = AuthType::Md5;
     b.client_login_timeout = Duration::from_secs(3);
     let proxy = b.start().await;
-    let mut all = startup(&[(b"user", roles::MD5.0.as_bytes()), (b"database", b"app")]);
+    let mut all = startup_message(&[(b"user", roles::MD5.0.as_bytes()), (b"database", b"app")]);
     let password = format!("md5{}\0", "0".repeat(32));
     let password = password.as_bytes();
     all.push(b'p');
@@ -596,7 +580,7 @@ async fn newer_protocol_versions_and_options_are_negotiated_down() {
         ),
     ];
     for (minor, pairs, expected) in cases {
-        let mut packet = startup(&pairs);
+        let mut packet = startup_message(&pairs);
         packet[6..8].copy_from_slice(&minor.to_be_bytes());
         let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
         s.write_all(&packet).await.expect("startup");
@@ -1165,7 +1149,7 @@ async fn same_as_direct(
     let mut direct = TcpStream::connect((pg.host(), pg.port()))
         .await
         .expect("connect directly");
-    direct.write_all(&startup(&pairs)).await.expect("startup");
+    direct.write_all(&startup_message(&pairs)).await.expect("startup");
     let r = read_reply(&mut direct, Duration::from_secs(10)).await;
     assert!(r.ready && r.error.is_none(), "direct login: {r:?}");
     let want = run(&mut direct, script, extended).await;

@@ -38,17 +38,28 @@ pub fn postgres_with(opts: EmbeddedOptions) -> EmbeddedPostgres {
 /// SSLRequest: length 8, code 80877103.
 pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// A protocol 3.0 StartupMessage for `user` and `db`, for raw-socket tests.
-pub fn startup_packet(user: &str, db: &str) -> Vec<u8> {
-    let mut body = 196608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
+/// A startup-phase packet: its length, `code` (a protocol version or a request code), `body`.
+pub fn packet(code: i32, body: &[u8]) -> Vec<u8> {
+    let mut v = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+    v.extend_from_slice(&code.to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// A protocol 3.0 StartupMessage carrying `pairs` as given (any bytes, duplicates, in order).
+pub fn startup_message(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, v) in pairs {
+        body.extend_from_slice(k);
         body.push(0);
-        body.extend_from_slice(v.as_bytes());
+        body.extend_from_slice(v);
         body.push(0);
     }
     body.push(0);
-    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    pkt.extend_from_slice(&body);
-    pkt
+    packet(196_608, &body)
+}
+
+/// A protocol 3.0 StartupMessage for `user` and `db`, for raw-socket tests.
+pub fn startup_packet(user: &str, db: &str) -> Vec<u8> {
+    startup_message(&[(b"user", user.as_bytes()), (b"database", db.as_bytes())])
 }
