@@ -75,7 +75,10 @@ impl Listener {
     async fn accept(&self, ctx: &ClientContext) -> std::io::Result<(Sock, PeerAddr)> {
         match self {
             Listener::Tcp { listener, inherited } => {
-                let (s, a) = listener.accept().await?;
+                // `poll_accept` waits in the socket's one read-waker slot (this task is its
+                // only acceptor), not `accept()`'s waiter list, linked and unlinked under the
+                // socket's lock each time the loop waits.
+                let (s, a) = std::future::poll_fn(|cx| listener.poll_accept(cx)).await?;
                 // Set per connection only when the listener's do not fit: a reload changed
                 // listen.tcp_keepalive, or the OS does not pass them on.
                 let keepalive = ctx.config.load().listen.tcp_keepalive;

@@ -407,7 +407,10 @@ impl Session {
         tokio::select! {
             biased;
             bits = self.info.stop.raised(KILL | SHUTDOWN) => Err(self.stopped(bits).await),
-            r = self.client.sock().readable() => r.map_err(ClientError::ClientIo),
+            // The socket's one read-waker slot (this task is its only reader), not tokio's
+            // `readable()`, whose waiter-list node is linked and unlinked under the socket's
+            // lock at every wait.
+            r = std::future::poll_fn(|cx| self.client.sock().poll_read_ready(cx)) => r.map_err(ClientError::ClientIo),
         }
     }
 

@@ -454,10 +454,6 @@ impl OwnSock {
         self.poll_ready(Dir::Write, cx)
     }
 
-    pub async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
-    }
-
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.io.peer_addr()
     }

@@ -67,10 +67,6 @@ impl Sock {
         each_sock!(self, s => s.poll_write_ready(cx))
     }
 
-    pub async fn readable(&self) -> io::Result<()> {
-        each_sock!(self, s => s.readable().await)
-    }
-
     /// Waits until a byte or EOF is waiting, without consuming it: Ok(0) at EOF, Ok(1) when
     /// bytes are waiting.
     fn poll_peek(&self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -538,6 +534,11 @@ mod tests {
 
     use super::*;
 
+    /// Waits until the reactor has seen `sock` readable, as the session's idle wait does.
+    async fn readable(sock: &Sock) -> io::Result<()> {
+        std::future::poll_fn(|cx| sock.poll_read_ready(cx)).await
+    }
+
     async fn pair() -> (TcpStream, Sock) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -553,7 +554,7 @@ mod tests {
     /// Reads with `try_read_drained` the way the event loop does: wait for readiness, read.
     async fn read_some(tcp: &Sock, buf: &mut BytesMut) -> usize {
         loop {
-            tokio::time::timeout(Duration::from_secs(5), tcp.readable())
+            tokio::time::timeout(Duration::from_secs(5), readable(tcp))
                 .await
                 .expect("readiness must come back for bytes sent after a short read")
                 .unwrap();
@@ -609,7 +610,7 @@ mod tests {
         assert_eq!(read_some(&rx, &mut buf).await, 5);
         // The short read cleared readiness: waiting starts at once, with no recv for EAGAIN.
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), rx.readable())
+            tokio::time::timeout(Duration::from_millis(50), readable(&rx))
                 .await
                 .is_err(),
             "a short read should leave the socket not ready"
@@ -631,7 +632,7 @@ mod tests {
         let (mut tx, busy) = pair().await;
         let (_quiet_peer, quiet) = pair().await;
         tx.write_all(b"ready").await.unwrap();
-        busy.readable().await.unwrap();
+        readable(&busy).await.unwrap();
         std::future::poll_fn(|cx| {
             // Spend the task's budget the way a long loop round can: on polls that succeed.
             for _ in 0..10_000 {
@@ -669,7 +670,7 @@ mod tests {
         let (mut tx, rx) = pair().await;
         tx.write_all(&[7u8; 100]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        rx.readable().await.unwrap();
+        readable(&rx).await.unwrap();
         let mut buf = BytesMut::with_capacity(10);
         let room = buf.capacity();
         // Filling the room says nothing about what is left: the rest is read without waiting.
