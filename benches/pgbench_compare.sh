@@ -38,7 +38,8 @@
 # for callgrind_annotate; CALLGRIND=1 only), FLOOR (0), TRANSPORT ("tcp": pgbench → proxy →
 # PostgreSQL over loopback TCP; "unix": over Unix-domain sockets on both hops, for both
 # proxies — PgBouncer's unix_socket_dir and host=<dir>, pgweir's listen.unix_socket_dir and
-# host = "<dir>" — the usual set-up when the proxy runs on the database host; not with FLOOR=1).
+# host = "<dir>" — the usual set-up when the proxy runs on the database host; not with FLOOR=1),
+# RESULTS_DIR (where the table is written, default benches/results).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -79,6 +80,7 @@ FLOOR_BIN=$ROOT/target/release/examples/floor
 TXS=${TXS:-40000}
 CG_KEEP=${CG_KEEP:-}
 TRANSPORT=${TRANSPORT:-tcp}
+RESULTS_DIR=${RESULTS_DIR:-benches/results}
 case $TRANSPORT in
 tcp | unix) ;;
 *)
@@ -124,7 +126,16 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null
     done
-    sleep 0.5
+    # A graceful stop, up to 5 s (benches/pgo_build.sh's instrumented pgweir writes its profile
+    # as it exits), then whatever is left is killed.
+    for _ in $(seq 1 50); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [[ $alive == 0 ]] && break
+        sleep 0.1
+    done
     for pid in "${PIDS[@]}"; do
         kill -9 "$pid" 2>/dev/null
     done
@@ -356,10 +367,10 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'
 }
 
-mkdir -p benches/results
-OUT="benches/results/$(date -u +%Y-%m-%dT%H%M).md"
+mkdir -p "$RESULTS_DIR"
+OUT="$RESULTS_DIR/$(date -u +%Y-%m-%dT%H%M).md"
 # Two short runs can start in the same minute: the second must not overwrite the first.
-[[ -e $OUT ]] && OUT="benches/results/$(date -u +%Y-%m-%dT%H%M%S).md"
+[[ -e $OUT ]] && OUT="$RESULTS_DIR/$(date -u +%Y-%m-%dT%H%M%S).md"
 {
     echo "# pgbench: pgweir vs PgBouncer ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
