@@ -32,9 +32,7 @@ fi
 
 WORK=$(mktemp -d /tmp/pgweir-pgo.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-# The harness may run pgweir as another user (it does not today); let it write here.
-chmod 777 "$WORK"
-mkdir -m 777 "$WORK/train"
+mkdir "$WORK/train"
 
 echo "== instrumented build (target/pgo-gen)" >&2
 # Build scripts are instrumented too and write their own profiles while building: they go to
