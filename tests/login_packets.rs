@@ -12,7 +12,7 @@ use pgweir::config::AuthType;
 use pgweir::embedded_pg::roles;
 use pgweir::pool::CANONICAL_VALUES_KEPT;
 use support::proxy::{TestProxy, TestProxyBuilder};
-use support::{SSL_REQUEST, packet, startup_message, wire};
+use support::{SSL_REQUEST, packet, startup_message, startup_packet, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -407,10 +407,7 @@ async fn split_ssl_request_with_stuffed_bytes_is_refused() {
         s.write_all(&SSL_REQUEST[..split]).await.expect("first piece");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut rest = SSL_REQUEST[split..].to_vec();
-        rest.extend_from_slice(&startup_message(&[
-            (b"user", roles::TRUST.as_bytes()),
-            (b"database", b"app"),
-        ]));
+        rest.extend_from_slice(&startup_packet(roles::TRUST, "app"));
         s.write_all(&rest).await.expect("rest");
         let mut all = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
@@ -429,7 +426,7 @@ async fn split_ssl_request_with_stuffed_bytes_is_refused() {
 async fn short_headers_wait_for_the_login_timeout_only() {
     let pg = support::postgres();
     let proxy = trust_proxy(&pg, 2).await;
-    let full = startup_message(&[(b"user", roles::TRUST.as_bytes()), (b"database", b"app")]);
+    let full = startup_packet(roles::TRUST, "app");
     for n in [1usize, 4, 5, 7, 8, 12] {
         let started = Instant::now();
         let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
@@ -536,7 +533,7 @@ async fn a_password_sent_with_the_startup_packet_is_its_answer() {
     b.auth_type = AuthType::Md5;
     b.client_login_timeout = Duration::from_secs(3);
     let proxy = b.start().await;
-    let mut all = startup_message(&[(b"user", roles::MD5.0.as_bytes()), (b"database", b"app")]);
+    let mut all = startup_packet(roles::MD5.0, "app");
     let password = format!("md5{}\0", "0".repeat(32));
     let password = password.as_bytes();
     all.push(b'p');
