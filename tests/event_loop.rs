@@ -129,6 +129,45 @@ async fn forty_clients_share_two_servers_through_the_event_loop_and_get_their_ow
     assert!(pool.snapshot().open <= 2, "{:?}", pool.snapshot());
 }
 
+/// One server, taken in turns by a client in the event loop and by one-transaction clients on
+/// their tasks: the loop adopts the server's socket when it lends it, a task moves it back to
+/// tokio's reactor (`Sock::to_runtime`), and every turn gets its own answer from the one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_taken_in_turns_by_the_event_loop_and_by_tasks_answers_each_of_them() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).event_loop(true).pool_size(1).start().await;
+    let regular = proxy.connect(roles::SCRAM).await;
+    warm_up(&regular).await;
+    assert!(all_clients_in_event_loop(&proxy, 1, true).await);
+    let pid: i32 = regular
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    for turn in 0..20i32 {
+        let once = proxy.connect(roles::SCRAM).await;
+        let row = tokio::time::timeout(
+            Duration::from_secs(5),
+            once.query_one("select $1::int4 * 2, pg_backend_pid()", &[&turn]),
+        )
+        .await
+        .expect("a task's link answers")
+        .expect("query");
+        assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (turn * 2, pid));
+        drop(once);
+        let rows = tokio::time::timeout(
+            Duration::from_secs(5),
+            regular.simple_query(&format!("select {turn} + 1000")),
+        )
+        .await
+        .expect("the loop's link answers")
+        .expect("query");
+        assert_eq!(first_value(&rows).expect("a row"), (turn + 1000).to_string());
+    }
+    let pool = &proxy.proxy().context().pools.all()[0];
+    assert_eq!(pool.snapshot().open, 1, "{:?}", pool.snapshot());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_timeouts_and_pool_waits_that_start_in_the_event_loop_reach_the_client() {
     let pg = support::postgres();

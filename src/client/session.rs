@@ -665,7 +665,10 @@ impl Session {
         let waited = now.saturating_duration_since(started);
         self.pool.stats().acquire_wait.observe(waited);
         match result {
-            Ok(server) => {
+            Ok(mut server) => {
+                // A task waits on its server through tokio, not through a loop's thread. Moved
+                // only now: the checks above read what the loop's reactor saw on the socket.
+                server.conn().stream.to_runtime();
                 self.info
                     .set_linked(server.conn_ref().backend_pid(), wall_ms + waited.as_millis() as u64);
                 Ok((server, mono))

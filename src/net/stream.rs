@@ -124,6 +124,33 @@ impl Sock {
         }
     }
 
+    /// Moves a socket on an event loop's reactor back to tokio's: a server that a task links
+    /// after a loop last lent it. Waiting on it where it was would route every wake-up through
+    /// the loop's thread (its `epoll_wait` returns, it wakes the task with an eventfd write),
+    /// and a sleeping loop thread makes that a second context switch per reply: ~10 µs per
+    /// `pgbench -C` connection (docs/performance.md round 27). Four syscalls (the duplicate, its
+    /// registration with tokio, the deregistration and close of the old descriptor); on failure
+    /// the socket stays where it was. Only for a socket no task waits on.
+    #[inline]
+    pub fn to_runtime(&mut self) {
+        if matches!(self, Sock::Own(_)) {
+            self.leave_loop();
+        }
+    }
+
+    #[inline(never)]
+    fn leave_loop(&mut self) {
+        let Sock::Own(own) = self else {
+            return;
+        };
+        let Ok(dup) = own.try_clone_std() else {
+            return;
+        };
+        if let Ok(tcp) = TcpStream::from_std(dup) {
+            *self = Sock::Tcp(tcp);
+        }
+    }
+
     /// The socket on `reactor`, if it is one.
     #[inline]
     pub fn own_on(&self, reactor: &Arc<Reactor>) -> Option<&OwnSock> {
@@ -344,6 +371,14 @@ impl Stream {
     pub fn adopt(&mut self, reactor: Option<&Arc<Reactor>>) {
         if let (Some(reactor), Stream::Plain(sock)) = (reactor, self) {
             sock.adopt(reactor);
+        }
+    }
+
+    /// [`Sock::to_runtime`] for a plain stream.
+    #[inline]
+    pub fn to_runtime(&mut self) {
+        if let Stream::Plain(sock) = self {
+            sock.to_runtime();
         }
     }
 
@@ -663,6 +698,32 @@ mod tests {
             Poll::Ready(())
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_socket_moved_back_from_a_loop_keeps_its_bytes_and_works_through_tokio() {
+        let (mut peer, mut sock) = pair().await;
+        // Nobody turns this reactor: a socket still on it would never be seen readable.
+        let (_driver, reactor) = crate::net::reactor::Driver::new().unwrap();
+        sock.adopt(&reactor);
+        assert!(sock.own_on(&reactor).is_some());
+        peer.write_all(b"before").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sock.to_runtime();
+        assert!(matches!(sock, Sock::Tcp(_)), "{sock:?}");
+        peer.write_all(b"after").await.unwrap();
+        let mut buf = BytesMut::with_capacity(64);
+        while buf.len() < 11 {
+            read_some(&sock, &mut buf).await;
+        }
+        assert_eq!(&buf[..], b"beforeafter");
+        let mut sock = sock;
+        sock.write_all(b"reply").await.unwrap();
+        let mut got = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got).await.unwrap();
+        assert_eq!(&got, b"reply");
+        sock.to_runtime();
+        assert!(matches!(sock, Sock::Tcp(_)), "a socket on tokio stays there");
     }
 
     #[tokio::test]
