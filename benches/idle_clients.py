@@ -8,8 +8,10 @@
 With --tls each client asks for TLS (SSLRequest) and logs in over it, certificate unchecked;
 the proxy must be configured for client TLS. --pid may name any proxy (PgBouncer too).
 With --queries N each client runs N simple queries (`SELECT 1`) after logging in, then idles:
-the memory of a client that has worked and gone idle (pgweir serves a client's transactions
-from its third on in an event loop; what a session keeps between transactions shows here).
+the memory of a client that has worked and gone idle (what a session keeps between
+transactions shows here). pgweir serves a client's transactions on its task until it has run
+listen.event_loop_after of them (default 16), then in an event loop: --queries 4 measures the
+first kind, --queries 20 the second.
 
 Each client sends a StartupMessage and reads until ReadyForQuery, then stays idle. RSS is read
 from /proc/PID/status (VmRSS) before connecting and after every client is logged in and a

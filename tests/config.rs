@@ -109,6 +109,7 @@ fn minimal_parses_with_defaults() {
         c.listen.event_loop,
         "the event loops serve plain-TCP transaction-mode clients by default"
     );
+    assert_eq!(c.listen.event_loop_after, 16);
     assert_eq!(c.listen.tcp_keepalive, Some(Duration::from_secs(60)));
 
     let app = &c.databases["app"];
@@ -376,6 +377,22 @@ fn max_message_size_out_of_range() {
         "listen.max_message_size",
         "1 GiB",
     );
+}
+
+#[test]
+fn event_loop_after_out_of_range() {
+    one_problem(
+        &with_db("\n[listen]\nevent_loop_after = 0\n"),
+        "listen.event_loop_after",
+        "at least 1",
+    );
+    one_problem(
+        &with_db("\n[listen]\nevent_loop_after = 256\n"),
+        "listen.event_loop_after",
+        "at most 255",
+    );
+    let c = Config::from_toml(&with_db("\n[listen]\nevent_loop_after = 1\n"), None).expect("1 is valid");
+    assert_eq!(c.listen.event_loop_after, 1);
 }
 
 #[test]

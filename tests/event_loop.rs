@@ -73,6 +73,33 @@ async fn idle_transaction_mode_clients_wait_in_the_event_loop_and_others_in_thei
     assert!(all_clients_in_event_loop(&session, 1, false).await);
 }
 
+/// `listen.event_loop_after` at its default: a client that connects for a few transactions
+/// stays on its task (no crossing to the loop's thread and back), a long-lived one moves over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waits_in_the_event_loop_only_after_event_loop_after_transactions() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .event_loop(true)
+        .event_loop_after(16)
+        .start()
+        .await;
+    let client = proxy.connect(roles::SCRAM).await;
+    for n in 1..=15 {
+        client.simple_query("select 1").await.expect("query");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let clients = clients_json(&proxy).await;
+        assert_eq!(clients[0]["event_loop"], false, "after {n} transactions: {clients:?}");
+    }
+    client.simple_query("select 1").await.expect("query");
+    assert!(
+        all_clients_in_event_loop(&proxy, 1, true).await,
+        "{:?}",
+        clients_json(&proxy).await
+    );
+    let rows = client.simple_query("select 41 + 1").await.expect("query in the loop");
+    assert_eq!(first_value(&rows).expect("a row"), "42");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_clients_share_two_servers_through_the_event_loop_and_get_their_own_rows() {
     let pg = support::postgres();

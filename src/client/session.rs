@@ -88,8 +88,10 @@ struct Session {
     spares: LinkSpares,
     /// Between transactions the session is handed to the event loop (`hub`).
     hub_eligible: bool,
-    /// Transactions (links) this session's task has ended, up to [`HUB_AFTER_LINKS`].
+    /// Transactions (links) this session's task has ended, counted up to `event_loop_after`.
     task_links: u8,
+    /// `listen.event_loop_after` when the session started.
+    hub_after: u8,
     /// Which of the event loops.
     hub_index: usize,
     /// ParameterStatus messages the client is owed (a server reported a value in another
@@ -170,9 +172,13 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         ..
     } = login;
     let settings = pool.settings().clone();
-    let (max_message, query_text_bytes) = {
+    let (max_message, query_text_bytes, hub_after) = {
         let config = ctx.config.load();
-        (config.listen.max_message_size, config.admin.query_text_bytes)
+        (
+            config.listen.max_message_size,
+            config.admin.query_text_bytes,
+            config.listen.event_loop_after,
+        )
     };
     let hub = ctx
         .hub
@@ -210,6 +216,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         spares: LinkSpares::default(),
         hub_eligible: hub.is_some(),
         task_links: 0,
+        hub_after,
         hub_index: hub.as_ref().map_or(0, Hub::assign),
         status_for_client: BytesMut::new(),
     });
@@ -237,14 +244,6 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
     ctx.cancels.unregister(key);
     result
 }
-
-/// A session waits for its next transaction in the event loop only once its task has served
-/// this many: the loop runs on a thread of its own, and entering it and coming back for the
-/// Terminate crosses between threads twice (an eventfd write and a wake-up each way, ~25 µs of
-/// CPU per connection measured with `pgbench -C`). A client that runs one transaction per
-/// connection never enters; one that comes back for a second stays connected and pays the
-/// crossing once.
-const HUB_AFTER_LINKS: u8 = 2;
 
 impl Drop for Session {
     fn drop(&mut self) {
@@ -373,7 +372,10 @@ impl Session {
                     self.ctx.buffers.give(std::mem::take(&mut self.buf));
                 }
                 if self.hub_eligible
-                    && self.task_links >= HUB_AFTER_LINKS
+                    // The loop runs on a thread of its own: entering it, and coming back for the
+                    // Terminate, crosses between threads twice (an eventfd write and a wake-up
+                    // each way, ~20 µs of CPU), which a short-lived client would never earn back.
+                    && self.task_links >= self.hub_after
                     && !self.discard_until_sync
                     && self.info.stop.raised_now(KILL | SHUTDOWN) == 0
                 {

@@ -144,6 +144,11 @@ pub struct ListenConfig {
     /// Serve plain-TCP transaction-mode clients from one event loop per worker instead of a
     /// task each (less CPU per transaction). Default true.
     pub event_loop: bool,
+    /// Transactions a session serves on its own task before it waits in an event loop. Crossing
+    /// to the loop's thread and back (for the Terminate) costs about as much CPU as twenty
+    /// transactions save there, so a client that connects for a few transactions never crosses
+    /// (docs/performance.md round 27). 1..=255; default 16.
+    pub event_loop_after: u8,
     /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.
     pub tcp_keepalive: Option<Duration>,
     /// This instance's id (1..=16383) in the cancel keys it issues, for cancel forwarding

@@ -35,6 +35,8 @@ pub struct TestProxyBuilder<'a> {
     /// else or unset = the event loop, the default): the whole suite runs on either data
     /// path, and `.ci/run` runs it both ways.
     pub event_loop: Option<bool>,
+    /// listen.event_loop_after.
+    pub event_loop_after: u8,
     /// listen.unix_socket_dir; None = TCP only.
     pub unix_socket_dir: Option<std::path::PathBuf>,
     /// Connect to PostgreSQL over its Unix socket (host = its socket dir) instead of TCP.
@@ -86,6 +88,7 @@ impl<'a> TestProxyBuilder<'a> {
             auth_query: None,
             peer_id: 0,
             event_loop: None,
+            event_loop_after: 2,
             unix_socket_dir: None,
             server_unix_socket: false,
         }
@@ -93,6 +96,11 @@ impl<'a> TestProxyBuilder<'a> {
 
     pub fn event_loop(mut self, on: bool) -> Self {
         self.event_loop = Some(on);
+        self
+    }
+
+    pub fn event_loop_after(mut self, transactions: u8) -> Self {
+        self.event_loop_after = transactions;
         self
     }
 
@@ -153,6 +161,9 @@ impl<'a> TestProxyBuilder<'a> {
                 event_loop: self
                     .event_loop
                     .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").map_or(true, |v| v != "0")),
+                // From the second transaction on, not the default 16: the suite's clients run a
+                // few transactions each, and the loop is the path most of them should take.
+                event_loop_after: self.event_loop_after,
                 tcp_keepalive: Some(Duration::from_secs(60)),
                 peer_id: self.peer_id,
                 unix_socket_dir: self.unix_socket_dir.clone(),
