@@ -10,8 +10,8 @@ the proxy must be configured for client TLS. --pid may name any proxy (PgBouncer
 With --queries N each client runs N simple queries (`SELECT 1`) after logging in, then idles:
 the memory of a client that has worked and gone idle (what a session keeps between
 transactions shows here). pgweir serves a client's transactions on its task until it has run
-listen.event_loop_after of them (default 16), then in an event loop: --queries 4 measures the
-first kind, --queries 20 the second.
+listen.event_loop_after of them (default 64), then in an event loop: --queries 4 measures the
+first kind, --queries 70 the second.
 
 Each client sends a StartupMessage and reads until ReadyForQuery, then stays idle. RSS is read
 from /proc/PID/status (VmRSS) before connecting and after every client is logged in and a

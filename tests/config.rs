@@ -109,7 +109,7 @@ fn minimal_parses_with_defaults() {
         c.listen.event_loop,
         "the event loops serve plain-TCP transaction-mode clients by default"
     );
-    assert_eq!(c.listen.event_loop_after, 16);
+    assert_eq!(c.listen.event_loop_after, 64);
     assert_eq!(c.listen.tcp_keepalive, Some(Duration::from_secs(60)));
 
     let app = &c.databases["app"];

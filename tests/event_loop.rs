@@ -80,15 +80,17 @@ async fn a_session_waits_in_the_event_loop_only_after_event_loop_after_transacti
     let pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg)
         .event_loop(true)
-        .event_loop_after(16)
+        .event_loop_after(64)
         .start()
         .await;
     let client = proxy.connect(roles::SCRAM).await;
-    for n in 1..=15 {
+    for n in 1..=63 {
         client.simple_query("select 1").await.expect("query");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let clients = clients_json(&proxy).await;
-        assert_eq!(clients[0]["event_loop"], false, "after {n} transactions: {clients:?}");
+        if [1, 2, 16, 62, 63].contains(&n) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let clients = clients_json(&proxy).await;
+            assert_eq!(clients[0]["event_loop"], false, "after {n} transactions: {clients:?}");
+        }
     }
     client.simple_query("select 1").await.expect("query");
     assert!(

@@ -145,9 +145,9 @@ pub struct ListenConfig {
     /// task each (less CPU per transaction). Default true.
     pub event_loop: bool,
     /// Transactions a session serves on its own task before it waits in an event loop. Crossing
-    /// to the loop's thread and back (for the Terminate) costs about as much CPU as twenty
-    /// transactions save there, so a client that connects for a few transactions never crosses
-    /// (docs/performance.md round 27). 1..=255; default 16.
+    /// to the loop's thread, and back for the Terminate, costs more CPU than a loop saves on a
+    /// connection's first dozens of transactions, so a client that connects for a few never
+    /// crosses (docs/performance.md round 27). 1..=255; default 64.
     pub event_loop_after: u8,
     /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.
     pub tcp_keepalive: Option<Duration>,
