@@ -381,6 +381,11 @@ impl Session {
                 {
                     return Ok(Next::ToHub);
                 }
+                // Nor the one its last transaction read into: empty, it still keeps the pages
+                // that transaction touched (8.3 against 3.9 KiB per idle client).
+                if self.buf.capacity() > 0 {
+                    self.ctx.buffers.give(std::mem::take(&mut self.buf));
+                }
                 self.wait_client_readable().await?;
             }
             self.reserve_for_client();
