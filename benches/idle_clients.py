@@ -9,9 +9,10 @@ With --tls each client asks for TLS (SSLRequest) and logs in over it, certificat
 the proxy must be configured for client TLS. --pid may name any proxy (PgBouncer too).
 With --queries N each client runs N simple queries (`SELECT 1`) after logging in, then idles:
 the memory of a client that has worked and gone idle (what a session keeps between
-transactions shows here). pgweir serves a client's transactions on its task until it has run
-listen.event_loop_after of them (default 64), then in an event loop: --queries 4 measures the
-first kind, --queries 70 the second.
+transactions shows here). pgweir serves a client's transactions on its task until it has been
+connected for listen.event_loop_after (default 100 ms), then in an event loop: the queries run
+right after the login, so a proxy with the default measures the first kind; one with
+event_loop_after = 0 the second.
 
 Each client sends a StartupMessage and reads until ReadyForQuery, then stays idle. RSS is read
 from /proc/PID/status (VmRSS) before connecting and after every client is logged in and a

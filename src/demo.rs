@@ -53,7 +53,7 @@ pub fn demo_config(pg: &EmbeddedPostgres, listen: SocketAddr) -> Config {
             shutdown_timeout: std::time::Duration::from_secs(5),
             workers: 0,
             event_loop: true,
-            event_loop_after: 64,
+            event_loop_after: std::time::Duration::from_millis(100),
             tcp_keepalive: Some(std::time::Duration::from_secs(60)),
             peer_id: 0,
             unix_socket_dir: None,

@@ -109,7 +109,7 @@ fn minimal_parses_with_defaults() {
         c.listen.event_loop,
         "the event loops serve plain-TCP transaction-mode clients by default"
     );
-    assert_eq!(c.listen.event_loop_after, 64);
+    assert_eq!(c.listen.event_loop_after, Duration::from_millis(100));
     assert_eq!(c.listen.tcp_keepalive, Some(Duration::from_secs(60)));
 
     let app = &c.databases["app"];
@@ -380,19 +380,21 @@ fn max_message_size_out_of_range() {
 }
 
 #[test]
-fn event_loop_after_out_of_range() {
+fn event_loop_after_is_a_duration_and_zero_means_at_once() {
     one_problem(
-        &with_db("\n[listen]\nevent_loop_after = 0\n"),
+        &with_db("\n[listen]\nevent_loop_after = 100\n"),
         "listen.event_loop_after",
-        "at least 1",
+        "needs a unit",
     );
     one_problem(
-        &with_db("\n[listen]\nevent_loop_after = 256\n"),
+        &with_db("\n[listen]\nevent_loop_after = \"-1s\"\n"),
         "listen.event_loop_after",
-        "at most 255",
+        "",
     );
-    let c = Config::from_toml(&with_db("\n[listen]\nevent_loop_after = 1\n"), None).expect("1 is valid");
-    assert_eq!(c.listen.event_loop_after, 1);
+    let c = Config::from_toml(&with_db("\n[listen]\nevent_loop_after = 0\n"), None).expect("0 is valid");
+    assert_eq!(c.listen.event_loop_after, Duration::ZERO);
+    let c = Config::from_toml(&with_db("\n[listen]\nevent_loop_after = \"2s\"\n"), None).expect("2s is valid");
+    assert_eq!(c.listen.event_loop_after, Duration::from_secs(2));
 }
 
 #[test]

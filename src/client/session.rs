@@ -88,10 +88,11 @@ struct Session {
     spares: LinkSpares,
     /// Between transactions the session is handed to the event loop (`hub`).
     hub_eligible: bool,
-    /// Transactions (links) this session's task has ended, counted up to `event_loop_after`.
+    /// Transactions (links) this session's task has ended, up to [`HUB_AFTER_LINKS`].
     task_links: u8,
-    /// `listen.event_loop_after` when the session started.
-    hub_after: u8,
+    /// When the session started, and `listen.event_loop_after` then.
+    started: Mono,
+    hub_after: std::time::Duration,
     /// Which of the event loops.
     hub_index: usize,
     /// ParameterStatus messages the client is owed (a server reported a value in another
@@ -172,6 +173,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         ..
     } = login;
     let settings = pool.settings().clone();
+    let started = Mono::now();
     let (max_message, query_text_bytes, hub_after) = {
         let config = ctx.config.load();
         (
@@ -210,12 +212,13 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         discard_until_sync: false,
         login: LoggedInKeys { key, slot },
         statements: ClientStatements::new(),
-        last_activity: Mono::now(),
+        last_activity: started,
         info,
         query_text_bytes,
         spares: LinkSpares::default(),
         hub_eligible: hub.is_some(),
         task_links: 0,
+        started,
         hub_after,
         hub_index: hub.as_ref().map_or(0, Hub::assign),
         status_for_client: BytesMut::new(),
@@ -244,6 +247,11 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
     ctx.cancels.unregister(key);
     result
 }
+
+/// A session waits in the event loop no sooner than after this many transactions on its task
+/// (and `listen.event_loop_after` after it connected): a client that runs one transaction per
+/// connection never crosses to the loop's thread, however long it stays connected.
+const HUB_AFTER_LINKS: u8 = 2;
 
 impl Drop for Session {
     fn drop(&mut self) {
@@ -374,8 +382,10 @@ impl Session {
                 if self.hub_eligible
                     // The loop runs on a thread of its own: entering it, and coming back for the
                     // Terminate, crosses between threads twice (an eventfd write and a wake-up
-                    // each way, ~20 µs of CPU), which a short-lived client would never earn back.
-                    && self.task_links >= self.hub_after
+                    // each way), which a short-lived client would never earn back. The last
+                    // link's start stands for now: no clock read per wait.
+                    && self.task_links >= HUB_AFTER_LINKS
+                    && self.last_activity.since(self.started) >= self.hub_after
                     && !self.discard_until_sync
                     && self.info.stop.raised_now(KILL | SHUTDOWN) == 0
                 {

@@ -699,7 +699,11 @@ fn listen_config(p: &mut Problems, l: &RawListen) -> ListenConfig {
         shutdown_timeout,
         workers,
         event_loop: l.event_loop.unwrap_or(true),
-        event_loop_after: p.count("listen.event_loop_after", l.event_loop_after, 64, 1, 255) as u8,
+        event_loop_after: p.duration_or_zero(
+            "listen.event_loop_after",
+            &l.event_loop_after,
+            Duration::from_millis(100),
+        ),
         peer_id: p.count("listen.peer_id", l.peer_id, 0, 0, MAX_PEER_ID as usize) as u16,
         tcp_keepalive,
     }

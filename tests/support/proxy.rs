@@ -36,7 +36,7 @@ pub struct TestProxyBuilder<'a> {
     /// path, and `.ci/run` runs it both ways.
     pub event_loop: Option<bool>,
     /// listen.event_loop_after.
-    pub event_loop_after: u8,
+    pub event_loop_after: Duration,
     /// listen.unix_socket_dir; None = TCP only.
     pub unix_socket_dir: Option<std::path::PathBuf>,
     /// Connect to PostgreSQL over its Unix socket (host = its socket dir) instead of TCP.
@@ -88,7 +88,7 @@ impl<'a> TestProxyBuilder<'a> {
             auth_query: None,
             peer_id: 0,
             event_loop: None,
-            event_loop_after: 2,
+            event_loop_after: Duration::ZERO,
             unix_socket_dir: None,
             server_unix_socket: false,
         }
@@ -99,8 +99,8 @@ impl<'a> TestProxyBuilder<'a> {
         self
     }
 
-    pub fn event_loop_after(mut self, transactions: u8) -> Self {
-        self.event_loop_after = transactions;
+    pub fn event_loop_after(mut self, connected: Duration) -> Self {
+        self.event_loop_after = connected;
         self
     }
 
@@ -161,7 +161,7 @@ impl<'a> TestProxyBuilder<'a> {
                 event_loop: self
                     .event_loop
                     .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").map_or(true, |v| v != "0")),
-                // From the second transaction on, not the default 64: the suite's clients run a
+                // From the second transaction on, not after the default 100 ms: the suite's clients run a
                 // few transactions each, and the loop is the path most of them should take.
                 event_loop_after: self.event_loop_after,
                 tcp_keepalive: Some(Duration::from_secs(60)),
