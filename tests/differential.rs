@@ -1741,11 +1741,19 @@ struct Variant {
 async fn variants(pg: &EmbeddedPostgres) -> Vec<Variant> {
     let mut out = Vec::new();
     // Pools of one and two servers, both data paths, and a statement cache small enough that
-    // pgweir closes and re-prepares statements all the time.
-    for (pool_size, event_loop, max_prepared) in [(1, true, 200), (2, false, 3), (1, false, 200), (2, true, 2)] {
+    // pgweir closes and re-prepares statements all the time. A session enters the loop after
+    // its second transaction, or (the last) once connected for 20 ms: at whatever point of its
+    // script that falls.
+    for (pool_size, event_loop, max_prepared, loop_after_ms) in [
+        (1, true, 200, 0),
+        (2, false, 3, 0),
+        (1, false, 200, 0),
+        (2, true, 2, 20),
+    ] {
         let mut b = TestProxyBuilder::new(pg)
             .pool_size(pool_size)
             .event_loop(event_loop)
+            .event_loop_after(Duration::from_millis(loop_after_ms))
             .with_pool(|p| {
                 // One client's long transaction must not make another's wait an error.
                 p.acquire_timeout = Duration::from_secs(120);
@@ -1753,7 +1761,10 @@ async fn variants(pg: &EmbeddedPostgres) -> Vec<Variant> {
             });
         b.auth_type = AuthType::Trust;
         out.push(Variant {
-            name: format!("pool_size {pool_size}, event_loop {event_loop}, max_prepared_statements {max_prepared}"),
+            name: format!(
+                "pool_size {pool_size}, event_loop {event_loop}, max_prepared_statements {max_prepared}, \
+                 event_loop_after {loop_after_ms} ms"
+            ),
             proxy: b.start().await,
         });
     }
