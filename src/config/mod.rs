@@ -144,11 +144,11 @@ pub struct ListenConfig {
     /// Serve plain-TCP transaction-mode clients from one event loop per worker instead of a
     /// task each (less CPU per transaction). Default true.
     pub event_loop: bool,
-    /// How long a session has been connected before it waits in an event loop (from its second
-    /// transaction on in any case). Crossing to the loop's thread, and back for the Terminate,
-    /// costs a connection more CPU than the loop saves it over a few dozen transactions, so a
+    /// How long a session has been connected before it waits in an event loop (never before its
+    /// third transaction). Crossing to the loop's thread, and back for the Terminate, costs a
+    /// connection more CPU than the loop saves it over a few dozen transactions, so a
     /// short-lived client (a web request, `pgbench -C`) never crosses; a long-lived one moves
-    /// over soon after it connects (docs/performance.md round 27). Zero: from the second
+    /// over soon after it connects (docs/performance.md round 27). Zero: from the third
     /// transaction. Default 100 ms.
     pub event_loop_after: Duration,
     /// TCP keepalive idle time on client and server sockets; None = OS default. Default 60s.

@@ -155,7 +155,8 @@ pub struct RawListen {
     pub workers: Option<i64>,
     /// `event_loop`: serve plain-TCP transaction-mode clients from per-worker event loops.
     pub event_loop: Option<bool>,
-    /// `event_loop_after`: connected this long before a session waits in the loop; 0 = at once.
+    /// `event_loop_after`: connected this long before a session waits in the loop; 0 = from its
+    /// third transaction.
     pub event_loop_after: Option<RawDuration>,
     /// `tcp_keepalive`; 0 leaves the OS default.
     pub tcp_keepalive: Option<RawDuration>,

@@ -717,7 +717,6 @@ mod tests {
             read_some(&sock, &mut buf).await;
         }
         assert_eq!(&buf[..], b"beforeafter");
-        let mut sock = sock;
         sock.write_all(b"reply").await.unwrap();
         let mut got = [0u8; 5];
         tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got).await.unwrap();
