@@ -353,11 +353,6 @@ fn enroll(io: &TcpStream, reactor: &Arc<Reactor>) -> io::Result<(Arc<IoState>, u
 }
 
 impl OwnSock {
-    /// A second descriptor for the socket, for a registration elsewhere.
-    pub fn try_clone_std(&self) -> io::Result<TcpStream> {
-        self.io.try_clone()
-    }
-
     /// Whether this socket is registered with `reactor`.
     pub fn is_on(&self, reactor: &Arc<Reactor>) -> bool {
         Arc::ptr_eq(&self.reactor, reactor)

@@ -143,10 +143,10 @@ impl Sock {
         let Sock::Own(own) = self else {
             return;
         };
-        let Ok(dup) = own.try_clone_std() else {
+        let Ok(dup) = socket2::SockRef::from(&*own).try_clone() else {
             return;
         };
-        if let Ok(tcp) = TcpStream::from_std(dup) {
+        if let Ok(tcp) = TcpStream::from_std(dup.into()) {
             *self = Sock::Tcp(tcp);
         }
     }
