@@ -90,9 +90,8 @@ struct Session {
     hub_eligible: bool,
     /// Transactions (links) this session's task has ended, up to [`HUB_AFTER_LINKS`].
     task_links: u8,
-    /// When the session started, and `listen.event_loop_after` then.
-    started: Mono,
-    hub_after: std::time::Duration,
+    /// When the session has been connected for `listen.event_loop_after` (as it was at the start).
+    hub_from: Mono,
     /// Which of the event loops.
     hub_index: usize,
     /// ParameterStatus messages the client is owed (a server reported a value in another
@@ -174,12 +173,12 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
     } = login;
     let settings = pool.settings().clone();
     let started = Mono::now();
-    let (max_message, query_text_bytes, hub_after) = {
+    let (max_message, query_text_bytes, hub_from) = {
         let config = ctx.config.load();
         (
             config.listen.max_message_size,
             config.admin.query_text_bytes,
-            config.listen.event_loop_after,
+            started.saturating_add(config.listen.event_loop_after),
         )
     };
     let hub = ctx
@@ -218,8 +217,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         spares: LinkSpares::default(),
         hub_eligible: hub.is_some(),
         task_links: 0,
-        started,
-        hub_after,
+        hub_from,
         hub_index: hub.as_ref().map_or(0, Hub::assign),
         status_for_client: BytesMut::new(),
     });
@@ -385,7 +383,7 @@ impl Session {
                     // each way), which a short-lived client would never earn back. The last
                     // link's start stands for now: no clock read per wait.
                     && self.task_links >= HUB_AFTER_LINKS
-                    && self.last_activity.since(self.started) >= self.hub_after
+                    && self.last_activity >= self.hub_from
                     && !self.discard_until_sync
                     && self.info.stop.raised_now(KILL | SHUTDOWN) == 0
                 {

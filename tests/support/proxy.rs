@@ -161,8 +161,8 @@ impl<'a> TestProxyBuilder<'a> {
                 event_loop: self
                     .event_loop
                     .unwrap_or_else(|| std::env::var("PGWEIR_TEST_EVENT_LOOP").map_or(true, |v| v != "0")),
-                // From the second transaction on, not after the default 100 ms: the suite's clients run a
-                // few transactions each, and the loop is the path most of them should take.
+                // After the second transaction, not after the default 100 ms: the suite's clients
+                // run a few transactions each, and the loop is the path most of them should take.
                 event_loop_after: self.event_loop_after,
                 tcp_keepalive: Some(Duration::from_secs(60)),
                 peer_id: self.peer_id,
