@@ -261,6 +261,7 @@ impl Link {
     /// by name, so one added to [`Link`], or a reset dropped from here, fails to build (an
     /// unused binding is an error under clippy's `-D warnings`): a value left from the last
     /// transaction would reach another client's.
+    #[inline]
     fn start(&mut self) {
         let Link {
             server,
@@ -389,6 +390,7 @@ impl Link {
     }
 
     /// Records that the first `n` bytes of [`Link::bytes_for_client`] were sent.
+    #[inline]
     pub fn sent_to_client(&mut self, n: usize) {
         if self.inject.is_empty() {
             consume(&mut self.server.conn().buf, n);
@@ -1242,6 +1244,7 @@ impl Link {
     /// Clears the reply queue when it still expects replies although the server has answered
     /// every Sync and Query: a message flow pgweir does not model must not block the release
     /// of the server forever (pgweir's own pending replies are kept).
+    #[inline]
     pub fn settle(&mut self) {
         if self.pending_rfq == 0 && !self.unsynced && !self.expect.is_empty() && self.s_ready == 0 {
             if matches!(

@@ -826,6 +826,7 @@ impl Session {
         }
     }
 
+    #[inline]
     fn current_params_form(&mut self) -> &std::sync::Arc<[u8]> {
         if self.params_form.0 != self.params.generation() {
             self.params_form = (
@@ -872,6 +873,7 @@ impl Session {
         self.link_started(link, linked_at);
     }
 
+    #[inline]
     fn link_started(&mut self, link: &mut Link, linked_at: Mono) {
         if !self.status_for_client.is_empty() {
             link.inject.extend_from_slice(&self.status_for_client);
@@ -883,6 +885,7 @@ impl Session {
     }
 
     /// Folds a link's counters into its pool's: once per link, no per-message metric cost.
+    #[inline]
     fn fold_link_stats(&self, link: &Link, linked_at: Mono, now: Mono) {
         let stats = self.pool.stats();
         stats.transaction_duration.observe(now.since(linked_at));

@@ -141,6 +141,7 @@ impl LoopBuffers {
 
     /// Keeps an empty buffer for this loop's next taker; past [`LoopBuffers::MAX`] it goes to
     /// the pool. `pool` must be the one the buffer came from (its size rules).
+    #[inline]
     pub fn give(&mut self, pool: &BufferPool, mut buf: BytesMut) {
         if self.0.len() >= Self::MAX {
             return pool.give(buf);

@@ -389,6 +389,7 @@ impl OwnSock {
 
     /// One `recv` into `buf`'s spare room (64 bytes when it has none, as tokio's does), without
     /// looking at readiness.
+    #[inline]
     pub fn read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         let room = buf.capacity() - buf.len();
         let want = if room == 0 { 64 } else { room.min(SCRATCH) };
@@ -406,6 +407,7 @@ impl OwnSock {
     /// read-ready, and a read that leaves room in `buf` drained the socket, so it clears read
     /// readiness like a `WouldBlock` would, without making and inspecting one (twice per
     /// proxied round trip).
+    #[inline]
     pub fn try_read_drained(&self, buf: &mut BytesMut) -> io::Result<usize> {
         let seen = self.state.ready.load(Ordering::SeqCst);
         if seen & Dir::Read.mask() == 0 {
@@ -421,6 +423,7 @@ impl OwnSock {
         r
     }
 
+    #[inline]
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         self.try_io(tokio::io::Interest::WRITABLE, || {
             Ok(rustix::net::send(&self.io, buf, rustix::net::SendFlags::NOSIGNAL)?)

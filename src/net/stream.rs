@@ -203,6 +203,7 @@ impl AsyncWrite for Sock {
 /// wasted syscall per read: two per proxied transaction in the event loop).
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
+#[inline]
 pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
     // One body per tokio socket type, so each closure is known to its `try_io` and inlined
     // there.
@@ -430,6 +431,7 @@ impl Stream {
     /// runs only when the reactor has seen the socket readable since a read last came up short
     /// (a `WouldBlock` from the peek clears that again), and no waker is registered, so the
     /// common answer, "nothing arrived", costs no syscall.
+    #[inline]
     pub fn has_pending_input_if_readable(&self) -> bool {
         let sock = self.sock();
         pending(sock.try_io(Interest::READABLE, || sock.peek_now()))
@@ -440,6 +442,7 @@ impl Stream {
     }
 
     /// Best-effort write that never waits; plain sockets only (a TLS record cannot be half-sent).
+    #[inline]
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.try_write(buf),

@@ -726,6 +726,7 @@ impl Pool {
     }
 
     /// Returns a clean connection: to the oldest waiter, else to the idle list.
+    #[inline]
     fn checkin(&self, mut conn: Conn, now: Mono) {
         conn.last_used = now;
         let mut st = lock(&self.shared.state);
@@ -866,6 +867,7 @@ pub struct SettingsCache(arc_swap::Cache<SettingsHandle, Arc<PoolSettings>>);
 
 impl SettingsCache {
     /// The pool's current settings.
+    #[inline]
     pub fn load(&mut self) -> &Arc<PoolSettings> {
         self.0.load()
     }
