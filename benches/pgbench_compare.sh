@@ -101,9 +101,14 @@ CLK_TCK=$(getconf CLK_TCK)
 
 ulimit -n 100000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-if [[ ! -x $PGWEIR ]]; then
+# The checkout's own binary is built every time (a no-op when it is current): the table names
+# it by `git describe`, which a binary left from an earlier commit would belie.
+if [[ $PGWEIR == "$ROOT/target/release/pgweir" ]]; then
     echo "building $PGWEIR" >&2
     cargo build --release
+elif [[ ! -x $PGWEIR ]]; then
+    echo "no executable at PGWEIR=$PGWEIR" >&2
+    exit 1
 fi
 if [[ $FLOOR == 1 ]]; then
     cargo build --release --example floor
