@@ -261,7 +261,6 @@ impl Link {
     /// by name, so one added to [`Link`], or a reset dropped from here, fails to build (an
     /// unused binding is an error under clippy's `-D warnings`): a value left from the last
     /// transaction would reach another client's.
-    #[inline]
     fn start(&mut self) {
         let Link {
             server,

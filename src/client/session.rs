@@ -873,7 +873,6 @@ impl Session {
         self.link_started(link, linked_at);
     }
 
-    #[inline]
     fn link_started(&mut self, link: &mut Link, linked_at: Mono) {
         if !self.status_for_client.is_empty() {
             link.inject.extend_from_slice(&self.status_for_client);

@@ -203,7 +203,6 @@ impl AsyncWrite for Sock {
 /// wasted syscall per read: two per proxied transaction in the event loop).
 /// Sound with edge-triggered epoll: bytes arriving after the read raise a new event, tokio
 /// ignores a clear whose readiness tick is stale, and it never clears a read-closed state.
-#[inline]
 pub fn try_read_drained(sock: &Sock, buf: &mut BytesMut) -> io::Result<usize> {
     // One body per tokio socket type, so each closure is known to its `try_io` and inlined
     // there.

@@ -726,7 +726,6 @@ impl Pool {
     }
 
     /// Returns a clean connection: to the oldest waiter, else to the idle list.
-    #[inline]
     fn checkin(&self, mut conn: Conn, now: Mono) {
         conn.last_used = now;
         let mut st = lock(&self.shared.state);

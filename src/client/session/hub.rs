@@ -233,7 +233,6 @@ impl Inbox {
 }
 
 impl GrantSink for Inbox {
-    #[inline]
     fn grant(&self, token: u64, grant: Grant, pool: &Pool) {
         let mut grant = Some((grant, pool.clone()));
         self.push(|st| {
