@@ -361,8 +361,8 @@ run_cell_callgrind() {
     echo "- - - $((ir / txs)) -"
 }
 
-# Column-wise medians of "tps avg p99 cpu steady_p99" lines (one per repeat); "n/a"/"failed" pass through
-# when no run of that column produced a number.
+# Column-wise medians of "tps avg p99 cpu steady_p99" lines (one per repeat); "n/a"/"failed"
+# pass through when no run of that column produced a number.
 medians() {
     printf '%s\n' "$@" | awk '
         { for (i = 1; i <= 5; i++) if ($i ~ /^[0-9.]+$/) v[i, ++n[i]] = $i; else bad[i] = $i }
