@@ -310,26 +310,24 @@ run_cell() {
     local tps txs
     tps=$(awk '/^tps = / {printf "%.0f", $3}' "$dir/out")
     txs=$(awk '/number of transactions actually processed/ {split($NF, a, "/"); print a[1]}' "$dir/out")
-    # pgbench log line: client_id tx_no latency_us script_no epoch_s epoch_us
-    cat "$dir"/tx.* | awk '{print $3}' | sort -n >"$dir/lat"
-    cat "$dir"/tx.* | awk '$2 > 3 {print $3}' | sort -n >"$dir/lat.steady"
-    local stats steady
-    stats=$(awk '{ a[NR] = $1; s += $1 } END {
-        if (NR == 0) { print "- -"; exit }
-        i = int(NR * 0.99); if (i < 1) i = 1;
-        printf "%.2f %.2f", s / NR / 1000, a[i] / 1000 }' "$dir/lat")
-    steady=$(awk '{ a[NR] = $1 } END {
-        if (NR == 0) { print "-"; exit }
-        i = int(NR * 0.99); if (i < 1) i = 1;
-        printf "%.2f", a[i] / 1000 }' "$dir/lat.steady")
+    # pgbench log line: client_id tx_no latency_us script_no epoch_s epoch_us. One sort by
+    # latency serves both p99s: the steady one reads the same order, skipping early transactions.
+    local avg p99 steady
+    read -r avg p99 steady < <(cat "$dir"/tx.* | awk '{print $3, $2}' | sort -n | awk '
+        { a[NR] = $1; s += $1; if ($2 > 3) b[++m] = $1 }
+        END {
+            if (NR == 0) { print "- - -"; exit }
+            i = int(NR * 0.99); if (i < 1) i = 1;
+            j = int(m * 0.99); if (j < 1) j = 1;
+            printf "%.2f %.2f %s\n", s / NR / 1000, a[i] / 1000, m ? sprintf("%.2f", b[j] / 1000) : "-" }')
     local cpu
     cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$txs" \
         'BEGIN { if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
-    echo "$tps $stats $cpu $steady"
+    echo "$tps $avg $p99 $cpu $steady"
     rm -rf "$dir"
 }
 
-# CALLGRIND=1: one pgbench run of TXS transactions. Prints "- - - instructions_per_tx" (the
+# CALLGRIND=1: one pgbench run of TXS transactions. Prints "- - - instructions_per_tx -" (the
 # proxy's user-space instructions, counted from zero just before pgbench starts).
 run_cell_callgrind() {
     local port=$1 pid=$2 mode=$3 proto=$4 clients=$5 as=$6
