@@ -32,8 +32,8 @@
 # WORKERS (pgweir listen.workers, default 1 = one event-loop thread, like PgBouncer; 0 = one
 # worker per core), EVENT_LOOP (pgweir listen.event_loop: 1 = true, 0 = false,
 # unset = the binary's default, which is true since 2026-12-04 and the task path before),
-# REPEAT (runs per cell and proxy, alternating; the table shows medians;
-# default 1), PGBIN (/usr/lib/postgresql/15/bin),
+# REPEAT (runs per cell and proxy, alternating; the table shows medians, and below it each
+# pair's TPS and CPU ratios in run order; default 1), PGBIN (/usr/lib/postgresql/15/bin),
 # PGBOUNCER (/usr/sbin/pgbouncer), PGWEIR (target/release/pgweir), SCALE (10), CALLGRIND (0),
 # TXS (40000; CALLGRIND=1 only), CG_KEEP (a directory to keep each cell's callgrind dump in,
 # for callgrind_annotate; CALLGRIND=1 only), FLOOR (0), TRANSPORT ("tcp": pgbench → proxy →
@@ -380,6 +380,24 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'
 }
 
+# pgweir/PgBouncer ratio of one field (1 = TPS, 4 = CPU) for each alternating pair of runs, in
+# run order: "pair_ratios FIELD BOUNCER_RUNS... -- PGWEIR_RUNS...". A median hides how far one
+# host swings from pair to pair; the list shows it.
+pair_ratios() {
+    local field=$1 b=() w=() into=b
+    shift
+    for run in "$@"; do
+        if [[ $run == -- ]]; then into=w; continue; fi
+        if [[ $into == b ]]; then b+=("$run"); else w+=("$run"); fi
+    done
+    local out=() i
+    for i in "${!b[@]}"; do
+        out+=("$(ratio "$(echo "${w[$i]}" | cut -d' ' -f"$field")" "$(echo "${b[$i]}" | cut -d' ' -f"$field")")")
+    done
+    echo "${out[*]}"
+}
+PAIRS=()
+
 mkdir -p "$RESULTS_DIR"
 OUT="$RESULTS_DIR/$(date -u +%Y-%m-%dT%H%M).md"
 # Two short runs can start in the same minute: the second must not overwrite the first.
@@ -461,6 +479,10 @@ for mode in $MODES; do
                     f_runs+=("n/a n/a n/a n/a n/a")
                 fi
             done
+            # Not for -M prepared against a PgBouncer that cannot run it (no ratio to show).
+            if [[ $REPEAT -gt 1 && $CALLGRIND != 1 && ${b_runs[0]} != n/a* ]]; then
+                PAIRS+=("$mode $proto $clients: $(pair_ratios 1 "${b_runs[@]}" -- "${w_runs[@]}") | $(pair_ratios 4 "${b_runs[@]}" -- "${w_runs[@]}")")
+            fi
             read -r b_tps b_avg b_p99 b_cpu b_p99s <<<"$(medians "${b_runs[@]}")"
             read -r w_tps w_avg w_p99 w_cpu w_p99s <<<"$(medians "${w_runs[@]}")"
             read -r f_tps _ _ f_cpu _ <<<"$(medians "${f_runs[@]}")"
@@ -478,6 +500,16 @@ for mode in $MODES; do
     done
 done
 
+if [[ ${#PAIRS[@]} -gt 0 ]]; then
+    {
+        echo
+        echo "Each pair's ratios, pgweir/PgBouncer, in run order (TPS | CPU per transaction):"
+        echo
+        for line in "${PAIRS[@]}"; do
+            echo "- $line"
+        done
+    } >>"$OUT.tmp"
+fi
 sed "s|LOAD_AT_END|$(cut -d' ' -f1-3 /proc/loadavg)|" "$OUT.tmp" >"$OUT"
 rm -f "$OUT.tmp"
 echo >&2
