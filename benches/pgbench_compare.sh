@@ -380,22 +380,8 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'
 }
 
-# pgweir/PgBouncer ratio of one field (1 = TPS, 4 = CPU) for each alternating pair of runs, in
-# run order: "pair_ratios FIELD BOUNCER_RUNS... -- PGWEIR_RUNS...". A median hides how far one
-# host swings from pair to pair; the list shows it.
-pair_ratios() {
-    local field=$1 b=() w=() into=b
-    shift
-    for run in "$@"; do
-        if [[ $run == -- ]]; then into=w; continue; fi
-        if [[ $into == b ]]; then b+=("$run"); else w+=("$run"); fi
-    done
-    local out=() i
-    for i in "${!b[@]}"; do
-        out+=("$(ratio "$(echo "${w[$i]}" | cut -d' ' -f"$field")" "$(echo "${b[$i]}" | cut -d' ' -f"$field")")")
-    done
-    echo "${out[*]}"
-}
+# Each cell's pgweir/PgBouncer TPS and CPU ratios per alternating pair of runs, in run order: a
+# median hides how far one host swings from pair to pair; this list, under the table, shows it.
 PAIRS=()
 
 mkdir -p "$RESULTS_DIR"
@@ -463,7 +449,7 @@ for mode in $MODES; do
     for proto in $PROTOCOLS; do
         for clients in $CLIENTS; do
             echo "== $mode $proto $clients clients" >&2
-            b_runs=() w_runs=() f_runs=()
+            b_runs=() w_runs=() f_runs=() tps_pairs=() cpu_pairs=()
             for _ in $(seq 1 "$REPEAT"); do
                 if [[ $proto == prepared ]] && "$PGBOUNCER" --version | head -1 | grep -qE ' 1\.(1[0-9]|20)\.'; then
                     # PgBouncer < 1.21 does not track protocol-level prepared statements in
@@ -473,6 +459,10 @@ for mode in $MODES; do
                     b_runs+=("$("${CELL[@]}" "$BOUNCER_PORT" "$BOUNCER_PID" "$mode" "$proto" "$clients" "$BOUNCER_AS")")
                 fi
                 w_runs+=("$("${CELL[@]}" "$WEIR_PORT" "$WEIR_PID" "$mode" "$proto" "$clients" "")")
+                read -r pb_tps _ _ pb_cpu _ <<<"${b_runs[-1]}"
+                read -r pw_tps _ _ pw_cpu _ <<<"${w_runs[-1]}"
+                tps_pairs+=("$(ratio "$pw_tps" "$pb_tps")")
+                cpu_pairs+=("$(ratio "$pw_cpu" "$pb_cpu")")
                 if [[ $FLOOR == 1 && $proto != prepared ]]; then
                     f_runs+=("$("${CELL[@]}" "$FLOOR_PORT" "$FLOOR_PID" "$mode" "$proto" "$clients" "")")
                 else
@@ -481,7 +471,7 @@ for mode in $MODES; do
             done
             # Not for -M prepared against a PgBouncer that cannot run it (no ratio to show).
             if [[ $REPEAT -gt 1 && $CALLGRIND != 1 && ${b_runs[0]} != n/a* ]]; then
-                PAIRS+=("$mode $proto $clients: $(pair_ratios 1 "${b_runs[@]}" -- "${w_runs[@]}") | $(pair_ratios 4 "${b_runs[@]}" -- "${w_runs[@]}")")
+                PAIRS+=("$mode $proto $clients: ${tps_pairs[*]} | ${cpu_pairs[*]}")
             fi
             read -r b_tps b_avg b_p99 b_cpu b_p99s <<<"$(medians "${b_runs[@]}")"
             read -r w_tps w_avg w_p99 w_cpu w_p99s <<<"$(medians "${w_runs[@]}")"
