@@ -503,3 +503,79 @@ async fn a_client_queued_when_its_pool_closes_is_told_so_not_timed_out() {
         );
     }
 }
+
+/// The idle clock starts again at every statement: a transaction whose statements come more
+/// often than idle_transaction_timeout lasts many times that long, and one left idle is still
+/// cut off at the timeout. On a session's task the pump keeps one timer across its waits and,
+/// when it fires, checks the deadline that stands then (it has usually moved later); the event
+/// loop's timers work the same way. Both paths, each in a second transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_restarts_at_every_statement() {
+    let pg = support::postgres();
+    for event_loop in [false, true] {
+        let proxy = TestProxyBuilder::new(&pg)
+            .event_loop(event_loop)
+            .with_pool(|p| p.idle_transaction_timeout = Some(Duration::from_millis(300)))
+            .start()
+            .await;
+        let client = proxy.connect(roles::SCRAM).await;
+        // With the loop on, a session waits there from its second transaction.
+        client.simple_query("select 1").await.expect("first transaction");
+        client.batch_execute("begin").await.expect("begin");
+        let started = Instant::now();
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let rows = client.simple_query(&format!("select {i}")).await.unwrap_or_else(|e| {
+                panic!(
+                    "event_loop = {event_loop}: statement {i} after {:?}: {e:?}",
+                    started.elapsed()
+                )
+            });
+            assert_eq!(first_value(&rows), Some(i.to_string()));
+        }
+        client.batch_execute("commit").await.expect("commit");
+
+        client.batch_execute("begin").await.expect("begin again");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let e = client
+            .simple_query("select 1")
+            .await
+            .expect_err("left idle in its transaction, the client is cut off");
+        assert!(
+            client.is_closed() || sqlstate(&e).as_deref() == Some("25P03"),
+            "event_loop = {event_loop}: {e:?}"
+        );
+    }
+}
+
+/// A query_timeout due before the idle_transaction_timeout the transaction's earlier wait set
+/// fires at its own time: the task's timer, kept across waits, is set earlier when the deadline
+/// moves earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_fires_before_a_later_idle_transaction_timeout() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .event_loop(false)
+        .with_pool(|p| {
+            p.idle_transaction_timeout = Some(Duration::from_secs(20));
+            p.query_timeout = Some(Duration::from_secs(1));
+        })
+        .start()
+        .await;
+    let client = proxy.connect(roles::SCRAM).await;
+    client.batch_execute("begin").await.expect("begin");
+    // Idle in the transaction past BEGIN's own query deadline: the timer set for that one has
+    // fired and been set again for the idle timeout, 20 s away.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let e = client
+        .simple_query("select pg_sleep(30)")
+        .await
+        .expect_err("query_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+}
