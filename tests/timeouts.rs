@@ -403,17 +403,7 @@ async fn query_timeout_cancels_the_query_and_frees_the_server() {
         .start()
         .await;
     let slow = proxy.connect(roles::SCRAM).await;
-    let started = Instant::now();
-    let e = slow
-        .simple_query("SELECT pg_sleep(30)")
-        .await
-        .expect_err("query_timeout");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+    let e = cut_off_by_query_timeout(&slow).await;
     assert!(
         e.as_db_error().is_some_and(|d| d.message().contains("query_timeout")),
         "{e:?}"
@@ -508,7 +498,7 @@ async fn a_client_queued_when_its_pool_closes_is_told_so_not_timed_out() {
 /// often than idle_transaction_timeout lasts many times that long, and one left idle is still
 /// cut off at the timeout. On a session's task the pump keeps one timer across its waits and,
 /// when it fires, checks the deadline that stands then (it has usually moved later); the event
-/// loop's timers work the same way. Both paths, each in a second transaction.
+/// loop's timers work the same way. Both paths: with the loop on, after two transactions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_transaction_timeout_restarts_at_every_statement() {
     let pg = support::postgres();
@@ -519,8 +509,20 @@ async fn idle_transaction_timeout_restarts_at_every_statement() {
             .start()
             .await;
         let client = proxy.connect(roles::SCRAM).await;
-        // With the loop on, a session waits there from its second transaction.
-        client.simple_query("select 1").await.expect("first transaction");
+        // With the loop on, a session waits there after its second transaction: the ones
+        // below run in it.
+        for _ in 0..2 {
+            client.simple_query("select 1").await.expect("warm up");
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                let (_, body) = proxy.admin("GET", "/api/clients", None, None).await;
+                let clients: serde_json::Value = serde_json::from_str(&body).expect("json");
+                clients[0]["event_loop"] == event_loop
+            })
+            .await,
+            "the session waits in the loop exactly when it is on"
+        );
         client.batch_execute("begin").await.expect("begin");
         let started = Instant::now();
         for i in 0..10 {
@@ -567,9 +569,15 @@ async fn query_timeout_fires_before_a_later_idle_transaction_timeout() {
     // Idle in the transaction past BEGIN's own query deadline: the timer set for that one has
     // fired and been set again for the idle timeout, 20 s away.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    cut_off_by_query_timeout(&client).await;
+}
+
+/// Runs `SELECT pg_sleep(30)`, which the pool's query_timeout (a second or less) must end
+/// within 5 s with SQLSTATE 57014; returns the error.
+async fn cut_off_by_query_timeout(client: &tokio_postgres::Client) -> tokio_postgres::Error {
     let started = Instant::now();
     let e = client
-        .simple_query("select pg_sleep(30)")
+        .simple_query("SELECT pg_sleep(30)")
         .await
         .expect_err("query_timeout");
     assert!(
@@ -578,4 +586,5 @@ async fn query_timeout_fires_before_a_later_idle_transaction_timeout() {
         started.elapsed()
     );
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+    e
 }
