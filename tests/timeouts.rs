@@ -505,7 +505,7 @@ async fn idle_transaction_timeout_restarts_at_every_statement() {
     for event_loop in [false, true] {
         let proxy = TestProxyBuilder::new(&pg)
             .event_loop(event_loop)
-            .with_pool(|p| p.idle_transaction_timeout = Some(Duration::from_millis(300)))
+            .with_pool(|p| p.idle_transaction_timeout = Some(Duration::from_millis(500)))
             .start()
             .await;
         let client = proxy.connect(roles::SCRAM).await;
@@ -525,7 +525,9 @@ async fn idle_transaction_timeout_restarts_at_every_statement() {
         );
         client.batch_execute("begin").await.expect("begin");
         let started = Instant::now();
-        for i in 0..10 {
+        // 100 ms apart: a busy CI host has 400 ms to answer each one before the idle clock runs
+        // out, and the transaction outlives the timeout more than twice over.
+        for i in 0..12 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let rows = client.simple_query(&format!("select {i}")).await.unwrap_or_else(|e| {
                 panic!(
@@ -538,7 +540,7 @@ async fn idle_transaction_timeout_restarts_at_every_statement() {
         client.batch_execute("commit").await.expect("commit");
 
         client.batch_execute("begin").await.expect("begin again");
-        tokio::time::sleep(Duration::from_millis(900)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         let e = client
             .simple_query("select 1")
             .await
