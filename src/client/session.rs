@@ -1181,16 +1181,15 @@ impl Session {
                 },
                 Event::Timer => {
                     armed = None;
-                    match deadline {
-                        Some((at, Overdue::IdleInTransaction)) if at <= Mono::now() => {
-                            return Err(self.idle_transaction_timeout(link).await);
-                        }
-                        Some((at, Overdue::Query)) if at <= Mono::now() => {
-                            return Err(self.query_timed_out(link).await);
-                        }
-                        // Set for a deadline that has moved later since (or gone): set again
-                        // above for the one that stands now.
-                        _ => {}
+                    // Otherwise it was set for a deadline that has moved later since (or gone):
+                    // set again above for the one that stands now.
+                    if let Some((at, overdue)) = deadline
+                        && at <= Mono::now()
+                    {
+                        return Err(match overdue {
+                            Overdue::IdleInTransaction => self.idle_transaction_timeout(link).await,
+                            Overdue::Query => self.query_timed_out(link).await,
+                        });
                     }
                 }
                 Event::Killed => return Err(self.killed().await),
