@@ -10,35 +10,9 @@ use std::time::Duration;
 
 use pgweir::config::PoolMode;
 use pgweir::embedded_pg::{EmbeddedPostgres, roles};
-use serde_json::Value;
-use support::proxy::{TestProxy, TestProxyBuilder, eventually, first_value, sqlstate};
-
-async fn clients_json(proxy: &TestProxy) -> Vec<Value> {
-    let (status, body) = proxy.admin("GET", "/api/clients", None, None).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str::<Value>(&body)
-        .expect("json")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Two transactions: a session waits in the loop from its second on (the first runs on its
-/// task; a connection-per-transaction client never crosses to the loop's thread).
-async fn warm_up(client: &tokio_postgres::Client) {
-    for _ in 0..2 {
-        client.simple_query("select 1").await.expect("warm up");
-    }
-}
-
-/// True once every listed client reports `event_loop` = `want`.
-async fn all_clients_in_event_loop(proxy: &TestProxy, n: usize, want: bool) -> bool {
-    eventually(Duration::from_secs(5), || async {
-        let clients = clients_json(proxy).await;
-        clients.len() == n && clients.iter().all(|c| c["event_loop"] == want)
-    })
-    .await
-}
+use support::proxy::{
+    TestProxy, TestProxyBuilder, all_clients_in_event_loop, clients_json, eventually, first_value, sqlstate, warm_up,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_transaction_mode_clients_wait_in_the_event_loop_and_others_in_their_task() {

@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pgweir::embedded_pg::roles;
-use support::proxy::{TestProxyBuilder, direct, eventually, first_value, sqlstate};
+use support::proxy::{TestProxyBuilder, all_clients_in_event_loop, direct, eventually, first_value, sqlstate, warm_up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_timeout_fails_fast_with_a_useful_error_and_the_client_stays_usable() {
@@ -509,18 +509,10 @@ async fn idle_transaction_timeout_restarts_at_every_statement() {
             .start()
             .await;
         let client = proxy.connect(roles::SCRAM).await;
-        // With the loop on, a session waits there after its second transaction: the ones
-        // below run in it.
-        for _ in 0..2 {
-            client.simple_query("select 1").await.expect("warm up");
-        }
+        // With the loop on, the transactions below run in it.
+        warm_up(&client).await;
         assert!(
-            eventually(Duration::from_secs(5), || async {
-                let (_, body) = proxy.admin("GET", "/api/clients", None, None).await;
-                let clients: serde_json::Value = serde_json::from_str(&body).expect("json");
-                clients[0]["event_loop"] == event_loop
-            })
-            .await,
+            all_clients_in_event_loop(&proxy, 1, event_loop).await,
             "the session waits in the loop exactly when it is on"
         );
         client.batch_execute("begin").await.expect("begin");

@@ -378,3 +378,31 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// GET /api/clients, parsed.
+pub async fn clients_json(proxy: &TestProxy) -> Vec<serde_json::Value> {
+    let (status, body) = proxy.admin("GET", "/api/clients", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body)
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Two transactions: a session waits in the loop from its second on (the first runs on its
+/// task; a connection-per-transaction client never crosses to the loop's thread).
+pub async fn warm_up(client: &tokio_postgres::Client) {
+    for _ in 0..2 {
+        client.simple_query("select 1").await.expect("warm up");
+    }
+}
+
+/// True once every listed client reports `event_loop` = `want`.
+pub async fn all_clients_in_event_loop(proxy: &TestProxy, n: usize, want: bool) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let clients = clients_json(proxy).await;
+        clients.len() == n && clients.iter().all(|c| c["event_loop"] == want)
+    })
+    .await
+}
