@@ -214,6 +214,22 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
     // Closed without removing its file, as after a crash: the file is stale now.
     drop(busy);
     assert!(path.exists());
+    // Another test forking meanwhile (each starts its own PostgreSQL) holds a copy of the
+    // listener's descriptor until its child execs, so the socket can outlive the drop briefly
+    // and would rightly count as live: wait until nobody listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
+        probe.set_nonblocking(true).expect("nonblocking");
+        match probe.connect(&socket2::SockAddr::unix(&path).expect("addr")) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the dropped listener still answers: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let proxy = TestProxy::wrap(Proxy::start(config.clone()).await.expect("stale socket replaced"));
     let client = unix_client(dir.path(), port, roles::SCRAM).await.expect("login");
     assert_eq!(
