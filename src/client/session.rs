@@ -15,10 +15,12 @@
 //! written: a peer that writes a lot while the other side is slow gets TCP backpressure instead
 //! of growing our buffers, and neither side can deadlock the other.
 
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use std::sync::Arc;
@@ -1084,6 +1086,11 @@ impl Session {
         // and two clock reads each time (~3,000 instructions per tpcb-like transaction).
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
         let mut armed: Option<Mono> = None;
+        // Whether each socket's read waker registration still stands (`poll_read_into`):
+        // a fresh pump cannot know, the event loop may have registered its own meanwhile.
+        let (mut server_armed, mut client_armed) = (false, false);
+        // The waker the stop signal wakes, as registered by this pump.
+        let mut stop_waker: Option<std::task::Waker> = None;
         loop {
             let (c_pending, s_pending) = match self.frame_link(link, max_prepared)? {
                 Framed::ClientGone => return Ok(Pumped::ClientGone),
@@ -1129,40 +1136,61 @@ impl Session {
             if !s_pending {
                 reserve_for_server(&mut conn.buf);
             }
-            let (mut cr, mut cw) = self.client.split();
-            let (mut sr, mut sw) = conn.stream.split();
-            let cbuf = &mut self.buf;
-            let sbuf = &mut conn.buf;
-            let wbuf = &conn.wbuf;
-            // One branch per direction: a direction either writes what it has framed or, when
-            // that is all written, reads more. Both inner operations are cancel-safe.
-            // Polled in a fixed order: a kill or a deadline is never starved by a direction that
-            // is always ready (a long result streaming through), and the server side, which
-            // wakes the session in almost every transaction, is polled before the client side,
-            // so a wake-up for the server does not re-register interest in the client socket.
-            let event = tokio::select! {
-                biased;
-                _ = self.info.stop.raised(KILL) => Event::Killed,
+            let (client, cbuf, stop) = (&mut self.client, &mut self.buf, &self.info.stop);
+            let (server, sbuf, wbuf) = (&mut conn.stream, &mut conn.buf, &conn.wbuf);
+            // One wait on every direction at once, polled by hand rather than through a
+            // `select!` of futures: a direction either writes what it has framed or, when that
+            // is all written, reads more. Checked in a fixed order: a kill or a deadline is
+            // never starved by a direction that is always ready (a long result streaming
+            // through), and the server side, which wakes the session in almost every
+            // transaction, comes before the client side.
+            let event = std::future::poll_fn(|cx| {
+                // Reads over plain sockets take no coop budget of their own (see
+                // `poll_read_into`): this keeps a result that is always ready from holding the
+                // worker thread.
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                if stop_waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                    // Registrations made with another waker wake someone else.
+                    (server_armed, client_armed) = (false, false);
+                    stop.register(cx.waker());
+                    stop_waker = Some(cx.waker().clone());
+                } else if stop.raised_now(SHUTDOWN) != 0 {
+                    // Registered once per pump, not per poll, but again after a raise, which
+                    // takes the registration (a shutdown's would swallow a later kill).
+                    stop.register(cx.waker());
+                }
+                let event = if stop.raised_now(KILL) != 0 {
+                    Event::Killed
                 // With no deadline now (a statement running without query_timeout) the timer
                 // has nothing to say: left unpolled, it is looked at again once one stands.
-                _ = poll_timer(timer.as_mut()), if armed.is_some() && deadline.is_some() => Event::Timer,
-                r = async {
-                    if inject_pending {
-                        Io::Wrote(cw.write(inject).await)
-                    } else if s_pending {
-                        Io::Wrote(cw.write(&sbuf[..s_ready]).await)
-                    } else {
-                        Io::Read(sr.read_buf(sbuf).await)
-                    }
-                } => Event::Server(r),
-                r = async {
-                    if c_pending {
-                        Io::Wrote(sw.write(wbuf).await)
-                    } else {
-                        Io::Read(cr.read_buf(cbuf).await)
-                    }
-                }, if c_pending || read_client => Event::Client(r),
-            };
+                } else if armed.is_some()
+                    && deadline.is_some()
+                    && timer.as_mut().as_pin_mut().is_some_and(|t| t.poll(cx).is_ready())
+                {
+                    Event::Timer
+                } else if let Poll::Ready(r) = if inject_pending {
+                    Pin::new(&mut *client).poll_write(cx, inject).map(Io::Wrote)
+                } else if s_pending {
+                    Pin::new(&mut *client).poll_write(cx, &sbuf[..s_ready]).map(Io::Wrote)
+                } else {
+                    crate::net::stream::poll_read_into(server, sbuf, &mut server_armed, cx).map(Io::Read)
+                } {
+                    Event::Server(r)
+                } else if let Poll::Ready(r) = if c_pending {
+                    Pin::new(&mut *server).poll_write(cx, wbuf).map(Io::Wrote)
+                } else if read_client {
+                    crate::net::stream::poll_read_into(client, cbuf, &mut client_armed, cx).map(Io::Read)
+                } else {
+                    Poll::Pending
+                } {
+                    Event::Client(r)
+                } else {
+                    return Poll::Pending;
+                };
+                coop.made_progress();
+                Poll::Ready(event)
+            })
+            .await;
             match event {
                 Event::Client(Io::Wrote(r)) => link.sent_to_server(r.map_err(ClientError::ServerIo)?),
                 Event::Client(Io::Read(r)) => match r {
@@ -1398,15 +1426,6 @@ fn spawn_cancel(conn: &crate::server::ServerConn) {
         // The server is being closed anyway: whether PostgreSQL confirms does not matter.
         let _ = send_cancel(&addr, key).await;
     });
-}
-
-/// Waits for the pump's timer; never ends while none is set.
-async fn poll_timer(mut timer: std::pin::Pin<&mut Option<tokio::time::Sleep>>) {
-    std::future::poll_fn(|cx| match timer.as_mut().as_pin_mut() {
-        Some(sleep) => sleep.poll(cx),
-        None => std::task::Poll::Pending,
-    })
-    .await
 }
 
 fn reserve_for_server(buf: &mut BytesMut) {

@@ -262,6 +262,36 @@ pub fn poll_read_ready_armed(tcp: &Sock, armed: &mut bool, cx: &mut Context<'_>)
     ready
 }
 
+/// One read into `buf` for a task that waits on several things at once: over a plain socket
+/// it reads only when the reactor has seen the socket readable, and otherwise registers `cx`
+/// for readability unless `armed` says an earlier registration still stands (see
+/// [`poll_read_ready_armed`]; every read here clears it). tokio's `AsyncRead` would check
+/// readiness, lock the socket's waiter list and register the waker on every poll, ready or
+/// not, and route the bytes through a `ReadBuf`. TLS goes through tokio-rustls as before.
+/// Ok(0) is EOF. Uses no coop budget on a plain socket: the caller accounts for its progress.
+#[inline]
+pub fn poll_read_into(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    armed: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let sock = match stream {
+        Stream::Plain(sock) => sock,
+        Stream::Tls(_) => return std::pin::pin!(tokio::io::AsyncReadExt::read_buf(stream, buf)).poll(cx),
+    };
+    loop {
+        if readable_now(sock) {
+            *armed = false;
+            match try_read_drained(sock, buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+        std::task::ready!(poll_read_ready_armed(sock, armed, cx))?;
+    }
+}
+
 /// Whether a client waiting for something has hung up, without consuming a byte: Ready(true)
 /// when it closed its connection or the socket failed, Ready(false) when it sent bytes (they
 /// stay in the socket for the next read), Pending while neither (`cx` is woken on readability).
