@@ -1091,6 +1091,10 @@ impl Session {
         let (mut server_armed, mut client_armed) = (false, false);
         // The waker the stop signal wakes, as registered by this pump.
         let mut stop_waker: Option<std::task::Waker> = None;
+        // Whether the timer, since it was last armed, was polled with that waker: from then on
+        // its firing wakes the task and shows in `is_elapsed`, so a look at that does (a poll
+        // would register the same waker again, ~100 instructions per wait).
+        let mut timer_polled = false;
         loop {
             let (c_pending, s_pending) = match self.frame_link(link, max_prepared)? {
                 Framed::ClientGone => return Ok(Pumped::ClientGone),
@@ -1124,6 +1128,7 @@ impl Session {
                     None => timer.set(Some(tokio::time::sleep_until(when))),
                 }
                 armed = Some(at);
+                timer_polled = false;
             }
             let read_client = !c_pending && !link.terminated;
             if read_client {
@@ -1151,7 +1156,7 @@ impl Session {
                 let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 if stop_waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
                     // Registrations made with another waker wake someone else.
-                    (server_armed, client_armed) = (false, false);
+                    (server_armed, client_armed, timer_polled) = (false, false, false);
                     stop.register(cx.waker());
                     stop_waker = Some(cx.waker().clone());
                 } else if stop.raised_now(SHUTDOWN) != 0 {
@@ -1165,7 +1170,17 @@ impl Session {
                 // has nothing to say: left unpolled, it is looked at again once one stands.
                 } else if armed.is_some()
                     && deadline.is_some()
-                    && timer.as_mut().as_pin_mut().is_some_and(|t| t.poll(cx).is_ready())
+                    && timer.as_mut().as_pin_mut().is_some_and(|t| {
+                        if timer_polled {
+                            t.is_elapsed()
+                        } else {
+                            let fired = t.poll(cx).is_ready();
+                            // With the coop budget spent, tokio answers Pending without
+                            // registering the waker (as in `poll_read_ready_armed`).
+                            timer_polled = !fired && tokio::task::coop::has_budget_remaining();
+                            fired
+                        }
+                    })
                 {
                     Event::Timer
                 } else if let Poll::Ready(r) = if inject_pending {
