@@ -10,10 +10,11 @@
 //! - the last ReadyForQuery said 'I' and no COPY is in progress,
 //! - every byte has been forwarded both ways.
 //!
-//! Reads and writes of both sockets are multiplexed in one `select!`, each branch cancel-safe
-//! (`read_buf`/`write` on a TcpStream), and a direction is only read when its previous bytes are
-//! written: a peer that writes a lot while the other side is slow gets TCP backpressure instead
-//! of growing our buffers, and neither side can deadlock the other.
+//! Reads and writes of both sockets are multiplexed in one hand-polled wait (a plain socket
+//! read only once the reactor has seen it readable, as the event loop reads), and a direction
+//! is only read when its previous bytes are written: a peer that writes a lot while the other
+//! side is slow gets TCP backpressure instead of growing our buffers, and neither side can
+//! deadlock the other.
 
 use std::pin::Pin;
 use std::task::Poll;

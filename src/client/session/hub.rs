@@ -3,8 +3,9 @@
 //! waits in its own epoll ([`crate::net::reactor`]), where the sockets it drives are moved.
 //!
 //! Why: per transaction, a task per client costs three task polls through the session's nested
-//! futures, a `select!` rebuilt on every wait, and a oneshot plus a task wake-up to hand a
-//! released server to the next waiter (docs/performance.md). Here a socket's readiness hands
+//! futures, a wait set up again at every round trip (a `select!` of futures until round 31),
+//! and a oneshot plus a task wake-up to hand a released server to the next waiter
+//! (docs/performance.md). Here a socket's readiness hands
 //! the loop the session's token (its reactor's events do that without a waker); the loop then
 //! drives that session's state
 //! directly with non-blocking reads and writes, and a released server reaches the next waiting
