@@ -1155,17 +1155,20 @@ impl Session {
                 // `poll_read_into`): this keeps a result that is always ready from holding the
                 // worker thread.
                 let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                let mut stop_bits = stop.raised_now(KILL | SHUTDOWN);
                 if stop_waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
                     // Registrations made with another waker wake someone else.
                     (server_armed, client_armed, timer_polled) = (false, false, false);
                     stop.register(cx.waker());
                     stop_waker = Some(cx.waker().clone());
-                } else if stop.raised_now(SHUTDOWN) != 0 {
+                    stop_bits = stop.raised_now(KILL);
+                } else if stop_bits & SHUTDOWN != 0 {
                     // Registered once per pump, not per poll, but again after a raise, which
                     // takes the registration (a shutdown's would swallow a later kill).
                     stop.register(cx.waker());
+                    stop_bits = stop.raised_now(KILL);
                 }
-                let event = if stop.raised_now(KILL) != 0 {
+                let event = if stop_bits & KILL != 0 {
                     Event::Killed
                 // With no deadline now (a statement running without query_timeout) the timer
                 // has nothing to say: left unpolled, it is looked at again once one stands.
