@@ -191,18 +191,23 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
     assert!(e.to_string().contains("another process is listening"), "{e}");
     drop(live);
     std::fs::remove_file(&path).expect("remove");
+    // A non-blocking connect, as pgweir's probe makes.
+    let connect = || {
+        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+        c.set_nonblocking(true)?;
+        c.connect(&socket2::SockAddr::unix(&path)?).map(|()| c)
+    };
     // Live too when its backlog is full: Linux answers the probe's connect with EAGAIN.
     let busy = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
     busy.bind(&socket2::SockAddr::unix(&path).expect("addr")).expect("bind");
     busy.listen(0).expect("listen");
     let mut queued = Vec::new();
     for _ in 0..8 {
-        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
-        c.set_nonblocking(true).expect("nonblocking");
-        if c.connect(&socket2::SockAddr::unix(&path).expect("addr")).is_err() {
-            break;
+        match connect() {
+            Ok(c) => queued.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect: {e}"),
         }
-        queued.push(c);
     }
     assert!(queued.len() < 8, "the backlog filled up");
     match Proxy::start(config.clone()).await {
@@ -219,9 +224,7 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not_taken() {
     // and would rightly count as live: wait until nobody listens.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
-        probe.set_nonblocking(true).expect("nonblocking");
-        match probe.connect(&socket2::SockAddr::unix(&path).expect("addr")) {
+        match connect() {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
             other => assert!(
                 std::time::Instant::now() < deadline,
