@@ -1165,7 +1165,8 @@ impl Gen {
         }
         let limit = self.limit();
         // The fourth known difference (module docs): a DELETE … RETURNING's portal runs to
-        // completion, never suspended with its changes unseen.
+        // completion, never suspended with its changes unseen. The limit is still drawn, so
+        // every other script of a seed stays what it was.
         let limit = if self.templates[idx].sql.starts_with("delete") {
             0
         } else {
