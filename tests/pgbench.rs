@@ -3,20 +3,40 @@
 
 mod support;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use pgweir::embedded_pg::roles;
-use support::proxy::TestProxyBuilder;
+use support::proxy::{TestProxy, TestProxyBuilder};
 
-fn pgbench(pg: &pgweir::embedded_pg::EmbeddedPostgres, port: u16, args: &[&str]) -> String {
+/// How long one pgbench run may take: the slowest here takes seconds. A hang must fail the
+/// test with what pgweir was doing, not stall CI until its own limit.
+const PGBENCH_LIMIT: Duration = Duration::from_secs(180);
+
+async fn pgbench(pg: &pgweir::embedded_pg::EmbeddedPostgres, proxy: &TestProxy, args: &[&str]) -> String {
     let (user, password) = roles::SCRAM;
-    let out = Command::new(pg.bin_dir().join("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
+    let child = tokio::process::Command::new(pg.bin_dir().join("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &proxy.port().to_string(), "-U", user])
         .args(args)
         .arg("app")
         .env("PGPASSWORD", password)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .expect("pgbench runs");
+    let out = match tokio::time::timeout(PGBENCH_LIMIT, child.wait_with_output()).await {
+        Ok(out) => out.expect("pgbench runs"),
+        Err(_) => {
+            // The child is killed as its future drops; first, what pgweir holds.
+            let mut state = String::new();
+            for path in ["/api/pools", "/api/clients", "/api/servers"] {
+                let (_, body) = proxy.admin("GET", path, None, None).await;
+                state += &format!("{path}: {body}\n");
+            }
+            panic!("pgbench {args:?} did not finish in {PGBENCH_LIMIT:?}; pgweir's state:\n{state}");
+        }
+    };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "pgbench {args:?} failed:\n{stdout}\n{stderr}");
@@ -46,17 +66,13 @@ fn assert_no_failures(output: &str, expected_tx: u64) {
 async fn pgbench_simple_extended_and_prepared_with_100_clients() {
     let pg = support::postgres();
     let proxy = TestProxyBuilder::new(&pg).pool_size(10).start().await;
-    let port = proxy.port();
-    let pg_ref = &pg;
-    tokio::task::block_in_place(|| {
-        pgbench(pg_ref, port, &["-i", "-q", "-s", "1"]);
-        for mode in ["simple", "extended", "prepared"] {
-            let out = pgbench(pg_ref, port, &["-c", "100", "-j", "2", "-t", "20", "-M", mode]);
-            assert_no_failures(&out, 2000);
-            let out = pgbench(pg_ref, port, &["-S", "-c", "100", "-j", "2", "-t", "50", "-M", mode]);
-            assert_no_failures(&out, 5000);
-        }
-    });
+    pgbench(&pg, &proxy, &["-i", "-q", "-s", "1"]).await;
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench(&pg, &proxy, &["-c", "100", "-j", "2", "-t", "20", "-M", mode]).await;
+        assert_no_failures(&out, 2000);
+        let out = pgbench(&pg, &proxy, &["-S", "-c", "100", "-j", "2", "-t", "50", "-M", mode]).await;
+        assert_no_failures(&out, 5000);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,9 +94,9 @@ async fn psql_works_through_pgweir() {
                 "select count(*), string_agg(s, ',' order by id) from psql_t",
             ])
             .env("PGPASSWORD", password)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .and_then(|mut child| {
                 use std::io::Write;
