@@ -391,8 +391,7 @@ impl OwnSock {
     /// looking at readiness.
     #[inline]
     pub fn read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        let room = buf.capacity() - buf.len();
-        let want = if room == 0 { 64 } else { room.min(SCRATCH) };
+        let want = read_size(buf);
         let mut scratch = self.reactor.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let n = recv(&self.io, &mut scratch[..want])?;
         buf.extend_from_slice(&scratch[..n]);
@@ -404,19 +403,21 @@ impl OwnSock {
     }
 
     /// [`crate::net::stream::try_read_drained`] for this socket: one `recv` when it is
-    /// read-ready, and a read that leaves room in `buf` drained the socket, so it clears read
+    /// read-ready, and a read shorter than it asked for drained the socket, so it clears read
     /// readiness like a `WouldBlock` would, without making and inspecting one (twice per
-    /// proxied round trip).
+    /// proxied round trip). Shorter than the `recv` asked, not than `buf`'s room: a read is
+    /// capped at the scratch buffer, and a capped read that cleared readiness would strand
+    /// the rest, since edge-triggered epoll reports no new event for bytes already there.
     #[inline]
     pub fn try_read_drained(&self, buf: &mut BytesMut) -> io::Result<usize> {
         let seen = self.state.ready.load(Ordering::SeqCst);
         if seen & Dir::Read.mask() == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let room = buf.capacity() - buf.len();
+        let want = read_size(buf);
         let r = self.read_buf(buf);
         match &r {
-            Ok(n) if *n > 0 && *n < room => self.state.clear(seen, Dir::Read.bit()),
+            Ok(n) if *n > 0 && *n < want => self.state.clear(seen, Dir::Read.bit()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.state.clear(seen, Dir::Read.bit()),
             _ => {}
         }
@@ -499,6 +500,14 @@ impl OwnSock {
             r => r,
         }
     }
+}
+
+/// How many bytes one read into `buf` asks for: its spare room up to the scratch buffer's
+/// size, 64 when it has none (as tokio's reads do).
+#[inline]
+fn read_size(buf: &BytesMut) -> usize {
+    let room = buf.capacity() - buf.len();
+    if room == 0 { 64 } else { room.min(SCRATCH) }
 }
 
 /// `recv` as a raw system call. libc's wrapper (std's, tokio's) is a cancellation point, and in
@@ -634,6 +643,37 @@ mod tests {
         assert_eq!(turn(&mut driver), vec![9]);
         assert_eq!(sock.try_read_drained(&mut buf).expect("read"), 4);
         assert_eq!(buf.len(), room + 14);
+    }
+
+    #[test]
+    fn a_read_capped_at_the_scratch_buffer_keeps_readiness_for_the_rest() {
+        let (mut driver, reactor) = Driver::new().expect("reactor");
+        let (mut peer, ours) = pair();
+        // Room in the kernel for all the bytes at once, so they are all there before the read.
+        socket2::SockRef::from(&ours)
+            .set_recv_buffer_size(8 * SCRATCH)
+            .expect("SO_RCVBUF");
+        let sock = OwnSock::register(ours, &reactor).expect("register");
+        // More room than one read takes, and more bytes waiting than that.
+        let mut buf = BytesMut::with_capacity(4 * SCRATCH);
+        assert!(!sock.watch(Dir::Read, 4));
+        let sent = SCRATCH + 1000;
+        let writer = std::thread::spawn(move || {
+            peer.write_all(&vec![7u8; sent]).expect("write");
+            peer
+        });
+        let _peer = writer.join().expect("writer");
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = turn(&mut driver);
+        let mut got = 0;
+        while got < sent {
+            // Each read finds readiness still set until the socket is drained: no further event
+            // comes for bytes already there.
+            assert!(sock.is_ready(Dir::Read), "{} bytes stranded", sent - got);
+            got += sock.try_read_drained(&mut buf).expect("read");
+        }
+        assert_eq!(got, sent);
+        assert!(!sock.is_ready(Dir::Read), "the last, short read drained the socket");
     }
 
     #[test]
