@@ -35,6 +35,7 @@ use super::{ClientContext, ClientError};
 use crate::clock::Mono;
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::net::Stream;
+use crate::net::stream::ReadArm;
 use crate::pool::{Checkout, Grant, Pool, PoolError, PooledServer, SettingsCache};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::messages::{self, PgError, Severity};
@@ -100,6 +101,25 @@ struct Session {
     /// ParameterStatus messages the client is owed (a server reported a value in another
     /// spelling than the client was told); they go out ahead of its next reply.
     status_for_client: BytesMut,
+    /// The task pump's read registrations on the server and the client socket, made at its
+    /// first wait and kept while the task's waker stays the same; dropped when the session
+    /// enters the event loop, which has its own. Boxed: a session idle in the loop keeps only
+    /// the pointer's room.
+    pump_reads: Option<Box<PumpReads>>,
+}
+
+struct PumpReads {
+    server: ReadArm,
+    client: ReadArm,
+}
+
+impl PumpReads {
+    fn new(task: &std::task::Waker) -> Box<PumpReads> {
+        Box::new(PumpReads {
+            server: ReadArm::new(task),
+            client: ReadArm::new(task),
+        })
+    }
 }
 
 struct LoggedInKeys {
@@ -223,6 +243,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
         hub_from,
         hub_index: hub.as_ref().map_or(0, Hub::assign),
         status_for_client: BytesMut::new(),
+        pump_reads: None,
     });
     let key = session.login.key;
     let mut resume = Resume::Unlinked;
@@ -233,6 +254,7 @@ pub(super) async fn run(login: LoggedIn, ctx: Arc<ClientContext>, info: Arc<Clie
                 let Some(hub) = &hub else {
                     unreachable!("only hub-eligible sessions are handed over")
                 };
+                session.pump_reads = None;
                 match hub.enter(session).await {
                     Some((back, next)) => {
                         session = back;
@@ -1087,9 +1109,12 @@ impl Session {
         // and two clock reads each time (~3,000 instructions per tpcb-like transaction).
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
         let mut armed: Option<Mono> = None;
-        // Whether each socket's read waker registration still stands (`poll_read_into`):
-        // a fresh pump cannot know, the event loop may have registered its own meanwhile.
-        let (mut server_armed, mut client_armed) = (false, false);
+        // Whether each socket's read registration still stands: a fresh pump cannot know, the
+        // event loop may have registered its own meanwhile.
+        if let Some(reads) = &mut self.pump_reads {
+            reads.server.disarm();
+            reads.client.disarm();
+        }
         // The waker the stop signal wakes, as registered by this pump.
         let mut stop_waker: Option<std::task::Waker> = None;
         // Whether the timer, since it was last armed, was polled with that waker: from then on
@@ -1143,6 +1168,7 @@ impl Session {
                 reserve_for_server(&mut conn.buf);
             }
             let (client, cbuf, stop) = (&mut self.client, &mut self.buf, &self.info.stop);
+            let pump_reads = &mut self.pump_reads;
             let (server, sbuf, wbuf) = (&mut conn.stream, &mut conn.buf, &conn.wbuf);
             // One wait on every direction at once, polled by hand rather than through a
             // `select!` of futures: a direction either writes what it has framed or, when that
@@ -1157,8 +1183,8 @@ impl Session {
                 let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 let mut stop_bits = stop.raised_now(KILL | SHUTDOWN);
                 if stop_waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-                    // Registrations made with another waker wake someone else.
-                    (server_armed, client_armed, timer_polled) = (false, false, false);
+                    // The timer's registration, made with another waker, wakes someone else.
+                    timer_polled = false;
                     stop.register(cx.waker());
                     stop_waker = Some(cx.waker().clone());
                     stop_bits = stop.raised_now(KILL);
@@ -1167,6 +1193,10 @@ impl Session {
                     // takes the registration (a shutdown's would swallow a later kill).
                     stop.register(cx.waker());
                     stop_bits = stop.raised_now(KILL);
+                }
+                let reads = pump_reads.get_or_insert_with(|| PumpReads::new(cx.waker()));
+                if !reads.server.wakes(cx.waker()) {
+                    *reads = PumpReads::new(cx.waker());
                 }
                 let event = if stop_bits & KILL != 0 {
                     Event::Killed
@@ -1192,13 +1222,13 @@ impl Session {
                 } else if s_pending {
                     Pin::new(&mut *client).poll_write(cx, &sbuf[..s_ready]).map(Io::Wrote)
                 } else {
-                    crate::net::stream::poll_read_into(server, sbuf, &mut server_armed, cx).map(Io::Read)
+                    reads.server.poll_read_into(server, sbuf).map(Io::Read)
                 } {
                     Event::Server(r)
                 } else if let Poll::Ready(r) = if c_pending {
                     Pin::new(&mut *server).poll_write(cx, wbuf).map(Io::Wrote)
                 } else if read_client {
-                    crate::net::stream::poll_read_into(client, cbuf, &mut client_armed, cx).map(Io::Read)
+                    reads.client.poll_read_into(client, cbuf).map(Io::Read)
                 } else {
                     Poll::Pending
                 } {

@@ -11,7 +11,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -265,12 +266,13 @@ pub fn poll_read_ready_armed(tcp: &Sock, armed: &mut bool, cx: &mut Context<'_>)
 /// One read into `buf` for a task that waits on several things at once: over a plain socket
 /// it reads only when the reactor has seen the socket readable, and otherwise registers `cx`
 /// for readability unless `armed` says an earlier registration still stands (see
-/// [`poll_read_ready_armed`]; every read here clears it). tokio's `AsyncRead` would check
+/// [`poll_read_ready_armed`]; every read here clears it, and so must the caller whenever a
+/// wake-up took that registration: [`ReadArm`] does). tokio's `AsyncRead` would check
 /// readiness, lock the socket's waiter list and register the waker on every poll, ready or
 /// not, and route the bytes through a `ReadBuf`. TLS goes through tokio-rustls as before.
 /// Ok(0) is EOF. Uses no coop budget on a plain socket: the caller accounts for its progress.
 #[inline]
-pub fn poll_read_into(
+fn poll_read_into(
     stream: &mut Stream,
     buf: &mut BytesMut,
     armed: &mut bool,
@@ -289,6 +291,72 @@ pub fn poll_read_into(
             }
         }
         std::task::ready!(poll_read_ready_armed(sock, armed, cx))?;
+    }
+}
+
+/// A read registration that a task waiting on several things keeps across its polls
+/// ([`poll_read_ready_armed`]), made with a waker of its own: a wake-up through it says the
+/// registration is used up, which the task's own waker cannot say. An event's wake-up comes
+/// after the readiness it reports, so it can arrive late, after the task has read those bytes
+/// and registered again, and take that new registration: counted as still standing, it would
+/// leave nothing registered for the next bytes and the task would wait for ever (the event
+/// loop tells its wake-ups apart the same way, by token).
+pub struct ReadArm {
+    armed: bool,
+    wake: Arc<ArmWake>,
+    waker: Waker,
+}
+
+struct ArmWake {
+    task: Waker,
+    fired: AtomicBool,
+}
+
+impl std::task::Wake for ArmWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Before the task's wake-up, so the poll that follows sees it.
+        self.fired.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl ReadArm {
+    /// A registration that wakes `task`; none is made until the first poll.
+    pub fn new(task: &Waker) -> ReadArm {
+        let wake = Arc::new(ArmWake {
+            task: task.clone(),
+            fired: AtomicBool::new(false),
+        });
+        ReadArm {
+            armed: false,
+            waker: Waker::from(wake.clone()),
+            wake,
+        }
+    }
+
+    /// Whether this wakes `task` (a registration made for another waker wakes someone else).
+    #[inline]
+    pub fn wakes(&self, task: &Waker) -> bool {
+        self.wake.task.will_wake(task)
+    }
+
+    /// Forgets any registration: someone else may have registered on the socket since.
+    #[inline]
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// [`poll_read_into`] through this registration.
+    #[inline]
+    pub fn poll_read_into(&mut self, stream: &mut Stream, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+        if self.wake.fired.load(Ordering::Relaxed) && self.wake.fired.swap(false, Ordering::Acquire) {
+            self.armed = false;
+        }
+        poll_read_into(stream, buf, &mut self.armed, &mut Context::from_waker(&self.waker))
     }
 }
 
@@ -616,6 +684,40 @@ mod tests {
     fn unix_pair() -> (UnixStream, Sock) {
         let (a, b) = UnixStream::pair().unwrap();
         (a, Sock::Unix(b))
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_registration_a_late_wake_up_took_is_made_again() {
+        let (mut peer, sock) = pair().await;
+        let mut stream = Stream::Plain(sock);
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let task = Waker::from(count.clone());
+        let mut arm = ReadArm::new(&task);
+        let mut buf = BytesMut::with_capacity(64);
+        assert!(arm.poll_read_into(&mut stream, &mut buf).is_pending());
+        // What a late wake-up does: the socket's registration is gone (here: replaced by
+        // another waker's), and the registration's waker fires.
+        let other = Waker::from(Arc::new(Count(std::sync::atomic::AtomicUsize::new(0))));
+        let Stream::Plain(sock) = &stream else { unreachable!() };
+        assert!(sock.poll_read_ready(&mut Context::from_waker(&other)).is_pending());
+        arm.waker.wake_by_ref();
+        assert!(arm.poll_read_into(&mut stream, &mut buf).is_pending());
+        let before = count.0.load(Ordering::SeqCst);
+        peer.write_all(b"next").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            count.0.load(Ordering::SeqCst) > before,
+            "the next bytes must wake the task"
+        );
+        assert!(matches!(arm.poll_read_into(&mut stream, &mut buf), Poll::Ready(Ok(4))));
     }
 
     /// Reads with `try_read_drained` the way the event loop does: wait for readiness, read.
