@@ -156,8 +156,10 @@ pub(crate) enum Grant {
 /// waits for many clients at once, so its waits are entries in its inbox, not channels.
 pub(crate) trait GrantSink: Send + Sync {
     /// Hands `grant` to the waiter `token`. The sink owns it from then on (and gives it back
-    /// with [`Pool::return_grant`] if that waiter has gone meanwhile).
-    fn grant(&self, token: u64, grant: Grant, pool: &Pool);
+    /// with [`Pool::return_grant`] if that waiter has gone meanwhile). Err(grant) when the
+    /// sink itself is gone: the pool offers it to its next waiter. Called with the pool's
+    /// lock held, so it must not give the grant back itself.
+    fn grant(&self, token: u64, grant: Grant, pool: &Pool) -> Result<(), Grant>;
     /// The wait of `token` ended without a grant (acquire_timeout, or the pool closed).
     fn ended(&self, token: u64);
 }
@@ -189,9 +191,9 @@ impl WaiterTx {
         match self {
             WaiterTx::Task(tx) => tx.send(grant),
             WaiterTx::Sink(mut w) => {
+                // Either way: a sink that refuses is gone and need not hear the wait ended.
                 w.served = true;
-                w.sink.grant(w.token, grant, &w.pool);
-                Ok(())
+                w.sink.grant(w.token, grant, &w.pool)
             }
         }
     }

@@ -234,17 +234,18 @@ impl Inbox {
 }
 
 impl GrantSink for Inbox {
-    fn grant(&self, token: u64, grant: Grant, pool: &Pool) {
-        let mut grant = Some((grant, pool.clone()));
+    fn grant(&self, token: u64, grant: Grant, pool: &Pool) -> Result<(), Grant> {
+        let mut grant = Some(grant);
         self.push(|st| {
-            if !st.closed {
-                st.grants.push((token, grant.take()));
+            if !st.closed
+                && let Some(g) = grant.take()
+            {
+                st.grants.push((token, Some((g, pool.clone()))));
             }
         });
-        // The loop is gone: nobody would take it.
-        if let Some((grant, pool)) = grant {
-            pool.return_grant(grant);
-        }
+        // The loop is gone: nobody would take it. Not given back here: the pool's lock is
+        // held, and taking it again would deadlock the thread.
+        grant.map_or(Ok(()), Err)
     }
 
     fn ended(&self, token: u64) {
@@ -1244,6 +1245,56 @@ fn release(entry: &mut Entry, now: Mono, spares: &mut Spares) -> Option<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loop that is gone refuses a grant, which then goes to the pool's next waiter: handing
+    /// it back to the pool from inside the grant took the pool's lock a second time on the
+    /// thread that held it, and that thread never came back.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_grant_for_a_loop_that_is_gone_goes_to_the_next_waiter() {
+        let pool = crate::pool::tests::unconnected_pool("d", "u");
+        let settings = pool.settings().as_ref().clone();
+        let started = tokio::time::Instant::now();
+        let (gone, live) = (Arc::new(Inbox::default()), Arc::new(Inbox::default()));
+        gone.lock().closed = true;
+        let (gone_sink, live_sink): (Arc<dyn GrantSink>, Arc<dyn GrantSink>) = (gone.clone(), live.clone());
+        let mut held: Vec<Grant> = (0..settings.pool_size)
+            .map(|_| {
+                pool.checkout_for_sink(started, &settings, &live_sink, 1)
+                    .expect("open")
+                    .expect("a free slot")
+            })
+            .collect();
+        assert!(
+            pool.checkout_for_sink(started, &settings, &gone_sink, 2)
+                .expect("queued")
+                .is_none()
+        );
+        assert!(
+            pool.checkout_for_sink(started, &settings, &live_sink, 3)
+                .expect("queued")
+                .is_none()
+        );
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (returning, grant) = (pool.clone(), held.pop().expect("a grant"));
+        std::thread::spawn(move || {
+            returning.return_grant(grant);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("giving a grant back must not deadlock on the pool's lock");
+        let grants: Vec<u64> = live.lock().grants.iter().map(|(token, _)| *token).collect();
+        assert_eq!(grants, vec![3], "the next waiter gets the refused grant");
+        assert!(gone.lock().grants.is_empty());
+        for (_, grant) in std::mem::take(&mut live.lock().grants) {
+            if let Some((grant, pool)) = grant {
+                pool.return_grant(grant);
+            }
+        }
+        for grant in held {
+            pool.return_grant(grant);
+        }
+    }
 
     /// The guard at the top of [`HubLoop::poll`]: with the budget spent it must hand the
     /// thread back (woken again) and leave queued work for the next poll, not drive it.
