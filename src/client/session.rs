@@ -1109,13 +1109,7 @@ impl Session {
         // and two clock reads each time (~3,000 instructions per tpcb-like transaction).
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
         let mut armed: Option<Mono> = None;
-        // Whether each socket's read registration still stands: a fresh pump cannot know, the
-        // event loop may have registered its own meanwhile.
-        if let Some(reads) = &mut self.pump_reads {
-            reads.server.disarm();
-            reads.client.disarm();
-        }
-        // The waker the stop signal wakes, as registered by this pump.
+        // The waker the stop signal and the reads wake, as registered by this pump.
         let mut stop_waker: Option<std::task::Waker> = None;
         // Whether the timer, since it was last armed, was polled with that waker: from then on
         // its firing wakes the task and shows in `is_elapsed`, so a look at that does (a poll
@@ -1185,6 +1179,15 @@ impl Session {
                 if stop_waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
                     // The timer's registration, made with another waker, wakes someone else.
                     timer_polled = false;
+                    match pump_reads {
+                        // Whether each socket's read registration still stands a fresh pump
+                        // cannot know: the event loop may have registered its own meanwhile.
+                        Some(reads) if reads.server.wakes(cx.waker()) => {
+                            reads.server.disarm();
+                            reads.client.disarm();
+                        }
+                        _ => *pump_reads = Some(PumpReads::new(cx.waker())),
+                    }
                     stop.register(cx.waker());
                     stop_waker = Some(cx.waker().clone());
                     stop_bits = stop.raised_now(KILL);
@@ -1194,10 +1197,8 @@ impl Session {
                     stop.register(cx.waker());
                     stop_bits = stop.raised_now(KILL);
                 }
+                // Made above at this pump's first poll.
                 let reads = pump_reads.get_or_insert_with(|| PumpReads::new(cx.waker()));
-                if !reads.server.wakes(cx.waker()) {
-                    *reads = PumpReads::new(cx.waker());
-                }
                 let event = if stop_bits & KILL != 0 {
                     Event::Killed
                 // With no deadline now (a statement running without query_timeout) the timer
