@@ -544,7 +544,7 @@ impl AsFd for OwnSock {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::atomic::AtomicUsize;
@@ -702,7 +702,8 @@ mod tests {
         assert_eq!(state.ready.load(Ordering::SeqCst) & Dir::Read.bit(), 0);
     }
 
-    struct Count(AtomicUsize);
+    /// A waker that counts its wake-ups.
+    pub(crate) struct Count(pub(crate) AtomicUsize);
 
     impl std::task::Wake for Count {
         fn wake(self: Arc<Self>) {

@@ -686,16 +686,9 @@ mod tests {
         (a, Sock::Unix(b))
     }
 
-    struct Count(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     #[tokio::test]
     async fn a_read_registration_a_late_wake_up_took_is_made_again() {
+        use crate::net::reactor::tests::Count;
         let (mut peer, sock) = pair().await;
         let mut stream = Stream::Plain(sock);
         let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
