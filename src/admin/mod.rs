@@ -6,9 +6,11 @@
 
 mod metrics;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -161,38 +163,68 @@ async fn clients(State(s): State<AdminState>) -> Json<Value> {
     ))
 }
 
-/// Every server connection: the ones lent (with the client holding each, the link a DBA needs
-/// when pg_stat_activity shows a pid "idle in transaction") and the idle ones.
+/// Every open server connection: the ones lent (with the client holding each, the link a DBA
+/// needs when pg_stat_activity shows a pid "idle in transaction") and the idle ones. The pools
+/// say which servers are open, so one lent to nobody at this instant (being reset,
+/// health-checked, or on its way to the next client) is listed too, as active with no client.
 async fn servers(State(s): State<AdminState>) -> Json<Value> {
     let now = now_ms();
-    let mut rows: Vec<Value> = s
+    // Read before the pools' lists: a server released since then is listed idle (the later
+    // reading), one lent since then is listed active without its new client.
+    let mut held: HashMap<i32, Arc<ClientInfo>> = s
         .ctx
         .clients
         .all()
-        .iter()
-        .filter_map(|c| {
-            c.server_pid().map(|pid| {
-                json!({
-                    "pid": pid,
-                    "database": c.pool.database,
-                    "user": c.pool.user,
-                    "state": "active",
-                    "client": client_json(c, now),
-                })
-            })
-        })
+        .into_iter()
+        .filter_map(|c| c.server_pid().map(|pid| (pid, c)))
         .collect();
-    for pool in s.ctx.pools.all() {
-        for (pid, age, idle) in pool.idle_servers() {
-            rows.push(json!({
-                "pid": pid,
-                "database": pool.key().database,
-                "user": pool.key().user,
-                "state": "idle",
-                "age_seconds": age.as_secs_f64(),
-                "idle_seconds": idle.as_secs_f64(),
-            }));
+    let mut rows: Vec<Value> = Vec::new();
+    let pools = s.ctx.pools.all();
+    for pool in &pools {
+        let idle: HashMap<i32, (Duration, Duration)> = pool
+            .idle_servers()
+            .into_iter()
+            .map(|(pid, age, idle)| (pid, (age, idle)))
+            .collect();
+        for (pid, age) in pool.open_servers() {
+            let key = pool.key();
+            let row = match idle.get(&pid) {
+                Some((age, idle)) => {
+                    held.remove(&pid);
+                    json!({
+                        "pid": pid,
+                        "database": key.database,
+                        "user": key.user,
+                        "state": "idle",
+                        "age_seconds": age.as_secs_f64(),
+                        "idle_seconds": idle.as_secs_f64(),
+                    })
+                }
+                None => json!({
+                    "pid": pid,
+                    "database": key.database,
+                    "user": key.user,
+                    "state": "active",
+                    "age_seconds": age.as_secs_f64(),
+                    "client": held.remove(&pid).map(|c| client_json(&c, now)),
+                }),
+            };
+            rows.push(row);
         }
+    }
+    // A server of a pool no longer in the registry (replaced by a reload) is still held. Of a
+    // listed pool, a holder left over held a server that has closed since.
+    for (pid, c) in held
+        .into_iter()
+        .filter(|(_, c)| !pools.iter().any(|p| *p.key() == *c.pool))
+    {
+        rows.push(json!({
+            "pid": pid,
+            "database": c.pool.database,
+            "user": c.pool.user,
+            "state": "active",
+            "client": client_json(&c, now),
+        }));
     }
     Json(Value::Array(rows))
 }
@@ -267,8 +299,21 @@ async fn kill_server(State(s): State<AdminState>, headers: HeaderMap, Path(pid):
         c.stop.raise(crate::client::registry::KILL);
         return Json(json!({ "killed": pid, "client": c.id.0 })).into_response();
     }
-    if s.ctx.pools.all().iter().any(|p| p.close_idle_server(pid)) {
+    let pools = s.ctx.pools.all();
+    if pools.iter().any(|p| p.close_idle_server(pid)) {
         return Json(json!({ "killed": pid })).into_response();
+    }
+    if pools
+        .iter()
+        .any(|p| p.open_servers().iter().any(|&(open, _)| open == pid))
+    {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "server connection {pid} is between clients (being reset, health-checked or handed to the next \
+                 client); try again"
+            ),
+        );
     }
     error(
         StatusCode::NOT_FOUND,

@@ -290,6 +290,41 @@ struct Welcome {
 /// How many distinct startup packets' login templates a pool keeps.
 pub const LOGIN_TEMPLATES_KEPT: usize = 4;
 
+/// A pool's open server connections. A lent one is in no pool list (a session holds it, or it
+/// is being reset, health-checked or handed to the next client), so the admin API finds every
+/// server here rather than only through whichever clients hold one at the instant it looks.
+/// Changed only when a connection opens or closes.
+#[derive(Default)]
+struct OpenServers(Mutex<Vec<OpenServer>>);
+
+struct OpenServer {
+    id: server::ServerId,
+    pid: i32,
+    created: Mono,
+}
+
+/// Keeps its connection in its pool's [`OpenServers`] for as long as the connection exists,
+/// however it ends (closed, discarded or dropped with its session).
+pub(crate) struct Listed {
+    list: Arc<OpenServers>,
+    id: server::ServerId,
+}
+
+impl fmt::Debug for Listed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Listed").field(&self.id).finish()
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut list = lock(&self.list.0);
+        if let Some(i) = list.iter().position(|s| s.id == self.id) {
+            list.swap_remove(i);
+        }
+    }
+}
+
 pub(crate) struct PoolShared {
     /// Shared with the admin registry's entry of each client of the pool.
     key: Arc<PoolKey>,
@@ -308,6 +343,7 @@ pub(crate) struct PoolShared {
     canonical: Mutex<CanonicalValues>,
     /// Wakes the waiter sweeper before its planned time.
     sweep_now: tokio::sync::Notify,
+    open_servers: Arc<OpenServers>,
     ids: Arc<ServerIds>,
     pub(crate) stats: PoolStats,
 }
@@ -360,6 +396,7 @@ impl Pool {
                 welcome: Mutex::default(),
                 canonical: Mutex::default(),
                 sweep_now: tokio::sync::Notify::new(),
+                open_servers: Arc::default(),
                 ids,
                 stats: PoolStats::default(),
             }),
@@ -693,7 +730,8 @@ impl Pool {
         .await;
         shared.stats.connecting.fetch_sub(1, Ordering::Relaxed);
         match result {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                conn.listed = Some(self.list(&conn));
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
                 shared.stats.last_connect_failed.store(false, Ordering::Relaxed);
                 let mut welcome = lock(&shared.welcome);
@@ -826,6 +864,28 @@ impl Pool {
             .iter()
             .map(|c| (c.backend_pid(), now.since(c.created), now.since(c.last_used)))
             .collect()
+    }
+
+    /// Every open server connection, idle or not: (backend pid, age).
+    pub fn open_servers(&self) -> Vec<(i32, Duration)> {
+        let now = Mono::now();
+        lock(&self.shared.open_servers.0)
+            .iter()
+            .map(|s| (s.pid, now.since(s.created)))
+            .collect()
+    }
+
+    fn list(&self, conn: &ServerConn) -> Listed {
+        let list = &self.shared.open_servers;
+        lock(&list.0).push(OpenServer {
+            id: conn.id,
+            pid: conn.backend_pid(),
+            created: conn.created,
+        });
+        Listed {
+            list: list.clone(),
+            id: conn.id,
+        }
     }
 
     /// Closes the idle server connection with this backend pid; false if none is idle here.

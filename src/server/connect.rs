@@ -169,6 +169,7 @@ async fn connect_inner(
         satisfies: None,
         created: now,
         last_used: now,
+        listed: None,
     };
     let mut out = BytesMut::with_capacity(256);
     messages::startup_message(

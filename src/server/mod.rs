@@ -118,6 +118,8 @@ pub struct ServerConn {
     pub satisfies: Option<(std::sync::Arc<[u8]>, u64)>,
     pub created: Mono,
     pub last_used: Mono,
+    /// Set by the pool that opened it: lists it among the pool's open servers until dropped.
+    pub(crate) listed: Option<crate::pool::Listed>,
 }
 
 impl ServerConn {
