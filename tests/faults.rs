@@ -556,3 +556,140 @@ async fn a_stalled_backend_trips_query_timeout() {
         .await
     );
 }
+
+/// A client logged in over the raw protocol (as the trust user).
+async fn raw_login(proxy: &support::proxy::TestProxy) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut body = 196_608_i32.to_be_bytes().to_vec();
+    for part in [&b"user"[..], roles::TRUST.as_bytes(), b"database", b"app"] {
+        body.extend_from_slice(part);
+        body.push(0);
+    }
+    body.push(0);
+    let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(&startup).await.expect("startup");
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(&mut s))
+            .await
+            .expect("login answered")
+            .expect("login");
+        assert_ne!(m[0], b'E', "login refused: {}", String::from_utf8_lossy(&m));
+        if m[0] == b'Z' {
+            return s;
+        }
+    }
+}
+
+/// A client that asks for a result far larger than socket buffers hold and then reads
+/// nothing: pgweir can write to it no more.
+async fn client_that_stops_reading(proxy: &support::proxy::TestProxy) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = raw_login(proxy).await;
+    let q = b"select repeat('x', 10000) from generate_series(1, 100000)\0";
+    s.write_all(&support::wire::msg(b'Q', q)).await.expect("query");
+    s
+}
+
+/// Waits until pgweir's only client holds the pool's server, then a second for the sockets
+/// between them to fill (the result is a gigabyte), and returns that client's id.
+async fn stuck_client_id(proxy: &support::proxy::TestProxy) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let clients = support::proxy::clients_json(proxy).await;
+        if clients.len() == 1 && clients[0]["server_pid"].is_i64() {
+            break clients[0]["id"].as_u64().expect("id");
+        }
+        assert!(Instant::now() < deadline, "the client never held a server: {clients:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    id
+}
+
+/// After the stuck client's session ended: nothing is listed, and the pool's one server serves
+/// the next client at once.
+async fn stuck_client_gone(proxy: &support::proxy::TestProxy, what: &str) {
+    let gone = eventually(Duration::from_secs(3), || async {
+        support::proxy::clients_json(proxy).await.is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "{what}: the client that stopped reading is still served: {:?}",
+        support::proxy::clients_json(proxy).await
+    );
+    let next = proxy.connect(roles::SCRAM).await;
+    tokio::time::timeout(Duration::from_secs(3), next.query_one("select 1", &[]))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the pool's server was not freed"))
+        .expect("query");
+}
+
+/// An operator kills a client that no longer reads its result: the kill ends it (its error
+/// cannot be delivered) and frees its server, instead of waiting for room in its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_still_killed() {
+    let pg = support::postgres();
+    let mut b = TestProxyBuilder::new(&pg).pool_size(1);
+    b.auth_type = pgweir::config::AuthType::Trust;
+    let proxy = b.start().await;
+    let _stuck = client_that_stops_reading(&proxy).await;
+    let id = stuck_client_id(&proxy).await;
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    stuck_client_gone(&proxy, "kill").await;
+}
+
+/// query_timeout reaches a query whose client stopped reading its result (the server waits on
+/// pgweir, which waits on the client): the session ends and the server is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_ends_a_client_that_stops_reading() {
+    let pg = support::postgres();
+    let mut b = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.query_timeout = Some(Duration::from_millis(1500)));
+    b.auth_type = pgweir::config::AuthType::Trust;
+    let proxy = b.start().await;
+    let _stuck = client_that_stops_reading(&proxy).await;
+    stuck_client_id(&proxy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stuck_client_gone(&proxy, "query_timeout").await;
+}
+
+/// A client that stopped part-way through a message (here: a Query's header and a few bytes of
+/// its text) waits for the rest; a kill still ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stopped_mid_message_is_still_killed() {
+    use tokio::io::AsyncWriteExt;
+    let pg = support::postgres();
+    let mut b = TestProxyBuilder::new(&pg).pool_size(1);
+    b.auth_type = pgweir::config::AuthType::Trust;
+    let proxy = b.start().await;
+    let mut s = raw_login(&proxy).await;
+    let whole = support::wire::msg(b'Q', b"select 'a query whose end never comes'\0");
+    s.write_all(&whole[..12]).await.expect("part of a query");
+    let clients = support::proxy::clients_json(&proxy).await;
+    assert_eq!(clients.len(), 1, "{clients:?}");
+    let id = clients[0]["id"].as_u64().expect("id");
+    // Let the session read what came and wait for the rest.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let gone = eventually(Duration::from_secs(3), || async {
+        support::proxy::clients_json(&proxy).await.is_empty()
+    })
+    .await;
+    assert!(gone, "the client is still served after its kill");
+    let m = tokio::time::timeout(Duration::from_secs(3), support::wire::read_frame(&mut s))
+        .await
+        .expect("told")
+        .expect("an error before the close");
+    assert_eq!(m[0], b'E', "{}", String::from_utf8_lossy(&m));
+    assert!(String::from_utf8_lossy(&m).contains("57P01"));
+}

@@ -336,9 +336,21 @@ fn check_hba(client: &Stream, peer: &PeerAddr, config: &Config, user: &str, data
 pub(super) async fn send_error(client: &mut Stream, e: &PgError) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     e.encode(&mut buf);
-    client.write_all(&buf).await?;
-    client.flush().await
+    let write = async {
+        client.write_all(&buf).await?;
+        client.flush().await
+    };
+    // Every error sent this way is the connection's last word. A client that does not read
+    // (its socket full) must not keep the session, and a server it may hold, open for good:
+    // a kill or a timeout would never finish. Waiting longer would not help such a client,
+    // since only its reading makes room; one that reads gets the error at once.
+    tokio::time::timeout(LAST_WORD_WAIT, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
+
+/// How long a session's last error may wait for room in the client's socket.
+pub(super) const LAST_WORD_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn login(
     conn: &mut LoginConn,
@@ -1157,5 +1169,39 @@ mod tests {
         );
         assert!(parse_options(b"-x").is_err());
         assert!(parse_options(b"-c").is_err());
+    }
+}
+
+#[cfg(test)]
+mod last_word_tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{LAST_WORD_WAIT, send_error};
+    use crate::net::{Sock, Stream};
+    use crate::proto::messages::PgError;
+
+    /// A client whose socket is full (it reads nothing) does not hold its session's last error,
+    /// and so the session, for ever.
+    #[tokio::test]
+    async fn a_last_error_gives_up_on_a_client_that_does_not_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (peer, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let _peer = peer.expect("connect");
+        let sock = accepted.expect("accept").0;
+        let chunk = vec![0u8; 1 << 16];
+        while sock.try_write(&chunk).is_ok() {}
+        let mut stream = Stream::Plain(Sock::Tcp(sock));
+        let started = Instant::now();
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            send_error(&mut stream, &PgError::fatal("57P01", "killed")),
+        )
+        .await
+        .expect("send_error returned");
+        assert!(sent.is_err(), "nothing can be sent to a full socket");
+        assert!(started.elapsed() >= LAST_WORD_WAIT, "{:?}", started.elapsed());
     }
 }

@@ -379,6 +379,13 @@ impl Link {
         !self.inject.is_empty() || self.s_ready > 0
     }
 
+    /// Whether what the client has been sent ends with a whole message: nothing framed still
+    /// waits, and no large message is being streamed through. Otherwise a message of pgweir's
+    /// own would be read as the rest of the one cut off.
+    pub fn client_at_message_boundary(&self) -> bool {
+        !self.has_bytes_for_client() && self.s_skip == 0
+    }
+
     /// The next bytes for the client: replies pgweir produced go before framed server bytes.
     pub fn bytes_for_client(&self) -> &[u8] {
         if self.inject.is_empty() {

@@ -423,16 +423,14 @@ impl Session {
                 self.wait_client_readable().await?;
             }
             self.reserve_for_client();
-            let read = if self.client.is_tls() && self.buf.is_empty() {
-                // A TLS client waits here between transactions: shutdown and kill must still
-                // reach it. rustls keeps partial records itself, so dropping the read is safe.
-                tokio::select! {
-                    biased;
-                    bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
-                    r = self.client.read_buf(&mut self.buf) => r,
-                }
-            } else {
-                self.client.read_buf(&mut self.buf).await
+            // A TLS client waits here between transactions, and any client that stopped part-way
+            // through a message waits here for the rest: shutdown and kill must still reach
+            // them. A plain socket's read either took bytes or did not, and rustls keeps partial
+            // records itself, so dropping the read is safe.
+            let read = tokio::select! {
+                biased;
+                bits = self.info.stop.raised(KILL | SHUTDOWN) => return Err(self.stopped(bits).await),
+                r = self.client.read_buf(&mut self.buf) => r,
             };
             match read {
                 Ok(0) => return Ok(Next::Eof),
@@ -457,7 +455,7 @@ impl Session {
 
     async fn stopped(&mut self, bits: u8) -> ClientError {
         if bits & KILL != 0 {
-            self.killed().await
+            self.killed(None).await
         } else {
             self.shutting_down().await
         }
@@ -1270,7 +1268,7 @@ impl Session {
                         });
                     }
                 }
-                Event::Killed => return Err(self.killed().await),
+                Event::Killed => return Err(self.killed(Some(link)).await),
             }
         }
     }
@@ -1341,6 +1339,14 @@ impl Session {
         }
     }
 
+    /// Sends a session's last error, unless the client is part-way through a message of the
+    /// server's, which the error would be read as the rest of: it sees the connection close.
+    async fn last_word(&mut self, link: Option<&Link>, e: &PgError) {
+        if link.is_none_or(Link::client_at_message_boundary) {
+            let _ = send_error(&mut self.client, e).await;
+        }
+    }
+
     async fn server_lost(&mut self, link: &Link, e: Option<std::io::Error>) -> ClientError {
         let in_tx = link.status != TransactionStatus::Idle;
         let reply = PgError::fatal(
@@ -1352,7 +1358,7 @@ impl Session {
             },
         )
         .with_hint("Reconnect and retry; check the PostgreSQL log for why the backend ended.");
-        let _ = send_error(&mut self.client, &reply).await;
+        self.last_word(Some(link), &reply).await;
         match e {
             Some(e) => ClientError::ServerIo(e),
             None => ClientError::Server(ServerError::Closed),
@@ -1361,12 +1367,12 @@ impl Session {
 
     /// An operator killed this client through the admin API: tell it, and end the session (a
     /// server it held is cancelled and closed by the caller).
-    async fn killed(&mut self) -> ClientError {
+    async fn killed(&mut self, link: Option<&Link>) -> ClientError {
         let reply = PgError::fatal(
             "57P01",
             "pgweir: connection terminated by an administrator (admin API kill)",
         );
-        let _ = send_error(&mut self.client, &reply).await;
+        self.last_word(link, &reply).await;
         ClientError::Killed
     }
 
@@ -1389,7 +1395,7 @@ impl Session {
         )
         .with_detail("The query was cancelled, its transaction rolled back and the connection closed.")
         .with_hint("Make the query faster, or raise query_timeout for this pool.");
-        let _ = send_error(&mut self.client, &reply).await;
+        self.last_word(Some(link), &reply).await;
         ClientError::QueryTimeout
     }
 
@@ -1410,7 +1416,7 @@ impl Session {
         )
         .with_detail("The transaction was rolled back and its server connection freed for other clients.")
         .with_hint("Commit or roll back transactions promptly, or raise idle_transaction_timeout for this pool.");
-        let _ = send_error(&mut self.client, &reply).await;
+        self.last_word(Some(link), &reply).await;
         ClientError::IdleTransactionTimeout
     }
 }
