@@ -403,11 +403,15 @@ async fn servers_lists_a_server_between_clients() {
     })
     .await;
     assert!(idle, "server {pid} not listed idle once after its reset");
-    // Closed, it is no longer listed.
+    // Closed, it is no longer listed, and counted as killed.
     let (status, body) = proxy
         .admin("POST", &format!("/api/servers/{pid}/kill"), None, None)
         .await;
     assert_eq!(status, 200, "{body}");
+    let killed = proxy
+        .metric("pgweir_server_connections_closed_total{database=\"app\",user=\"app_scram\",reason=\"killed\"}")
+        .await;
+    assert_eq!(killed, 1);
     let (_, body) = proxy.admin("GET", "/api/servers", None, None).await;
     assert!(
         json(&body).as_array().expect("array").iter().all(|s| s["pid"] != pid),
@@ -518,6 +522,38 @@ async fn reload_applies_a_good_file_and_keeps_running_on_a_broken_one() {
         .query_one("select 1", &[])
         .await
         .expect("still serving");
+}
+
+/// A reload rotates the admin token: the new one is required from then on, the old refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_admin_token() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgweir.toml");
+    let write = |token: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[listen]\naddr = \"127.0.0.1:0\"\nauth_type = \"trust\"\n\n[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n[databases.app]\nport = {}\n",
+                pg.port()
+            ),
+        )
+        .expect("write config");
+    };
+    let (old, new) = ("the-first-admin-token-0123", "the-second-admin-token-456");
+    write(old);
+    let config = pgweir::config::Config::load(&path).expect("valid config");
+    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
+        .await
+        .expect("start");
+    let harness = support::proxy::TestProxy::wrap(proxy);
+    write(new);
+    let (status, body) = harness.admin("POST", "/api/reload", Some(old), None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = harness.admin("POST", "/api/reload", Some(old), None).await;
+    assert_eq!(status, 401, "the old token still works after the reload");
+    let (status, body) = harness.admin("POST", "/api/reload", Some(new), None).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

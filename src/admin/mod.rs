@@ -27,14 +27,12 @@ use crate::pool::{Pool, PoolKey};
 #[derive(Clone)]
 pub struct AdminState {
     ctx: Arc<ClientContext>,
-    token: Option<String>,
     loopback: bool,
 }
 
 /// The admin router; `local` is the address the admin listener is bound to.
 pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
     let state = AdminState {
-        token: ctx.config.load().admin.token.clone(),
         loopback: local.ip().is_loopback(),
         ctx,
     };
@@ -405,7 +403,9 @@ async fn ready(State(s): State<AdminState>) -> Response {
 /// Checks the caller may mutate; returns the error response otherwise.
 #[allow(clippy::result_large_err)] // a Response, built at most once per request
 fn authorise(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
-    match &s.token {
+    // The running configuration's token: a reload rotates it.
+    let config = s.ctx.config.load();
+    match &config.admin.token {
         Some(token) => {
             let given = headers
                 .get(header::AUTHORIZATION)

@@ -96,7 +96,15 @@ pub struct PoolStats {
 }
 
 /// Why server connections are closed, as bounded metric labels.
-pub const CLOSE_REASONS: [&str; 6] = ["idle_timeout", "lifetime", "dead", "dirty", "resize", "pool_closed"];
+pub const CLOSE_REASONS: [&str; 7] = [
+    "idle_timeout",
+    "lifetime",
+    "dead",
+    "dirty",
+    "resize",
+    "pool_closed",
+    "killed",
+];
 
 /// Index into [`CLOSE_REASONS`].
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +118,8 @@ pub enum CloseReason {
     Dirty = 3,
     Resize = 4,
     PoolClosed = 5,
+    /// Closed through the admin API (`POST /api/servers/{pid}/kill` on an idle one).
+    Killed = 6,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.
@@ -897,6 +907,7 @@ impl Pool {
             };
             st.idle.remove(i)
         };
+        self.count_close(CloseReason::Killed);
         conn.close();
         self.release_slot();
         true
