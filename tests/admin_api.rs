@@ -524,6 +524,73 @@ async fn reload_applies_a_good_file_and_keeps_running_on_a_broken_one() {
         .expect("still serving");
 }
 
+/// A reload that points a database elsewhere (here: another database on the same server, as a
+/// failover would another host) moves its pool: the idle server is closed at once, the one a
+/// transaction holds when it is returned, and every transaction after runs on the new target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_a_pool_to_its_new_target() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgweir.toml");
+    let (user, password) = roles::SCRAM;
+    let write = |dbname: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[listen]\naddr = \"127.0.0.1:0\"\nauth_type = \"trust\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n\
+                 [databases.app]\nport = {}\ndbname = \"{dbname}\"\n\n[users.{user}]\npassword = \"{password}\"\n",
+                pg.port()
+            ),
+        )
+        .expect("write config");
+    };
+    write("app");
+    let config = pgweir::config::Config::load(&path).expect("valid config");
+    let proxy = pgweir::app::Proxy::start_with_path(config, Some(path.clone()))
+        .await
+        .expect("start");
+    let harness = support::proxy::TestProxy::wrap(proxy);
+    let idle = harness.connect(roles::SCRAM).await;
+    let holder = harness.connect(roles::SCRAM).await;
+    let current = |row: tokio_postgres::Row| row.get::<_, String>(0);
+    holder.batch_execute("begin").await.expect("begin");
+    assert_eq!(
+        current(holder.query_one("select current_database()", &[]).await.expect("query")),
+        "app"
+    );
+    // On a second server, idle once this returns.
+    assert_eq!(
+        current(idle.query_one("select current_database()", &[]).await.expect("query")),
+        "app"
+    );
+
+    write("postgres");
+    let (status, body) = harness.admin("POST", "/api/reload", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["needs_restart"], serde_json::json!([]), "{body}");
+    assert_eq!(
+        current(idle.query_one("select current_database()", &[]).await.expect("query")),
+        "postgres",
+        "a transaction after the reload runs on the new target"
+    );
+    assert_eq!(
+        current(holder.query_one("select current_database()", &[]).await.expect("query")),
+        "app",
+        "a transaction open across the reload stays where it began"
+    );
+    holder.batch_execute("commit").await.expect("commit");
+    assert_eq!(
+        current(holder.query_one("select current_database()", &[]).await.expect("query")),
+        "postgres"
+    );
+    let closed = harness
+        .metric(&format!(
+            "pgweir_server_connections_closed_total{{database=\"app\",user=\"{user}\",reason=\"retarget\"}}"
+        ))
+        .await;
+    assert_eq!(closed, 2, "the idle server at once, the held one when returned");
+}
+
 /// A reload rotates the admin token: the new one is required from then on, the old refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_rotates_the_admin_token() {

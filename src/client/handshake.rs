@@ -426,12 +426,7 @@ async fn login(
         let settings = config.pool_settings(database, user).unwrap_or_else(|| db.pool.clone());
         Pool::new(
             key,
-            ServerTarget {
-                host: db.host.clone(),
-                port: db.port,
-                dbname: db.dbname.clone(),
-                user: db.server_user.clone().unwrap_or_else(|| user.to_owned()),
-            },
+            server_target(db, user),
             server_secret(&users, db.server_password.as_deref(), db.server_user.is_some(), user),
             settings,
             config.listen.tcp_keepalive,
@@ -779,7 +774,22 @@ fn parse_options(raw: &[u8]) -> Result<Vec<(String, String)>, &'static str> {
 }
 
 /// Which credentials the pool uses towards PostgreSQL.
-fn server_secret(users: &UserDirectory, db_password: Option<&str>, forced_user: bool, user: &str) -> ServerSecret {
+/// Where a pool of `db` for client `user` connects, as whom.
+pub(super) fn server_target(db: &crate::config::DatabaseConfig, user: &str) -> ServerTarget {
+    ServerTarget {
+        host: db.host.clone(),
+        port: db.port,
+        dbname: db.dbname.clone(),
+        user: db.server_user.clone().unwrap_or_else(|| user.to_owned()),
+    }
+}
+
+pub(super) fn server_secret(
+    users: &UserDirectory,
+    db_password: Option<&str>,
+    forced_user: bool,
+    user: &str,
+) -> ServerSecret {
     if forced_user {
         return db_password.map_or(ServerSecret::None, |p| ServerSecret::Plain(p.to_owned()));
     }

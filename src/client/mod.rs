@@ -154,6 +154,7 @@ impl ClientContext {
         if old.admin.addr != config.admin.addr {
             needs_restart.push("admin.addr".to_owned());
         }
+        let users = Arc::new(UserDirectory::from_config(&config));
         for pool in self.pools.all() {
             let key = pool.key();
             if let Some(settings) = config.pool_settings(&key.database, &key.user)
@@ -161,8 +162,28 @@ impl ClientContext {
             {
                 pool.update_settings(settings);
             }
+            let Some(db) = config.databases.get(&key.database) else {
+                continue;
+            };
+            // A new address, database or server user (a failover, a move): the pool follows,
+            // as a pool made now would.
+            if pool.retarget(handshake::server_target(db, &key.user)) {
+                tracing::info!(pool = %key, to = %pool.target().addr_string(), "server target changed by reload");
+            }
+            // A configured password, as a pool made now would use it: new connections log in
+            // with it. None where the pool's secret comes from elsewhere (SCRAM pass-through
+            // keys from a client's login, auth_query), which is kept.
+            let secret = handshake::server_secret(
+                &users,
+                db.server_password.as_deref(),
+                db.server_user.is_some(),
+                &key.user,
+            );
+            if !matches!(secret, crate::server::ServerSecret::None) {
+                pool.set_secret(secret);
+            }
         }
-        self.users.store(Arc::new(UserDirectory::from_config(&config)));
+        self.users.store(users);
         self.auth_query.clear();
         self.config.store(Arc::new(config));
         needs_restart

@@ -96,7 +96,7 @@ pub struct PoolStats {
 }
 
 /// Why server connections are closed, as bounded metric labels.
-pub const CLOSE_REASONS: [&str; 7] = [
+pub const CLOSE_REASONS: [&str; 8] = [
     "idle_timeout",
     "lifetime",
     "dead",
@@ -104,6 +104,7 @@ pub const CLOSE_REASONS: [&str; 7] = [
     "resize",
     "pool_closed",
     "killed",
+    "retarget",
 ];
 
 /// Index into [`CLOSE_REASONS`].
@@ -120,6 +121,8 @@ pub enum CloseReason {
     PoolClosed = 5,
     /// Closed through the admin API (`POST /api/servers/{pid}/kill` on an idle one).
     Killed = 6,
+    /// Opened for a server address, database or user that a reload has changed since.
+    Retarget = 7,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.
@@ -237,6 +240,10 @@ struct PoolState {
     closed: bool,
     /// Paused pools lend nothing: new checkouts queue until resume.
     paused: bool,
+    /// Where new connections go; a reload may change it ([`Pool::retarget`]).
+    target: Arc<ServerTarget>,
+    /// Counts target changes: a connection opened for an older one is closed when returned.
+    generation: u64,
 }
 
 /// How many (parameter, client value) → reported value pairs a pool keeps (see
@@ -318,6 +325,8 @@ struct OpenServer {
 pub(crate) struct Listed {
     list: Arc<OpenServers>,
     id: server::ServerId,
+    /// The pool's target generation it was opened for (see [`Pool::retarget`]).
+    generation: u64,
 }
 
 impl fmt::Debug for Listed {
@@ -338,7 +347,6 @@ impl Drop for Listed {
 pub(crate) struct PoolShared {
     /// Shared with the admin registry's entry of each client of the pool.
     key: Arc<PoolKey>,
-    target: ServerTarget,
     /// Swapped whole on reload; readers take a cheap snapshot.
     settings: arc_swap::ArcSwap<PoolSettings>,
     keepalive: Option<Duration>,
@@ -389,7 +397,6 @@ impl Pool {
         Pool {
             shared: Arc::new(PoolShared {
                 key: Arc::new(key),
-                target,
                 keepalive,
                 secret: Mutex::new(secret),
                 state: Mutex::new(PoolState {
@@ -401,6 +408,8 @@ impl Pool {
                     sweep_at: None,
                     closed: false,
                     paused: false,
+                    target: Arc::new(target),
+                    generation: 0,
                 }),
                 settings: arc_swap::ArcSwap::from_pointee(settings),
                 welcome: Mutex::default(),
@@ -727,11 +736,15 @@ impl Pool {
     async fn open_slot(&self) -> Result<Conn, ServerError> {
         let shared = &self.shared;
         let secret = lock(&shared.secret).clone();
+        let (target, generation) = {
+            let st = lock(&shared.state);
+            (st.target.clone(), st.generation)
+        };
         shared.stats.connecting.fetch_add(1, Ordering::Relaxed);
         let settings = shared.settings.load_full();
         let result = server::connect(
             shared.ids.next(),
-            &shared.target,
+            &target,
             &secret,
             settings.server_connect_timeout,
             shared.keepalive,
@@ -741,7 +754,7 @@ impl Pool {
         shared.stats.connecting.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(mut conn) => {
-                conn.listed = Some(self.list(&conn));
+                conn.listed = Some(self.list(&conn, generation));
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
                 shared.stats.last_connect_failed.store(false, Ordering::Relaxed);
                 let mut welcome = lock(&shared.welcome);
@@ -779,9 +792,12 @@ impl Pool {
     fn checkin(&self, mut conn: Conn, now: Mono) {
         conn.last_used = now;
         let mut st = lock(&self.shared.state);
-        if st.closed || st.open > st.size {
+        let stale = conn.listed.as_ref().is_some_and(|l| l.generation != st.generation);
+        if st.closed || st.open > st.size || stale {
             let reason = if st.closed {
                 CloseReason::PoolClosed
+            } else if stale {
+                CloseReason::Retarget
             } else {
                 CloseReason::Resize
             };
@@ -885,7 +901,7 @@ impl Pool {
             .collect()
     }
 
-    fn list(&self, conn: &ServerConn) -> Listed {
+    fn list(&self, conn: &ServerConn, generation: u64) -> Listed {
         let list = &self.shared.open_servers;
         lock(&list.0).push(OpenServer {
             id: conn.id,
@@ -895,7 +911,42 @@ impl Pool {
         Listed {
             list: list.clone(),
             id: conn.id,
+            generation,
         }
+    }
+
+    /// Points new connections at `target` (a reload changed the database's host, port, dbname
+    /// or server user): idle connections to the old one are closed at once, lent ones when
+    /// they come back, so transactions that start after it run on the new target (but for one
+    /// on a connection already on its way to a client). Returns whether anything changed.
+    pub fn retarget(&self, target: ServerTarget) -> bool {
+        let idle = {
+            let mut st = lock(&self.shared.state);
+            if *st.target == target {
+                return false;
+            }
+            st.target = Arc::new(target);
+            st.generation += 1;
+            let idle = std::mem::take(&mut st.idle);
+            st.open -= idle.len();
+            if !st.paused {
+                Self::serve_waiters(&mut st);
+            }
+            idle
+        };
+        for conn in idle {
+            self.count_close(CloseReason::Retarget);
+            conn.close();
+        }
+        // What the old server reported is not this one's: logins learn it again.
+        *lock(&self.shared.welcome) = Welcome::default();
+        *lock(&self.shared.canonical) = CanonicalValues::default();
+        true
+    }
+
+    /// Where new connections go.
+    pub fn target(&self) -> Arc<ServerTarget> {
+        lock(&self.shared.state).target.clone()
     }
 
     /// Closes the idle server connection with this backend pid; false if none is idle here.
