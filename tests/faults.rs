@@ -693,3 +693,101 @@ async fn a_client_stopped_mid_message_is_still_killed() {
     assert_eq!(m[0], b'E', "{}", String::from_utf8_lossy(&m));
     assert!(String::from_utf8_lossy(&m).contains("57P01"));
 }
+
+/// A fake PostgreSQL whose first connection logs in at once and whose later ones only after
+/// `delay`, and that answers no query: every Query text it is sent goes to the receiver.
+async fn slow_login_backend(delay: Duration) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let wait = if first { Duration::ZERO } else { delay };
+            first = false;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if support::fake_pg::trust_login(&mut s, "17.0").await.is_err() {
+                    return;
+                }
+                while let Ok(m) = support::wire::read_frame(&mut s).await {
+                    if m[0] == b'Q' {
+                        let _ = tx.send(String::from_utf8_lossy(&m[5..]).into_owned());
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// A client killed while pgweir connects a server for its statement is ended once the
+/// connection is made, and its statement never reaches the server (the connection goes back
+/// to the pool unused); meanwhile the admin API shows it waiting for a server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_while_its_server_connects_never_runs_its_statement() {
+    let pg = support::postgres();
+    let (port, mut queries) = slow_login_backend(Duration::from_millis(1500)).await;
+    let mut builder = TestProxyBuilder::new(&pg).with_pool(|p| p.pool_size = 2);
+    builder.extra_databases.push((
+        "slow".to_owned(),
+        pgweir::config::DatabaseConfig {
+            host: "127.0.0.1".to_owned(),
+            port,
+            dbname: "slow".to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: builder.pool.clone(),
+        },
+    ));
+    let proxy = builder.start().await;
+    // The first client's login takes the fake's first connection (for the server's
+    // parameters), then keeps it: its statement is never answered.
+    let holder = proxy
+        .try_connect(roles::SCRAM, "slow")
+        .await
+        .expect("login via the fake");
+    let held = tokio::spawn(async move { holder.simple_query("begin").await });
+    let first = tokio::time::timeout(Duration::from_secs(5), queries.recv())
+        .await
+        .expect("the holder's statement reached the fake")
+        .expect("channel open");
+    assert!(first.starts_with("begin"), "{first}");
+    let victim = proxy
+        .try_connect(roles::SCRAM, "slow")
+        .await
+        .expect("login via the fake");
+    let asked = tokio::spawn(async move { victim.simple_query("select 'the killed statement'").await });
+    // The pool's second connection is being made (it takes 1.5 s).
+    let mut waiting = None;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while waiting.is_none() {
+        waiting = support::proxy::clients_json(&proxy)
+            .await
+            .into_iter()
+            .find(|c| c["state"] == "waiting");
+        assert!(
+            waiting.is_some() || Instant::now() < deadline,
+            "no client shown waiting while its server connects: {:?}",
+            support::proxy::clients_json(&proxy).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = waiting.expect("waiting client")["id"].as_u64().expect("id");
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/clients/{id}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let e = tokio::time::timeout(Duration::from_secs(5), asked)
+        .await
+        .expect("the killed client is answered once the connection is made")
+        .expect("task")
+        .expect_err("killed");
+    assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Ok(q) = queries.try_recv() {
+        panic!("the killed client's statement reached the server: {q}");
+    }
+    held.abort();
+}

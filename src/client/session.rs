@@ -690,12 +690,16 @@ impl Session {
                 if Pool::usable_now(&mut conn, self.settings.load(), mono) && self.params_satisfied(&conn) {
                     Ok(self.pool.lend(conn))
                 } else {
+                    self.info.set_waiting(wall_ms);
                     let finished = self.finish_grant(Grant::Conn(conn)).await;
                     (now, mono) = (Instant::now(), Mono::now());
                     finished
                 }
             }
             Ok(grant) => {
+                // Connecting takes a while: the client waits for a server meanwhile, as the
+                // admin API should show.
+                self.info.set_waiting(wall_ms);
                 let finished = self.finish_grant(grant).await;
                 (now, mono) = (Instant::now(), Mono::now());
                 finished
@@ -704,6 +708,14 @@ impl Session {
         let waited = now.saturating_duration_since(started);
         self.pool.stats().acquire_wait.observe(waited);
         match result {
+            // A kill raised while the server was being found, connected or readied wins over
+            // the statement waiting for it ("at once, also while the client waits"): nothing
+            // has reached the server, so it goes back clean.
+            Ok(server) if self.info.stop.raised_now(KILL) != 0 => {
+                server.release();
+                self.info.set_idle();
+                Err(NoServer::Stopped(KILL))
+            }
             Ok(mut server) => {
                 // A task waits on its server through tokio, not through a loop's thread. Moved
                 // only now: the checks above read what the loop's reactor saw on the socket.

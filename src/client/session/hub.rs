@@ -1038,7 +1038,12 @@ fn link(
     };
     let settings = s.settings.load();
     let max_prepared = settings.max_prepared_statements;
-    if conn.stream.is_tls() || !Pool::usable_now(&mut conn, settings, clock.mono) || !s.params_satisfied(&conn) {
+    // A kill that came in the same round as the grant: the task releases the server unused.
+    if conn.stream.is_tls()
+        || !Pool::usable_now(&mut conn, settings, clock.mono)
+        || !s.params_satisfied(&conn)
+        || s.info.stop.raised_now(KILL) != 0
+    {
         return Step::Back(Resume::Granted {
             tag,
             started,
