@@ -757,8 +757,11 @@ impl Pool {
                 conn.listed = Some(self.list(&conn, generation));
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
                 shared.stats.last_connect_failed.store(false, Ordering::Relaxed);
+                // Not from a connection to a target a reload has replaced meanwhile (read
+                // before the welcome: a retarget bumps the generation, then clears it).
+                let current = lock(&shared.state).generation == generation;
                 let mut welcome = lock(&shared.welcome);
-                if welcome.params.is_none() {
+                if current && welcome.params.is_none() {
                     welcome.params = Some(Arc::new(conn.params.clone()));
                 }
                 Ok(Box::new(conn))
