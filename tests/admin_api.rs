@@ -167,6 +167,64 @@ async fn resize_under_load_serves_waiters_at_once() {
     );
 }
 
+/// A paused pool opens no min_pool_size connections (the operator is taking its server out of
+/// use); resumed, it warms up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_pool_is_not_warmed_up() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(3)
+        .with_pool(|p| p.min_pool_size = 2)
+        .start()
+        .await;
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("pool exists");
+    let open = |proxy: &support::proxy::TestProxy| {
+        proxy
+            .proxy()
+            .context()
+            .pools
+            .all()
+            .iter()
+            .map(|p| p.snapshot().open)
+            .sum::<usize>()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { open(&proxy) == 2 }).await,
+        "min_pool_size not reached: {}",
+        open(&proxy)
+    );
+    let base = format!("/api/pools/app/{}", roles::SCRAM.0);
+    let (status, body) = proxy.admin("POST", &format!("{base}/pause"), None, None).await;
+    assert_eq!(status, 200, "{body}");
+    for pid in proxy.proxy().context().pools.all()[0]
+        .idle_servers()
+        .into_iter()
+        .map(|(pid, _, _)| pid)
+    {
+        let (status, body) = proxy
+            .admin("POST", &format!("/api/servers/{pid}/kill"), None, None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Maintenance runs every second here.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(open(&proxy), 0, "a paused pool opened connections");
+    let (status, body) = proxy.admin("POST", &format!("{base}/pause"), None, None).await;
+    assert_eq!(json(&body)["drained"], true, "{status} {body}");
+    let (status, _) = proxy.admin("POST", &format!("{base}/resume"), None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async { open(&proxy) == 2 }).await,
+        "not warmed up after resume: {}",
+        open(&proxy)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_queues_new_transactions_until_resume() {
     let pg = support::postgres();

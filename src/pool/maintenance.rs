@@ -73,7 +73,9 @@ impl Pool {
     }
 
     /// Opens connections until min_pool_size exist. Stops at the first failure; the next pass
-    /// tries again, so a down server costs one attempt per period, not a storm.
+    /// tries again, so a down server costs one attempt per period, not a storm. Not while the
+    /// pool is paused: a pause is how an operator takes a server out of use (to restart it,
+    /// say), and a connection opened meanwhile would count as lent (`drained: false`).
     async fn warm_up(&self) {
         if !self.has_usable_secret() {
             return;
@@ -81,7 +83,7 @@ impl Pool {
         loop {
             {
                 let mut st = lock(&self.shared.state);
-                if st.closed || st.open >= self.shared.settings.load().min_pool_size.min(st.size) {
+                if st.closed || st.paused || st.open >= self.shared.settings.load().min_pool_size.min(st.size) {
                     return;
                 }
                 st.open += 1;
