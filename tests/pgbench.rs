@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use pgweir::embedded_pg::roles;
@@ -81,30 +81,35 @@ async fn psql_works_through_pgweir() {
     let proxy = TestProxyBuilder::new(&pg).pool_size(2).start().await;
     let (user, password) = roles::SCRAM;
     let port = proxy.port();
-    let out = tokio::task::block_in_place(|| {
-        Command::new(pg.bin_dir().join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .arg(format!("host=127.0.0.1 port={port} user={user} dbname=app"))
-            .args([
-                "-c",
-                "create table psql_t (id int, s text)",
-                "-c",
-                "\\copy psql_t from stdin",
-                "-c",
-                "select count(*), string_agg(s, ',' order by id) from psql_t",
-            ])
-            .env("PGPASSWORD", password)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child.stdin.take().expect("stdin").write_all(b"1\tone\n2\ttwo\n\\.\n")?;
-                child.wait_with_output()
-            })
-            .expect("psql runs")
-    });
+    let mut child = tokio::process::Command::new(pg.bin_dir().join("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(format!("host=127.0.0.1 port={port} user={user} dbname=app"))
+        .args([
+            "-c",
+            "create table psql_t (id int, s text)",
+            "-c",
+            "\\copy psql_t from stdin",
+            "-c",
+            "select count(*), string_agg(s, ',' order by id) from psql_t",
+        ])
+        .env("PGPASSWORD", password)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A hang must fail the test, not stall CI until its own limit (psql itself takes a second).
+    let out = tokio::time::timeout(Duration::from_secs(60), async move {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(b"1\tone\n2\ttwo\n\\.\n").await?;
+        drop(stdin);
+        child.wait_with_output().await
+    })
+    .await
+    .expect("psql finished within 60 s")
+    .expect("psql runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
