@@ -560,16 +560,10 @@ async fn a_stalled_backend_trips_query_timeout() {
 /// A client logged in over the raw protocol (as the trust user).
 async fn raw_login(proxy: &support::proxy::TestProxy) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let mut body = 196_608_i32.to_be_bytes().to_vec();
-    for part in [&b"user"[..], roles::TRUST.as_bytes(), b"database", b"app"] {
-        body.extend_from_slice(part);
-        body.push(0);
-    }
-    body.push(0);
-    let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&body);
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(&startup).await.expect("startup");
+    s.write_all(&support::startup_packet(roles::TRUST, "app"))
+        .await
+        .expect("startup");
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(&mut s))
             .await
