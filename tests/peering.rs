@@ -24,7 +24,7 @@ fn set_peers(proxy: &TestProxy, peers: BTreeMap<u16, PeerConfig>) {
     let mut config = (**proxy.proxy().context().config.load()).clone();
     config.peers = peers;
     assert!(
-        proxy.proxy().context().reload(config).is_empty(),
+        proxy.proxy().context().reload(config).needs_restart.is_empty(),
         "peers change without restart"
     );
 }

@@ -76,9 +76,10 @@ async fn reload_keeps_every_client_connected_and_working() {
         "127.0.0.1:0",
         "pool_size = 2\nacquire_timeout = \"3s\"\nserver_check_delay = \"1s\"",
     );
-    let needs_restart = proxy.proxy().context().reload_from_file().expect("reload accepted");
+    let reloaded = proxy.proxy().context().reload_from_file().expect("reload accepted");
     // Port 0 in the file is the same value as before, so nothing needs a restart.
-    assert!(needs_restart.is_empty(), "{needs_restart:?}");
+    assert!(reloaded.needs_restart.is_empty(), "{reloaded:?}");
+    assert!(reloaded.removed_pools.is_empty(), "{reloaded:?}");
     assert_eq!(proxy.proxy().context().pools.all()[0].settings().pool_size, 2);
 
     // Transactions go on on the same server connection, with their state intact.
@@ -236,4 +237,103 @@ async fn a_live_resize_survives_reloads_until_pool_size_itself_is_edited() {
     proxy.proxy().context().reload_from_file().expect("reload accepted");
     assert_eq!(pool.snapshot().size, 4);
     client.query_one("select 1", &[]).await.expect("still served");
+}
+
+/// A reload that removes a database takes its pools out (PgBouncer drops their clients at
+/// once, transactions and all): a client outside a transaction is told at once, one inside
+/// finishes it and is told then, the pool's servers are closed, new logins are refused, and
+/// other databases' clients are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions_end() {
+    use support::proxy::{message, sqlstate};
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two = format!(
+        "pool_size = 4\n\n[databases.gone]\nport = {}\ndbname = \"app\"",
+        pg.port()
+    );
+    let (proxy, path) = start_from_file(&pg, dir.path(), &two).await;
+    let connect_gone = || async {
+        let (client, conn) = tokio_postgres::connect(&proxy.conn_str(roles::SCRAM, "gone"), tokio_postgres::NoTls)
+            .await
+            .expect("connect to gone");
+        (client, tokio::spawn(conn))
+    };
+    let (idle, idle_task) = connect_gone().await;
+    let (in_tx, in_tx_task) = connect_gone().await;
+    let other = proxy.connect(roles::SCRAM).await;
+    in_tx
+        .batch_execute("begin; create temp table t (x int) on commit drop")
+        .await
+        .expect("transaction started");
+    let pids = [backend_pid(&idle).await, backend_pid(&in_tx).await];
+    assert_ne!(
+        pids[0], pids[1],
+        "the idle client's server was returned, the other is held"
+    );
+
+    write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "pool_size = 4");
+    let (status, body) = proxy.admin("POST", "/api/reload", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        body["removed_pools"],
+        serde_json::json!([format!("gone/{}", roles::SCRAM.0)]),
+        "{body}"
+    );
+
+    let ended = |task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>| async move {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("connection ended")
+            .expect("task")
+            .expect_err("ended by pgweir")
+    };
+    let e = ended(idle_task).await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    assert!(message(&e).contains("\"gone\" was removed"), "{e:?}");
+
+    // The open transaction goes on on its server and commits.
+    in_tx.batch_execute("insert into t values (1)").await.expect("insert");
+    let n: i64 = in_tx
+        .query_one("select count(*) from t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1);
+    in_tx.batch_execute("commit").await.expect("commit");
+    let e = ended(in_tx_task).await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+
+    let e = proxy
+        .try_connect(roles::SCRAM, "gone")
+        .await
+        .expect_err("the database is gone");
+    assert_eq!(sqlstate(&e).as_deref(), Some("3D000"), "{e:?}");
+    other.query_one("select 1", &[]).await.expect("app is untouched");
+    let (_, pools) = proxy.admin("GET", "/api/pools", None, None).await;
+    assert!(!pools.contains("\"gone\""), "{pools}");
+    assert_eq!(
+        proxy
+            .metric("pgweir_client_disconnects_total{reason=\"database_removed\"}")
+            .await,
+        2
+    );
+    // Both servers closed: the idle one at the reload, the held one when returned.
+    let direct = support::proxy::direct(&pg, "postgres").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            direct
+                .query_one(
+                    "select count(*) from pg_stat_activity where pid = any($1)",
+                    &[&pids.to_vec()],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get::<_, i64>(0)
+                == 0
+        })
+        .await,
+        "servers {pids:?} of the removed database still open"
+    );
 }

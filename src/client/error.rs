@@ -32,6 +32,8 @@ pub enum ClientError {
     Shutdown,
     #[error("terminated by an administrator")]
     Killed,
+    #[error("its database was removed from the configuration")]
+    DatabaseRemoved,
 }
 
 /// Why logins failed, as bounded metric labels (indexes of [`LoginFailure`]).
@@ -66,7 +68,7 @@ pub enum LoginFailure {
 }
 
 /// Why client sessions ended, as bounded metric labels.
-pub const DISCONNECT_REASONS: [&str; 10] = [
+pub const DISCONNECT_REASONS: [&str; 11] = [
     "normal",
     "client_io",
     "client_protocol",
@@ -77,6 +79,7 @@ pub const DISCONNECT_REASONS: [&str; 10] = [
     "shutdown",
     "killed",
     "query_timeout",
+    "database_removed",
 ];
 
 impl ClientError {
@@ -92,6 +95,7 @@ impl ClientError {
             ClientError::Shutdown => 7,
             ClientError::Killed => 8,
             ClientError::QueryTimeout => 9,
+            ClientError::DatabaseRemoved => 10,
         }
     }
 

@@ -410,29 +410,29 @@ async fn login(
     let scram_keys = authenticate(conn, exchange, user, known, &mut out).await?;
 
     let Some(db) = config.databases.get(database) else {
-        let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
-        return Err(reject(
-            LoginFailure::UnknownDatabase,
-            PgError::fatal("3D000", format!("database \"{database}\" does not exist"))
-                .with_detail(format!("pgweir serves these databases: {}", known.join(", ")))
-                .with_hint(format!(
-                    "Add a [databases.{database}] table to the pgweir configuration, or connect to one of those."
-                )),
-        ));
+        return Err(unknown_database(config, database));
     };
 
-    // What a new pool needs is worked out only when the pool is new, not at every login.
+    // What a new pool needs is worked out only when the pool is new, not at every login. From
+    // the running configuration rather than this login's copy: a reload since may have
+    // changed or removed the database, and `make` runs under the lock a reload installs its
+    // configuration under (a pool made from the old one would miss the reload).
     let pool = ctx.pools.get_or_create(database, user, |key| {
+        let (config, users) = (ctx.config.load(), ctx.users.load());
+        let db = config.databases.get(database)?;
         let settings = config.pool_settings(database, user).unwrap_or_else(|| db.pool.clone());
-        Pool::new(
+        Some(Pool::new(
             key,
             server_target(db, user),
             server_secret(&users, db.server_password.as_deref(), db.server_user.is_some(), user),
             settings,
             config.listen.tcp_keepalive,
             ctx.server_ids.clone(),
-        )
+        ))
     });
+    let Some(pool) = pool else {
+        return Err(unknown_database(&ctx.config.load(), database));
+    };
     // SCRAM pass-through: only when the user's configured secret is a real SCRAM verifier (a
     // verifier derived here from a plain password has a different salt than the server's) and
     // no forced server user is configured.
@@ -576,6 +576,18 @@ async fn fetch_welcome(pool: &Pool) -> Result<Arc<ParamSet>, Failure> {
         }),
         Err(e) => Err(no_server(e, pool)),
     }
+}
+
+fn unknown_database(config: &Config, database: &str) -> Failure {
+    let known: Vec<&str> = config.databases.keys().map(String::as_str).collect();
+    reject(
+        LoginFailure::UnknownDatabase,
+        PgError::fatal("3D000", format!("database \"{database}\" does not exist"))
+            .with_detail(format!("pgweir serves these databases: {}", known.join(", ")))
+            .with_hint(format!(
+                "Add a [databases.{database}] table to the pgweir configuration, or connect to one of those."
+            )),
+    )
 }
 
 /// A login's server task was cancelled: only a runtime shutting down does that.

@@ -111,22 +111,28 @@ impl ClientContext {
 
     /// Re-reads the configuration file. A file with any problem is rejected whole and the running
     /// configuration kept; the error lists every problem.
-    pub fn reload_from_file(&self) -> Result<Vec<String>, String> {
+    pub fn reload_from_file(&self) -> Result<Reloaded, String> {
         let path = self
             .config_path
             .as_ref()
             .ok_or_else(|| "pgweir was started without a configuration file".to_owned())?;
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        let needs_restart = self.reload(config);
-        tracing::info!(path = %path.display(), ?needs_restart, "configuration reloaded");
-        Ok(needs_restart)
+        let reloaded = self.reload(config);
+        tracing::info!(
+            path = %path.display(),
+            needs_restart = ?reloaded.needs_restart,
+            removed_pools = ?reloaded.removed_pools,
+            "configuration reloaded"
+        );
+        Ok(reloaded)
     }
 
     /// Applies a new, already validated configuration: new logins use it at once, and existing
     /// pools take their new settings (size at once, timeouts from the next use). Sessions
-    /// already running keep the idle_transaction_timeout and mode they started with. Returns
-    /// what could not change without a restart.
-    pub fn reload(&self, config: Config) -> Vec<String> {
+    /// already running keep the idle_transaction_timeout and mode they started with. The pools
+    /// of a database the new configuration no longer has are removed: their clients leave at
+    /// the end of the transaction they are in (at once when not in one), told why.
+    pub fn reload(&self, config: Config) -> Reloaded {
         let old = self.config.load_full();
         let mut needs_restart = Vec::new();
         if old.listen.addr != config.listen.addr {
@@ -155,6 +161,21 @@ impl ClientContext {
             needs_restart.push("admin.addr".to_owned());
         }
         let users = Arc::new(UserDirectory::from_config(&config));
+        let config = Arc::new(config);
+        let removed = self.pools.reconfigure(
+            || {
+                self.users.store(users.clone());
+                self.auth_query.clear();
+                self.config.store(config.clone());
+            },
+            |key| config.databases.contains_key(&key.database),
+        );
+        for pool in &removed {
+            let told = self
+                .clients
+                .stop_pool(&pool.shared_key(), registry::SHUTDOWN | registry::REMOVED);
+            tracing::info!(pool = %pool.key(), clients = told, "pool removed by reload: its database is no longer configured");
+        }
         for pool in self.pools.all() {
             let key = pool.key();
             if let Some(settings) = config.pool_settings(&key.database, &key.user)
@@ -183,15 +204,24 @@ impl ClientContext {
                 pool.set_secret(secret);
             }
         }
-        self.users.store(users);
-        self.auth_query.clear();
-        self.config.store(Arc::new(config));
-        needs_restart
+        Reloaded {
+            needs_restart,
+            removed_pools: removed.iter().map(|p| p.key().to_string()).collect(),
+        }
     }
 
     fn next_client_id(&self) -> ClientId {
         ClientId(self.next_client.fetch_add(1, Ordering::Relaxed) + 1)
     }
+}
+
+/// What a reload did beyond taking the new configuration.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Settings that changed in the file but take a restart to apply.
+    pub needs_restart: Vec<String>,
+    /// Pools ("database/user") taken out because their database is no longer configured.
+    pub removed_pools: Vec<String>,
 }
 
 /// Serves one accepted client connection to its end. Never panics on peer input; every error
@@ -211,9 +241,12 @@ pub async fn serve(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>) {
             .clients
             .register(id, addr, login.pool.shared_key(), login.application_name.clone(), tls);
         // Shutdown raises the signal on registered clients; one that registered meanwhile
-        // sees the token instead.
+        // sees the token instead. The same for a reload that removed the pool's database.
         if ctx.shutdown.is_cancelled() {
             info.stop.raise(registry::SHUTDOWN);
+        }
+        if login.pool.is_removed() {
+            info.stop.raise(registry::SHUTDOWN | registry::REMOVED);
         }
         let result = session::run(login, ctx.clone(), info).await;
         ctx.clients.unregister(id);

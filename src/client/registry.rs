@@ -29,6 +29,10 @@ pub enum ClientState {
 pub const KILL: u8 = 1;
 /// [`StopSignal`] bit: pgweir is shutting down (idle clients leave, transactions may finish).
 pub const SHUTDOWN: u8 = 2;
+/// [`StopSignal`] bit raised with [`SHUTDOWN`], which does the stopping, when the reason is that
+/// a reload removed the client's database rather than pgweir shutting down: it changes what the
+/// client is told.
+pub const REMOVED: u8 = 4;
 
 /// Why a session must stop, for the one task serving it. Sessions wait on it around every
 /// transaction, so it is an atomic and an [`AtomicWaker`]: no mutex and no shared waiter list
@@ -241,7 +245,6 @@ impl ClientRegistry {
         self.clients.get(&id).map(|e| e.value().clone())
     }
 
-    /// A snapshot, ordered by id.
     /// Raises `bit` on every registered client.
     pub fn stop_all(&self, bit: u8) {
         for entry in self.clients.iter() {
@@ -249,6 +252,18 @@ impl ClientRegistry {
         }
     }
 
+    /// Raises `bits` on every client of the pool with this key (the pool's own `Arc`, so a
+    /// pool made since under the same names is not touched). Returns how many.
+    pub fn stop_pool(&self, pool: &Arc<PoolKey>, bits: u8) -> usize {
+        let mut n = 0;
+        for entry in self.clients.iter().filter(|e| Arc::ptr_eq(&e.value().pool, pool)) {
+            entry.value().stop.raise(bits);
+            n += 1;
+        }
+        n
+    }
+
+    /// A snapshot, ordered by id.
     pub fn all(&self) -> Vec<Arc<ClientInfo>> {
         let mut v: Vec<Arc<ClientInfo>> = self.clients.iter().map(|e| e.value().clone()).collect();
         v.sort_by_key(|c| c.id.0);

@@ -30,7 +30,7 @@ use super::handshake::{LoggedIn, send_error};
 use super::hygiene::StateChange;
 use super::link::{ClientSide, ClientStatements, Link, LinkSpares};
 use super::prepared::{StatementCommand, classify_query};
-use super::registry::{ClientInfo, KILL, SHUTDOWN};
+use super::registry::{ClientInfo, KILL, REMOVED, SHUTDOWN};
 use super::{ClientContext, ClientError};
 use crate::clock::Mono;
 use crate::config::{PoolMode, SessionStatePolicy};
@@ -461,7 +461,22 @@ impl Session {
         }
     }
 
+    /// Told at the end of a transaction, or at once when not in one: pgweir is shutting down,
+    /// or a reload removed this client's database.
     async fn shutting_down(&mut self) -> ClientError {
+        if self.info.stop.raised_now(REMOVED) != 0 {
+            let database = &self.pool.key().database;
+            let e = PgError::fatal(
+                "57P01",
+                format!("pgweir: database \"{database}\" was removed from the configuration"),
+            )
+            .with_hint(format!(
+                "An operator removed [databases.{database}] from the pgweir configuration and reloaded it; \
+                 connect to a database it still serves."
+            ));
+            let _ = send_error(&mut self.client, &e).await;
+            return ClientError::DatabaseRemoved;
+        }
         let e = PgError::fatal("57P01", "pgweir is shutting down; reconnect to continue");
         let _ = send_error(&mut self.client, &e).await;
         ClientError::Shutdown

@@ -17,6 +17,10 @@ impl Pool {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
+            // A removed pool keeps no task (nor itself) alive.
+            if self.is_closed() {
+                return;
+            }
             self.retire_idle(Mono::now());
             self.warm_up().await;
         }

@@ -364,6 +364,8 @@ pub(crate) struct PoolShared {
     open_servers: Arc<OpenServers>,
     ids: Arc<ServerIds>,
     pub(crate) stats: PoolStats,
+    /// Its database was removed from the configuration by a reload (see [`Pool::remove`]).
+    removed: std::sync::atomic::AtomicBool,
 }
 
 /// A handle to one pool; cheap to clone.
@@ -418,6 +420,7 @@ impl Pool {
                 open_servers: Arc::default(),
                 ids,
                 stats: PoolStats::default(),
+                removed: Default::default(),
             }),
         }
     }
@@ -969,6 +972,21 @@ impl Pool {
 
     pub(crate) fn count_close(&self, reason: CloseReason) {
         self.shared.stats.closed[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the pool out of use for good because a reload removed its database: closed as by
+    /// [`Pool::close`], and marked so that a login or session still holding it can tell.
+    pub fn remove(&self) {
+        self.shared.removed.store(true, Ordering::SeqCst);
+        self.close();
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.shared.removed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        lock(&self.shared.state).closed
     }
 
     /// Closes idle connections and refuses new checkouts; lent connections close on return.
