@@ -403,7 +403,6 @@ async fn refuse(mut stream: Sock, max: usize) {
 /// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP re-reads the
 /// configuration file (a broken file is rejected and the running configuration kept).
 pub async fn run_until_signal(config: Config, path: Option<std::path::PathBuf>) -> Result<(), AppError> {
-    let grace = config.listen.shutdown_timeout;
     crate::fdlimit::raise_and_check(&config);
     let proxy = Proxy::start_with_path(config, path).await?;
     let ctx = proxy.context().clone();
@@ -419,6 +418,8 @@ pub async fn run_until_signal(config: Config, path: Option<std::path::PathBuf>) 
     });
     crate::shutdown::wait_for_signal().await;
     reloader.abort();
+    // As the last reload left it, not as at start.
+    let grace = proxy.context().config.load().listen.shutdown_timeout;
     tracing::info!(
         ?grace,
         "shutting down: no new connections; open transactions may finish"

@@ -185,20 +185,8 @@ async fn sighup_reloads_a_running_process_without_dropping_clients() {
         .status()
         .expect("kill -HUP");
     assert!(status.success());
-    let pools_size = || async {
-        let (code, body) = tokio::task::spawn_blocking(move || {
-            let out = pgweir()
-                .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
-                .output()
-                .expect("status");
-            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
-        })
-        .await
-        .expect("task");
-        code && body.lines().skip(1).any(|l| l.split_whitespace().nth(3) == Some("7"))
-    };
     assert!(
-        support::proxy::eventually(Duration::from_secs(10), pools_size).await,
+        support::proxy::eventually(Duration::from_secs(10), || status_shows_pool_size(admin, 7)).await,
         "pool_size 7 after SIGHUP"
     );
 
@@ -218,6 +206,86 @@ async fn sighup_reloads_a_running_process_without_dropping_clients() {
     tokio::spawn(c3);
     fresh.batch_execute("SELECT 4").await.expect("query");
     drop(child);
+}
+
+/// Whether `pgweir status` lists a pool of `size`.
+async fn status_shows_pool_size(admin: u16, size: usize) -> bool {
+    let (code, body) = tokio::task::spawn_blocking(move || {
+        let out = pgweir()
+            .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+            .output()
+            .expect("status");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await
+    .expect("task");
+    let size = size.to_string();
+    code && body
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(3) == Some(size.as_str()))
+}
+
+/// A reloaded shutdown_timeout is the one a shutdown then uses (it used to be read once, at
+/// start): a transaction left open is cut after the reloaded second, not the original two
+/// minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_shutdown_timeout_is_the_one_shutdown_uses() {
+    let pg = support::postgres();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("pgweir.toml");
+    let (port, admin) = (free_port(), free_port());
+    let write = |grace: &str, pool_size: usize| {
+        write_config(&path, &pg, port, admin, pool_size);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let text = text.replacen("[listen]\n", &format!("[listen]\nshutdown_timeout = \"{grace}\"\n"), 1);
+        std::fs::write(&path, text).expect("write");
+    };
+    write("120s", 3);
+    let mut child = start(&path, port).await;
+    let conn = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname=app",
+        roles::SCRAM.0,
+        roles::SCRAM.1
+    );
+    let (in_tx, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(c);
+    in_tx.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+
+    write("1s", 7);
+    let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill -HUP")
+            .success()
+    );
+    assert!(
+        support::proxy::eventually(Duration::from_secs(10), || status_shows_pool_size(admin, 7)).await,
+        "the reload was applied"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM")
+            .success()
+    );
+    let signalled = Instant::now();
+    while child.0.try_wait().expect("try_wait").is_none() {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM: the shutdown_timeout of start (120 s) is in use"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        in_tx.batch_execute("SELECT 2").await.is_err(),
+        "the open transaction was cut"
+    );
 }
 
 /// `workers = 1` runs a single-threaded (current-thread) runtime, PgBouncer-style: the whole

@@ -337,3 +337,34 @@ async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions
         "servers {pids:?} of the removed database still open"
     );
 }
+
+/// A reload names every setting it cannot apply without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_each_setting_that_needs_a_restart() {
+    let pg = support::postgres();
+    let proxy = support::proxy::TestProxyBuilder::new(&pg).start().await;
+    let ctx = proxy.proxy().context();
+    let mut config = (**ctx.config.load()).clone();
+    config.listen.max_client_conn += 1;
+    config.listen.peer_id += 1;
+    config.listen.event_loop = !config.listen.event_loop;
+    config.listen.workers += 1;
+    config.listen.tcp_keepalive = Some(config.listen.tcp_keepalive.unwrap_or_default() + Duration::from_secs(1));
+    let reloaded = ctx.reload(config);
+    assert_eq!(
+        reloaded.needs_restart,
+        [
+            "listen.max_client_conn",
+            "listen.peer_id",
+            "listen.event_loop",
+            "listen.workers",
+            "listen.tcp_keepalive"
+        ],
+    );
+    proxy
+        .connect(roles::SCRAM)
+        .await
+        .query_one("select 1", &[])
+        .await
+        .expect("still serving");
+}

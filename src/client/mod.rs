@@ -160,6 +160,15 @@ impl ClientContext {
         if old.admin.addr != config.admin.addr {
             needs_restart.push("admin.addr".to_owned());
         }
+        if old.listen.workers != config.listen.workers {
+            // The runtime's thread count.
+            needs_restart.push("listen.workers".to_owned());
+        }
+        if old.listen.tcp_keepalive != config.listen.tcp_keepalive {
+            // Set once on the listening socket, which accepted connections inherit it from,
+            // and kept by each pool for its server connections.
+            needs_restart.push("listen.tcp_keepalive".to_owned());
+        }
         let users = Arc::new(UserDirectory::from_config(&config));
         let config = Arc::new(config);
         let removed = self.pools.reconfigure(
