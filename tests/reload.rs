@@ -240,16 +240,16 @@ async fn a_live_resize_survives_reloads_until_pool_size_itself_is_edited() {
 }
 
 /// A reload that removes a database takes its pools out (PgBouncer drops their clients at
-/// once, transactions and all): a client outside a transaction is told at once, one inside
-/// finishes it and is told then, the pool's servers are closed, new logins are refused, and
-/// other databases' clients are untouched.
+/// once, transactions and all): a client outside a transaction is told at once, one waiting
+/// for a server too, one inside finishes it and is told then, the pool's server is closed, new
+/// logins are refused, and other databases' clients are untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions_end() {
     use support::proxy::{message, sqlstate};
     let pg = support::postgres();
     let dir = tempfile::tempdir().expect("tempdir");
     let two = format!(
-        "pool_size = 4\n\n[databases.gone]\nport = {}\ndbname = \"app\"",
+        "pool_size = 4\n\n[databases.gone]\nport = {}\ndbname = \"app\"\npool_size = 1\nacquire_timeout = \"60s\"",
         pg.port()
     );
     let (proxy, path) = start_from_file(&pg, dir.path(), &two).await;
@@ -261,16 +261,22 @@ async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions
     };
     let (idle, idle_task) = connect_gone().await;
     let (in_tx, in_tx_task) = connect_gone().await;
+    let (waiter, waiter_task) = connect_gone().await;
     let other = proxy.connect(roles::SCRAM).await;
+    // The pool's one server: used by the idle client, then held by the transaction.
+    let pid = backend_pid(&idle).await;
     in_tx
         .batch_execute("begin; create temp table t (x int) on commit drop")
         .await
         .expect("transaction started");
-    let pids = [backend_pid(&idle).await, backend_pid(&in_tx).await];
-    assert_ne!(
-        pids[0], pids[1],
-        "the idle client's server was returned, the other is held"
+    assert_eq!(backend_pid(&in_tx).await, pid);
+    let waiting = tokio::spawn(async move { waiter.query_one("select 1", &[]).await.map(|_| ()) });
+    let gone_pool = proxy.pool_where(|k| k.database == "gone").expect("pool");
+    assert!(
+        eventually(Duration::from_secs(10), || async { gone_pool.snapshot().waiting == 1 }).await,
+        "the third client waits for the server"
     );
+    drop(gone_pool);
 
     write_config(&path, &pg, "127.0.0.1:0", "127.0.0.1:0", "pool_size = 4");
     let (status, body) = proxy.admin("POST", "/api/reload", None, None).await;
@@ -292,6 +298,15 @@ async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions
     let e = ended(idle_task).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
     assert!(message(&e).contains("\"gone\" was removed"), "{e:?}");
+    // Told the same, not first that the pool closed.
+    let e = waiting.await.expect("task").expect_err("no server for the waiter");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    assert!(message(&e).contains("\"gone\" was removed"), "{e:?}");
+    tokio::time::timeout(Duration::from_secs(10), waiter_task)
+        .await
+        .expect("the waiter's connection ended")
+        .expect("task")
+        .expect_err("ended by pgweir");
 
     // The open transaction goes on on its server and commits.
     in_tx.batch_execute("insert into t values (1)").await.expect("insert");
@@ -317,24 +332,21 @@ async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions
         proxy
             .metric("pgweir_client_disconnects_total{reason=\"database_removed\"}")
             .await,
-        2
+        3
     );
-    // Both servers closed: the idle one at the reload, the held one when returned.
+    // Its server closed when returned.
     let direct = support::proxy::direct(&pg, "postgres").await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             direct
-                .query_one(
-                    "select count(*) from pg_stat_activity where pid = any($1)",
-                    &[&pids.to_vec()],
-                )
+                .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
                 .await
                 .expect("pg_stat_activity")
                 .get::<_, i64>(0)
                 == 0
         })
         .await,
-        "servers {pids:?} of the removed database still open"
+        "server {pid} of the removed database still open"
     );
 }
 

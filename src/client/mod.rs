@@ -184,6 +184,7 @@ impl ClientContext {
                 .clients
                 .stop_pool(&pool.shared_key(), registry::SHUTDOWN | registry::REMOVED);
             tracing::info!(pool = %pool.key(), clients = told, "pool removed by reload: its database is no longer configured");
+            pool.close();
         }
         for pool in self.pools.all() {
             let key = pool.key();

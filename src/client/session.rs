@@ -700,6 +700,12 @@ impl Session {
         // The common case needs no future: an idle server that needs no health check and
         // already has this client's parameters.
         let result = match grant {
+            // Closed by a shutdown, or by a reload that removed its database: the client is
+            // told that, and why, rather than an ERROR and then the FATAL.
+            Err(PoolError::Closed(_)) if self.info.stop.raised_now(SHUTDOWN) != 0 => {
+                self.info.set_idle();
+                return Err(NoServer::Stopped(SHUTDOWN));
+            }
             Err(e) => Err(pool_error_reply(&e, &self.pool, false)),
             Ok(Grant::Conn(mut conn)) => {
                 if Pool::usable_now(&mut conn, self.settings.load(), mono) && self.params_satisfied(&conn) {

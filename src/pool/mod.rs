@@ -974,11 +974,10 @@ impl Pool {
         self.shared.stats.closed[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes the pool out of use for good because a reload removed its database: closed as by
-    /// [`Pool::close`], and marked so that a login or session still holding it can tell.
-    pub fn remove(&self) {
+    /// Marks the pool as taken out for good because a reload removed its database, so that a
+    /// login or session still holding it can tell. The reload closes it next.
+    pub fn mark_removed(&self) {
         self.shared.removed.store(true, Ordering::SeqCst);
-        self.close();
     }
 
     pub fn is_removed(&self) -> bool {
