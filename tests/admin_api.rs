@@ -742,3 +742,121 @@ async fn ready_probes_databases_no_client_has_used_yet() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("database down") && body.contains("unreachable"), "{body}");
 }
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("select pg_backend_pid()", &[]).await.expect("pid").get(0)
+}
+
+/// PgBouncer's RECONNECT and WAIT_CLOSE for one pool: the idle server closes at once, the one a
+/// transaction holds when returned (the transaction itself goes on, on it); every transaction
+/// after runs on a new server, and `?wait=true` answers once no old one is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_replaces_every_server_of_a_pool() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg).pool_size(4).start().await;
+    let (user, _) = roles::SCRAM;
+    let idle = proxy.connect(roles::SCRAM).await;
+    let holder = proxy.connect(roles::SCRAM).await;
+    holder.batch_execute("begin").await.expect("begin");
+    let held = backend_pid(&holder).await;
+    let was_idle = backend_pid(&idle).await;
+    assert_ne!(held, was_idle);
+
+    let path = format!("/api/pools/app/{user}/reconnect");
+    let (status, body) = proxy.admin("POST", &path, None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let body = json(&body);
+    assert_eq!(
+        (body["closed_idle"].as_u64(), body["closing"].as_u64()),
+        (Some(1), Some(1)),
+        "{body}"
+    );
+    let fresh = backend_pid(&idle).await;
+    assert!(![held, was_idle].contains(&fresh), "a new server after the reconnect");
+    assert_eq!(
+        backend_pid(&holder).await,
+        held,
+        "the open transaction stays on its server"
+    );
+
+    // WAIT_CLOSE: the answer waits for the held server, which closes when the commit returns it.
+    let wait_path = format!("{path}?wait=true");
+    let answer = proxy.admin("POST", &wait_path, None, None);
+    tokio::pin!(answer);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut answer)
+            .await
+            .is_err(),
+        "answered before the held server was returned"
+    );
+    holder.batch_execute("commit").await.expect("commit");
+    let (status, body) = answer.await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["closing"].as_u64(), Some(0), "{body}");
+    let after = [backend_pid(&holder).await, backend_pid(&idle).await];
+    assert!(!after.contains(&held) && !after.contains(&was_idle), "{after:?}");
+    let closed = proxy
+        .metric(&format!(
+            "pgweir_server_connections_closed_total{{database=\"app\",user=\"{user}\",reason=\"reconnect\"}}"
+        ))
+        .await;
+    // The two of before the first reconnect, and the one the second found idle.
+    assert_eq!(closed, 3);
+}
+
+/// PgBouncer's `KILL db` for one pool: its clients are ended (in a transaction, idle, or
+/// waiting for a server), its servers closed, and the pool serves new clients at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_pool_ends_its_clients_and_closes_its_servers() {
+    let pg = support::postgres();
+    let proxy = TestProxyBuilder::new(&pg)
+        .pool_size(1)
+        .with_pool(|p| p.acquire_timeout = Duration::from_secs(60))
+        .start()
+        .await;
+    let (user, _) = roles::SCRAM;
+    let (holder, holder_task) = proxy.connect_watched(roles::SCRAM).await;
+    let (idle, idle_task) = proxy.connect_watched(roles::SCRAM).await;
+    let (waiter, waiter_task) = proxy.connect_watched(roles::SCRAM).await;
+    idle.query_one("select 1", &[]).await.expect("idle client worked");
+    holder.batch_execute("begin").await.expect("begin");
+    let pid = backend_pid(&holder).await;
+    let waiting = tokio::spawn(async move { waiter.query_one("select 1", &[]).await.map(|_| ()) });
+    let pool = proxy.pool_where(|k| k.database == "app").expect("pool");
+    assert!(eventually(Duration::from_secs(10), || async { pool.snapshot().waiting == 1 }).await);
+
+    let (status, body) = proxy
+        .admin("POST", &format!("/api/pools/app/{user}/kill"), None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["killed_clients"].as_u64(), Some(3), "{body}");
+    for task in [holder_task, idle_task, waiter_task] {
+        let ended = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("client ended")
+            .expect("task");
+        assert!(ended.is_err(), "ended by pgweir");
+    }
+    let e = waiting.await.expect("task").expect_err("killed while waiting");
+    assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
+    let direct = support::proxy::direct(&pg, "postgres").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            direct
+                .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
+                .await
+                .expect("pg_stat_activity")
+                .get::<_, i64>(0)
+                == 0
+        })
+        .await,
+        "server {pid} still open"
+    );
+    let fresh = proxy.connect(roles::SCRAM).await;
+    fresh
+        .query_one("select 1", &[])
+        .await
+        .expect("the pool serves new clients");
+    let (status, _) = proxy.admin("POST", "/api/pools/app/nobody/kill", None, None).await;
+    assert_eq!(status, 404);
+}

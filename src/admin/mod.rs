@@ -45,6 +45,8 @@ pub fn router(ctx: Arc<ClientContext>, local: SocketAddr) -> Router {
         .route("/api/pools/{database}/{user}/pause", post(pause))
         .route("/api/pools/{database}/{user}/resume", post(resume))
         .route("/api/pools/{database}/{user}/size", put(resize))
+        .route("/api/pools/{database}/{user}/reconnect", post(reconnect))
+        .route("/api/pools/{database}/{user}/kill", post(kill_pool))
         .route("/api/reload", post(reload))
         .route("/api/drain", post(drain))
         .route("/api/clients", get(clients))
@@ -469,6 +471,66 @@ async fn pause(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<
     let mut body = pool_json(&pool, &s.ctx.clients.all());
     body["drained"] = json!(pool.snapshot().active() == 0);
     Json(body).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ReconnectQuery {
+    /// Answer only once every connection opened before the call is closed (at most 30 s):
+    /// PgBouncer's WAIT_CLOSE.
+    #[serde(default)]
+    wait: bool,
+}
+
+/// PgBouncer's RECONNECT (and with `?wait=true` its WAIT_CLOSE) for one pool: idle servers are
+/// closed now, lent ones when their client returns them; new ones open as needed.
+async fn reconnect(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(key): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<ReconnectQuery>,
+) -> Response {
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    let pool = match find_pool(&s, key.0, key.1) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let closed_idle = pool.reconnect();
+    tracing::info!(pool = %pool.key(), closed_idle, "reconnect requested through the admin API");
+    if q.wait {
+        let deadline = tokio::time::Instant::now() + PAUSE_DRAIN;
+        while pool.stale_servers() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let mut body = pool_json(&pool, &s.ctx.clients.all());
+    body["closed_idle"] = json!(closed_idle);
+    // Lent (or between clients) when this answers; each closes when returned.
+    body["closing"] = json!(pool.stale_servers());
+    Json(body).into_response()
+}
+
+/// PgBouncer's `KILL db` for one pool: every client is disconnected (FATAL 57P01, transactions
+/// rolled back, also clients waiting for a server) and the idle servers are closed; the servers
+/// clients held close as each is ended. Unlike PgBouncer the pool is not left paused: new
+/// clients are served (pause it first to keep them out).
+async fn kill_pool(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {
+    if let Err(r) = authorise(&s, &headers) {
+        return r;
+    }
+    let pool = match find_pool(&s, key.0, key.1) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let killed = s
+        .ctx
+        .clients
+        .stop_pool(&pool.shared_key(), crate::client::registry::KILL);
+    let closed_idle = pool.close_idle(crate::pool::CloseReason::Killed);
+    tracing::info!(pool = %pool.key(), killed, closed_idle, "pool killed through the admin API");
+    Json(json!({ "pool": pool.key().to_string(), "killed_clients": killed, "closed_idle": closed_idle }))
+        .into_response()
 }
 
 async fn resume(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {

@@ -96,7 +96,7 @@ pub struct PoolStats {
 }
 
 /// Why server connections are closed, as bounded metric labels.
-pub const CLOSE_REASONS: [&str; 8] = [
+pub const CLOSE_REASONS: [&str; 9] = [
     "idle_timeout",
     "lifetime",
     "dead",
@@ -105,6 +105,7 @@ pub const CLOSE_REASONS: [&str; 8] = [
     "pool_closed",
     "killed",
     "retarget",
+    "reconnect",
 ];
 
 /// Index into [`CLOSE_REASONS`].
@@ -123,6 +124,8 @@ pub enum CloseReason {
     Killed = 6,
     /// Opened for a server address, database or user that a reload has changed since.
     Retarget = 7,
+    /// Opened before an operator's reconnect (`POST /api/pools/{db}/{user}/reconnect`).
+    Reconnect = 8,
 }
 
 /// A point-in-time view of a pool, for error messages and the admin API.
@@ -242,8 +245,11 @@ struct PoolState {
     paused: bool,
     /// Where new connections go; a reload may change it ([`Pool::retarget`]).
     target: Arc<ServerTarget>,
-    /// Counts target changes: a connection opened for an older one is closed when returned.
+    /// Counts target changes and reconnects: a connection opened for an older generation is
+    /// closed when returned.
     generation: u64,
+    /// Why the generation last changed: what a connection of an older one is closed for.
+    renewed_by: CloseReason,
 }
 
 /// How many (parameter, client value) → reported value pairs a pool keeps (see
@@ -318,6 +324,8 @@ struct OpenServer {
     id: server::ServerId,
     pid: i32,
     created: Mono,
+    /// The pool's generation it was opened for.
+    generation: u64,
 }
 
 /// Keeps its connection in its pool's [`OpenServers`] for as long as the connection exists,
@@ -412,6 +420,7 @@ impl Pool {
                     paused: false,
                     target: Arc::new(target),
                     generation: 0,
+                    renewed_by: CloseReason::Retarget,
                 }),
                 settings: arc_swap::ArcSwap::from_pointee(settings),
                 welcome: Mutex::default(),
@@ -803,7 +812,7 @@ impl Pool {
             let reason = if st.closed {
                 CloseReason::PoolClosed
             } else if stale {
-                CloseReason::Retarget
+                st.renewed_by
             } else {
                 CloseReason::Resize
             };
@@ -913,6 +922,7 @@ impl Pool {
             id: conn.id,
             pid: conn.backend_pid(),
             created: conn.created,
+            generation,
         });
         Listed {
             list: list.clone(),
@@ -926,13 +936,62 @@ impl Pool {
     /// they come back, so transactions that start after it run on the new target (but for one
     /// on a connection already on its way to a client). Returns whether anything changed.
     pub fn retarget(&self, target: ServerTarget) -> bool {
+        let mut st = lock(&self.shared.state);
+        if *st.target == target {
+            return false;
+        }
+        st.target = Arc::new(target);
+        self.renew(st, CloseReason::Retarget);
+        true
+    }
+
+    /// PgBouncer's RECONNECT: every connection open now is closed, idle ones at once and lent
+    /// ones when returned, so every transaction from here on runs on a new one (for one on a
+    /// connection already on its way to a client). For when what stands between pgweir and
+    /// PostgreSQL changed without the configuration changing (a load balancer or DNS name
+    /// switched over), or server-side settings only new sessions read. Returns how many idle
+    /// connections were closed.
+    pub fn reconnect(&self) -> usize {
+        self.renew(lock(&self.shared.state), CloseReason::Reconnect)
+    }
+
+    /// Starts a new generation, closing the idle connections of older ones now (the lent ones
+    /// close when returned, see `checkin`), and forgets what the servers reported: the next
+    /// ones may be other servers. Returns how many idle connections were closed.
+    fn renew(&self, mut st: MutexGuard<'_, PoolState>, reason: CloseReason) -> usize {
+        st.generation += 1;
+        st.renewed_by = reason;
+        let idle = std::mem::take(&mut st.idle);
+        st.open -= idle.len();
+        if !st.paused {
+            Self::serve_waiters(&mut st);
+        }
+        drop(st);
+        let n = idle.len();
+        for conn in idle {
+            self.count_close(reason);
+            conn.close();
+        }
+        *lock(&self.shared.welcome) = Welcome::default();
+        *lock(&self.shared.canonical) = CanonicalValues::default();
+        n
+    }
+
+    /// How many open connections (idle, lent or between clients) belong to a generation older
+    /// than the current one: those a retarget or reconnect has yet to close.
+    pub fn stale_servers(&self) -> usize {
+        let generation = lock(&self.shared.state).generation;
+        lock(&self.shared.open_servers.0)
+            .iter()
+            .filter(|s| s.generation != generation)
+            .count()
+    }
+
+    /// Closes the idle connections now, counted under `reason` (an admin kill of the pool,
+    /// whose clients the caller ends: their connections close with them). Returns how many.
+    pub fn close_idle(&self, reason: CloseReason) -> usize {
         let idle = {
             let mut st = lock(&self.shared.state);
-            if *st.target == target {
-                return false;
-            }
-            st.target = Arc::new(target);
-            st.generation += 1;
             let idle = std::mem::take(&mut st.idle);
             st.open -= idle.len();
             if !st.paused {
@@ -940,14 +999,12 @@ impl Pool {
             }
             idle
         };
+        let n = idle.len();
         for conn in idle {
-            self.count_close(CloseReason::Retarget);
+            self.count_close(reason);
             conn.close();
         }
-        // What the old server reported is not this one's: logins learn it again.
-        *lock(&self.shared.welcome) = Welcome::default();
-        *lock(&self.shared.canonical) = CanonicalValues::default();
-        true
+        n
     }
 
     /// Where new connections go.
