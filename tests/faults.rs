@@ -785,3 +785,89 @@ async fn a_client_killed_while_its_server_connects_never_runs_its_statement() {
     }
     held.abort();
 }
+
+/// PostgreSQL's own FATAL (here its answer to `pg_terminate_backend`) is the client's last
+/// word: pgweir passes it on and adds no FATAL of its own, which would hide its SQLSTATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_s_own_fatal_is_the_only_one_its_client_gets() {
+    use tokio::io::AsyncWriteExt;
+    let pg = support::postgres();
+    let mut b = TestProxyBuilder::new(&pg);
+    b.auth_type = pgweir::config::AuthType::Trust;
+    let proxy = b.start().await;
+    let mut s = raw_login(&proxy).await;
+    s.write_all(&support::wire::msg(
+        b'Q',
+        b"select pg_terminate_backend(pg_backend_pid())\0",
+    ))
+    .await
+    .expect("query");
+    let mut errors = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(&mut s))
+            .await
+            .expect("pgweir answers and closes")
+        {
+            Ok(m) if m[0] == b'E' => errors.push(String::from_utf8_lossy(&m).into_owned()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("C57P01"), "{errors:?}");
+}
+
+/// A fake PostgreSQL that logs in and closes the connection when a statement arrives, with no
+/// ErrorResponse (as a crashed backend does).
+async fn vanishing_backend() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if support::fake_pg::trust_login(&mut s, "17.0").await.is_err() {
+                    return;
+                }
+                while let Ok(m) = support::wire::read_frame(&mut s).await {
+                    if m[0] == b'Q' {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A server lost while a statement ran: the client is told (08006) that whether the statement
+/// took effect is unknown, not that it was rolled back (it may have been a COMMIT, and a client
+/// told "rolled back" would run the write again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_lost_mid_statement_is_reported_as_unknown_outcome() {
+    let pg = support::postgres();
+    let port = vanishing_backend().await;
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.extra_databases.push((
+        "vanish".to_owned(),
+        pgweir::config::DatabaseConfig {
+            host: "127.0.0.1".to_owned(),
+            port,
+            dbname: "vanish".to_owned(),
+            server_user: None,
+            server_password: None,
+            pool: builder.pool.clone(),
+        },
+    ));
+    let proxy = builder.start().await;
+    let client = proxy
+        .try_connect(roles::SCRAM, "vanish")
+        .await
+        .expect("login via the fake");
+    let e = client
+        .simple_query("insert into t values (1)")
+        .await
+        .expect_err("the server vanished");
+    assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("08006"), "{e:?}");
+    let text = support::proxy::message(&e);
+    assert!(text.contains("whether it took effect is unknown"), "{text}");
+}

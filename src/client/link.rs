@@ -63,6 +63,9 @@ pub struct Link {
     /// never runs another client's statement.
     close_unnamed: bool,
     pub copy_in: bool,
+    /// The server sent a FATAL (or PANIC) ErrorResponse, passed on to the client: the
+    /// connection is ending, and the client has been told why by PostgreSQL itself.
+    pub server_fatal: bool,
     /// What the commands completed since the last ReadyForQuery were, as far as a RESET needs.
     reset_batch: ResetBatch,
     /// The batch (counted in ReadyForQuery messages) of a Query that is one `SET x TO DEFAULT`:
@@ -229,6 +232,7 @@ impl Link {
             status: TransactionStatus::Idle,
             skip_until_sync: false,
             copy_in: false,
+            server_fatal: false,
             reset_batch: ResetBatch::None,
             default_set_batch: None,
             rfq_seen: 0,
@@ -272,6 +276,7 @@ impl Link {
             skip_until_sync,
             close_unnamed,
             copy_in,
+            server_fatal,
             reset_batch,
             default_set_batch,
             rfq_seen,
@@ -304,6 +309,7 @@ impl Link {
         *status = TransactionStatus::Idle;
         *skip_until_sync = false;
         *copy_in = false;
+        *server_fatal = false;
         *reset_batch = ResetBatch::None;
         *default_set_batch = None;
         *rfq_seen = 0;
@@ -1090,6 +1096,7 @@ impl Link {
                 }
                 backend::ERROR_RESPONSE => {
                     self.copy_in = false;
+                    self.server_fatal |= ends_the_connection(body);
                     // An error in a batch of resets rolls its implicit transaction back, the
                     // resets with it: they must not be reported.
                     if self.reset_batch == ResetBatch::Resets {
@@ -1315,6 +1322,20 @@ fn emit_synthetic(
         }
         expect.pop_front();
     }
+}
+
+/// Whether an ErrorResponse's severity is FATAL or PANIC, after which PostgreSQL closes the
+/// connection. Read from the `V` field (never translated, PostgreSQL 9.6 and later), else `S`.
+fn ends_the_connection(body: &[u8]) -> bool {
+    let mut severity = None;
+    for field in body.split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'V', v)) => return matches!(v, b"FATAL" | b"PANIC"),
+            Some((b'S', v)) => severity = Some(v),
+            _ => {}
+        }
+    }
+    matches!(severity, Some(b"FATAL" | b"PANIC"))
 }
 
 /// An ErrorResponse arrived: the message at the front failed and PostgreSQL skips the rest up
@@ -1559,6 +1580,19 @@ fn make_room(conn: &mut ServerConn, expect: &mut VecDeque<Expect>, max: usize) {
 mod tests {
     use super::*;
     use crate::net::buffers::KEEP_PER_SHARD;
+
+    /// FATAL and PANIC end the connection, read from the untranslated `V` field when there is
+    /// one (a server with lc_messages in another language translates `S`).
+    #[test]
+    fn which_errors_end_the_connection() {
+        assert!(ends_the_connection(b"SFATAL\0VFATAL\0C57P01\0Mbye\0\0"));
+        assert!(ends_the_connection(b"SPANIC\0C XX000\0\0"));
+        assert!(ends_the_connection(b"SFATAL\0C57P01\0\0"));
+        assert!(ends_the_connection(b"SSCHWERWIEGEND\0VFATAL\0C57P01\0\0"));
+        assert!(!ends_the_connection(b"SERROR\0VERROR\0C42601\0MFATAL\0\0"));
+        assert!(!ends_the_connection(b"SFEHLER\0VERROR\0C42601\0\0"));
+        assert!(!ends_the_connection(b""));
+    }
 
     fn spares(capacity: usize) -> LinkSpares {
         LinkSpares {

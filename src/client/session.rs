@@ -1381,17 +1381,11 @@ impl Session {
     }
 
     async fn server_lost(&mut self, link: &Link, e: Option<std::io::Error>) -> ClientError {
-        let in_tx = link.status != TransactionStatus::Idle;
-        let reply = PgError::fatal(
-            "08006",
-            if in_tx {
-                "pgweir: the server connection was lost during the transaction; it was rolled back"
-            } else {
-                "pgweir: the server connection was lost while the query ran"
-            },
-        )
-        .with_hint("Reconnect and retry; check the PostgreSQL log for why the backend ended.");
-        self.last_word(Some(link), &reply).await;
+        // PostgreSQL's own FATAL (pg_terminate_backend, its idle-in-transaction timeout, a
+        // shutdown) has reached the client and says why: a second FATAL would hide its code.
+        if !link.server_fatal {
+            self.last_word(Some(link), &server_lost_reply(link)).await;
+        }
         match e {
             Some(e) => ClientError::ServerIo(e),
             None => ClientError::Server(ServerError::Closed),
@@ -1525,6 +1519,32 @@ fn reserve_for_server(buf: &mut BytesMut) {
 
 /// The reply for a failed checkout. Acquire timeouts are ERROR 53300 (the session survives: a
 /// client outside a transaction can simply retry) with everything an operator needs to act.
+/// What a client is told when its server connection ends under it. Only what is known: with
+/// a statement in flight (a COMMIT among them, perhaps) whether it took effect is not, and a
+/// client told "rolled back" might run a committed write again.
+fn server_lost_reply(link: &Link) -> PgError {
+    let in_tx = link.status != TransactionStatus::Idle;
+    let in_flight = link.pending_rfq > 0 || link.unsynced;
+    let message = match (in_tx, in_flight) {
+        (true, false) => "pgweir: the server connection was lost during the transaction; it was rolled back",
+        (true, true) => {
+            "pgweir: the server connection was lost while a statement of the transaction ran; the transaction \
+             was rolled back unless that statement committed it"
+        }
+        (false, true) => {
+            "pgweir: the server connection was lost while a statement ran; whether it took effect is unknown"
+        }
+        (false, false) => "pgweir: the server connection was lost; no statement was running",
+    };
+    let hint = if in_flight {
+        "Reconnect; before running a write again, check whether it took effect. The PostgreSQL log says why the \
+         backend ended."
+    } else {
+        "Reconnect and retry; the PostgreSQL log says why the backend ended."
+    };
+    PgError::fatal("08006", message).with_hint(hint)
+}
+
 pub(super) fn pool_error_reply(e: &PoolError, pool: &Pool, at_login: bool) -> PgError {
     let severity = if at_login { Severity::Fatal } else { Severity::Error };
     match e {
