@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -344,7 +342,8 @@ async fn accept_loop(listener: Listener, ctx: Arc<ClientContext>, tracker: TaskT
             }
             Err(_) => {
                 let max = ctx.config.load().listen.max_client_conn;
-                tracker.spawn(refuse(stream, max));
+                let ctx = ctx.clone();
+                tracker.spawn(async move { client::refuse(stream, &ctx, too_many_clients(max), REFUSE_WITHIN).await });
             }
         }
     }
@@ -356,48 +355,16 @@ async fn serve_with_permit(stream: Sock, addr: PeerAddr, ctx: Arc<ClientContext>
     ctx.connected.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Tells a client over max_client_conn why it is refused. The startup packet is read first so
-/// the close does not turn into a reset that could swallow the error; all of it is bounded.
-async fn refuse(mut stream: Sock, max: usize) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut scratch = [0u8; 1024];
-        for _ in 0..2 {
-            let mut len = [0u8; 4];
-            stream.read_exact(&mut len).await?;
-            let len = i32::from_be_bytes(len);
-            if !(8..=10_000).contains(&len) {
-                break;
-            }
-            let mut rest = len as usize - 4;
-            let mut code = [0u8; 4];
-            stream.read_exact(&mut code).await?;
-            rest -= 4;
-            while rest > 0 {
-                let n = stream.read(&mut scratch[..rest.min(1024)]).await?;
-                if n == 0 {
-                    break;
-                }
-                rest -= n;
-            }
-            if i32::from_be_bytes(code) == crate::proto::startup::SSL_REQUEST_CODE
-                || i32::from_be_bytes(code) == crate::proto::startup::GSSENC_REQUEST_CODE
-            {
-                stream.write_all(b"N").await?;
-                continue;
-            }
-            break;
-        }
-        let mut out = BytesMut::new();
-        PgError::fatal(
-            "53300",
-            format!("sorry, too many clients already (pgweir max_client_conn = {max})"),
-        )
-        .with_hint("Raise max_client_conn in the [listen] configuration, or close idle client connections.")
-        .encode(&mut out);
-        stream.write_all(&out).await?;
-        stream.shutdown().await
-    })
-    .await;
+/// How long a connection over max_client_conn may take to be told so (its TLS handshake
+/// included): refusals hold a socket each, and a flood of them must not pile up.
+const REFUSE_WITHIN: Duration = Duration::from_secs(5);
+
+fn too_many_clients(max: usize) -> PgError {
+    PgError::fatal(
+        "53300",
+        format!("sorry, too many clients already (pgweir max_client_conn = {max})"),
+    )
+    .with_hint("Raise max_client_conn in the [listen] configuration, or close idle client connections.")
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP re-reads the

@@ -70,3 +70,31 @@ async fn cancel_of_an_idle_client_does_not_hit_the_next_user_of_its_server() {
     let row = b_query.await.expect("task").expect("b's query survives a's cancel");
     assert_eq!(row.get::<_, i32>(0), 3);
 }
+
+/// A cancel still reaches a running query when pgweir is at max_client_conn: the CancelRequest's
+/// connection is over the limit, but like PostgreSQL at max_connections pgweir acts on it
+/// before refusing (it used to answer it 53300 and drop it, just when a saturated proxy needs
+/// its cancels); a login over the limit is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_is_acted_on_at_max_client_conn() {
+    let pg = support::postgres();
+    let mut builder = TestProxyBuilder::new(&pg).pool_size(1);
+    builder.max_client_conn = 1;
+    let proxy = builder.start().await;
+    let client = proxy.connect(roles::SCRAM).await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = proxy
+        .try_connect(roles::SCRAM, "app")
+        .await
+        .expect_err("over max_client_conn");
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
+    token.cancel_query(tokio_postgres::NoTls).await.expect("cancel sent");
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("the query ended")
+        .expect("task")
+        .expect_err("query cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+}

@@ -604,3 +604,23 @@ async fn idle_tls_clients_give_back_their_read_buffers() {
         assert_eq!(select_one(client).await, 1);
     }
 }
+
+/// A client that requires TLS, over max_client_conn, is told so over TLS (PostgreSQL does the
+/// same at max_connections); pgweir used to answer its SSLRequest 'N', and the client gave up
+/// with "server does not support TLS" instead of the 53300 that says what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_over_max_client_conn_reads_the_refusal() {
+    let pg = support::postgres();
+    let pki = Pki::new("pgweir test CA");
+    let leaf = pki.leaf("proxy", &["localhost", "127.0.0.1"]);
+    let mut builder = TestProxyBuilder::new(&pg);
+    builder.tls = client_tls(ClientTlsMode::Require, &leaf);
+    builder.max_client_conn = 1;
+    let proxy = builder.start().await;
+    let first = connect_tls(&proxy, &pki.ca_file(), "require").await.expect("TLS login");
+    assert_eq!(select_one(&first).await, 1);
+    let e = connect_tls(&proxy, &pki.ca_file(), "require")
+        .await
+        .expect_err("over max_client_conn");
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("53300"), "{e:?}");
+}

@@ -76,35 +76,12 @@ async fn attempt(
     let deadline = Instant::now() + timeout;
     // TLS is for the network: like PostgreSQL, pgweir answers 'N' to an SSLRequest on its Unix
     // socket, whose file permissions are the protection.
-    let mut may_start_tls = config.tls.acceptor.is_some() && matches!(tcp, Sock::Tcp(_));
-    let mut conn = LoginConn {
+    let conn = LoginConn {
         stream: Stream::Plain(tcp),
         carry: Vec::new(),
     };
-    let startup = loop {
-        let negotiated = negotiate(&mut conn, &config, may_start_tls, ctx);
-        let step = match tokio::time::timeout_at(deadline, negotiated).await {
-            Ok(Ok(step)) => step,
-            Ok(Err(Failure { reason, error, reply })) => {
-                if let Some(reply) = reply {
-                    let _ = send_error(&mut conn.stream, &reply).await;
-                }
-                return Err((reason, error));
-            }
-            Err(_) => return Err(login_timed_out(&mut conn.stream, timeout).await),
-        };
-        match step {
-            Negotiated::Startup(params) => break params,
-            Negotiated::Done => return Ok(None),
-            Negotiated::StartTls { direct } => {
-                may_start_tls = false;
-                let Stream::Plain(tcp) = conn.stream else {
-                    return Err(tls_failure("TLS requested twice".into()));
-                };
-                // Boxed: a TLS handshake's state is large, and plaintext logins need none of it.
-                conn.stream = Box::pin(start_tls(tcp, &config, deadline, direct)).await?;
-            }
-        }
+    let (mut conn, Some(startup)) = negotiate_until_startup(conn, &config, ctx, deadline).await? else {
+        return Ok(None);
     };
     // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
     let end_point = match conn.stream.is_tls() {
@@ -131,6 +108,64 @@ async fn attempt(
             Err((reason, error))
         }
         Err(_) => Err(login_timed_out(&mut conn.stream, timeout).await),
+    }
+}
+
+/// The exchange before the StartupMessage: SSLRequest (and TLS), GSSENCRequest, direct TLS,
+/// CancelRequest (None: handled, the connection ends).
+async fn negotiate_until_startup(
+    mut conn: LoginConn,
+    config: &Config,
+    ctx: &ClientContext,
+    deadline: Instant,
+) -> Result<(LoginConn, Option<StartupParams>), (LoginFailure, ClientError)> {
+    // TLS is for the network: like PostgreSQL, pgweir answers 'N' to an SSLRequest on its Unix
+    // socket, whose file permissions are the protection.
+    let mut may_start_tls = config.tls.acceptor.is_some() && matches!(conn.stream.sock(), Sock::Tcp(_));
+    loop {
+        let negotiated = negotiate(&mut conn, config, may_start_tls, ctx);
+        let step = match tokio::time::timeout_at(deadline, negotiated).await {
+            Ok(Ok(step)) => step,
+            Ok(Err(Failure { reason, error, reply })) => {
+                if let Some(reply) = reply {
+                    let _ = send_error(&mut conn.stream, &reply).await;
+                }
+                return Err((reason, error));
+            }
+            Err(_) => return Err(login_timed_out(&mut conn.stream, config.listen.client_login_timeout).await),
+        };
+        match step {
+            Negotiated::Startup(params) => return Ok((conn, Some(params))),
+            Negotiated::Done => return Ok((conn, None)),
+            Negotiated::StartTls { direct } => {
+                may_start_tls = false;
+                let Stream::Plain(tcp) = conn.stream else {
+                    return Err(tls_failure("TLS requested twice".into()));
+                };
+                // Boxed: a TLS handshake's state is large, and plaintext logins need none of it.
+                conn.stream = Box::pin(start_tls(tcp, config, deadline, direct)).await?;
+            }
+        }
+    }
+}
+
+/// Answers a connection over max_client_conn as PostgreSQL answers one over max_connections:
+/// the exchange before the StartupMessage runs as for any client, so a CancelRequest is still
+/// acted on (when a proxy is saturated is when one is most needed) and a client that requires
+/// TLS gets it and so reads the refusal instead of "server does not support SSL"; then the
+/// StartupMessage is answered with `reply`. Bounded by `within`.
+pub(crate) async fn refuse(tcp: Sock, ctx: &ClientContext, reply: PgError, within: std::time::Duration) {
+    let config = ctx.config.load_full();
+    let conn = LoginConn {
+        stream: Stream::Plain(tcp),
+        carry: Vec::new(),
+    };
+    if let Ok((mut conn, Some(_))) = negotiate_until_startup(conn, &config, ctx, Instant::now() + within).await {
+        let _ = tokio::time::timeout(within, async {
+            let _ = send_error(&mut conn.stream, &reply).await;
+            let _ = conn.stream.shutdown().await;
+        })
+        .await;
     }
 }
 

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use cancel::CancelRegistry;
 pub use error::{ClientError, DISCONNECT_REASONS, LOGIN_FAILURE_REASONS, LoginFailure};
+pub(crate) use handshake::refuse;
 pub use users::UserDirectory;
 
 pub(crate) use session::Hub;
