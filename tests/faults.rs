@@ -871,3 +871,42 @@ async fn a_server_lost_mid_statement_is_reported_as_unknown_outcome() {
     let text = support::proxy::message(&e);
     assert!(text.contains("whether it took effect is unknown"), "{text}");
 }
+
+/// A malformed message from a client inside a transaction (its server linked) gets the same
+/// FATAL 08P01 as one outside (the session used to end without a word), and the transaction is
+/// rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_inside_a_transaction_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    let pg = support::postgres();
+    let mut b = TestProxyBuilder::new(&pg);
+    b.auth_type = pgweir::config::AuthType::Trust;
+    let proxy = b.start().await;
+    let mut s = raw_login(&proxy).await;
+    s.write_all(&support::wire::msg(b'Q', b"begin\0")).await.expect("begin");
+    loop {
+        let m = support::wire::read_frame(&mut s).await.expect("begin answered");
+        if m[0] == b'Z' {
+            assert_eq!(m[5], b'T', "in a transaction");
+            break;
+        }
+    }
+    // A Query whose length field is below the minimum.
+    s.write_all(&[b'Q', 0, 0, 0, 2]).await.expect("bad message");
+    let mut errors = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(&mut s))
+            .await
+            .expect("pgweir answers and closes")
+        {
+            Ok(m) if m[0] == b'E' => errors.push(String::from_utf8_lossy(&m).into_owned()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("C08P01") && errors[0].contains("invalid message from client"),
+        "{errors:?}"
+    );
+}

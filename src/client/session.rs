@@ -496,10 +496,27 @@ impl Session {
     }
 
     async fn client_protocol_error(&mut self, e: FrameError) -> ClientError {
-        let reply = PgError::fatal("08P01", format!("pgweir: invalid message from client: {e}"))
-            .with_hint("The limit for one message is max_message_size in the [listen] configuration.");
-        let _ = send_error(&mut self.client, &reply).await;
+        let _ = send_error(&mut self.client, &client_protocol_reply(&e)).await;
         ClientError::ClientProtocol(ProtocolError::Frame(e))
+    }
+
+    /// A message pgweir cannot read, from either side, while a server is linked: the client is
+    /// told (when at a message boundary) before the session ends, as it is outside a link; the
+    /// caller cancels and closes the server.
+    async fn link_protocol_error(&mut self, link: &Link, e: ClientError) -> ClientError {
+        let reply = match &e {
+            ClientError::ClientProtocol(pe) => client_protocol_reply(pe),
+            ClientError::Server(ServerError::Protocol(pe)) => PgError::fatal(
+                "08P01",
+                format!("pgweir: invalid message from the server: {pe}; its connection was closed"),
+            )
+            .with_hint(
+                "If a statement was running, whether it took effect is unknown: check before running a write again.",
+            ),
+            _ => return e,
+        };
+        self.last_word(Some(link), &reply).await;
+        e
     }
 
     fn consume_first_message(&mut self) {
@@ -1147,7 +1164,11 @@ impl Session {
         // would register the same waker again, ~100 instructions per wait).
         let mut timer_polled = false;
         loop {
-            let (c_pending, s_pending) = match self.frame_link(link, max_prepared)? {
+            let framed = match self.frame_link(link, max_prepared) {
+                Ok(framed) => framed,
+                Err(e) => return Err(self.link_protocol_error(link, e).await),
+            };
+            let (c_pending, s_pending) = match framed {
                 Framed::ClientGone => return Ok(Pumped::ClientGone),
                 Framed::Idle if self.mode == PoolMode::Transaction => return Ok(Pumped::Idle),
                 Framed::Idle => {
@@ -1273,7 +1294,12 @@ impl Session {
             })
             .await;
             match event {
-                Event::Client(Io::Wrote(r)) => link.sent_to_server(r.map_err(ClientError::ServerIo)?),
+                Event::Client(Io::Wrote(r)) => match r {
+                    Ok(n) => link.sent_to_server(n),
+                    // The server went away under a write: as when it is seen going away
+                    // under a read, the client is told.
+                    Err(e) => return Err(self.server_lost(link, Some(e)).await),
+                },
                 Event::Client(Io::Read(r)) => match r {
                     Ok(0) | Err(_) => return Ok(Pumped::ClientGone),
                     Ok(_) => self.last_activity = Mono::now(),
@@ -1519,6 +1545,11 @@ fn reserve_for_server(buf: &mut BytesMut) {
 
 /// The reply for a failed checkout. Acquire timeouts are ERROR 53300 (the session survives: a
 /// client outside a transaction can simply retry) with everything an operator needs to act.
+fn client_protocol_reply(e: &dyn std::fmt::Display) -> PgError {
+    PgError::fatal("08P01", format!("pgweir: invalid message from client: {e}"))
+        .with_hint("The limit for one message is max_message_size in the [listen] configuration.")
+}
+
 /// What a client is told when its server connection ends under it. Only what is known: with
 /// a statement in flight (a COMMIT among them, perhaps) whether it took effect is not, and a
 /// client told "rolled back" might run a committed write again.
