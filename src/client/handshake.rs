@@ -74,8 +74,6 @@ async fn attempt(
     let config = ctx.config.load_full();
     let timeout = config.listen.client_login_timeout;
     let deadline = Instant::now() + timeout;
-    // TLS is for the network: like PostgreSQL, pgweir answers 'N' to an SSLRequest on its Unix
-    // socket, whose file permissions are the protection.
     let conn = LoginConn {
         stream: Stream::Plain(tcp),
         carry: Vec::new(),

@@ -1543,8 +1543,6 @@ fn reserve_for_server(buf: &mut BytesMut) {
     }
 }
 
-/// The reply for a failed checkout. Acquire timeouts are ERROR 53300 (the session survives: a
-/// client outside a transaction can simply retry) with everything an operator needs to act.
 fn client_protocol_reply(e: &dyn std::fmt::Display) -> PgError {
     PgError::fatal("08P01", format!("pgweir: invalid message from client: {e}"))
         .with_hint("The limit for one message is max_message_size in the [listen] configuration.")
@@ -1576,6 +1574,8 @@ fn server_lost_reply(link: &Link) -> PgError {
     PgError::fatal("08006", message).with_hint(hint)
 }
 
+/// The reply for a failed checkout. Acquire timeouts are ERROR 53300 (the session survives: a
+/// client outside a transaction can simply retry) with everything an operator needs to act.
 pub(super) fn pool_error_reply(e: &PoolError, pool: &Pool, at_login: bool) -> PgError {
     let severity = if at_login { Severity::Fatal } else { Severity::Error };
     match e {
