@@ -302,12 +302,42 @@ impl CanonicalValues {
 /// A pool's welcome and the last few logins worked out against it.
 #[derive(Default)]
 struct Welcome {
+    /// The pool generation `params` (and the templates) are from: a connection of an older
+    /// one must not set them, nor a renew clear those of a newer one.
+    generation: u64,
     params: Option<Arc<ParamSet>>,
     /// A few, so that applications taking turns on one pool (each with its own
     /// application_name, say) do not push each other's out at every login.
     templates: [Option<Arc<LoginTemplate>>; LOGIN_TEMPLATES_KEPT],
     /// The slot the next template goes to: the oldest.
     next_template: usize,
+}
+
+impl Welcome {
+    /// A connection of `generation` logged in: its parameters become the welcome if there is
+    /// none from that generation yet (or only one from an older).
+    fn offer(&mut self, generation: u64, params: impl FnOnce() -> Arc<ParamSet>) {
+        if generation > self.generation {
+            *self = Welcome {
+                generation,
+                ..Welcome::default()
+            };
+        }
+        if generation == self.generation && self.params.is_none() {
+            self.params = Some(params());
+        }
+    }
+
+    /// The pool moved to `generation`: what older servers reported is forgotten, what a
+    /// connection of this generation already offered is kept.
+    fn renew(&mut self, generation: u64) {
+        if generation > self.generation {
+            *self = Welcome {
+                generation,
+                ..Welcome::default()
+            };
+        }
+    }
 }
 
 /// How many distinct startup packets' login templates a pool keeps.
@@ -608,12 +638,15 @@ impl Pool {
     }
 
     /// Removes waits their waiters gave up (a task that stopped waiting, and the sink waiter
-    /// `sink_token`), so they no longer count as waiting or stand in the queue until the next
+    /// `sink_wait`), so they no longer count as waiting or stand in the queue until the next
     /// release or the sweeper reaches them.
-    pub(crate) fn forget_waits(&self, sink_token: Option<u64>) {
+    pub(crate) fn forget_waits(&self, sink_wait: Option<(&Arc<dyn GrantSink>, u64)>) {
+        // A token is only unique within its sink (each event loop counts its own).
+        let given_up =
+            |s: &SinkWaiter| sink_wait.is_some_and(|(sink, token)| s.token == token && Arc::ptr_eq(&s.sink, sink));
         lock(&self.shared.state)
             .waiters
-            .retain(|w| !w.tx.is_closed() && !matches!(&w.tx, WaiterTx::Sink(s) if Some(s.token) == sink_token));
+            .retain(|w| !w.tx.is_closed() && !matches!(&w.tx, WaiterTx::Sink(s) if given_up(s)));
     }
 
     /// Takes an idle connection or a free slot when nobody queues before us and the pool is
@@ -769,13 +802,9 @@ impl Pool {
                 conn.listed = Some(self.list(&conn, generation));
                 shared.stats.server_connects.fetch_add(1, Ordering::Relaxed);
                 shared.stats.last_connect_failed.store(false, Ordering::Relaxed);
-                // Not from a connection to a target a reload has replaced meanwhile (read
-                // before the welcome: a retarget bumps the generation, then clears it).
-                let current = lock(&shared.state).generation == generation;
-                let mut welcome = lock(&shared.welcome);
-                if current && welcome.params.is_none() {
-                    welcome.params = Some(Arc::new(conn.params.clone()));
-                }
+                // Not from a connection to a target a retarget or reconnect has replaced
+                // meanwhile, however this interleaves with its renew.
+                lock(&shared.welcome).offer(generation, || Arc::new(conn.params.clone()));
                 Ok(Box::new(conn))
             }
             Err(e) => {
@@ -960,6 +989,7 @@ impl Pool {
     /// ones may be other servers. Returns how many idle connections were closed.
     fn renew(&self, mut st: MutexGuard<'_, PoolState>, reason: CloseReason) -> usize {
         st.generation += 1;
+        let generation = st.generation;
         st.renewed_by = reason;
         let idle = std::mem::take(&mut st.idle);
         st.open -= idle.len();
@@ -972,7 +1002,7 @@ impl Pool {
             self.count_close(reason);
             conn.close();
         }
-        *lock(&self.shared.welcome) = Welcome::default();
+        lock(&self.shared.welcome).renew(generation);
         *lock(&self.shared.canonical) = CanonicalValues::default();
         n
     }
@@ -1149,6 +1179,76 @@ pub(crate) mod tests {
     use super::{CanonicalValues, LOGIN_TEMPLATES_KEPT, Pool, PoolKey, lock};
     use crate::server::params::{LoginTemplate, ParamSet};
     use crate::server::{ServerIds, ServerSecret, ServerTarget};
+
+    /// The welcome follows the pool's generation whatever order a renew and a login of either
+    /// generation come in: an older connection never sets it, and a renew never clears what a
+    /// connection of the new generation already set (that left logins answered "server
+    /// parameters unavailable" until a fresh connect).
+    #[test]
+    fn the_welcome_is_never_from_an_older_generation() {
+        let (old, new) = (Arc::new(ParamSet::default()), Arc::new(ParamSet::default()));
+        let is = |w: &super::Welcome, p: &Arc<ParamSet>| w.params.as_ref().is_some_and(|x| Arc::ptr_eq(x, p));
+        // The old generation's connection finishes after the renew.
+        let mut w = super::Welcome::default();
+        w.renew(1);
+        w.offer(0, || old.clone());
+        assert!(w.params.is_none());
+        w.offer(1, || new.clone());
+        assert!(is(&w, &new));
+        // The new generation's connection finishes before the renew reaches the welcome.
+        let mut w = super::Welcome::default();
+        w.offer(0, || old.clone());
+        w.offer(1, || new.clone());
+        assert!(is(&w, &new), "a newer generation replaces an older welcome");
+        w.renew(1);
+        assert!(is(&w, &new), "the renew keeps it");
+        w.offer(1, || old.clone());
+        assert!(is(&w, &new), "the first of a generation stays");
+        w.renew(2);
+        assert!(w.params.is_none());
+    }
+
+    /// Event loops number their waits each on its own, so two loops can queue the same token
+    /// on one pool: one giving up its wait must not take the other's out of the queue.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sink_forgets_only_its_own_wait() {
+        use super::{Grant, GrantSink};
+        #[derive(Default)]
+        struct Sink(std::sync::Mutex<Vec<u64>>);
+        impl GrantSink for Sink {
+            fn grant(&self, token: u64, grant: Grant, _pool: &Pool) -> Result<(), Grant> {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).push(token);
+                drop(grant);
+                Ok(())
+            }
+            fn ended(&self, _token: u64) {}
+        }
+        let pool = unconnected_pool("d", "u");
+        let settings = pool.settings().as_ref().clone();
+        let started = tokio::time::Instant::now();
+        let (a, b): (Arc<dyn GrantSink>, Arc<dyn GrantSink>) = (Arc::new(Sink::default()), Arc::new(Sink::default()));
+        let held: Vec<_> = (0..settings.pool_size)
+            .map(|_| {
+                pool.checkout_for_sink(started, &settings, &a, 9)
+                    .expect("open")
+                    .expect("slot")
+            })
+            .collect();
+        assert!(
+            pool.checkout_for_sink(started, &settings, &a, 1)
+                .expect("queued")
+                .is_none()
+        );
+        assert!(
+            pool.checkout_for_sink(started, &settings, &b, 1)
+                .expect("queued")
+                .is_none()
+        );
+        assert_eq!(pool.snapshot().waiting, 2);
+        pool.forget_waits(Some((&a, 1)));
+        assert_eq!(pool.snapshot().waiting, 1, "b's wait with the same token stays");
+        drop(held);
+    }
 
     fn template(startup: &[u8], welcome: &Arc<ParamSet>) -> Arc<LoginTemplate> {
         Arc::new(LoginTemplate {

@@ -693,7 +693,7 @@ impl HubLoop {
                         0 => break Step::Wait,
                         bits => Resume::Stopped(bits),
                     };
-                    entry.session.pool.forget_waits(Some(tok));
+                    entry.session.pool.forget_waits(Some((&self.sink, tok)));
                     entry.session.info.set_idle();
                     break Step::Back(resume);
                 }
@@ -770,8 +770,11 @@ impl HubLoop {
         };
         self.free.push(index);
         entry.session.info.set_in_event_loop(false);
-        // A task that is gone (runtime shutdown) drops the session, which closes it.
-        let _ = entry.back.send((entry.session, resume));
+        // A task that is gone (runtime shutdown) drops the session, which closes it; a grant
+        // on its way to it goes back, or its slot would stay counted as open.
+        if let Err((session, Resume::Granted { grant, .. })) = entry.back.send((entry.session, resume)) {
+            session.pool.return_grant(grant);
+        }
     }
 
     /// Hands back linked entries whose deadline came. Returns true when it did anything.
