@@ -826,6 +826,9 @@ impl Pool {
     /// A connection was closed: its slot goes to the oldest waiter, or is freed.
     fn release_slot(&self) {
         let mut st = lock(&self.shared.state);
+        // Saturating so that a release too many cannot wrap and make the pool refuse every
+        // connection in a release build; the tests (debug builds) would see it here.
+        debug_assert!(st.open > 0, "a slot released that was never taken");
         st.open = st.open.saturating_sub(1);
         if !st.paused {
             Self::serve_waiters(&mut st);
