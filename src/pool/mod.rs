@@ -895,10 +895,7 @@ impl Pool {
             }
             retired
         };
-        for conn in retired {
-            self.count_close(CloseReason::Resize);
-            conn.close();
-        }
+        self.close_taken(retired, CloseReason::Resize);
     }
 
     /// Hands idle connections, then new-connection slots, to waiters in arrival order.
@@ -994,17 +991,11 @@ impl Pool {
         st.generation += 1;
         let generation = st.generation;
         st.renewed_by = reason;
-        let idle = std::mem::take(&mut st.idle);
-        st.open -= idle.len();
-        if !st.paused {
-            Self::serve_waiters(&mut st);
-        }
+        // Taken under the lock that moves the generation: no idle connection of the old one
+        // can be lent after it.
+        let idle = Self::take_idle(&mut st);
         drop(st);
-        let n = idle.len();
-        for conn in idle {
-            self.count_close(reason);
-            conn.close();
-        }
+        let n = self.close_taken(idle, reason);
         lock(&self.shared.welcome).renew(generation);
         *lock(&self.shared.canonical) = CanonicalValues::default();
         n
@@ -1023,17 +1014,26 @@ impl Pool {
     /// Closes the idle connections now, counted under `reason` (an admin kill of the pool,
     /// whose clients the caller ends: their connections close with them). Returns how many.
     pub fn close_idle(&self, reason: CloseReason) -> usize {
-        let idle = {
-            let mut st = lock(&self.shared.state);
-            let idle = std::mem::take(&mut st.idle);
-            st.open -= idle.len();
-            if !st.paused {
-                Self::serve_waiters(&mut st);
-            }
-            idle
-        };
-        let n = idle.len();
-        for conn in idle {
+        let idle = Self::take_idle(&mut lock(&self.shared.state));
+        self.close_taken(idle, reason)
+    }
+
+    /// Takes every idle connection out of the pool, their slots going to waiters (unless
+    /// paused), for the caller to close outside the lock with [`Pool::close_taken`].
+    fn take_idle(st: &mut PoolState) -> Vec<Conn> {
+        let idle = std::mem::take(&mut st.idle);
+        st.open -= idle.len();
+        if !st.paused {
+            Self::serve_waiters(st);
+        }
+        idle
+    }
+
+    /// Closes connections already taken out of the pool (their slots given up), counted under
+    /// `reason`. Returns how many.
+    fn close_taken(&self, conns: Vec<Conn>, reason: CloseReason) -> usize {
+        let n = conns.len();
+        for conn in conns {
             self.count_close(reason);
             conn.close();
         }
@@ -1088,10 +1088,7 @@ impl Pool {
             st.open -= idle.len();
             idle
         };
-        for conn in idle {
-            self.count_close(CloseReason::PoolClosed);
-            conn.close();
-        }
+        self.close_taken(idle, CloseReason::PoolClosed);
     }
 }
 
