@@ -453,6 +453,15 @@ fn find_pool(s: &AdminState, database: String, user: String) -> Result<Pool, Res
 /// Longest a pause request waits for running transactions before answering.
 const PAUSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Polls `done` until it holds or [`PAUSE_DRAIN`] has passed (pool counters have no wake-up
+/// of their own, and an admin call can afford 20 ms steps).
+async fn wait_up_to_drain(done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PAUSE_DRAIN;
+    while !done() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Pauses the pool, then waits (up to 30 s) for transactions in progress to finish, so that on
 /// a 200 with `"drained": true` no server connection is lent out any more.
 async fn pause(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<(String, String)>) -> Response {
@@ -464,10 +473,7 @@ async fn pause(State(s): State<AdminState>, headers: HeaderMap, Path(key): Path<
         Err(r) => return r,
     };
     pool.pause();
-    let deadline = tokio::time::Instant::now() + PAUSE_DRAIN;
-    while pool.snapshot().active() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_up_to_drain(|| pool.snapshot().active() == 0).await;
     let mut body = pool_json(&pool, &s.ctx.clients.all());
     body["drained"] = json!(pool.snapshot().active() == 0);
     Json(body).into_response()
@@ -499,10 +505,7 @@ async fn reconnect(
     let closed_idle = pool.reconnect();
     tracing::info!(pool = %pool.key(), closed_idle, "reconnect requested through the admin API");
     if q.wait {
-        let deadline = tokio::time::Instant::now() + PAUSE_DRAIN;
-        while pool.stale_servers() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        wait_up_to_drain(|| pool.stale_servers() == 0).await;
     }
     let mut body = pool_json(&pool, &s.ctx.clients.all());
     body["closed_idle"] = json!(closed_idle);
