@@ -74,11 +74,7 @@ async fn attempt(
     let config = ctx.config.load_full();
     let timeout = config.listen.client_login_timeout;
     let deadline = Instant::now() + timeout;
-    let conn = LoginConn {
-        stream: Stream::Plain(tcp),
-        carry: Vec::new(),
-    };
-    let (mut conn, Some(startup)) = negotiate_until_startup(conn, &config, ctx, deadline).await? else {
+    let (mut conn, Some(startup)) = negotiate_until_startup(tcp, &config, ctx, deadline).await? else {
         return Ok(None);
     };
     // The certificate hash this connection was served with, for SCRAM-SHA-256-PLUS.
@@ -112,14 +108,18 @@ async fn attempt(
 /// The exchange before the StartupMessage: SSLRequest (and TLS), GSSENCRequest, direct TLS,
 /// CancelRequest (None: handled, the connection ends).
 async fn negotiate_until_startup(
-    mut conn: LoginConn,
+    tcp: Sock,
     config: &Config,
     ctx: &ClientContext,
     deadline: Instant,
 ) -> Result<(LoginConn, Option<StartupParams>), (LoginFailure, ClientError)> {
     // TLS is for the network: like PostgreSQL, pgweir answers 'N' to an SSLRequest on its Unix
     // socket, whose file permissions are the protection.
-    let mut may_start_tls = config.tls.acceptor.is_some() && matches!(conn.stream.sock(), Sock::Tcp(_));
+    let mut may_start_tls = config.tls.acceptor.is_some() && matches!(tcp, Sock::Tcp(_));
+    let mut conn = LoginConn {
+        stream: Stream::Plain(tcp),
+        carry: Vec::new(),
+    };
     loop {
         let negotiated = negotiate(&mut conn, config, may_start_tls, ctx);
         let step = match tokio::time::timeout_at(deadline, negotiated).await {
@@ -154,11 +154,7 @@ async fn negotiate_until_startup(
 /// StartupMessage is answered with `reply`. Bounded by `within`.
 pub(crate) async fn refuse(tcp: Sock, ctx: &ClientContext, reply: PgError, within: std::time::Duration) {
     let config = ctx.config.load_full();
-    let conn = LoginConn {
-        stream: Stream::Plain(tcp),
-        carry: Vec::new(),
-    };
-    if let Ok((mut conn, Some(_))) = negotiate_until_startup(conn, &config, ctx, Instant::now() + within).await {
+    if let Ok((mut conn, Some(_))) = negotiate_until_startup(tcp, &config, ctx, Instant::now() + within).await {
         let _ = tokio::time::timeout(within, async {
             let _ = send_error(&mut conn.stream, &reply).await;
             let _ = conn.stream.shutdown().await;
