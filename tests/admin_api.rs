@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pgweir::embedded_pg::roles;
-use support::proxy::{TestProxyBuilder, eventually};
+use support::proxy::{TestProxyBuilder, backend_pid, eventually};
 
 fn json(body: &str) -> serde_json::Value {
     // Responses may be chunked; the JSON document is the line that starts with { or [.
@@ -743,10 +743,6 @@ async fn ready_probes_databases_no_client_has_used_yet() {
     assert!(body.contains("database down") && body.contains("unreachable"), "{body}");
 }
 
-async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
-    c.query_one("select pg_backend_pid()", &[]).await.expect("pid").get(0)
-}
-
 /// PgBouncer's RECONNECT and WAIT_CLOSE for one pool: the idle server closes at once, the one a
 /// transaction holds when returned (the transaction itself goes on, on it); every transaction
 /// after runs on a new server, and `?wait=true` answers once no old one is left.
@@ -839,19 +835,7 @@ async fn killing_a_pool_ends_its_clients_and_closes_its_servers() {
     }
     let e = waiting.await.expect("task").expect_err("killed while waiting");
     assert_eq!(support::proxy::sqlstate(&e).as_deref(), Some("57P01"), "{e:?}");
-    let direct = support::proxy::direct(&pg, "postgres").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            direct
-                .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
-                .await
-                .expect("pg_stat_activity")
-                .get::<_, i64>(0)
-                == 0
-        })
-        .await,
-        "server {pid} still open"
-    );
+    assert!(support::proxy::backend_gone(&pg, pid).await, "server {pid} still open");
     let fresh = proxy.connect(roles::SCRAM).await;
     fresh
         .query_one("select 1", &[])

@@ -576,6 +576,21 @@ async fn raw_login(proxy: &support::proxy::TestProxy) -> tokio::net::TcpStream {
     }
 }
 
+/// The ErrorResponses pgweir sends a raw client until it closes the connection (within 10 s).
+async fn errors_until_closed(s: &mut tokio::net::TcpStream) -> Vec<String> {
+    let mut errors = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(s))
+            .await
+            .expect("pgweir answers and closes")
+        {
+            Ok(m) if m[0] == b'E' => errors.push(String::from_utf8_lossy(&m).into_owned()),
+            Ok(_) => {}
+            Err(_) => return errors,
+        }
+    }
+}
+
 /// A client that asks for a result far larger than socket buffers hold and then reads
 /// nothing: pgweir can write to it no more.
 async fn client_that_stops_reading(proxy: &support::proxy::TestProxy) -> tokio::net::TcpStream {
@@ -802,17 +817,7 @@ async fn a_backend_s_own_fatal_is_the_only_one_its_client_gets() {
     ))
     .await
     .expect("query");
-    let mut errors = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(&mut s))
-            .await
-            .expect("pgweir answers and closes")
-        {
-            Ok(m) if m[0] == b'E' => errors.push(String::from_utf8_lossy(&m).into_owned()),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    let errors = errors_until_closed(&mut s).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].contains("C57P01"), "{errors:?}");
 }
@@ -893,17 +898,7 @@ async fn a_malformed_message_inside_a_transaction_is_answered() {
     }
     // A Query whose length field is below the minimum.
     s.write_all(&[b'Q', 0, 0, 0, 2]).await.expect("bad message");
-    let mut errors = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), support::wire::read_frame(&mut s))
-            .await
-            .expect("pgweir answers and closes")
-        {
-            Ok(m) if m[0] == b'E' => errors.push(String::from_utf8_lossy(&m).into_owned()),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    let errors = errors_until_closed(&mut s).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
         errors[0].contains("C08P01") && errors[0].contains("invalid message from client"),

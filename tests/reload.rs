@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgweir::embedded_pg::{EmbeddedPostgres, roles};
-use support::proxy::{TestProxy, eventually};
+use support::proxy::{TestProxy, backend_pid, eventually};
 
 fn write_config(path: &Path, pg: &EmbeddedPostgres, listen: &str, admin: &str, pool: &str) {
     let (user, password) = roles::SCRAM;
@@ -32,10 +32,6 @@ async fn start_from_file(pg: &EmbeddedPostgres, dir: &Path, pool: &str) -> (Test
         .await
         .expect("start");
     (TestProxy::wrap(proxy), path)
-}
-
-async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
-    c.query_one("select pg_backend_pid()", &[]).await.expect("query").get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,17 +331,8 @@ async fn a_reload_that_removes_a_database_ends_its_clients_at_their_transactions
         3
     );
     // Its server closed when returned.
-    let direct = support::proxy::direct(&pg, "postgres").await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            direct
-                .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
-                .await
-                .expect("pg_stat_activity")
-                .get::<_, i64>(0)
-                == 0
-        })
-        .await,
+        support::proxy::backend_gone(&pg, pid).await,
         "server {pid} of the removed database still open"
     );
 }

@@ -329,6 +329,25 @@ pub async fn direct(pg: &EmbeddedPostgres, dbname: &str) -> tokio_postgres::Clie
     client
 }
 
+/// The backend pid of the server the client's next statement runs on.
+pub async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("select pg_backend_pid()", &[]).await.expect("pid").get(0)
+}
+
+/// Whether PostgreSQL's backend `pid` has ended within 10 s (asked over a direct connection).
+pub async fn backend_gone(pg: &EmbeddedPostgres, pid: i32) -> bool {
+    let direct = direct(pg, "postgres").await;
+    eventually(Duration::from_secs(10), || async {
+        direct
+            .query_one("select count(*) from pg_stat_activity where pid = $1", &[&pid])
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await
+}
+
 /// The server's message for a database error, else the error's own text.
 pub fn message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
